@@ -1,0 +1,123 @@
+"""Encode and decode wire messages.
+
+msgpack on the wire is positional: each top-level message is an array whose first
+element is its `kind` tag, then its fields in declaration order. That keeps a state
+packet under 300 bytes. JSON is keyed, so a person can type it. Decoded messages are
+always instances of the classes in `contracts.messages`, whichever form arrived.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+from contracts.messages import (
+    MESSAGE_TYPES,
+    AdaptationCommand,
+    AnyMessage,
+    CommandAck,
+    HealthBatch,
+    HealthSignal,
+    SystemStatePacket,
+    TopologyPacket,
+)
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+CONTENT_TYPE_HEADER = "Content-Type"
+
+
+class CodecError(ValueError):
+    """A payload that cannot be turned into a valid message. `reason` is a short counter key."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _positional_twin(cls: type) -> type:
+    """A subclass of `cls` that msgpack encodes as a tagged array; isinstance(twin, cls) holds."""
+    tag = cls.__struct_config__.tag
+    return type(cls.__name__, (cls,), {"__module__": cls.__module__}, array_like=True, tag=tag)
+
+
+_TWINS: dict[type, type] = {cls: _positional_twin(cls) for cls in MESSAGE_TYPES}
+_INBOUND = (TopologyPacket, HealthSignal, HealthBatch, SystemStatePacket, CommandAck)
+
+
+def _union(types: tuple[type, ...]) -> Any:
+    return Union[types]  # noqa: UP007 - a runtime union of a tuple of types
+
+
+class Codec:
+    """Encoders and decoders built once and reused; safe to share within one thread."""
+
+    def __init__(self, max_payload_bytes: int = 8 * 1024 * 1024) -> None:
+        self.max_payload_bytes = max_payload_bytes
+        self._mp_encoder = msgspec.msgpack.Encoder()
+        self._json_encoder = msgspec.json.Encoder()
+        inbound, every = _union(_INBOUND), _union(MESSAGE_TYPES)
+        self._mp_inbound = msgspec.msgpack.Decoder(_union(tuple(_TWINS[c] for c in _INBOUND)))
+        self._mp_any = msgspec.msgpack.Decoder(_union(tuple(_TWINS.values())))
+        self._json_inbound = msgspec.json.Decoder(inbound)
+        self._json_any = msgspec.json.Decoder(every)
+
+    # ---------------------------------------------------------------- encode
+
+    def encode(self, msg: AnyMessage) -> bytes:
+        """msgpack bytes of a message (positional form)."""
+        tag = msg.__struct_config__.tag
+        return self._mp_encoder.encode((tag, *msgspec.structs.astuple(msg)))
+
+    def encode_json(self, msg: AnyMessage) -> bytes:
+        """JSON bytes of a message (keyed form)."""
+        return self._json_encoder.encode(msg)
+
+    # ---------------------------------------------------------------- decode
+
+    def decode(self, data: bytes, content_type: str | None = None, *, inbound_only: bool = True) -> AnyMessage:
+        """Decode msgpack or JSON (by content type, else by sniffing). Raises CodecError."""
+        if len(data) > self.max_payload_bytes:
+            raise CodecError("too_large", f"{len(data)} bytes > {self.max_payload_bytes}")
+        as_json = _is_json(data, content_type)
+        if as_json:
+            decoder = self._json_inbound if inbound_only else self._json_any
+        else:
+            decoder = self._mp_inbound if inbound_only else self._mp_any
+        try:
+            return decoder.decode(data)
+        except msgspec.ValidationError as exc:
+            raise CodecError(_validation_reason(str(exc)), str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise CodecError("malformed", f"{'JSON' if as_json else 'msgpack'}: {exc}") from None
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            # msgspec raises these for a few pathological inputs (e.g. deep nesting).
+            raise CodecError("malformed", f"{type(exc).__name__}: {exc}") from None
+
+    def decode_command(self, data: bytes, content_type: str | None = None) -> AdaptationCommand:
+        """Decode a command (the host side of the wire)."""
+        msg = self.decode(data, content_type, inbound_only=False)
+        if not isinstance(msg, AdaptationCommand):
+            raise CodecError("wrong_kind", f"expected command, got {msg.__struct_config__.tag}")
+        return msg
+
+
+def _is_json(data: bytes, content_type: str | None) -> bool:
+    if content_type:
+        ct = content_type.split(";", 1)[0].strip().lower()
+        if ct in (JSON, "text/json"):
+            return True
+        if ct in (MSGPACK, "application/x-msgpack", "application/vnd.msgpack"):
+            return False
+    first = data.lstrip()[:1]
+    return first in (b"{", b"[")
+
+
+def _validation_reason(message: str) -> str:
+    if "`$.kind`" in message or "`$[0]`" in message or "missing required field `kind`" in message:
+        return "unknown_kind"
+    if " - at `" not in message and ("got `" in message and "of at least length" not in message):
+        return "malformed"  # the top level is not a message at all (a number, a string, ...)
+    return "invalid"

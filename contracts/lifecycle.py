@@ -1,0 +1,50 @@
+"""The seed lifecycle as data: which op is legal from which stage, and where it leads."""
+
+from __future__ import annotations
+
+from contracts.enums import Op, SeedStage
+
+S, O = SeedStage, Op
+
+#: (stage, op) -> stage the op leads to. WAIT is legal everywhere and changes nothing.
+#: GERMINATED -> TRAINING is taken by the host itself, not by a command.
+TRANSITIONS: dict[tuple[SeedStage, Op], SeedStage] = {
+    (S.DORMANT, O.GERMINATE): S.GERMINATED,
+    (S.GERMINATED, O.PRUNE): S.PRUNED,
+    (S.TRAINING, O.ADVANCE): S.BLENDING,
+    (S.TRAINING, O.PRUNE): S.PRUNED,
+    (S.BLENDING, O.ADVANCE): S.PROBATIONARY,
+    (S.BLENDING, O.SET_ALPHA_TARGET): S.BLENDING,
+    (S.BLENDING, O.PRUNE): S.PRUNED,
+    (S.PROBATIONARY, O.FOSSILIZE): S.FOSSILIZED,
+    (S.PROBATIONARY, O.PRUNE): S.PRUNED,
+}
+
+#: Stages a host moves through on its own (no command needed).
+AUTOMATIC: dict[SeedStage, SeedStage] = {
+    S.GERMINATED: S.TRAINING,
+    S.PRUNED: S.DORMANT,
+}
+
+#: stage -> ops legal from it, WAIT included.
+LEGAL_OPS: dict[SeedStage, frozenset[Op]] = {
+    stage: frozenset({O.WAIT} | {op for (s, op) in TRANSITIONS if s is stage})
+    for stage in SeedStage
+}
+
+del S, O
+
+
+def is_legal(op: Op, stage: SeedStage) -> bool:
+    """Whether `op` may be issued to a slot in `stage`."""
+    return op in LEGAL_OPS[stage]
+
+
+def next_stage(stage: SeedStage, op: Op) -> SeedStage:
+    """The stage `op` leads to from `stage`; raises ValueError for an illegal op."""
+    if op is Op.WAIT:
+        return stage
+    try:
+        return TRANSITIONS[(stage, op)]
+    except KeyError:
+        raise ValueError(f"{op.value} is illegal from {stage.value}") from None

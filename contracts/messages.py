@@ -1,0 +1,203 @@
+"""Wire messages (Esper's "Leyline"). msgspec Structs tagged by `kind`.
+
+Every field a person typing JSON could not know has a default, so
+`{"kind":"health","layer_id":3,"health_score":0.2}` is a whole message.
+Ranges are enforced at decode time; non-finite floats are out of every range.
+The static bounds here are hard caps; esperd applies tighter configured limits.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+import msgspec
+from msgspec import Meta
+
+from contracts.enums import AckStatus, BlendAlgorithm, Blueprint, IsolationMode, Op, SeedStage, Tempo
+
+SCHEMA_VERSION = 1
+
+# Hard caps: a message beyond these is rejected whatever esperd's config says.
+MAX_NODES = 65_536
+MAX_EDGES = 262_144
+MAX_SIGNALS = 65_536
+MAX_METRICS = 256
+MAX_SEEDS = 4_096
+MAX_NAME = 256
+MAX_REASON = 1_024
+
+_BIG = 1e300  # NaN and +-inf fall outside [-_BIG, _BIG], which is how they are refused.
+
+Finite = Annotated[float, Meta(ge=-_BIG, le=_BIG)]
+NonNeg = Annotated[float, Meta(ge=0.0, le=_BIG)]
+Unit = Annotated[float, Meta(ge=0.0, le=1.0)]
+Correlation = Annotated[float, Meta(ge=-1.0, le=1.0)]
+Id = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+Count = Annotated[int, Meta(ge=0, le=2**62)]
+Name = Annotated[str, Meta(max_length=MAX_NAME)]
+Reason = Annotated[str, Meta(max_length=MAX_REASON)]
+MetricKey = Annotated[str, Meta(min_length=1, max_length=64)]
+Version = Annotated[int, Meta(ge=1, le=1_000)]
+CommandId = Annotated[str, Meta(min_length=1, max_length=64)]
+RunId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class _Message(msgspec.Struct, tag_field="kind", omit_defaults=True, kw_only=True):
+    """Base of every wire message. `v` is the schema version of its kind (absent means 1)."""
+
+    v: Version = SCHEMA_VERSION
+
+
+# ----------------------------------------------------------------- topology
+
+
+class TopologyNode(msgspec.Struct, omit_defaults=True):
+    """One layer of the host model."""
+
+    layer_id: Id
+    name: Name = ""
+    layer_type: Name = "linear"
+    params: Count = 0
+    seed_slots: Annotated[int, Meta(ge=0, le=MAX_SEEDS)] = 1
+
+
+class TopologyPacket(_Message, tag="topology"):
+    """The host model's layer graph; `edges` are directed (src, dst) pairs, skips included."""
+
+    nodes: Annotated[list[TopologyNode], Meta(max_length=MAX_NODES)] = []
+    edges: Annotated[list[tuple[Id, Id]], Meta(max_length=MAX_EDGES)] = []
+    topology_version: Count = 0
+    timestamp: NonNeg = 0.0
+
+
+# ------------------------------------------------------------------- health
+
+
+class HealthSignal(_Message, tag="health"):
+    """Health of one layer (and its seed slot) at one moment."""
+
+    layer_id: Id
+    health_score: Unit
+    seed_id: Id = 0
+    activation_variance: NonNeg = 0.0
+    dead_neuron_ratio: Unit = 0.0
+    avg_correlation: Correlation = 0.0
+    execution_latency_us: NonNeg = 0.0
+    error_count: Count = 0
+    active_seeds: Count = 0
+    total_seeds: Count = 0
+    timestamp: NonNeg = 0.0
+    # Enhanced telemetry (levers document).
+    gradient_norm: NonNeg = 0.0
+    seed_gradient_ratio: NonNeg = 0.0
+    seed_stage: SeedStage = SeedStage.DORMANT
+    alpha: Unit = 0.0
+    epochs_in_stage: Count = 0
+    blending_velocity: Finite = 0.0
+
+
+class HealthBatch(_Message, tag="health_batch"):
+    """Many layers' health in one message (one per training step)."""
+
+    signals: Annotated[list[HealthSignal], Meta(max_length=MAX_SIGNALS)] = []
+    timestamp: NonNeg = 0.0
+
+
+# -------------------------------------------------------------------- state
+
+
+class HardwareContext(msgspec.Struct, omit_defaults=True):
+    """Where the host trains; all optional."""
+
+    device: Name = ""
+    gpu_utilization: Unit = 0.0
+    gpu_memory_gb: NonNeg = 0.0
+    cpu_utilization: Unit = 0.0
+    host_memory_gb: NonNeg = 0.0
+
+
+class SeedSlotState(msgspec.Struct, omit_defaults=True, array_like=True):
+    """One seed slot's state. Encoded as an array (field order is the wire order)
+    to keep state packets small: hosts write these, people rarely type them."""
+
+    layer_id: Id
+    stage: SeedStage = SeedStage.DORMANT
+    blueprint: Blueprint | None = None
+    alpha: Unit = 0.0
+    epochs_in_stage: Count = 0
+    params: Count = 0
+    counterfactual: Finite = 0.0
+    total_improvement: Finite = 0.0
+    seed_id: Id = 0
+
+
+class SystemStatePacket(_Message, tag="state"):
+    """The run's training state, once per epoch (or more often)."""
+
+    epoch: Count = 0
+    global_step: Count = 0
+    train_loss: NonNeg = 0.0
+    train_accuracy: Unit = 0.0
+    val_loss: NonNeg = 0.0
+    val_accuracy: Unit = 0.0
+    metrics: Annotated[dict[MetricKey, Finite], Meta(max_length=MAX_METRICS)] = {}
+    hardware: HardwareContext | None = None
+    seeds: Annotated[list[SeedSlotState], Meta(max_length=MAX_SEEDS)] = []
+    host_params: Count = 0
+    total_params: Count = 0
+    timestamp: NonNeg = 0.0
+    done: bool = False
+
+
+# ---------------------------------------------------------------- commands
+
+
+class AdaptationCommand(_Message, tag="command"):
+    """A decision esperd publishes to `esper.<run>.command`."""
+
+    command_id: CommandId
+    run_id: RunId
+    layer_id: Id
+    op: Op
+    confidence: Unit = 0.0
+    urgency: Unit = 0.0
+    policy: Name = ""
+    policy_version: Count = 0
+    issued_at: NonNeg = 0.0
+    seed_id: Id = 0
+    # GERMINATE levers.
+    blueprint: Blueprint | None = None
+    blend: BlendAlgorithm | None = None
+    tempo: Tempo | None = None
+    dwell_epochs: Annotated[int, Meta(ge=0, le=1_000)] | None = None
+    isolation: IsolationMode | None = None
+    lr_multiplier: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
+    steepness: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
+    # SET_ALPHA_TARGET.
+    alpha_target: Unit | None = None
+    reason: Reason = ""
+
+
+class CommandAck(_Message, tag="ack"):
+    """A host's answer to a command."""
+
+    command_id: CommandId
+    status: AckStatus
+    reason: Reason = ""
+    layer_id: Id | None = None
+    timestamp: NonNeg = 0.0
+
+
+#: Everything a host may send to esperd.
+Inbound = Union[TopologyPacket, HealthSignal, HealthBatch, SystemStatePacket, CommandAck]
+#: Every wire message.
+AnyMessage = Union[TopologyPacket, HealthSignal, HealthBatch, SystemStatePacket, AdaptationCommand, CommandAck]
+
+MESSAGE_TYPES: tuple[type[_Message], ...] = (
+    TopologyPacket,
+    HealthSignal,
+    HealthBatch,
+    SystemStatePacket,
+    AdaptationCommand,
+    CommandAck,
+)

@@ -1,0 +1,43 @@
+"""NATS subject names: `<prefix>.<run>.<channel>`."""
+
+from __future__ import annotations
+
+import re
+
+from contracts.enums import Channel
+
+DEFAULT_PREFIX = "esper"
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+REJECTED_SUBJECT = "esperd.rejected"
+STATUS_SUBJECT = "esperd.status"
+
+
+class SubjectError(ValueError):
+    """A subject that is not `<prefix>.<run>.<channel>` with a valid run id."""
+
+
+def run_subject(run_id: str, channel: Channel, prefix: str = DEFAULT_PREFIX) -> str:
+    """The subject one run uses for one channel."""
+    if not RUN_ID_PATTERN.match(run_id):
+        raise SubjectError(f"invalid run id {run_id!r}")
+    return f"{prefix}.{run_id}.{channel.value}"
+
+
+def wildcard_subject(channel: Channel, prefix: str = DEFAULT_PREFIX) -> str:
+    """The subject matching one channel of every run."""
+    return f"{prefix}.*.{channel.value}"
+
+
+def parse_subject(subject: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, Channel]:
+    """(run id, channel) of a run subject; raises SubjectError otherwise."""
+    # The prefix may itself contain dots: strip it as a whole.
+    if not subject.startswith(prefix + "."):
+        raise SubjectError(f"subject {subject!r} lacks prefix {prefix!r}")
+    rest = subject[len(prefix) + 1 :]
+    run_id, sep, channel = rest.partition(".")
+    if not sep or not RUN_ID_PATTERN.match(run_id):
+        raise SubjectError(f"subject {subject!r} has no valid run id")
+    try:
+        return run_id, Channel(channel)
+    except ValueError:
+        raise SubjectError(f"subject {subject!r} has unknown channel {channel!r}") from None

@@ -1,0 +1,5 @@
+"""esperd: the Tamiyo strategic controller daemon."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

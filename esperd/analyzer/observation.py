@@ -1,0 +1,100 @@
+"""What the analyzer hands the policy: one run's graph as arrays.
+
+This module is the contract between `esperd.analyzer` (which fills it) and
+`esperd.policy` (which reads it). Arrays are numpy so the analyzer needs no torch;
+the policy turns them into tensors without copying (`torch.from_numpy`).
+
+Action space (factored, one decision per run per step):
+  node      which layer's seed slot (index into the node arrays), chosen by priority;
+  op        an `Op` for that node (WAIT means publish nothing);
+  blueprint / blend / tempo   levers, only meaningful when op is GERMINATE.
+One actionable seed slot per layer (seed_id 0) in wire contract v1.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+
+from contracts import BlendAlgorithm, Blueprint, Op, SeedStage, Tempo
+
+OPS: tuple[Op, ...] = tuple(Op)
+BLUEPRINTS: tuple[Blueprint, ...] = tuple(Blueprint)
+BLENDS: tuple[BlendAlgorithm, ...] = tuple(BlendAlgorithm)
+TEMPOS: tuple[Tempo, ...] = tuple(Tempo)
+STAGES: tuple[SeedStage, ...] = tuple(SeedStage)
+
+OP_INDEX = {op: i for i, op in enumerate(OPS)}
+BLUEPRINT_INDEX = {bp: i for i, bp in enumerate(BLUEPRINTS)}
+BLEND_INDEX = {b: i for i, b in enumerate(BLENDS)}
+TEMPO_INDEX = {t: i for i, t in enumerate(TEMPOS)}
+STAGE_INDEX = {s: i for i, s in enumerate(STAGES)}
+
+#: Per-node feature columns, in order. All roughly in [-1, 1] or [0, 1].
+NODE_FEATURES: tuple[str, ...] = (
+    "health",  # latest health score
+    "health_ewma",
+    "health_trend",  # least-squares slope per signal over the window, clipped to [-1, 1]
+    "activation_variance",  # log1p-scaled
+    "dead_neuron_ratio",
+    "avg_correlation",
+    "latency_ms",  # log1p of milliseconds
+    "error_rate",  # min(error_count / 10, 1)
+    "seed_utilization",  # active / max(total, 1)
+    "is_problematic",
+    "needs_attention",
+    "in_cluster",  # member of a problem cluster of size >= 2
+    "gradient_norm",  # log1p-scaled
+    "seed_gradient_ratio",  # clipped to [0, 1]
+    "alpha",
+    "epochs_in_stage",  # / 12, clipped
+    "blending_velocity",
+    "log_params",  # log10(params + 1) / 10
+    "family_cnn",  # 1 for CNN-family layers, 0 for transformer-family
+    "counterfactual",  # seed's latest counterfactual contribution (accuracy units), clipped
+    "total_improvement",  # since germination, clipped
+    "staleness",  # seconds since the last signal / 60, clipped to [0, 1]
+    *(f"stage_{s.value}" for s in STAGES),  # one-hot of the slot's stage
+)
+NODE_FEATURE_INDEX = {name: i for i, name in enumerate(NODE_FEATURES)}
+
+#: Global (per-run) feature columns, in order.
+GLOBAL_FEATURES: tuple[str, ...] = (
+    "epoch",  # / 100, clipped
+    "train_loss",  # log1p
+    "val_loss",  # log1p
+    "train_accuracy",
+    "val_accuracy",
+    "val_accuracy_delta",  # change since the previous state packet
+    "plateau_epochs",  # epochs without val improvement / 10, clipped
+    "overall_health",  # seed-count-weighted mean health
+    "problematic_fraction",
+    "cluster_count",  # / 10, clipped
+    "param_growth",  # total_params / host_params - 1, clipped to [0, 1]
+    "active_seed_fraction",
+    "log_nodes",  # log10(n_nodes + 1) / 4
+    "inferred_topology",  # 1 while no TopologyPacket has arrived
+)
+GLOBAL_FEATURE_INDEX = {name: i for i, name in enumerate(GLOBAL_FEATURES)}
+
+
+class Observation(msgspec.Struct, frozen=True):
+    """One run's state, ready for a policy. Shapes: N nodes, E edges, E' = E + N."""
+
+    run_id: str
+    topology_version: int  # bumps whenever the graph (and so the GCN adjacency) changes
+    layer_ids: np.ndarray  # int64 [N]; node i is layer layer_ids[i]
+    node_features: np.ndarray  # float32 [N, len(NODE_FEATURES)]
+    edge_index: np.ndarray  # int64 [2, E], node indices (not layer ids), directed src -> dst
+    gcn_edge_index: np.ndarray  # int64 [2, E'], symmetrized with self loops
+    gcn_edge_weight: np.ndarray  # float32 [E'], D^-1/2 (A + I) D^-1/2, cached per topology version
+    global_features: np.ndarray  # float32 [len(GLOBAL_FEATURES)]
+    op_mask: np.ndarray  # bool [N, len(OPS)]; WAIT always True; legal ops by stage and layer kind
+    blueprint_mask: np.ndarray  # bool [N, len(BLUEPRINTS)]; blueprints fitting the layer's family
+    stages: np.ndarray  # int64 [N], index into STAGES
+    epoch: int = 0
+    timestamp: float = 0.0
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.layer_ids.shape[0])

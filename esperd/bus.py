@@ -1,0 +1,188 @@
+"""The NATS side of esperd: connect, subscribe to the wire subjects, publish.
+
+Knows `contracts` and its own config section only; it hands raw messages to a
+callback and never interprets them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from contracts import JSON, MSGPACK, AdaptationCommand, Channel, Codec, run_subject, wildcard_subject
+from esperd.config import NatsConfig
+
+log = structlog.get_logger("esperd.bus")
+
+#: The channels esperd listens to, for every run.
+INBOUND_CHANNELS = (Channel.TOPOLOGY, Channel.HEALTH, Channel.STATE, Channel.ACK)
+
+RawHandler = Callable[[str, bytes, str | None], Awaitable[None]]
+
+
+def tls_context(config: NatsConfig) -> ssl.SSLContext | None:
+    """An SSL context that verifies the server (with `ca_file` when given) and presents our cert."""
+    tls = config.tls
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file or None)
+    if tls.cert_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file or None)
+    return context
+
+
+def connect_options(config: NatsConfig) -> dict[str, object]:
+    """nats.connect keyword arguments for this config (callbacks excluded)."""
+    options: dict[str, object] = {
+        "servers": list(config.servers),
+        "name": config.name,
+        "connect_timeout": config.connect_timeout_s,
+        "reconnect_time_wait": config.reconnect_wait_s,
+        "max_reconnect_attempts": -1,  # forever: a broker restart must never end the daemon
+        "allow_reconnect": True,
+        "ping_interval": config.ping_interval_s,
+    }
+    if config.user:
+        options["user"] = config.user
+        options["password"] = config.password
+    if config.token:
+        options["token"] = config.token
+    if config.credentials_file:
+        options["user_credentials"] = config.credentials_file
+    if config.nkey_seed_file:
+        options["nkeys_seed"] = config.nkey_seed_file
+    context = tls_context(config)
+    if context is not None:
+        options["tls"] = context
+        if config.tls.hostname:
+            options["tls_hostname"] = config.tls.hostname
+    return options
+
+
+class Bus:
+    """esperd's NATS connection."""
+
+    def __init__(self, config: NatsConfig) -> None:
+        self.config = config
+        self.prefix = config.subject_prefix
+        self.nc: Client | None = None
+        self.codec = Codec()
+        self.reconnects = 0
+        self.disconnects = 0
+        self.errors = 0
+        self.dropped_publishes = 0
+        self._subs: list[Subscription] = []
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    async def connect(self, stop: asyncio.Event | None = None) -> Client:
+        """Connect, retrying with capped exponential backoff until connected or `stop` is set."""
+        delay = self.config.reconnect_wait_s
+        while True:
+            try:
+                self.nc = await nats.connect(
+                    **connect_options(self.config),
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
+                )
+                log.info("connected to NATS", server=str(self.nc.connected_url.netloc if self.nc.connected_url else ""))
+                return self.nc
+            except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+                log.warning("NATS connect failed; retrying", error=str(exc) or type(exc).__name__, retry_in_s=delay)
+            if stop is not None and stop.is_set():
+                raise ConnectionError("stopped before NATS was reachable")
+            try:
+                await asyncio.wait_for(stop.wait(), delay) if stop else await asyncio.sleep(delay)
+            except asyncio.TimeoutError:
+                pass
+            if stop is not None and stop.is_set():
+                raise ConnectionError("stopped before NATS was reachable")
+            delay = min(delay * 2, 30.0)
+
+    async def subscribe_inbound(self, handler: RawHandler) -> None:
+        """Subscribe to every inbound channel of every run; `handler(subject, data, content_type)`."""
+        nc = self._require()
+
+        async def on_message(msg: Msg) -> None:
+            content_type = msg.headers.get("Content-Type") if msg.headers else None
+            await handler(msg.subject, msg.data, content_type)
+
+        for channel in INBOUND_CHANNELS:
+            sub = await nc.subscribe(
+                wildcard_subject(channel, self.prefix),
+                cb=on_message,
+                pending_bytes_limit=self.config.max_pending_bytes,
+            )
+            self._subs.append(sub)
+        await nc.flush()
+
+    async def unsubscribe_inbound(self) -> None:
+        """Stop taking new messages; those already delivered are still handled."""
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            try:
+                await sub.drain()
+            except nats.errors.Error as exc:
+                log.warning("drain of subscription failed", subject=sub.subject, error=str(exc))
+
+    async def publish_command(self, command: AdaptationCommand) -> None:
+        """Publish a command to its run's command subject (msgpack)."""
+        subject = run_subject(command.run_id, Channel.COMMAND, self.prefix)
+        await self.publish(subject, self.codec.encode(command), MSGPACK)
+
+    async def publish_json(self, subject: str, payload: bytes) -> None:
+        await self.publish(subject, payload, JSON)
+
+    async def publish(self, subject: str, payload: bytes, content_type: str) -> None:
+        """Publish, counting (not raising) a failure while the broker is away."""
+        nc = self._require()
+        try:
+            await nc.publish(subject, payload, headers={"Content-Type": content_type})
+        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+            self.dropped_publishes += 1
+            log.warning("publish dropped", subject=subject, error=type(exc).__name__)
+
+    async def close(self, timeout: float) -> None:
+        """Drain (flush what is pending, then close), bounded by `timeout`."""
+        nc, self.nc = self.nc, None
+        if nc is None or nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(nc.drain(), timeout)
+        except (asyncio.TimeoutError, nats.errors.Error) as exc:
+            log.warning("NATS drain did not finish; closing", error=type(exc).__name__)
+            await nc.close()
+
+    def _require(self) -> Client:
+        if self.nc is None:
+            raise RuntimeError("bus is not connected")
+        return self.nc
+
+    async def _on_error(self, exc: Exception) -> None:
+        self.errors += 1
+        log.warning("NATS error", error=str(exc) or type(exc).__name__)
+
+    async def _on_disconnected(self) -> None:
+        if self.nc is None:  # our own close(), not a lost broker
+            return
+        self.disconnects += 1
+        log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self.reconnects += 1
+        url = self.nc.connected_url if self.nc else None
+        log.info("reconnected to NATS", server=url.netloc if url else "")
+
+    async def _on_closed(self) -> None:
+        log.info("NATS connection closed")

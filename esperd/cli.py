@@ -1,0 +1,96 @@
+"""`esperd` command line: run the daemon, check a config, export schemas."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+import esperd
+from esperd.config import Config, ConfigError, load_config
+from esperd.logs import configure_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esperd", description="Tamiyo: the Esper strategic controller daemon")
+    parser.add_argument("--version", action="version", version=f"esperd {esperd.__version__}")
+    parser.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run the daemon (the default)")
+    run.add_argument("--config", "-c", dest="run_config", help="TOML config file")
+    check = sub.add_parser("check-config", help="validate a config file and print it resolved")
+    check.add_argument("file")
+    schema = sub.add_parser("schema", help="write the wire contracts' JSON Schemas")
+    schema.add_argument("--check", action="store_true", help="exit 1 if the checked-in schemas drifted")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.file)
+    if args.command == "schema":
+        from contracts.schema import main as schema_main
+
+        return schema_main(["--check"] if args.check else [])
+    path = getattr(args, "run_config", None) or args.config
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"esperd: {exc}", file=sys.stderr)
+        return 2
+    return run(config)
+
+
+def check_config(path: str) -> int:
+    """Print the resolved config (secrets masked) or the error; exit 0 or 2."""
+    import msgspec
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"esperd: {exc}", file=sys.stderr)
+        return 2
+    shown = msgspec.to_builtins(config)
+    for key in ("password", "token"):
+        if shown["nats"].get(key):
+            shown["nats"][key] = "***"
+    print(msgspec.json.format(msgspec.json.encode(shown), indent=2).decode())
+    print(f"esperd: {path} is valid", file=sys.stderr)
+    return 0
+
+
+def run(config: Config) -> int:
+    """Run the daemon until SIGTERM/SIGINT; exit 0 on a clean stop."""
+    configure_logging(config.service.log_level, config.service.log_format)
+    if config.service.use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(_serve(config))
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: Config) -> int:
+    from esperd.service import Service
+
+    service = Service(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.request_stop)
+    try:
+        await service.run()
+    except ConnectionError as exc:
+        structlog.get_logger("esperd").error("could not start", error=str(exc))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

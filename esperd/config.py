@@ -1,0 +1,182 @@
+"""esperd's configuration: a TOML file decoded into typed msgspec Structs.
+
+Every section and key has a default, so an empty file is a valid config. Unknown
+keys are errors (a typo must not silently fall back to a default). A few values
+can be overridden from the environment (see `ENV_OVERRIDES`), so credentials need
+not live in the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from contracts import DEFAULT_PREFIX
+
+PositiveFloat = Annotated[float, Meta(gt=0.0)]
+PositiveInt = Annotated[int, Meta(gt=0)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+class TlsConfig(_Section):
+    """TLS to the broker. `ca_file` verifies the server; `cert_file` + `key_file` identify us."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    hostname: str = ""  # server name to verify, when it differs from the URL's host
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca_file or self.cert_file)
+
+
+class NatsConfig(_Section):
+    """How to reach NATS, or run an embedded server."""
+
+    servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    embedded: bool = False
+    embedded_host: str = "127.0.0.1"
+    embedded_port: Port = 4222
+    jetstream: bool = True  # embedded server only; stored under <state_dir>/jetstream
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    credentials_file: str = ""  # a .creds file (JWT + nkey seed)
+    nkey_seed_file: str = ""
+    tls: TlsConfig = TlsConfig()
+    subject_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")] = DEFAULT_PREFIX
+    connect_timeout_s: PositiveFloat = 5.0
+    reconnect_wait_s: PositiveFloat = 2.0
+    ping_interval_s: PositiveFloat = 20.0
+    max_pending_bytes: PositiveInt = 64 * 1024 * 1024  # per subscription, before the client drops
+    name: str = "esperd"
+
+
+class LimitsConfig(_Section):
+    """Bounds on what a host may send. Generous by default; anything beyond is rejected."""
+
+    max_payload_bytes: PositiveInt = 4 * 1024 * 1024
+    max_batch_signals: PositiveInt = 8192
+    max_nodes: PositiveInt = 4096
+    max_edges: PositiveInt = 65536
+    max_metrics: PositiveInt = 128
+    max_seeds: PositiveInt = 1024
+    max_runs: PositiveInt = 1024
+    reject_log_interval_s: PositiveFloat = 10.0  # at most one log line per reason per window
+
+
+class ServiceConfig(_Section):
+    """The process itself."""
+
+    state_dir: str = "./state"
+    drain_timeout_s: PositiveFloat = 30.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "console", "json"] = "auto"
+    use_uvloop: bool = True
+    status_interval_s: PositiveFloat = 60.0  # how often a summary line is logged
+
+
+class Config(_Section):
+    """The whole esperd configuration."""
+
+    nats: NatsConfig = NatsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    service: ServiceConfig = ServiceConfig()
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key and the value."""
+
+
+#: environment variable -> (section, key); ESPERD_NATS_URL may list several URLs, comma-separated
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "ESPERD_NATS_URL": ("nats", "servers"),
+    "ESPERD_NATS_USER": ("nats", "user"),
+    "ESPERD_NATS_PASSWORD": ("nats", "password"),
+    "ESPERD_NATS_TOKEN": ("nats", "token"),
+    "ESPERD_NATS_CREDS": ("nats", "credentials_file"),
+    "ESPERD_NATS_NKEY_SEED": ("nats", "nkey_seed_file"),
+    "ESPERD_STATE_DIR": ("service", "state_dir"),
+}
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment, and validate a config file (None = defaults)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    apply_env_overrides(raw, os.environ if env is None else env)
+    return config_from_dict(raw, source=str(path) if path else "<defaults>")
+
+
+def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Write ESPERD_* environment values into the raw config, in place."""
+    for var, (section, key) in ENV_OVERRIDES.items():
+        value = env.get(var)
+        if not value:
+            continue
+        parsed: Any = [s.strip() for s in value.split(",") if s.strip()] if key == "servers" else value
+        raw.setdefault(section, {})[key] = parsed
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a raw mapping into a Config, naming the bad key and value on error."""
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(exc, raw, source)) from None
+
+
+_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_UNKNOWN = re.compile(r"unknown field `(?P<key>[^`]+)`")
+
+
+def _describe(exc: msgspec.ValidationError, raw: dict[str, Any], source: str) -> str:
+    message = str(exc)
+    match = _PATH.search(message)
+    path = match.group("path") if match else ""
+    detail = message[: match.start()] if match else message
+    keys = [k for k in re.split(r"\.|\[|\]", path) if k]
+    unknown = _UNKNOWN.search(detail)
+    if unknown:
+        key = ".".join([*keys, unknown.group("key")])
+        return f"{source}: unknown key `{key}` (check the spelling; see examples/esperd.toml)"
+    value = _lookup(raw, keys)
+    dotted = ".".join(keys) or "<top level>"
+    return f"{source}: bad value for `{dotted}` = {value!r}: {detail}"
+
+
+def _lookup(raw: Any, keys: list[str]) -> Any:
+    node = raw
+    for key in keys:
+        if isinstance(node, dict):
+            node = node.get(key)
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return None
+    return node
+
+
+def state_path(config: Config, *parts: str) -> Path:
+    """A path under the state directory, created on demand."""
+    base = Path(config.service.state_dir).expanduser()
+    base.mkdir(parents=True, exist_ok=True)
+    return base.joinpath(*parts)

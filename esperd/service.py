@@ -1,0 +1,205 @@
+"""The service wiring: the one place that knows every part of esperd.
+
+Lifecycle: start (embedded broker if configured, connect, micro service,
+subscriptions, READY) -> serve until a stop is requested -> stop taking work,
+answer what is in flight, drain NATS, stop the embedded broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Mapping
+
+import anyio
+import msgspec
+import structlog
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointConfig, Service as MicroService, ServiceConfig as MicroConfig
+
+import esperd
+from contracts import REJECTED_SUBJECT, STATUS_SUBJECT
+from esperd.bus import Bus
+from esperd.config import Config, state_path
+from esperd.intake import Accepted, Intake, Rejection
+from esperd.natsserver import NatsServer
+from esperd.notify import SystemdNotifier
+
+log = structlog.get_logger("esperd.service")
+
+
+class PolicyStatus(msgspec.Struct):
+    name: str
+    version: int
+
+
+class NatsStatus(msgspec.Struct):
+    connected: bool
+    reconnects: int
+    disconnects: int
+    errors: int
+    dropped_publishes: int
+
+
+class Status(msgspec.Struct):
+    """What `esperd.status` answers."""
+
+    version: str
+    uptime_s: float
+    runs: int
+    accepted_total: int
+    rejected_total: int
+    rejected_by_reason: dict[str, int]
+    accepted_by_kind: dict[str, int]
+    commands_total: int
+    policy: PolicyStatus
+    nats: NatsStatus
+    stopping: bool
+
+
+class Service:
+    """esperd as one object: `await Service(config).run()` serves until `request_stop()`."""
+
+    def __init__(self, config: Config, env: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.bus = Bus(config.nats)
+        self.intake = Intake(config.limits, config.nats.subject_prefix)
+        self.notifier = SystemdNotifier(os.environ if env is None else env)
+        self.commands_total = 0
+        self.started_at = time.monotonic()
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._embedded: NatsServer | None = None
+        self._micro: MicroService | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._json = msgspec.json.Encoder()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def request_stop(self) -> None:
+        """Ask the service to stop (signal handlers call this)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, serve until stopped, and shut down cleanly."""
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        """Bring every part up; READY is sent once the subscriptions are live."""
+        self.started_at = time.monotonic()
+        if self.config.nats.embedded:
+            await self._start_embedded()
+        await self.bus.connect(self._stop)
+        await self._start_micro()
+        await self.bus.subscribe_inbound(self._on_raw)
+        self._tasks.append(asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"))
+        self._tasks.append(asyncio.create_task(self._status_log_loop(), name="status-log"))
+        self.ready.set()
+        self.notifier.ready()
+        log.info("esperd ready", version=esperd.__version__, servers=list(self.config.nats.servers),
+                 prefix=self.config.nats.subject_prefix)
+
+    async def stop(self) -> None:
+        """Stop taking work, finish what is in flight, drain NATS, stop the embedded broker."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.notifier.stopping()
+        log.info("esperd stopping", drain_timeout_s=self.config.service.drain_timeout_s)
+        timeout = self.config.service.drain_timeout_s
+        with anyio.move_on_after(timeout) as scope:
+            if self.bus.nc is not None:
+                await self.bus.unsubscribe_inbound()
+                if self._micro is not None:
+                    with contextlib.suppress(Exception):
+                        await self._micro.stop()
+                await self.bus.close(timeout)
+        if scope.cancelled_caught:
+            log.warning("drain timed out; exiting anyway")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._embedded is not None:
+            await anyio.to_thread.run_sync(self._embedded.stop)
+        log.info("esperd stopped", accepted_total=self.intake.accepted_total,
+                 rejected_total=self.intake.rejected_total)
+
+    async def _start_embedded(self) -> None:
+        nats_cfg = self.config.nats
+        store = state_path(self.config, "jetstream") if nats_cfg.jetstream else None
+        self._embedded = NatsServer(
+            nats_cfg.embedded_host,
+            nats_cfg.embedded_port,
+            store_dir=store,
+            work_dir=state_path(self.config, "nats"),
+        )
+        await anyio.to_thread.run_sync(self._embedded.start)
+        log.info("embedded nats-server started", url=self._embedded.url, jetstream=bool(store))
+
+    async def _start_micro(self) -> None:
+        assert self.bus.nc is not None
+        self._micro = await add_service(
+            self.bus.nc,
+            MicroConfig(name="esperd", version=esperd.__version__,
+                        description="Tamiyo: strategic controller for Esper morphogenetic training"),
+        )
+        await self._micro.add_endpoint(EndpointConfig(name="status", subject=STATUS_SUBJECT, handler=self._on_status))
+
+    # --------------------------------------------------------------- intake
+
+    async def _on_raw(self, subject: str, data: bytes, content_type: str | None) -> None:
+        with structlog.contextvars.bound_contextvars(subject=subject):
+            try:
+                outcome = self.intake.accept(subject, data, content_type)
+                if isinstance(outcome, Rejection):
+                    await self._report(outcome)
+                else:
+                    await self._dispatch(outcome)
+            except Exception:  # a bug must cost one message, never the subscription
+                log.exception("handler failed")
+                await self._report(self.intake.reject("internal_error", "handler raised", subject, data=data))
+
+    async def _dispatch(self, accepted: Accepted) -> None:
+        """Hand an accepted message to the parts that use it."""
+        del accepted  # the analyzer and scheduler plug in here
+
+    async def _report(self, rejection: Rejection) -> None:
+        if self.intake.should_report(rejection) and self.bus.connected:
+            await self.bus.publish_json(REJECTED_SUBJECT, self._json.encode(rejection))
+
+    # --------------------------------------------------------------- status
+
+    def status(self) -> Status:
+        """A snapshot of counters and health."""
+        intake, bus = self.intake, self.bus
+        return Status(
+            version=esperd.__version__,
+            uptime_s=round(time.monotonic() - self.started_at, 3),
+            runs=len(intake.per_run),
+            accepted_total=intake.accepted_total,
+            rejected_total=intake.rejected_total,
+            rejected_by_reason=dict(intake.rejected_by_reason),
+            accepted_by_kind=dict(intake.accepted_by_kind),
+            commands_total=self.commands_total,
+            policy=PolicyStatus(name="none", version=0),
+            nats=NatsStatus(bus.connected, bus.reconnects, bus.disconnects, bus.errors, bus.dropped_publishes),
+            stopping=self._stopping,
+        )
+
+    async def _on_status(self, request: Request) -> None:
+        await request.respond(self._json.encode(self.status()), headers={"Content-Type": "application/json"})
+
+    async def _status_log_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.service.status_interval_s)
+            s = self.status()
+            log.info("status", runs=s.runs, accepted=s.accepted_total, rejected=s.rejected_total,
+                     commands=s.commands_total, connected=s.nats.connected)

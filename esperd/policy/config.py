@@ -1,0 +1,107 @@
+"""Policy configuration: msgspec Structs, decodable from the daemon's TOML `[policy]` table.
+
+Ranges are checked when decoded (`msgspec.convert`/TOML) and again on direct
+construction (`__post_init__`), so a bad value fails early either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from contracts import BlendAlgorithm, Tempo
+
+Epochs = Annotated[int, Meta(ge=0, le=10_000)]
+Unit = Annotated[float, Meta(ge=0.0, le=1.0)]
+
+
+def _check_range(field: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ValueError(f"policy config: {field}={value!r} is outside [{lo}, {hi}]")
+
+
+class _Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+class HeuristicConfig(_Config):
+    """Thresholds of the rule-based policy. Epoch counts are host epochs."""
+
+    # When germination is allowed at all.
+    min_epoch: Epochs = 3  # never germinate before this epoch
+    stabilize_delta: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.01  # |val acc change| below this = stabilized
+    plateau_patience: Annotated[int, Meta(ge=1, le=10)] = 3  # epochs without val improvement = plateau
+    max_active_seeds: Annotated[int, Meta(ge=1, le=4096)] = 1  # seeds in flight per run
+    # Which layer: problematic, unhealthy and declining (or, on a plateau, the least healthy).
+    unhealthy_threshold: Unit = 0.5  # health below this is unhealthy
+    decline_threshold: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0  # trend below -this is declining
+    plateau_health_max: Unit = 0.9  # on a plateau, only layers below this health
+    # Lifecycle timing.
+    train_dwell_epochs: Epochs = 3  # TRAINING -> BLENDING after this many epochs in stage
+    probation_epochs: Epochs = 1  # epochs on probation before fossilize / prune
+    fossilize_min_counterfactual: float = 0.0  # fossilize only if counterfactual > this ...
+    fossilize_min_improvement: float = 0.0  # ... and total improvement > this
+    # Memory of past outcomes.
+    embargo_epochs: Epochs = 5  # no germination on a slot this long after a prune
+    blueprint_penalty: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0  # added to a pruned blueprint
+    blueprint_penalty_decay: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.8  # per epoch
+    max_tracked_runs: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+    # Levers chosen at GERMINATE.
+    blend: BlendAlgorithm = BlendAlgorithm.SIGMOID
+    tempo: Tempo = Tempo.STANDARD
+    # Act only when both are reached.
+    confidence_threshold: Unit = 0.7
+    urgency_threshold: Unit = 0.5
+
+    def __post_init__(self) -> None:
+        _check_range("heuristic.confidence_threshold", self.confidence_threshold, 0.0, 1.0)
+        _check_range("heuristic.urgency_threshold", self.urgency_threshold, 0.0, 1.0)
+        _check_range("heuristic.plateau_patience", self.plateau_patience, 1, 10)
+        _check_range("heuristic.blueprint_penalty_decay", self.blueprint_penalty_decay, 0.0, 1.0)
+        _check_range("heuristic.max_active_seeds", self.max_active_seeds, 1, 4096)
+
+
+class PolicyConfig(_Config):
+    """Which policy serves, how its network is shaped, where its weights come from."""
+
+    name: str = "heuristic"  # registered policy name: heuristic | gnn | lstm
+    hidden_size: Annotated[int, Meta(ge=64, le=256)] = 128
+    gnn_layers: Annotated[int, Meta(ge=1, le=8)] = 3
+    dropout: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.1
+    residual: bool = True
+    lstm_hidden: Annotated[int, Meta(ge=16, le=1024)] = 128
+    lstm_max_runs: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096  # recurrent state kept for this many runs
+    compile: bool = False  # torch.compile the inner network (never the bundle)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    init_seed: int | None = 0  # seeds weight init (None: torch's global RNG)
+    deterministic: bool = False  # serve argmax actions instead of samples
+    checkpoint: str | None = None  # safetensors file to load at start
+    fallback: str = "heuristic"  # served when the checkpoint cannot be loaded
+    heuristic: HeuristicConfig = HeuristicConfig()
+
+    def __post_init__(self) -> None:
+        _check_range("hidden_size", self.hidden_size, 64, 256)
+        _check_range("gnn_layers", self.gnn_layers, 1, 8)
+        _check_range("dropout", self.dropout, 0.0, 0.999)
+        _check_range("lstm_hidden", self.lstm_hidden, 16, 1024)
+        _check_range("lstm_max_runs", self.lstm_max_runs, 1, 1_000_000)
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that decide weight shapes and forward semantics (not serving knobs)."""
+        return {
+            "name": self.name,
+            "hidden_size": self.hidden_size,
+            "gnn_layers": self.gnn_layers,
+            "residual": self.residual,
+            "lstm_hidden": self.lstm_hidden,
+        }
+
+
+def stable_hash(data: Any) -> str:
+    """Short hash of JSON-able data, independent of dict order."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,206 @@
+"""Shared plumbing of the learnable bundles: collate, forward, distribution, decisions.
+
+Subclasses build the inner network and say how to run it on a GraphBatch; this
+class owns locking, eval-mode serving, inference_mode, and the act/evaluate
+contract (evaluate(obs, act.actions, act.hidden).log_probs == act.log_probs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from esperd.analyzer.observation import Observation
+from esperd.policy.base import ActResult, EvalResult, build_decisions
+from esperd.policy.batch import GraphBatch, collate
+from esperd.policy.config import PolicyConfig
+from esperd.policy.heads import FactoredDistribution
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The original module behind a torch.compile wrapper (or the module itself)."""
+    return getattr(module, "_orig_mod", module)
+
+
+def layer_init(layer: nn.Linear, std: float = 2**0.5) -> nn.Linear:
+    """Orthogonal weights, zero bias (CleanRL's init: small std for policy heads)."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class NeuralPolicyBundle:
+    """Base of the torch policies. Subclasses implement `_build_network` and `_forward`."""
+
+    name: str = ""
+    is_learnable = True
+    is_recurrent = False
+
+    def __init__(self, config: PolicyConfig, device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self._version = 0
+        self._lock = threading.RLock()
+        with torch.random.fork_rng(devices=[]):
+            if config.init_seed is not None:
+                torch.manual_seed(config.init_seed)
+            network = self._build_network(config)
+        self._network: nn.Module = network.to(self.device).eval()
+
+    # ------------------------------------------------------------ subclass API
+
+    def _build_network(self, config: PolicyConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def _forward(
+        self, batch: GraphBatch, hidden: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(node head outputs [N_total, NODE_HEAD_DIM], values [B], new hidden or None)."""
+        raise NotImplementedError
+
+    def _hidden_for_act(self, observations: Sequence[Observation], hidden: torch.Tensor | None) -> torch.Tensor | None:
+        return None
+
+    def _hidden_for_evaluate(self, batch_size: int, hidden: torch.Tensor | None) -> torch.Tensor | None:
+        return None
+
+    def _remember(self, observations: Sequence[Observation], hidden: torch.Tensor | None) -> None:
+        pass
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self._version = int(value)
+
+    @property
+    def network(self) -> nn.Module:
+        """The inner network, possibly torch.compile'd. The factory may replace it."""
+        return self._network
+
+    @network.setter
+    def network(self, module: nn.Module) -> None:
+        if unwrap(module) is not unwrap(self._network):
+            raise ValueError("network may only be replaced by a wrapper of the same module")
+        self._network = module
+
+    @property
+    def base_network(self) -> nn.Module:
+        """The uncompiled module (owner of the parameters and the state dict keys)."""
+        return unwrap(self._network)
+
+    # ------------------------------------------------------------ serving
+
+    def act(
+        self,
+        observations: Sequence[Observation],
+        deterministic: bool = False,
+        hidden: torch.Tensor | None = None,
+    ) -> ActResult:
+        """One decision per observation, from one forward pass over the whole batch."""
+        with self._lock:
+            version = self._version
+            batch = collate(observations, self.device)
+            with _eval_mode(self._network), torch.inference_mode():
+                hidden_in = self._hidden_for_act(observations, hidden)
+                node_out, values, hidden_out = self._forward(batch, hidden_in)
+                dist = FactoredDistribution(batch, node_out)
+                actions = dist.sample(deterministic)
+                out = [actions, dist.log_prob(actions), values, dist.confidence(actions), dist.urgency(actions)]
+            self._remember(observations, hidden_out)
+        # Clone outside inference_mode: callers (recorder, learner) may use these in autograd.
+        actions, log_probs, values, confidences, urgencies = (t.cpu().clone() for t in out)
+        return ActResult(
+            actions=actions,
+            log_probs=log_probs,
+            values=values,
+            confidences=confidences,
+            urgencies=urgencies,
+            decisions=build_decisions(
+                observations,
+                actions,
+                confidences=confidences,
+                urgencies=urgencies,
+                log_probs=log_probs,
+                values=values,
+                policy=self.name,
+                version=version,
+            ),
+            hidden=None if hidden_in is None else hidden_in.cpu().clone(),
+        )
+
+    # ------------------------------------------------------------ learning
+
+    def evaluate(
+        self,
+        observations: Sequence[Observation],
+        actions: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+    ) -> EvalResult:
+        """log p(actions), values and entropy, with gradients, in the network's current mode."""
+        batch = collate(observations, self.device)
+        actions = actions.to(self.device, torch.int64)
+        if actions.shape != (len(observations), 5):
+            raise ValueError(f"actions must be [B, 5] for B={len(observations)}, got {tuple(actions.shape)}")
+        with self._lock:
+            hidden_in = self._hidden_for_evaluate(len(observations), hidden)
+            node_out, values, _ = self._forward(batch, hidden_in)
+        dist = FactoredDistribution(batch, node_out)
+        return EvalResult(log_probs=dist.log_prob(actions), values=values, entropy=dist.entropy())
+
+    def distribution(
+        self, observations: Sequence[Observation], hidden: torch.Tensor | None = None
+    ) -> FactoredDistribution:
+        """The action distribution for a batch, without sampling or touching recurrent state."""
+        batch = collate(observations, self.device)
+        with self._lock:
+            node_out, _, _ = self._forward(batch, self._hidden_for_evaluate(len(observations), hidden))
+        return FactoredDistribution(batch, node_out)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A detached snapshot of the weights (uncompiled key names)."""
+        with self._lock:
+            return {k: v.detach().clone() for k, v in self.base_network.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], version: int | None = None) -> None:
+        """Replace the weights (strict), and the version if given, atomically w.r.t. act."""
+        with self._lock:
+            self.base_network.load_state_dict(dict(state), strict=True)
+            if version is not None:
+                self._version = int(version)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.base_network.parameters()
+
+    def train(self, mode: bool = True) -> NeuralPolicyBundle:
+        """Train mode (dropout on) for `evaluate`; `act` always runs in eval mode."""
+        with self._lock:
+            self._network.train(mode)
+        return self
+
+    def eval(self) -> NeuralPolicyBundle:
+        return self.train(False)
+
+    def forget(self, run_ids: Sequence[str]) -> None:
+        """No per-run memory in a feed-forward policy."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, version={self._version}, device={self.device})"

@@ -44,6 +44,7 @@ def _positional_twin(cls: type) -> type:
 
 
 _TWINS: dict[type, type] = {cls: _positional_twin(cls) for cls in MESSAGE_TYPES}
+_ORIGINALS: dict[type, type] = {twin: cls for cls, twin in _TWINS.items()}
 _INBOUND = (TopologyPacket, HealthSignal, HealthBatch, SystemStatePacket, CommandAck)
 
 
@@ -73,6 +74,10 @@ class Codec:
 
     def encode_json(self, msg: AnyMessage) -> bytes:
         """JSON bytes of a message (keyed form)."""
+        original = _ORIGINALS.get(type(msg))
+        if original is not None:
+            # Decoded from msgpack: the twin is array_like and would encode as a JSON array.
+            msg = original(**msgspec.structs.asdict(msg))
         return self._json_encoder.encode(msg)
 
     # ---------------------------------------------------------------- decode
@@ -118,6 +123,8 @@ def _is_json(data: bytes, content_type: str | None) -> bool:
 def _validation_reason(message: str) -> str:
     if "`$.kind`" in message or "`$[0]`" in message or "missing required field `kind`" in message:
         return "unknown_kind"
+    if message == "Expected `array` of at least length 1, got 0":
+        return "unknown_kind"  # an empty msgpack array: the positional form of a missing `kind`
     if " - at `" not in message and ("got `" in message and "of at least length" not in message):
         return "malformed"  # the top level is not a message at all (a number, a string, ...)
     return "invalid"

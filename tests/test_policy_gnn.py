@@ -1,0 +1,221 @@
+"""GNN policy: masks, batching, act/evaluate consistency, gradients, entropy."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from policy_helpers import make_observation, mixed_batch, random_stages
+from torch_geometric.data import Batch, Data
+
+from contracts import BlueprintFamily, Op, SeedStage
+from esperd.analyzer.observation import BLENDS, BLUEPRINTS, OP_INDEX, OPS, TEMPOS
+from esperd.policy import GNNPolicy, PolicyBundle, PolicyConfig, create_policy
+from esperd.policy.batch import collate
+
+GERMINATE = OP_INDEX[Op.GERMINATE]
+WAIT = OP_INDEX[Op.WAIT]
+
+
+@pytest.fixture
+def policy() -> GNNPolicy:
+    return create_policy("gnn", PolicyConfig(name="gnn", hidden_size=64, dropout=0.2))
+
+
+def assert_legal(observations, actions: torch.Tensor) -> None:
+    for obs, (node, op, bp, _blend, _tempo) in zip(observations, actions.tolist(), strict=True):
+        assert 0 <= node < obs.num_nodes
+        assert obs.op_mask[node, op], f"illegal op {OPS[op]} at stage {obs.stages[node]}"
+        if op == GERMINATE:
+            assert obs.blueprint_mask[node, bp]
+        actionable = obs.op_mask[:, 1:].any(axis=1)
+        if actionable.any():
+            assert actionable[node], "chose a node with nothing but WAIT while others could act"
+        else:
+            assert (node, op) == (0, WAIT)
+
+
+def test_is_a_policy_bundle(policy: GNNPolicy) -> None:
+    assert isinstance(policy, PolicyBundle)
+    assert policy.name == "gnn" and policy.is_learnable and not policy.is_recurrent
+
+
+def test_sampled_actions_are_always_legal(policy: GNNPolicy) -> None:
+    observations = mixed_batch([1, 2, 5, 9, 16, 30] * 4, seed=3)
+    torch.manual_seed(0)
+    seen_ops: set[int] = set()
+    for _ in range(60):
+        result = policy.act(observations)
+        assert_legal(observations, result.actions)
+        seen_ops.update(result.actions[:, 1].tolist())
+    assert len(seen_ops) == len(OPS), "sampling should explore every op somewhere"
+
+
+def test_illegal_actions_have_exactly_zero_probability(policy: GNNPolicy) -> None:
+    observations = mixed_batch([4, 11, 7], seed=5)
+    dist = policy.distribution(observations)
+    batch = collate(observations, policy.device)
+    op_probs = dist.op_probs()
+    assert torch.all(op_probs[~batch.op_mask] == 0.0)
+    assert torch.all(op_probs[batch.op_mask] > 0.0)
+    assert torch.allclose(op_probs.sum(-1), torch.ones(op_probs.shape[0]))
+    bp_probs = dist.blueprint_logp.exp()
+    assert torch.all(bp_probs[~batch.blueprint_mask] == 0.0)
+    node_probs = dist.node_probs()
+    for b, obs in enumerate(observations):
+        actionable = torch.from_numpy(obs.op_mask[:, 1:].any(axis=1))
+        assert torch.all(node_probs[b, : obs.num_nodes][~actionable] == 0.0)
+        assert torch.all(node_probs[b, obs.num_nodes :] == 0.0)  # padding
+        assert node_probs[b].sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_germinate_masked_when_no_blueprint_fits(policy: GNNPolicy) -> None:
+    obs = make_observation("r", 3, stages=[SeedStage.DORMANT] * 3)
+    obs.blueprint_mask[1, :] = False  # layer 1 has no fitting blueprint
+    dist = policy.distribution([obs])
+    assert dist.op_probs()[1, GERMINATE].item() == 0.0
+    assert dist.node_probs()[0, 1].item() == 0.0  # WAIT is all it could do
+
+
+def test_nothing_legal_means_wait_on_node_zero(policy: GNNPolicy) -> None:
+    obs = make_observation("r", 4, stages=[SeedStage.FOSSILIZED] * 4)
+    result = policy.act([obs])
+    assert result.actions[0].tolist() == [0, WAIT, 0, 0, 0]
+    assert result.log_probs[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert result.confidences[0].item() == pytest.approx(1.0)
+    assert result.decisions[0].op is Op.WAIT and result.decisions[0].layer_id == int(obs.layer_ids[0])
+
+
+def test_batched_equals_one_by_one(policy: GNNPolicy) -> None:
+    observations = mixed_batch([3, 12, 1, 7, 64], seed=11)
+    batched = policy.act(observations, deterministic=True)
+    for i, obs in enumerate(observations):
+        single = policy.act([obs], deterministic=True)
+        assert single.actions[0].tolist() == batched.actions[i].tolist()
+        assert single.log_probs[0].item() == pytest.approx(batched.log_probs[i].item(), abs=1e-5)
+        assert single.values[0].item() == pytest.approx(batched.values[i].item(), abs=1e-5)
+
+
+def test_evaluate_matches_act_log_probs(policy: GNNPolicy) -> None:
+    observations = mixed_batch([2, 6, 9, 13, 4, 20], seed=7)
+    torch.manual_seed(1)
+    for _ in range(5):
+        acted = policy.act(observations)
+        evaluated = policy.evaluate(observations, acted.actions)
+        torch.testing.assert_close(evaluated.log_probs.detach(), acted.log_probs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(evaluated.values.detach(), acted.values, atol=1e-5, rtol=0)
+
+
+def test_gradients_flow_through_evaluate(policy: GNNPolicy) -> None:
+    observations = mixed_batch([5, 8, 3], seed=2)
+    actions = policy.act(observations).actions
+    policy.train()
+    result = policy.evaluate(observations, actions)
+    assert result.log_probs.requires_grad and result.entropy.requires_grad
+    loss = -result.log_probs.mean() - 0.01 * result.entropy.mean() + result.values.pow(2).mean()
+    loss.backward()
+    grads = {name: p.grad for name, p in policy.base_network.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert grads["convs.0.lin.weight"].abs().sum() > 0
+    assert grads["value_head.2.weight"].abs().sum() > 0
+
+
+def test_entropy_equals_brute_force_enumeration(policy: GNNPolicy) -> None:
+    obs = make_observation("r", 3, stages=[SeedStage.DORMANT, SeedStage.BLENDING, SeedStage.FOSSILIZED])
+    actions = []
+    for node, op in itertools.product(range(3), range(len(OPS))):
+        if op == GERMINATE:
+            levers = itertools.product(range(len(BLUEPRINTS)), range(len(BLENDS)), range(len(TEMPOS)))
+            actions += [[node, op, *lv] for lv in levers]
+        else:
+            actions.append([node, op, 0, 0, 0])
+    result = policy.evaluate([obs] * len(actions), torch.tensor(actions))
+    log_p = result.log_probs.detach().double()
+    p = log_p.exp()
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-5)
+    brute = -(p * torch.where(p > 0, log_p, 0.0)).sum().item()
+    assert result.entropy[0].item() == pytest.approx(brute, abs=1e-4)
+
+
+def test_decisions_carry_levers_only_for_germinate(policy: GNNPolicy) -> None:
+    families = [BlueprintFamily.TRANSFORMER] * 4
+    observations = [make_observation(f"r{i}", 4, seed=i, families=families) for i in range(16)]
+    torch.manual_seed(3)
+    result = policy.act(observations)
+    for decision in result.decisions:
+        assert 0.0 <= decision.confidence <= 1.0 and 0.0 <= decision.urgency <= 1.0
+        assert decision.policy == "gnn" and decision.policy_version == policy.version
+        if decision.op is Op.GERMINATE:
+            assert decision.blueprint is not None and decision.blueprint.family is BlueprintFamily.TRANSFORMER
+            assert decision.blend is not None and decision.tempo is not None
+        else:
+            assert decision.blueprint is None and decision.blend is None and decision.tempo is None
+    assert any(d.op is Op.GERMINATE for d in result.decisions)
+
+
+def test_act_serves_in_eval_mode_even_while_training(policy: GNNPolicy) -> None:
+    observations = mixed_batch([6, 9], seed=4)
+    first = policy.act(observations, deterministic=True)
+    policy.train()
+    second = policy.act(observations, deterministic=True)
+    assert policy.base_network.training  # act restored the learner's mode
+    torch.testing.assert_close(first.log_probs, second.log_probs)
+    torch.testing.assert_close(first.values, second.values)
+
+
+def test_load_state_dict_sets_version(policy: GNNPolicy) -> None:
+    other = create_policy("gnn", PolicyConfig(name="gnn", hidden_size=64, init_seed=99))
+    observations = mixed_batch([5, 5], seed=1)
+    before = policy.act(observations, deterministic=True)
+    policy.load_state_dict(other.state_dict(), version=7)
+    after = policy.act(observations, deterministic=True)
+    assert all(d.policy_version == 7 for d in after.decisions)
+    torch.testing.assert_close(after.values, other.act(observations, deterministic=True).values)
+    assert not torch.allclose(before.values, after.values)
+
+
+@pytest.mark.parametrize(("hidden", "layers", "residual"), [(64, 1, False), (256, 4, True)])
+def test_architecture_options(hidden: int, layers: int, residual: bool) -> None:
+    policy = create_policy("gnn", PolicyConfig(name="gnn", hidden_size=hidden, gnn_layers=layers, residual=residual))
+    assert len(policy.base_network.convs) == layers
+    assert policy.base_network.encoder[0].out_features == hidden
+    observations = mixed_batch([4, 9], seed=8)
+    result = policy.act(observations)
+    assert result.actions.shape == (2, 5) and torch.isfinite(result.values).all()
+
+
+def test_collate_matches_torch_geometric_batch() -> None:
+    observations = mixed_batch([3, 8, 5], seed=9)
+    ours = collate(observations, torch.device("cpu"))
+    data = [
+        Data(x=torch.from_numpy(o.node_features), edge_index=torch.from_numpy(o.gcn_edge_index),
+             edge_weight=torch.from_numpy(o.gcn_edge_weight))
+        for o in observations
+    ]
+    theirs = Batch.from_data_list(data)
+    assert torch.equal(ours.x, theirs.x)
+    assert torch.equal(ours.edge_index, theirs.edge_index)
+    assert torch.equal(ours.edge_weight, theirs.edge_weight)
+    assert torch.equal(ours.batch, theirs.batch)
+    assert torch.equal(ours.ptr, theirs.ptr)
+
+
+def test_empty_observation_is_refused(policy: GNNPolicy) -> None:
+    obs = make_observation("empty", 1)
+    empty = type(obs)(
+        run_id="empty", topology_version=1, layer_ids=np.zeros(0, np.int64),
+        node_features=obs.node_features[:0], edge_index=np.zeros((2, 0), np.int64),
+        gcn_edge_index=np.zeros((2, 0), np.int64), gcn_edge_weight=np.zeros(0, np.float32),
+        global_features=obs.global_features, op_mask=obs.op_mask[:0], blueprint_mask=obs.blueprint_mask[:0],
+        stages=np.zeros(0, np.int64),
+    )
+    with pytest.raises(ValueError, match="no nodes"):
+        policy.act([empty])
+
+
+def test_random_stage_helper_covers_masks() -> None:
+    # Guard for the helper itself: mixed stages give both legal and illegal ops.
+    obs = make_observation("r", 40, stages=random_stages(40, 0))
+    assert obs.op_mask.any() and not obs.op_mask.all()

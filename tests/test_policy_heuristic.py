@@ -1,0 +1,258 @@
+"""Heuristic policy: each rule, thresholds, memory (embargo, blueprint rotation), masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from policy_helpers import make_observation, mixed_batch
+
+from contracts import BlendAlgorithm, Blueprint, BlueprintFamily, Op, SeedStage, Tempo
+from esperd.analyzer.observation import OP_INDEX, Observation
+from esperd.policy import HeuristicConfig, HeuristicPolicy, PolicyBundle, PolicyConfig, create_policy
+
+S = SeedStage
+CNN, TF = BlueprintFamily.CNN, BlueprintFamily.TRANSFORMER
+SICK = {"health": 0.2, "health_trend": -0.05, "is_problematic": 1.0}
+
+
+def make_policy(**rules: object) -> HeuristicPolicy:
+    return create_policy("heuristic", PolicyConfig(heuristic=HeuristicConfig(**rules)))
+
+
+def scene(
+    run_id: str = "run",
+    *,
+    stages: list[SeedStage] | None = None,
+    families: list[BlueprintFamily] | None = None,
+    sick: int | None = None,
+    epoch: int = 10,
+    node: dict[str, list[float]] | None = None,
+    **globals_: float,
+) -> Observation:
+    """Four healthy layers (optionally one sick), a stabilized host at `epoch`."""
+    stages = stages or [S.DORMANT] * 4
+    n = len(stages)
+    columns: dict[str, list[float]] = {"health": [0.9] * n, "health_trend": [0.0] * n, "is_problematic": [0.0] * n}
+    if sick is not None:
+        for name, value in SICK.items():
+            columns[name][sick] = value
+    columns.update(node or {})
+    return make_observation(
+        run_id, n, random_features=False, stages=stages, families=families or [CNN] * n,
+        node=columns, globals_=globals_, epoch=epoch,
+    )
+
+
+def stage_node(stage: SeedStage, eis: int, n: int = 4, at: int = 2, **features: float) -> dict:
+    """Kwargs for `scene` with one seed at node `at` in `stage` for `eis` epochs."""
+    stages = [S.DORMANT] * n
+    stages[at] = stage
+    node = {"epochs_in_stage": [0.0] * n}
+    node["epochs_in_stage"][at] = eis / 12
+    for name, value in features.items():
+        node[name] = [0.0] * n
+        node[name][at] = value
+    return {"stages": stages, "node": node}
+
+
+def decide(policy: HeuristicPolicy, obs: Observation):
+    return policy.act([obs]).decisions[0]
+
+
+def test_is_a_non_learnable_policy_bundle() -> None:
+    policy = make_policy()
+    assert isinstance(policy, PolicyBundle)
+    assert not policy.is_learnable and policy.network is None and policy.state_dict() == {}
+    result = policy.act([scene(sick=1)])
+    assert torch.equal(result.log_probs, torch.zeros(1)) and torch.equal(result.values, torch.zeros(1))
+    with pytest.raises(NotImplementedError):
+        policy.evaluate([scene()], result.actions)
+
+
+def test_germinates_declining_unhealthy_layer_with_fitting_family() -> None:
+    policy = make_policy(blend=BlendAlgorithm.GATED, tempo=Tempo.SLOW)
+    cnn = decide(policy, scene("a", sick=1, families=[TF, CNN, TF, TF]))
+    assert (cnn.op, cnn.layer_id, cnn.blueprint) == (Op.GERMINATE, 101, Blueprint.CONV_LIGHT)
+    assert (cnn.blend, cnn.tempo) == (BlendAlgorithm.GATED, Tempo.SLOW)
+    assert cnn.confidence >= 0.7 and cnn.urgency >= 0.5
+    tf = decide(policy, scene("b", sick=2, families=[CNN, CNN, TF, CNN]))
+    assert (tf.op, tf.layer_id) == (Op.GERMINATE, 102)
+    assert tf.blueprint is not None and tf.blueprint.family is TF
+
+
+def test_healthy_or_improving_layers_are_left_alone() -> None:
+    policy = make_policy()
+    assert decide(policy, scene("a")).op is Op.WAIT
+    improving = scene("b", sick=1, node={"health_trend": [0.0, 0.05, 0.0, 0.0]})
+    assert decide(policy, improving).op is Op.WAIT
+
+
+def test_no_germination_before_min_epoch() -> None:
+    policy = make_policy(min_epoch=5)
+    assert decide(policy, scene("a", sick=1, epoch=4)).op is Op.WAIT
+    assert decide(policy, scene("b", sick=1, epoch=5)).op is Op.GERMINATE
+
+
+def test_no_germination_while_host_is_still_improving_fast() -> None:
+    policy = make_policy(stabilize_delta=0.01)
+    assert decide(policy, scene("a", sick=1, val_accuracy_delta=0.05)).op is Op.WAIT
+    assert decide(policy, scene("b", sick=1, val_accuracy_delta=0.005)).op is Op.GERMINATE
+    # A validation plateau also counts as stabilized, whatever the last delta.
+    plateau = scene("c", sick=1, val_accuracy_delta=0.05, plateau_epochs=0.3)
+    assert decide(policy, plateau).op is Op.GERMINATE
+
+
+def test_plateau_germinates_least_healthy_layer() -> None:
+    policy = make_policy(plateau_patience=3, plateau_health_max=0.9)
+    health = {"health": [0.85, 0.95, 0.6, 0.8]}
+    assert decide(policy, scene("a", node=health, plateau_epochs=0.2)).op is Op.WAIT  # 2 < patience
+    decision = decide(policy, scene("b", node=health, plateau_epochs=0.3))
+    assert (decision.op, decision.layer_id) == (Op.GERMINATE, 102)
+
+
+def test_at_most_max_active_seeds() -> None:
+    policy = make_policy(max_active_seeds=1)
+    busy = scene("a", sick=1, **stage_node(S.TRAINING, eis=0, at=3))
+    assert decide(policy, busy).op is Op.WAIT
+    policy2 = make_policy(max_active_seeds=2)
+    assert decide(policy2, scene("b", sick=1, **stage_node(S.TRAINING, eis=0, at=3))).op is Op.GERMINATE
+
+
+def test_advance_training_after_dwell() -> None:
+    policy = make_policy(train_dwell_epochs=3)
+    assert decide(policy, scene("a", **stage_node(S.TRAINING, eis=2))).op is Op.WAIT
+    decision = decide(policy, scene("a", **stage_node(S.TRAINING, eis=3)))
+    assert (decision.op, decision.layer_id) == (Op.ADVANCE, 102)
+
+
+def test_advance_blending_after_the_seeds_tempo() -> None:
+    policy = make_policy(tempo=Tempo.SLOW)  # 8 epochs
+    assert decide(policy, scene("a", sick=2)).op is Op.GERMINATE  # remembers tempo SLOW for layer 102
+    assert decide(policy, scene("a", **stage_node(S.BLENDING, eis=5))).op is Op.WAIT
+    assert decide(policy, scene("a", **stage_node(S.BLENDING, eis=8))).op is Op.ADVANCE
+    # A seed it did not germinate uses the configured tempo; alpha at 1 also ends blending.
+    fast = make_policy(tempo=Tempo.FAST)
+    assert decide(fast, scene("b", **stage_node(S.BLENDING, eis=2))).op is Op.WAIT
+    assert decide(fast, scene("b", **stage_node(S.BLENDING, eis=3))).op is Op.ADVANCE
+    assert decide(fast, scene("c", **stage_node(S.BLENDING, eis=1, alpha=1.0))).op is Op.ADVANCE
+
+
+@pytest.mark.parametrize(
+    ("counterfactual", "improvement", "expected"),
+    [(0.02, 0.03, Op.FOSSILIZE), (0.02, -0.01, Op.PRUNE), (-0.01, 0.03, Op.PRUNE), (0.0, 0.0, Op.PRUNE)],
+)
+def test_probation_fossilizes_only_seeds_that_improved_the_run(
+    counterfactual: float, improvement: float, expected: Op
+) -> None:
+    policy = make_policy(probation_epochs=1)
+    features = {"counterfactual": counterfactual, "total_improvement": improvement}
+    assert decide(policy, scene("a", **stage_node(S.PROBATIONARY, eis=0, **features))).op is Op.WAIT
+    decision = decide(policy, scene("a", **stage_node(S.PROBATIONARY, eis=1, **features)))
+    assert (decision.op, decision.layer_id) == (expected, 102)
+
+
+def test_lifecycle_ops_come_before_new_germination() -> None:
+    policy = make_policy(max_active_seeds=4)
+    obs = scene("a", sick=0, **stage_node(S.TRAINING, eis=5))
+    assert decide(policy, obs).op is Op.ADVANCE
+
+
+def test_embargo_after_prune() -> None:
+    policy = make_policy(embargo_epochs=5)
+    prune = scene("a", epoch=10, **stage_node(S.PROBATIONARY, eis=2, counterfactual=-0.1, total_improvement=-0.1))
+    assert decide(policy, prune).op is Op.PRUNE
+    for epoch in range(11, 15):
+        assert decide(policy, scene("a", sick=2, epoch=epoch)).op is Op.WAIT, epoch
+    assert decide(policy, scene("a", sick=2, epoch=15)).op is Op.GERMINATE
+    # The embargo is per run and per slot: other layers and other runs are free.
+    assert decide(policy, scene("a2", sick=2, epoch=11)).op is Op.GERMINATE
+
+
+def test_embargo_also_after_seeing_a_prune_it_did_not_make() -> None:
+    policy = make_policy(embargo_epochs=3)
+    pruned = scene("a", epoch=20, stages=[S.DORMANT, S.PRUNED, S.DORMANT, S.DORMANT])
+    assert decide(policy, pruned).op is Op.WAIT
+    assert decide(policy, scene("a", sick=1, epoch=22)).op is Op.WAIT
+    assert decide(policy, scene("a", sick=1, epoch=23)).op is Op.GERMINATE
+
+
+def test_blueprint_rotation_after_prune() -> None:
+    policy = make_policy(embargo_epochs=0, blueprint_penalty_decay=0.8)
+    first = decide(policy, scene("a", sick=1, epoch=10))
+    assert first.blueprint is Blueprint.CONV_LIGHT
+    bad = stage_node(S.PROBATIONARY, eis=3, at=1, counterfactual=-0.05, total_improvement=-0.05)
+    assert decide(policy, scene("a", epoch=14, **bad)).op is Op.PRUNE
+    second = decide(policy, scene("a", sick=1, epoch=15))
+    assert second.op is Op.GERMINATE and second.blueprint is Blueprint.CONV_HEAVY
+    assert decide(policy, scene("other-run", sick=1, epoch=15)).blueprint is Blueprint.CONV_LIGHT
+
+
+def test_blueprint_penalty_decays() -> None:
+    policy = make_policy(embargo_epochs=0, blueprint_penalty_decay=0.5)
+    decide(policy, scene("a", sick=1, epoch=10))
+    bad = stage_node(S.PROBATIONARY, eis=3, at=1, counterfactual=-0.05, total_improvement=-0.05)
+    decide(policy, scene("a", epoch=14, **bad))
+    # 0.5 ** 10 < 1e-3: after ten epochs the penalty has expired and CONV_LIGHT is first again.
+    assert decide(policy, scene("a", sick=1, epoch=24)).blueprint is Blueprint.CONV_LIGHT
+
+
+def test_thresholds_block_low_confidence_or_urgency() -> None:
+    assert decide(make_policy(confidence_threshold=0.99), scene("a", sick=1)).op is Op.WAIT
+    mild = {"health": [0.9, 0.45, 0.9, 0.9], "health_trend": [0, -0.05, 0, 0], "is_problematic": [0, 1, 0, 0]}
+    assert decide(make_policy(urgency_threshold=0.5), scene("b", node=mild)).op is Op.GERMINATE
+    assert decide(make_policy(urgency_threshold=0.6), scene("c", node=mild)).op is Op.WAIT
+
+
+def test_obeys_masks() -> None:
+    policy = make_policy()
+    obs = scene("a", sick=1)
+    obs.op_mask[1, OP_INDEX[Op.GERMINATE]] = False  # e.g. the layer has no seed slot
+    assert decide(policy, obs).op is Op.WAIT
+    # Random telemetry and stages: every emitted action is legal.
+    for seed in range(30):
+        observations = mixed_batch([3, 6, 10], seed=seed)
+        for ob in observations:
+            ob.global_features[:] = 0.0  # stabilized host
+        for ob, (node, op, bp, _, _) in zip(observations, policy.act(observations).actions.tolist(), strict=True):
+            assert ob.op_mask[node, op]
+            if op == OP_INDEX[Op.GERMINATE]:
+                assert ob.blueprint_mask[node, bp]
+
+
+def test_many_runs_at_once_equal_one_at_a_time() -> None:
+    observations = [
+        scene("a", sick=1),
+        scene("b", **stage_node(S.TRAINING, eis=4)),
+        scene("c"),
+        scene("d", **stage_node(S.PROBATIONARY, eis=2, counterfactual=0.1, total_improvement=0.1)),
+    ]
+    batched = make_policy().act(observations)
+    single = make_policy()
+    for obs, decision in zip(observations, batched.decisions, strict=True):
+        assert single.act([obs]).decisions[0] == decision
+    assert [d.op for d in batched.decisions] == [Op.GERMINATE, Op.ADVANCE, Op.WAIT, Op.FOSSILIZE]
+
+
+def test_forget_drops_run_memory() -> None:
+    policy = make_policy(embargo_epochs=50)
+    decide(policy, scene("a", epoch=10, stages=[S.DORMANT, S.PRUNED, S.DORMANT, S.DORMANT]))
+    assert decide(policy, scene("a", sick=1, epoch=11)).op is Op.WAIT
+    policy.forget(["a"])
+    assert policy.tracked_runs == 0
+    assert decide(policy, scene("a", sick=1, epoch=11)).op is Op.GERMINATE
+
+
+def test_run_memory_is_bounded() -> None:
+    policy = make_policy(max_tracked_runs=2)
+    policy.act([scene(f"r{i}") for i in range(5)])
+    assert policy.tracked_runs == 2
+
+
+def test_actions_tensor_matches_decisions() -> None:
+    result = make_policy(tempo=Tempo.GLACIAL).act([scene("a", sick=1), scene("b")])
+    assert result.actions.dtype == torch.int64 and result.actions.shape == (2, 5)
+    germ, wait = result.decisions
+    assert germ.action.as_list() == result.actions[0].tolist()
+    assert result.actions[1].tolist() == [0, OP_INDEX[Op.WAIT], 0, 0, 0] and wait.op is Op.WAIT
+    assert np.isclose(result.confidences[0].item(), germ.confidence)

@@ -43,7 +43,12 @@ RunId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class _Message(msgspec.Struct, tag_field="kind", omit_defaults=True, kw_only=True):
-    """Base of every wire message. `v` is the schema version of its kind (absent means 1)."""
+    """Base of every wire message. `v` is the schema version of its kind (absent means 1).
+
+    Subclasses are kw_only too, so `v` stays the first field of the positional msgpack
+    form and new fields (always with defaults) are appended at the end: an older
+    host's shorter array still decodes.
+    """
 
     v: Version = SCHEMA_VERSION
 
@@ -61,7 +66,7 @@ class TopologyNode(msgspec.Struct, omit_defaults=True):
     seed_slots: Annotated[int, Meta(ge=0, le=MAX_SEEDS)] = 1
 
 
-class TopologyPacket(_Message, tag="topology"):
+class TopologyPacket(_Message, tag="topology", kw_only=True):
     """The host model's layer graph; `edges` are directed (src, dst) pairs, skips included."""
 
     nodes: Annotated[list[TopologyNode], Meta(max_length=MAX_NODES)] = []
@@ -73,7 +78,7 @@ class TopologyPacket(_Message, tag="topology"):
 # ------------------------------------------------------------------- health
 
 
-class HealthSignal(_Message, tag="health"):
+class HealthSignal(_Message, tag="health", kw_only=True):
     """Health of one layer (and its seed slot) at one moment."""
 
     layer_id: Id
@@ -96,7 +101,7 @@ class HealthSignal(_Message, tag="health"):
     blending_velocity: Finite = 0.0
 
 
-class HealthBatch(_Message, tag="health_batch"):
+class HealthBatch(_Message, tag="health_batch", kw_only=True):
     """Many layers' health in one message (one per training step)."""
 
     signals: Annotated[list[HealthSignal], Meta(max_length=MAX_SIGNALS)] = []
@@ -131,7 +136,7 @@ class SeedSlotState(msgspec.Struct, omit_defaults=True, array_like=True):
     seed_id: Id = 0
 
 
-class SystemStatePacket(_Message, tag="state"):
+class SystemStatePacket(_Message, tag="state", kw_only=True):
     """The run's training state, once per epoch (or more often)."""
 
     epoch: Count = 0
@@ -152,7 +157,7 @@ class SystemStatePacket(_Message, tag="state"):
 # ---------------------------------------------------------------- commands
 
 
-class AdaptationCommand(_Message, tag="command"):
+class AdaptationCommand(_Message, tag="command", kw_only=True):
     """A decision esperd publishes to `esper.<run>.command`."""
 
     command_id: CommandId
@@ -178,7 +183,7 @@ class AdaptationCommand(_Message, tag="command"):
     reason: Reason = ""
 
 
-class CommandAck(_Message, tag="ack"):
+class CommandAck(_Message, tag="ack", kw_only=True):
     """A host's answer to a command."""
 
     command_id: CommandId

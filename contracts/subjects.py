@@ -18,7 +18,7 @@ class SubjectError(ValueError):
 
 def run_subject(run_id: str, channel: Channel, prefix: str = DEFAULT_PREFIX) -> str:
     """The subject one run uses for one channel."""
-    if not RUN_ID_PATTERN.match(run_id):
+    if not RUN_ID_PATTERN.fullmatch(run_id):
         raise SubjectError(f"invalid run id {run_id!r}")
     return f"{prefix}.{run_id}.{channel.value}"
 
@@ -35,7 +35,7 @@ def parse_subject(subject: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, Chan
         raise SubjectError(f"subject {subject!r} lacks prefix {prefix!r}")
     rest = subject[len(prefix) + 1 :]
     run_id, sep, channel = rest.partition(".")
-    if not sep or not RUN_ID_PATTERN.match(run_id):
+    if not sep or not RUN_ID_PATTERN.fullmatch(run_id):
         raise SubjectError(f"subject {subject!r} has no valid run id")
     try:
         return run_id, Channel(channel)

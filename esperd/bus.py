@@ -132,7 +132,8 @@ class Bus:
         subs, self._subs = self._subs, []
         for sub in subs:
             try:
-                await sub.drain()
+                # Draining needs the broker; without it, just stop the delivery.
+                await (sub.drain() if self.connected else sub.unsubscribe())
             except nats.errors.Error as exc:
                 log.warning("drain of subscription failed", subject=sub.subject, error=str(exc))
 
@@ -159,10 +160,15 @@ class Bus:
         if nc is None or nc.is_closed:
             return
         try:
+            if not nc.is_connected:
+                raise nats.errors.ConnectionReconnectingError
             await asyncio.wait_for(nc.drain(), timeout)
         except (asyncio.TimeoutError, nats.errors.Error) as exc:
             log.warning("NATS drain did not finish; closing", error=type(exc).__name__)
-            await nc.close()
+            try:
+                await nc.close()
+            except (RuntimeError, OSError) as close_exc:  # transport already gone
+                log.debug("close after failed drain", error=str(close_exc))
 
     def _require(self) -> Client:
         if self.nc is None:

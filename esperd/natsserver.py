@@ -91,7 +91,16 @@ class NatsServer:
             work.mkdir(parents=True, exist_ok=True)
             self._log = work / "nats-server.log"
             log_target = self._log.open("ab")  # type: ignore[assignment]
-        self._proc = subprocess.Popen(args, stdout=log_target, stderr=subprocess.STDOUT)
+        # Own process group: a Ctrl-C to our terminal must not kill the broker before we
+        # drain it. The parent-death signal still takes it down if we are SIGKILLed
+        # (it fires when the *thread* that started it ends: call start() from the main thread).
+        self._proc = subprocess.Popen(
+            args,
+            stdout=log_target,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -135,6 +144,13 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _answers_info(host: str, port: int) -> bool:

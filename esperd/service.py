@@ -128,7 +128,7 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._embedded is not None:
-            await anyio.to_thread.run_sync(self._embedded.stop)
+            self._embedded.stop()
         log.info("esperd stopped", accepted_total=self.intake.accepted_total,
                  rejected_total=self.intake.rejected_total)
 
@@ -141,7 +141,9 @@ class Service:
             store_dir=store,
             work_dir=state_path(self.config, "nats"),
         )
-        await anyio.to_thread.run_sync(self._embedded.start)
+        # On the loop thread on purpose: the broker's parent-death signal is tied to the
+        # thread that starts it. Start-up takes milliseconds and nothing is served yet.
+        self._embedded.start()
         log.info("embedded nats-server started", url=self._embedded.url, jetstream=bool(store))
 
     async def _start_micro(self) -> None:

@@ -439,7 +439,7 @@ def test_fuzz_positional_arrays_with_valid_kind(value: list[Any]) -> None:
 def test_fuzz_health_ranges(layer_id: int, score: float) -> None:
     # Accepted exactly when both fields are in range; otherwise "invalid".
     codec = Codec()
-    data = msgspec.msgpack.encode(["health", layer_id, score])
+    data = msgspec.msgpack.encode(["health", 1, layer_id, score])  # [kind, v, layer_id, health_score]
     in_range = 0 <= layer_id <= 2**31 - 1 and 0.0 <= score <= 1.0
     if in_range:
         msg = codec.decode(data)

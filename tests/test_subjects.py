@@ -58,9 +58,7 @@ def test_invalid_run_ids(run_id: str) -> None:
         parse_subject(f"esper.{run_id}.health")
 
 
-# A trailing newline slips through `re.match` with `$` (which matches before a final "\n").
-# Recorded as a known bug in contracts.subjects; strict, so it flips to a failure once fixed.
-@pytest.mark.xfail(strict=True, reason="RUN_ID_PATTERN.match accepts a trailing newline ($ vs \\Z)")
+# `$` matches before a final "\n": the pattern must match the whole run id.
 def test_run_id_with_trailing_newline_is_rejected() -> None:
     with pytest.raises(SubjectError):
         run_subject("r1\n", Channel.HEALTH)

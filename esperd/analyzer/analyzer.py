@@ -1,0 +1,166 @@
+"""The analyzer: every run's live graph, fed one message at a time, observed on demand."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import msgspec
+
+from contracts import HealthBatch, HealthSignal, SystemStatePacket, TopologyPacket
+from esperd.analyzer.config import AnalyzerConfig, AnalyzerError
+from esperd.analyzer.graph import Graph
+from esperd.analyzer.observation import Observation
+from esperd.analyzer.run import RunState, RunSummary, TrendFactory
+from esperd.analyzer.window import SlidingTrend
+
+
+class AnalyzerSummary(msgspec.Struct, kw_only=True):
+    """Read-only status view: run count and one summary per run (most recently active last)."""
+
+    runs: int
+    max_runs: int
+    per_run: list[RunSummary]
+
+
+class Analyzer:
+    """Keeps one RunState per run id, bounded in count and evicted when idle.
+
+    Every `ingest_*` returns whether the run changed materially since it was last observed
+    (a problematic / needs-attention flag flipped, health moved more than
+    `material_health_delta`, a seed changed stage, a new topology was adopted, or the run
+    finished),
+    which is the scheduler's cue to decide again. `now` defaults to the injected clock.
+    Not thread-safe: the event loop owns it.
+    """
+
+    def __init__(
+        self,
+        config: AnalyzerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        trend_factory: TrendFactory = SlidingTrend,
+    ) -> None:
+        self.config = config or AnalyzerConfig()
+        self._clock = clock
+        self._trend_factory = trend_factory
+        # Insertion order is activity order (each ingest moves its run to the end), so idle
+        # runs gather at the front and eviction stops at the first active one.
+        self._runs: OrderedDict[str, RunState] = OrderedDict()
+
+    # ----------------------------------------------------------------- ingest
+
+    def ingest_topology(self, run_id: str, packet: TopologyPacket, now: float | None = None) -> bool:
+        """Replace the run's graph with the host's (validated first; raises AnalyzerError)."""
+        graph = Graph.from_topology(
+            packet, max_nodes=self.config.max_nodes_per_run, max_edges=self.config.max_edges_per_run
+        )
+        run = self._touch(run_id, now)
+        run.host_topology_version = packet.topology_version
+        return run.adopt(graph)
+
+    def ingest_health(
+        self, run_id: str, message: HealthSignal | HealthBatch, now: float | None = None
+    ) -> bool:
+        """Apply one signal or a batch of them; each signal costs O(1)."""
+        run = self._touch(run_id, now)
+        if isinstance(message, HealthBatch):
+            return run.ingest_signals(message.signals, message.timestamp, run.last_seen)
+        return run.ingest_signals((message,), 0.0, run.last_seen)
+
+    def ingest_state(self, run_id: str, packet: SystemStatePacket, now: float | None = None) -> bool:
+        """Apply a state packet: training numbers and seed slot states."""
+        run = self._touch(run_id, now)
+        return run.ingest_state(packet, run.last_seen)
+
+    def ingest(
+        self,
+        run_id: str,
+        message: TopologyPacket | HealthSignal | HealthBatch | SystemStatePacket,
+        now: float | None = None,
+    ) -> bool:
+        """Dispatch any analyzer-bound message by type."""
+        if isinstance(message, TopologyPacket):
+            return self.ingest_topology(run_id, message, now)
+        if isinstance(message, (HealthSignal, HealthBatch)):
+            return self.ingest_health(run_id, message, now)
+        if isinstance(message, SystemStatePacket):
+            return self.ingest_state(run_id, message, now)
+        raise TypeError(f"the analyzer does not take {type(message).__name__}")
+
+    # ----------------------------------------------------------------- output
+
+    def observe(self, run_id: str, now: float | None = None) -> Observation:
+        """The run's current Observation for the policy."""
+        return self._run(run_id).observe(self._now(now))
+
+    def clusters(self, run_id: str) -> list[list[int]]:
+        """The run's problem clusters as lists of layer ids."""
+        return self._run(run_id).clusters()
+
+    def run_summary(self, run_id: str, now: float | None = None) -> RunSummary:
+        return self._run(run_id).summary(self._now(now))
+
+    def summary(self, now: float | None = None) -> AnalyzerSummary:
+        t = self._now(now)
+        return AnalyzerSummary(
+            runs=len(self._runs),
+            max_runs=self.config.max_runs,
+            per_run=[run.summary(t) for run in self._runs.values()],
+        )
+
+    def run_ids(self) -> list[str]:
+        return list(self._runs)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def __contains__(self, run_id: object) -> bool:
+        return run_id in self._runs
+
+    def get_run(self, run_id: str) -> RunState | None:
+        """The run's state, for read-only inspection (tests, debugging)."""
+        return self._runs.get(run_id)
+
+    # -------------------------------------------------------------- lifecycle
+
+    def evict_idle(self, now: float | None = None) -> list[str]:
+        """Forget runs idle for idle_ttl_s or longer; returns their ids, least recently active first."""
+        deadline = self._now(now) - self.config.idle_ttl_s
+        evicted: list[str] = []
+        while self._runs:
+            run_id, run = next(iter(self._runs.items()))
+            if run.last_seen > deadline:
+                break
+            del self._runs[run_id]
+            evicted.append(run_id)
+        return evicted
+
+    def remove_run(self, run_id: str) -> bool:
+        """Forget a run now (e.g. once its episode is closed). False if it was not known."""
+        return self._runs.pop(run_id, None) is not None
+
+    # ---------------------------------------------------------------- helpers
+
+    def _now(self, now: float | None) -> float:
+        return self._clock() if now is None else now
+
+    def _run(self, run_id: str) -> RunState:
+        run = self._runs.get(run_id)
+        if run is None:
+            raise AnalyzerError("unknown_run", f"no state for run {run_id!r}")
+        return run
+
+    def _touch(self, run_id: str, now: float | None) -> RunState:
+        """The run, created if new (within max_runs), marked active at `now`."""
+        t = self._now(now)
+        run = self._runs.get(run_id)
+        if run is None:
+            if len(self._runs) >= self.config.max_runs:
+                raise AnalyzerError("too_many_runs", f"already tracking {self.config.max_runs} runs")
+            run = self._runs[run_id] = RunState(run_id, self.config, self._trend_factory, t)
+        else:
+            self._runs.move_to_end(run_id)
+        run.last_seen = t
+        return run

@@ -1,0 +1,34 @@
+"""Action masks and stage tables as numpy lookups, built once from the contracts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from contracts import LEGAL_OPS, BlueprintFamily, Op, SeedStage
+from esperd.analyzer.observation import BLUEPRINTS, OP_INDEX, OPS, STAGE_INDEX, STAGES
+
+#: [stage index, op index] -> legal. WAIT is legal from every stage (LEGAL_OPS says so).
+STAGE_OP_MASK: np.ndarray = np.array([[op in LEGAL_OPS[stage] for op in OPS] for stage in STAGES], dtype=bool)
+STAGE_OP_MASK.flags.writeable = False
+
+#: family -> [blueprint index] -> fits.
+FAMILY_BLUEPRINT_MASK: dict[BlueprintFamily, np.ndarray] = {
+    family: np.array([bp.family is family for bp in BLUEPRINTS], dtype=bool) for family in BlueprintFamily
+}
+
+#: One-hot rows of the stage columns of the node features.
+STAGE_ONE_HOT: np.ndarray = np.eye(len(STAGES), dtype=np.float32)
+
+#: Stages in which a seed is alive but not yet permanent.
+_LIVE = (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY)
+LIVE_STAGE: np.ndarray = np.array([stage in _LIVE for stage in STAGES], dtype=bool)
+
+GERMINATE = OP_INDEX[Op.GERMINATE]
+DORMANT = STAGE_INDEX[SeedStage.DORMANT]
+
+
+def op_mask(stages: np.ndarray, can_germinate: np.ndarray) -> np.ndarray:
+    """Legal ops per node: by the slot's stage, and GERMINATE only where the layer has a seed slot."""
+    mask = STAGE_OP_MASK[stages]  # fancy indexing copies, so the table stays intact
+    mask[:, GERMINATE] &= can_germinate
+    return mask

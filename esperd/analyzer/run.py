@@ -1,0 +1,423 @@
+"""One training run as the analyzer sees it: graph, per-layer windows, seed slots, training state."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import msgspec
+import numpy as np
+
+from contracts import HealthSignal, SeedStage, SystemStatePacket
+from esperd.analyzer import table as T
+from esperd.analyzer.config import AnalyzerConfig, AnalyzerError
+from esperd.analyzer.graph import Graph, components, gcn_normalize
+from esperd.analyzer.masks import LIVE_STAGE, STAGE_ONE_HOT, op_mask
+from esperd.analyzer.observation import (
+    BLUEPRINTS,
+    GLOBAL_FEATURES,
+    NODE_FEATURES,
+    OPS,
+    STAGE_INDEX,
+    Observation,
+)
+from esperd.analyzer.table import NodeTable
+
+_STAGE_SLICE = slice(T.STAGE_FIRST, T.STAGE_FIRST + STAGE_ONE_HOT.shape[0])
+_FLAG_COLUMNS = [T.HEALTH, T.PROBLEMATIC, T.ATTENTION]
+_STALENESS_SCALE_S = 60.0  # per the NODE_FEATURES contract
+_EPOCHS_IN_STAGE_SCALE = 12.0  # the longest blend tempo (glacial)
+
+
+class Trend(Protocol):
+    """What the analyzer needs from a per-layer window (SlidingTrend implements it)."""
+
+    def push(self, y: float) -> None: ...
+    @property
+    def slope(self) -> float: ...
+    @property
+    def ewma(self) -> float: ...
+
+
+TrendFactory = Callable[[int, float], Trend]
+
+
+class TrainingState(msgspec.Struct, kw_only=True):
+    """The run-level numbers from the latest SystemStatePacket, plus what is derived across packets."""
+
+    epoch: int = 0
+    global_step: int = 0
+    train_loss: float = 0.0
+    val_loss: float = 0.0
+    train_accuracy: float = 0.0
+    val_accuracy: float = 0.0
+    val_accuracy_delta: float = 0.0  # change since the previous packet
+    best_val_accuracy: float = -1.0
+    best_epoch: int = 0
+    plateau_epochs: int = 0  # epochs since val accuracy last improved by plateau_min_delta
+    host_params: int = 0
+    total_params: int = 0
+    done: bool = False
+    packets: int = 0
+
+
+class RunSummary(msgspec.Struct, kw_only=True):
+    """A small read-only view of one run for status endpoints."""
+
+    run_id: str
+    nodes: int
+    edges: int
+    inferred: bool
+    topology_version: int
+    problematic: int
+    needs_attention: int
+    clusters: int
+    overall_health: float
+    epoch: int
+    done: bool
+    idle_s: float
+    dropped_signals: int
+
+
+def _clip(value: float, low: float, high: float) -> float:
+    return low if value < low else high if value > high else value
+
+
+def _match_rows(old_ids: np.ndarray, new_ids: np.ndarray) -> np.ndarray:
+    """For each new layer id, the row holding it among `old_ids`, or -1."""
+    if old_ids.shape[0] == 0:
+        return np.full(new_ids.shape[0], -1, dtype=np.int64)
+    order = np.argsort(old_ids)
+    sorted_ids = old_ids[order]
+    pos = np.minimum(np.searchsorted(sorted_ids, new_ids), old_ids.shape[0] - 1)
+    return np.where(sorted_ids[pos] == new_ids, order[pos], -1)
+
+
+class RunState:
+    """All the analyzer keeps about one run. Single-threaded: owned by the event loop."""
+
+    def __init__(self, run_id: str, config: AnalyzerConfig, trend_factory: TrendFactory, now: float) -> None:
+        self.run_id = run_id
+        self.config = config
+        self.graph: Graph | None = None
+        self.topology_version = 0  # bumps on every graph change, inferred growth included
+        self.host_topology_version = 0  # as the host numbered its last TopologyPacket
+        self.training = TrainingState()
+        self.last_seen = now
+        self.dropped_signals = 0  # signals for layers outside a host-declared topology
+        self.gcn_builds = 0  # how often the GCN adjacency was computed (it is cached per version)
+        self._new_trend = lambda: trend_factory(config.window_size, config.ewma_alpha)
+        self._table = NodeTable(config.default_health)
+        self._row_of: dict[int, int] = {}
+        self._trends: list[Trend] = []
+        self._node_rows: np.ndarray | None = None  # node index -> table row, per graph version
+        self._gcn: tuple[np.ndarray, np.ndarray] | None = None
+        self._clusters: list[np.ndarray] | None = None  # None: flags or graph changed since computed
+        self._in_cluster = np.zeros(0, dtype=bool)
+
+    # ------------------------------------------------------------------ graph
+
+    @property
+    def num_nodes(self) -> int:
+        return self._table.n
+
+    def adopt(self, graph: Graph) -> bool:
+        """Make a host-declared graph current; layers in both keep their history. True if it changed."""
+        if graph.same_as(self.graph):
+            return False
+        table = self._table
+        old_rows = _match_rows(table.layer[: table.n], graph.layer_ids)
+        self._trends = [self._trends[row] if row >= 0 else self._new_trend() for row in old_rows.tolist()]
+        table.reorder(old_rows, graph.layer_ids)
+        table.feat[:, T.LOG_PARAMS] = np.log10(graph.params + 1.0) / 10.0
+        table.feat[:, T.FAMILY_CNN] = graph.family_cnn
+        self._row_of = dict(zip(graph.layer_ids.tolist(), range(graph.num_nodes), strict=True))
+        self._set_graph(graph)
+        return True
+
+    def _grow_inferred(self, layer_ids: Sequence[int]) -> None:
+        """Add layers known only from signals; until a topology arrives they form a chain by id."""
+        if self.graph is not None and not self.graph.inferred:
+            return
+        cap = self.config.max_nodes_per_run
+        if self._table.n + len(layer_ids) > cap:
+            raise AnalyzerError("too_many_nodes", f"run {self.run_id} would exceed {cap} layers")
+        first = self._table.n
+        for offset, layer_id in enumerate(layer_ids):
+            self._row_of[layer_id] = first + offset
+        self._trends.extend(self._new_trend() for _ in layer_ids)
+        self._table.append(layer_ids)
+        self._set_graph(Graph.chain(self._table.layer[: self._table.n]))
+
+    def _set_graph(self, graph: Graph) -> None:
+        self.graph = graph
+        self.topology_version += 1
+        self._node_rows = None
+        self._gcn = None
+        self._clusters = None
+
+    def _rows(self) -> np.ndarray:
+        """Table row of each node, in node (layer id) order."""
+        if self._node_rows is None:
+            self._node_rows = np.argsort(self._table.layer[: self._table.n], kind="stable")
+        return self._node_rows
+
+    def gcn_adjacency(self) -> tuple[np.ndarray, np.ndarray]:
+        """The normalized adjacency of the current graph, computed once per topology version."""
+        if self._gcn is None:
+            assert self.graph is not None
+            self._gcn = gcn_normalize(self.graph.edge_index, self.graph.num_nodes)
+            self.gcn_builds += 1
+        return self._gcn
+
+    # ---------------------------------------------------------------- signals
+
+    def ingest_signals(self, signals: Sequence[HealthSignal], batch_ts: float, now: float) -> bool:
+        """Apply health signals in order; True if any changed the run materially."""
+        new = [s.layer_id for s in signals if s.layer_id not in self._row_of]
+        if new:
+            self._grow_inferred(list(dict.fromkeys(new)))  # all at once: one graph rebuild per batch
+        material = False
+        for signal in signals:
+            material |= self._apply_signal(signal, signal.timestamp or batch_ts, now)
+        self.last_seen = now
+        return material
+
+    def _apply_signal(self, s: HealthSignal, ts: float, now: float) -> bool:
+        row = self._row_of.get(s.layer_id)
+        if row is None:  # a layer the host's own topology does not declare
+            self.dropped_signals += 1
+            return False
+        cfg = self.config
+        trend = self._trends[row]
+        h = s.health_score
+        trend.push(h)
+        slope = trend.slope
+        problematic = (
+            h < cfg.problematic_health
+            or slope < cfg.problematic_trend
+            or s.error_count > cfg.problematic_errors
+        )
+        attention = h < cfg.attention_health and slope < cfg.attention_trend
+        # One read and one write per table: numpy per-element access costs ~0.1-0.5 µs each.
+        feat, aux = self._table.feat, self._table.aux
+        old = feat[row, : T.SIGNAL_END].tolist()
+        _, _, slot_ts, stage, seen_h, seen_p, seen_a = aux[row].tolist()
+        if problematic != (old[T.PROBLEMATIC] > 0.5):
+            self._clusters = None  # a flag flipped: problem clusters must be recomputed
+        # A signal whose seed fields are all defaults (a hand-typed one) says nothing about the slot;
+        # one older than the slot information we hold (by host timestamp) must not undo it.
+        total = s.total_seeds
+        seed_aware = (
+            total or s.active_seeds or s.seed_stage is not SeedStage.DORMANT or s.alpha or s.epochs_in_stage
+        )
+        if seed_aware and s.seed_id == 0 and (ts == 0.0 or ts >= slot_ts):
+            new_stage = STAGE_INDEX[s.seed_stage]
+            slot = (
+                s.alpha,
+                min(s.epochs_in_stage / _EPOCHS_IN_STAGE_SCALE, 1.0),
+                _clip(s.blending_velocity, -1.0, 1.0),
+            )
+            slot_ts = max(ts, slot_ts)
+        else:
+            new_stage = stage
+            slot = old[T.ALPHA : T.SIGNAL_END]
+        feat[row, : T.SIGNAL_END] = (
+            h,
+            trend.ewma,
+            _clip(slope, -1.0, 1.0),
+            math.log1p(s.activation_variance),
+            s.dead_neuron_ratio,
+            s.avg_correlation,
+            math.log1p(s.execution_latency_us / 1000.0),
+            min(s.error_count / 10.0, 1.0),
+            min(s.active_seeds / max(total, 1), 1.0),
+            1.0 if problematic else 0.0,  # floats, not bools: numpy converts them faster
+            1.0 if attention else 0.0,
+            0.0,  # in_cluster lives in the cluster cache; observe() fills it
+            math.log1p(s.gradient_norm),
+            min(s.seed_gradient_ratio, 1.0),
+            *slot,
+        )
+        aux[row, : T.STAGE + 1] = (now, max(total, 1), slot_ts, new_stage)
+        return (
+            new_stage != stage
+            or abs(h - seen_h) > cfg.material_health_delta
+            or problematic != (seen_p > 0.5)
+            or attention != (seen_a > 0.5)
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def ingest_state(self, packet: SystemStatePacket, now: float) -> bool:
+        """Apply a state packet; True if a seed slot changed stage or the run just finished."""
+        slots = [slot for slot in packet.seeds if slot.seed_id == 0]  # one actionable slot per layer (v1)
+        new = [slot.layer_id for slot in slots if slot.layer_id not in self._row_of]
+        if new:
+            self._grow_inferred(list(dict.fromkeys(new)))
+        material = self._update_training(packet)
+        feat, aux = self._table.feat, self._table.aux
+        ts = packet.timestamp
+        for slot in slots:
+            row = self._row_of.get(slot.layer_id)
+            if row is None or (ts != 0.0 and ts < aux[row, T.SLOT_TS]):
+                continue
+            stage = STAGE_INDEX[slot.stage]
+            material |= bool(stage != aux[row, T.STAGE])
+            feat[row, T.ALPHA : T.ALPHA + 2] = (
+                slot.alpha,
+                min(slot.epochs_in_stage / _EPOCHS_IN_STAGE_SCALE, 1.0),
+            )
+            feat[row, T.COUNTERFACTUAL : T.COUNTERFACTUAL + 2] = (
+                _clip(slot.counterfactual, -1.0, 1.0),
+                _clip(slot.total_improvement, -1.0, 1.0),
+            )
+            aux[row, T.SLOT_TS : T.STAGE + 1] = (max(ts, aux[row, T.SLOT_TS]), stage)
+        self.last_seen = now
+        return material
+
+    def _update_training(self, p: SystemStatePacket) -> bool:
+        tr = self.training
+        finished = p.done and not tr.done
+        tr.val_accuracy_delta = p.val_accuracy - tr.val_accuracy if tr.packets else 0.0
+        if p.val_accuracy > tr.best_val_accuracy + self.config.plateau_min_delta or not tr.packets:
+            tr.best_val_accuracy, tr.best_epoch = p.val_accuracy, p.epoch
+        tr.plateau_epochs = max(p.epoch - tr.best_epoch, 0)
+        tr.epoch, tr.global_step = p.epoch, p.global_step
+        tr.train_loss, tr.val_loss = p.train_loss, p.val_loss
+        tr.train_accuracy, tr.val_accuracy = p.train_accuracy, p.val_accuracy
+        if p.host_params:  # a packet that omits the sizes keeps the last known ones
+            tr.host_params, tr.total_params = p.host_params, p.total_params
+        tr.done = tr.done or p.done
+        tr.packets += 1
+        return finished
+
+    # ---------------------------------------------------------------- analysis
+
+    def _problematic(self) -> np.ndarray:
+        """is_problematic per node, in node order."""
+        return self._table.feat[self._rows(), T.PROBLEMATIC] > 0.5
+
+    def _cluster_state(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """Problem clusters (node indices) and in-cluster flags, recomputed only after a flag flip."""
+        if self._clusters is None:
+            assert self.graph is not None
+            self._clusters = components(self.graph.edge_index, self._problematic())
+            in_cluster = np.zeros(self.graph.num_nodes, dtype=bool)
+            for group in self._clusters:
+                if group.size >= 2:
+                    in_cluster[group] = True
+            self._in_cluster = in_cluster
+        return self._clusters, self._in_cluster
+
+    def clusters(self) -> list[list[int]]:
+        """Connected groups of problematic layers (layer ids) over the undirected graph."""
+        if self.graph is None:
+            return []
+        groups, _ = self._cluster_state()
+        return [self.graph.layer_ids[group].tolist() for group in groups]
+
+    def overall_health(self) -> float:
+        """Mean health of the layers that reported, weighted by seed count (max(total_seeds, 1))."""
+        n = self._table.n
+        aux = self._table.aux[:n]
+        reported = aux[:, T.LAST_SEEN] > -np.inf
+        if not reported.any():
+            return self.config.default_health
+        weights = aux[reported, T.WEIGHT]
+        health = self._table.feat[:n][reported, T.HEALTH].astype(np.float64)
+        return float(np.dot(health, weights) / weights.sum())
+
+    def observe(self, now: float) -> Observation:
+        """The run as arrays for the policy (see observation.py). Resets the material-change baseline."""
+        graph = self.graph
+        if graph is None:
+            return self._empty_observation(now)
+        rows = self._rows()
+        table = self._table
+        x = table.feat[rows]  # fancy indexing: a fresh copy the caller may keep
+        aux = table.aux[rows]
+        stages = aux[:, T.STAGE].astype(np.int64)
+        groups, in_cluster = self._cluster_state()
+        x[:, T.IN_CLUSTER] = in_cluster
+        x[:, T.STALENESS] = np.clip((now - aux[:, T.LAST_SEEN]) / _STALENESS_SCALE_S, 0.0, 1.0)
+        x[:, _STAGE_SLICE] = STAGE_ONE_HOT[stages]
+        gcn_index, gcn_weight = self.gcn_adjacency()
+        n = table.n
+        table.aux[:n, T.SEEN_HEALTH : T.SEEN_ATTENTION + 1] = table.feat[:n][:, _FLAG_COLUMNS]
+        return Observation(
+            run_id=self.run_id,
+            topology_version=self.topology_version,
+            layer_ids=graph.layer_ids,
+            node_features=x,
+            edge_index=graph.edge_index,
+            gcn_edge_index=gcn_index,
+            gcn_edge_weight=gcn_weight,
+            global_features=self._global_features(x, stages, len(groups)),
+            op_mask=op_mask(stages, graph.can_germinate),
+            blueprint_mask=graph.blueprint_mask,
+            stages=stages,
+            epoch=self.training.epoch,
+            timestamp=now,
+        )
+
+    def _global_features(self, x: np.ndarray, stages: np.ndarray, n_clusters: int) -> np.ndarray:
+        tr = self.training
+        n = x.shape[0]
+        growth = tr.total_params / tr.host_params - 1.0 if tr.host_params else 0.0
+        values = {
+            "epoch": min(tr.epoch / 100.0, 1.0),
+            "train_loss": math.log1p(tr.train_loss),
+            "val_loss": math.log1p(tr.val_loss),
+            "train_accuracy": tr.train_accuracy,
+            "val_accuracy": tr.val_accuracy,
+            "val_accuracy_delta": _clip(tr.val_accuracy_delta, -1.0, 1.0),
+            "plateau_epochs": min(tr.plateau_epochs / 10.0, 1.0),
+            "overall_health": self.overall_health(),
+            "problematic_fraction": float(x[:, T.PROBLEMATIC].mean()) if n else 0.0,
+            "cluster_count": min(n_clusters / 10.0, 1.0),
+            "param_growth": _clip(growth, 0.0, 1.0),
+            "active_seed_fraction": float(LIVE_STAGE[stages].mean()) if n else 0.0,
+            "log_nodes": math.log10(n + 1) / 4.0,
+            "inferred_topology": float(self.graph is None or self.graph.inferred),
+        }
+        return np.array([values[name] for name in GLOBAL_FEATURES], dtype=np.float32)
+
+    def _empty_observation(self, now: float) -> Observation:
+        """A run known only from state packets: no nodes yet, global features only."""
+        no_nodes = np.zeros(0, dtype=np.int64)
+        return Observation(
+            run_id=self.run_id,
+            topology_version=self.topology_version,
+            layer_ids=no_nodes,
+            node_features=np.zeros((0, len(NODE_FEATURES)), dtype=np.float32),
+            edge_index=np.zeros((2, 0), dtype=np.int64),
+            gcn_edge_index=np.zeros((2, 0), dtype=np.int64),
+            gcn_edge_weight=np.zeros(0, dtype=np.float32),
+            global_features=self._global_features(np.zeros((0, len(NODE_FEATURES)), np.float32), no_nodes, 0),
+            op_mask=np.zeros((0, len(OPS)), dtype=bool),
+            blueprint_mask=np.zeros((0, len(BLUEPRINTS)), dtype=bool),
+            stages=no_nodes,
+            epoch=self.training.epoch,
+            timestamp=now,
+        )
+
+    def summary(self, now: float) -> RunSummary:
+        n = self._table.n
+        feat = self._table.feat[:n]
+        return RunSummary(
+            run_id=self.run_id,
+            nodes=n,
+            edges=self.graph.num_edges if self.graph is not None else 0,
+            inferred=self.graph is None or self.graph.inferred,
+            topology_version=self.topology_version,
+            problematic=int(np.count_nonzero(feat[:, T.PROBLEMATIC])),
+            needs_attention=int(np.count_nonzero(feat[:, T.ATTENTION])),
+            clusters=len(self.clusters()),
+            overall_health=self.overall_health(),
+            epoch=self.training.epoch,
+            done=self.training.done,
+            idle_s=max(now - self.last_seen, 0.0),
+            dropped_signals=self.dropped_signals,
+        )

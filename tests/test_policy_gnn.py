@@ -219,3 +219,16 @@ def test_random_stage_helper_covers_masks() -> None:
     # Guard for the helper itself: mixed stages give both legal and illegal ops.
     obs = make_observation("r", 40, stages=random_stages(40, 0))
     assert obs.op_mask.any() and not obs.op_mask.all()
+
+
+def test_sparse_and_edge_index_message_passing_agree(policy: GNNPolicy) -> None:
+    from esperd.policy.gnn import sparse_adjacency
+
+    batch = collate(mixed_batch([5, 12, 2], seed=12), policy.device)
+    net = policy.base_network
+    with torch.no_grad():
+        dense_nodes, dense_value = net(batch.x, batch.global_x, batch.edge_index, batch.edge_weight, batch.batch)
+        sparse_nodes, sparse_value = net(batch.x, batch.global_x, sparse_adjacency(batch), None, batch.batch)
+    torch.testing.assert_close(sparse_nodes, dense_nodes, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse_value, dense_value, atol=1e-5, rtol=1e-5)
+    assert sparse_adjacency(batch).to_dense().sum().item() == pytest.approx(batch.edge_weight.sum().item(), rel=1e-5)

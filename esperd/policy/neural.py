@@ -35,12 +35,15 @@ def layer_init(layer: nn.Linear, std: float = 2**0.5) -> nn.Linear:
 
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
+    """Eval mode for the block; a no-op (no module walk) when already in eval mode."""
+    if not module.training:
+        yield
+        return
     module.eval()
     try:
         yield
     finally:
-        module.train(was_training)
+        module.train(True)
 
 
 class NeuralPolicyBundle:

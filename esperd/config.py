@@ -19,6 +19,9 @@ import msgspec
 from msgspec import Meta
 
 from contracts import DEFAULT_PREFIX
+from esperd.analyzer import AnalyzerConfig
+from esperd.policy.config import PolicyConfig
+from esperd.scheduler import SchedulerConfig
 
 PositiveFloat = Annotated[float, Meta(gt=0.0)]
 PositiveInt = Annotated[int, Meta(gt=0)]
@@ -65,7 +68,10 @@ class NatsConfig(_Section):
 
 
 class LimitsConfig(_Section):
-    """Bounds on what a host may send. Generous by default; anything beyond is rejected."""
+    """Bounds on one message. Generous by default; anything beyond is rejected.
+
+    Bounds on the state esperd keeps (runs, nodes per run) are in `[analyzer]`.
+    """
 
     max_payload_bytes: PositiveInt = 4 * 1024 * 1024
     max_batch_signals: PositiveInt = 8192
@@ -73,7 +79,6 @@ class LimitsConfig(_Section):
     max_edges: PositiveInt = 65536
     max_metrics: PositiveInt = 128
     max_seeds: PositiveInt = 1024
-    max_runs: PositiveInt = 1024
     reject_log_interval_s: PositiveFloat = 10.0  # at most one log line per reason per window
 
 
@@ -81,6 +86,7 @@ class ServiceConfig(_Section):
     """The process itself."""
 
     state_dir: str = "./state"
+    device: str = "auto"  # torch device for policy and learner: auto (cuda if available) | cpu | cuda[:N]
     drain_timeout_s: PositiveFloat = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "console", "json"] = "auto"
@@ -94,6 +100,9 @@ class Config(_Section):
     nats: NatsConfig = NatsConfig()
     limits: LimitsConfig = LimitsConfig()
     service: ServiceConfig = ServiceConfig()
+    analyzer: AnalyzerConfig = AnalyzerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    policy: PolicyConfig = PolicyConfig()
 
 
 class ConfigError(ValueError):

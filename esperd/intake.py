@@ -63,8 +63,9 @@ class Accepted(msgspec.Struct, frozen=True):
 class Intake:
     """Decode, validate and count inbound messages."""
 
-    def __init__(self, limits: LimitsConfig, prefix: str, report_window_s: float = 1.0) -> None:
+    def __init__(self, limits: LimitsConfig, prefix: str, report_window_s: float = 1.0, max_runs: int = 1024) -> None:
         self.limits = limits
+        self.max_runs = max_runs
         self.prefix = prefix
         self.codec = Codec(max_payload_bytes=limits.max_payload_bytes)
         self.accepted_total = 0
@@ -132,7 +133,7 @@ class Intake:
         counters = self.per_run.get(run_id)
         if counters is None:
             counters = self.per_run[run_id] = Counter()
-            if len(self.per_run) > self.limits.max_runs:
+            if len(self.per_run) > self.max_runs:
                 self.per_run.popitem(last=False)
         else:
             self.per_run.move_to_end(run_id)

@@ -21,12 +21,16 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service as MicroService, ServiceConfig as MicroConfig
 
 import esperd
-from contracts import REJECTED_SUBJECT, STATUS_SUBJECT
+from contracts import REJECTED_SUBJECT, STATUS_SUBJECT, AckStatus, CommandAck, SystemStatePacket
+from esperd.analyzer import Analyzer, AnalyzerError, Observation
 from esperd.bus import Bus
 from esperd.config import Config, state_path
+from esperd.decisions import DecisionLoop, DecisionStats
 from esperd.intake import Accepted, Intake, Rejection
 from esperd.natsserver import NatsServer
 from esperd.notify import SystemdNotifier
+from esperd.policy.checkpoint import build_serving_policy
+from esperd.scheduler import Scheduler
 
 log = structlog.get_logger("esperd.service")
 
@@ -34,6 +38,15 @@ log = structlog.get_logger("esperd.service")
 class PolicyStatus(msgspec.Struct):
     name: str
     version: int
+    fallback_reason: str = ""  # why the configured policy is not the one serving
+
+
+class SchedulerStatus(msgspec.Struct):
+    queued: int
+    overflow: int
+    pending_commands: int
+    expired_commands: int
+    unknown_acks: int
 
 
 class NatsStatus(msgspec.Struct):
@@ -55,8 +68,12 @@ class Status(msgspec.Struct):
     rejected_by_reason: dict[str, int]
     accepted_by_kind: dict[str, int]
     commands_total: int
+    acks_by_status: dict[str, int]
     policy: PolicyStatus
+    decisions: DecisionStats
+    scheduler: SchedulerStatus
     nats: NatsStatus
+    evicted_runs: int
     stopping: bool
 
 
@@ -66,9 +83,23 @@ class Service:
     def __init__(self, config: Config, env: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.bus = Bus(config.nats)
-        self.intake = Intake(config.limits, config.nats.subject_prefix)
+        self.intake = Intake(config.limits, config.nats.subject_prefix, max_runs=config.analyzer.max_runs)
         self.notifier = SystemdNotifier(os.environ if env is None else env)
-        self.commands_total = 0
+        self.analyzer = Analyzer(config.analyzer)
+        self.scheduler = Scheduler(config.scheduler)
+        serving = build_serving_policy(config.policy, resolve_device(config.service.device))
+        self.policy_fallback_reason = str(serving.error) if serving.error else ""
+        self.decisions = DecisionLoop(
+            self.scheduler,
+            serving.policy,
+            observe=self._observe,
+            publish=self.bus.publish_command,
+            deterministic=config.policy.deterministic,
+        )
+        self.acks_by_status: dict[str, int] = {}
+        self.expired_commands = 0
+        self.unknown_acks = 0
+        self.evicted_runs = 0
         self.started_at = time.monotonic()
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -102,6 +133,8 @@ class Service:
         await self.bus.subscribe_inbound(self._on_raw)
         self._tasks.append(asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"))
         self._tasks.append(asyncio.create_task(self._status_log_loop(), name="status-log"))
+        self._tasks.append(asyncio.create_task(self.decisions.run(), name="decisions"))
+        self._tasks.append(asyncio.create_task(self._housekeeping_loop(), name="housekeeping"))
         self.ready.set()
         self.notifier.ready()
         log.info("esperd ready", version=esperd.__version__, servers=list(self.config.nats.servers),
@@ -118,6 +151,7 @@ class Service:
         with anyio.move_on_after(timeout) as scope:
             if self.bus.nc is not None:
                 await self.bus.unsubscribe_inbound()
+                await self.decisions.finish_in_flight()  # its commands still go out before the drain
                 if self._micro is not None:
                     with contextlib.suppress(Exception):
                         await self._micro.stop()
@@ -171,7 +205,35 @@ class Service:
 
     async def _dispatch(self, accepted: Accepted) -> None:
         """Hand an accepted message to the parts that use it."""
-        del accepted  # the analyzer and scheduler plug in here
+        run_id, message = accepted.run_id, accepted.message
+        if isinstance(message, CommandAck):
+            self._on_ack(run_id, message)
+            return
+        try:
+            changed = self.analyzer.ingest(run_id, message)
+        except AnalyzerError as exc:
+            subject = f"{self.config.nats.subject_prefix}.{run_id}.{accepted.channel.value}"
+            await self._report(self.intake.reject(exc.reason, str(exc), subject, run_id))
+            return
+        if isinstance(message, SystemStatePacket) or changed:
+            if self.scheduler.mark_due(run_id):
+                self.decisions.wake()
+
+    def _on_ack(self, run_id: str, ack: CommandAck) -> None:
+        command = self.scheduler.note_ack(ack.command_id, ack.status is AckStatus.APPLIED)
+        if command is None:
+            self.unknown_acks += 1  # late (after the timeout), duplicated, or never ours
+            return
+        self.acks_by_status[ack.status.value] = self.acks_by_status.get(ack.status.value, 0) + 1
+        if ack.status is AckStatus.REJECTED:
+            log.info("command rejected by host", run_id=run_id, command_id=ack.command_id,
+                     op=command.op, layer_id=command.layer_id, reason=ack.reason)
+
+    def _observe(self, run_id: str) -> Observation | None:
+        run = self.analyzer.get_run(run_id)
+        if run is None or run.training.done:
+            return None
+        return self.analyzer.observe(run_id)
 
     async def _report(self, rejection: Rejection) -> None:
         if self.intake.should_report(rejection) and self.bus.connected:
@@ -185,19 +247,43 @@ class Service:
         return Status(
             version=esperd.__version__,
             uptime_s=round(time.monotonic() - self.started_at, 3),
-            runs=len(intake.per_run),
+            runs=len(self.analyzer),
             accepted_total=intake.accepted_total,
             rejected_total=intake.rejected_total,
             rejected_by_reason=dict(intake.rejected_by_reason),
             accepted_by_kind=dict(intake.accepted_by_kind),
-            commands_total=self.commands_total,
-            policy=PolicyStatus(name="none", version=0),
+            commands_total=self.decisions.stats.commands,
+            acks_by_status=dict(self.acks_by_status),
+            policy=PolicyStatus(self.decisions.policy.name, self.decisions.policy.version,
+                                self.policy_fallback_reason),
+            decisions=self.decisions.stats,
+            scheduler=SchedulerStatus(self.scheduler.queued, self.scheduler.overflow,
+                                      len(self.scheduler.pending), self.expired_commands, self.unknown_acks),
             nats=NatsStatus(bus.connected, bus.reconnects, bus.disconnects, bus.errors, bus.dropped_publishes),
+            evicted_runs=self.evicted_runs,
             stopping=self._stopping,
         )
 
     async def _on_status(self, request: Request) -> None:
         await request.respond(self._json.encode(self.status()), headers={"Content-Type": "application/json"})
+
+    async def _housekeeping_loop(self) -> None:
+        """Evict idle runs and expire unanswered commands, once a second."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.housekeeping()
+
+    def housekeeping(self) -> None:
+        expired = self.scheduler.expire_pending()
+        self.expired_commands += len(expired)
+        evicted = self.analyzer.evict_idle()
+        for run_id in evicted:
+            self.scheduler.forget_run(run_id)
+            self.intake.forget_run(run_id)
+        if evicted:
+            self.evicted_runs += len(evicted)
+            self.decisions.policy.forget(evicted)
+            log.info("idle runs evicted", runs=len(evicted))
 
     async def _status_log_loop(self) -> None:
         while True:
@@ -205,3 +291,12 @@ class Service:
             s = self.status()
             log.info("status", runs=s.runs, accepted=s.accepted_total, rejected=s.rejected_total,
                      commands=s.commands_total, connected=s.nats.connected)
+
+
+def resolve_device(name: str) -> str:
+    """`auto` means the first CUDA device when there is one, else the CPU."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,196 @@
+"""The decision loop: due runs -> one batched policy forward -> commands.
+
+Knows the scheduler, the analyzer's Observation and the PolicyBundle protocol, and
+nothing of NATS: observing a run and publishing a command are injected callables.
+The policy's forward runs on one dedicated worker thread; the event loop only
+awaits it, so ingestion keeps flowing while a batch is being decided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+import structlog
+
+from contracts import AdaptationCommand, Op
+from esperd.analyzer.observation import Observation
+from esperd.policy.base import ActResult, Decision, PolicyBundle
+from esperd.scheduler import Scheduler, mask_cooling
+
+log = structlog.get_logger("esperd.decisions")
+
+Observe = Callable[[str], Observation | None]
+Publish = Callable[[AdaptationCommand], Awaitable[None]]
+OnDecided = Callable[[Sequence[Observation], ActResult, PolicyBundle], None]
+
+
+class DecisionStats(msgspec.Struct):
+    """What the loop has done, for `esperd.status`."""
+
+    batches: int = 0
+    decisions: int = 0
+    waits: int = 0
+    commands: int = 0
+    failures: int = 0
+    late: int = 0  # decided later than the deadline after the run became due
+    last_batch_size: int = 0
+    forward_ms_median: float = 0.0
+    forward_ms_max: float = 0.0
+
+
+class DecisionLoop:
+    """Micro-batches due runs across all runs and decides them in one forward pass."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        policy: PolicyBundle,
+        observe: Observe,
+        publish: Publish,
+        *,
+        deterministic: bool = False,
+        on_decided: OnDecided | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.scheduler = scheduler
+        self.policy = policy
+        self.observe = observe
+        self.publish = publish
+        self.deterministic = deterministic
+        self.on_decided = on_decided
+        self.stats = DecisionStats()
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esperd-policy")
+        self._forward_ms: collections.deque[float] = collections.deque(maxlen=256)
+        self._busy = asyncio.Lock()
+
+    def wake(self) -> None:
+        """Tell the loop the due set changed."""
+        self._wake.set()
+
+    def swap_policy(self, policy: PolicyBundle) -> None:
+        """Serve `policy` from the next batch on; a batch in flight finishes on the old one."""
+        self.policy = policy
+
+    async def run(self) -> None:
+        """Decide forever (until cancelled)."""
+        try:
+            while True:
+                await self._wait_for_batch()
+                await self.decide_once()
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def finish_in_flight(self) -> None:
+        """Wait for the batch being decided, if any (used on shutdown)."""
+        async with self._busy:
+            return
+
+    async def decide_once(self) -> int:
+        """Decide every run due now (one batch); returns how many commands went out."""
+        async with self._busy:
+            now = self._clock()
+            runs = self.scheduler.take_batch(now)
+            observations = self._observations(runs, now)
+            if not observations:
+                return 0
+            policy = self.policy  # one version decides the whole batch, even if a swap lands now
+            started = time.perf_counter()
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, policy.act, observations, self.deterministic
+                )
+            except Exception:
+                self.stats.failures += 1
+                log.exception("policy act failed", policy=policy.name, batch=len(observations))
+                return 0
+            self._note_forward((time.perf_counter() - started) * 1e3, len(observations))
+            if self.on_decided is not None:
+                self.on_decided(observations, result, policy)
+            return await self._publish_decisions(result.decisions, now)
+
+    def _observations(self, runs: list[str], now: float) -> list[Observation]:
+        observations = []
+        for run_id in runs:
+            obs = self.observe(run_id)
+            if obs is None or obs.num_nodes == 0:
+                continue  # unknown, finished, or no layers yet: nothing to decide
+            observations.append(mask_cooling(obs, self.scheduler.cooling_layers(run_id, now)))
+        return observations
+
+    async def _publish_decisions(self, decisions: list[Decision], due_at: float) -> int:
+        sent = 0
+        deadline_s = self.scheduler.config.decision_deadline_ms / 1e3
+        if self._clock() - due_at > deadline_s:
+            self.stats.late += len(decisions)
+        for decision in decisions:
+            self.stats.decisions += 1
+            if decision.op is Op.WAIT:
+                self.stats.waits += 1
+                continue
+            command = to_command(decision)
+            self.scheduler.note_command(command.command_id, command.run_id, command.layer_id, command.op.value)
+            await self.publish(command)
+            sent += 1
+        self.stats.commands += sent
+        return sent
+
+    def _note_forward(self, ms: float, batch: int) -> None:
+        self._forward_ms.append(ms)
+        self.stats.batches += 1
+        self.stats.last_batch_size = batch
+        self.stats.forward_ms_median = round(statistics.median(self._forward_ms), 3)
+        self.stats.forward_ms_max = round(max(self._forward_ms), 3)
+
+    async def _wait_for_batch(self) -> None:
+        """Return once some run is due and either the batch is full or it has waited max_wait_ms."""
+        config = self.scheduler.config
+        while True:
+            first = self.scheduler.next_due_at()
+            now = self._clock()
+            if first is None:
+                await self._sleep_until_woken(None)
+                continue
+            if first > now:
+                await self._sleep_until_woken(first - now)
+                continue
+            deadline = first + config.max_wait_ms / 1e3
+            while self.scheduler.ready_count() < config.max_batch and self._clock() < deadline:
+                await self._sleep_until_woken(deadline - self._clock())
+            return
+
+    async def _sleep_until_woken(self, timeout: float | None) -> None:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+
+def to_command(decision: Decision) -> AdaptationCommand:
+    """The wire command for a (non-WAIT) decision."""
+    germinate = decision.op is Op.GERMINATE
+    return AdaptationCommand(
+        command_id=uuid.uuid4().hex,
+        run_id=decision.run_id,
+        layer_id=decision.layer_id,
+        op=decision.op,
+        confidence=min(1.0, max(0.0, decision.confidence)),
+        urgency=min(1.0, max(0.0, decision.urgency)),
+        policy=decision.policy,
+        policy_version=decision.policy_version,
+        issued_at=time.time(),
+        blueprint=decision.blueprint if germinate else None,
+        blend=decision.blend if germinate else None,
+        tempo=decision.tempo if germinate else None,
+        # The policy has no alpha head yet: SET_ALPHA_TARGET means "finish the blend now".
+        alpha_target=1.0 if decision.op is Op.SET_ALPHA_TARGET else None,
+    )

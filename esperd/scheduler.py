@@ -1,0 +1,166 @@
+"""Which runs are due a decision, and which layers are cooling down.
+
+Pure bookkeeping (no NATS, no torch): the service feeds it events and asks it for
+the next micro-batch. A run becomes due on each state packet and on a material
+health change, never more often than `min_interval_s`; a layer that received a
+command is left alone for `cooldown_s` unless the command was rejected or timed out.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterable
+from typing import Annotated
+
+import msgspec
+import numpy as np
+from msgspec import Meta
+
+from esperd.analyzer.observation import OPS, Observation
+from contracts import Op
+
+_WAIT = OPS.index(Op.WAIT)
+
+
+class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """`[scheduler]` in the config file."""
+
+    min_interval_s: Annotated[float, Meta(ge=0.0)] = 1.0  # per run, between two decisions
+    cooldown_s: Annotated[float, Meta(ge=0.0)] = 30.0  # per layer, after a command
+    ack_timeout_s: Annotated[float, Meta(gt=0.0)] = 60.0  # an unacked command frees its layer after this
+    max_batch: Annotated[int, Meta(ge=1, le=4096)] = 64  # runs decided in one forward pass
+    max_wait_ms: Annotated[float, Meta(ge=0.0, le=10_000.0)] = 5.0  # how long a due run waits for company
+    max_pending: Annotated[int, Meta(ge=1)] = 4096  # due runs queued; beyond this, new ones are dropped
+    decision_deadline_ms: Annotated[float, Meta(gt=0.0)] = 1_000.0  # a decision older than this is stale
+
+
+class PendingCommand(msgspec.Struct, frozen=True):
+    """A command published and not yet acked."""
+
+    run_id: str
+    layer_id: int
+    issued_at: float
+    op: str
+
+
+class Scheduler:
+    """Due runs (oldest first), per-run rate limit, per-layer cooldowns, ack timeouts."""
+
+    def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self._due_at: dict[str, float] = {}  # run -> when it became due (or will, if deferred)
+        self._heap: list[tuple[float, str]] = []  # (due time, run); stale entries skipped lazily
+        self._last_decided: dict[str, float] = {}
+        self._cooldowns: dict[str, dict[int, float]] = {}  # run -> layer -> until
+        self.pending: dict[str, PendingCommand] = {}  # command id -> command
+        self.overflow = 0
+        self.stale = 0
+
+    # --------------------------------------------------------------- due runs
+
+    def mark_due(self, run_id: str, now: float | None = None) -> bool:
+        """Make a run due (deferred to respect the per-run interval). False if the queue was full."""
+        if run_id in self._due_at:
+            return True  # already queued: one decision covers every trigger
+        if len(self._due_at) >= self.config.max_pending:
+            self.overflow += 1
+            return False
+        now = self._clock() if now is None else now
+        last = self._last_decided.get(run_id)
+        at = now if last is None else max(now, last + self.config.min_interval_s)
+        self._due_at[run_id] = at
+        heapq.heappush(self._heap, (at, run_id))
+        return True
+
+    def next_due_at(self) -> float | None:
+        """When the earliest queued run is (or becomes) due; None if nothing is queued."""
+        self._drop_stale_heads()
+        return self._heap[0][0] if self._heap else None
+
+    def ready_count(self, now: float | None = None) -> int:
+        now = self._clock() if now is None else now
+        return sum(1 for at in self._due_at.values() if at <= now)
+
+    def take_batch(self, now: float | None = None) -> list[str]:
+        """Up to `max_batch` runs that are due now, oldest-due first; they leave the queue."""
+        now = self._clock() if now is None else now
+        batch: list[str] = []
+        while self._heap and len(batch) < self.config.max_batch:
+            self._drop_stale_heads()
+            if not self._heap or self._heap[0][0] > now:
+                break
+            at, run_id = heapq.heappop(self._heap)
+            del self._due_at[run_id]
+            self._last_decided[run_id] = now
+            batch.append(run_id)
+        return batch
+
+    def forget_run(self, run_id: str) -> None:
+        """Drop everything about a run (evicted or finished)."""
+        self._due_at.pop(run_id, None)
+        self._last_decided.pop(run_id, None)
+        self._cooldowns.pop(run_id, None)
+        for command_id in [c for c, p in self.pending.items() if p.run_id == run_id]:
+            del self.pending[command_id]
+
+    @property
+    def queued(self) -> int:
+        return len(self._due_at)
+
+    def _drop_stale_heads(self) -> None:
+        while self._heap and self._due_at.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)
+
+    # -------------------------------------------------------------- cooldowns
+
+    def note_command(self, command_id: str, run_id: str, layer_id: int, op: str, now: float | None = None) -> None:
+        """A command went out: cool its layer down and wait for the ack."""
+        now = self._clock() if now is None else now
+        self._cooldowns.setdefault(run_id, {})[layer_id] = now + self.config.cooldown_s
+        self.pending[command_id] = PendingCommand(run_id, layer_id, now, op)
+
+    def note_ack(self, command_id: str, applied: bool) -> PendingCommand | None:
+        """The host answered. A rejection frees the layer at once. None for an unknown command."""
+        command = self.pending.pop(command_id, None)
+        if command is not None and not applied:
+            self._release(command)
+        return command
+
+    def expire_pending(self, now: float | None = None) -> list[tuple[str, PendingCommand]]:
+        """Commands unacked past `ack_timeout_s`: forgotten, and their layers freed."""
+        now = self._clock() if now is None else now
+        limit = now - self.config.ack_timeout_s
+        expired = [(cid, p) for cid, p in self.pending.items() if p.issued_at <= limit]
+        for command_id, command in expired:
+            del self.pending[command_id]
+            self._release(command)
+        return expired
+
+    def cooling_layers(self, run_id: str, now: float | None = None) -> set[int]:
+        """Layers of a run that must not be targeted right now."""
+        layers = self._cooldowns.get(run_id)
+        if not layers:
+            return set()
+        now = self._clock() if now is None else now
+        for layer_id in [lid for lid, until in layers.items() if until <= now]:
+            del layers[layer_id]
+        return set(layers)
+
+    def _release(self, command: PendingCommand) -> None:
+        self._cooldowns.get(command.run_id, {}).pop(command.layer_id, None)
+
+
+def mask_cooling(observation: Observation, layers: Iterable[int]) -> Observation:
+    """The observation with every op but WAIT masked out on the given layers."""
+    layer_set = set(layers)
+    if not layer_set:
+        return observation
+    rows = np.isin(observation.layer_ids, list(layer_set))
+    if not rows.any():
+        return observation
+    op_mask = observation.op_mask.copy()
+    op_mask[rows] = False
+    op_mask[rows, _WAIT] = True
+    return msgspec.structs.replace(observation, op_mask=op_mask)

@@ -129,6 +129,8 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     apply_env_overrides(raw, os.environ if env is None else env)
@@ -142,7 +144,9 @@ def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         if not value:
             continue
         parsed: Any = [s.strip() for s in value.split(",") if s.strip()] if key == "servers" else value
-        raw.setdefault(section, {})[key] = parsed
+        table = raw.setdefault(section, {})
+        if isinstance(table, dict):  # otherwise validation reports the bad section itself
+            table[key] = parsed
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:

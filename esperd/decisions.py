@@ -32,17 +32,31 @@ OnDecided = Callable[[Sequence[Observation], ActResult, PolicyBundle], None]
 
 
 class DecisionStats(msgspec.Struct):
-    """What the loop has done, for `esperd.status`."""
+    """What the loop has done, for `esperd.status`. Percentiles cover the last 1024 samples."""
 
     batches: int = 0
     decisions: int = 0
     waits: int = 0
     commands: int = 0
+    commands_by_op: dict[str, int] = msgspec.field(default_factory=dict)
     failures: int = 0
-    late: int = 0  # decided later than the deadline after the run became due
+    late: int = 0  # published later than `decision_deadline_ms` after the run became due
     last_batch_size: int = 0
-    forward_ms_median: float = 0.0
-    forward_ms_max: float = 0.0
+    batch_size_mean: float = 0.0
+    batch_size_max: int = 0
+    forward_ms_p50: float = 0.0
+    forward_ms_p99: float = 0.0
+    latency_ms_p50: float = 0.0  # run due (signal in) -> command published
+    latency_ms_p99: float = 0.0
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of samples; 0 for none."""
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
 
 
 class DecisionLoop:
@@ -69,7 +83,9 @@ class DecisionLoop:
         self._clock = clock
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esperd-policy")
-        self._forward_ms: collections.deque[float] = collections.deque(maxlen=256)
+        self._forward_ms: collections.deque[float] = collections.deque(maxlen=1024)
+        self._latency_ms: collections.deque[float] = collections.deque(maxlen=1024)
+        self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1024)
         self._busy = asyncio.Lock()
 
     def wake(self) -> None:
@@ -98,10 +114,11 @@ class DecisionLoop:
         """Decide every run due now (one batch); returns how many commands went out."""
         async with self._busy:
             now = self._clock()
-            runs = self.scheduler.take_batch(now)
-            observations = self._observations(runs, now)
+            due = self.scheduler.take_batch(now)
+            observations = self._observations([run_id for run_id, _ in due], now)
             if not observations:
                 return 0
+            due_at = dict(due)
             policy = self.policy  # one version decides the whole batch, even if a swap lands now
             started = time.perf_counter()
             try:
@@ -115,7 +132,7 @@ class DecisionLoop:
             self._note_forward((time.perf_counter() - started) * 1e3, len(observations))
             if self.on_decided is not None:
                 self.on_decided(observations, result, policy)
-            return await self._publish_decisions(result.decisions, now)
+            return await self._publish_decisions(result.decisions, due_at)
 
     def _observations(self, runs: list[str], now: float) -> list[Observation]:
         observations = []
@@ -126,11 +143,9 @@ class DecisionLoop:
             observations.append(mask_cooling(obs, self.scheduler.cooling_layers(run_id, now)))
         return observations
 
-    async def _publish_decisions(self, decisions: list[Decision], due_at: float) -> int:
+    async def _publish_decisions(self, decisions: list[Decision], due_at: dict[str, float]) -> int:
         sent = 0
-        deadline_s = self.scheduler.config.decision_deadline_ms / 1e3
-        if self._clock() - due_at > deadline_s:
-            self.stats.late += len(decisions)
+        deadline_ms = self.scheduler.config.decision_deadline_ms
         for decision in decisions:
             self.stats.decisions += 1
             if decision.op is Op.WAIT:
@@ -140,15 +155,27 @@ class DecisionLoop:
             self.scheduler.note_command(command.command_id, command.run_id, command.layer_id, command.op.value)
             await self.publish(command)
             sent += 1
+            by_op = self.stats.commands_by_op
+            by_op[command.op.value] = by_op.get(command.op.value, 0) + 1
+            latency_ms = (self._clock() - due_at.get(decision.run_id, self._clock())) * 1e3
+            self._latency_ms.append(latency_ms)
+            if latency_ms > deadline_ms:
+                self.stats.late += 1
         self.stats.commands += sent
+        if sent:
+            self.stats.latency_ms_p50 = round(percentile(self._latency_ms, 50), 3)
+            self.stats.latency_ms_p99 = round(percentile(self._latency_ms, 99), 3)
         return sent
 
     def _note_forward(self, ms: float, batch: int) -> None:
         self._forward_ms.append(ms)
+        self._batch_sizes.append(batch)
         self.stats.batches += 1
         self.stats.last_batch_size = batch
-        self.stats.forward_ms_median = round(statistics.median(self._forward_ms), 3)
-        self.stats.forward_ms_max = round(max(self._forward_ms), 3)
+        self.stats.batch_size_mean = round(statistics.fmean(self._batch_sizes), 2)
+        self.stats.batch_size_max = max(self.stats.batch_size_max, batch)
+        self.stats.forward_ms_p50 = round(percentile(self._forward_ms, 50), 3)
+        self.stats.forward_ms_p99 = round(percentile(self._forward_ms, 99), 3)
 
     async def _wait_for_batch(self) -> None:
         """Return once some run is due and either the batch is full or it has waited max_wait_ms."""
@@ -193,4 +220,18 @@ def to_command(decision: Decision) -> AdaptationCommand:
         tempo=decision.tempo if germinate else None,
         # The policy has no alpha head yet: SET_ALPHA_TARGET means "finish the blend now".
         alpha_target=1.0 if decision.op is Op.SET_ALPHA_TARGET else None,
+        reason=decision.reason or describe(decision),
+    )
+
+
+def describe(decision: Decision) -> str:
+    """A one-line human-readable account of a decision."""
+    levers = ""
+    if decision.op is Op.GERMINATE and decision.blueprint is not None:
+        blend = decision.blend.value if decision.blend else "-"
+        tempo = decision.tempo.value if decision.tempo else "-"
+        levers = f" with {decision.blueprint.value} ({blend}, {tempo})"
+    return (
+        f"{decision.op.value} layer {decision.layer_id}{levers}: {decision.policy} v{decision.policy_version}, "
+        f"confidence {decision.confidence:.2f}, urgency {decision.urgency:.2f}"
     )

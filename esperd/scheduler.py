@@ -83,10 +83,10 @@ class Scheduler:
         now = self._clock() if now is None else now
         return sum(1 for at in self._due_at.values() if at <= now)
 
-    def take_batch(self, now: float | None = None) -> list[str]:
-        """Up to `max_batch` runs that are due now, oldest-due first; they leave the queue."""
+    def take_batch(self, now: float | None = None) -> list[tuple[str, float]]:
+        """Up to `max_batch` (run, due time) pairs due now, oldest-due first; they leave the queue."""
         now = self._clock() if now is None else now
-        batch: list[str] = []
+        batch: list[tuple[str, float]] = []
         while self._heap and len(batch) < self.config.max_batch:
             self._drop_stale_heads()
             if not self._heap or self._heap[0][0] > now:
@@ -94,7 +94,7 @@ class Scheduler:
             at, run_id = heapq.heappop(self._heap)
             del self._due_at[run_id]
             self._last_decided[run_id] = now
-            batch.append(run_id)
+            batch.append((run_id, at))
         return batch
 
     def forget_run(self, run_id: str) -> None:

@@ -275,7 +275,9 @@ class Service:
 
     def housekeeping(self) -> None:
         expired = self.scheduler.expire_pending()
-        self.expired_commands += len(expired)
+        if expired:
+            self.expired_commands += len(expired)
+            self.acks_by_status["timed_out"] = self.acks_by_status.get("timed_out", 0) + len(expired)
         evicted = self.analyzer.evict_idle()
         for run_id in evicted:
             self.scheduler.forget_run(run_id)

@@ -52,6 +52,7 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     value: float = 0.0
     policy: str = ""
     policy_version: int = 0
+    reason: str = ""  # why, in words, when the policy can say (the heuristic can)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

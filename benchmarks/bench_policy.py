@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from policy_helpers import make_observation, random_stages  # noqa: E402
+from policy_helpers import make_observation, random_stages
 
-from esperd.analyzer.observation import Observation  # noqa: E402
-from esperd.policy import PolicyConfig, create_policy  # noqa: E402
-from esperd.policy.batch import collate  # noqa: E402
+from esperd.analyzer.observation import Observation
+from esperd.policy import PolicyConfig, create_policy
+from esperd.policy.batch import collate
 
 POLICIES = ("gnn", "lstm", "heuristic")
 NODES = (12, 64)
@@ -53,7 +53,9 @@ def median_ms(fn: Callable[[], object], reps: int, sync: Callable[[], None]) -> 
     return interleaved_medians([fn], reps, sync)[0]
 
 
-def interleaved_medians(fns: Sequence[Callable[[], object]], reps: int, sync: Callable[[], None]) -> list[float]:
+def interleaved_medians(
+    fns: Sequence[Callable[[], object]], reps: int, sync: Callable[[], None]
+) -> list[float]:
     """Median ms of each fn; reps alternate between the fns so background load hits all alike."""
     for fn in fns:  # warm-up (allocator, lazy init)
         fn()
@@ -91,7 +93,9 @@ def bench_collate(obs: Sequence[Observation], reps: int) -> tuple[float, float]:
 def run(device: torch.device, reps: int) -> list[tuple[str, float]]:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     print(f"\n== device {device} ==")
-    print(f"{'policy':<10}{'nodes':>6}{'B':>5}{'batched ms':>12}{'per dec':>10}{'loop ms':>11}{'per dec':>10}{'loop/batched':>14}")
+    header = ("policy", "nodes", "B", "batched ms", "per dec", "loop ms", "per dec", "loop/batched")
+    widths = (-10, 6, 5, 12, 10, 11, 10, 14)
+    print("".join(f"{h:<{-w}}" if w < 0 else f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
     budget: list[tuple[str, float]] = []
     for name in POLICIES:
         policy = create_policy(name, PolicyConfig(name=name), device)
@@ -100,7 +104,12 @@ def run(device: torch.device, reps: int) -> list[tuple[str, float]]:
             for b in BATCHES:
                 batch = pool[:b]
                 batched, looped = interleaved_medians(
-                    [lambda: policy.act(batch), lambda: [policy.act([o]) for o in batch]], reps, sync
+                    [
+                        lambda p=policy, obs=batch: p.act(obs),
+                        lambda p=policy, obs=batch: [p.act([o]) for o in obs],
+                    ],
+                    reps,
+                    sync,
                 )
                 print(
                     f"{name:<10}{nodes:>6}{b:>5}{batched:>12.3f}{batched / b:>10.3f}"
@@ -128,7 +137,10 @@ def main() -> int:
     )
     for nodes in NODES:
         ours, pyg = bench_collate(observations(nodes, 64), args.reps)
-        print(f"collate 64 graphs x ~{nodes} nodes: numpy {ours:.3f} ms, Batch.from_data_list {pyg:.3f} ms ({pyg / ours:.1f}x)")
+        print(
+            f"collate 64 graphs x ~{nodes} nodes: numpy {ours:.3f} ms, "
+            f"Batch.from_data_list {pyg:.3f} ms ({pyg / ours:.1f}x)"
+        )
 
     devices = []
     if args.device in ("cpu", "all"):
@@ -146,7 +158,8 @@ def main() -> int:
         ok = per_decision < BUDGET_MS
         failed |= not ok
         if not ok or label.endswith("B=1") or label.endswith("B=64"):
-            print(f"{'PASS' if ok else 'FAIL'}  {label}: {per_decision:.3f} ms/decision < {BUDGET_MS} ms (seed docs)")
+            verdict = "PASS" if ok else "FAIL"
+            print(f"{verdict}  {label}: {per_decision:.3f} ms/decision < {BUDGET_MS} ms (seed docs)")
     return 1 if failed and args.strict else 0
 
 

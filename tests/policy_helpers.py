@@ -63,7 +63,9 @@ def make_observation(
     rng = np.random.default_rng(seed)
     stages = list(stages) if stages is not None else [SeedStage.DORMANT] * num_nodes
     if families is None:
-        families = [BlueprintFamily.CNN if i % 2 == 0 else BlueprintFamily.TRANSFORMER for i in range(num_nodes)]
+        families = [
+            BlueprintFamily.CNN if i % 2 == 0 else BlueprintFamily.TRANSFORMER for i in range(num_nodes)
+        ]
     assert len(stages) == len(families) == num_nodes
 
     if random_features:
@@ -90,14 +92,18 @@ def make_observation(
         skips = [(i, i + 2) for i in range(0, num_nodes - 2, 3)]
         edges = chain_edges(num_nodes, skips)
     gcn_index, gcn_weight = gcn_adjacency(edges, num_nodes)
-    op_mask = np.array([[op in LEGAL_OPS[s] for op in OPS] for s in stages], dtype=bool).reshape(num_nodes, len(OPS))
+    op_mask = np.array([[op in LEGAL_OPS[s] for op in OPS] for s in stages], dtype=bool).reshape(
+        num_nodes, len(OPS)
+    )
     blueprint_mask = np.array(
         [[bp.family is fam for bp in BLUEPRINTS] for fam in families], dtype=bool
     ).reshape(num_nodes, len(BLUEPRINTS))
     return Observation(
         run_id=run_id,
         topology_version=1,
-        layer_ids=np.asarray(layer_ids if layer_ids is not None else range(100, 100 + num_nodes), dtype=np.int64),
+        layer_ids=np.asarray(
+            layer_ids if layer_ids is not None else range(100, 100 + num_nodes), dtype=np.int64
+        ),
         node_features=x,
         edge_index=edges,
         gcn_edge_index=gcn_index,

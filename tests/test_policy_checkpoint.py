@@ -69,7 +69,12 @@ def test_corrupt_file(saved: Path, damage: str) -> None:
     if damage == "truncate":
         data = data[: len(data) // 2]
     elif damage == "random":
-        data = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy().tobytes()
+        data = (
+            torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+            .to(torch.uint8)
+            .numpy()
+            .tobytes()
+        )
     elif damage == "empty":
         data = b""
     else:
@@ -141,7 +146,9 @@ def test_foreign_safetensors_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no esperd metadata"):
         load_policy_checkpoint(plain, gnn())
     other = tmp_path / "other.safetensors"
-    save_file({"w": torch.zeros(2)}, str(other), metadata={"esperd": json.dumps({"format": "something-else"})})
+    save_file(
+        {"w": torch.zeros(2)}, str(other), metadata={"esperd": json.dumps({"format": "something-else"})}
+    )
     with pytest.raises(CheckpointError, match="not an esperd-policy"):
         load_policy_checkpoint(other, gnn())
 

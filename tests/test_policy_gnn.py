@@ -178,7 +178,9 @@ def test_load_state_dict_sets_version(policy: GNNPolicy) -> None:
 
 @pytest.mark.parametrize(("hidden", "layers", "residual"), [(64, 1, False), (256, 4, True)])
 def test_architecture_options(hidden: int, layers: int, residual: bool) -> None:
-    policy = create_policy("gnn", PolicyConfig(name="gnn", hidden_size=hidden, gnn_layers=layers, residual=residual))
+    policy = create_policy(
+        "gnn", PolicyConfig(name="gnn", hidden_size=hidden, gnn_layers=layers, residual=residual)
+    )
     assert len(policy.base_network.convs) == layers
     assert policy.base_network.encoder[0].out_features == hidden
     observations = mixed_batch([4, 9], seed=8)
@@ -190,8 +192,11 @@ def test_collate_matches_torch_geometric_batch() -> None:
     observations = mixed_batch([3, 8, 5], seed=9)
     ours = collate(observations, torch.device("cpu"))
     data = [
-        Data(x=torch.from_numpy(o.node_features), edge_index=torch.from_numpy(o.gcn_edge_index),
-             edge_weight=torch.from_numpy(o.gcn_edge_weight))
+        Data(
+            x=torch.from_numpy(o.node_features),
+            edge_index=torch.from_numpy(o.gcn_edge_index),
+            edge_weight=torch.from_numpy(o.gcn_edge_weight),
+        )
         for o in observations
     ]
     theirs = Batch.from_data_list(data)
@@ -205,10 +210,16 @@ def test_collate_matches_torch_geometric_batch() -> None:
 def test_empty_observation_is_refused(policy: GNNPolicy) -> None:
     obs = make_observation("empty", 1)
     empty = type(obs)(
-        run_id="empty", topology_version=1, layer_ids=np.zeros(0, np.int64),
-        node_features=obs.node_features[:0], edge_index=np.zeros((2, 0), np.int64),
-        gcn_edge_index=np.zeros((2, 0), np.int64), gcn_edge_weight=np.zeros(0, np.float32),
-        global_features=obs.global_features, op_mask=obs.op_mask[:0], blueprint_mask=obs.blueprint_mask[:0],
+        run_id="empty",
+        topology_version=1,
+        layer_ids=np.zeros(0, np.int64),
+        node_features=obs.node_features[:0],
+        edge_index=np.zeros((2, 0), np.int64),
+        gcn_edge_index=np.zeros((2, 0), np.int64),
+        gcn_edge_weight=np.zeros(0, np.float32),
+        global_features=obs.global_features,
+        op_mask=obs.op_mask[:0],
+        blueprint_mask=obs.blueprint_mask[:0],
         stages=np.zeros(0, np.int64),
     )
     with pytest.raises(ValueError, match="no nodes"):
@@ -227,8 +238,12 @@ def test_sparse_and_edge_index_message_passing_agree(policy: GNNPolicy) -> None:
     batch = collate(mixed_batch([5, 12, 2], seed=12), policy.device)
     net = policy.base_network
     with torch.no_grad():
-        dense_nodes, dense_value = net(batch.x, batch.global_x, batch.edge_index, batch.edge_weight, batch.batch)
+        dense_nodes, dense_value = net(
+            batch.x, batch.global_x, batch.edge_index, batch.edge_weight, batch.batch
+        )
         sparse_nodes, sparse_value = net(batch.x, batch.global_x, sparse_adjacency(batch), None, batch.batch)
     torch.testing.assert_close(sparse_nodes, dense_nodes, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sparse_value, dense_value, atol=1e-5, rtol=1e-5)
-    assert sparse_adjacency(batch).to_dense().sum().item() == pytest.approx(batch.edge_weight.sum().item(), rel=1e-5)
+    assert sparse_adjacency(batch).to_dense().sum().item() == pytest.approx(
+        batch.edge_weight.sum().item(), rel=1e-5
+    )

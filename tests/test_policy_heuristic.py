@@ -33,14 +33,24 @@ def scene(
     """Four healthy layers (optionally one sick), a stabilized host at `epoch`."""
     stages = stages or [S.DORMANT] * 4
     n = len(stages)
-    columns: dict[str, list[float]] = {"health": [0.9] * n, "health_trend": [0.0] * n, "is_problematic": [0.0] * n}
+    columns: dict[str, list[float]] = {
+        "health": [0.9] * n,
+        "health_trend": [0.0] * n,
+        "is_problematic": [0.0] * n,
+    }
     if sick is not None:
         for name, value in SICK.items():
             columns[name][sick] = value
     columns.update(node or {})
     return make_observation(
-        run_id, n, random_features=False, stages=stages, families=families or [CNN] * n,
-        node=columns, globals_=globals_, epoch=epoch,
+        run_id,
+        n,
+        random_features=False,
+        stages=stages,
+        families=families or [CNN] * n,
+        node=columns,
+        globals_=globals_,
+        epoch=epoch,
     )
 
 
@@ -160,7 +170,9 @@ def test_lifecycle_ops_come_before_new_germination() -> None:
 
 def test_embargo_after_prune() -> None:
     policy = make_policy(embargo_epochs=5)
-    prune = scene("a", epoch=10, **stage_node(S.PROBATIONARY, eis=2, counterfactual=-0.1, total_improvement=-0.1))
+    prune = scene(
+        "a", epoch=10, **stage_node(S.PROBATIONARY, eis=2, counterfactual=-0.1, total_improvement=-0.1)
+    )
     assert decide(policy, prune).op is Op.PRUNE
     for epoch in range(11, 15):
         assert decide(policy, scene("a", sick=2, epoch=epoch)).op is Op.WAIT, epoch
@@ -214,7 +226,9 @@ def test_obeys_masks() -> None:
         observations = mixed_batch([3, 6, 10], seed=seed)
         for ob in observations:
             ob.global_features[:] = 0.0  # stabilized host
-        for ob, (node, op, bp, _, _) in zip(observations, policy.act(observations).actions.tolist(), strict=True):
+        for ob, (node, op, bp, _, _) in zip(
+            observations, policy.act(observations).actions.tolist(), strict=True
+        ):
             assert ob.op_mask[node, op]
             if op == OP_INDEX[Op.GERMINATE]:
                 assert ob.blueprint_mask[node, bp]

@@ -55,7 +55,11 @@ def test_hidden_store_is_bounded_lru() -> None:
     policy.act([make_observation("r2", 3, seed=2)])  # touch r2: most recent now
     policy.act([make_observation("r5", 3, seed=5)])
     assert policy.tracked_runs == 3
-    assert [r for r in ("r0", "r1", "r2", "r3", "r4", "r5") if policy.hidden_state(r) is not None] == ["r2", "r4", "r5"]
+    assert [r for r in ("r0", "r1", "r2", "r3", "r4", "r5") if policy.hidden_state(r) is not None] == [
+        "r2",
+        "r4",
+        "r5",
+    ]
 
 
 def test_sampled_actions_are_always_legal() -> None:
@@ -83,7 +87,9 @@ def test_batched_equals_one_by_one() -> None:
             assert single.log_probs[0].item() == pytest.approx(batched.log_probs[i].item(), abs=1e-5)
             assert single.values[0].item() == pytest.approx(batched.values[i].item(), abs=1e-5)
     for obs in observations:
-        torch.testing.assert_close(batched_policy.hidden_state(obs.run_id), single_policy.hidden_state(obs.run_id))
+        torch.testing.assert_close(
+            batched_policy.hidden_state(obs.run_id), single_policy.hidden_state(obs.run_id)
+        )
 
 
 def test_evaluate_with_stored_hidden_matches_act() -> None:
@@ -115,6 +121,12 @@ def test_gradients_flow_through_evaluate_and_lstm() -> None:
     result = policy.evaluate(observations, acted.actions, hidden=acted.hidden)
     (-(result.log_probs.mean()) - 0.01 * result.entropy.mean() + result.values.pow(2).mean()).backward()
     grads = dict(policy.base_network.named_parameters())
-    for name in ("cell.weight_ih", "cell.weight_hh", "run_encoder.0.weight", "node_head.2.weight", "value_head.weight"):
+    for name in (
+        "cell.weight_ih",
+        "cell.weight_hh",
+        "run_encoder.0.weight",
+        "node_head.2.weight",
+        "value_head.weight",
+    ):
         grad = grads[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name

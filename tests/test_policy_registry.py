@@ -88,11 +88,14 @@ def test_compile_wraps_the_inner_network_not_the_bundle() -> None:
 
 
 @pytest.mark.skipif(
-    os.environ.get("ESPERD_TEST_COMPILE") != "1", reason="compiling on CPU takes ~30 s; set ESPERD_TEST_COMPILE=1"
+    os.environ.get("ESPERD_TEST_COMPILE") != "1",
+    reason="compiling on CPU takes ~30 s; set ESPERD_TEST_COMPILE=1",
 )
 def test_compiled_forward_matches_eager() -> None:
     observations = mixed_batch([3, 8, 12])
-    compiled = create_policy("gnn", PolicyConfig(name="gnn", compile=True)).act(observations, deterministic=True)
+    compiled = create_policy("gnn", PolicyConfig(name="gnn", compile=True)).act(
+        observations, deterministic=True
+    )
     eager = create_policy("gnn", PolicyConfig(name="gnn")).act(observations, deterministic=True)
     assert torch.equal(compiled.actions, eager.actions)
     torch.testing.assert_close(compiled.log_probs, eager.log_probs, atol=1e-5, rtol=1e-5)

@@ -60,14 +60,18 @@ def collate(observations: Sequence[Observation], device: torch.device) -> GraphB
         "x": np.concatenate([o.node_features for o in observations]).astype(np.float32, copy=False),
         "global_x": np.stack([o.global_features for o in observations]).astype(np.float32, copy=False),
         "edge_index": edge_index,
-        "edge_weight": np.concatenate([o.gcn_edge_weight for o in observations]).astype(np.float32, copy=False),
+        "edge_weight": np.concatenate([o.gcn_edge_weight for o in observations]).astype(
+            np.float32, copy=False
+        ),
         "batch": graph_of_node,
         "position": position,
         "ptr": ptr,
         "op_mask": op_mask,
         "blueprint_mask": blueprint_mask,
     }
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in arrays.items()}
+    tensors = {
+        k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in arrays.items()
+    }
     return GraphBatch(**tensors, num_graphs=len(observations), max_nodes=int(counts.max()))
 
 
@@ -76,7 +80,9 @@ def _checked_num_nodes(obs: Observation) -> int:
     if n == 0:
         raise ValueError(f"observation for run {obs.run_id!r} has no nodes")
     if obs.node_features.shape != (n, len(NODE_FEATURES)):
-        raise ValueError(f"run {obs.run_id!r}: node_features shape {obs.node_features.shape} != {(n, len(NODE_FEATURES))}")
+        raise ValueError(
+            f"run {obs.run_id!r}: node_features shape {obs.node_features.shape} != {(n, len(NODE_FEATURES))}"
+        )
     if obs.global_features.shape != (len(GLOBAL_FEATURES),):
         raise ValueError(f"run {obs.run_id!r}: global_features shape {obs.global_features.shape}")
     return n

@@ -112,7 +112,9 @@ def read_policy_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any]
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not an {FORMAT} checkpoint")
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {metadata.get('format_version')!r}, want {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"checkpoint {path} has format version {metadata.get('format_version')!r}, want {FORMAT_VERSION}"
+        )
     return metadata, tensors
 
 
@@ -135,12 +137,15 @@ def _check_compatible(
 ) -> None:
     expected = checkpoint_metadata(policy)
     if metadata.get("policy") != policy.name:
-        raise CheckpointError(f"checkpoint {path} is for policy {metadata.get('policy')!r}, not {policy.name!r}")
+        raise CheckpointError(
+            f"checkpoint {path} is for policy {metadata.get('policy')!r}, not {policy.name!r}"
+        )
     if metadata.get("schema_hash") != expected["schema_hash"]:
         raise CheckpointError(f"checkpoint {path} was trained on a different observation schema")
     if metadata.get("architecture_hash") != expected["architecture_hash"]:
         raise CheckpointError(
-            f"checkpoint {path} architecture {metadata.get('architecture')} != configured {expected['architecture']}"
+            f"checkpoint {path} architecture {metadata.get('architecture')} "
+            f"!= configured {expected['architecture']}"
         )
     want = {k: tuple(v.shape) for k, v in policy.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in tensors.items()}

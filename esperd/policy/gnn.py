@@ -32,7 +32,9 @@ from esperd.policy.registry import register_policy
 class GNNNetwork(nn.Module):
     """Encoder -> L x (GCNConv, ReLU, dropout, residual) -> per-node heads; pooled value head."""
 
-    def __init__(self, hidden: int = 128, layers: int = 3, dropout: float = 0.1, residual: bool = True) -> None:
+    def __init__(
+        self, hidden: int = 128, layers: int = 3, dropout: float = 0.1, residual: bool = True
+    ) -> None:
         super().__init__()
         n_node, n_global = len(NODE_FEATURES), len(GLOBAL_FEATURES)
         self.dropout = dropout
@@ -41,10 +43,14 @@ class GNNNetwork(nn.Module):
         # normalize=False: the analyzer already gives D^-1/2 (A + I) D^-1/2 as edge weights.
         self.convs = nn.ModuleList(GCNConv(hidden, hidden, normalize=False) for _ in range(layers))
         self.node_head = nn.Sequential(
-            layer_init(nn.Linear(hidden, hidden)), nn.ReLU(), layer_init(nn.Linear(hidden, NODE_HEAD_DIM), std=0.01)
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.ReLU(),
+            layer_init(nn.Linear(hidden, NODE_HEAD_DIM), std=0.01),
         )
         self.value_head = nn.Sequential(
-            layer_init(nn.Linear(hidden + n_global, hidden)), nn.ReLU(), layer_init(nn.Linear(hidden, 1), std=1.0)
+            layer_init(nn.Linear(hidden + n_global, hidden)),
+            nn.ReLU(),
+            layer_init(nn.Linear(hidden, 1), std=1.0),
         )
 
     def forward(
@@ -94,9 +100,7 @@ def sparse_adjacency(batch: GraphBatch) -> torch.Tensor:
     order = torch.argsort(dst * n + src)
     crow = torch.zeros(n + 1, dtype=torch.int64, device=dst.device)
     crow[1:] = torch.cumsum(torch.bincount(dst, minlength=n), 0)
-    return torch.sparse_csr_tensor(
-        crow, src[order], batch.edge_weight[order], (n, n), check_invariants=False
-    )
+    return torch.sparse_csr_tensor(crow, src[order], batch.edge_weight[order], (n, n), check_invariants=False)
 
 
 def _consume_csr_beta_warning() -> None:

@@ -8,7 +8,8 @@ Per node the network emits one row of NODE_HEAD_DIM logits, split as
   op        ~ softmax over that node's op logits, illegal ops masked out;
   levers    ~ that node's blueprint (masked) / blend / tempo logits, used only for GERMINATE.
 
-log p(a) = log p(node) + log p(op|node) + [op = GERMINATE] * (log p(bp|node) + log p(blend|node) + log p(tempo|node))
+log p(a) = log p(node) + log p(op|node)
+         + [op = GERMINATE] * (log p(bp|node) + log p(blend|node) + log p(tempo|node))
 
 Entropy is the exact entropy of that joint distribution:
   H = H(node) + sum_n p(n) * (H(op|n) + p(GERMINATE|n) * (H(bp|n) + H(blend|n) + H(tempo|n))).

@@ -52,7 +52,10 @@ from esperd.policy.registry import register_policy
 
 _N = NODE_FEATURE_INDEX
 _G = GLOBAL_FEATURE_INDEX
-_ACTIVE_STAGES = [STAGE_INDEX[s] for s in (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY)]
+_ACTIVE_STAGES = [
+    STAGE_INDEX[s]
+    for s in (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY)
+]
 #: Candidates are ranked by op first: resolve seeds in flight before germinating new ones.
 _OP_RANK = {Op.PRUNE: 3, Op.FOSSILIZE: 3, Op.ADVANCE: 2, Op.GERMINATE: 1}
 # Feature scalings, inverted here (see observation.NODE_FEATURES / GLOBAL_FEATURES).
@@ -172,7 +175,11 @@ class HeuristicPolicy:
         if choice.op is not Op.GERMINATE:
             return [choice.node, OP_INDEX[choice.op], 0, 0, 0]
         assert choice.blueprint is not None
-        levers = [BLUEPRINT_INDEX[choice.blueprint], BLEND_INDEX[self.rules.blend], TEMPO_INDEX[self.rules.tempo]]
+        levers = [
+            BLUEPRINT_INDEX[choice.blueprint],
+            BLEND_INDEX[self.rules.blend],
+            TEMPO_INDEX[self.rules.tempo],
+        ]
         return [choice.node, OP_INDEX[choice.op], *levers]
 
     def _run_memory(self, run_id: str) -> _RunMemory:
@@ -242,8 +249,13 @@ class HeuristicPolicy:
                 continue
             counterfactual = float(features[node, _N["counterfactual"]])
             improvement = float(features[node, _N["total_improvement"]])
-            if counterfactual > rules.fossilize_min_counterfactual and improvement > rules.fossilize_min_improvement:
-                yield _Candidate(int(node), Op.FOSSILIZE, min(1.0, 0.8 + 5 * min(counterfactual, improvement)), 0.6)
+            if (
+                counterfactual > rules.fossilize_min_counterfactual
+                and improvement > rules.fossilize_min_improvement
+            ):
+                yield _Candidate(
+                    int(node), Op.FOSSILIZE, min(1.0, 0.8 + 5 * min(counterfactual, improvement)), 0.6
+                )
             else:
                 harm = max(0.0, -min(counterfactual, improvement))
                 yield _Candidate(int(node), Op.PRUNE, min(1.0, 0.8 + 5 * harm), 0.7)
@@ -253,13 +265,15 @@ class HeuristicPolicy:
         rules = self.rules
         g = obs.global_features
         plateau = self._plateau_epochs(obs)
-        stabilized = plateau >= rules.plateau_patience or abs(g[_G["val_accuracy_delta"]]) <= rules.stabilize_delta
+        stabilized = (
+            plateau >= rules.plateau_patience or abs(g[_G["val_accuracy_delta"]]) <= rules.stabilize_delta
+        )
         active = int(np.isin(obs.stages, _ACTIVE_STAGES).sum())
         return obs.epoch >= rules.min_epoch and stabilized and active < rules.max_active_seeds
 
     @staticmethod
     def _plateau_epochs(obs: Observation) -> int:
-        return int(round(float(obs.global_features[_G["plateau_epochs"]]) * _PLATEAU_SCALE))
+        return round(float(obs.global_features[_G["plateau_epochs"]]) * _PLATEAU_SCALE)
 
     def _germination_candidates(self, obs: Observation, memory: _RunMemory) -> Iterator[_Candidate]:
         if not self.may_germinate(obs):
@@ -295,7 +309,11 @@ class HeuristicPolicy:
 
     def _choose_blueprint(self, obs: Observation, node: int, memory: _RunMemory) -> Blueprint | None:
         """Least-penalised legal blueprint of the layer's family; declaration order breaks ties."""
-        family = BlueprintFamily.CNN if obs.node_features[node, _N["family_cnn"]] >= 0.5 else BlueprintFamily.TRANSFORMER
+        family = (
+            BlueprintFamily.CNN
+            if obs.node_features[node, _N["family_cnn"]] >= 0.5
+            else BlueprintFamily.TRANSFORMER
+        )
         legal = [bp for bp, ok in zip(BLUEPRINTS, obs.blueprint_mask[node], strict=True) if ok]
         fitting = [bp for bp in legal if bp.family is family] or legal
         if not fitting:
@@ -341,4 +359,3 @@ class HeuristicPolicy:
 
     def __repr__(self) -> str:
         return f"HeuristicPolicy(version={self._version})"
-

@@ -80,7 +80,9 @@ class LSTMPolicy(NeuralPolicyBundle):
             raise ValueError(f"hidden must have shape {expected}, got {tuple(hidden.shape)}")
         return hidden.to(self.device, torch.float32)
 
-    def _hidden_for_act(self, observations: Sequence[Observation], hidden: torch.Tensor | None) -> torch.Tensor:
+    def _hidden_for_act(
+        self, observations: Sequence[Observation], hidden: torch.Tensor | None
+    ) -> torch.Tensor:
         if hidden is not None:
             return self._checked(hidden, len(observations))
         zero = None
@@ -109,7 +111,9 @@ class LSTMPolicy(NeuralPolicyBundle):
         self, batch: GraphBatch, hidden: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         assert hidden is not None
-        node_out, values, h, c = self._network(batch.x, batch.global_x, batch.batch, hidden[:, 0], hidden[:, 1])
+        node_out, values, h, c = self._network(
+            batch.x, batch.global_x, batch.batch, hidden[:, 0], hidden[:, 1]
+        )
         return node_out, values, torch.stack([h, c], dim=1)
 
     def hidden_state(self, run_id: str) -> torch.Tensor | None:

@@ -75,7 +75,9 @@ class NeuralPolicyBundle:
         """(node head outputs [N_total, NODE_HEAD_DIM], values [B], new hidden or None)."""
         raise NotImplementedError
 
-    def _hidden_for_act(self, observations: Sequence[Observation], hidden: torch.Tensor | None) -> torch.Tensor | None:
+    def _hidden_for_act(
+        self, observations: Sequence[Observation], hidden: torch.Tensor | None
+    ) -> torch.Tensor | None:
         return None
 
     def _hidden_for_evaluate(self, batch_size: int, hidden: torch.Tensor | None) -> torch.Tensor | None:
@@ -127,7 +129,13 @@ class NeuralPolicyBundle:
                 node_out, values, hidden_out = self._forward(batch, hidden_in)
                 dist = FactoredDistribution(batch, node_out)
                 actions = dist.sample(deterministic)
-                out = [actions, dist.log_prob(actions), values, dist.confidence(actions), dist.urgency(actions)]
+                out = [
+                    actions,
+                    dist.log_prob(actions),
+                    values,
+                    dist.confidence(actions),
+                    dist.urgency(actions),
+                ]
             self._remember(observations, hidden_out)
         # Clone outside inference_mode: callers (recorder, learner) may use these in autograd.
         actions, log_probs, values, confidences, urgencies = (t.cpu().clone() for t in out)

@@ -129,6 +129,18 @@ def test_at_most_max_active_seeds() -> None:
     assert decide(policy2, scene("b", sick=1, **stage_node(S.TRAINING, eis=0, at=3))).op is Op.GERMINATE
 
 
+def test_unapplied_germination_counts_as_active_for_an_epoch() -> None:
+    policy = make_policy(max_active_seeds=1)
+    assert decide(policy, scene("a", sick=1, epoch=10)).layer_id == 101
+    two_sick = {"health": [0.9, 0.2, 0.2, 0.9], "health_trend": [0, -0.05, -0.05, 0]}
+    two_sick["is_problematic"] = [0, 1, 1, 0]
+    # The host has not applied it yet (layer 101 still DORMANT): no second seed.
+    assert decide(policy, scene("a", node=two_sick, epoch=10)).op is Op.WAIT
+    assert decide(policy, scene("a", node=two_sick, epoch=11)).op is Op.WAIT
+    # Two epochs on and still DORMANT: the command was lost or rejected; germinate again.
+    assert decide(policy, scene("a", node=two_sick, epoch=12)).op is Op.GERMINATE
+
+
 def test_advance_training_after_dwell() -> None:
     policy = make_policy(train_dwell_epochs=3)
     assert decide(policy, scene("a", **stage_node(S.TRAINING, eis=2))).op is Op.WAIT

@@ -9,7 +9,8 @@ both the confidence and the urgency threshold (else WAIT):
     PROBATIONARY -> after `probation_epochs`: FOSSILIZE if counterfactual > min AND
                     total improvement > min, else PRUNE.
   germination (only from epoch `min_epoch`, once the host has stabilized -- |val acc
-  change| <= `stabilize_delta` or a validation plateau -- and below `max_active_seeds`)
+  change| <= `stabilize_delta` or a validation plateau -- and below `max_active_seeds`,
+  counting germinations issued but not yet applied by the host, for up to an epoch)
     a DORMANT slot on a layer that is problematic, unhealthy and declining; or, on a
     plateau of `plateau_patience` epochs, the least healthy layer below `plateau_health_max`.
     Never on a slot under embargo (`embargo_epochs` after it was pruned). The blueprint
@@ -217,6 +218,11 @@ class HeuristicPolicy:
             memory.pruned(int(obs.layer_ids[node]), obs.epoch, self.rules)
         for node in np.flatnonzero(obs.stages == STAGE_INDEX[SeedStage.FOSSILIZED]):
             memory.seeds.pop(int(obs.layer_ids[node]), None)
+        # Still DORMANT over an epoch after we germinated: the command was rejected or lost.
+        for node in np.flatnonzero(obs.stages == STAGE_INDEX[SeedStage.DORMANT]):
+            seed = memory.seeds.get(int(obs.layer_ids[node]))
+            if seed is not None and obs.epoch - seed.germinated_epoch > 1:
+                del memory.seeds[int(obs.layer_ids[node])]
 
     def _commit(self, choice: _Candidate, obs: Observation, memory: _RunMemory) -> None:
         layer_id = int(obs.layer_ids[choice.node])
@@ -260,7 +266,7 @@ class HeuristicPolicy:
                 harm = max(0.0, -min(counterfactual, improvement))
                 yield _Candidate(int(node), Op.PRUNE, min(1.0, 0.8 + 5 * harm), 0.7)
 
-    def may_germinate(self, obs: Observation) -> bool:
+    def _may_germinate(self, obs: Observation, memory: _RunMemory) -> bool:
         """Run-level gate: late enough, host stabilized, and room for another seed."""
         rules = self.rules
         g = obs.global_features
@@ -268,7 +274,10 @@ class HeuristicPolicy:
         stabilized = (
             plateau >= rules.plateau_patience or abs(g[_G["val_accuracy_delta"]]) <= rules.stabilize_delta
         )
-        active = int(np.isin(obs.stages, _ACTIVE_STAGES).sum())
+        # Germinations we issued that the host has not applied yet count as active too.
+        dormant = obs.layer_ids[obs.stages == STAGE_INDEX[SeedStage.DORMANT]].tolist()
+        pending = sum(1 for layer_id in dormant if layer_id in memory.seeds)
+        active = int(np.isin(obs.stages, _ACTIVE_STAGES).sum()) + pending
         return obs.epoch >= rules.min_epoch and stabilized and active < rules.max_active_seeds
 
     @staticmethod
@@ -276,7 +285,7 @@ class HeuristicPolicy:
         return round(float(obs.global_features[_G["plateau_epochs"]]) * _PLATEAU_SCALE)
 
     def _germination_candidates(self, obs: Observation, memory: _RunMemory) -> Iterator[_Candidate]:
-        if not self.may_germinate(obs):
+        if not self._may_germinate(obs, memory):
             return
         rules = self.rules
         f = obs.node_features

@@ -112,6 +112,10 @@ def test_wrong_architecture(saved: Path) -> None:
         load_policy_checkpoint(saved, gnn(hidden_size=128))
     with pytest.raises(CheckpointError, match="architecture"):
         load_policy_checkpoint(saved, gnn(gnn_layers=2))
+    with pytest.raises(CheckpointError, match="architecture"):
+        load_policy_checkpoint(saved, gnn(residual=False))  # same shapes, different forward
+    # Fields that do not shape this policy are not part of its architecture.
+    assert load_policy_checkpoint(saved, gnn(lstm_hidden=64, dropout=0.3)).version == 12
 
 
 def test_wrong_shapes_even_with_matching_metadata(saved: Path, tmp_path: Path) -> None:

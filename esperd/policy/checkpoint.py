@@ -49,11 +49,16 @@ def observation_schema() -> dict[str, list[str]]:
     }
 
 
+def policy_architecture(policy: PolicyBundle) -> dict[str, Any]:
+    """The policy's name and the config fields that decide its weight shapes and forward semantics."""
+    config: PolicyConfig | None = getattr(policy, "config", None)
+    fields: tuple[str, ...] = getattr(policy, "architecture_fields", ())
+    return {"name": policy.name, **{f: getattr(config, f) for f in fields if config is not None}}
+
+
 def checkpoint_metadata(policy: PolicyBundle) -> dict[str, Any]:
     """What is stored next to the weights."""
-    config: PolicyConfig | None = getattr(policy, "config", None)
-    architecture = config.architecture() if config is not None else {"name": policy.name}
-    architecture["name"] = policy.name
+    architecture = policy_architecture(policy)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -90,16 +90,6 @@ class PolicyConfig(_Config):
         _check_range("lstm_hidden", self.lstm_hidden, 16, 1024)
         _check_range("lstm_max_runs", self.lstm_max_runs, 1, 1_000_000)
 
-    def architecture(self) -> dict[str, Any]:
-        """The fields that decide weight shapes and forward semantics (not serving knobs)."""
-        return {
-            "name": self.name,
-            "hidden_size": self.hidden_size,
-            "gnn_layers": self.gnn_layers,
-            "residual": self.residual,
-            "lstm_hidden": self.lstm_hidden,
-        }
-
 
 def stable_hash(data: Any) -> str:
     """Short hash of JSON-able data, independent of dict order."""

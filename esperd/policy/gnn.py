@@ -79,6 +79,8 @@ class GNNNetwork(nn.Module):
 class GNNPolicy(NeuralPolicyBundle):
     """The GCN policy bundle (feed-forward: no per-run memory)."""
 
+    architecture_fields = ("hidden_size", "gnn_layers", "residual")
+
     def _build_network(self, config: PolicyConfig) -> nn.Module:
         return GNNNetwork(config.hidden_size, config.gnn_layers, config.dropout, config.residual)
 

@@ -63,6 +63,7 @@ class LSTMPolicy(NeuralPolicyBundle):
     """
 
     is_recurrent = True
+    architecture_fields = ("hidden_size", "lstm_hidden")
 
     def __init__(self, config: PolicyConfig, device: torch.device | str = "cpu") -> None:
         super().__init__(config, device)

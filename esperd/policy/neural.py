@@ -52,6 +52,8 @@ class NeuralPolicyBundle:
     name: str = ""
     is_learnable = True
     is_recurrent = False
+    #: PolicyConfig fields that decide weight shapes / forward semantics (checked on checkpoint load).
+    architecture_fields: tuple[str, ...] = ()
 
     def __init__(self, config: PolicyConfig, device: torch.device | str = "cpu") -> None:
         self.config = config
@@ -124,7 +126,7 @@ class NeuralPolicyBundle:
         with self._lock:
             version = self._version
             batch = collate(observations, self.device)
-            with _eval_mode(self._network), torch.inference_mode():
+            with _eval_mode(self.base_network), torch.inference_mode():
                 hidden_in = self._hidden_for_act(observations, hidden)
                 node_out, values, hidden_out = self._forward(batch, hidden_in)
                 dist = FactoredDistribution(batch, node_out)

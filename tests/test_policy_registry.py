@@ -116,6 +116,8 @@ def test_config_ranges_are_enforced() -> None:
         msgspec.convert({"hiden_size": 128}, PolicyConfig)  # typo: unknown field
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"heuristic": {"confidence_threshold": 1.5}}, PolicyConfig)
+    with pytest.raises(msgspec.ValidationError):  # the observation cannot tell more than 12 epochs
+        msgspec.convert({"heuristic": {"train_dwell_epochs": 13}}, PolicyConfig)
 
 
 def test_config_decodes_from_a_toml_table() -> None:

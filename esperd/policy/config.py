@@ -16,6 +16,8 @@ from msgspec import Meta
 from contracts import BlendAlgorithm, Tempo
 
 Epochs = Annotated[int, Meta(ge=0, le=10_000)]
+#: The observation reports epochs in stage scaled by 1/12 and clipped, so 12 is the most it can tell.
+StageEpochs = Annotated[int, Meta(ge=0, le=12)]
 Unit = Annotated[float, Meta(ge=0.0, le=1.0)]
 
 
@@ -41,8 +43,8 @@ class HeuristicConfig(_Config):
     decline_threshold: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0  # trend below -this is declining
     plateau_health_max: Unit = 0.9  # on a plateau, only layers below this health
     # Lifecycle timing.
-    train_dwell_epochs: Epochs = 3  # TRAINING -> BLENDING after this many epochs in stage
-    probation_epochs: Epochs = 1  # epochs on probation before fossilize / prune
+    train_dwell_epochs: StageEpochs = 3  # TRAINING -> BLENDING after this many epochs in stage
+    probation_epochs: StageEpochs = 1  # epochs on probation before fossilize / prune
     fossilize_min_counterfactual: float = 0.0  # fossilize only if counterfactual > this ...
     fossilize_min_improvement: float = 0.0  # ... and total improvement > this
     # Memory of past outcomes.
@@ -63,6 +65,8 @@ class HeuristicConfig(_Config):
         _check_range("heuristic.plateau_patience", self.plateau_patience, 1, 10)
         _check_range("heuristic.blueprint_penalty_decay", self.blueprint_penalty_decay, 0.0, 1.0)
         _check_range("heuristic.max_active_seeds", self.max_active_seeds, 1, 4096)
+        _check_range("heuristic.train_dwell_epochs", self.train_dwell_epochs, 0, 12)
+        _check_range("heuristic.probation_epochs", self.probation_epochs, 0, 12)
 
 
 class PolicyConfig(_Config):

@@ -87,6 +87,9 @@ class ServiceConfig(_Section):
 
     state_dir: str = "./state"
     device: str = "auto"  # torch device for policy and learner: auto (cuda if available) | cpu | cuda[:N]
+    # torch intra-op threads; 0 = half the cores (at least 1). Small-batch inference gains
+    # nothing from more, and oversubscribed cores make decision latency spike.
+    torch_threads: Annotated[int, Meta(ge=0, le=1024)] = 0
     drain_timeout_s: PositiveFloat = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "console", "json"] = "auto"

@@ -87,6 +87,7 @@ class Service:
         self.notifier = SystemdNotifier(os.environ if env is None else env)
         self.analyzer = Analyzer(config.analyzer)
         self.scheduler = Scheduler(config.scheduler)
+        configure_torch_threads(config.service.torch_threads)
         serving = build_serving_policy(config.policy, resolve_device(config.service.device))
         self.policy_fallback_reason = str(serving.error) if serving.error else ""
         self.decisions = DecisionLoop(
@@ -293,6 +294,13 @@ class Service:
             s = self.status()
             log.info("status", runs=s.runs, accepted=s.accepted_total, rejected=s.rejected_total,
                      commands=s.commands_total, connected=s.nats.connected)
+
+
+def configure_torch_threads(threads: int) -> None:
+    """Set torch's intra-op thread count (0 = half the cores, at least one)."""
+    import torch
+
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
 
 
 def resolve_device(name: str) -> str:

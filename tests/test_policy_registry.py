@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import msgspec
 import pytest
@@ -87,11 +86,10 @@ def test_compile_wraps_the_inner_network_not_the_bundle() -> None:
     assert heuristic.network is None
 
 
-@pytest.mark.skipif(
-    os.environ.get("ESPERD_TEST_COMPILE") != "1",
-    reason="compiling on CPU takes ~30 s; set ESPERD_TEST_COMPILE=1",
-)
+@pytest.mark.timeout(300)
 def test_compiled_forward_matches_eager() -> None:
+    # Slow on CPU (~30 s cold: inductor compiles C++), but it is the only proof that the
+    # compiled path serves the same decisions, so it runs in CI too.
     observations = mixed_batch([3, 8, 12])
     compiled = create_policy("gnn", PolicyConfig(name="gnn", compile=True)).act(
         observations, deterministic=True

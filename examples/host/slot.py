@@ -1,0 +1,288 @@
+"""SeedSlot: a Kasmina-style seed slot wrapped around one host layer's output.
+
+    out = host + alpha * seed(host)
+
+What the forward pass does in each stage (the lifecycle lives in `lifecycle.py`):
+
+    DORMANT, GERMINATED, PRUNED  out = host (no seed runs; a GERMINATED seed exists but
+                                 waits for the epoch boundary before it trains)
+    TRAINING      gradient isolation and alpha 0: the seed reads host.detach(), and the
+                  output is host + (s - s.detach()) -- exactly `host` in value, but the
+                  seed receives the loss gradient as if it were fully blended in (a
+                  straight-through estimator), so it learns what the host is missing
+                  without changing the host's forward pass or its gradients at all.
+    BLENDING      alpha ramps per optimizer step (see `blending.py`); GATED multiplies the
+                  schedule by a learned per-sample gate. The seed input stays detached
+                  (ISOLATED) unless the GERMINATE chose SHARED; the default is ISOLATED
+                  for CNN layers and SHARED for transformer layers (the seed documents'
+                  topology-dependent default).
+    PROBATIONARY  alpha holds where the blend ended; the seed keeps training.
+    FOSSILIZED    the seed is frozen (requires_grad False, eval mode, out of the
+                  optimizer) and becomes part of the host: its input is no longer
+                  detached, so the host learns around it from then on.
+
+PRUNE removes the seed module at once; the slot returns to DORMANT after a cooldown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from contracts import (
+    AdaptationCommand,
+    BlendAlgorithm,
+    Blueprint,
+    BlueprintFamily,
+    IsolationMode,
+    Op,
+    SeedSlotState,
+    SeedStage,
+    Tempo,
+)
+from examples.host.blending import BlendSchedule
+from examples.host.blueprints import ALL_SEEDS, Gate, SeedFactory, build_seed
+from examples.host.lifecycle import SeedLifecycle
+
+_SILENT = frozenset({SeedStage.DORMANT, SeedStage.GERMINATED, SeedStage.PRUNED})
+_LIVE = frozenset({SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY})
+
+
+class SeedSlot(nn.Module):
+    """One seed slot: its lifecycle, its seed module (when it has one) and the blend."""
+
+    def __init__(
+        self,
+        layer_id: int,
+        name: str,
+        width: int,
+        family: BlueprintFamily,
+        *,
+        registry: Mapping[Blueprint, SeedFactory] = ALL_SEEDS,
+        cooldown_epochs: int = 2,
+        steps_per_epoch: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.slot_name = name
+        self.width = width
+        self.family = family
+        self.registry = registry
+        self.steps_per_epoch = steps_per_epoch
+        self.device = torch.device(device)
+        self.lifecycle = SeedLifecycle(cooldown_epochs=cooldown_epochs)
+        self.seed: nn.Module | None = None
+        self.gate: Gate | None = None
+        self.schedule: BlendSchedule | None = None
+        self.blueprint: Blueprint | None = None
+        self.blend = BlendAlgorithm.LINEAR
+        self.tempo = Tempo.STANDARD
+        self.steepness = 1.0
+        self.isolation = IsolationMode.ISOLATED
+        self.lr_multiplier = 1.0
+        self.counterfactual = 0.0  # val accuracy with the seed minus with alpha forced to 0
+        self.accuracy_at_germination = 0.0
+        self.total_improvement = 0.0  # val accuracy now minus at germination
+        self._forced_alpha: float | None = None
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def stage(self) -> SeedStage:
+        return self.lifecycle.stage
+
+    @property
+    def live(self) -> bool:
+        """A seed that exists and is not yet permanent."""
+        return self.stage in _LIVE
+
+    @property
+    def alpha(self) -> float:
+        """The blend weight in force (the schedule's; GATED's gate multiplies it per sample)."""
+        if self.schedule is None or self.stage not in (
+            SeedStage.BLENDING,
+            SeedStage.PROBATIONARY,
+            SeedStage.FOSSILIZED,
+        ):
+            return 0.0
+        return self.schedule.alpha
+
+    def seed_parameters(self) -> list[nn.Parameter]:
+        """The seed's parameters, gate included (empty without a seed)."""
+        modules = [m for m in (self.seed, self.gate) if m is not None]
+        return [p for m in modules for p in m.parameters()]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Seed parameters the optimizer should update now (none once fossilized)."""
+        if self.stage not in (SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY):
+            return []
+        return self.seed_parameters()
+
+    def seed_param_count(self) -> int:
+        return sum(p.numel() for p in self.seed_parameters())
+
+    def state(self) -> SeedSlotState:
+        """This slot as the wire's SeedSlotState."""
+        return SeedSlotState(
+            layer_id=self.layer_id,
+            stage=self.stage,
+            blueprint=self.blueprint if self.seed is not None else None,
+            alpha=min(max(self.alpha, 0.0), 1.0),
+            epochs_in_stage=self.lifecycle.epochs_in_stage,
+            params=self.seed_param_count(),
+            counterfactual=self.counterfactual,
+            total_improvement=self.total_improvement,
+        )
+
+    def blending_velocity(self) -> float:
+        if self.schedule is None or self.stage is not SeedStage.BLENDING:
+            return 0.0
+        return self.schedule.velocity(self.steps_per_epoch)
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, host: torch.Tensor) -> torch.Tensor:
+        delta = self.seed_branch(host)
+        return host if delta is None else host + delta
+
+    def seed_branch(self, host: torch.Tensor) -> torch.Tensor | None:
+        """The term this slot adds to `host` (None when it adds nothing): the seed path."""
+        stage, seed = self.stage, self.seed
+        if seed is None or stage in _SILENT:
+            return None
+        if stage is SeedStage.TRAINING:
+            if not torch.is_grad_enabled():
+                return None  # evaluation: the seed adds exactly nothing, skip computing it
+            s = seed(host.detach())
+            return s - s.detach()  # zero in value; carries the loss gradient to the seed only
+        isolated = stage is not SeedStage.FOSSILIZED and self.isolation is IsolationMode.ISOLATED
+        x = host.detach() if isolated else host
+        return self._effective_alpha(x) * seed(x)
+
+    def _effective_alpha(self, x: torch.Tensor) -> torch.Tensor | float:
+        if self._forced_alpha is not None:
+            return self._forced_alpha
+        if self.gate is not None:
+            return self.gate(x) * self.alpha
+        return self.alpha
+
+    @contextlib.contextmanager
+    def forced_alpha(self, alpha: float) -> Iterator[None]:
+        """Run the block with alpha forced (0 = the counterfactual without this seed)."""
+        previous, self._forced_alpha = self._forced_alpha, alpha
+        try:
+            yield
+        finally:
+            self._forced_alpha = previous
+
+    def train(self, mode: bool = True) -> SeedSlot:
+        super().train(mode)
+        if self.stage is SeedStage.FOSSILIZED and self.seed is not None:
+            self.seed.eval()  # frozen: its BatchNorm statistics must not drift either
+        return self
+
+    # ------------------------------------------------------------ commands
+
+    def check(self, command: AdaptationCommand) -> str | None:
+        """Why this slot cannot apply `command`, or None when it can."""
+        if command.seed_id != 0:
+            return f"one seed per slot here: seed_id {command.seed_id} does not exist"
+        reason = self.lifecycle.check(command.op)
+        if reason is not None:
+            return f"{reason} (layer {self.layer_id}, {self.slot_name})"
+        if command.op is Op.GERMINATE:
+            return self._check_blueprint(command.blueprint)
+        if command.op is Op.SET_ALPHA_TARGET and command.alpha_target is None:
+            return "set_alpha_target needs alpha_target"
+        return None
+
+    def _check_blueprint(self, blueprint: Blueprint | None) -> str | None:
+        if blueprint is None:
+            return "germinate needs a blueprint"
+        if blueprint.family is not self.family:
+            return (
+                f"blueprint {blueprint.value} is {blueprint.family.value}-family; layer {self.layer_id} "
+                f"({self.slot_name}) takes {self.family.value} blueprints"
+            )
+        if blueprint not in self.registry:
+            return f"blueprint {blueprint.value} is not implemented by this host"
+        return None
+
+    def apply(self, command: AdaptationCommand, val_accuracy: float = 0.0) -> str | None:
+        """Apply `command` if it is legal here; returns the rejection reason, or None if applied.
+
+        `val_accuracy` is the host's latest validation accuracy: a germination remembers it
+        so that the seed's total improvement can be reported later.
+        """
+        reason = self.check(command)
+        if reason is not None:
+            return reason
+        op = command.op
+        if op is Op.GERMINATE:
+            self._germinate(command, val_accuracy)
+        elif op is Op.ADVANCE and self.stage is SeedStage.TRAINING:
+            self._start_blending()
+        elif op is Op.SET_ALPHA_TARGET:
+            assert self.schedule is not None and command.alpha_target is not None
+            self.schedule.set_target(command.alpha_target)
+            return None  # stays BLENDING
+        elif op is Op.FOSSILIZE:
+            self._fossilize()
+        elif op is Op.PRUNE:
+            self._prune()
+        self.lifecycle.apply(op)
+        return None
+
+    def _germinate(self, command: AdaptationCommand, val_accuracy: float) -> None:
+        assert command.blueprint is not None
+        self.blueprint = command.blueprint
+        self.seed = build_seed(command.blueprint, self.width, self.registry).to(self.device)
+        self.blend = command.blend or BlendAlgorithm.LINEAR
+        self.tempo = command.tempo or Tempo.STANDARD
+        self.steepness = command.steepness or 1.0
+        self.lr_multiplier = command.lr_multiplier or 1.0
+        default = IsolationMode.ISOLATED if self.family is BlueprintFamily.CNN else IsolationMode.SHARED
+        self.isolation = command.isolation or default
+        self.gate = Gate(self.width).to(self.device) if self.blend is BlendAlgorithm.GATED else None
+        self.schedule = None
+        self.accuracy_at_germination = val_accuracy
+        self.counterfactual = self.total_improvement = 0.0
+        self.train(self.training)
+
+    def _start_blending(self) -> None:
+        total = self.tempo.epochs * max(self.steps_per_epoch, 1)
+        self.schedule = BlendSchedule(self.blend, total, steepness=self.steepness)
+
+    def _fossilize(self) -> None:
+        for p in self.seed_parameters():
+            p.requires_grad_(False)
+
+    def _prune(self) -> None:
+        self.seed = self.gate = self.schedule = None
+        self.blueprint = None
+        self.counterfactual = self.total_improvement = 0.0
+
+    # ------------------------------------------------------------ time
+
+    def step(self) -> None:
+        """One optimizer step happened: move the blend on."""
+        if self.stage is SeedStage.BLENDING and self.schedule is not None:
+            self.schedule.advance()
+
+    def end_epoch(self, val_accuracy: float) -> SeedStage:
+        """The epoch ended: update the improvement, then take automatic transitions."""
+        if self.live:
+            self.total_improvement = val_accuracy - self.accuracy_at_germination
+        complete = self.schedule is not None and self.schedule.complete
+        stage = self.lifecycle.end_epoch(blend_complete=complete)
+        if stage is SeedStage.FOSSILIZED or stage is SeedStage.PROBATIONARY:
+            self.train(self.training)
+        return stage
+
+    def extra_repr(self) -> str:
+        bp = self.blueprint.value if self.blueprint else "-"
+        return f"layer={self.layer_id}, {self.slot_name}, stage={self.stage.value}, blueprint={bp}"

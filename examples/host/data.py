@@ -8,6 +8,7 @@ sequence   synthetic "majority token" classification: sequences of 12 tokens fro
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -65,8 +66,12 @@ def majority_sequences(
     return Split(tokens[:n_train], labels[:n_train], tokens[n_train:], labels[n_train:], classes=vocab)
 
 
+@functools.lru_cache(maxsize=4)
 def load_task(task: str) -> Split:
-    """The task's data. Fixed across run seeds, so runs differ only in init and batch order."""
+    """The task's data. Fixed across run seeds, so runs differ only in init and batch order.
+
+    Cached: runs in one process share the (never modified) tensors.
+    """
     if task == "digits":
         return digits()
     if task == "sequence":

@@ -1,0 +1,185 @@
+"""The reference host's training loop with an in-memory link: commands, acks, packets, optimizer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from contracts import (
+    AdaptationCommand,
+    BlendAlgorithm,
+    Blueprint,
+    HealthBatch,
+    HealthSignal,
+    Op,
+    SeedStage,
+    SystemStatePacket,
+    Tempo,
+    TopologyPacket,
+)
+from examples.host.__main__ import main as cli_main
+from examples.host.train import HostConfig, HostRun
+
+torch.set_num_threads(1)
+
+
+class MemoryLink:
+    """A Link that records what the loop sends and serves queued commands."""
+
+    def __init__(self, run_id: str = "r1") -> None:
+        self.run_id = run_id
+        self.dropped = 0
+        self.commands: asyncio.Queue[AdaptationCommand] = asyncio.Queue()
+        self.sent: list[object] = []
+        self.acks: list[tuple[str, bool, str]] = []
+
+    def send_topology(self, packet: TopologyPacket) -> None:
+        self.sent.append(packet)
+
+    def send_health(self, signals: list[HealthSignal] | HealthBatch) -> None:
+        self.sent.append(signals)
+
+    def send_state(self, packet: SystemStatePacket) -> None:
+        self.sent.append(packet)
+        for command in self.after_epoch.pop(packet.epoch, []):  # esperd "answering" the state packet
+            self.commands.put_nowait(command)
+
+    def ack(self, command: AdaptationCommand, applied: bool, reason: str = "") -> None:
+        self.acks.append((command.command_id, applied, reason))
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        return None
+
+    after_epoch: dict[int, list[AdaptationCommand]]
+
+    def of(self, kind: type) -> list:
+        return [m for m in self.sent if isinstance(m, kind)]
+
+
+def cmd(command_id: str, layer_id: int, op: Op, run_id: str = "r1", **fields: object) -> AdaptationCommand:
+    return AdaptationCommand(command_id=command_id, run_id=run_id, layer_id=layer_id, op=op, **fields)  # type: ignore[arg-type]
+
+
+GERMINATE = {"blueprint": Blueprint.CONV_LIGHT, "blend": BlendAlgorithm.LINEAR, "tempo": Tempo.FAST}
+
+
+def run_with(commands: dict[int, list[AdaptationCommand]], **config: object) -> tuple[HostRun, MemoryLink]:
+    link = MemoryLink()
+    link.after_epoch = commands
+    run = HostRun(HostConfig(**{"epochs": 3, "health_every": 4, **config}), link=link)  # type: ignore[arg-type]
+    asyncio.run(run.run())
+    return run, link
+
+
+def test_a_seed_goes_through_its_lifecycle_driven_by_commands() -> None:
+    run, link = run_with(
+        {
+            0: [cmd("g", 2, Op.GERMINATE, **GERMINATE)],
+            1: [cmd("a", 2, Op.ADVANCE)],
+            4: [cmd("a2", 2, Op.ADVANCE)],
+            5: [cmd("f", 2, Op.FOSSILIZE)],
+        },
+        epochs=7,
+        batch_size=128,
+    )
+    assert link.acks == [("g", True, ""), ("a", True, ""), ("a2", False, link.acks[2][2]), ("f", True, "")]
+    assert "advance is illegal from probationary" in link.acks[2][2]  # the blend completed on its own
+    slot_states = [next(s for s in report.seeds if s.layer_id == 2) for report in run.report.epochs]
+    stages = [state.stage for state in slot_states]
+    assert stages == [
+        SeedStage.DORMANT,  # germinated after epoch 0's state ...
+        SeedStage.TRAINING,  # ... trains from the next boundary (advanced after epoch 1)
+        SeedStage.BLENDING,
+        SeedStage.BLENDING,
+        SeedStage.PROBATIONARY,  # FAST tempo: 3 epochs of steps
+        SeedStage.PROBATIONARY,
+        SeedStage.FOSSILIZED,
+    ]
+    alphas = [state.alpha for state in slot_states]
+    assert 0.0 < alphas[2] < alphas[3] < 1.0 and alphas[4] == alphas[6] == 1.0
+
+
+def test_seed_parameters_enter_and_leave_the_optimizer() -> None:
+    run = HostRun(HostConfig(epochs=1), link=MemoryLink())
+    slot = run.model.layers[1].slot
+    assert slot is not None
+
+    def optimized() -> set[int]:
+        return {id(p) for group in run.optimizer.param_groups for p in group["params"]}
+
+    run.handle(cmd("g", 1, Op.GERMINATE, lr_multiplier=2.0, **GERMINATE))
+    seed_ids = {id(p) for p in slot.seed_parameters()}
+    assert seed_ids and not seed_ids & optimized()  # GERMINATED: not training yet
+    slot.end_epoch(0.5)
+    run._sync_optimizer()
+    assert seed_ids <= optimized()
+    group = next(g for g in run.optimizer.param_groups if id(g["params"][0]) in seed_ids)
+    assert group["base_lr"] == pytest.approx(2.0 * run.config.lr)
+    assert run.handle(cmd("p", 1, Op.PRUNE)) is None
+    assert not seed_ids & optimized() and slot.seed is None
+
+
+@pytest.mark.parametrize(
+    ("command", "needle"),
+    [
+        (cmd("x", 9, Op.GERMINATE, **GERMINATE), "unknown layer 9"),
+        (cmd("x", 3, Op.GERMINATE, **GERMINATE), "layer 3 (pool) has no seed slot"),
+        (cmd("x", 1, Op.GERMINATE, run_id="r2", **GERMINATE), "command for run r2"),
+        (cmd("x", 1, Op.ADVANCE), "advance is illegal from dormant"),
+        (cmd("x", 1, Op.GERMINATE, blueprint=Blueprint.MLP), "transformer-family"),
+        (cmd("x", 5, Op.GERMINATE, blueprint=Blueprint.DEPTHWISE), "cnn-family"),
+        (cmd("x", 1, Op.GERMINATE, blueprint=Blueprint.DILATED), "dilated is not implemented"),
+    ],
+)
+def test_rejections_are_acked_with_a_reason(command: AdaptationCommand, needle: str) -> None:
+    link = MemoryLink()
+    run = HostRun(HostConfig(epochs=1, blueprints=(Blueprint.CONV_LIGHT, Blueprint.MLP)), link=link)
+    before = run.model.total_param_count()
+    run.handle(command)
+    assert link.acks == [("x", False, link.acks[0][2])] and needle in link.acks[0][2]
+    assert run.model.total_param_count() == before
+    assert run.report.rejected == 1 and run.report.applied == 0
+
+
+def test_packets_topology_first_health_every_k_steps_state_per_epoch_done_last() -> None:
+    run, link = run_with({})
+    assert isinstance(link.sent[0], TopologyPacket)
+    states = link.of(SystemStatePacket)
+    assert [s.epoch for s in states] == [0, 1, 2] and [s.done for s in states] == [False, False, True]
+    assert all(0.0 < s.val_accuracy <= 1.0 and s.host_params == s.total_params > 0 for s in states)
+    steps = sum(e.steps for e in run.report.epochs)
+    assert len(link.of(HealthBatch)) == run.report.health_batches == -(-steps // 4)
+    assert all(len(batch.signals) == len(run.model.layers) for batch in link.of(HealthBatch))
+
+
+def test_commands_after_the_end_are_rejected_not_left_hanging() -> None:
+    _, link = run_with({2: [cmd("late", 1, Op.GERMINATE, **GERMINATE)]}, epochs=3)
+    assert link.acks == [("late", False, "the run has finished")]
+
+
+def test_instrumentation_does_not_change_the_training() -> None:
+    plain = asyncio.run(HostRun(HostConfig(epochs=2, telemetry=False)).run())
+    probed = run_with({}, epochs=2, health_every=1)[0].report  # hooks on every step
+    assert [e.train_loss for e in plain.epochs] == [e.train_loss for e in probed.epochs]
+    assert [e.val_accuracy for e in plain.epochs] == [e.val_accuracy for e in probed.epochs]
+
+
+def test_transformer_task_trains_and_takes_transformer_seeds() -> None:
+    run, link = run_with(
+        {0: [cmd("g", 2, Op.GERMINATE, blueprint=Blueprint.GATED_MLP, blend=BlendAlgorithm.GATED)]},
+        task="sequence",
+        epochs=2,
+    )
+    assert link.acks == [("g", True, "")]
+    assert run.report.final.val_accuracy > 0.5
+    assert next(s for s in run.report.final.seeds if s.layer_id == 2).stage is SeedStage.TRAINING
+
+
+def test_cli_no_esperd_prints_a_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["--no-esperd", "--epochs", "1", "--quiet", "--run", "solo"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["run"] == "solo" and summary["epochs"] == 1
+    assert 0.0 < summary["val_accuracy"] <= 1.0 and summary["host_params"] == summary["total_params"]

@@ -34,8 +34,14 @@ def packet(
     train_loss: float = 0.8,
 ) -> SystemStatePacket:
     return SystemStatePacket(
-        epoch=epoch, val_accuracy=acc, val_loss=val_loss, train_loss=train_loss, host_params=HOST,
-        total_params=HOST + added, seeds=seeds or [], done=done,
+        epoch=epoch,
+        val_accuracy=acc,
+        val_loss=val_loss,
+        train_loss=train_loss,
+        host_params=HOST,
+        total_params=HOST + added,
+        seeds=seeds or [],
+        done=done,
     )
 
 
@@ -114,7 +120,9 @@ def test_sparse_still_pays_rejections_and_governor() -> None:
 
 
 def test_shaping_is_gamma_phi_next_minus_phi() -> None:
-    config = RewardConfig(mode="shaped", gamma=0.9, shaping_weight=0.1, rent_weight=0.0, intervention_cost=0.0)
+    config = RewardConfig(
+        mode="shaped", gamma=0.9, shaping_weight=0.1, rent_weight=0.0, intervention_cost=0.0
+    )
     t = RewardTracker(config)
     before = [slot(1, S.TRAINING)]
     after = [slot(1, S.BLENDING)]
@@ -163,8 +171,14 @@ def test_intervention_cost_per_non_wait_op_in_shaped_mode_only() -> None:
 
 
 def _prune_after(age_epochs: int, *, confirmed: bool = True) -> RewardStep:
-    t = tracker(mode="shaped", min_prune_age=3, prune_young_penalty=0.4, shaping_weight=0.0,
-                intervention_cost=0.0, rent_weight=0.0)
+    t = tracker(
+        mode="shaped",
+        min_prune_age=3,
+        prune_young_penalty=0.4,
+        shaping_weight=0.0,
+        intervention_cost=0.0,
+        rent_weight=0.0,
+    )
     t.on_state(packet(0, seeds=[slot(1, S.DORMANT)]))
     for epoch in range(1, age_epochs + 2):  # the seed is live from epoch 1 on
         t.on_state(packet(epoch, seeds=[slot(1, S.TRAINING)]))

@@ -1,0 +1,261 @@
+"""SimEnv: a gym-style vector environment of simulated hosts, observed through the real Analyzer.
+
+Each run publishes real `contracts` packets (a TopologyPacket per episode, a HealthBatch and
+a SystemStatePacket per epoch) into an in-process `esperd.analyzer.Analyzer`, and the
+policy sees `Analyzer.observe(run_id)`: exactly the observations, masks and action space it
+sees in the daemon. Actions go through the lifecycle table; rewards come from
+`esperd.learn.rewards.RewardTracker` on the same state packets the daemon would record.
+
+    env = SimEnv(8, SimConfig(), seed=0)
+    obs = env.reset()
+    result = policy.act(obs)
+    obs, rewards, dones, infos = env.step(result)   # ActResult, [Decision], or [B, 5] action rows
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from contracts import BlendAlgorithm, Blueprint, Op, Tempo
+from esperd.analyzer import Analyzer, AnalyzerConfig, Observation
+from esperd.analyzer.observation import BLENDS, BLUEPRINTS, OPS, TEMPOS
+from esperd.learn.rewards import RewardTracker
+from esperd.sim.config import SimConfig
+from esperd.sim.dynamics import Command, HostBatch
+from esperd.sim.packets import health_batch, state_packet, telemetry, topology_packet
+
+
+class EpisodeResult(msgspec.Struct, kw_only=True):
+    """How one finished episode went (carried by the StepInfo of its last step)."""
+
+    run_id: str
+    architecture: str
+    episode_return: float
+    length: int
+    final_accuracy: float
+    host_params: int
+    total_params: int
+    added_params: int
+    germinated: int
+    fossilized: int
+    pruned: int
+    timeouts: int  # seeds the host pruned after too long on probation
+    spikes: int  # blends that destabilized training
+    rejected: int
+    commands: int
+
+
+class StepInfo(msgspec.Struct, kw_only=True):
+    """One env's step: the command tried and its outcome, the reward terms, the episode if it ended.
+
+    When `episode` is set the env was auto-reset: the observation returned for it belongs to
+    the new episode, and `final_observation` is the last one of the finished episode.
+    """
+
+    run_id: str
+    epoch: int
+    op: Op
+    layer_id: int | None
+    applied: bool
+    reason: str
+    terms: dict[str, float]
+    val_accuracy: float
+    total_params: int
+    episode: EpisodeResult | None = None
+    final_observation: Observation | None = None
+
+    @property
+    def rejected(self) -> bool:
+        return self.op is not Op.WAIT and not self.applied
+
+
+class SimEnv:
+    """`num_envs` simulated runs stepped together, one decision per run per epoch."""
+
+    def __init__(self, num_envs: int = 1, config: SimConfig | None = None, seed: int | None = None) -> None:
+        self.config = config or SimConfig()
+        self.num_envs = num_envs
+        self.hosts = HostBatch(num_envs, self.config, np.random.default_rng(seed))
+        self.analyzer = Analyzer(
+            AnalyzerConfig(
+                max_runs=max(1024, 2 * num_envs), max_nodes_per_run=max(4096, self.config.max_layers)
+            ),
+            clock=self._clock,
+        )
+        self.trackers = [RewardTracker(self.config.reward) for _ in range(num_envs)]
+        self.run_ids: list[str] = [""] * num_envs
+        self.observations: list[Observation] = []
+        self._time = 0.0
+
+    def _clock(self) -> float:
+        return self._time
+
+    # ------------------------------------------------------------ gym API
+
+    def reset(self) -> list[Observation]:
+        """Start a new episode in every env; their first observations."""
+        for run_id in self.run_ids:
+            if run_id:
+                self.analyzer.remove_run(run_id)
+        envs = np.arange(self.num_envs)
+        self.hosts.reset(envs)
+        self._time += self.config.epoch_seconds
+        self._begin(envs)
+        self.observations = [self.analyzer.observe(run_id) for run_id in self.run_ids]
+        return self.observations
+
+    def step(self, actions: Any) -> tuple[list[Observation], np.ndarray, np.ndarray, list[StepInfo]]:
+        """Apply one decision per env, run one epoch; (observations, rewards, dones, infos).
+
+        `actions`: an ActResult, a list of Decisions (run ids must match), or [num_envs, 5]
+        action rows (node, op, blueprint, blend, tempo indices; a tensor, array or list).
+        Finished envs are reset at once; see StepInfo for what they report.
+        """
+        if not self.observations:
+            raise RuntimeError("call reset() before step()")
+        commands = self._commands(actions)
+        outcomes = [self._apply(e, command) for e, command in enumerate(commands)]
+        hosts = self.hosts
+        hosts.advance()
+        self._time += self.config.epoch_seconds
+        tel = telemetry(hosts)
+        dones = hosts.done()
+        rewards = np.zeros(self.num_envs)
+        infos: list[StepInfo] = []
+        for e, run_id in enumerate(self.run_ids):
+            done = bool(dones[e])
+            self.analyzer.ingest_health(run_id, health_batch(hosts, tel, e, self._time))
+            state = state_packet(hosts, tel, e, self._time, done)
+            self.analyzer.ingest_state(run_id, state)
+            outcome = self.trackers[e].on_state(state)
+            rewards[e] = outcome.reward
+            command, (applied, reason) = commands[e], outcomes[e]
+            info = StepInfo(
+                run_id=run_id,
+                epoch=state.epoch,
+                op=command.op if command else Op.WAIT,
+                layer_id=command.layer_id if command else None,
+                applied=applied,
+                reason=reason,
+                terms=outcome.terms,
+                val_accuracy=state.val_accuracy,
+                total_params=state.total_params,
+            )
+            if done:
+                info.episode = self._episode_result(e, state.val_accuracy)
+                info.final_observation = self.analyzer.observe(run_id)
+                self.analyzer.remove_run(run_id)
+            infos.append(info)
+        finished = np.flatnonzero(dones)
+        if finished.size:
+            hosts.reset(finished)
+            self._begin(finished)
+        self.observations = [self.analyzer.observe(run_id) for run_id in self.run_ids]
+        return self.observations, rewards, dones.copy(), infos
+
+    def close(self) -> None:
+        for run_id in self.run_ids:
+            if run_id:
+                self.analyzer.remove_run(run_id)
+        self.observations = []
+
+    # ------------------------------------------------------------ helpers
+
+    def _begin(self, envs: np.ndarray) -> None:
+        """Publish a fresh episode's topology and epoch-0 packets for `envs` into the analyzer."""
+        hosts, now = self.hosts, self._time
+        tel = telemetry(hosts)
+        for e in envs.tolist():
+            run_id = f"{self.config.run_prefix}-{e}-{int(hosts.episode[e])}"
+            self.run_ids[e] = run_id
+            self.analyzer.ingest_topology(run_id, topology_packet(hosts, e, now))
+            self.analyzer.ingest_health(run_id, health_batch(hosts, tel, e, now))
+            state = state_packet(hosts, tel, e, now, done=False)
+            self.analyzer.ingest_state(run_id, state)
+            tracker = self.trackers[e]
+            tracker.reset()
+            tracker.on_state(state)  # the baseline: no reward yet
+
+    def _apply(self, e: int, command: Command | None) -> tuple[bool, str]:
+        tracker = self.trackers[e]
+        if command is None or command.op is Op.WAIT:
+            tracker.note_action(Op.WAIT)
+            return True, ""
+        applied, reason = self.hosts.apply(e, command)
+        tracker.note_action(command.op, command.layer_id, rejected=not applied)
+        return applied, reason
+
+    def _commands(self, actions: Any) -> list[Command | None]:
+        decisions = getattr(actions, "decisions", actions)
+        if isinstance(decisions, Sequence) and decisions and _is_decision(decisions[0]):
+            return self._from_decisions(decisions)
+        rows = actions.tolist() if hasattr(actions, "tolist") else [_row(a) for a in actions]
+        if len(rows) != self.num_envs:
+            raise ValueError(f"expected {self.num_envs} actions, got {len(rows)}")
+        return [self._from_row(obs, row) for obs, row in zip(self.observations, rows, strict=True)]
+
+    def _from_decisions(self, decisions: Sequence[Any]) -> list[Command | None]:
+        if len(decisions) != self.num_envs:
+            raise ValueError(f"expected {self.num_envs} decisions, got {len(decisions)}")
+        commands: list[Command | None] = []
+        for run_id, d in zip(self.run_ids, decisions, strict=True):
+            if d.run_id != run_id:
+                raise ValueError(f"decision for run {d.run_id!r} given where run {run_id!r} is current")
+            commands.append(_command(d.layer_id, d.op, d.blueprint, d.blend, d.tempo))
+        return commands
+
+    @staticmethod
+    def _from_row(obs: Observation, row: Sequence[int]) -> Command | None:
+        node, op, bp, blend, tempo = (int(x) for x in row)
+        if not 0 <= op < len(OPS):
+            raise ValueError(f"op index {op} is outside [0, {len(OPS)})")
+        if OPS[op] is Op.WAIT:
+            return None
+        layer = int(obs.layer_ids[node]) if 0 <= node < obs.num_nodes else -1  # -1: the host rejects it
+        germinate = OPS[op] is Op.GERMINATE
+        return _command(
+            layer,
+            OPS[op],
+            BLUEPRINTS[bp] if germinate else None,
+            BLENDS[blend] if germinate else None,
+            TEMPOS[tempo] if germinate else None,
+        )
+
+    def _episode_result(self, e: int, final_accuracy: float) -> EpisodeResult:
+        hosts, tracker = self.hosts, self.trackers[e]
+        counts = {name: int(values[e]) for name, values in hosts.counts.items()}
+        added = int(hosts.added_params()[e])
+        return EpisodeResult(
+            run_id=self.run_ids[e],
+            architecture=hosts.arch[e],
+            episode_return=tracker.episode_return,
+            length=tracker.steps,
+            final_accuracy=final_accuracy,
+            host_params=int(hosts.host_params[e]),
+            total_params=int(hosts.host_params[e]) + added,
+            added_params=added,
+            **counts,
+        )
+
+
+def _is_decision(item: object) -> bool:
+    return hasattr(item, "run_id") and hasattr(item, "layer_id") and hasattr(item, "op")
+
+
+def _row(action: Any) -> list[int]:
+    return action.as_list() if hasattr(action, "as_list") else [int(x) for x in action]
+
+
+def _command(
+    layer: int, op: Op, blueprint: Blueprint | None, blend: BlendAlgorithm | None, tempo: Tempo | None
+) -> Command | None:
+    if op is Op.WAIT:
+        return None
+    # The daemon sends SET_ALPHA_TARGET as "finish the blend now" (alpha_target 1.0).
+    return Command(
+        layer, op, blueprint, blend, tempo, alpha_target=1.0 if op is Op.SET_ALPHA_TARGET else None
+    )

@@ -1,0 +1,173 @@
+"""Reference policies for the simulator (numpy only): baselines to compare learned policies with.
+
+  RandomPolicy    uniform over the legal actions of each observation (WAIT counted once).
+  WaitPolicy      never acts: the host trains alone.
+  ScriptedPolicy  hand-written rules that use telemetry the heuristic ignores (dead units,
+                  seed gradient ratio) and better levers; it shows the heuristic is beatable
+                  from observations alone.
+
+Each has `act(observations) -> int64 [B, 5]` action rows, which `SimEnv.step` accepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from contracts import BlendAlgorithm, Blueprint, Op, SeedStage, Tempo
+from esperd.analyzer.observation import (
+    BLEND_INDEX,
+    BLENDS,
+    BLUEPRINT_INDEX,
+    NODE_FEATURE_INDEX,
+    OP_INDEX,
+    STAGE_INDEX,
+    TEMPO_INDEX,
+    TEMPOS,
+    Observation,
+)
+
+_WAIT = OP_INDEX[Op.WAIT]
+_GERMINATE = OP_INDEX[Op.GERMINATE]
+_N = NODE_FEATURE_INDEX
+_EPOCHS_IN_STAGE_SCALE = 12.0  # observation.NODE_FEATURES: epochs_in_stage is / 12
+
+
+class RandomPolicy:
+    """Uniform over each observation's legal actions: WAIT, or any legal (node, op) pair; levers uniform."""
+
+    name = "random"
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, observations: Sequence[Observation], deterministic: bool = False) -> np.ndarray:
+        rows = np.zeros((len(observations), 5), dtype=np.int64)
+        for i, obs in enumerate(observations):
+            rows[i] = self._one(obs)
+        return rows
+
+    def _one(self, obs: Observation) -> list[int]:
+        mask = obs.op_mask.copy()
+        mask[:, _WAIT] = False
+        nodes, ops = np.nonzero(mask)
+        choice = int(self.rng.integers(nodes.size + 1))
+        if choice == nodes.size:  # the one WAIT action
+            return [0, _WAIT, 0, 0, 0]
+        node, op = int(nodes[choice]), int(ops[choice])
+        if op != _GERMINATE:
+            return [node, op, 0, 0, 0]
+        blueprints = np.flatnonzero(obs.blueprint_mask[node])
+        return [
+            node,
+            op,
+            int(self.rng.choice(blueprints)),
+            int(self.rng.integers(len(BLENDS))),
+            int(self.rng.integers(len(TEMPOS))),
+        ]
+
+    def forget(self, run_ids: Sequence[str]) -> None:
+        del run_ids
+
+
+class WaitPolicy:
+    """Never acts."""
+
+    name = "wait"
+
+    def act(self, observations: Sequence[Observation], deterministic: bool = False) -> np.ndarray:
+        rows = np.zeros((len(observations), 5), dtype=np.int64)
+        rows[:, 1] = _WAIT
+        return rows
+
+    def forget(self, run_ids: Sequence[str]) -> None:
+        del run_ids
+
+
+_S = STAGE_INDEX
+_CNN_BLUEPRINT = BLUEPRINT_INDEX[Blueprint.DEPTHWISE]
+_TF_BLUEPRINT = BLUEPRINT_INDEX[Blueprint.LORA]
+
+
+class ScriptedPolicy:
+    """Rules from observations only, better than the heuristic in the simulator.
+
+    Germinates as soon as a layer shows the signature of lost capacity (many dead units,
+    unhealthy) rather than waiting for training to stabilize, several seeds at once; uses
+    small, well-fitting blueprints (depthwise for conv, LoRA for transformer layers) with a
+    sigmoid blend at standard tempo; prunes a training seed whose gradient ratio says it is
+    not learning; fossilizes on positive counterfactual, else prunes; stops starting seeds
+    when too few epochs remain for them to pay off.
+    """
+
+    name = "scripted"
+
+    def __init__(
+        self,
+        *,
+        max_active: int = 3,
+        dead_threshold: float = 0.15,
+        health_threshold: float = 0.65,
+        train_epochs: int = 2,
+        min_seed_ratio: float = 0.2,
+        episode_epochs: int = 40,
+        last_germination: int = 12,  # epochs before the end after which no seed starts
+    ) -> None:
+        self.max_active = max_active
+        self.dead_threshold = dead_threshold
+        self.health_threshold = health_threshold
+        self.train_epochs = train_epochs
+        self.min_seed_ratio = min_seed_ratio
+        self.episode_epochs = episode_epochs
+        self.last_germination = last_germination
+
+    def act(self, observations: Sequence[Observation], deterministic: bool = False) -> np.ndarray:
+        return np.array([self._one(obs) for obs in observations], dtype=np.int64).reshape(-1, 5)
+
+    def forget(self, run_ids: Sequence[str]) -> None:
+        del run_ids
+
+    def _one(self, obs: Observation) -> list[int]:
+        f, stages = obs.node_features, obs.stages
+        eis = np.rint(f[:, _N["epochs_in_stage"]] * _EPOCHS_IN_STAGE_SCALE)
+        legal = obs.op_mask
+        for node in np.flatnonzero(stages == _S[SeedStage.PROBATIONARY]):
+            good = f[node, _N["counterfactual"]] > 0.0 and f[node, _N["total_improvement"]] > 0.0
+            op = Op.FOSSILIZE if good else Op.PRUNE
+            if legal[node, OP_INDEX[op]]:
+                return [int(node), OP_INDEX[op], 0, 0, 0]
+        for node in np.flatnonzero(stages == _S[SeedStage.TRAINING]):
+            if eis[node] < self.train_epochs:
+                continue
+            op = Op.ADVANCE if f[node, _N["seed_gradient_ratio"]] >= self.min_seed_ratio else Op.PRUNE
+            if legal[node, OP_INDEX[op]]:
+                return [int(node), OP_INDEX[op], 0, 0, 0]
+        active = int(
+            np.isin(
+                stages,
+                [
+                    _S[s]
+                    for s in (
+                        SeedStage.GERMINATED,
+                        SeedStage.TRAINING,
+                        SeedStage.BLENDING,
+                        SeedStage.PROBATIONARY,
+                    )
+                ],
+            ).sum()
+        )
+        if active >= self.max_active or obs.epoch > self.episode_epochs - self.last_germination:
+            return [0, _WAIT, 0, 0, 0]
+        lost = (
+            (f[:, _N["dead_neuron_ratio"]] > self.dead_threshold)
+            & (f[:, _N["health"]] < self.health_threshold)
+            & legal[:, _GERMINATE]
+        )
+        if not lost.any():
+            return [0, _WAIT, 0, 0, 0]
+        node = int(np.flatnonzero(lost)[np.argmax(f[lost, _N["dead_neuron_ratio"]])])
+        blueprint = _CNN_BLUEPRINT if f[node, _N["family_cnn"]] >= 0.5 else _TF_BLUEPRINT
+        if not obs.blueprint_mask[node, blueprint]:
+            return [0, _WAIT, 0, 0, 0]
+        return [node, _GERMINATE, blueprint, BLEND_INDEX[BlendAlgorithm.SIGMOID], TEMPO_INDEX[Tempo.STANDARD]]

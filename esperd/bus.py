@@ -125,6 +125,9 @@ class Bus:
                 pending_bytes_limit=self.config.max_pending_bytes,
             )
             self._subs.append(sub)
+        # Twice: nats-py can send the PING ahead of buffered SUBs, so one flush may return
+        # before the server has them, and READY would come before the subscriptions are live.
+        await nc.flush()
         await nc.flush()
 
     async def unsubscribe_inbound(self) -> None:

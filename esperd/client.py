@@ -69,6 +69,9 @@ class HostClient:
         self._on_command = on_command
         self._sub = await self.nc.subscribe(self._subject(Channel.COMMAND), cb=self._receive)
         self._pump = asyncio.create_task(self._drain_outbox(), name=f"host-{self.run_id}-pump")
+        # Twice: nats-py writes the PING straight to the socket while the SUB may still sit
+        # in its buffer, so one flush can return before the server knows the subscription.
+        await self.nc.flush()
         await self.nc.flush()
 
     # ------------------------------------------------------------- publishing

@@ -48,7 +48,7 @@ class TlsConfig(_Section):
 class NatsConfig(_Section):
     """How to reach NATS, or run an embedded server."""
 
-    servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    servers: Annotated[tuple[str, ...], Meta(min_length=1)] = ("nats://127.0.0.1:4222",)
     embedded: bool = False
     embedded_host: str = "127.0.0.1"
     embedded_port: Port = 4222

@@ -74,6 +74,8 @@ class NatsServer:
         """Start the process and wait until its port answers with the NATS INFO line."""
         if self.running:
             return
+        if _answers_info(self.host, self.port):
+            raise NatsServerError(f"{self.url} is already served by another process")
         args = [find_nats_server(), "-a", self.host, "-p", str(self.port)]
         if self.store_dir is not None:
             self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -86,11 +88,14 @@ class NatsServer:
             conf = work / "nats-server.conf"
             conf.write_text(self.config_text, encoding="utf-8")
             args += ["-c", str(conf)]
-        log_target = subprocess.DEVNULL
         if work is not None:
             work.mkdir(parents=True, exist_ok=True)
             self._log = work / "nats-server.log"
-            log_target = self._log.open("ab")  # type: ignore[assignment]
+        with (self._log.open("ab") if self._log else open(os.devnull, "wb")) as log_target:
+            self._spawn(args, log_target)  # the child keeps its own copy of the handle
+        self._wait_ready(timeout)
+
+    def _spawn(self, args: list[str], log_target: object) -> None:
         # Own process group: a Ctrl-C to our terminal must not kill the broker before we
         # drain it. The parent-death signal still takes it down if we are SIGKILLed
         # (it fires when the *thread* that started it ends: call start() from the main thread).
@@ -101,7 +106,6 @@ class NatsServer:
             process_group=0,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
-        self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

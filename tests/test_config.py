@@ -48,7 +48,7 @@ def test_example_config_loads_with_embedded_broker() -> None:
     config = load_config(EXAMPLE, env={})
     assert isinstance(config, Config)
     assert config.nats.embedded is True
-    assert config.nats.servers == ["nats://127.0.0.1:4222"]
+    assert config.nats.servers == ("nats://127.0.0.1:4222",)
     assert config.nats.embedded_host == "127.0.0.1"
     assert config.nats.embedded_port == 4222
 
@@ -139,7 +139,7 @@ def test_example_values_are_the_defaults_except_embedded() -> None:
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, ""), env={})
     assert config == Config()
-    assert config.nats.servers == ["nats://127.0.0.1:4222"]
+    assert config.nats.servers == ("nats://127.0.0.1:4222",)
     assert config.nats.embedded is False
     assert config.nats.subject_prefix == "esper"
     assert config.nats.tls == TlsConfig()
@@ -285,12 +285,12 @@ def test_config_error_is_a_value_error() -> None:
 
 def test_env_nats_url_is_a_comma_separated_list() -> None:
     config = load_config(None, env={"ESPERD_NATS_URL": " nats://a:4222, nats://b:4223 ,,tls://c:4443"})
-    assert config.nats.servers == ["nats://a:4222", "nats://b:4223", "tls://c:4443"]
+    assert config.nats.servers == ("nats://a:4222", "nats://b:4223", "tls://c:4443",)
 
 
 def test_env_single_url() -> None:
     config = load_config(None, env={"ESPERD_NATS_URL": "nats://only:1"})
-    assert config.nats.servers == ["nats://only:1"]
+    assert config.nats.servers == ("nats://only:1",)
 
 
 def test_env_credentials_and_state_dir(tmp_path: Path) -> None:
@@ -339,7 +339,7 @@ def test_env_overrides_the_file(tmp_path: Path) -> None:
             "ESPERD_STATE_DIR": "/from/env",
         },
     )
-    assert config.nats.servers == ["nats://env:2"]
+    assert config.nats.servers == ("nats://env:2",)
     assert config.nats.user == "env-user"
     assert config.service.state_dir == "/from/env"
 
@@ -361,3 +361,9 @@ def test_env_override_into_a_non_table_section_is_a_config_error(tmp_path: Path)
     # `nats = 5` is a bad value; with ESPERD_NATS_URL set it must still be reported as one.
     message = error_of(tmp_path, "nats = 5\n", env={"ESPERD_NATS_URL": "nats://a:1"})
     assert "`nats`" in message
+
+
+def test_servers_default_is_immutable_and_never_empty() -> None:
+    assert isinstance(Config().nats.servers, tuple)
+    with pytest.raises(ConfigError, match="nats.servers"):
+        config_from_dict({"nats": {"servers": []}})

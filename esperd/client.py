@@ -45,7 +45,8 @@ class HostClient:
         self.run_id = run_id
         self.prefix = prefix
         self.codec = Codec()
-        self.dropped = 0
+        self.dropped = 0  # outgoing messages lost (buffer full, broker away)
+        self.dropped_commands = 0  # incoming commands that found the queue full
         self.published = 0
         self.bad_commands = 0
         self.commands: asyncio.Queue[AdaptationCommand] = asyncio.Queue(maxsize=buffer)
@@ -143,4 +144,4 @@ class HostClient:
         elif not self.commands.full():
             self.commands.put_nowait(command)
         else:
-            self.dropped += 1
+            self.dropped_commands += 1

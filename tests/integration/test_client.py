@@ -324,11 +324,12 @@ async def test_command_queue_is_bounded(nats_server: NatsServer, nats_client: Cl
         for i in range(3):
             await nats_client.publish("esper.host-full.command", CODEC.encode(command("host-full", f"q-{i}")))
         await nats_client.flush()
-        await until(lambda: client.dropped >= 1)
+        await until(lambda: client.dropped_commands >= 1)
     finally:
         await client.close()
     assert client.commands.qsize() == 2
-    assert client.dropped == 1
+    assert client.dropped_commands == 1
+    assert client.dropped == 0
 
 
 # ------------------------------------------------------------------ the bounded outbox

@@ -14,23 +14,9 @@ import contextlib
 import signal
 import sys
 
-from contracts import DEFAULT_PREFIX, AdaptationCommand
+from contracts import DEFAULT_PREFIX
 from esperd.sim.config import SimConfig
-from esperd.sim.host import SimHosts
-
-
-def describe_command(run_id: str, command: AdaptationCommand, applied: bool, reason: str) -> str:
-    """One line per command, as the demo and this CLI print them."""
-    levers = ""
-    if command.blueprint is not None:
-        blend = command.blend.value if command.blend else "-"
-        tempo = command.tempo.value if command.tempo else "-"
-        levers = f" {command.blueprint.value} ({blend}, {tempo})"
-    outcome = "applied" if applied else f"REJECTED: {reason}"
-    return (
-        f"  {run_id}: {command.op.value:<16} layer {command.layer_id:<3}{levers}  "
-        f"[{command.policy} v{command.policy_version}, confidence {command.confidence:.2f}] -> {outcome}"
-    )
+from esperd.sim.host import SimHosts, describe_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -160,3 +160,17 @@ class SimHosts:
         stats.by_op[command.op.value] = stats.by_op.get(command.op.value, 0) + 1
         if self.on_command is not None:
             self.on_command(self.run_ids[e], command, applied, reason)
+
+
+def describe_command(run_id: str, command: AdaptationCommand, applied: bool, reason: str) -> str:
+    """One line per command received, as `python -m esperd.sim` and the quick-start demo print them."""
+    levers = ""
+    if command.blueprint is not None:
+        blend = command.blend.value if command.blend else "-"
+        tempo = command.tempo.value if command.tempo else "-"
+        levers = f" {command.blueprint.value} ({blend}, {tempo})"
+    outcome = "applied" if applied else f"REJECTED: {reason}"
+    return (
+        f"  {run_id}: {command.op.value:<16} layer {command.layer_id:<3}{levers}  "
+        f"[{command.policy} v{command.policy_version}, confidence {command.confidence:.2f}] -> {outcome}"
+    )

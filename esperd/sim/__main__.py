@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="subject prefix")
-    parser.add_argument("--run-prefix", default="sim", help="run ids are <run-prefix>-<i>-<episode>")
+    parser.add_argument(
+        "--run-prefix", default="sim", help="run ids are <run-prefix>-<session>-<i>-<episode>"
+    )
     parser.add_argument("--quiet", action="store_true", help="do not print each command")
     return parser.parse_args(argv)
 
@@ -62,7 +64,8 @@ async def main_async(args: argparse.Namespace) -> int:
     stats = await hosts.run(stop)
     print(
         f"epochs {stats.epochs}, episodes finished {stats.episodes_finished}, commands {stats.commands} "
-        f"(applied {stats.applied}, rejected {stats.rejected}) by op {stats.by_op}",
+        f"(applied {stats.applied}, rejected {stats.rejected}) by op {stats.by_op}, "
+        f"connection errors {stats.connection_errors}",
         flush=True,
     )
     return 0

@@ -5,7 +5,9 @@ One `HostClient` per run (its own connection, as separate training jobs would ha
 SystemStatePacket; a run's first epoch is preceded by its TopologyPacket. Commands are applied
 as they arrive, through the same dynamics and lifecycle table as the in-process SimEnv, and
 acked applied or rejected (with the reason). A finished run (`done`) is followed by a new
-episode under a new run id (`<prefix>-<i>-<episode>`), since esperd closes a run on `done`.
+episode under a new run id, since esperd closes a run on `done`: run ids are
+`<run_prefix>-<session>-<i>-<episode>`, where the session token differs per SimHosts, so a
+restarted simulator is not mistaken for runs esperd already saw finish.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import time
+import uuid
 from collections.abc import Callable
 
 import msgspec
@@ -40,6 +43,7 @@ class HostStats(msgspec.Struct, kw_only=True):
     rejected: int = 0
     by_op: dict[str, int] = msgspec.field(default_factory=dict)
     foreign: int = 0  # commands addressed to another run id (ignored, not acked)
+    connection_errors: int = 0  # e.g. refused while the broker starts; the client retries
     final_accuracies: list[float] = msgspec.field(default_factory=list)
 
 
@@ -57,6 +61,7 @@ class SimHosts:
         episodes: int = 0,
         prefix: str = DEFAULT_PREFIX,
         on_command: CommandObserver | None = None,
+        session: str | None = None,
     ) -> None:
         self.url = url
         self.config = config or SimConfig()
@@ -68,6 +73,8 @@ class SimHosts:
         self.stats = HostStats()
         self.clients: list[HostClient | None] = [None] * runs
         self.run_ids = [""] * runs
+        # None: a fresh random token; "": none (run ids <run_prefix>-<i>-<episode>, as SimEnv names them).
+        self.session = uuid.uuid4().hex[:6] if session is None else session
         self._episodes_started = collections.Counter[int]()
 
     async def run(self, stop: asyncio.Event | None = None, max_epochs: int = 0) -> HostStats:
@@ -94,8 +101,11 @@ class SimHosts:
     async def _begin(self, e: int) -> None:
         """Connect run `e`'s client for a new episode and publish its topology and epoch 0."""
         hosts = self.hosts
-        run_id = f"{self.config.run_prefix}-{e}-{int(hosts.episode[e])}"
-        nc = await nats.connect(self.url, max_reconnect_attempts=-1, name=f"esperd-sim-{run_id}")
+        session = f"{self.session}-" if self.session else ""
+        run_id = f"{self.config.run_prefix}-{session}{e}-{int(hosts.episode[e])}"
+        nc = await nats.connect(
+            self.url, max_reconnect_attempts=-1, name=f"esperd-sim-{run_id}", error_cb=self._connection_error
+        )
         client = HostClient(nc, run_id, prefix=self.prefix)
         await client.start(on_command=lambda command, e=e: self._on_command(e, command))
         self.clients[e], self.run_ids[e] = client, run_id
@@ -133,6 +143,10 @@ class SimHosts:
             if not self.episodes or self._episodes_started[e] < self.episodes:
                 hosts.reset([e])
                 await self._begin(e)
+
+    async def _connection_error(self, exc: Exception) -> None:
+        del exc  # counted, not printed: nats-py retries by itself
+        self.stats.connection_errors += 1
 
     # ------------------------------------------------------------ commands
 

@@ -36,6 +36,7 @@ async def test_sim_hosts_receive_and_ack_commands(
             seed=1,
             epoch_s=0.1,
             episodes=1,
+            session="",  # run ids sim-<i>-<episode>, as in SimEnv
             on_command=lambda run, command, applied, reason: seen.append((run, command.op.value, applied)),
         )
         stats = await asyncio.wait_for(hosts.run(), timeout=30)

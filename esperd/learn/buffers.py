@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -125,9 +125,15 @@ class RolloutBuffer:
         return len(self._items)
 
     def stats(self) -> RolloutStats:
-        return RolloutStats(size=len(self._items), capacity=self.capacity, min_version=self.min_version,
-                            added=self.added, dropped_stale=self.dropped_stale,
-                            dropped_overflow=self.dropped_overflow, drained=self.drained)
+        return RolloutStats(
+            size=len(self._items),
+            capacity=self.capacity,
+            min_version=self.min_version,
+            added=self.added,
+            dropped_stale=self.dropped_stale,
+            dropped_overflow=self.dropped_overflow,
+            drained=self.drained,
+        )
 
     def save(self, path: str | os.PathLike[str]) -> int:
         """Write the held transitions to `path` (atomic); returns the file size."""
@@ -155,6 +161,9 @@ class SampledBatch(msgspec.Struct, kw_only=True):
     indices: np.ndarray  # int64 [B] buffer slots, for update_priorities
     weights: np.ndarray  # float32 [B] importance weights, max 1 (all 1 when uniform)
     beta: float
+    stamps: (
+        np.ndarray
+    )  # int64 [B] when each slot was filled: pass to update_priorities to skip overwritten ones
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter((self.transitions, self.indices, self.weights))
@@ -168,6 +177,7 @@ class SampledSequences(msgspec.Struct, kw_only=True):
     slots: np.ndarray  # int64 [length, B] slots, time-major, -1 past a sequence's end
     weights: np.ndarray  # float32 [B], importance weights of the first steps
     beta: float
+    stamps: np.ndarray  # int64 [B] fill stamps of the first steps (see SampledBatch)
 
 
 class ReplayStats(msgspec.Struct, kw_only=True):
@@ -226,8 +236,13 @@ class ReplayBuffer:
         # Raw priorities p_i (not alpha-scaled), for save and for changing alpha on load.
         self._priority = np.zeros(self.capacity, dtype=np.float64)
         self._tree = SumTree(self.capacity)
-        self._next = np.full(self.capacity, -1, dtype=np.int64)
-        self._prev = np.full(self.capacity, -1, dtype=np.int64)
+        # Successor / predecessor slot of the same run, -1 for none. Python lists: the add path
+        # touches single items, where a list is 3x faster than numpy.
+        self._next: list[int] = [-1] * self.capacity
+        self._prev: list[int] = [-1] * self.capacity
+        # The `added` count when each slot was filled: tells a late priority update for an
+        # overwritten slot (the learner trains between sample and update) from a current one.
+        self._stamp = np.full(self.capacity, -1, dtype=np.int64)
         self._tail: dict[str, int] = {}  # run -> slot of its newest transition still awaiting a successor
         self._pos = 0
         self._size = 0
@@ -257,6 +272,7 @@ class ReplayBuffer:
             self._unlink(slot, old)
             self.overwritten += 1
         self._items[slot] = t
+        self._stamp[slot] = self.added
         self._priority[slot] = priority
         self._tree.set(slot, priority**self.alpha)
         run = t.obs.run_id
@@ -276,7 +292,7 @@ class ReplayBuffer:
         return slot
 
     def _unlink(self, slot: int, old: Transition) -> None:
-        p, n = int(self._prev[slot]), int(self._next[slot])
+        p, n = self._prev[slot], self._next[slot]
         if p >= 0:
             self._next[p] = -1
             self._prev[slot] = -1
@@ -300,9 +316,18 @@ class ReplayBuffer:
             indices, weights, beta = self._sample_indices(batch, rng)
             items = self._items
             transitions = [items[i] for i in indices.tolist()]
-        return SampledBatch(transitions=transitions, indices=indices, weights=weights, beta=beta)  # type: ignore[arg-type]
+            stamps = self._stamp[indices]
+        return SampledBatch(
+            transitions=transitions,
+            indices=indices,
+            weights=weights,
+            beta=beta,  # type: ignore[arg-type]
+            stamps=stamps,
+        )
 
-    def sample_sequences(self, batch: int, length: int, rng: np.random.Generator | None = None) -> SampledSequences:
+    def sample_sequences(
+        self, batch: int, length: int, rng: np.random.Generator | None = None
+    ) -> SampledSequences:
         """`batch` unrolls of up to `length` consecutive steps of one run, starts drawn as in `sample`.
 
         A sequence stops early at an episode's end or where its successor is not (or no longer)
@@ -313,17 +338,31 @@ class ReplayBuffer:
             indices, weights, beta = self._sample_indices(batch, rng)
             slots = np.full((length, batch), -1, dtype=np.int64)
             slots[0] = indices
-            cur = indices
-            for t in range(1, length):
-                cur = np.where(cur >= 0, self._next[np.maximum(cur, 0)], -1)
-                slots[t] = cur
-            items = self._items
-            columns = slots.T.tolist()
-            sequences = [[items[s] for s in col if s >= 0] for col in columns]
-        return SampledSequences(sequences=sequences, indices=indices, slots=slots, weights=weights,  # type: ignore[arg-type]
-                                beta=beta)
+            nxt, items = self._next, self._items
+            sequences = []
+            for b, start in enumerate(indices.tolist()):
+                seq = [items[start]]
+                cur = start
+                for t in range(1, length):
+                    cur = nxt[cur]
+                    if cur < 0:
+                        break
+                    slots[t, b] = cur
+                    seq.append(items[cur])
+                sequences.append(seq)
+            stamps = self._stamp[indices]
+        return SampledSequences(
+            sequences=sequences,
+            indices=indices,
+            slots=slots,
+            weights=weights,  # type: ignore[arg-type]
+            beta=beta,
+            stamps=stamps,
+        )
 
-    def _sample_indices(self, batch: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, float]:
+    def _sample_indices(
+        self, batch: int, rng: np.random.Generator | None
+    ) -> tuple[np.ndarray, np.ndarray, float]:
         if batch < 1:
             raise ValueError("batch must be >= 1")
         size = self._size
@@ -345,20 +384,29 @@ class ReplayBuffer:
         weights /= weights.max()
         return indices, weights.astype(np.float32), beta
 
-    def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
-        """Set p_i = |td_i| + eps for the sampled slots (non-finite errors count as the max priority)."""
+    def update_priorities(
+        self, indices: np.ndarray, td_errors: np.ndarray | Sequence[float], stamps: np.ndarray | None = None
+    ) -> int:
+        """Set p_i = |td_i| + eps for the sampled slots (non-finite errors count as the max priority).
+
+        With the sample's `stamps`, slots overwritten since the sample are skipped (their
+        transition is gone); returns how many priorities were set."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        td = np.abs(np.asarray(td_errors, dtype=np.float64).reshape(-1))
+        td = np.abs(_numpy(td_errors).astype(np.float64).reshape(-1))
         if idx.shape != td.shape:
             raise ValueError("one td error per index")
         with self._lock:
             if idx.size and (idx.min() < 0 or idx.max() >= self._size):
                 raise IndexError("priority index out of range of the stored transitions")
+            if stamps is not None:
+                current = self._stamp[idx] == np.asarray(stamps, dtype=np.int64).reshape(-1)
+                idx, td = idx[current], td[current]
             p = np.where(np.isfinite(td), td + self.eps, self.max_priority)
             self._priority[idx] = p
             self._tree.update(idx, p**self.alpha)
             if p.size:
                 self.max_priority = max(self.max_priority, float(p.max()))
+            return int(idx.size)
 
     # ------------------------------------------------------------ access
 
@@ -374,7 +422,7 @@ class ReplayBuffer:
 
     def successor(self, slot: int) -> int:
         """The slot of the stored transition that follows `slot` in its run, or -1."""
-        return int(self._next[slot])
+        return self._next[slot]
 
     def priorities(self) -> np.ndarray:
         """Raw priorities of the stored slots (a copy)."""
@@ -401,17 +449,25 @@ class ReplayBuffer:
         self._items = [None] * self.capacity
         self._priority.fill(0.0)
         self._tree.clear()
-        self._next.fill(-1)
-        self._prev.fill(-1)
+        self._stamp.fill(-1)
+        self._next = [-1] * self.capacity
+        self._prev = [-1] * self.capacity
         self._tail.clear()
         self._pos = self._size = 0
         self.max_priority = 1.0
 
     def stats(self) -> ReplayStats:
-        return ReplayStats(size=self._size, capacity=self.capacity, prioritized=self.prioritized,
-                           added=self.added, overwritten=self.overwritten, samples=self.sample_steps,
-                           beta=round(self.beta, 6), max_priority=self.max_priority,
-                           priority_total=self._tree.total)
+        return ReplayStats(
+            size=self._size,
+            capacity=self.capacity,
+            prioritized=self.prioritized,
+            added=self.added,
+            overwritten=self.overwritten,
+            samples=self.sample_steps,
+            beta=round(self.beta, 6),
+            max_priority=self.max_priority,
+            priority_total=self._tree.total,
+        )
 
     # ------------------------------------------------------------ persistence
 
@@ -419,9 +475,15 @@ class ReplayBuffer:
         """Write the stored transitions (oldest first) and their priorities to `path` atomically."""
         with self._lock:
             items, priorities = self._ordered()
-            state = {"capacity": self.capacity, "prioritized": self.prioritized, "alpha": self.alpha,
-                     "sample_steps": self.sample_steps, "max_priority": self.max_priority,
-                     "added": self.added, "overwritten": self.overwritten}
+            state = {
+                "capacity": self.capacity,
+                "prioritized": self.prioritized,
+                "alpha": self.alpha,
+                "sample_steps": self.sample_steps,
+                "max_priority": self.max_priority,
+                "added": self.added,
+                "overwritten": self.overwritten,
+            }
         return save_experience(path, items, kind="replay", priorities=priorities, state=state)
 
     def load(self, path: str | os.PathLike[str]) -> int:
@@ -436,6 +498,7 @@ class ReplayBuffer:
         state = loaded.state
         with self._lock:
             self._clear()
+            self.added = 0  # fill stamps restart at 0 and stay below every later one
             max_p = _positive_float(state.get("max_priority"), 1.0)
             if priorities is None:
                 priorities = np.full(len(transitions), max_p)
@@ -446,9 +509,17 @@ class ReplayBuffer:
             self.max_priority = max([max_p, *priorities[start:].tolist()])
             steps = state.get("sample_steps", 0)
             self.sample_steps = steps if isinstance(steps, int) and steps >= 0 else 0
-            self.added = _count(state.get("added"), self._size)
+            self.added = max(_count(state.get("added"), 0), self.added)
             self.overwritten = _count(state.get("overwritten"), 0)
             return keep
+
+
+def _numpy(values: object) -> np.ndarray:
+    """An array from numpy, a sequence, or a torch tensor (detached, on the CPU)."""
+    detach = getattr(values, "detach", None)
+    if detach is not None:
+        return detach().cpu().numpy()
+    return np.asarray(values)
 
 
 def _count(value: object, default: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -21,7 +23,7 @@ from esperd.learn.experience import Transition
 from esperd.learn.sumtree import SumTree
 
 sys.path.insert(0, str(Path(__file__).parent))
-from policy_helpers import make_observation, random_stages  # noqa: E402
+from policy_helpers import make_observation, random_stages
 
 # Chi-square critical values at p = 0.001 (a fixed rng makes the tests deterministic anyway).
 CHI2_CRIT = {3: 16.27, 4: 18.47, 7: 24.32, 9: 27.88}
@@ -46,23 +48,35 @@ def step_obs(base: Observation, rng: np.random.Generator, epoch: int) -> Observa
     )
 
 
-def episodes(runs: int, steps: int, *, nodes: int = 8, seed: int = 0, done_last: bool = True,
-             hidden: bool = False) -> list[Transition]:
+def episodes(
+    runs: int, steps: int, *, nodes: int = 8, seed: int = 0, done_last: bool = True, hidden: bool = False
+) -> list[Transition]:
     """Interleaved runs, as the recorder closes them: next_obs is the next step's obs object."""
     rng = np.random.default_rng(seed)
-    bases = [make_observation(f"run-{r}", nodes + r % 3, seed=seed + r,
-                              stages=random_stages(nodes + r % 3, seed + r)) for r in range(runs)]
+    bases = [
+        make_observation(
+            f"run-{r}", nodes + r % 3, seed=seed + r, stages=random_stages(nodes + r % 3, seed + r)
+        )
+        for r in range(runs)
+    ]
     chains = [[step_obs(b, rng, e) for e in range(steps + 1)] for b in bases]
     out = []
     for e in range(steps):
         for r in range(runs):
             last = e == steps - 1 and done_last
-            out.append(Transition(
-                obs=chains[r][e], action=rng.integers(0, 4, 5).astype(np.int64),
-                log_prob=float(-rng.random()), value=float(rng.normal()), policy_version=e // 2,
-                reward=float(rng.normal()), done=last, next_obs=None if last else chains[r][e + 1],
-                hidden=rng.random((2, 6), dtype=np.float32) if hidden else None,
-            ))
+            out.append(
+                Transition(
+                    obs=chains[r][e],
+                    action=rng.integers(0, 4, 5).astype(np.int64),
+                    log_prob=float(-rng.random()),
+                    value=float(rng.normal()),
+                    policy_version=e // 2,
+                    reward=float(rng.normal()),
+                    done=last,
+                    next_obs=None if last else chains[r][e + 1],
+                    hidden=rng.random((2, 6), dtype=np.float32) if hidden else None,
+                )
+            )
     return out
 
 
@@ -80,10 +94,23 @@ def same_transition(a: Transition, b: Transition) -> None:
 
 
 def same_obs(a: Observation, b: Observation) -> None:
-    assert (a.run_id, a.topology_version, a.epoch, a.timestamp) == (b.run_id, b.topology_version, b.epoch,
-                                                                     b.timestamp)
-    for field in ("layer_ids", "node_features", "edge_index", "gcn_edge_index", "gcn_edge_weight",
-                  "global_features", "op_mask", "blueprint_mask", "stages"):
+    assert (a.run_id, a.topology_version, a.epoch, a.timestamp) == (
+        b.run_id,
+        b.topology_version,
+        b.epoch,
+        b.timestamp,
+    )
+    for field in (
+        "layer_ids",
+        "node_features",
+        "edge_index",
+        "gcn_edge_index",
+        "gcn_edge_weight",
+        "global_features",
+        "op_mask",
+        "blueprint_mask",
+        "stages",
+    ):
         x, y = getattr(a, field), getattr(b, field)
         assert x.dtype == y.dtype and np.array_equal(x, y), field
 
@@ -118,6 +145,29 @@ def test_sum_tree_batch_update_with_duplicates_keeps_sums_exact():
         tree.update(np.array([13]), np.array([1.0]))
     with pytest.raises(ValueError):
         tree.update(np.array([0]), np.array([np.nan]))
+
+
+def test_sum_tree_lazy_single_sets_and_batch_updates_interleave():
+    tree = SumTree(37)
+    rng = np.random.default_rng(2)
+    truth = np.zeros(37)
+    for _ in range(300):
+        if rng.random() < 0.7:
+            i, p = int(rng.integers(0, 37)), float(rng.random())
+            tree.set(i, p)
+            truth[i] = p
+        else:
+            idx, p = rng.integers(0, 37, 5), rng.random(5)
+            tree.update(idx, p)
+            truth[idx] = p  # numpy keeps the last duplicate, as the tree does
+        if rng.random() < 0.3:
+            assert tree.total == pytest.approx(truth.sum(), rel=1e-12)
+            cum = np.cumsum(truth)
+            probe = rng.random(50) * truth.sum()
+            assert tree.find(probe).tolist() == np.searchsorted(cum, probe, side="right").tolist()
+    for i in range(37):  # many pending sets at once take the full-rebuild path
+        tree.set(i, 1.0)
+    assert tree.total == pytest.approx(37.0)
 
 
 def test_sum_tree_sampling_is_proportional():
@@ -179,6 +229,20 @@ def test_new_transitions_get_the_max_priority_seen():
         buf.update_priorities(np.array([0, 1]), np.array([1.0]))
 
 
+def test_late_priority_updates_skip_overwritten_slots():
+    buf = ReplayBuffer(capacity=4, seed=0)
+    buf.extend(episodes(1, 4))
+    batch = buf.sample(4, np.random.default_rng(0))
+    buf.add(episodes(1, 1, seed=8)[0])  # overwrites slot 0 while the learner trains
+    td = torch.full((4,), 3.0, requires_grad=True) * 1.0  # a torch tensor straight from a loss
+    done = buf.update_priorities(batch.indices, td, stamps=batch.stamps)
+    assert done == int((batch.indices != 0).sum())
+    assert buf.priorities()[0] == pytest.approx(1.0)  # the new transition keeps max priority at add
+    assert np.all(
+        buf.priorities()[np.unique(batch.indices[batch.indices != 0])] == pytest.approx(3.0 + buf.eps)
+    )
+
+
 def test_beta_anneals_linearly_then_holds():
     buf = ReplayBuffer(capacity=8, beta_start=0.4, beta_end=1.0, beta_anneal_steps=10, seed=0)
     buf.extend(episodes(1, 4))
@@ -237,7 +301,7 @@ def test_sequences_follow_each_run_and_stop_at_episode_end_or_overwrite():
     for seq, start in zip(seqs.sequences, seqs.indices.tolist(), strict=True):
         assert seq[0] is buf[start]
         assert all(t.run_id == seq[0].run_id for t in seq)
-        assert all(a.next_obs is b.obs for a, b in zip(seq, seq[1:]))  # consecutive steps
+        assert all(a.next_obs is b.obs for a, b in itertools.pairwise(seq))  # consecutive steps
         assert len(seq) == 4 - start // 3  # to the episode's end, then stop
         assert seq[-1].done
     # Overwriting the oldest steps breaks the links into them.
@@ -301,7 +365,7 @@ def test_replay_round_trip_preserves_everything(tmp_path: Path):
     # next_obs is again the very object the run's next transition holds as obs.
     for i, t in enumerate(loaded[:-1]):
         if not t.done and t.next_obs is not t.obs:
-            following = next(u for u in loaded[i + 1:] if u.run_id == t.run_id)
+            following = next(u for u in loaded[i + 1 :] if u.run_id == t.run_id)
             assert t.next_obs is following.obs
     assert loaded[-1].truncated and loaded[-1].next_obs is loaded[-1].obs
     # Topology arrays are shared per run and version, read-only, as the analyzer's are.
@@ -327,8 +391,10 @@ def test_topology_versions_are_stored_once_each(tmp_path: Path):
     # A hand-built observation with equal but separate topology arrays shares the stored entry.
     v1_copy = make_observation("r", 6)
     steps = [step_obs(v1, rng, 0), step_obs(v1_copy, rng, 1), step_obs(v2, rng, 2), step_obs(v2, rng, 3)]
-    data = [Transition(obs=o, action=np.zeros(5, np.int64), log_prob=0.0, value=0.0, policy_version=0,
-                       next_obs=n) for o, n in zip(steps, steps[1:] + [None], strict=True)]
+    data = [
+        Transition(obs=o, action=np.zeros(5, np.int64), log_prob=0.0, value=0.0, policy_version=0, next_obs=n)
+        for o, n in zip(steps, steps[1:] + [None], strict=True)
+    ]
     path = tmp_path / "b.safetensors"
     buf = RolloutBuffer(10)
     buf.extend(data)
@@ -448,26 +514,29 @@ def rewrite(path: Path, edit: object) -> None:
     """Rewrite a saved file with `edit(arrays, meta)` applied and a fresh (valid) checksum."""
     with safe_open(str(path), framework="np") as fh:
         meta = json.loads(fh.metadata()["esperd"])
-        arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+        arrays = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
     edit(arrays, meta)  # type: ignore[operator]
     meta["crc32"] = persist._checksum(arrays)
     save_file(arrays, str(path), metadata={"esperd": json.dumps(meta)})
 
 
-@pytest.mark.parametrize(("edit", "match"), [
-    (lambda a, m: m.update(format_version=99), "format version"),
-    (lambda a, m: a["tr.obs"].__setitem__(0, 10_000), "tr.obs index out of range"),
-    (lambda a, m: a["tr.next"].__setitem__(0, -7), "tr.next index out of range"),
-    (lambda a, m: a["topo.edge_index"].__setitem__((1, 0), 500), "edge index out of range"),
-    (lambda a, m: a["step.node_offsets"].__setitem__(1, a["step.node_offsets"][1] + 1), "node count"),
-    (lambda a, m: a.pop("tr.reward"), "missing array"),
-    (lambda a, m: a.__setitem__("tr.reward", a["tr.reward"].astype(np.float32)), "dtype"),
-    (lambda a, m: m["counts"].update(transitions=1), "expected"),
-    (lambda a, m: m.update(runs=[1, 2]), "run ids"),
-    (lambda a, m: m["widths"].update(ops=99), "layout"),
-    (lambda a, m: a["tr.priority"].__setitem__(0, -1.0), "priorities"),
-    (lambda a, m: a["tr.hidden_shape"].__setitem__((0, 1), 999), "tr.hidden"),
-])
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda a, m: m.update(format_version=99), "format version"),
+        (lambda a, m: a["tr.obs"].__setitem__(0, 10_000), "tr.obs index out of range"),
+        (lambda a, m: a["tr.next"].__setitem__(0, -7), "tr.next index out of range"),
+        (lambda a, m: a["topo.edge_index"].__setitem__((1, 0), 500), "edge index out of range"),
+        (lambda a, m: a["step.node_offsets"].__setitem__(1, a["step.node_offsets"][1] + 1), "node count"),
+        (lambda a, m: a.pop("tr.reward"), "missing array"),
+        (lambda a, m: a.__setitem__("tr.reward", a["tr.reward"].astype(np.float32)), "dtype"),
+        (lambda a, m: m["counts"].update(transitions=1), "expected"),
+        (lambda a, m: m.update(runs=[1, 2]), "run ids"),
+        (lambda a, m: m["widths"].update(ops=99), "layout"),
+        (lambda a, m: a["tr.priority"].__setitem__(0, -1.0), "priorities"),
+        (lambda a, m: a["tr.hidden_shape"].__setitem__((0, 1), 999), "tr.hidden"),
+    ],
+)
 def test_consistent_checksum_but_bad_structure_is_refused(saved: Path, edit: object, match: str):
     rewrite(saved, edit)
     expect_bad(saved, match)
@@ -495,17 +564,29 @@ def test_twenty_node_transitions_are_compact():
             r = i % 20
             nxt = step_obs(bases[r], rng, i)
             obs = chains[r] if r in chains else step_obs(bases[r], rng, i - 1)
-            buf.add(Transition(obs=obs, action=np.zeros(5, np.int64), log_prob=-float(i), value=float(i),
-                               policy_version=1, reward=0.5 * i, next_obs=nxt))
+            buf.add(
+                Transition(
+                    obs=obs,
+                    action=np.zeros(5, np.int64),
+                    log_prob=-float(i),
+                    value=float(i),
+                    policy_version=1,
+                    reward=0.5 * i,
+                    next_obs=nxt,
+                )
+            )
             chains[r] = nxt
         used, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     per_transition = (used - start) / count
-    per_step_data = sum(getattr(bases[0], f).nbytes for f in ("node_features", "op_mask", "stages",
-                                                               "global_features"))
-    topology = sum(getattr(bases[0], f).nbytes for f in ("layer_ids", "edge_index", "gcn_edge_index",
-                                                          "gcn_edge_weight", "blueprint_mask"))
+    per_step_data = sum(
+        getattr(bases[0], f).nbytes for f in ("node_features", "op_mask", "stages", "global_features")
+    )
+    topology = sum(
+        getattr(bases[0], f).nbytes
+        for f in ("layer_ids", "edge_index", "gcn_edge_index", "gcn_edge_weight", "blueprint_mask")
+    )
     print(f"{per_transition:.0f} B/transition (per-step arrays {per_step_data} B, topology {topology} B)")
     # Per-step data plus ~1.5 KB of objects; no topology copy, no second obs copy per transition.
     assert per_transition < per_step_data + 1600

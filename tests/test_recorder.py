@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from contracts import Op, SeedSlotState, SeedStage, SystemStatePacket, TopologyNode, TopologyPacket
+from contracts import Op, SeedSlotState, SystemStatePacket, TopologyNode, TopologyPacket
 from esperd.analyzer import Analyzer
 from esperd.analyzer.observation import OP_INDEX, Observation
 from esperd.learn.buffers import ReplayBuffer, RolloutBuffer
@@ -27,10 +27,26 @@ class FakeClock:
         return self.t
 
 
-def state(epoch: int, acc: float, *, total: int = 1000, done: bool = False, loss: float = 1.0,
-          seeds: Sequence[SeedSlotState] = ()) -> SystemStatePacket:
-    return SystemStatePacket(epoch=epoch, val_accuracy=acc, train_accuracy=acc, val_loss=loss, train_loss=loss,
-                             host_params=1000, total_params=total, done=done, seeds=list(seeds))
+def state(
+    epoch: int,
+    acc: float,
+    *,
+    total: int = 1000,
+    done: bool = False,
+    loss: float = 1.0,
+    seeds: Sequence[SeedSlotState] = (),
+) -> SystemStatePacket:
+    return SystemStatePacket(
+        epoch=epoch,
+        val_accuracy=acc,
+        train_accuracy=acc,
+        val_loss=loss,
+        train_loss=loss,
+        host_params=1000,
+        total_params=total,
+        done=done,
+        seeds=list(seeds),
+    )
 
 
 class Host:
@@ -38,8 +54,10 @@ class Host:
 
     def __init__(self, runs: Sequence[str] = ("run-a",), layers: int = 4) -> None:
         self.analyzer = Analyzer(clock=FakeClock())
-        nodes = [TopologyNode(layer_id=10 + i, layer_type="conv2d" if i % 2 == 0 else "attention", params=250)
-                 for i in range(layers)]
+        nodes = [
+            TopologyNode(layer_id=10 + i, layer_type="conv2d" if i % 2 == 0 else "attention", params=250)
+            for i in range(layers)
+        ]
         edges = [(10 + i, 11 + i) for i in range(layers - 1)]
         for run in runs:
             self.analyzer.ingest_topology(run, TopologyPacket(nodes=nodes, edges=edges))
@@ -50,8 +68,13 @@ class Host:
         return self.analyzer.observe(run)
 
 
-def act(observations: Sequence[Observation], ops: Sequence[Op] | Op = Op.WAIT, *, version: int = 3,
-        hidden: torch.Tensor | None = None) -> ActResult:
+def act(
+    observations: Sequence[Observation],
+    ops: Sequence[Op] | Op = Op.WAIT,
+    *,
+    version: int = 3,
+    hidden: torch.Tensor | None = None,
+) -> ActResult:
     """An ActResult as a policy returns it, with chosen ops (node 1, first levers)."""
     if isinstance(ops, Op):
         ops = [ops] * len(observations)
@@ -60,10 +83,25 @@ def act(observations: Sequence[Observation], ops: Sequence[Op] | Op = Op.WAIT, *
     log_probs = -torch.arange(1, b + 1, dtype=torch.float32) / 4
     values = torch.arange(b, dtype=torch.float32) / 8 + 0.5
     ones = torch.ones(b)
-    decisions = build_decisions(observations, actions, confidences=ones, urgencies=ones, log_probs=log_probs,
-                                values=values, policy="test", version=version)
-    return ActResult(actions=actions, log_probs=log_probs, values=values, confidences=ones, urgencies=ones,
-                     decisions=decisions, hidden=hidden)
+    decisions = build_decisions(
+        observations,
+        actions,
+        confidences=ones,
+        urgencies=ones,
+        log_probs=log_probs,
+        values=values,
+        policy="test",
+        version=version,
+    )
+    return ActResult(
+        actions=actions,
+        log_probs=log_probs,
+        values=values,
+        confidences=ones,
+        urgencies=ones,
+        decisions=decisions,
+        hidden=hidden,
+    )
 
 
 def recorder(config: RewardConfig | None = None, **kw: object) -> tuple[Recorder, list[Transition]]:
@@ -73,8 +111,9 @@ def recorder(config: RewardConfig | None = None, **kw: object) -> tuple[Recorder
     return rec, out
 
 
-def expected_rewards(config: RewardConfig, packets: Sequence[SystemStatePacket], rejected_before: dict[int, int]
-                     | None = None) -> list[float]:
+def expected_rewards(
+    config: RewardConfig, packets: Sequence[SystemStatePacket], rejected_before: dict[int, int] | None = None
+) -> list[float]:
     tracker = RewardTracker(config)
     out = []
     for i, p in enumerate(packets):

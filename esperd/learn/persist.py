@@ -87,8 +87,14 @@ class _Encoder:
     def topology(self, obs: Observation) -> int:
         # Run and version are part of the key: they are stored per topology entry, not per step.
         key = (obs.run_id, int(obs.topology_version))
-        identity = (key, id(obs.layer_ids), id(obs.edge_index), id(obs.gcn_edge_index),
-                    id(obs.gcn_edge_weight), id(obs.blueprint_mask))
+        identity = (
+            key,
+            id(obs.layer_ids),
+            id(obs.edge_index),
+            id(obs.gcn_edge_index),
+            id(obs.gcn_edge_weight),
+            id(obs.blueprint_mask),
+        )
         index = self.topo_by_identity.get(identity)
         if index is not None:
             return index
@@ -253,7 +259,8 @@ def load_experience(path: str | os.PathLike[str]) -> LoadedExperience:
     try:
         with safe_open(str(path), framework="np") as fh:
             header = fh.metadata() or {}
-            arrays = {key: fh.get_tensor(key) for key in fh.keys()}
+            # safe_open is not iterable: .keys() is needed.
+            arrays = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
     except Exception as exc:  # safetensors raises its own error type for every malformed file
         raise BufferFileError(f"{path}: not a readable safetensors file ({exc})") from exc
     try:

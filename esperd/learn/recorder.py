@@ -117,7 +117,9 @@ class Recorder:
 
     # ------------------------------------------------------------ inputs
 
-    def decision_hook(self, observations: Sequence[Observation], result: ActResult, policy: PolicyBundle) -> None:
+    def decision_hook(
+        self, observations: Sequence[Observation], result: ActResult, policy: PolicyBundle
+    ) -> None:
         """`DecisionLoop(on_decided=recorder.decision_hook)`: same as `on_decided`."""
         self.on_decided(observations, result, policy.version)
 
@@ -133,8 +135,10 @@ class Recorder:
         batch = len(observations)
         actions = result.actions.detach().cpu().numpy()
         if actions.shape != (batch, 5) or len(result.decisions) != batch:
-            raise ValueError(f"{batch} observations but actions {tuple(actions.shape)} and "
-                             f"{len(result.decisions)} decisions")
+            raise ValueError(
+                f"{batch} observations but actions {tuple(actions.shape)} and "
+                f"{len(result.decisions)} decisions"
+            )
         actions = np.array(actions, dtype=np.int64)  # our own copy: rows are views of it
         log_probs = result.log_probs.detach().cpu().tolist()
         values = result.values.detach().cpu().tolist()
@@ -150,9 +154,14 @@ class Recorder:
             if run.open is not None:
                 self._close(run, next_obs=obs)
             run.tracker.note_action(decision.op, decision.layer_id)
-            run.open = _OpenStep(obs=obs, action=actions[i], log_prob=float(log_probs[i]),
-                                 value=float(values[i]), policy_version=int(version),
-                                 hidden=None if hidden is None else hidden[i])
+            run.open = _OpenStep(
+                obs=obs,
+                action=actions[i],
+                log_prob=float(log_probs[i]),
+                value=float(values[i]),
+                policy_version=int(version),
+                hidden=None if hidden is None else hidden[i],
+            )
             self.decisions += 1
 
     def on_state(self, run_id: str, packet: SystemStatePacket) -> RewardStep:
@@ -219,10 +228,17 @@ class Recorder:
     def stats(self) -> RecorderStats:
         returns = self.recent_returns
         return RecorderStats(
-            runs=len(self._runs), open_steps=self.open_steps, decisions=self.decisions,
-            transitions_closed=self.transitions_closed, terminal=self.terminal, truncated=self.truncated,
-            episodes_closed=self.episodes_closed, rejections=self.rejections, runs_dropped=self.runs_dropped,
-            unattributed_reward=round(self.unattributed_reward, 6), sink_errors=self.sink_errors,
+            runs=len(self._runs),
+            open_steps=self.open_steps,
+            decisions=self.decisions,
+            transitions_closed=self.transitions_closed,
+            terminal=self.terminal,
+            truncated=self.truncated,
+            episodes_closed=self.episodes_closed,
+            rejections=self.rejections,
+            runs_dropped=self.runs_dropped,
+            unattributed_reward=round(self.unattributed_reward, 6),
+            sink_errors=self.sink_errors,
             mean_episode_return=round(sum(returns) / len(returns), 6) if returns else 0.0,
         )
 
@@ -256,15 +272,23 @@ class Recorder:
         # Forgetting the run is the tracker reset: a later packet starts a fresh episode and baseline.
         self._runs.pop(run_id, None)
 
-    def _close(self, run: _Run, *, next_obs: Observation | None, done: bool = False,
-               truncated: bool = False) -> None:
+    def _close(
+        self, run: _Run, *, next_obs: Observation | None, done: bool = False, truncated: bool = False
+    ) -> None:
         step = run.open
         assert step is not None
         run.open = None
         transition = Transition(
-            obs=step.obs, action=step.action, log_prob=step.log_prob, value=step.value,
-            policy_version=step.policy_version, reward=step.reward, done=done, truncated=truncated,
-            next_obs=next_obs, hidden=step.hidden,
+            obs=step.obs,
+            action=step.action,
+            log_prob=step.log_prob,
+            value=step.value,
+            policy_version=step.policy_version,
+            reward=step.reward,
+            done=done,
+            truncated=truncated,
+            next_obs=next_obs,
+            hidden=step.hidden,
         )
         run.steps += 1
         self.transitions_closed += 1

@@ -390,6 +390,8 @@ def _decode(meta: dict[str, Any], a: dict[str, np.ndarray]) -> LoadedExperience:
     ]
     topo_run = [runs[int(r)] for r in topo_meta[:, 0].tolist()]
     topo_version = topo_meta[:, 1].tolist()
+    # Per-step arrays are copied out of the big loaded arrays: views would keep all of them
+    # alive until the ring had overwritten every loaded step (up to 2x the buffer's memory).
     observations: list[Observation] = []
     bounds = s_nodes.tolist()
     for s, (k, epoch, stamp) in enumerate(
@@ -402,14 +404,14 @@ def _decode(meta: dict[str, Any], a: dict[str, np.ndarray]) -> LoadedExperience:
                 run_id=topo_run[k],
                 topology_version=topo_version[k],
                 layer_ids=lids,
-                node_features=x[lo:hi],
+                node_features=x[lo:hi].copy(),
                 edge_index=edges,
                 gcn_edge_index=gidx,
                 gcn_edge_weight=gw,
-                global_features=g[s],
-                op_mask=op_mask[lo:hi],
+                global_features=g[s].copy(),
+                op_mask=op_mask[lo:hi].copy(),
                 blueprint_mask=bpm,
-                stages=stages[lo:hi],
+                stages=stages[lo:hi].copy(),
                 epoch=epoch,
                 timestamp=stamp,
             )

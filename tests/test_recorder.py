@@ -313,14 +313,16 @@ def test_sinks_get_the_same_transition_and_a_failing_sink_is_contained():
     rec.remove_sink(broken)
 
 
-def test_version_comes_from_the_decisions_and_the_argument_fills_unstamped_ones():
+def test_version_comes_from_the_decisions_stamp():
     host = Host()
     rec, out = recorder()
     obs = host.observe("run-a")
-    rec.on_decided([obs], act([obs], version=7), policy_version=9)  # a swap landed after act
-    rec.on_decided([obs], act([obs], version=0), policy_version=9)
+    rec.on_decided([obs], act([obs], version=7), policy_version=9)  # weights reloaded after act
+    rec.on_decided([obs], act([obs], version=9), policy_version=9)
+    rec.on_decided([obs], act([obs], version=10))
     rec.on_evicted("run-a")
-    assert [t.policy_version for t in out] == [7, 9]
+    assert [t.policy_version for t in out] == [7, 9, 10]
+    assert rec.version_mismatches == 1
 
 
 def test_mismatched_result_is_refused():

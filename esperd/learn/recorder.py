@@ -56,6 +56,7 @@ class RecorderStats(msgspec.Struct, kw_only=True):
     runs_dropped: int  # pushed out by max_runs
     unattributed_reward: float  # reward earned while no step was open (before the first decision)
     sink_errors: int
+    version_mismatches: int  # decisions whose stamped version differed from the hook's policy version
     mean_episode_return: float  # over the last `returns_window` episodes
 
 
@@ -105,6 +106,7 @@ class Recorder:
         self.runs_dropped = 0
         self.unattributed_reward = 0.0
         self.sink_errors = 0
+        self.version_mismatches = 0
 
     # ------------------------------------------------------------ sinks
 
@@ -129,8 +131,8 @@ class Recorder:
         """Open a step per decided run (WAIT included), closing each run's previous step.
 
         The version recorded is the one each Decision carries (stamped inside `act`, under the
-        bundle's lock), since a hot swap may land between `act` and this call; `policy_version`
-        only fills in for decisions that carry 0 (the unstamped default).
+        bundle's lock by `build_decisions`): an in-place weight load may land between `act` and
+        this call. A different `policy_version` is only counted (`version_mismatches`).
         """
         batch = len(observations)
         actions = result.actions.detach().cpu().numpy()
@@ -148,8 +150,8 @@ class Recorder:
         for i, obs in enumerate(observations):
             decision = result.decisions[i]
             version = decision.policy_version
-            if policy_version is not None and version == 0:
-                version = policy_version  # an unstamped decision (0 is also the default)
+            if policy_version is not None and version != policy_version:
+                self.version_mismatches += 1
             run = self._touch(obs.run_id)
             if run.open is not None:
                 self._close(run, next_obs=obs)
@@ -239,6 +241,7 @@ class Recorder:
             runs_dropped=self.runs_dropped,
             unattributed_reward=round(self.unattributed_reward, 6),
             sink_errors=self.sink_errors,
+            version_mismatches=self.version_mismatches,
             mean_episode_return=round(sum(returns) / len(returns), 6) if returns else 0.0,
         )
 

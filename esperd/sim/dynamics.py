@@ -96,7 +96,7 @@ class HostBatch:
         self.edges: list[list[tuple[int, int]]] = [[] for _ in range(E)]
         self.arch: list[str] = [""] * E
         # Seeds (one slot per layer).
-        self.stage, self.eis = i(DORMANT), i()
+        self.stage, self.eis = i(DORMANT), i()  # eis: epochs in the current stage
         self.blueprint, self.blend, self.tempo = i(NO_SEED), i(), i()
         self.alpha, self.prev_alpha, self.hold = f(), f(), i(-1).astype(float)
         self.quality, self.maturity, self.interference = f(), f(), f()
@@ -108,7 +108,7 @@ class HostBatch:
         self.temp_drop, self.loss_spike = np.zeros(E), np.zeros(E)
         self.severity, self.dip = f(), f()
         self.dip_age, self.dip_len, self.dip_amp = i(), i(), f()
-        self.spiked = np.zeros((E, L), dtype=bool)
+        self.spiked = np.zeros((E, L), dtype=bool)  # which seeds destabilized in the latest epoch
         # Per-episode counters.
         self.episode = np.full(E, -1, dtype=np.int64)
         self.counts: dict[str, np.ndarray] = {

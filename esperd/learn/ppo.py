@@ -1,0 +1,476 @@
+"""PPO (Schulman et al. 2017) on recorded Transitions, in the shape of CleanRL's ppo.py.
+
+One `update(transitions)` is one CleanRL iteration after the rollout:
+
+ 1. group the transitions by run, in order, into sequences (cut at episode ends and gaps);
+ 2. bootstrap each sequence that did not end its episode with V(next_obs) from the current
+    network (truncated sequences included: an eviction is not a terminal state);
+ 3. GAE(lambda) per sequence on the recorded values, returns = advantages + values;
+ 4. `epochs` x shuffled minibatches of `policy.evaluate`: clipped surrogate, (optionally
+    clipped) value loss, entropy bonus, gradient-norm clipping, Adam;
+ 5. KL early stop: once a minibatch's approx KL to the behaviour policy exceeds
+    1.5 * target_kl, stop before stepping on it (the Stable-Baselines3 rule).
+
+The old log-probs are the behaviour log-probs recorded at decision time, so a batch made
+partly by an older policy version still gets a correct ratio (and, if it is far off,
+stops at once on KL). Non-finite data, loss or gradients raise `NonFiniteError` with the
+weights and optimizer state restored to what they were before the call.
+
+Also home of what the PPO and IMPALA learners share: `UpdateStats`, `NonFiniteError`
+and the sequence helpers.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import msgspec
+import numpy as np
+import torch
+from msgspec import Meta
+from torch import nn
+
+from contracts import Op
+from esperd.analyzer.observation import OP_INDEX, Observation
+from esperd.learn.experience import Transition
+from esperd.learn.gae import compute_gae
+from esperd.policy.base import PolicyBundle
+
+PositiveFloat = Annotated[float, Meta(gt=0.0)]
+Coef = Annotated[float, Meta(ge=0.0, le=1e3)]
+Discount = Annotated[float, Meta(ge=0.0, le=1.0)]
+
+
+class NonFiniteError(RuntimeError):
+    """A learner met a non-finite reward, loss or gradient. Nothing was applied: the policy's
+    weights and the optimizer state are as they were before the update."""
+
+
+class UpdateStats(msgspec.Struct, kw_only=True):
+    """What one learner update did. Losses are means per sample (minibatch means for PPO)."""
+
+    algorithm: str  # "ppo" | "impala"
+    update: int  # the learner's update counter after this update
+    samples: int  # transitions in this update
+    policy_loss: float
+    value_loss: float
+    entropy: float  # mean entropy of the policy on the batch
+    approx_kl: float  # KL(behaviour || current) estimate, (r - 1) - log r, at the last minibatch
+    clip_fraction: float  # PPO: |ratio - 1| > clip; IMPALA: rho > rho_bar
+    grad_norm: float  # mean pre-clipping gradient norm over optimizer steps
+    lr: float
+    epochs_run: int
+    steps: int  # optimizer steps taken
+    early_stopped: bool  # PPO: stopped on KL
+    explained_variance: float  # 1 - Var(target - V) / Var(target); 1 is perfect, <= 0 is useless
+    seconds: float
+    td_errors: list[float] = []  # IMPALA: |v_s - V(x_s)| per input transition (replay priorities)
+
+
+class PPOConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """PPO hyper-parameters; defaults from the seed documents (03.2, PPO_TRAINING_CONFIG)."""
+
+    clip_ratio: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.2
+    target_kl: Annotated[float, Meta(gt=0.0)] | None = 0.01  # None: never stop early
+    value_coef: Coef = 0.5
+    entropy_coef: Coef = 0.01
+    max_grad_norm: PositiveFloat = 0.5
+    epochs: Annotated[int, Meta(ge=1, le=1000)] = 4
+    minibatch_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 32
+    lr: Annotated[float, Meta(gt=0.0, le=1.0)] = 3e-4
+    adam_eps: PositiveFloat = 1e-5
+    gamma: Discount = 0.99
+    gae_lambda: Discount = 0.95
+    clip_value: bool = False  # clip the value loss like the policy (off: it rarely helps)
+    normalize_advantages: bool = True  # per minibatch, as CleanRL does
+    # LR schedule, per update: linear warmup to lr, then linear decay to final_lr_ratio * lr.
+    warmup_updates: Annotated[int, Meta(ge=0)] = 10
+    total_updates: Annotated[int, Meta(ge=0)] = 10_000  # decay horizon; 0 = constant after warmup
+    final_lr_ratio: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.1
+    rollout_size: Annotated[int, Meta(ge=1, le=10_000_000)] = 256  # transitions per update
+    seed: int | None = 0  # minibatch shuffling (None: nondeterministic)
+
+    def __post_init__(self) -> None:
+        # Meta constraints are checked when decoding; this catches direct construction too.
+        checks = {
+            "clip_ratio": 0.0 < self.clip_ratio <= 1.0,
+            "target_kl": self.target_kl is None or self.target_kl > 0.0,
+            "max_grad_norm": self.max_grad_norm > 0.0,
+            "epochs": self.epochs >= 1,
+            "minibatch_size": self.minibatch_size >= 1,
+            "lr": 0.0 < self.lr <= 1.0,
+            "gamma": 0.0 <= self.gamma <= 1.0,
+            "gae_lambda": 0.0 <= self.gae_lambda <= 1.0,
+            "warmup_updates": self.warmup_updates >= 0,
+            "total_updates": self.total_updates >= 0,
+            "final_lr_ratio": 0.0 <= self.final_lr_ratio <= 1.0,
+            "rollout_size": self.rollout_size >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"ppo config: invalid {', '.join(bad)}")
+
+
+def lr_factor(update: int, warmup: int, total: int, final_ratio: float) -> float:
+    """Multiplier of the base LR for the `update`-th update (0-based): warmup, then linear decay."""
+    if update < warmup:
+        return (update + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    progress = min((update - warmup) / (total - warmup), 1.0)
+    return 1.0 - progress * (1.0 - final_ratio)
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _same_step(a: Observation, b: Observation) -> bool:
+    # Identity is the normal case (the recorder links next_obs to the next obs); after a
+    # buffer reload they are equal copies, so compare the step's identity instead.
+    return a is b or (
+        a.run_id == b.run_id
+        and a.epoch == b.epoch
+        and a.timestamp == b.timestamp
+        and a.topology_version == b.topology_version
+    )
+
+
+def split_sequences(transitions: Sequence[Transition]) -> list[list[int]]:
+    """Indices of `transitions` grouped by run, in order, one list per contiguous piece of an episode.
+
+    A sequence ends where its episode ends (done or truncated) or where the next transition of
+    the run does not start from this one's `next_obs` (a gap, or steps sampled from a replay
+    buffer). Sequences are ordered by their first transition.
+    """
+    open_by_run: dict[str, list[int]] = {}
+    sequences: list[list[int]] = []
+    for i, tr in enumerate(transitions):
+        seq = open_by_run.get(tr.run_id)
+        prev_next = transitions[seq[-1]].next_obs if seq else None
+        if seq and prev_next is not None and _same_step(prev_next, tr.obs):
+            seq.append(i)
+        else:
+            seq = [i]
+            sequences.append(seq)
+            open_by_run[tr.run_id] = seq
+        if tr.done or tr.truncated:
+            del open_by_run[tr.run_id]
+    return sequences
+
+
+class SequenceLayout:
+    """Sequences right-aligned in a time-major [T, S] grid, so one backward scan serves all.
+
+    Sequence j of length L fills rows T - L .. T - 1 of column j; the rows above it are
+    padding, which recursions running backward in time never read for real steps.
+    """
+
+    def __init__(self, sequences: Sequence[Sequence[int]], device: torch.device) -> None:
+        self.T = max(len(s) for s in sequences)
+        self.S = len(sequences)
+        order = [i for s in sequences for i in s]
+        rows = [self.T - len(s) + k for s in sequences for k in range(len(s))]
+        cols = [j for j, s in enumerate(sequences) for _ in s]
+        self.order = torch.tensor(order, dtype=torch.int64, device=device)
+        self.rows = torch.tensor(rows, dtype=torch.int64, device=device)
+        self.cols = torch.tensor(cols, dtype=torch.int64, device=device)
+
+    def grid(self, flat: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """[n] per-transition values -> [T, S] grid (padding = `fill`)."""
+        out = flat.new_full((self.T, self.S), fill)
+        out[self.rows, self.cols] = flat[self.order]
+        return out
+
+    def flat(self, grid: torch.Tensor) -> torch.Tensor:
+        """[T, S] grid -> [n] per-transition values, in the transitions' order."""
+        out = grid.new_empty(self.order.shape[0])
+        out[self.order] = grid[self.rows, self.cols]
+        return out
+
+
+def stack_actions(transitions: Sequence[Transition], device: torch.device) -> torch.Tensor:
+    """int64 [n, 5] action rows."""
+    return torch.from_numpy(np.stack([np.asarray(t.action, dtype=np.int64) for t in transitions])).to(device)
+
+
+def stack_hidden(
+    policy: PolicyBundle, transitions: Sequence[Transition], device: torch.device
+) -> torch.Tensor | None:
+    """Recurrent policies: the [n, 2, H] states the steps started from (zeros where unknown)."""
+    if not policy.is_recurrent:
+        return None
+    known = [t.hidden for t in transitions if t.hidden is not None]
+    if not known:
+        return None  # evaluate starts every step from zeros
+    zeros = np.zeros_like(known[0], dtype=np.float32)
+    rows = [zeros if t.hidden is None else np.asarray(t.hidden, dtype=np.float32) for t in transitions]
+    return torch.from_numpy(np.stack(rows)).to(device)
+
+
+@torch.no_grad()
+def bootstrap_values(
+    policy: PolicyBundle,
+    transitions: Sequence[Transition],
+    sequences: Sequence[Sequence[int]],
+    fallback: torch.Tensor,
+) -> torch.Tensor:
+    """[S] value of the state after each sequence: 0 when its episode ended, else V(next_obs).
+
+    V(next_obs) comes from the current network in one batched forward. A recurrent policy
+    starts that step from a zero state (the next step's state is not recorded). A step with
+    neither `done` nor `next_obs` falls back to `fallback[i]`, its own value estimate.
+    """
+    device = fallback.device
+    out = torch.zeros(len(sequences), device=device)
+    wanted: list[tuple[int, Observation]] = []
+    for j, seq in enumerate(sequences):
+        last = transitions[seq[-1]]
+        if last.done:
+            continue
+        if last.next_obs is None:
+            out[j] = fallback[seq[-1]]
+        else:
+            wanted.append((j, last.next_obs))
+    if wanted:
+        observations = [obs for _, obs in wanted]
+        # evaluate needs actions; WAIT on node 0 is always representable, and only values are used.
+        actions = torch.zeros(len(observations), 5, dtype=torch.int64, device=device)
+        actions[:, 1] = OP_INDEX[Op.WAIT]
+        values = policy.evaluate(observations, actions).values.float()
+        out[torch.tensor([j for j, _ in wanted], device=device)] = values.to(device)
+    return out
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - Var(target - predicted) / Var(target); 0 when the target does not vary."""
+    var = float(target.var(unbiased=False))
+    if var == 0.0:
+        return 0.0
+    return 1.0 - float((target - predicted).var(unbiased=False)) / var
+
+
+def check_finite(what: str, *tensors: torch.Tensor) -> None:
+    for tensor in tensors:
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"non-finite {what}")
+
+
+def _snapshot(
+    policy: PolicyBundle, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    return policy.state_dict(), copy.deepcopy(optimizer.state_dict())
+
+
+def _restore(
+    policy: PolicyBundle, optimizer: torch.optim.Optimizer, snapshot: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    weights, optim_state = snapshot
+    policy.load_state_dict(weights)
+    optimizer.load_state_dict(optim_state)
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------- PPO
+
+
+class PPOLearner:
+    """Trains a learnable PolicyBundle in place with PPO. Not thread-safe: one caller at a time.
+
+    The learner never touches `policy.version`; whoever publishes the new weights does.
+    """
+
+    algorithm = "ppo"
+
+    def __init__(self, policy: PolicyBundle, config: PPOConfig | None = None) -> None:
+        if not policy.is_learnable:
+            raise ValueError(f"policy {policy.name!r} has no parameters to learn")
+        self.policy = policy
+        self.config = config = config or PPOConfig()
+        self.device = torch.device(policy.device)
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, eps=config.adam_eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda u: lr_factor(u, config.warmup_updates, config.total_updates, config.final_lr_ratio),
+        )
+        self.generator = torch.Generator()
+        if config.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(config.seed)
+        self.updates = 0  # successful updates
+        self.samples = 0  # transitions trained on
+
+    # ------------------------------------------------------------ the update
+
+    def update(self, transitions: Sequence[Transition]) -> UpdateStats:
+        """One PPO iteration on `transitions` (ideally `rollout_size` fresh on-policy steps)."""
+        if not transitions:
+            raise ValueError("ppo: no transitions to learn from")
+        start = time.perf_counter()
+        cfg, device, n = self.config, self.device, len(transitions)
+
+        rewards = torch.tensor([t.reward for t in transitions], dtype=torch.float32, device=device)
+        dones = torch.tensor([t.done for t in transitions], dtype=torch.float32, device=device)
+        old_values = torch.tensor([t.value for t in transitions], dtype=torch.float32, device=device)
+        old_log_probs = torch.tensor([t.log_prob for t in transitions], dtype=torch.float32, device=device)
+        check_finite("rewards, values or log-probs in the batch", rewards, old_values, old_log_probs)
+
+        # GAE over each run's sequences at once: right-aligned columns of a [T, S] grid.
+        sequences = split_sequences(transitions)
+        layout = SequenceLayout(sequences, device)
+        last_values = bootstrap_values(self.policy, transitions, sequences, old_values)
+        check_finite("bootstrap values", last_values)
+        adv_grid, _ = compute_gae(
+            layout.grid(rewards),
+            layout.grid(old_values),
+            layout.grid(dones, fill=1.0),
+            last_values,
+            cfg.gamma,
+            cfg.gae_lambda,
+        )
+        advantages = layout.flat(adv_grid)
+        returns = advantages + old_values
+
+        observations = [t.obs for t in transitions]
+        actions = stack_actions(transitions, device)
+        hidden = stack_hidden(self.policy, transitions, device)
+        lr = self.optimizer.param_groups[0]["lr"]
+        snapshot = _snapshot(self.policy, self.optimizer)
+        try:
+            totals, approx_kl, epochs_run, steps, stopped = self._optimize(
+                observations, actions, hidden, old_log_probs, old_values, advantages, returns
+            )
+        except NonFiniteError:
+            _restore(self.policy, self.optimizer, snapshot)
+            raise
+
+        self.scheduler.step()
+        self.updates += 1
+        self.samples += n
+        evaluated = max(totals["minibatches"], 1)
+        return UpdateStats(
+            algorithm=self.algorithm,
+            update=self.updates,
+            samples=n,
+            policy_loss=totals["policy_loss"] / evaluated,
+            value_loss=totals["value_loss"] / evaluated,
+            entropy=totals["entropy"] / evaluated,
+            approx_kl=approx_kl,
+            clip_fraction=totals["clip_fraction"] / evaluated,
+            grad_norm=totals["grad_norm"] / max(steps, 1),
+            lr=lr,
+            epochs_run=epochs_run,
+            steps=steps,
+            early_stopped=stopped,
+            explained_variance=explained_variance(old_values, returns),
+            seconds=time.perf_counter() - start,
+        )
+
+    def _optimize(
+        self,
+        observations: list[Observation],
+        actions: torch.Tensor,
+        hidden: torch.Tensor | None,
+        old_log_probs: torch.Tensor,
+        old_values: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+    ) -> tuple[dict[str, float], float, int, int, bool]:
+        """Epochs x minibatches; (summed stats, last approx KL, epochs run, steps, early-stopped)."""
+        cfg, n = self.config, len(observations)
+        size = min(cfg.minibatch_size, n)
+        totals = dict.fromkeys(("policy_loss", "value_loss", "entropy", "clip_fraction", "grad_norm"), 0.0)
+        totals["minibatches"] = 0
+        approx_kl, steps, epochs_run = 0.0, 0, 0
+        for _epoch in range(cfg.epochs):
+            epochs_run += 1
+            perm = torch.randperm(n, generator=self.generator).to(self.device)
+            for begin in range(0, n, size):
+                idx = perm[begin : begin + size]
+                result = self.policy.evaluate(
+                    [observations[i] for i in idx.tolist()],
+                    actions[idx],
+                    None if hidden is None else hidden[idx],
+                )
+                logratio = result.log_probs - old_log_probs[idx]
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    # The low-variance KL estimator (Schulman's k3) CleanRL reports.
+                    approx_kl = float(((ratio - 1) - logratio).mean())
+                    clip_fraction = float(((ratio - 1.0).abs() > cfg.clip_ratio).float().mean())
+
+                mb_adv = advantages[idx]
+                if cfg.normalize_advantages and idx.numel() > 1:
+                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+
+                # Clipped surrogate: pessimistic of the unclipped and clipped objectives.
+                pg_loss1 = -mb_adv * ratio
+                pg_loss2 = -mb_adv * torch.clamp(ratio, 1 - cfg.clip_ratio, 1 + cfg.clip_ratio)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                new_values = result.values
+                if cfg.clip_value:
+                    v_clipped = old_values[idx] + torch.clamp(
+                        new_values - old_values[idx], -cfg.clip_ratio, cfg.clip_ratio
+                    )
+                    v_loss_unclipped = (new_values - returns[idx]) ** 2
+                    v_loss_clipped = (v_clipped - returns[idx]) ** 2
+                    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+                else:
+                    v_loss = 0.5 * ((new_values - returns[idx]) ** 2).mean()
+
+                entropy = result.entropy.mean()
+                loss = pg_loss - cfg.entropy_coef * entropy + cfg.value_coef * v_loss
+                check_finite("ppo loss", loss)
+
+                totals["policy_loss"] += pg_loss.item()
+                totals["value_loss"] += v_loss.item()
+                totals["entropy"] += entropy.item()
+                totals["clip_fraction"] += clip_fraction
+                totals["minibatches"] += 1
+
+                # Too far from the behaviour policy already: stop before making it worse.
+                if cfg.target_kl is not None and approx_kl > 1.5 * cfg.target_kl:
+                    return totals, approx_kl, epochs_run, steps, True
+
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                check_finite("ppo gradients", grad_norm)
+                self.optimizer.step()
+                totals["grad_norm"] += float(grad_norm)
+                steps += 1
+        return totals, approx_kl, epochs_run, steps, False
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer, LR scheduler, counters and shuffling RNG (tensors and plain values only:
+        `torch.load(weights_only=True)` reads it back). The policy's weights are saved separately."""
+        return {
+            "algorithm": self.algorithm,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "updates": self.updates,
+            "samples": self.samples,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("algorithm", self.algorithm) != self.algorithm:
+            raise ValueError(f"learner state is for {state['algorithm']!r}, not {self.algorithm!r}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.updates = int(state["updates"])
+        self.samples = int(state["samples"])
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    @property
+    def lr(self) -> float:
+        """The LR the next update will use."""
+        return float(self.optimizer.param_groups[0]["lr"])

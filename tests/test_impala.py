@@ -231,6 +231,16 @@ def test_checkpoint_round_trip() -> None:
     assert same_parameters(parameters_of(policy), parameters_of(resumed_policy))
 
 
+def test_reset_optimizer_forgets_moments() -> None:
+    policy = small_policy()
+    learner = ImpalaLearner(policy)
+    learner.update(synthetic_transitions(policy, runs=2, steps=4))
+    assert learner.optimizer.state_dict()["state"]
+    learner.reset_optimizer()
+    assert learner.optimizer.state_dict()["state"] == {} and learner.updates == 1
+    assert_finite_stats(learner.update(synthetic_transitions(policy, runs=2, steps=4, seed=3)))
+
+
 def test_rule_based_policy_is_refused() -> None:
     with pytest.raises(ValueError):
         ImpalaLearner(create_policy("heuristic", PolicyConfig(), "cpu"))

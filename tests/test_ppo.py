@@ -394,3 +394,14 @@ def test_ppo_improves_a_small_gnn_policy_on_the_simulator() -> None:
     elapsed = time.perf_counter() - start
     after = mean_return(policy)
     assert after > before + 0.4, f"mean return {before:.3f} -> {after:.3f} after {elapsed:.1f}s of training"
+
+
+def test_reset_optimizer_forgets_moments_but_keeps_schedule() -> None:
+    policy = small_policy()
+    learner = PPOLearner(policy, PPOConfig(warmup_updates=3))
+    learner.update(synthetic_transitions(policy, runs=2, steps=8))
+    assert learner.optimizer.state_dict()["state"]
+    lr = learner.lr
+    learner.reset_optimizer()
+    assert learner.optimizer.state_dict()["state"] == {} and learner.lr == lr and learner.updates == 1
+    assert_finite_stats(learner.update(synthetic_transitions(policy, runs=2, steps=8, seed=3)))

@@ -231,6 +231,12 @@ class ImpalaLearner:
         self.updates = int(state["updates"])
         self.samples = int(state["samples"])
 
+    def reset_optimizer(self) -> None:
+        """Forget the optimizer's moment estimates (after a rollback they describe bad updates);
+        the LR schedule and counters are kept."""
+        self.optimizer.state.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

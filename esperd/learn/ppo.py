@@ -470,6 +470,12 @@ class PPOLearner:
         if "generator" in state:
             self.generator.set_state(state["generator"])
 
+    def reset_optimizer(self) -> None:
+        """Forget the optimizer's moment estimates (after a rollback they describe bad updates);
+        the LR schedule and counters are kept."""
+        self.optimizer.state.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+
     @property
     def lr(self) -> float:
         """The LR the next update will use."""

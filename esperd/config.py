@@ -20,6 +20,7 @@ from msgspec import Meta
 
 from contracts import DEFAULT_PREFIX
 from esperd.analyzer import AnalyzerConfig
+from esperd.learn.learner import LearnerConfig
 from esperd.policy.config import PolicyConfig
 from esperd.scheduler import SchedulerConfig
 
@@ -106,6 +107,7 @@ class Config(_Section):
     analyzer: AnalyzerConfig = AnalyzerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     policy: PolicyConfig = PolicyConfig()
+    learner: LearnerConfig = LearnerConfig()
 
 
 class ConfigError(ValueError):

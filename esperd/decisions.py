@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import statistics
 import time
 import uuid
@@ -55,7 +56,8 @@ def percentile(samples: Sequence[float], q: float) -> float:
     if not samples:
         return 0.0
     ordered = sorted(samples)
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    # ceil(q/100 * n), computed as q * n / 100 so that whole ranks stay exact (q=99, n=100 -> 99).
+    rank = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered) / 100) - 1))
     return ordered[rank]
 
 
@@ -131,7 +133,10 @@ class DecisionLoop:
                 return 0
             self._note_forward((time.perf_counter() - started) * 1e3, len(observations))
             if self.on_decided is not None:
-                self.on_decided(observations, result, policy)
+                try:
+                    self.on_decided(observations, result, policy)
+                except Exception:  # recording must never cost the decisions themselves
+                    log.exception("decision hook failed")
             return await self._publish_decisions(result.decisions, due_at)
 
     def _observations(self, runs: list[str], now: float) -> list[Observation]:

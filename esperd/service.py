@@ -27,8 +27,11 @@ from esperd.bus import Bus
 from esperd.config import Config, state_path
 from esperd.decisions import DecisionLoop, DecisionStats
 from esperd.intake import Accepted, Intake, Rejection
+from esperd.learn.learner import Learner, LearnerStatus
+from esperd.learn.recorder import Recorder, RecorderStats
 from esperd.natsserver import NatsServer
 from esperd.notify import SystemdNotifier
+from esperd.policy import PolicyBundle, create_policy
 from esperd.policy.checkpoint import build_serving_policy
 from esperd.scheduler import Scheduler
 
@@ -74,7 +77,9 @@ class Status(msgspec.Struct):
     scheduler: SchedulerStatus
     nats: NatsStatus
     evicted_runs: int
+    experience: RecorderStats
     stopping: bool
+    learner: LearnerStatus | None = None
 
 
 class Service:
@@ -88,15 +93,19 @@ class Service:
         self.analyzer = Analyzer(config.analyzer)
         self.scheduler = Scheduler(config.scheduler)
         configure_torch_threads(config.service.torch_threads)
-        serving = build_serving_policy(config.policy, resolve_device(config.service.device))
+        device = resolve_device(config.service.device)
+        serving = build_serving_policy(config.policy, device)
         self.policy_fallback_reason = str(serving.error) if serving.error else ""
+        self.recorder = Recorder(config.learner.rewards, max_runs=config.analyzer.max_runs)
         self.decisions = DecisionLoop(
             self.scheduler,
             serving.policy,
             observe=self._observe,
             publish=self.bus.publish_command,
             deterministic=config.policy.deterministic,
+            on_decided=self.recorder.decision_hook,
         )
+        self.learner = self._build_learner(serving.policy, device)
         self.acks_by_status: dict[str, int] = {}
         self.expired_commands = 0
         self.unknown_acks = 0
@@ -109,6 +118,25 @@ class Service:
         self._micro: MicroService | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._json = msgspec.json.Encoder()
+
+    def _build_learner(self, serving: PolicyBundle, device: str) -> Learner | None:
+        config = self.config
+        if config.learner.algorithm == "off":
+            return None
+        if not serving.is_learnable:
+            log.warning("learner off: the serving policy cannot learn", policy=serving.name,
+                        configured=config.policy.name)
+            return None
+        learner = Learner(
+            config.learner,
+            make_policy=lambda: create_policy(serving.name, config.policy, device),
+            serving=serving,
+            swap=self.decisions.swap_policy,
+            state_dir=state_path(config),
+        )
+        learner.restore()
+        self.recorder.add_sink(learner.add)
+        return learner
 
     # ------------------------------------------------------------ lifecycle
 
@@ -136,6 +164,8 @@ class Service:
         self._tasks.append(asyncio.create_task(self._status_log_loop(), name="status-log"))
         self._tasks.append(asyncio.create_task(self.decisions.run(), name="decisions"))
         self._tasks.append(asyncio.create_task(self._housekeeping_loop(), name="housekeeping"))
+        if self.learner is not None:
+            self._tasks.append(asyncio.create_task(self.learner.run(), name="learner"))
         self.ready.set()
         self.notifier.ready()
         log.info("esperd ready", version=esperd.__version__, servers=list(self.config.nats.servers),
@@ -162,10 +192,21 @@ class Service:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.learner is not None:
+            await self._save_learner()
         if self._embedded is not None:
             self._embedded.stop()
         log.info("esperd stopped", accepted_total=self.intake.accepted_total,
                  rejected_total=self.intake.rejected_total)
+
+    async def _save_learner(self) -> None:
+        """Close open steps (truncated: bootstrapped on resume) and checkpoint policy and buffer."""
+        assert self.learner is not None
+        self.recorder.truncate_all()
+        try:
+            await asyncio.to_thread(self.learner.save_checkpoint)
+        except Exception:  # a failed save must not turn a clean stop into a crash
+            log.exception("final learner checkpoint failed")
 
     async def _start_embedded(self) -> None:
         nats_cfg = self.config.nats
@@ -216,9 +257,19 @@ class Service:
             subject = f"{self.config.nats.subject_prefix}.{run_id}.{accepted.channel.value}"
             await self._report(self.intake.reject(exc.reason, str(exc), subject, run_id))
             return
+        if isinstance(message, SystemStatePacket):
+            self.recorder.on_state(run_id, message)  # the reward lands before the next decision
+            if message.done:
+                self._finish_run(run_id)
+                return
         if isinstance(message, SystemStatePacket) or changed:
             if self.scheduler.mark_due(run_id):
                 self.decisions.wake()
+
+    def _finish_run(self, run_id: str) -> None:
+        """The host said `done`: no more decisions; the analyzer keeps it until it idles out."""
+        self.scheduler.forget_run(run_id)
+        self.decisions.policy.forget([run_id])
 
     def _on_ack(self, run_id: str, ack: CommandAck) -> None:
         command = self.scheduler.note_ack(ack.command_id, ack.status is AckStatus.APPLIED)
@@ -226,6 +277,7 @@ class Service:
             self.unknown_acks += 1  # late (after the timeout), duplicated, or never ours
             return
         self.acks_by_status[ack.status.value] = self.acks_by_status.get(ack.status.value, 0) + 1
+        self.recorder.on_ack(run_id, ack.command_id, applied=ack.status is AckStatus.APPLIED)
         if ack.status is AckStatus.REJECTED:
             log.info("command rejected by host", run_id=run_id, command_id=ack.command_id,
                      op=command.op, layer_id=command.layer_id, reason=ack.reason)
@@ -262,8 +314,20 @@ class Service:
                                       len(self.scheduler.pending), self.expired_commands, self.unknown_acks),
             nats=NatsStatus(bus.connected, bus.reconnects, bus.disconnects, bus.errors, bus.dropped_publishes),
             evicted_runs=self.evicted_runs,
+            experience=self.recorder.stats(),
             stopping=self._stopping,
+            learner=self._learner_status(),
         )
+
+    def _learner_status(self) -> LearnerStatus | None:
+        if self.learner is None:
+            return None
+        status = self.learner.status
+        status.buffered = self.learner.buffered()
+        status.serving_version = self.decisions.policy.version
+        if status.breaker == "open" and not self.learner.paused:
+            status.breaker = "closed"
+        return status
 
     async def _on_status(self, request: Request) -> None:
         await request.respond(self._json.encode(self.status()), headers={"Content-Type": "application/json"})
@@ -283,6 +347,7 @@ class Service:
         for run_id in evicted:
             self.scheduler.forget_run(run_id)
             self.intake.forget_run(run_id)
+            self.recorder.on_evicted(run_id)
         if evicted:
             self.evicted_runs += len(evicted)
             self.decisions.policy.forget(evicted)

@@ -130,7 +130,9 @@ def test_example_values_are_the_defaults_except_embedded() -> None:
     # The example's header: "the values shown are the defaults unless a comment says otherwise".
     config = load_config(EXAMPLE, env={})
     diffs = _differences(config, Config(), "")
-    assert diffs == ["nats.embedded = True (default False)"]
+    # Each difference is commented in the file: embedded for a broker-less fresh machine,
+    # the short cooldown for the demo's half-second epochs.
+    assert diffs == ["nats.embedded = True (default False)", "scheduler.cooldown_s = 3.0 (default 30.0)"]
 
 
 # ------------------------------------------------------------------ defaults

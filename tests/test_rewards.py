@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from contracts import Op, SeedSlotState, SeedStage, SystemStatePacket
-from esperd.learn import (
+from esperd.learn.rewards import (
     LossGovernor,
     RewardConfig,
     RewardStep,

@@ -1,0 +1,371 @@
+"""The in-process learner: turns recorded experience into new serving weights.
+
+Runs its updates on its own worker thread; the event loop only hands it batches
+and swaps the result in. A swap replaces the serving PolicyBundle object as a
+whole (a reference assignment on the loop thread), so a batch in flight finishes on
+the version it started with and every later batch sees the new one.
+
+Safety (the circuit breaker): a non-finite loss or gradient, a KL far above target,
+non-finite weights, or a clear reward drop after a swap roll the learner back to the
+last good weights and pause learning for `recovery_s`. A policy that produced NaN
+is never served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import structlog
+import torch
+from msgspec import Meta
+
+from esperd.learn.buffers import ReplayBuffer, RolloutBuffer
+from esperd.learn.experience import Transition
+from esperd.learn.impala import ImpalaConfig, ImpalaLearner
+from esperd.learn.ppo import NonFiniteError, PPOConfig, PPOLearner, UpdateStats
+from esperd.learn.rewards import RewardConfig
+from esperd.policy.base import PolicyBundle
+from esperd.policy.checkpoint import CheckpointError, load_policy_checkpoint, save_policy_checkpoint
+
+log = structlog.get_logger("esperd.learn")
+
+PolicyFactory = Callable[[], PolicyBundle]
+Swap = Callable[[PolicyBundle], None]
+
+
+class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """When to roll back and pause learning."""
+
+    kl_limit_ppo: Annotated[float, Meta(gt=0.0)] = 0.15  # trip when a PPO update's approx KL exceeds this
+    # Replay batches are off-policy by design, so their KL runs higher without any fault.
+    kl_limit_impala: Annotated[float, Meta(gt=0.0)] = 2.0
+    reward_window: Annotated[int, Meta(ge=2)] = 256  # transitions per version before comparing rewards
+    # Trip when the mean reward falls by more than this and by more than 3 standard errors.
+    reward_drop: Annotated[float, Meta(ge=0.0)] = 0.05
+    recovery_s: Annotated[float, Meta(ge=0.0)] = 300.0  # learning pauses this long after a trip
+
+
+class LearnerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`[learner]` in the config file."""
+
+    algorithm: Literal["off", "ppo", "impala"] = "off"
+    rewards: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
+    impala: ImpalaConfig = ImpalaConfig()
+    replay_capacity: Annotated[int, Meta(ge=1_000)] = 100_000
+    prioritized: bool = True
+    min_replay: Annotated[int, Meta(ge=1)] = 512  # IMPALA waits for this much experience
+    checkpoint_interval_s: Annotated[float, Meta(gt=0.0)] = 300.0
+    breaker: BreakerConfig = BreakerConfig()
+
+
+class LearnerStatus(msgspec.Struct):
+    """The `learner` section of `esperd.status`."""
+
+    algorithm: str
+    updates: int = 0
+    samples: int = 0
+    samples_per_s: float = 0.0
+    serving_version: int = 0
+    buffered: int = 0
+    last: dict[str, float] = {}
+    breaker: str = "closed"  # closed | open (paused until recovery)
+    trips: int = 0
+    last_trip: str = ""
+    swaps: int = 0
+    swap_pause_us_max: float = 0.0
+    checkpoints: int = 0
+
+
+class Learner:
+    """Owns the training copy of the policy, its optimizer, the buffer and the breaker."""
+
+    def __init__(
+        self,
+        config: LearnerConfig,
+        make_policy: PolicyFactory,
+        serving: PolicyBundle,
+        swap: Swap,
+        state_dir: Path,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if config.algorithm == "off":
+            raise ValueError("learner algorithm is off")
+        if not serving.is_learnable:
+            raise ValueError(f"policy {serving.name!r} is not learnable; serve gnn or lstm to learn")
+        self.config = config
+        self._make_policy = make_policy
+        self._swap = swap
+        self._clock = clock
+        self.state_dir = state_dir
+        self.serving = serving
+        self.trainee = make_policy()
+        self.trainee.load_state_dict(serving.state_dict(), version=serving.version)
+        self._good = _clone_state(serving.state_dict())
+        self._good_version = serving.version
+        if config.algorithm == "ppo":
+            self.algo: PPOLearner | ImpalaLearner = PPOLearner(self.trainee, config.ppo)
+            self.rollout: RolloutBuffer | None = RolloutBuffer(
+                capacity=max(4 * config.ppo.rollout_size, 1024)
+            )
+            self.replay: ReplayBuffer | None = None
+        else:
+            self.algo = ImpalaLearner(self.trainee, config.impala)
+            self.rollout = None
+            self.replay = ReplayBuffer(capacity=config.replay_capacity, prioritized=config.prioritized)
+        self.status = LearnerStatus(algorithm=config.algorithm, serving_version=serving.version)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esperd-learner")
+        self._wake = asyncio.Event()
+        self._paused_until = 0.0
+        self._rewards: dict[int, collections.deque[float]] = {}
+        self._previous_version: int | None = None
+        self._last_checkpoint = clock()
+        self._started = clock()
+
+    # -------------------------------------------------------------- intake
+
+    def add(self, transition: Transition) -> None:
+        """A sink for the recorder (event loop thread)."""
+        self._note_reward(transition)
+        if self.rollout is not None:
+            self.rollout.add(transition)
+        elif self.replay is not None:
+            self.replay.add(transition)
+        if self._has_enough():
+            self._wake.set()
+
+    def _has_enough(self) -> bool:
+        if self.rollout is not None:
+            return self.rollout.ready(self.config.ppo.rollout_size)
+        assert self.replay is not None
+        return len(self.replay) >= self.config.min_replay
+
+    # -------------------------------------------------------------- the loop
+
+    async def run(self) -> None:
+        """Update whenever enough fresh experience is in, forever (until cancelled)."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if self.paused:
+                    await asyncio.sleep(self._paused_until - self._clock())
+                    continue
+                if self._has_enough():
+                    await self.update_once()
+                    if self._has_enough() and self.replay is not None:
+                        self._wake.set()  # IMPALA: keep learning while data is plentiful
+                if self._clock() - self._last_checkpoint >= self.config.checkpoint_interval_s:
+                    await self.checkpoint()
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def paused(self) -> bool:
+        return self._clock() < self._paused_until
+
+    async def update_once(self) -> bool:
+        """One update off the loop, then a swap if it was sound. True if a new version serves."""
+        loop = asyncio.get_running_loop()
+        batch, indices, stamps, weights = self._take_batch()
+        if not batch:
+            return False
+        try:
+            stats, candidate = await loop.run_in_executor(self._executor, self._train, batch, weights)
+        except NonFiniteError as exc:
+            await self._trip(f"non-finite update: {exc}")
+            return False
+        if self.replay is not None and indices is not None and stats.td_errors:
+            self.replay.update_priorities(indices, stats.td_errors, stamps=stamps)
+        self._note_stats(stats, len(batch))
+        kl_limit = self._kl_limit()
+        if not math.isfinite(stats.approx_kl) or stats.approx_kl > kl_limit:
+            await self._trip(f"KL {stats.approx_kl:.4f} > {kl_limit:.4f}")
+            return False
+        self._serve(candidate)
+        return True
+
+    def _take_batch(self) -> tuple[list[Transition], object, object, torch.Tensor | None]:
+        """On the loop thread: the buffers are only ever touched from here."""
+        if self.rollout is not None:
+            return self.rollout.drain(), None, None, None
+        assert self.replay is not None
+        sampled = self.replay.sample(self.config.impala.batch_size)
+        weights = torch.as_tensor(sampled.weights, dtype=torch.float32)
+        return sampled.transitions, sampled.indices, sampled.stamps, weights
+
+    def _train(self, batch: list[Transition], weights: torch.Tensor | None) -> tuple[UpdateStats, PolicyBundle]:
+        """Worker thread: update the trainee and build the next serving bundle."""
+        stats = self.algo.update(batch) if weights is None else self.algo.update(batch, weights=weights)
+        state = self.trainee.state_dict()
+        if not _all_finite(state):
+            raise NonFiniteError("weights became non-finite")
+        candidate = self._make_policy()
+        candidate.load_state_dict(state, version=self.serving.version + 1)
+        return stats, candidate
+
+    def _serve(self, candidate: PolicyBundle) -> None:
+        started = time.perf_counter()
+        self._previous_version = self.serving.version
+        self.serving = candidate
+        self._swap(candidate)
+        if self.rollout is not None:
+            self.rollout.set_min_version(candidate.version)  # PPO is on-policy: older steps are stale
+        pause_us = (time.perf_counter() - started) * 1e6
+        self.status.swaps += 1
+        self.status.swap_pause_us_max = round(max(self.status.swap_pause_us_max, pause_us), 1)
+        self.status.serving_version = candidate.version
+        self.trainee.version = candidate.version
+        log.info("policy swapped", version=candidate.version, pause_us=round(pause_us, 1))
+
+    # -------------------------------------------------------------- breaker
+
+    async def _trip(self, why: str) -> None:
+        """Roll the trainee (and, if it is bad, the serving policy) back to the last good weights."""
+        self.status.trips += 1
+        self.status.last_trip = why
+        self.status.breaker = "open"
+        self._paused_until = self._clock() + self.config.breaker.recovery_s
+        self.trainee.load_state_dict(self._good, version=self.serving.version)
+        self.algo.reset_optimizer()
+        if self.serving.version != self._good_version:
+            restored = self._make_policy()
+            restored.load_state_dict(self._good, version=self.serving.version + 1)
+            self._serve(restored)
+        if self.rollout is not None:
+            self.rollout.drain()  # on-policy data from a rejected trajectory is useless now
+        log.warning(
+            "learner circuit breaker tripped; rolled back and paused",
+            reason=why,
+            recovery_s=self.config.breaker.recovery_s,
+            serving_version=self.serving.version,
+        )
+
+    def _note_reward(self, transition: Transition) -> None:
+        if not math.isfinite(transition.reward):
+            return
+        window = self.config.breaker.reward_window
+        rewards = self._rewards.setdefault(transition.policy_version, collections.deque(maxlen=window))
+        rewards.append(transition.reward)
+        if len(self._rewards) > 8:  # only the last few versions matter
+            del self._rewards[min(self._rewards)]
+        self._judge_current_version()
+
+    def _judge_current_version(self) -> None:
+        """Once the serving version has a full window of rewards, keep it as good or trip."""
+        current, previous = self.serving.version, self._previous_version
+        mine = self._rewards.get(current)
+        if previous is None or mine is None or len(mine) < self.config.breaker.reward_window:
+            return
+        before = self._rewards.get(previous)
+        if before and len(before) >= self.config.breaker.reward_window // 2:
+            drop = _mean(before) - _mean(mine)
+            # Per-step rewards are noisy: a drop must also be well outside the noise.
+            noise = 3.0 * math.sqrt(_variance(before) / len(before) + _variance(mine) / len(mine))
+            if drop > max(self.config.breaker.reward_drop, noise):
+                asyncio.get_running_loop().create_task(self._trip(f"reward fell by {drop:.4f} after swap"))
+                return
+        self._good = _clone_state(self.serving.state_dict())
+        self._good_version = current
+        self._previous_version = None  # judged
+        if self.status.breaker == "open" and not self.paused:
+            self.status.breaker = "closed"
+
+    def _kl_limit(self) -> float:
+        breaker = self.config.breaker
+        return breaker.kl_limit_ppo if self.config.algorithm == "ppo" else breaker.kl_limit_impala
+
+    # -------------------------------------------------------------- stats, checkpoints
+
+    def _note_stats(self, stats: UpdateStats, samples: int) -> None:
+        self.status.updates += 1
+        self.status.samples += samples
+        elapsed = max(self._clock() - self._started, 1e-9)
+        self.status.samples_per_s = round(self.status.samples / elapsed, 2)
+        self.status.last = {
+            k: round(float(v), 6)
+            for k, v in msgspec.structs.asdict(stats).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if self.status.breaker == "open" and not self.paused:
+            self.status.breaker = "closed"
+
+    def buffered(self) -> int:
+        return len(self.rollout) if self.rollout is not None else len(self.replay or ())
+
+    async def checkpoint(self) -> None:
+        """Save policy, optimizer, counters and buffer into the state directory (off the loop)."""
+        self._last_checkpoint = self._clock()
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.save_checkpoint)
+        self.status.checkpoints += 1
+
+    def save_checkpoint(self) -> None:
+        directory = self.state_dir / "learner"
+        directory.mkdir(parents=True, exist_ok=True)
+        save_policy_checkpoint(directory / "policy.safetensors", self.serving)
+        tmp = directory / "learner.pt.tmp"
+        torch.save({"algo": self.algo.state_dict(), "status": msgspec.to_builtins(self.status)}, tmp)
+        tmp.replace(directory / "learner.pt")
+        buffer = self.rollout if self.rollout is not None else self.replay
+        if buffer is not None:
+            buffer.save(directory / "buffer.safetensors")
+        log.info(
+            "learner checkpoint saved",
+            directory=str(directory),
+            version=self.serving.version,
+            buffered=self.buffered(),
+        )
+
+    def restore(self) -> bool:
+        """Resume from the state directory's checkpoint, if any. False when there is none."""
+        directory = self.state_dir / "learner"
+        policy_file = directory / "policy.safetensors"
+        if not policy_file.exists():
+            return False
+        try:
+            load_policy_checkpoint(policy_file, self.trainee)
+            extra = torch.load(directory / "learner.pt", weights_only=True)
+            self.algo.load_state_dict(extra["algo"])
+        except (CheckpointError, OSError, RuntimeError, KeyError, TypeError) as exc:
+            log.error("learner checkpoint unusable; starting fresh", error=str(exc))
+            return False
+        buffer = self.rollout if self.rollout is not None else self.replay
+        buffer_file = directory / "buffer.safetensors"
+        if buffer is not None and buffer_file.exists():
+            buffer.load(buffer_file)
+        restored = self._make_policy()
+        restored.load_state_dict(self.trainee.state_dict(), version=self.trainee.version)
+        self._good, self._good_version = _clone_state(restored.state_dict()), restored.version
+        self.serving = restored
+        self._swap(restored)
+        self.status.serving_version = restored.version
+        prior = extra.get("status", {})
+        self.status.updates = int(prior.get("updates", 0))
+        self.status.samples = int(prior.get("samples", 0))
+        log.info("learner resumed", version=restored.version, buffered=self.buffered())
+        return True
+
+
+def _clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def _mean(values: collections.deque[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _variance(values: collections.deque[float]) -> float:
+    mean = _mean(values)
+    return sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)

@@ -20,6 +20,7 @@ from msgspec import Meta
 
 from contracts import DEFAULT_PREFIX
 from esperd.analyzer import AnalyzerConfig
+from esperd.cluster import ClusterConfig
 from esperd.learn.learner import LearnerConfig
 from esperd.policy.config import PolicyConfig
 from esperd.scheduler import SchedulerConfig
@@ -108,6 +109,7 @@ class Config(_Section):
     scheduler: SchedulerConfig = SchedulerConfig()
     policy: PolicyConfig = PolicyConfig()
     learner: LearnerConfig = LearnerConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
 
 class ConfigError(ValueError):

@@ -21,9 +21,18 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service as MicroService, ServiceConfig as MicroConfig
 
 import esperd
-from contracts import REJECTED_SUBJECT, STATUS_SUBJECT, AckStatus, CommandAck, SystemStatePacket
+from contracts import (
+    REJECTED_SUBJECT,
+    STATUS_SUBJECT,
+    AckStatus,
+    CommandAck,
+    SubjectError,
+    SystemStatePacket,
+    parse_subject,
+)
 from esperd.analyzer import Analyzer, AnalyzerError, Observation
 from esperd.bus import Bus
+from esperd.cluster import ClusterAgent
 from esperd.config import Config, state_path
 from esperd.decisions import DecisionLoop, DecisionStats
 from esperd.intake import Accepted, Intake, Rejection
@@ -60,6 +69,13 @@ class NatsStatus(msgspec.Struct):
     dropped_publishes: int
 
 
+class ClusterStatus(msgspec.Struct):
+    instance: str
+    members: list[str]
+    foreign_messages: int  # messages for runs another instance owns (not processed here)
+    handovers: int  # runs given up because the membership changed
+
+
 class Status(msgspec.Struct):
     """What `esperd.status` answers."""
 
@@ -80,6 +96,7 @@ class Status(msgspec.Struct):
     experience: RecorderStats
     stopping: bool
     learner: LearnerStatus | None = None
+    cluster: ClusterStatus | None = None
 
 
 class Service:
@@ -106,6 +123,9 @@ class Service:
             on_decided=self.recorder.decision_hook,
         )
         self.learner = self._build_learner(serving.policy, device)
+        self.cluster: ClusterAgent | None = None
+        self.foreign_messages = 0
+        self.handovers = 0
         self.acks_by_status: dict[str, int] = {}
         self.expired_commands = 0
         self.unknown_acks = 0
@@ -159,6 +179,11 @@ class Service:
             await self._start_embedded()
         await self.bus.connect(self._stop)
         await self._start_micro()
+        if self.config.cluster.enabled:
+            assert self.bus.nc is not None
+            self.cluster = ClusterAgent(self.config.cluster, self.bus.nc, self._on_membership_change)
+            await self.cluster.start()
+            self._tasks.append(asyncio.create_task(self.cluster.run(), name="cluster"))
         await self.bus.subscribe_inbound(self._on_raw)
         self._tasks.append(asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"))
         self._tasks.append(asyncio.create_task(self._status_log_loop(), name="status-log"))
@@ -182,6 +207,8 @@ class Service:
         with anyio.move_on_after(timeout) as scope:
             if self.bus.nc is not None:
                 await self.bus.unsubscribe_inbound()
+                if self.cluster is not None:
+                    await self.cluster.leave()  # peers take our runs over now, not after a timeout
                 await self.decisions.finish_in_flight()  # its commands still go out before the drain
                 if self._micro is not None:
                     with contextlib.suppress(Exception):
@@ -234,6 +261,9 @@ class Service:
     # --------------------------------------------------------------- intake
 
     async def _on_raw(self, subject: str, data: bytes, content_type: str | None) -> None:
+        if self.cluster is not None and not self._mine(subject):
+            self.foreign_messages += 1
+            return
         with structlog.contextvars.bound_contextvars(subject=subject):
             try:
                 outcome = self.intake.accept(subject, data, content_type)
@@ -270,6 +300,29 @@ class Service:
         """The host said `done`: no more decisions; the analyzer keeps it until it idles out."""
         self.scheduler.forget_run(run_id)
         self.decisions.policy.forget([run_id])
+
+    def _mine(self, subject: str) -> bool:
+        """Whether this instance owns the subject's run (bad subjects are ours to reject)."""
+        assert self.cluster is not None
+        try:
+            run_id, _ = parse_subject(subject, self.config.nats.subject_prefix)
+        except SubjectError:
+            return True
+        return self.cluster.membership.owns(run_id)
+
+    def _on_membership_change(self, members: tuple[str, ...]) -> None:
+        """Give up the runs another member now owns (it rebuilds them from their next packets)."""
+        assert self.cluster is not None
+        lost = [r for r in self.analyzer.run_ids() if not self.cluster.membership.owns(r)]
+        for run_id in lost:
+            self.analyzer.remove_run(run_id)
+            self.scheduler.forget_run(run_id)
+            self.intake.forget_run(run_id)
+            self.recorder.on_evicted(run_id)
+        if lost:
+            self.decisions.policy.forget(lost)
+            self.handovers += len(lost)
+            log.info("runs handed over", runs=len(lost), members=list(members))
 
     def _on_ack(self, run_id: str, ack: CommandAck) -> None:
         command = self.scheduler.note_ack(ack.command_id, ack.status is AckStatus.APPLIED)
@@ -317,7 +370,14 @@ class Service:
             experience=self.recorder.stats(),
             stopping=self._stopping,
             learner=self._learner_status(),
+            cluster=self._cluster_status(),
         )
+
+    def _cluster_status(self) -> ClusterStatus | None:
+        if self.cluster is None:
+            return None
+        return ClusterStatus(self.cluster.me, list(self.cluster.membership.members), self.foreign_messages,
+                             self.handovers)
 
     def _learner_status(self) -> LearnerStatus | None:
         if self.learner is None:

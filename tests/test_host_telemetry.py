@@ -49,7 +49,8 @@ def test_identical_units_correlate_fully_and_independent_ones_barely() -> None:
     independent = torch.randn(4096, 8)
     assert activation_stats(same).avg_correlation == pytest.approx(1.0, abs=1e-5)
     assert activation_stats(mirrored).avg_correlation == pytest.approx(1.0, abs=1e-5)  # |corr|
-    assert activation_stats(independent).avg_correlation < 0.05
+    # Correlation uses at most 256 samples: |corr| of independent units then averages ~0.05.
+    assert activation_stats(independent).avg_correlation < 0.08
 
 
 def test_correlation_leaves_dead_units_out() -> None:
@@ -62,9 +63,9 @@ def test_correlation_leaves_dead_units_out() -> None:
 
 def test_correlation_of_sequences_counts_every_position_as_a_sample() -> None:
     torch.manual_seed(0)
-    seq = torch.randn(64, 64, 6)
-    seq[..., 1] = seq[..., 0]  # one identical pair among 15; the others ~0 over 4096 samples
-    assert activation_stats(seq).avg_correlation == pytest.approx(1 / 15, abs=0.02)
+    seq = torch.randn(4, 64, 6)
+    seq[..., 1] = seq[..., 0]  # one identical pair among 15; the others ~0.05 over 256 samples
+    assert 1 / 15 < activation_stats(seq).avg_correlation < 1 / 15 + 0.08
 
 
 def test_all_dead_layer_has_zero_correlation_not_nan() -> None:

@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--health-every", type=int, default=5, help="one HealthBatch every K steps")
+    p.add_argument("--health-every", type=int, default=10, help="one HealthBatch every K steps")
     p.add_argument("--cooldown-epochs", type=int, default=2, help="PRUNED -> DORMANT after this many epochs")
     p.add_argument(
         "--blueprints", default="", help="comma-separated subset this host implements (default all)"

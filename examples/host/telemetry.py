@@ -4,8 +4,8 @@ Statistics of a layer's output (the Block's, seed included), units being channel
 conv map or features of a linear/transformer layer:
 
     activation_variance   variance over every element of the output
-    dead_neuron_ratio     share of units whose |activation| <= 1e-6 for every sample and
-                          position (a ReLU unit that never fires)
+    dead_neuron_ratio     share of units whose |activation| <= 1e-6 for every sample
+                          (a ReLU unit that never fires; see `finish`)
     avg_correlation       mean |Pearson correlation| between up to 16 evenly spaced live
                           units across the samples (per-sample spatial means for conv maps,
                           every position for sequences); redundant units push it to 1
@@ -26,18 +26,23 @@ layer with half its units dead scores below 0.45. The gradient factor is 1 for a
 with no parameters.
 
 Probing costs forward hooks, so `LayerProbe.capture()` attaches them only for the steps
-that report (every K-th step); the others run bare.
+that report (every K-th step); the others run bare. A hook reduces the output to two
+small tensors on the device (per-sample unit means and one norm: two passes over it);
+the rest is finished on the host in numpy, where ops on such tiny arrays cost a
+microsecond instead of a torch dispatch's several.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx
 from torch import nn
@@ -47,6 +52,7 @@ from examples.host.models import Block, HostModel, Layer
 
 DEAD_EPS = 1e-6
 MAX_CORRELATED_UNITS = 16
+MAX_CORRELATION_SAMPLES = 256  # rows used for correlation (a transformer batch has B*T)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,49 +62,96 @@ class ActivationStats:
     avg_correlation: float
 
 
-def _units_by_samples(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """x as [samples, units] for correlation, and the unit dimension of x."""
-    if x.dim() == 4:  # [B, C, H, W]: one sample per image, spatially averaged
-        return x.mean(dim=(2, 3)), 1
-    if x.dim() >= 3:  # [B, T, D]: every position is a sample
-        return x.reshape(-1, x.shape[-1]), x.dim() - 1
-    return x.reshape(x.shape[0], -1), 1
+@functools.lru_cache(maxsize=256)
+def _unit_index(units: int) -> np.ndarray:
+    """Up to 16 evenly spaced unit indices (cached)."""
+    return np.unique(np.linspace(0, units - 1, min(units, MAX_CORRELATED_UNITS)).round().astype(np.int64))
 
 
-def activation_tensors(x: torch.Tensor) -> torch.Tensor:
-    """[variance, dead_ratio, avg_correlation] of a layer output, as one tensor (no host sync)."""
-    x = x.detach().float()
-    samples, unit_dim = _units_by_samples(x)
-    reduce = [d for d in range(x.dim()) if d != unit_dim]
-    dead = x.abs().amax(dim=reduce) <= DEAD_EPS
-    return torch.stack([x.var(unbiased=False), dead.float().mean(), _avg_abs_correlation(samples, ~dead)])
+@dataclass(frozen=True, slots=True)
+class ActivationSummary:
+    """What a forward hook keeps of a layer output: two reductions, still on the device."""
+
+    rows: torch.Tensor  # [samples, units]: per-image channel means of a conv map, else the features
+    norm: torch.Tensor  # scalar L2 norm over every element
+    numel: int
 
 
-def _avg_abs_correlation(samples: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-    """Mean |corr| over pairs of up to 16 evenly spaced units with nonzero spread."""
-    units = samples.shape[1]
-    if units < 2 or samples.shape[0] < 2:
-        return samples.new_zeros(())
-    index = (
-        torch.linspace(0, units - 1, min(units, MAX_CORRELATED_UNITS), device=samples.device).round().long()
-    )
-    picked = samples[:, index]
-    centred = picked - picked.mean(dim=0)
-    std = centred.pow(2).mean(dim=0).sqrt()
-    usable = (std > 1e-8) & alive[index]
-    z = centred / std.clamp_min(1e-8)
-    corr = (z.T @ z) / samples.shape[0]
-    pair = usable[:, None] & usable[None, :] & ~torch.eye(index.numel(), dtype=torch.bool, device=z.device)
-    count = pair.sum()
-    return torch.where(count > 0, (corr.abs() * pair).sum() / count.clamp_min(1), corr.new_zeros(())).clamp(
-        0, 1
-    )
+def summarize(x: torch.Tensor) -> ActivationSummary:
+    """Reduce a layer output to an ActivationSummary: two passes over it, no host sync."""
+    x = x.detach()
+    rows = x.mean(dim=(2, 3)) if x.dim() == 4 else x.reshape(-1, x.shape[-1])
+    # One fused norm gives E[x^2]; x.var() would be a slower two-pass kernel.
+    return ActivationSummary(rows, torch.linalg.vector_norm(x), x.numel())
+
+
+def finish(summaries: list[ActivationSummary]) -> list[ActivationStats]:
+    """The statistics of many layers' summaries, computed together on the host with numpy.
+
+    Layers with the same number of samples (all of them, in a CNN) are stacked so each
+    statistic costs a few numpy calls for all layers rather than a few per layer.
+    A unit is dead when its per-sample values are all ~0: for a conv map that is its
+    spatial mean, which is 0 only if the whole map is (ReLU outputs are >= 0; for signed
+    outputs an exact cancellation is vanishingly unlikely).
+    """
+    arrays = [_host_array(summary.rows) for summary in summaries]
+    norms = torch.stack([summary.norm for summary in summaries]).double().cpu().tolist() if summaries else []
+    stats: list[ActivationStats] = [ActivationStats(0.0, 0.0, 0.0)] * len(summaries)
+    groups: dict[int, list[int]] = {}
+    for i, rows in enumerate(arrays):
+        if rows.size:
+            groups.setdefault(rows.shape[0], []).append(i)
+    for members in groups.values():
+        means, dead = _means_and_dead(arrays, members)
+        correlations = _avg_abs_correlations(arrays, members)
+        for j, i in enumerate(members):
+            mean_square = norms[i] ** 2 / max(summaries[i].numel, 1)
+            # Rows are means of equal-sized groups of x, so their mean is the mean of x.
+            variance = max(mean_square - float(means[j]) ** 2, 0.0)
+            stats[i] = ActivationStats(variance, float(dead[j]), float(correlations[j]))
+    return stats
+
+
+def _host_array(t: torch.Tensor) -> np.ndarray:
+    if t.dtype is torch.float32 and t.device.type == "cpu":
+        return t.numpy()  # no copy, no dispatch
+    return t.float().cpu().numpy()
+
+
+def _means_and_dead(arrays: list[np.ndarray], members: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: the mean of its rows, and the share of its units that are ~0 in every row."""
+    widths = np.array([arrays[i].shape[1] for i in members])
+    starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
+    joined = np.concatenate([arrays[i] for i in members], axis=1)  # [samples, all units]
+    column_means = joined.mean(axis=0, dtype=np.float64)
+    dead_columns = (np.abs(joined).max(axis=0) <= DEAD_EPS).astype(np.float64)
+    return np.add.reduceat(column_means, starts) / widths, np.add.reduceat(dead_columns, starts) / widths
+
+
+def _avg_abs_correlations(arrays: list[np.ndarray], members: list[int]) -> np.ndarray:
+    """Per layer: mean |Pearson correlation| over pairs of its sampled units with nonzero spread."""
+    n = min(arrays[members[0]].shape[0], MAX_CORRELATION_SAMPLES)
+    if n < 2:
+        return np.zeros(len(members))
+    # [layer, unit, sample]: reductions run along the contiguous last axis (several times faster).
+    picked = np.zeros((len(members), MAX_CORRELATED_UNITS, n), dtype=np.float32)  # zero rows: unusable
+    for j, i in enumerate(members):
+        index = _unit_index(arrays[i].shape[1])
+        picked[j, : index.size] = arrays[i][:n, index].T
+    centred = picked - picked.mean(axis=2, keepdims=True)
+    norms = np.sqrt(np.square(centred).sum(axis=2))
+    usable = norms > 1e-6 * norms.max(axis=1, keepdims=True)  # dead units have no spread
+    k = usable.sum(axis=1).astype(np.float64)
+    # Unusable units become 0, so their correlations vanish; usable ones have |corr| 1 with themselves.
+    z = centred / np.where(usable, norms, np.inf)[:, :, None]
+    total = np.abs(z @ z.transpose(0, 2, 1)).sum(axis=(1, 2))  # batched BLAS (einsum is 20x slower)
+    pairs = k * (k - 1)
+    return np.clip(np.divide(total - k, pairs, out=np.zeros_like(total), where=pairs > 0), 0.0, 1.0)
 
 
 def activation_stats(x: torch.Tensor) -> ActivationStats:
     """The activation statistics of one tensor, as Python floats."""
-    variance, dead, corr = activation_tensors(x).tolist()
-    return ActivationStats(variance, dead, corr)
+    return finish([summarize(x)])[0]
 
 
 def band(x: float, low: float, high: float) -> float:
@@ -124,19 +177,12 @@ def health_score(
 # ------------------------------------------------------------------ probing
 
 
-def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor | None:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return None
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-
-
 @dataclass(slots=True)
 class _LayerReading:
-    stats: torch.Tensor | None = None
+    summary: ActivationSummary | None = None
     latency_ns: int = 0
-    host_grad: torch.Tensor | None = None
-    seed_grad: torch.Tensor | None = None
+    host_grad: float | None = None
+    seed_grad: float | None = None
     started_ns: int = 0
 
 
@@ -146,66 +192,82 @@ class LayerProbe:
 
     model: HostModel
     readings: dict[int, _LayerReading] = field(default_factory=dict)
+    cost_ns: int = 0  # time spent in the probe's own code (hooks, gradient reads, signals)
+    _host_params: list[list[nn.Parameter]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Host parameters never change; walking the module tree for them every step would cost.
+        self._host_params = [layer.block.host_parameters() for layer in self.model.layers]
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
         """Record activations and latency of every layer for the forward passes inside."""
+        t0 = time.perf_counter_ns()
         handles = []
         for layer in self.model.layers:
             reading = self.readings.setdefault(layer.layer_id, _LayerReading())
             handles.append(layer.block.register_forward_pre_hook(self._before(reading)))
-            handles.append(layer.block.register_forward_hook(self._after(reading)))
+            handles.append(layer.block.register_forward_hook(self._after(self, reading)))
+        self.cost_ns += time.perf_counter_ns() - t0
         try:
             yield
         finally:
+            t0 = time.perf_counter_ns()
             for handle in handles:
                 handle.remove()
+            self.cost_ns += time.perf_counter_ns() - t0
 
     @staticmethod
-    def _before(reading: _LayerReading):
+    def _before(reading: _LayerReading) -> Callable[[nn.Module, object], None]:
         def hook(module: nn.Module, args: object) -> None:
             reading.started_ns = time.perf_counter_ns()
 
         return hook
 
     @staticmethod
-    def _after(reading: _LayerReading):
+    def _after(
+        probe: LayerProbe, reading: _LayerReading
+    ) -> Callable[[nn.Module, object, torch.Tensor], None]:
         def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
-            reading.latency_ns = time.perf_counter_ns() - reading.started_ns
+            ended = time.perf_counter_ns()
+            reading.latency_ns = ended - reading.started_ns
             with torch.no_grad():
-                reading.stats = activation_tensors(output)
+                reading.summary = summarize(output)
+            probe.cost_ns += time.perf_counter_ns() - ended
 
         return hook
 
     def read_gradients(self) -> None:
-        """After backward: gradient norms of each layer's host and seed parameters."""
-        for layer in self.model.layers:
-            reading = self.readings.setdefault(layer.layer_id, _LayerReading())
-            reading.host_grad = _grad_norm(layer.block.host_parameters())
+        """After backward: gradient norms of each layer's host and seed parameters (one fused call)."""
+        t0 = time.perf_counter_ns()
+        groups: list[list[torch.Tensor]] = []
+        for layer, host_params in zip(self.model.layers, self._host_params, strict=True):
             slot = layer.slot
-            reading.seed_grad = _grad_norm(slot.seed_parameters()) if slot is not None else None
+            groups.append([p.grad for p in host_params if p.grad is not None])
+            groups.append([p.grad for p in slot.seed_parameters() if p.grad is not None] if slot else [])
+        flat = [g for group in groups for g in group]
+        norms = torch.stack(torch._foreach_norm(flat)).double().cpu().tolist() if flat else []
+        totals: list[float | None] = []
+        at = 0
+        for group in groups:
+            squares = norms[at : at + len(group)]
+            at += len(group)
+            totals.append(math.sqrt(sum(n * n for n in squares)) if group else None)
+        for i, layer in enumerate(self.model.layers):
+            reading = self.readings.setdefault(layer.layer_id, _LayerReading())
+            reading.host_grad, reading.seed_grad = totals[2 * i], totals[2 * i + 1]
+        self.cost_ns += time.perf_counter_ns() - t0
 
     def signals(self, timestamp: float | None = None) -> list[HealthSignal]:
-        """One HealthSignal per layer from the latest readings (one host sync for all of them)."""
+        """One HealthSignal per layer that has been captured."""
         now = time.time() if timestamp is None else timestamp
-        layers = [
-            layer
+        captured = [
+            (layer, reading)
             for layer in self.model.layers
-            if layer.layer_id in self.readings and self.readings[layer.layer_id].stats is not None
+            if (reading := self.readings.get(layer.layer_id)) is not None and reading.summary is not None
         ]
-        if not layers:
-            return []
-        nan = torch.tensor(float("nan"))
-        rows = []
-        for layer in layers:
-            r = self.readings[layer.layer_id]
-            grads = [g if g is not None else nan for g in (r.host_grad, r.seed_grad)]
-            rows.append(torch.cat([r.stats.cpu(), torch.stack(grads).cpu()]))  # type: ignore[union-attr]
-        values = torch.stack(rows).tolist()
-        return [
-            _signal(layer, self.readings[layer.layer_id], v, now)
-            for layer, v in zip(layers, values, strict=True)
-        ]
+        stats = finish([reading.summary for _, reading in captured])  # type: ignore[misc]
+        return [_signal(layer, reading, s, now) for (layer, reading), s in zip(captured, stats, strict=True)]
 
 
 def _finite(value: float, low: float = 0.0, high: float = 1e300) -> tuple[float, int]:
@@ -215,14 +277,13 @@ def _finite(value: float, low: float = 0.0, high: float = 1e300) -> tuple[float,
     return min(max(value, low), high), 0
 
 
-def _signal(layer: Layer, reading: _LayerReading, values: list[float], now: float) -> HealthSignal:
-    variance, dead, corr, host_grad, seed_grad = values
-    has_grad = not math.isnan(host_grad)
-    variance, bad_var = _finite(variance)
-    dead, bad_dead = _finite(dead, 0.0, 1.0)
-    corr, bad_corr = _finite(corr, -1.0, 1.0)
-    grad, bad_grad = _finite(host_grad) if has_grad else (0.0, 0)
-    seed_norm = 0.0 if math.isnan(seed_grad) else seed_grad
+def _signal(layer: Layer, reading: _LayerReading, stats: ActivationStats, now: float) -> HealthSignal:
+    has_grad = reading.host_grad is not None
+    variance, bad_var = _finite(stats.variance)
+    dead, bad_dead = _finite(stats.dead_ratio, 0.0, 1.0)
+    corr, bad_corr = _finite(stats.avg_correlation, -1.0, 1.0)
+    grad, bad_grad = _finite(reading.host_grad) if reading.host_grad is not None else (0.0, 0)
+    seed_norm = reading.seed_grad or 0.0
     ratio, bad_ratio = _finite(seed_norm / grad) if grad > 0 else (0.0, 0)
     errors = bad_var + bad_dead + bad_corr + bad_grad + bad_ratio
     health = 0.0 if errors else health_score(dead, corr, variance, grad if has_grad else None)

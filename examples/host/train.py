@@ -67,7 +67,7 @@ class HostConfig:
     lr: float = 0.02  # SGD with momentum 0.9, cosine-decayed to 10% over the run
     device: str = "cpu"
     telemetry: bool = True  # hooks, health batches, counterfactuals, state packets
-    health_every: int = 5  # K: one HealthBatch every K steps (bounds the overhead)
+    health_every: int = 10  # K: one HealthBatch every K steps (bounds the overhead; see bench_host)
     cooldown_epochs: int = 2  # PRUNED -> DORMANT after this many epoch boundaries
     blueprints: tuple[Blueprint, ...] | None = None  # None: all sixteen
     degrade: str | None = None  # fault injection: this layer's units die progressively
@@ -87,7 +87,9 @@ class EpochReport:
     host_params: int
     total_params: int
     seeds: list[SeedSlotState]
-    train_seconds: float  # the training steps only (what the overhead benchmark compares)
+    train_seconds: float  # wall time of the training steps only (what the overhead benchmark compares)
+    train_cpu_seconds: float  # CPU time of this process over the same steps (robust to other tenants)
+    telemetry_seconds: float  # of train_seconds, time inside telemetry and publishing code itself
     steps: int
 
 
@@ -122,6 +124,14 @@ class RunReport:
     @property
     def train_seconds(self) -> float:
         return sum(e.train_seconds for e in self.epochs)
+
+    @property
+    def train_cpu_seconds(self) -> float:
+        return sum(e.train_cpu_seconds for e in self.epochs)
+
+    @property
+    def steps(self) -> int:
+        return sum(e.steps for e in self.epochs)
 
 
 class HostRun:
@@ -165,23 +175,36 @@ class HostRun:
 
     async def run(self) -> RunReport:
         """Train for `config.epochs` epochs; returns what happened."""
+        self.start()
+        for _ in range(self.config.epochs):
+            await self.run_epoch()
+        await self.finish()
+        return self.report
+
+    def start(self) -> None:
+        """Announce the topology and measure the accuracy before any training."""
         if self.link is not None:
             self.link.send_topology(topology(self.model))
         _, self.val_accuracy = self.evaluate()  # the baseline a seed germinated in epoch 0 is judged by
-        for epoch in range(self.config.epochs):
-            self.epoch = epoch
-            report = await self.train_epoch()
-            self.report.epochs.append(report)
-            self._log_epoch(report)
-            if self.link is not None:
-                self.link.send_state(self.state_packet(report, done=epoch == self.config.epochs - 1))
-                await asyncio.sleep(self.config.epoch_pause_s)
+
+    async def run_epoch(self) -> EpochReport:
+        """The next epoch: train, report, publish its state and give commands a chance to arrive."""
+        report = await self.train_epoch()
+        self.report.epochs.append(report)
+        self._log_epoch(report)
+        self.epoch += 1
+        if self.link is not None:
+            self.link.send_state(self.state_packet(report, done=self.epoch >= self.config.epochs))
+            await asyncio.sleep(self.config.epoch_pause_s)
+        return report
+
+    async def finish(self) -> None:
+        """Stop taking commands: whatever arrives now is answered (rejected), not left hanging."""
         self.finished = True
         if self.link is not None:
             await self.link.flush()
-            self.poll_commands()  # anything that arrived after the end is answered, not left hanging
+            self.poll_commands()
             await self.link.flush()
-        return self.report
 
     async def train_epoch(self) -> EpochReport:
         """One pass over the training set, then validation, counterfactuals and transitions."""
@@ -191,10 +214,14 @@ class HostRun:
         loss_sum = torch.zeros((), device=self.device)
         hits = torch.zeros((), device=self.device, dtype=torch.long)
         steps = 0
-        started = time.perf_counter()
+        probe_ns = probe.cost_ns if probe is not None else 0
+        accounted_ns = 0  # time inside the instrumentation's own code paths (see EpochReport)
+        started, started_cpu = time.perf_counter(), time.process_time()
         for x, y in batches(self.data.x_train, self.data.y_train, cfg.batch_size, self.generator):
             if link is not None:
+                t0 = time.perf_counter_ns()
                 self.poll_commands()
+                accounted_ns += time.perf_counter_ns() - t0
             self._inject_fault()
             capture = probe is not None and self.global_step % cfg.health_every == 0
             loss, correct = self.train_step(x, y, capture)
@@ -205,8 +232,12 @@ class HostRun:
             self.global_step += 1
             steps += 1
             if link is not None:
+                t0 = time.perf_counter_ns()
                 await asyncio.sleep(0)  # let the client publish and receive between steps
-        train_seconds = time.perf_counter() - started
+                accounted_ns += time.perf_counter_ns() - t0
+        train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
+        if probe is not None:
+            accounted_ns += probe.cost_ns - probe_ns
         n = self.data.x_train.shape[0]
         val_loss, self.val_accuracy = self.evaluate()
         if probe is not None:
@@ -224,6 +255,8 @@ class HostRun:
             total_params=self.model.total_param_count(),
             seeds=[slot.state() for slot in self.model.slots],
             train_seconds=train_seconds,
+            train_cpu_seconds=train_cpu_seconds,
+            telemetry_seconds=accounted_ns / 1e9,
             steps=steps,
         )
 
@@ -241,7 +274,7 @@ class HostRun:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if capture:
-            self.probe.read_gradients()  # type: ignore[union-attr]
+            self.probe.read_gradients()  # type: ignore[union-attr]  # counts itself in probe.cost_ns
         self.optimizer.step()
         for slot in self.model.slots:
             slot.step()
@@ -339,10 +372,12 @@ class HostRun:
 
     def _send_health(self) -> None:
         assert self.probe is not None
+        t0 = time.perf_counter_ns()
         signals = self.probe.signals()
         self.report.health_batches += 1
         if self.link is not None and signals:
             self.link.send_health(HealthBatch(signals=signals, timestamp=time.time()))
+        self.probe.cost_ns += time.perf_counter_ns() - t0
 
     def state_packet(self, report: EpochReport, done: bool = False) -> SystemStatePacket:
         metrics = {

@@ -149,7 +149,10 @@ class Scheduler:
         return set(layers)
 
     def _release(self, command: PendingCommand) -> None:
-        self._cooldowns.get(command.run_id, {}).pop(command.layer_id, None)
+        layers = self._cooldowns.get(command.run_id, {})
+        # Only this command's own cooldown: a newer command on the same layer keeps its own.
+        if layers.get(command.layer_id) == command.issued_at + self.config.cooldown_s:
+            del layers[command.layer_id]
 
 
 def mask_cooling(observation: Observation, layers: Iterable[int]) -> Observation:

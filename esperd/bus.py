@@ -7,6 +7,7 @@ callback and never interprets them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -16,13 +17,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from contracts import JSON, MSGPACK, AdaptationCommand, Channel, Codec, run_subject, wildcard_subject
+from contracts import JSON, MSGPACK, AdaptationCommand, Channel, Codec, run_subject
 from esperd.config import NatsConfig
 
 log = structlog.get_logger("esperd.bus")
-
-#: The channels esperd listens to, for every run.
-INBOUND_CHANNELS = (Channel.TOPOLOGY, Channel.HEALTH, Channel.STATE, Channel.ACK)
 
 RawHandler = Callable[[str, bytes, str | None], Awaitable[None]]
 
@@ -61,8 +59,8 @@ def connect_options(config: NatsConfig) -> dict[str, object]:
     context = tls_context(config)
     if context is not None:
         options["tls"] = context
-        if config.tls.hostname:
-            options["tls_hostname"] = config.tls.hostname
+    if config.tls.hostname:  # also for a tls:// URL verified against the system's CAs
+        options["tls_hostname"] = config.tls.hostname
     return options
 
 
@@ -85,21 +83,24 @@ class Bus:
         return self.nc is not None and self.nc.is_connected
 
     async def connect(self, stop: asyncio.Event | None = None) -> Client:
-        """Connect, retrying with capped exponential backoff until connected or `stop` is set."""
+        """Connect, retrying until connected or `stop` is set.
+
+        With `max_reconnect_attempts=-1` nats-py itself retries the first connect forever
+        (every `reconnect_wait_s`, each failure reported to `_on_error`): a refused login or
+        an unreachable broker never returns from it, so `stop` must interrupt the attempt.
+        """
         delay = self.config.reconnect_wait_s
         while True:
             try:
-                self.nc = await nats.connect(
-                    **connect_options(self.config),
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                    closed_cb=self._on_closed,
-                )
-                log.info("connected to NATS", server=str(self.nc.connected_url.netloc if self.nc.connected_url else ""))
-                return self.nc
+                nc = await self._attempt(stop)
             except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
                 log.warning("NATS connect failed; retrying", error=str(exc) or type(exc).__name__, retry_in_s=delay)
+            else:
+                if nc is None:
+                    raise ConnectionError("stopped before NATS was reachable")
+                self.nc = nc
+                log.info("connected to NATS", server=str(nc.connected_url.netloc if nc.connected_url else ""))
+                return nc
             if stop is not None and stop.is_set():
                 raise ConnectionError("stopped before NATS was reachable")
             try:
@@ -110,21 +111,55 @@ class Bus:
                 raise ConnectionError("stopped before NATS was reachable")
             delay = min(delay * 2, 30.0)
 
+    async def _attempt(self, stop: asyncio.Event | None) -> Client | None:
+        """One nats-py connect; None if `stop` was set first (the half-open client is closed)."""
+        nc = Client()
+        attempt = asyncio.ensure_future(nc.connect(
+            **connect_options(self.config),
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            closed_cb=self._on_closed,
+        ))
+        stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        finished = False
+        try:
+            await asyncio.wait([attempt] if stopped is None else [attempt, stopped],
+                               return_when=asyncio.FIRST_COMPLETED)
+            finished = attempt.done()
+        finally:  # also when we are cancelled
+            if stopped is not None:
+                stopped.cancel()
+            if not attempt.done():
+                attempt.cancel()
+                await asyncio.gather(attempt, return_exceptions=True)
+                with contextlib.suppress(Exception):
+                    await nc.close()
+        if not finished:
+            return None
+        attempt.result()
+        return nc
+
     async def subscribe_inbound(self, handler: RawHandler) -> None:
-        """Subscribe to every inbound channel of every run; `handler(subject, data, content_type)`."""
+        """Subscribe to every run's subjects; `handler(subject, data, content_type)`.
+
+        One wildcard subscription, not one per channel: nats-py runs each subscription's
+        callbacks in its own task, so separate ones could reorder a host's topology,
+        health, state and acks. Commands (ours, or a peer instance's) are skipped.
+        """
         nc = self._require()
+        command_suffix = "." + Channel.COMMAND.value
 
         async def on_message(msg: Msg) -> None:
+            if msg.subject.endswith(command_suffix):
+                return
             content_type = msg.headers.get("Content-Type") if msg.headers else None
             await handler(msg.subject, msg.data, content_type)
 
-        for channel in INBOUND_CHANNELS:
-            sub = await nc.subscribe(
-                wildcard_subject(channel, self.prefix),
-                cb=on_message,
-                pending_bytes_limit=self.config.max_pending_bytes,
-            )
-            self._subs.append(sub)
+        sub = await nc.subscribe(
+            f"{self.prefix}.*.*", cb=on_message, pending_bytes_limit=self.config.max_pending_bytes
+        )
+        self._subs.append(sub)
         # Twice: nats-py can send the PING ahead of buffered SUBs, so one flush may return
         # before the server has them, and READY would come before the subscriptions are live.
         await nc.flush()

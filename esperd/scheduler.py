@@ -30,7 +30,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     cooldown_s: Annotated[float, Meta(ge=0.0)] = 30.0  # per layer, after a command
     ack_timeout_s: Annotated[float, Meta(gt=0.0)] = 60.0  # an unacked command frees its layer after this
     max_batch: Annotated[int, Meta(ge=1, le=4096)] = 64  # runs decided in one forward pass
-    max_wait_ms: Annotated[float, Meta(ge=0.0, le=10_000.0)] = 5.0  # how long a due run waits for company
+    max_wait_ms: Annotated[float, Meta(ge=0.0, le=10_000.0)] = 1.0  # how long a due run waits for company
     max_pending: Annotated[int, Meta(ge=1)] = 4096  # due runs queued; beyond this, new ones are dropped
     decision_deadline_ms: Annotated[float, Meta(gt=0.0)] = 1_000.0  # a decision older than this is stale
 

@@ -122,6 +122,23 @@ def test_seed_parameters_enter_and_leave_the_optimizer() -> None:
     assert not seed_ids & optimized() and slot.seed is None
 
 
+def test_several_seeds_train_and_leave_independently() -> None:
+    run = HostRun(HostConfig(epochs=1, width=4), link=MemoryLink())
+    for layer_id in (1, 2, 4):  # conv_light seeds: same number of parameters in blocks 1 and 2
+        assert run.handle(cmd(f"g{layer_id}", layer_id, Op.GERMINATE, **GERMINATE)) is None
+    for slot in run.model.slots:
+        slot.end_epoch(0.5)
+    run._sync_optimizer()
+    assert len(run.optimizer.param_groups) == 4  # host + three seeds
+    assert run.handle(cmd("p2", 2, Op.PRUNE)) is None  # the later of two look-alike groups
+    remaining = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
+    slots = {slot.layer_id: slot for slot in run.model.slots}
+    assert {id(p) for p in slots[1].seed_parameters()} <= remaining
+    assert {id(p) for p in slots[4].seed_parameters()} <= remaining
+    assert len(run.optimizer.param_groups) == 3
+    run.train_step(run.data.x_train[:32], run.data.y_train[:32])
+
+
 @pytest.mark.parametrize(
     ("command", "needle"),
     [

@@ -192,7 +192,7 @@ class LayerProbe:
 
     model: HostModel
     readings: dict[int, _LayerReading] = field(default_factory=dict)
-    cost_ns: int = 0  # time spent in the probe's own code (hooks, gradient reads, signals)
+    cost_ns: int = 0  # CPU time spent in the probe's own code (hooks, gradient reads, signals)
     _host_params: list[list[nn.Parameter]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -202,20 +202,20 @@ class LayerProbe:
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
         """Record activations and latency of every layer for the forward passes inside."""
-        t0 = time.perf_counter_ns()
+        t0 = time.thread_time_ns()
         handles = []
         for layer in self.model.layers:
             reading = self.readings.setdefault(layer.layer_id, _LayerReading())
             handles.append(layer.block.register_forward_pre_hook(self._before(reading)))
             handles.append(layer.block.register_forward_hook(self._after(self, reading)))
-        self.cost_ns += time.perf_counter_ns() - t0
+        self.cost_ns += time.thread_time_ns() - t0
         try:
             yield
         finally:
-            t0 = time.perf_counter_ns()
+            t0 = time.thread_time_ns()
             for handle in handles:
                 handle.remove()
-            self.cost_ns += time.perf_counter_ns() - t0
+            self.cost_ns += time.thread_time_ns() - t0
 
     @staticmethod
     def _before(reading: _LayerReading) -> Callable[[nn.Module, object], None]:
@@ -229,17 +229,17 @@ class LayerProbe:
         probe: LayerProbe, reading: _LayerReading
     ) -> Callable[[nn.Module, object, torch.Tensor], None]:
         def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
-            ended = time.perf_counter_ns()
-            reading.latency_ns = ended - reading.started_ns
+            reading.latency_ns = time.perf_counter_ns() - reading.started_ns
+            t0 = time.thread_time_ns()
             with torch.no_grad():
                 reading.summary = summarize(output)
-            probe.cost_ns += time.perf_counter_ns() - ended
+            probe.cost_ns += time.thread_time_ns() - t0
 
         return hook
 
     def read_gradients(self) -> None:
         """After backward: gradient norms of each layer's host and seed parameters (one fused call)."""
-        t0 = time.perf_counter_ns()
+        t0 = time.thread_time_ns()
         groups: list[list[torch.Tensor]] = []
         for layer, host_params in zip(self.model.layers, self._host_params, strict=True):
             slot = layer.slot
@@ -256,7 +256,7 @@ class LayerProbe:
         for i, layer in enumerate(self.model.layers):
             reading = self.readings.setdefault(layer.layer_id, _LayerReading())
             reading.host_grad, reading.seed_grad = totals[2 * i], totals[2 * i + 1]
-        self.cost_ns += time.perf_counter_ns() - t0
+        self.cost_ns += time.thread_time_ns() - t0
 
     def signals(self, timestamp: float | None = None) -> list[HealthSignal]:
         """One HealthSignal per layer that has been captured."""

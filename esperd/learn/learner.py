@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -125,6 +126,7 @@ class Learner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esperd-learner")
         self._wake = asyncio.Event()
         self._paused_until = 0.0
+        self._updating = False  # an update is running on the worker thread
         self._rewards: dict[int, collections.deque[float]] = {}
         self._previous_version: int | None = None
         self._last_checkpoint = clock()
@@ -158,6 +160,7 @@ class Learner:
                 self._wake.clear()
                 if self.paused:
                     await asyncio.sleep(self._paused_until - self._clock())
+                    self._wake.set()  # look again after the pause, even if no new step arrives
                     continue
                 if self._has_enough():
                     await self.update_once()
@@ -178,17 +181,27 @@ class Learner:
         batch, indices, stamps, weights = self._take_batch()
         if not batch:
             return False
+        trips = self.status.trips
+        self._updating = True
         try:
             stats, candidate = await loop.run_in_executor(self._executor, self._train, batch, weights)
         except NonFiniteError as exc:
-            await self._trip(f"non-finite update: {exc}")
+            self._updating = False
+            self._trip(f"non-finite update: {exc}")
+            return False
+        finally:
+            self._updating = False
+        if self.status.trips != trips:
+            # The breaker tripped while this update ran (a reward drop): its result is void, and
+            # the trainee, which the worker was still changing, goes back to the good weights now.
+            self._reset_trainee()
             return False
         if self.replay is not None and indices is not None and stats.td_errors:
             self.replay.update_priorities(indices, stats.td_errors, stamps=stamps)
         self._note_stats(stats, len(batch))
         kl_limit = self._kl_limit()
         if not math.isfinite(stats.approx_kl) or stats.approx_kl > kl_limit:
-            await self._trip(f"KL {stats.approx_kl:.4f} > {kl_limit:.4f}")
+            self._trip(f"KL {stats.approx_kl:.4f} > {kl_limit:.4f}")
             return False
         self._serve(candidate)
         return True
@@ -228,14 +241,18 @@ class Learner:
 
     # -------------------------------------------------------------- breaker
 
-    async def _trip(self, why: str) -> None:
-        """Roll the trainee (and, if it is bad, the serving policy) back to the last good weights."""
+    def _trip(self, why: str) -> None:
+        """Roll the trainee (and, if it is bad, the serving policy) back to the last good weights.
+
+        Synchronous, on the loop thread: a later step judged in the same batch sees the trip done.
+        While an update runs on the worker, the trainee is left to `update_once`, which voids it.
+        """
         self.status.trips += 1
         self.status.last_trip = why
         self.status.breaker = "open"
         self._paused_until = self._clock() + self.config.breaker.recovery_s
-        self.trainee.load_state_dict(self._good, version=self.serving.version)
-        self.algo.reset_optimizer()
+        if not self._updating:
+            self._reset_trainee()
         if self.serving.version != self._good_version:
             restored = self._make_policy()
             restored.load_state_dict(self._good, version=self.serving.version + 1)
@@ -248,6 +265,10 @@ class Learner:
             recovery_s=self.config.breaker.recovery_s,
             serving_version=self.serving.version,
         )
+
+    def _reset_trainee(self) -> None:
+        self.trainee.load_state_dict(self._good, version=self.serving.version)
+        self.algo.reset_optimizer()
 
     def _note_reward(self, transition: Transition) -> None:
         if not math.isfinite(transition.reward):
@@ -271,7 +292,7 @@ class Learner:
             # Per-step rewards are noisy: a drop must also be well outside the noise.
             noise = 3.0 * math.sqrt(_variance(before) / len(before) + _variance(mine) / len(mine))
             if drop > max(self.config.breaker.reward_drop, noise):
-                asyncio.get_running_loop().create_task(self._trip(f"reward fell by {drop:.4f} after swap"))
+                self._trip(f"reward fell by {drop:.4f} after swap")
                 return
         self._good = _clone_state(self.serving.state_dict())
         self._good_version = current
@@ -325,31 +346,42 @@ class Learner:
         )
 
     def restore(self) -> bool:
-        """Resume from the state directory's checkpoint, if any. False when there is none."""
+        """Resume from the state directory's checkpoint, if any. False when there is none or it is
+        unusable; then nothing changed (every part is read and checked before any is applied)."""
         directory = self.state_dir / "learner"
         policy_file = directory / "policy.safetensors"
         if not policy_file.exists():
             return False
+        restored = self._make_policy()
+        fresh_algo = copy.deepcopy(self.algo.state_dict())
         try:
-            load_policy_checkpoint(policy_file, self.trainee)
+            load_policy_checkpoint(policy_file, restored)
+            # weights_only: tensors and plain containers; a pickle that would run code is refused.
             extra = torch.load(directory / "learner.pt", weights_only=True)
+            if not isinstance(extra, dict) or not isinstance(extra.get("algo"), dict):
+                raise CheckpointError("learner.pt holds no learner state")
+            prior = extra.get("status") or {}
+            updates, samples = int(prior.get("updates", 0)), int(prior.get("samples", 0))
             self.algo.load_state_dict(extra["algo"])
-        except (CheckpointError, OSError, RuntimeError, KeyError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - torch.load and the optimizers raise many types
+            self.algo.load_state_dict(fresh_algo)  # undo a partial load
             log.error("learner checkpoint unusable; starting fresh", error=str(exc))
             return False
         buffer = self.rollout if self.rollout is not None else self.replay
         buffer_file = directory / "buffer.safetensors"
         if buffer is not None and buffer_file.exists():
-            buffer.load(buffer_file)
-        restored = self._make_policy()
-        restored.load_state_dict(self.trainee.state_dict(), version=self.trainee.version)
+            try:
+                buffer.load(buffer_file)
+            except Exception as exc:  # noqa: BLE001 - the policy and optimizer still resume
+                buffer.clear()
+                log.error("learner buffer unusable; starting with an empty buffer", error=str(exc))
+        self.trainee.load_state_dict(restored.state_dict(), version=restored.version)
         self._good, self._good_version = _clone_state(restored.state_dict()), restored.version
         self.serving = restored
         self._swap(restored)
         self.status.serving_version = restored.version
-        prior = extra.get("status", {})
-        self.status.updates = int(prior.get("updates", 0))
-        self.status.samples = int(prior.get("samples", 0))
+        self.status.updates = updates
+        self.status.samples = samples
         log.info("learner resumed", version=restored.version, buffered=self.buffered())
         return True
 

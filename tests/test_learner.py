@@ -1,0 +1,607 @@
+"""The in-process Learner: updates and atomic hot swaps, the circuit breaker, checkpoints.
+
+No broker: a real GNN policy (hidden 64) acts on the simulator (esperd.sim.SimEnv, observed
+through the real Analyzer), its steps become Transitions, and the Learner trains on them on
+its own worker thread while the tests drive it from the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import os
+import pathlib
+import pickle
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+
+from contracts import AdaptationCommand
+from esperd.decisions import DecisionLoop
+from esperd.learn.experience import Transition
+from esperd.learn.impala import ImpalaConfig
+from esperd.learn.learner import BreakerConfig, Learner, LearnerConfig
+from esperd.learn.ppo import PPOConfig
+from esperd.learn.recorder import Recorder
+from esperd.policy import PolicyBundle, PolicyConfig, create_policy
+from esperd.scheduler import Scheduler, SchedulerConfig
+from esperd.sim import SimConfig, SimEnv
+
+torch.set_num_threads(1)
+
+SIM = SimConfig(epochs=12, min_layers=6, max_layers=8)
+PPO = PPOConfig(rollout_size=32, minibatch_size=16, epochs=2, warmup_updates=0)
+IMPALA = ImpalaConfig(batch_size=16)
+
+
+def policy_config(init_seed: int = 0) -> PolicyConfig:
+    return PolicyConfig(name="gnn", hidden_size=64, gnn_layers=2, dropout=0.0, init_seed=init_seed)
+
+
+def make_policy(init_seed: int = 0) -> PolicyBundle:
+    return create_policy("gnn", policy_config(init_seed), "cpu")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def learner_config(algorithm: str, **overrides: object) -> LearnerConfig:
+    fields: dict[str, object] = {
+        "algorithm": algorithm,
+        "ppo": PPO,
+        "impala": IMPALA,
+        "min_replay": 32,
+        "replay_capacity": 1_000,
+        "breaker": BreakerConfig(recovery_s=60.0),
+    }
+    fields.update(overrides)
+    return LearnerConfig(**fields)  # type: ignore[arg-type]
+
+
+def build_learner(
+    tmp_path: Path,
+    algorithm: str,
+    *,
+    serving: PolicyBundle | None = None,
+    clock: Callable[[], float] | None = None,
+    **overrides: object,
+) -> tuple[Learner, list[PolicyBundle]]:
+    """A Learner over a fresh serving GNN; the list collects every bundle handed to swap."""
+    swapped: list[PolicyBundle] = []
+    learner = Learner(
+        learner_config(algorithm, **overrides),
+        make_policy=make_policy,
+        serving=serving if serving is not None else make_policy(),
+        swap=swapped.append,
+        state_dir=tmp_path,
+        clock=clock or FakeClock(),
+    )
+    return learner, swapped
+
+
+def sim_transitions(policy: PolicyBundle, count: int, *, seed: int = 0, envs: int = 8) -> list[Transition]:
+    """`count` steps of `policy` acting on the simulator, as the recorder would close them."""
+    env = SimEnv(envs, SIM, seed=seed)
+    obs = env.reset()
+    out: list[Transition] = []
+    while len(out) < count:
+        result = policy.act(obs)
+        following, rewards, dones, _ = env.step(result)
+        actions = result.actions.numpy().astype(np.int64)
+        for i, o in enumerate(obs):
+            done = bool(dones[i])
+            out.append(
+                Transition(
+                    obs=o,
+                    action=actions[i].copy(),
+                    log_prob=float(result.log_probs[i]),
+                    value=float(result.values[i]),
+                    policy_version=result.decisions[i].policy_version,
+                    reward=float(rewards[i]),
+                    done=done,
+                    next_obs=None if done else following[i],
+                )
+            )
+        obs = following
+    return out[:count]
+
+
+def with_rewards(transitions: list[Transition], rewards: list[float]) -> list[Transition]:
+    return [msgspec.structs.replace(t, reward=r) for t, r in zip(transitions, rewards, strict=True)]
+
+
+def alternating(mean: float, spread: float, n: int) -> list[float]:
+    """mean +- spread, alternating: a known mean and variance, no randomness."""
+    return [mean + (spread if i % 2 else -spread) for i in range(n)]
+
+
+def weights(policy: PolicyBundle) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def feed(learner: Learner, transitions: list[Transition]) -> None:
+    for t in transitions:
+        learner.add(t)
+
+
+def optimizer_tensor(learner: Learner) -> torch.Tensor:
+    """One moment-estimate tensor of the optimizer (Adam's exp_avg, RMSprop's square_avg)."""
+    state = learner.algo.optimizer.state_dict()["state"]
+    assert state, "the optimizer has no state yet"
+    first = state[min(state)]
+    key = "exp_avg" if "exp_avg" in first else "square_avg"
+    return first[key].clone()
+
+
+# ---------------------------------------------------------------- update and hot swap
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "impala"])
+async def test_update_swaps_in_a_new_bundle_as_version_plus_one(tmp_path: Path, algorithm: str) -> None:
+    learner, swapped = build_learner(tmp_path, algorithm)
+    original = learner.serving
+    before = weights(original)
+    feed(learner, sim_transitions(original, 32, seed=1))
+
+    assert await learner.update_once()
+    first = learner.serving
+    assert swapped == [first]
+    assert first is not original and first is not learner.trainee
+    assert first.version == 1 == learner.status.serving_version
+    assert learner.status.updates == 1 and learner.status.swaps == 1
+    assert 0.0 < learner.status.swap_pause_us_max < 1000.0
+    # The update changed the weights; the new bundle serves exactly the trainee's weights...
+    assert not same_weights(weights(first), before)
+    assert same_weights(weights(first), weights(learner.trainee))
+    # ...and the bundle it replaced (a batch in flight may still be using it) is untouched.
+    assert original.version == 0 and same_weights(weights(original), before)
+
+    feed(learner, sim_transitions(first, 32, seed=2))
+    assert await learner.update_once()
+    second = learner.serving
+    assert swapped == [first, second] and second is not first
+    assert second.version == 2 and first.version == 1
+    assert learner.status.swap_pause_us_max < 1000.0
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "impala"])
+async def test_hot_swap_under_concurrent_decisions(tmp_path: Path, algorithm: str) -> None:
+    """The DecisionLoop decides many runs in batches while the learner trains and swaps on its own thread."""
+    env = SimEnv(24, SIM, seed=3)
+    env.reset()
+    run_ids = list(env.run_ids)
+    serving = make_policy()
+    scheduler = Scheduler(SchedulerConfig(min_interval_s=0.0, cooldown_s=0.0, max_batch=8, max_wait_ms=0.0))
+    recorder = Recorder()
+    published: list[tuple[int, int]] = []  # (batch index, policy_version), in publish order
+    batches: list[tuple[PolicyBundle, int, set[int]]] = []  # (bundle, its version, decisions' versions)
+    decided = collections.Counter[str]()
+
+    async def publish(command: AdaptationCommand) -> None:
+        published.append((loop.stats.batches, command.policy_version))
+        await asyncio.sleep(0.001)  # a slow bus: the learner's swaps land while batches are published
+
+    def on_decided(observations, result, policy):  # type: ignore[no-untyped-def]
+        batches.append((policy, policy.version, {d.policy_version for d in result.decisions}))
+        decided.update(o.run_id for o in observations)
+        recorder.decision_hook(observations, result, policy)
+
+    loop = DecisionLoop(
+        scheduler, serving, observe=env.analyzer.observe, publish=publish, on_decided=on_decided
+    )
+    handed_out: list[PolicyBundle] = [serving]
+
+    swapped_at: list[int] = []  # how many commands had gone out when each swap landed
+
+    def swap(bundle: PolicyBundle) -> None:
+        handed_out.append(bundle)
+        swapped_at.append(len(published))
+        loop.swap_policy(bundle)
+
+    learner = Learner(
+        learner_config(algorithm, breaker=BreakerConfig(kl_limit_ppo=1e3, kl_limit_impala=1e3)),
+        make_policy=make_policy,
+        serving=serving,
+        swap=swap,
+        state_dir=tmp_path,
+    )
+    recorder.add_sink(learner.add)
+    tasks = [asyncio.create_task(loop.run()), asyncio.create_task(learner.run())]
+    rounds = 0
+    try:
+        deadline = asyncio.get_running_loop().time() + 15.0
+        while learner.status.swaps < 4 or rounds < 8:
+            assert asyncio.get_running_loop().time() < deadline, (rounds, learner.status)
+            for run_id in run_ids:
+                scheduler.mark_due(run_id)
+            loop.wake()
+            rounds += 1
+            while loop.stats.decisions < rounds * len(run_ids):
+                assert asyncio.get_running_loop().time() < deadline, (rounds, loop.stats)
+                await asyncio.sleep(0.002)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # No decision dropped: every run was decided once per round, nothing failed or ran late.
+    assert decided == {run_id: rounds for run_id in run_ids}
+    assert loop.stats.decisions == rounds * len(run_ids)
+    assert loop.stats.failures == 0 and loop.stats.late == 0
+    # Each batch was decided wholly by the one bundle it started with, at that bundle's version.
+    for bundle, version, stamped in batches:
+        assert stamped == {version}
+        assert any(bundle is h for h in handed_out)
+    versions_by_batch: dict[int, set[int]] = collections.defaultdict(set)
+    for batch, version in published:
+        versions_by_batch[batch].add(version)
+    assert all(len(v) == 1 for v in versions_by_batch.values()), versions_by_batch
+    # Versions in published commands only ever increase, and several swaps landed among them.
+    versions = [v for _, v in published]
+    assert versions == sorted(versions)
+    assert len(set(versions)) >= 3, (set(versions), learner.status)
+    # Some swaps landed in the middle of a batch's commands, and that batch still stayed whole.
+    mid_batch = [n for n in swapped_at if 0 < n < len(published) and published[n - 1][0] == published[n][0]]
+    assert mid_batch, (swapped_at, len(published))
+    assert learner.status.trips == 0
+    assert [h.version for h in handed_out] == list(range(len(handed_out)))
+    assert learner.status.swap_pause_us_max < 1000.0
+
+
+# ---------------------------------------------------------------- the circuit breaker
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "impala"])
+async def test_nan_reward_trips_the_breaker_and_never_serves_it(tmp_path: Path, algorithm: str) -> None:
+    clock = FakeClock()
+    # IMPALA: 16 stored, 64 drawn stratified at equal priority: every stored step is in the batch.
+    learner, swapped = build_learner(
+        tmp_path, algorithm, clock=clock, min_replay=16, impala=ImpalaConfig(batch_size=64)
+    )
+    serving = learner.serving
+    good = weights(serving)
+    transitions = sim_transitions(serving, 32 if algorithm == "ppo" else 16, seed=4)
+    transitions[5] = msgspec.structs.replace(transitions[5], reward=math.nan)
+    feed(learner, transitions)
+
+    assert not await learner.update_once()
+    status = learner.status
+    assert status.trips == 1 and status.breaker == "open" and "non-finite" in status.last_trip
+    assert learner.paused
+    # Nothing new serves: the same bundle, the same version, the last good weights, all finite.
+    assert swapped == [] and learner.serving is serving and serving.version == 0
+    assert same_weights(weights(serving), good) and all_finite(weights(serving))
+    assert same_weights(weights(learner.trainee), good)
+    assert status.updates == 0 and status.serving_version == 0
+    # The pause ends after recovery_s.
+    clock.now += learner.config.breaker.recovery_s + 1.0
+    assert not learner.paused
+
+
+async def test_learning_pauses_after_a_trip_then_resumes_on_its_own(tmp_path: Path) -> None:
+    # The real clock this time: run() sleeps through the recovery period.
+    learner, swapped = build_learner(
+        tmp_path, "ppo", clock=time.monotonic, breaker=BreakerConfig(recovery_s=0.5)
+    )
+    serving = learner.serving
+    bad = sim_transitions(serving, 32, seed=5)
+    bad[0] = msgspec.structs.replace(bad[0], reward=math.inf)
+    feed(learner, bad)
+    assert not await learner.update_once()
+    assert learner.status.trips == 1 and learner.paused
+
+    feed(learner, sim_transitions(serving, 32, seed=6))  # plenty of good experience, all at once
+    task = asyncio.create_task(learner.run())
+    try:
+        await asyncio.sleep(0.2)
+        assert learner.status.updates == 0 and swapped == []  # paused: no learning yet
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while learner.status.updates == 0:
+            assert asyncio.get_running_loop().time() < deadline, "learning never resumed after recovery"
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert learner.serving.version == 1 and swapped == [learner.serving]
+    assert learner.status.breaker == "closed" and not learner.paused
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "impala"])
+async def test_weights_turning_non_finite_roll_back(tmp_path: Path, algorithm: str) -> None:
+    # PPO: one minibatch, one epoch, so the only optimizer step is the one that blows up.
+    learner, swapped = build_learner(
+        tmp_path, algorithm, ppo=PPOConfig(rollout_size=32, minibatch_size=32, epochs=1, warmup_updates=0)
+    )
+    serving = learner.serving
+    good = weights(serving)
+    feed(learner, sim_transitions(serving, 32, seed=7))
+    for group in learner.algo.optimizer.param_groups:
+        group["lr"] = math.inf  # an absurd step: the weights go to inf / NaN
+
+    assert not await learner.update_once()
+    assert learner.status.trips == 1 and learner.status.breaker == "open"
+    assert "weights became non-finite" in learner.status.last_trip
+    assert swapped == [] and learner.serving is serving and serving.version == 0
+    assert same_weights(weights(serving), good)
+    # The trainee is back on the good weights (it was inf / NaN a moment ago).
+    assert all_finite(weights(learner.trainee)) and same_weights(weights(learner.trainee), good)
+
+
+async def test_ppo_kl_far_above_the_limit_trips(tmp_path: Path) -> None:
+    learner, swapped = build_learner(
+        tmp_path,
+        "ppo",
+        ppo=PPOConfig(rollout_size=32, minibatch_size=8, epochs=4, lr=1e-3, target_kl=None, warmup_updates=0),
+        breaker=BreakerConfig(kl_limit_ppo=1e-9, recovery_s=60.0),
+    )
+    serving = learner.serving
+    good = weights(serving)
+    feed(learner, sim_transitions(serving, 32, seed=8))
+
+    assert not await learner.update_once()
+    status = learner.status
+    assert status.last["approx_kl"] > 1e-9
+    assert status.trips == 1 and status.breaker == "open" and status.last_trip.startswith("KL")
+    assert swapped == [] and learner.serving is serving and serving.version == 0
+    assert same_weights(weights(learner.trainee), good)  # the over-stepped trainee was rolled back
+    assert not learner.algo.optimizer.state  # and its optimizer moments forgotten
+    assert len(learner.rollout or ()) == 0
+
+
+async def test_impala_kl_trip_after_a_swap_restores_the_good_weights_as_a_new_version(tmp_path: Path) -> None:
+    learner, swapped = build_learner(
+        tmp_path, "impala", breaker=BreakerConfig(kl_limit_impala=1e-9, recovery_s=60.0)
+    )
+    v0 = weights(learner.serving)
+    feed(learner, sim_transitions(learner.serving, 32, seed=9))
+    assert await learner.update_once()  # on-policy data: KL exactly 0
+    v1 = learner.serving
+    assert v1.version == 1 and learner.status.trips == 0
+
+    # The replayed version-0 steps are now off-policy for the trainee: KL > 0 > the limit.
+    assert not await learner.update_once()
+    assert learner.status.trips == 1 and learner.status.last_trip.startswith("KL")
+    restored = learner.serving
+    assert restored is not v1 and swapped == [v1, restored]
+    assert restored.version == 2 and learner.status.serving_version == 2
+    assert same_weights(weights(restored), v0) and all_finite(weights(restored))
+
+
+async def test_reward_drop_after_a_swap_trips_once_and_serves_the_previous_good_weights(
+    tmp_path: Path,
+) -> None:
+    learner, swapped = build_learner(
+        tmp_path, "ppo", breaker=BreakerConfig(reward_window=32, reward_drop=0.05, recovery_s=60.0)
+    )
+    v0_bundle = learner.serving
+    v0 = weights(v0_bundle)
+    feed(learner, with_rewards(sim_transitions(v0_bundle, 32, seed=10), alternating(1.0, 0.1, 32)))
+    assert await learner.update_once()
+    v1 = learner.serving
+    assert v1.version == 1
+
+    # Version 1's steps earn far less. They arrive in one go (one decision batch closes many
+    # steps at once), more than a window's worth.
+    low = sim_transitions(v1, 40, seed=11)
+    assert {t.policy_version for t in low} == {1}
+    feed(learner, with_rewards(low, alternating(-1.0, 0.1, 40)))
+    for _ in range(5):
+        await asyncio.sleep(0)  # let a scheduled rollback run
+
+    status = learner.status
+    assert status.trips == 1, status.last_trip
+    assert status.last_trip.startswith("reward fell") and status.breaker == "open" and learner.paused
+    restored = learner.serving
+    assert swapped == [v1, restored] and restored is not v1 and restored is not v0_bundle
+    assert restored.version == 2 == status.serving_version
+    assert same_weights(weights(restored), v0) and same_weights(weights(learner.trainee), v0)
+
+
+async def test_reward_drop_during_an_update_voids_that_update(tmp_path: Path) -> None:
+    """The rollback lands while the worker thread is still training on the bad version's data:
+    what that update produces must not serve, and the trainee must end on the good weights."""
+    learner, swapped = build_learner(
+        tmp_path,
+        "ppo",
+        ppo=PPOConfig(rollout_size=32, minibatch_size=8, epochs=8, warmup_updates=0, target_kl=None),
+        breaker=BreakerConfig(reward_window=64, reward_drop=0.05, kl_limit_ppo=1e3, recovery_s=60.0),
+    )
+    v0 = weights(learner.serving)
+    feed(learner, with_rewards(sim_transitions(learner.serving, 64, seed=21), alternating(1.0, 0.1, 64)))
+    assert await learner.update_once()
+    v1 = learner.serving
+    low = with_rewards(sim_transitions(v1, 64, seed=22), alternating(-1.0, 0.1, 64))
+    feed(learner, low[:32])  # a rollout's worth: the next update may start; the window is not full yet
+    assert learner.status.trips == 0
+
+    update = asyncio.create_task(learner.update_once())
+    await asyncio.sleep(0)  # the update is now on the worker thread
+    assert not update.done() and learner.buffered() == 0
+    feed(learner, low[32:])  # the window fills: the reward drop is judged while the update runs
+    assert learner.status.trips == 1 and learner.status.last_trip.startswith("reward fell")
+    assert not update.done(), "the update finished too early to test the race"
+    assert await update is False
+
+    restored = learner.serving
+    assert swapped == [v1, restored] and restored.version == 2
+    assert same_weights(weights(restored), v0)
+    assert same_weights(weights(learner.trainee), v0) and not learner.algo.optimizer.state
+    assert learner.status.trips == 1 and learner.status.breaker == "open"
+
+
+async def test_noisy_rewards_that_do_not_drop_do_not_trip(tmp_path: Path) -> None:
+    learner, swapped = build_learner(
+        tmp_path, "ppo", breaker=BreakerConfig(reward_window=32, reward_drop=0.05, recovery_s=60.0)
+    )
+    v0_bundle = learner.serving
+    feed(learner, with_rewards(sim_transitions(v0_bundle, 32, seed=12), alternating(0.0, 1.0, 32)))
+    assert await learner.update_once()
+    v1 = learner.serving
+    # Down by 0.2 (> reward_drop) but well inside 3 standard errors of rewards this noisy.
+    feed(learner, with_rewards(sim_transitions(v1, 40, seed=13), alternating(-0.2, 1.0, 40)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+    assert learner.status.trips == 0 and learner.status.breaker == "closed" and not learner.paused
+    assert learner.serving is v1 and swapped == [v1]
+    assert learner._good_version == 1  # judged good: later rollbacks land here
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "impala"])
+async def test_checkpoint_round_trip(tmp_path: Path, algorithm: str) -> None:
+    learner, _ = build_learner(tmp_path, algorithm)
+    feed(learner, sim_transitions(learner.serving, 32, seed=14))
+    assert await learner.update_once()
+    feed(learner, sim_transitions(learner.serving, 10, seed=15))
+    buffered = learner.buffered()
+    assert buffered == (10 if algorithm == "ppo" else 42)
+    served = weights(learner.serving)
+    moments = optimizer_tensor(learner)
+    status = learner.status
+    algo_state = learner.algo.state_dict()
+    learner.save_checkpoint()
+
+    # A fresh process: different initial weights, version 0, empty buffer, no optimizer state.
+    resumed, swapped = build_learner(tmp_path, algorithm, serving=make_policy(init_seed=7))
+    assert not same_weights(weights(resumed.serving), served)
+    assert resumed.restore()
+
+    assert resumed.serving.version == 1 == resumed.status.serving_version
+    assert swapped == [resumed.serving]
+    assert same_weights(weights(resumed.serving), served)
+    assert same_weights(weights(resumed.trainee), served) and resumed.trainee is not resumed.serving
+    assert resumed.buffered() == buffered
+    assert torch.equal(optimizer_tensor(resumed), moments)
+    assert resumed.status.updates == status.updates == 1
+    assert resumed.status.samples == status.samples > 0
+    assert resumed.algo.updates == algo_state["updates"] and resumed.algo.samples == algo_state["samples"]
+    if algorithm == "ppo":
+        assert resumed.algo.lr == learner.algo.lr
+        assert [t.policy_version for t in resumed.rollout.peek()] == [1] * 10  # type: ignore[union-attr]
+    else:
+        assert np.array_equal(resumed.replay.priorities(), learner.replay.priorities())  # type: ignore[union-attr]
+
+    # It carries on from there: the next update serves version 2.
+    if algorithm == "ppo":
+        feed(resumed, sim_transitions(resumed.serving, 22, seed=16))
+    assert await resumed.update_once()
+    assert resumed.serving.version == 2
+
+
+class _Payload:
+    """Unpickling this creates `marker`: any loader that runs it has executed foreign code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _corrupt(directory: Path, how: str, marker: Path) -> None:
+    policy_file, extra_file = directory / "policy.safetensors", directory / "learner.pt"
+    if how == "truncated-policy":
+        data = policy_file.read_bytes()
+        policy_file.write_bytes(data[: len(data) // 2])
+    elif how == "random-learner-pt":
+        extra_file.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif how == "empty-learner-pt":
+        extra_file.write_bytes(b"")
+    elif how == "pickle-payload-learner-pt":
+        torch.save({"algo": _Payload(marker), "status": {}}, extra_file)
+    elif how == "raw-pickle-learner-pt":
+        extra_file.write_bytes(pickle.dumps({"algo": _Payload(marker)}))
+    elif how == "other-algorithm-learner-pt":
+        state = torch.load(extra_file, weights_only=True)
+        state["algo"]["algorithm"] = "impala"
+        torch.save(state, extra_file)
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "truncated-policy",
+        "random-learner-pt",
+        "empty-learner-pt",
+        "pickle-payload-learner-pt",
+        "raw-pickle-learner-pt",
+        "other-algorithm-learner-pt",
+    ],
+)
+async def test_corrupt_checkpoint_is_refused_and_nothing_changes(tmp_path: Path, how: str) -> None:
+    learner, _ = build_learner(tmp_path, "ppo")
+    feed(learner, sim_transitions(learner.serving, 32, seed=17))
+    assert await learner.update_once()
+    feed(learner, sim_transitions(learner.serving, 5, seed=18))
+    learner.save_checkpoint()
+    marker = tmp_path / "pwned"
+    _corrupt(tmp_path / "learner", how, marker)
+
+    fresh, swapped = build_learner(tmp_path, "ppo", serving=make_policy(init_seed=3))
+    serving = fresh.serving
+    before = weights(serving)
+    assert fresh.restore() is False
+
+    assert not marker.exists()  # nothing in the file was executed
+    assert swapped == [] and fresh.serving is serving and serving.version == 0
+    assert same_weights(weights(serving), before)
+    # Nothing half-restored either: the trainee still starts from what serves, nothing resumed.
+    assert same_weights(weights(fresh.trainee), before) and fresh.trainee.version == 0
+    assert fresh.buffered() == 0 and fresh.status.updates == 0 and fresh.algo.updates == 0
+    assert not fresh.algo.optimizer.state
+    # And it still learns from there.
+    feed(fresh, sim_transitions(serving, 32, seed=19))
+    assert await fresh.update_once() and fresh.serving.version == 1
+
+
+def test_pickle_payload_is_live(tmp_path: Path) -> None:
+    """The payload above really runs when loaded unsafely (so its absence above means something)."""
+    marker = tmp_path / "control"
+    path = tmp_path / "payload.pt"
+    torch.save({"algo": _Payload(marker)}, path)
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+    os.remove(marker)
+    pickle.loads(pickle.dumps(_Payload(marker)))
+    assert marker.exists()
+
+
+async def test_corrupt_buffer_file_keeps_the_resumed_policy(tmp_path: Path) -> None:
+    learner, _ = build_learner(tmp_path, "impala")
+    feed(learner, sim_transitions(learner.serving, 32, seed=20))
+    assert await learner.update_once()
+    served = weights(learner.serving)
+    learner.save_checkpoint()
+    buffer_file = tmp_path / "learner" / "buffer.safetensors"
+    data = buffer_file.read_bytes()
+    buffer_file.write_bytes(data[: len(data) // 3])
+
+    resumed, swapped = build_learner(tmp_path, "impala", serving=make_policy(init_seed=5))
+    assert resumed.restore()  # the policy and optimizer resume; the unreadable buffer starts empty
+    assert resumed.serving.version == 1 and swapped == [resumed.serving]
+    assert same_weights(weights(resumed.serving), served)
+    assert resumed.buffered() == 0

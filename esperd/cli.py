@@ -1,4 +1,4 @@
-"""`esperd` command line: run the daemon, check a config, export schemas."""
+"""`esperd` command line: run the daemon, check a config, export schemas, train a policy offline."""
 
 from __future__ import annotations
 
@@ -26,6 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     schema = sub.add_parser("schema", help="write the wire contracts' JSON Schemas")
     schema.add_argument("--check", action="store_true", help="exit 1 if the checked-in schemas drifted")
+    from esperd.train import add_arguments as add_train_arguments
+
+    train = sub.add_parser(
+        "train",
+        help="train a policy offline (saved experience and/or the simulator)",
+        description="Train a gnn or lstm policy with PPO or IMPALA from a saved experience buffer "
+        "and/or against the simulator; writes best.safetensors, last.safetensors, metrics.jsonl "
+        "and policy.toml into --out.",
+    )
+    add_train_arguments(train)
     return parser
 
 
@@ -37,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from contracts.schema import main as schema_main
 
         return schema_main(["--check"] if args.check else [])
+    if args.command == "train":
+        from esperd.train import main as train_main
+
+        return train_main(args, getattr(args, "train_config", None) or args.config)
     path = getattr(args, "run_config", None) or args.config
     try:
         config = load_config(path)

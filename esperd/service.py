@@ -67,6 +67,7 @@ class NatsStatus(msgspec.Struct):
     disconnects: int
     errors: int
     dropped_publishes: int
+    slow_consumer_drops: int = 0  # inbound messages dropped: esperd fell behind by nats.max_pending_bytes
 
 
 class ClusterStatus(msgspec.Struct):
@@ -216,6 +217,8 @@ class Service:
                 await self.bus.close(timeout)
         if scope.cancelled_caught:
             log.warning("drain timed out; exiting anyway")
+        if self.learner is not None:
+            await self.learner.quiesce()  # the final checkpoint must not race an optimizer step
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -274,6 +277,7 @@ class Service:
             except Exception:  # a bug must cost one message, never the subscription
                 log.exception("handler failed")
                 await self._report(self.intake.reject("internal_error", "handler raised", subject, data=data))
+        await asyncio.sleep(0)  # PROBE
 
     async def _dispatch(self, accepted: Accepted) -> None:
         """Hand an accepted message to the parts that use it."""
@@ -365,7 +369,8 @@ class Service:
             decisions=self.decisions.stats,
             scheduler=SchedulerStatus(self.scheduler.queued, self.scheduler.overflow,
                                       len(self.scheduler.pending), self.expired_commands, self.unknown_acks),
-            nats=NatsStatus(bus.connected, bus.reconnects, bus.disconnects, bus.errors, bus.dropped_publishes),
+            nats=NatsStatus(bus.connected, bus.reconnects, bus.disconnects, bus.errors, bus.dropped_publishes,
+                            bus.slow_consumer_drops),
             evicted_runs=self.evicted_runs,
             experience=self.recorder.stats(),
             stopping=self._stopping,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import copy
 import math
 import time
@@ -127,8 +128,11 @@ class Learner:
         self._wake = asyncio.Event()
         self._paused_until = 0.0
         self._updating = False  # an update is running on the worker thread
-        self._rewards: dict[int, collections.deque[float]] = {}
-        self._previous_version: int | None = None
+        self._inflight: asyncio.Future[tuple[UpdateStats, PolicyBundle]] | None = None
+        self._stopping = False
+        window = config.breaker.reward_window
+        self._good_rewards: collections.deque[float] = collections.deque(maxlen=window)
+        self._recent_rewards: collections.deque[float] = collections.deque(maxlen=window)
         self._last_checkpoint = clock()
         self._started = clock()
 
@@ -155,9 +159,12 @@ class Learner:
     async def run(self) -> None:
         """Update whenever enough fresh experience is in, forever (until cancelled)."""
         try:
-            while True:
+            while not self._stopping:
                 await self._wake.wait()
                 self._wake.clear()
+                await asyncio.sleep(0)  # Event.wait does not yield when already set: never spin
+                if self._stopping:
+                    break
                 if self.paused:
                     await asyncio.sleep(self._paused_until - self._clock())
                     self._wake.set()  # look again after the pause, even if no new step arrives
@@ -171,12 +178,23 @@ class Learner:
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
+    async def quiesce(self) -> None:
+        """Start no more updates and let the one in flight finish (before the final checkpoint)."""
+        self._stopping = True
+        self._wake.set()  # let run() see it and return
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(inflight)
+
     @property
     def paused(self) -> bool:
         return self._clock() < self._paused_until
 
     async def update_once(self) -> bool:
         """One update off the loop, then a swap if it was sound. True if a new version serves."""
+        if self._stopping:
+            return False
         loop = asyncio.get_running_loop()
         batch, indices, stamps, weights = self._take_batch()
         if not batch:
@@ -184,7 +202,8 @@ class Learner:
         trips = self.status.trips
         self._updating = True
         try:
-            stats, candidate = await loop.run_in_executor(self._executor, self._train, batch, weights)
+            self._inflight = loop.run_in_executor(self._executor, self._train, batch, weights)
+            stats, candidate = await self._inflight
         except NonFiniteError as exc:
             self._updating = False
             self._trip(f"non-finite update: {exc}")
@@ -227,7 +246,6 @@ class Learner:
 
     def _serve(self, candidate: PolicyBundle) -> None:
         started = time.perf_counter()
-        self._previous_version = self.serving.version
         self.serving = candidate
         self._swap(candidate)
         if self.rollout is not None:
@@ -257,6 +275,8 @@ class Learner:
             restored = self._make_policy()
             restored.load_state_dict(self._good, version=self.serving.version + 1)
             self._serve(restored)
+            self._good_version = restored.version  # same good weights, served under a new number
+        self._recent_rewards.clear()
         if self.rollout is not None:
             self.rollout.drain()  # on-policy data from a rejected trajectory is useless now
         log.warning(
@@ -271,32 +291,36 @@ class Learner:
         self.algo.reset_optimizer()
 
     def _note_reward(self, transition: Transition) -> None:
+        """Sort a closed step's reward: made by the good version, or by one newer than it."""
         if not math.isfinite(transition.reward):
             return
-        window = self.config.breaker.reward_window
-        rewards = self._rewards.setdefault(transition.policy_version, collections.deque(maxlen=window))
-        rewards.append(transition.reward)
-        if len(self._rewards) > 8:  # only the last few versions matter
-            del self._rewards[min(self._rewards)]
-        self._judge_current_version()
+        if transition.policy_version == self._good_version:
+            self._good_rewards.append(transition.reward)
+        elif transition.policy_version > self._good_version:
+            self._recent_rewards.append(transition.reward)
+            self._judge_recent_versions()
 
-    def _judge_current_version(self) -> None:
-        """Once the serving version has a full window of rewards, keep it as good or trip."""
-        current, previous = self.serving.version, self._previous_version
-        mine = self._rewards.get(current)
-        if previous is None or mine is None or len(mine) < self.config.breaker.reward_window:
+    def _judge_recent_versions(self) -> None:
+        """Once a window of rewards from versions newer than the good one is in: trip or promote.
+
+        Judged over every version since the good one, not version by version: IMPALA swaps
+        after each update, long before one version alone collects a window.
+        """
+        window = self.config.breaker.reward_window
+        recent, before = self._recent_rewards, self._good_rewards
+        if len(recent) < window:
             return
-        before = self._rewards.get(previous)
-        if before and len(before) >= self.config.breaker.reward_window // 2:
-            drop = _mean(before) - _mean(mine)
+        if len(before) >= window // 2:
+            drop = _mean(before) - _mean(recent)
             # Per-step rewards are noisy: a drop must also be well outside the noise.
-            noise = 3.0 * math.sqrt(_variance(before) / len(before) + _variance(mine) / len(mine))
+            noise = 3.0 * math.sqrt(_variance(before) / len(before) + _variance(recent) / len(recent))
             if drop > max(self.config.breaker.reward_drop, noise):
                 self._trip(f"reward fell by {drop:.4f} after swap")
                 return
         self._good = _clone_state(self.serving.state_dict())
-        self._good_version = current
-        self._previous_version = None  # judged
+        self._good_version = self.serving.version
+        self._good_rewards = collections.deque(recent, maxlen=window)
+        self._recent_rewards = collections.deque(maxlen=window)
         if self.status.breaker == "open" and not self.paused:
             self.status.breaker = "closed"
 

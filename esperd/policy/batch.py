@@ -4,10 +4,18 @@ Building the big tensors ourselves with numpy (one concatenate per array, node
 offsets added to edge indices) is several times faster than going through
 `torch_geometric.data.Batch.from_data_list` for the small graphs we see (see
 benchmarks/bench_policy.py), and yields exactly the same tensors.
+
+Everything a decision needs beyond the features is derived here, in numpy, once
+per batch: the effective masks, one mask over all head logits, the dense node
+layout and the GCN adjacency (dense or CSR). On 20-node graphs a numpy op costs
+about a microsecond and a torch op several, so the policy's torch code is left
+with the network and the distribution only (see benchmarks/bench_gnn_forward.py).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,10 +23,38 @@ import numpy as np
 import torch
 
 from contracts import Op
-from esperd.analyzer.observation import GLOBAL_FEATURES, NODE_FEATURES, OP_INDEX, Observation
+from esperd.analyzer.observation import (
+    BLENDS,
+    BLUEPRINTS,
+    GLOBAL_FEATURES,
+    NODE_FEATURES,
+    OP_INDEX,
+    OPS,
+    TEMPOS,
+    Observation,
+)
 
 _GERMINATE = OP_INDEX[Op.GERMINATE]
 _WAIT = OP_INDEX[Op.WAIT]
+_ACTIONABLE_OPS = [i for i in range(len(OPS)) if i != _WAIT]
+
+#: Per-node output columns of the policy heads: priority, op logits, blueprint logits, blend
+#: logits, tempo logits. Defined here (re-exported by heads.py) because collate precomputes
+#: one mask in this layout.
+HEAD_SIZES: tuple[int, ...] = (1, len(OPS), len(BLUEPRINTS), len(BLENDS), len(TEMPOS))
+NODE_HEAD_DIM = sum(HEAD_SIZES)
+
+#: Up to this many nodes in a batch the adjacency is a dense [N, N] matrix, beyond it CSR.
+#: A dense product costs N^2 * H, a CSR one about nnz * H plus a fixed ~10 µs; measured on
+#: CPU with H = 128, dense wins below ~50 nodes (6 vs 12 µs per GCN layer at 20 nodes) and
+#: loses badly above (47 vs 15 µs at 128, 5.3 ms vs 0.13 ms at 1280).
+DENSE_ADJACENCY_MAX_NODES = 48
+
+#: Distinct op masks (stage patterns) a TopologyCache keeps per run.
+_MASKS_PER_RUN = 16
+
+_OP_COLUMNS = slice(HEAD_SIZES[0], HEAD_SIZES[0] + HEAD_SIZES[1])
+_BLUEPRINT_COLUMNS = slice(_OP_COLUMNS.stop, _OP_COLUMNS.stop + HEAD_SIZES[2])
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -34,45 +70,177 @@ class GraphBatch:
     ptr: torch.Tensor  # int64 [B + 1], first node of each graph
     op_mask: torch.Tensor  # bool [N_total, len(OPS)], GERMINATE removed where no blueprint fits
     blueprint_mask: torch.Tensor  # bool [N_total, len(BLUEPRINTS)], never an all-False row
+    # True for every head logit to mask out, columns as HEAD_SIZES: priorities of nodes with
+    # nothing but WAIT to do (unless no node of the graph has more), illegal ops, unfitting
+    # blueprints. One masked_fill then masks all heads.
+    illegal_logits: torch.Tensor  # bool [N_total, NODE_HEAD_DIM]
+    node_slot: torch.Tensor  # int64 [N_total], batch * max_nodes + position (dense [B, max_nodes])
+    # The normalized adjacency with rows = targets (GCNConv's adj_t): dense [N, N] for small
+    # batches, sparse CSR beyond DENSE_ADJACENCY_MAX_NODES; None if collate was asked not to.
+    adjacency: torch.Tensor | None
     num_graphs: int
     max_nodes: int
 
+    @property
+    def is_padded(self) -> bool:
+        """Whether some graph has fewer than max_nodes nodes (else [B, max_nodes] is a view)."""
+        return self.x.shape[0] != self.num_graphs * self.max_nodes
 
-def collate(observations: Sequence[Observation], device: torch.device) -> GraphBatch:
-    """One GraphBatch for `observations` (in order), on `device`."""
+
+def collate(
+    observations: Sequence[Observation],
+    device: torch.device,
+    *,
+    adjacency: bool = True,
+    cache: TopologyCache | None = None,
+) -> GraphBatch:
+    """One GraphBatch for `observations` (in order), on `device`.
+
+    `adjacency=False` skips the adjacency matrix (for policies that do not pass messages).
+    With a `cache`, a single observation of an already seen topology is collated from
+    its features and op mask alone (see TopologyCache).
+    """
     if not observations:
         raise ValueError("cannot collate an empty batch of observations")
+    if cache is not None and len(observations) == 1:
+        return cache.collate(observations[0])
     counts = np.fromiter((_checked_num_nodes(o) for o in observations), dtype=np.int64)
-    ptr = np.zeros(len(observations) + 1, dtype=np.int64)
+    num_graphs, max_nodes = len(observations), int(counts.max())
+    ptr = np.zeros(num_graphs + 1, dtype=np.int64)
     np.cumsum(counts, out=ptr[1:])
-    graph_of_node = np.repeat(np.arange(len(observations), dtype=np.int64), counts)
-    position = np.arange(int(ptr[-1]), dtype=np.int64) - ptr[:-1][graph_of_node]
+    n = int(ptr[-1])
+    graph_of_node = np.repeat(np.arange(num_graphs, dtype=np.int64), counts)
+    position = np.arange(n, dtype=np.int64) - ptr[:-1][graph_of_node]
 
     edge_counts = np.fromiter((o.gcn_edge_index.shape[1] for o in observations), dtype=np.int64)
     edge_index = np.concatenate([o.gcn_edge_index for o in observations], axis=1).astype(np.int64, copy=False)
-    edge_index = edge_index + np.repeat(ptr[:-1], edge_counts)[None, :]
+    edge_index += np.repeat(ptr[:-1], edge_counts)
+    edge_weight = np.concatenate([o.gcn_edge_weight for o in observations]).astype(np.float32, copy=False)
 
-    op_mask, blueprint_mask = _effective_masks(
-        np.concatenate([o.op_mask for o in observations]),
-        np.concatenate([o.blueprint_mask for o in observations]),
+    blueprint_mask, any_blueprint = _effective_blueprint_mask(
+        np.concatenate([o.blueprint_mask for o in observations])
     )
-    arrays = {
-        "x": np.concatenate([o.node_features for o in observations]).astype(np.float32, copy=False),
-        "global_x": np.stack([o.global_features for o in observations]).astype(np.float32, copy=False),
-        "edge_index": edge_index,
-        "edge_weight": np.concatenate([o.gcn_edge_weight for o in observations]).astype(
-            np.float32, copy=False
-        ),
-        "batch": graph_of_node,
-        "position": position,
-        "ptr": ptr,
-        "op_mask": op_mask,
-        "blueprint_mask": blueprint_mask,
-    }
-    tensors = {
-        k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in arrays.items()
-    }
-    return GraphBatch(**tensors, num_graphs=len(observations), max_nodes=int(counts.max()))
+    op_mask = _effective_op_mask(np.concatenate([o.op_mask for o in observations]), any_blueprint)
+    illegal_logits = _illegal_logits(_blueprint_logits_mask(blueprint_mask), op_mask, ptr)
+    return GraphBatch(
+        x=_tensor(np.concatenate([o.node_features for o in observations]), device, np.float32),
+        global_x=_tensor(np.stack([o.global_features for o in observations]), device, np.float32),
+        edge_index=_tensor(edge_index, device),
+        edge_weight=_tensor(edge_weight, device),
+        batch=_tensor(graph_of_node, device),
+        position=_tensor(position, device),
+        ptr=_tensor(ptr, device),
+        op_mask=_tensor(op_mask, device),
+        blueprint_mask=_tensor(blueprint_mask, device),
+        illegal_logits=_tensor(illegal_logits, device),
+        node_slot=_tensor(graph_of_node * max_nodes + position, device),
+        adjacency=_adjacency(edge_index, edge_weight, n, device) if adjacency else None,
+        num_graphs=num_graphs,
+        max_nodes=max_nodes,
+    )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Topology:
+    """A single-graph batch's topology-only part, and what it was derived from."""
+
+    sources: tuple[np.ndarray, ...]  # (gcn_edge_index, gcn_edge_weight, blueprint_mask)
+    batch: GraphBatch  # collated in full once; features and op masks are replaced per call
+    ptr: np.ndarray  # int64 [2]: [0, N]
+    any_blueprint: np.ndarray  # bool [N]
+    blueprint_logits_mask: np.ndarray  # bool [N, NODE_HEAD_DIM], see _blueprint_logits_mask
+    # op_mask.tobytes() -> (effective op mask, illegal logits): stages change far less often
+    # than decisions are made, so the masks of the last few stage patterns are kept.
+    masks: dict[bytes, tuple[torch.Tensor, torch.Tensor]]
+
+
+class TopologyCache:
+    """Per run, what collate derives from its topology alone, for single-graph batches.
+
+    A batch of one is what the serving path mostly sees, and at 20 nodes half of a full
+    collate is spent on edges, index vectors, adjacency and blueprint masks that only
+    change with the topology. The analyzer shares those arrays between all observations
+    of one topology version and freezes them (read-only), so an entry stays valid while
+    an observation brings the very same read-only arrays; anything else (a new topology
+    version, writable arrays from tests or a replay file) is collated in full, and
+    re-cached when read-only. Bounded LRU over runs; not thread-safe (the bundle calls
+    it under its lock).
+    """
+
+    def __init__(self, device: torch.device, *, adjacency: bool, max_runs: int = 1024) -> None:
+        self.device = device
+        self.adjacency = adjacency
+        self.max_runs = max_runs
+        self._runs: OrderedDict[str, _Topology] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def collate(self, obs: Observation) -> GraphBatch:
+        """collate([obs]), reusing the run's cached topology part when it still applies."""
+        sources = (obs.gcn_edge_index, obs.gcn_edge_weight, obs.blueprint_mask)
+        topology = self._runs.get(obs.run_id)
+        if (
+            topology is None
+            or any(a is not b for a, b in zip(sources, topology.sources, strict=True))
+            or _checked_num_nodes(obs) != topology.batch.max_nodes
+        ):
+            batch = collate([obs], self.device, adjacency=self.adjacency)
+            if not any(a.flags.writeable for a in sources):
+                self._store(obs.run_id, sources, batch)
+            return batch
+        self._runs.move_to_end(obs.run_id)
+        masks = topology.masks.get(key := obs.op_mask.tobytes())
+        if masks is None:
+            op_mask = _effective_op_mask(obs.op_mask, topology.any_blueprint)
+            illegal_logits = _illegal_logits(topology.blueprint_logits_mask, op_mask, topology.ptr)
+            if len(topology.masks) >= _MASKS_PER_RUN:
+                topology.masks.clear()
+            masks = topology.masks[key] = (
+                _tensor(op_mask, self.device),
+                _tensor(illegal_logits, self.device),
+            )
+        cached = topology.batch
+        return GraphBatch(
+            x=_tensor(obs.node_features, self.device, np.float32),
+            global_x=_tensor(obs.global_features[None], self.device, np.float32),
+            edge_index=cached.edge_index,
+            edge_weight=cached.edge_weight,
+            batch=cached.batch,
+            position=cached.position,
+            ptr=cached.ptr,
+            op_mask=masks[0],
+            blueprint_mask=cached.blueprint_mask,
+            illegal_logits=masks[1],
+            node_slot=cached.node_slot,
+            adjacency=cached.adjacency,
+            num_graphs=1,
+            max_nodes=cached.max_nodes,
+        )
+
+    def _store(self, run_id: str, sources: tuple[np.ndarray, ...], batch: GraphBatch) -> None:
+        blueprint_mask, any_blueprint = _effective_blueprint_mask(sources[2])
+        ptr = np.array([0, batch.max_nodes], dtype=np.int64)
+        self._runs[run_id] = _Topology(
+            sources, batch, ptr, any_blueprint, _blueprint_logits_mask(blueprint_mask), {}
+        )
+        self._runs.move_to_end(run_id)
+        while len(self._runs) > self.max_runs:
+            self._runs.popitem(last=False)  # least recently used run
+
+    def forget(self, run_ids: Sequence[str]) -> None:
+        for run_id in run_ids:
+            self._runs.pop(run_id, None)
+
+
+def _tensor(array: np.ndarray, device: torch.device, dtype: type | None = None) -> torch.Tensor:
+    """A tensor on `device`, sharing `array`'s memory where it can (CPU, contiguous, writable)."""
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    if not array.flags.writeable:  # torch.from_numpy warns on read-only arrays
+        array = array.copy()
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
 
 
 def _checked_num_nodes(obs: Observation) -> int:
@@ -88,16 +256,74 @@ def _checked_num_nodes(obs: Observation) -> int:
     return n
 
 
-def _effective_masks(op_mask: np.ndarray, blueprint_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """GERMINATE is only legal where some blueprint is; WAIT is always legal.
+def _effective_blueprint_mask(blueprint_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(blueprint mask, whether each node has a fitting blueprint).
 
-    Rows of the blueprint mask with no legal entry become all-True: they are only
-    reachable through GERMINATE, which is masked there, and it keeps softmax finite.
+    Rows with no legal entry become all-True: they are only reachable through GERMINATE,
+    which is masked there (see `_effective_op_mask`), and it keeps softmax finite.
     """
-    op_mask = op_mask.astype(bool, copy=True)
+    blueprint_mask = blueprint_mask.astype(bool, copy=True)
     any_blueprint = blueprint_mask.any(axis=1)
+    blueprint_mask[~any_blueprint] = True
+    return blueprint_mask, any_blueprint
+
+
+def _effective_op_mask(op_mask: np.ndarray, any_blueprint: np.ndarray) -> np.ndarray:
+    """GERMINATE is only legal where some blueprint is; WAIT is always legal."""
+    op_mask = op_mask.astype(bool, copy=True)
     op_mask[:, _GERMINATE] &= any_blueprint
     op_mask[:, _WAIT] = True  # WAIT must stay available whatever the analyzer sent
-    blueprint_mask = blueprint_mask.astype(bool, copy=True)
-    blueprint_mask[~any_blueprint] = True
-    return op_mask, blueprint_mask
+    return op_mask
+
+
+def _blueprint_logits_mask(blueprint_mask: np.ndarray) -> np.ndarray:
+    """The topology-only part of the head logits mask (HEAD_SIZES layout, True = masked out):
+    unfitting blueprints; priority and op columns are left to `_illegal_logits`; blend and
+    tempo are never masked."""
+    mask = np.zeros((blueprint_mask.shape[0], NODE_HEAD_DIM), dtype=bool)
+    np.logical_not(blueprint_mask, out=mask[:, _BLUEPRINT_COLUMNS])
+    return mask
+
+
+def _illegal_logits(blueprint_logits_mask: np.ndarray, op_mask: np.ndarray, ptr: np.ndarray) -> np.ndarray:
+    """The mask over all head logits: `_blueprint_logits_mask` plus illegal ops and priorities.
+
+    A node is choosable if it has a legal op besides WAIT; in a graph where none has,
+    node 0 is (the decision is then WAIT on node 0).
+    """
+    mask = blueprint_logits_mask.copy()
+    np.logical_not(op_mask, out=mask[:, _OP_COLUMNS])
+    choosable = op_mask[:, _ACTIONABLE_OPS].any(axis=1)
+    idle_graph = ~np.logical_or.reduceat(choosable, ptr[:-1])
+    choosable[ptr[:-1][idle_graph]] = True
+    np.logical_not(choosable, out=mask[:, 0])
+    return mask
+
+
+def _adjacency(edge_index: np.ndarray, edge_weight: np.ndarray, n: int, device: torch.device) -> torch.Tensor:
+    """adj_t (rows = targets) of the batch: dense up to DENSE_ADJACENCY_MAX_NODES nodes, else CSR."""
+    src, dst = edge_index
+    if n <= DENSE_ADJACENCY_MAX_NODES:
+        dense = np.zeros((n, n), dtype=np.float32)
+        dense[dst, src] = edge_weight  # no duplicate edges: the analyzer's adjacency is a set
+        return _tensor(dense, device)
+    # CSR wants entries grouped by row (target). The analyzer sorts by (src, dst), so this
+    # stable sort (timsort) only interleaves each node's short runs: cheap even at 64 graphs.
+    order = np.argsort(dst * n + src, kind="stable")
+    crow = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(dst, minlength=n), out=crow[1:])
+    parts = (crow, src[order], edge_weight[order])
+    crow_t, col_t, val_t = (_tensor(p, device) for p in parts)
+    return torch.sparse_csr_tensor(crow_t, col_t, val_t, (n, n), check_invariants=False)
+
+
+def _consume_csr_beta_warning() -> None:
+    # torch warns once per process that CSR support is "beta"; trigger that once here,
+    # silenced, instead of in the middle of serving.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        one = torch.ones(1, dtype=torch.int64)
+        torch.sparse_csr_tensor(torch.tensor([0, 1]), one - 1, one.float(), (1, 1), check_invariants=False)
+
+
+_consume_csr_beta_warning()

@@ -7,7 +7,6 @@ contract (evaluate(obs, act.actions, act.hidden).log_probs == act.log_probs).
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -16,7 +15,7 @@ from torch import nn
 
 from esperd.analyzer.observation import Observation
 from esperd.policy.base import ActResult, EvalResult, build_decisions
-from esperd.policy.batch import GraphBatch, collate
+from esperd.policy.batch import GraphBatch, TopologyCache, collate
 from esperd.policy.config import PolicyConfig
 from esperd.policy.heads import FactoredDistribution
 
@@ -33,17 +32,23 @@ def layer_init(layer: nn.Linear, std: float = 2**0.5) -> nn.Linear:
     return layer
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode for the block; a no-op (no module walk) when already in eval mode."""
-    if not module.training:
-        yield
-        return
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(True)
+class _EvalMode:
+    """Eval mode for the block; nothing to do (no module walk) when already in eval mode.
+    A class rather than a contextlib generator: it is entered on every act."""
+
+    __slots__ = ("module", "was_training")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.was_training = self.module.training
+        if self.was_training:
+            self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.was_training:
+            self.module.train(True)
 
 
 class NeuralPolicyBundle:
@@ -54,6 +59,8 @@ class NeuralPolicyBundle:
     is_recurrent = False
     #: PolicyConfig fields that decide weight shapes / forward semantics (checked on checkpoint load).
     architecture_fields: tuple[str, ...] = ()
+    #: Whether `_forward` reads `batch.adjacency` (collate skips building it otherwise).
+    uses_adjacency = False
 
     def __init__(self, config: PolicyConfig, device: torch.device | str = "cpu") -> None:
         self.config = config
@@ -65,6 +72,8 @@ class NeuralPolicyBundle:
                 torch.manual_seed(config.init_seed)
             network = self._build_network(config)
         self._network: nn.Module = network.to(self.device).eval()
+        # act's single-run batches reuse what collate derives from a run's topology.
+        self._topologies = TopologyCache(self.device, adjacency=self.uses_adjacency)
 
     # ------------------------------------------------------------ subclass API
 
@@ -125,22 +134,16 @@ class NeuralPolicyBundle:
         """One decision per observation, from one forward pass over the whole batch."""
         with self._lock:
             version = self._version
-            batch = collate(observations, self.device)
-            with _eval_mode(self.base_network), torch.inference_mode():
+            batch = collate(observations, self.device, adjacency=self.uses_adjacency, cache=self._topologies)
+            with _EvalMode(self.base_network), torch.inference_mode():
                 hidden_in = self._hidden_for_act(observations, hidden)
                 node_out, values, hidden_out = self._forward(batch, hidden_in)
                 dist = FactoredDistribution(batch, node_out)
-                actions = dist.sample(deterministic)
-                out = [
-                    actions,
-                    dist.log_prob(actions),
-                    values,
-                    dist.confidence(actions),
-                    dist.urgency(actions),
-                ]
             self._remember(observations, hidden_out)
-        # Clone outside inference_mode: callers (recorder, learner) may use these in autograd.
-        actions, log_probs, values, confidences, urgencies = (t.cpu().clone() for t in out)
+        # Outside inference_mode, so the results are normal tensors that callers (recorder,
+        # learner) may use in autograd.
+        actions, log_probs, confidences, urgencies = dist.sample_scored(deterministic)
+        values = values.to("cpu", copy=True)
         return ActResult(
             actions=actions,
             log_probs=log_probs,
@@ -157,7 +160,7 @@ class NeuralPolicyBundle:
                 policy=self.name,
                 version=version,
             ),
-            hidden=None if hidden_in is None else hidden_in.cpu().clone(),
+            hidden=None if hidden_in is None else hidden_in.to("cpu", copy=True),
         )
 
     # ------------------------------------------------------------ learning
@@ -169,7 +172,7 @@ class NeuralPolicyBundle:
         hidden: torch.Tensor | None = None,
     ) -> EvalResult:
         """log p(actions), values and entropy, with gradients, in the network's current mode."""
-        batch = collate(observations, self.device)
+        batch = collate(observations, self.device, adjacency=self.uses_adjacency)
         actions = actions.to(self.device, torch.int64)
         if actions.shape != (len(observations), 5):
             raise ValueError(f"actions must be [B, 5] for B={len(observations)}, got {tuple(actions.shape)}")
@@ -183,7 +186,7 @@ class NeuralPolicyBundle:
         self, observations: Sequence[Observation], hidden: torch.Tensor | None = None
     ) -> FactoredDistribution:
         """The action distribution for a batch, without sampling or touching recurrent state."""
-        batch = collate(observations, self.device)
+        batch = collate(observations, self.device, adjacency=self.uses_adjacency)
         with self._lock:
             node_out, _, _ = self._forward(batch, self._hidden_for_evaluate(len(observations), hidden))
         return FactoredDistribution(batch, node_out)
@@ -213,7 +216,9 @@ class NeuralPolicyBundle:
         return self.train(False)
 
     def forget(self, run_ids: Sequence[str]) -> None:
-        """No per-run memory in a feed-forward policy."""
+        """Drop the runs' cached topology (a feed-forward policy has no other per-run memory)."""
+        with self._lock:
+            self._topologies.forget(run_ids)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, version={self._version}, device={self.device})"

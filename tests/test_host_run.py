@@ -200,3 +200,11 @@ def test_cli_no_esperd_prints_a_summary(capsys: pytest.CaptureFixture[str]) -> N
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["run"] == "solo" and summary["epochs"] == 1
     assert 0.0 < summary["val_accuracy"] <= 1.0 and summary["host_params"] == summary["total_params"]
+
+
+def test_cli_defaults_are_the_configs() -> None:
+    from examples.host.__main__ import config_from_args, parse_args
+
+    assert config_from_args(parse_args(["--quiet"])) == HostConfig()
+    config = config_from_args(parse_args(["--quiet", "--width", "4", "--blueprints", "mlp,conv_light"]))
+    assert config.width == 4 and config.blueprints == (Blueprint.MLP, Blueprint.CONV_LIGHT)

@@ -21,26 +21,36 @@ from examples.host.train import HostConfig, HostRun, RunReport
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = HostConfig()  # the CLI's defaults are the config's, so the two cannot drift apart
     p = argparse.ArgumentParser(prog="python -m examples.host", description=__doc__.split("\n\n")[0])
     p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL of the broker esperd listens on")
     p.add_argument("--run", default="host-1", help="run id ([A-Za-z0-9_-]{1,64})")
     p.add_argument("--no-esperd", action="store_true", help="train alone: no NATS, no telemetry")
-    p.add_argument("--task", choices=("digits", "sequence"), default="digits")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--task", choices=("digits", "sequence"), default=d.task)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--width", type=int, default=d.width, help="the CNN's stem channels")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (cosine-decayed to 10%%)")
+    p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--health-every", type=int, default=10, help="one HealthBatch every K steps")
-    p.add_argument("--cooldown-epochs", type=int, default=2, help="PRUNED -> DORMANT after this many epochs")
+    p.add_argument("--health-every", type=int, default=d.health_every, help="one HealthBatch every K steps")
+    p.add_argument(
+        "--cooldown-epochs",
+        type=int,
+        default=d.cooldown_epochs,
+        help="PRUNED -> DORMANT after this many epochs",
+    )
     p.add_argument(
         "--blueprints", default="", help="comma-separated subset this host implements (default all)"
     )
     p.add_argument("--degrade", default=None, help="fault injection: kill units of this layer progressively")
-    p.add_argument("--degrade-max", type=float, default=0.75)
+    p.add_argument("--degrade-max", type=float, default=d.degrade_max)
     p.add_argument(
-        "--epoch-pause", type=float, default=0.0, help="seconds to wait for commands after each epoch"
+        "--epoch-pause",
+        type=float,
+        default=d.epoch_pause_s,
+        help="seconds to wait for commands after each epoch",
     )
     p.add_argument("--quiet", action="store_true", help="only the JSON summary")
     return p.parse_args(argv)
@@ -50,6 +60,7 @@ def config_from_args(args: argparse.Namespace) -> HostConfig:
     blueprints = tuple(Blueprint(name.strip()) for name in args.blueprints.split(",") if name.strip()) or None
     return HostConfig(
         task=args.task,
+        width=args.width,
         epochs=args.epochs,
         seed=args.seed,
         batch_size=args.batch_size,

@@ -112,20 +112,37 @@ class Bus:
             delay = min(delay * 2, 30.0)
 
     async def _attempt(self, stop: asyncio.Event | None) -> Client | None:
-        """One nats-py connect; None if `stop` was set first (the half-open client is closed)."""
+        """One nats-py connect; None if `stop` was set first (the half-open client is closed).
+
+        nats-py retries inside it and reports each failed try to error_cb. After a failed TLS
+        handshake (say, an untrusted server certificate) nats-py 2.16 hangs for good closing
+        the half-upgraded socket, so a connect that shows no progress for longer than one try
+        can take (each step is bounded by connect_timeout) is abandoned with TimeoutError.
+        """
+        loop = asyncio.get_running_loop()
+        last_progress = loop.time()
+
+        async def on_error(exc: Exception) -> None:
+            nonlocal last_progress
+            last_progress = loop.time()
+            await self._on_error(exc)
+
         nc = Client()
         attempt = asyncio.ensure_future(nc.connect(
             **connect_options(self.config),
-            error_cb=self._on_error,
+            error_cb=on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
             closed_cb=self._on_closed,
         ))
         stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
-        finished = False
+        waiters = [attempt] if stopped is None else [attempt, stopped]
+        stall_s = 4 * self.config.connect_timeout_s + self.config.reconnect_wait_s
+        finished = stalled = False
         try:
-            await asyncio.wait([attempt] if stopped is None else [attempt, stopped],
-                               return_when=asyncio.FIRST_COMPLETED)
+            while not (attempt.done() or (stop is not None and stop.is_set()) or stalled):
+                await asyncio.wait(waiters, timeout=min(1.0, stall_s / 4), return_when=asyncio.FIRST_COMPLETED)
+                stalled = loop.time() - last_progress > stall_s
             finished = attempt.done()
         finally:  # also when we are cancelled
             if stopped is not None:
@@ -134,11 +151,13 @@ class Bus:
                 attempt.cancel()
                 await asyncio.gather(attempt, return_exceptions=True)
                 with contextlib.suppress(Exception):
-                    await nc.close()
-        if not finished:
+                    await asyncio.wait_for(nc.close(), self.config.connect_timeout_s)
+        if finished:
+            attempt.result()
+            return nc
+        if stop is not None and stop.is_set():
             return None
-        attempt.result()
-        return nc
+        raise TimeoutError(f"no progress connecting for {stall_s:g}s; starting over")
 
     async def subscribe_inbound(self, handler: RawHandler) -> None:
         """Subscribe to every run's subjects; `handler(subject, data, content_type)`.

@@ -19,6 +19,7 @@ from nats.aio.subscription import Subscription
 
 from contracts import JSON, MSGPACK, AdaptationCommand, Channel, Codec, run_subject
 from esperd.config import NatsConfig
+from esperd.logs import RateLimiter
 
 log = structlog.get_logger("esperd.bus")
 
@@ -75,8 +76,10 @@ class Bus:
         self.reconnects = 0
         self.disconnects = 0
         self.errors = 0
+        self.slow_consumer_drops = 0  # inbound messages nats-py dropped: the subscription's pending limit was hit
         self.dropped_publishes = 0
         self._subs: list[Subscription] = []
+        self._drop_log = RateLimiter(10.0)
 
     @property
     def connected(self) -> bool:
@@ -233,6 +236,15 @@ class Bus:
         return self.nc
 
     async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            # nats-py reports each dropped message: count every one, log one line per 10 s at most.
+            self.slow_consumer_drops += 1
+            allowed, suppressed = self._drop_log.allow("slow_consumer")
+            if allowed:
+                log.warning("NATS slow consumer: inbound messages dropped", subject=exc.subject,
+                            dropped_total=self.slow_consumer_drops, suppressed_since_last=suppressed,
+                            max_pending_bytes=self.config.max_pending_bytes)
+            return
         self.errors += 1
         log.warning("NATS error", error=str(exc) or type(exc).__name__)
 

@@ -277,7 +277,14 @@ class Service:
             except Exception:  # a bug must cost one message, never the subscription
                 log.exception("handler failed")
                 await self._report(self.intake.reject("internal_error", "handler raised", subject, data=data))
-        await asyncio.sleep(0)  # PROBE
+        # Let the event loop run between two messages. nats-py's reader task moves data from the
+        # socket into the subscription's pending queue; this handler otherwise never suspends, so it
+        # would drain the whole queue before the reader reads again. The reader then fell behind
+        # a flood, the broker buffered for us until its max_pending and cut the connection
+        # (every run's messages lost, uncounted, status unanswered until the reconnect), and
+        # nats.max_pending_bytes never applied. With the yield, a flood overflows the pending queue
+        # instead: dropped by the client and counted in status (nats.slow_consumer_drops).
+        await asyncio.sleep(0)
 
     async def _dispatch(self, accepted: Accepted) -> None:
         """Hand an accepted message to the parts that use it."""

@@ -7,7 +7,7 @@ from contracts.enums import Op, SeedStage
 S, O = SeedStage, Op
 
 #: (stage, op) -> stage the op leads to. WAIT is legal everywhere and changes nothing.
-#: GERMINATED -> TRAINING is taken by the host itself, not by a command.
+#: The host's own moves are in AUTOMATIC.
 TRANSITIONS: dict[tuple[SeedStage, Op], SeedStage] = {
     (S.DORMANT, O.GERMINATE): S.GERMINATED,
     (S.GERMINATED, O.PRUNE): S.PRUNED,
@@ -20,9 +20,12 @@ TRANSITIONS: dict[tuple[SeedStage, Op], SeedStage] = {
     (S.PROBATIONARY, O.PRUNE): S.PRUNED,
 }
 
-#: Stages a host moves through on its own (no command needed).
+#: Stages a host moves through on its own (no command needed): a germinated seed starts
+#: training, a blend ends in probation when the tempo's epochs have passed (ADVANCE ends it
+#: early), and a pruned slot is free again after its cooldown.
 AUTOMATIC: dict[SeedStage, SeedStage] = {
     S.GERMINATED: S.TRAINING,
+    S.BLENDING: S.PROBATIONARY,
     S.PRUNED: S.DORMANT,
 }
 

@@ -223,7 +223,8 @@ def to_command(decision: Decision) -> AdaptationCommand:
         blueprint=decision.blueprint if germinate else None,
         blend=decision.blend if germinate else None,
         tempo=decision.tempo if germinate else None,
-        # The policy has no alpha head yet: SET_ALPHA_TARGET means "finish the blend now".
+        # The policy has no alpha head yet: SET_ALPHA_TARGET asks for a full blend (the host
+        # ramps to the target over the rest of the tempo).
         alpha_target=1.0 if decision.op is Op.SET_ALPHA_TARGET else None,
         reason=decision.reason or describe(decision),
     )

@@ -9,7 +9,9 @@ Sources of experience
                  ([learner.ppo]); IMPALA: each round the actors add `--envs x --unroll` steps to a
                  replay buffer ([learner] replay_capacity / prioritized) and the learner takes
                  `--replay-ratio` x that many samples from it, in batches of [learner.impala]
-                 batch_size, once it holds [learner] min_replay transitions.
+                 batch_size, once it holds [learner] min_replay transitions. With `--seq-len L`
+                 a batch is batch_size / L unrolls of L consecutive steps of one run (V-trace
+                 runs over each), else batch_size single steps (one-step V-trace).
   --experience   a file written by `ReplayBuffer.save` / `RolloutBuffer.save` (the daemon writes
                  <state_dir>/learner/buffer.safetensors). A fraction `--holdout` of its runs (or,
                  with a single run, its last transitions) is held out for evaluation; the rest is
@@ -121,6 +123,7 @@ class TrainSpec:
     seed: int = 0
     unroll: int = 8  # IMPALA with --sim: steps per env per actor round
     replay_ratio: float = 4.0  # IMPALA with --sim: samples trained on per new transition
+    sequence_length: int = 1  # IMPALA: sample unrolls of this many consecutive steps (1: single steps)
     policy_config: PolicyConfig = field(default_factory=PolicyConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sim_config: SimConfig | None = None  # None: SimConfig(reward=learner.rewards)
@@ -143,8 +146,10 @@ class TrainSpec:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainError(f"--{name} must be >= 1")
-        if self.envs < 1 or self.eval_every < 1 or self.eval_episodes < 0 or self.unroll < 1:
-            raise TrainError("--envs, --eval-every and --unroll must be >= 1, --eval-episodes >= 0")
+        if min(self.envs, self.eval_every, self.unroll, self.sequence_length) < 1 or self.eval_episodes < 0:
+            raise TrainError(
+                "--envs, --eval-every, --unroll and --seq-len must be >= 1, --eval-episodes >= 0"
+            )
         if not 0.0 <= self.holdout < 1.0:
             raise TrainError("--holdout must be in [0, 1)")
         if not self.replay_ratio > 0:
@@ -469,7 +474,7 @@ class _Run:
         """Gather experience as the algorithm needs and make (at most) one learner update."""
         if self.spec.algo == "ppo":
             batch = self._ppo_batch()
-            self._update(batch, None, None, None)
+            self._update(batch, None)
         else:
             self._impala_step()
 
@@ -503,24 +508,39 @@ class _Run:
         if self.env is not None:
             new = self._collect(self.spec.unroll)
             self.replay.extend(new)
-            self._pending_updates += self.spec.replay_ratio * len(new) / batch_size
             if len(self.replay) < min(cfg.min_replay, self.replay.capacity):
                 return
+            self._pending_updates += self.spec.replay_ratio * len(new) / batch_size
             rounds = int(self._pending_updates)
             self._pending_updates -= rounds
         for _ in range(rounds):
             if self.done():
                 return
-            sampled = self.replay.sample(batch_size, self.rng)
-            stats = self._update(sampled.transitions, sampled.weights, sampled.indices, sampled.stamps)
-            if stats is not None and stats.td_errors:
-                self.replay.update_priorities(sampled.indices, stats.td_errors, stamps=sampled.stamps)
+            self._impala_update(batch_size)
             if self.due_eval():
                 self.evaluate()
 
-    def _update(
-        self, batch: list[Transition], weights: np.ndarray | None, indices: object, stamps: object
-    ) -> UpdateStats | None:
+    def _impala_update(self, batch_size: int) -> None:
+        """One IMPALA update on a replay sample: single steps, or unrolls of --seq-len steps."""
+        assert self.replay is not None
+        length = self.spec.sequence_length
+        if length <= 1:
+            sampled = self.replay.sample(batch_size, self.rng)
+            stats = self._update(sampled.transitions, sampled.weights)
+            if stats is not None and stats.td_errors:
+                self.replay.update_priorities(sampled.indices, stats.td_errors, stamps=sampled.stamps)
+            return
+        unrolls = self.replay.sample_sequences(max(1, batch_size // length), length, self.rng)
+        lengths = np.array([len(seq) for seq in unrolls.sequences])
+        flat = [t for seq in unrolls.sequences for t in seq]
+        stats = self._update(flat, np.repeat(unrolls.weights, lengths))
+        if stats is not None and stats.td_errors:
+            # An unroll's start gets the mean |td| over the unroll as its priority.
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            per_unroll = np.add.reduceat(np.abs(np.asarray(stats.td_errors)), starts) / lengths
+            self.replay.update_priorities(unrolls.indices, per_unroll, stamps=unrolls.stamps)
+
+    def _update(self, batch: list[Transition], weights: np.ndarray | None) -> UpdateStats | None:
         if not batch:
             return None
         try:
@@ -780,6 +800,13 @@ def add_arguments(parser: Any) -> None:
         help="IMPALA --sim: samples per new transition (4)",
     )
     parser.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        default=1,
+        metavar="L",
+        help="IMPALA: replay unrolls of L consecutive steps, V-trace over each (1: single steps)",
+    )
+    parser.add_argument(
         "--out", default="train-out", metavar="DIR", help="output directory (default ./train-out)"
     )
     parser.add_argument(
@@ -824,6 +851,7 @@ def spec_from_args(args: Any, config_path: str | None) -> TrainSpec:
         seed=args.seed,
         unroll=args.unroll,
         replay_ratio=args.replay_ratio,
+        sequence_length=args.seq_len,
         policy_config=config.policy,
         learner=learner,
         eval_reward=None

@@ -105,8 +105,11 @@ def test_sim_ppo_tiny_run(tmp_path: Path) -> None:
     assert (result.out / "policy.toml").is_file()
 
 
-def test_sim_impala_tiny_run(tmp_path: Path) -> None:
-    result = train(spec(tmp_path, algo="impala", sim=True, updates=6, unroll=2))
+@pytest.mark.parametrize("sequence_length", [1, 4])
+def test_sim_impala_tiny_run(tmp_path: Path, sequence_length: int) -> None:
+    result = train(
+        spec(tmp_path, algo="impala", sim=True, updates=6, unroll=2, sequence_length=sequence_length)
+    )
     assert result.updates == 6 and result.failures == 0
     evals = [r for r in metrics(result.out) if r["kind"] == "eval"]
     assert [r["update"] for r in evals] == [2, 4, 6]

@@ -58,10 +58,23 @@ class HostClient:
         self._on_command: CommandHandler | None = None
 
     @classmethod
-    async def connect(cls, url: str, run_id: str, **kwargs: object) -> HostClient:
-        """Connect to NATS and start listening for this run's commands."""
-        nc = await nats.connect(url, max_reconnect_attempts=-1)
-        client = cls(nc, run_id, **kwargs)  # type: ignore[arg-type]
+    async def connect(
+        cls,
+        url: str | list[str],
+        run_id: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        buffer: int = 1024,
+        **nats_options: object,
+    ) -> HostClient:
+        """Connect and start listening for this run's commands.
+
+        `nats_options` go to `nats.connect` as they are: `user`/`password`, `token`,
+        `user_credentials` (a .creds file), `nkeys_seed`, `tls` (an ssl.SSLContext), ...
+        """
+        nats_options.setdefault("max_reconnect_attempts", -1)
+        nc = await nats.connect(url, **nats_options)  # type: ignore[arg-type]
+        client = cls(nc, run_id, prefix=prefix, buffer=buffer)
         await client.start()
         return client
 

@@ -17,7 +17,7 @@ from esperd.analyzer.observation import Observation
 from esperd.policy.base import ActResult, EvalResult, build_decisions
 from esperd.policy.batch import GraphBatch, TopologyCache, collate
 from esperd.policy.config import PolicyConfig
-from esperd.policy.heads import FactoredDistribution
+from esperd.policy.heads import FactoredDistribution, sample_actions
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -138,11 +138,10 @@ class NeuralPolicyBundle:
             with _EvalMode(self.base_network), torch.inference_mode():
                 hidden_in = self._hidden_for_act(observations, hidden)
                 node_out, values, hidden_out = self._forward(batch, hidden_in)
-                dist = FactoredDistribution(batch, node_out)
             self._remember(observations, hidden_out)
         # Outside inference_mode, so the results are normal tensors that callers (recorder,
         # learner) may use in autograd.
-        actions, log_probs, confidences, urgencies = dist.sample_scored(deterministic)
+        actions, log_probs, confidences, urgencies = sample_actions(batch, node_out, deterministic)
         values = values.to("cpu", copy=True)
         return ActResult(
             actions=actions,

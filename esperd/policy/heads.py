@@ -237,9 +237,9 @@ def _sample_small(
         node = _argmax([p - e for p, e in zip(graph, noise)])
         nodes.append(node)
         node_log_probs.append(graph[node] - _logsumexp(graph))
-    flat = [first + node for first, node in zip(bounds, nodes)]
+    rows = logits[[first + node for first, node in zip(bounds, nodes)]].tolist()
     actions, log_probs, confidences = [], [], []
-    for node, node_lp, row, noise in zip(nodes, node_log_probs, logits[flat].tolist(), log_exp):
+    for node, node_lp, row, noise in zip(nodes, node_log_probs, rows, log_exp):
         heads = [row[h] for h in _HEAD_COLUMNS]  # op, blueprint, blend, tempo logits
         head_noise = noise[num_nodes:]  # aligned with the logits columns
         picks = [_argmax([x - e for x, e in zip(row[h], head_noise[h])]) for h in _HEAD_COLUMNS]
@@ -250,7 +250,8 @@ def _sample_small(
         actions.append([node, *picks])
         log_probs.append(node_lp + chosen[0] + (sum(chosen[1:]) if germinate else 0.0))
         confidences.append(math.exp(chosen[0]))
-    urgencies = [0.5 + 0.5 * math.tanh(0.5 * p) for p in node_out[flat, 0].tolist()]  # sigmoid
+    # The chosen node is never masked, so its row still holds its raw priority logit.
+    urgencies = [0.5 + 0.5 * math.tanh(0.5 * row[0]) for row in rows]  # sigmoid
     return (
         torch.tensor(actions, dtype=torch.int64),
         torch.tensor(log_probs, dtype=torch.float32),

@@ -72,6 +72,7 @@ class NeuralPolicyBundle:
                 torch.manual_seed(config.init_seed)
             network = self._build_network(config)
         self._network: nn.Module = network.to(self.device).eval()
+        self._base_network = self._network  # the network setter only accepts wrappers of it
         # act's single-run batches reuse what collate derives from a run's topology.
         self._topologies = TopologyCache(self.device, adjacency=self.uses_adjacency)
 
@@ -121,7 +122,7 @@ class NeuralPolicyBundle:
     @property
     def base_network(self) -> nn.Module:
         """The uncompiled module (owner of the parameters and the state dict keys)."""
-        return unwrap(self._network)
+        return self._base_network
 
     # ------------------------------------------------------------ serving
 

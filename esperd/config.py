@@ -65,7 +65,7 @@ class NatsConfig(_Section):
     connect_timeout_s: PositiveFloat = 5.0
     reconnect_wait_s: PositiveFloat = 2.0
     ping_interval_s: PositiveFloat = 20.0
-    max_pending_bytes: PositiveInt = 64 * 1024 * 1024  # per subscription, before the client drops
+    max_pending_bytes: PositiveInt = 8 * 1024 * 1024  # before the client drops (and counts) messages
     name: str = "esperd"
 
 

@@ -297,3 +297,13 @@ def test_config_decodes_from_toml_like_dicts_and_rejects_nonsense() -> None:
         msgspec.convert({"rent_weight": -1.0}, RewardConfig)
     with pytest.raises(ValueError):
         RewardConfig(mode="dense")  # type: ignore[arg-type]
+
+
+def test_governor_survives_losses_at_the_top_of_the_wire_range() -> None:
+    governor = LossGovernor(window=10, min_history=3)
+    flags = [governor.check(value) for value in (0.5, 0.6, 0.55, 1e300, 0.5)]  # must not overflow
+    assert flags == [False, False, False, True, False]
+    calm = LossGovernor(window=10, min_history=3)
+    for value in (1e299, 1.1e299, 0.9e299):
+        assert calm.check(value) is False
+    assert calm.check(1e300) is True  # far above mean + 3 sd of its history

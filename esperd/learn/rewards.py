@@ -183,8 +183,11 @@ class LossGovernor:
         blown = False
         n = len(self._history)
         if n >= self.min_history:
-            mean = sum(self._history) / n
-            std = math.sqrt(sum((x - mean) ** 2 for x in self._history) / n)
+            mean = math.fsum(self._history) / n
+            # Deviations are scaled before squaring: losses may be as large as the wire
+            # allows (1e300), and a plain square would overflow.
+            scale = max(abs(x - mean) for x in self._history) or 1.0
+            std = scale * math.sqrt(math.fsum(((x - mean) / scale) ** 2 for x in self._history) / n)
             floor = max(self.min_std, self.min_relative_std * abs(mean))
             blown = value > mean + self.sigmas * max(std, floor)
         self._history.append(value)

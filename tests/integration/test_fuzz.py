@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import nats
-import pytest
 
 from contracts import Codec, SystemStatePacket
 from esperd.natsserver import NatsServer
@@ -57,7 +56,7 @@ async def test_fuzz_families_are_counted_by_reason_and_good_runs_are_unaffected(
             # A clean baseline for the good run's commands per state packet.
             base, _ = await good_phase(nats_server.url, ["t-base"], 2.0, oracle)
 
-            gen = FuzzGenerator(SEED, good_runs=("t-good",), huge_losses=False)
+            gen = FuzzGenerator(SEED, good_runs=("t-good",))
             for p in gen.bootstrap():
                 oracle.feed(p)
                 await nc.publish(p.subject, p.data, headers=p.headers)
@@ -100,7 +99,7 @@ async def test_a_single_garbage_payload_of_each_family_leaves_status_and_counter
     async with running_daemon(fuzz_config(nats_server.url, tmp_path)):
         nc = await nats.connect(nats_server.url, name="fuzz-one-each")
         try:
-            gen = FuzzGenerator(SEED + 1, huge_losses=False)
+            gen = FuzzGenerator(SEED + 1)
             oracle = Oracle()
             for p in gen.bootstrap():
                 oracle.feed(p)
@@ -120,11 +119,8 @@ async def test_a_single_garbage_payload_of_each_family_leaves_status_and_counter
 async def test_huge_losses_do_not_raise_in_the_handler(nats_server: NatsServer, tmp_path: Path) -> None:
     """A finite loss near the top of its range (<= 1e300) must not make the state handler raise.
 
-    Known bug, found by the fuzz campaign: esperd/learn/rewards.py LossGovernor.check squares
-    (x - mean) and overflows for |x - mean| > ~1.3e154; the packet is counted as internal_error,
-    and the run's next state packets keep failing while the value stays in the governor window
-    (no decision is triggered by them, `done` is lost). When it is fixed this test passes: drop
-    `huge_losses=False` from the bounded fuzz test above.
+    Found by the fuzz campaign: the loss governor squared (x - mean), which overflowed above
+    ~1.3e154 and turned the packet into an internal_error.
     """
     async with running_daemon(fuzz_config(nats_server.url, tmp_path)):
         nc = await nats.connect(nats_server.url, name="fuzz-huge-loss")
@@ -139,6 +135,5 @@ async def test_huge_losses_do_not_raise_in_the_handler(nats_server: NatsServer, 
         finally:
             await nc.close()
     assert daemon_processed(st) == oracle.processed
-    if st["rejected_by_reason"].get("internal_error"):
-        pytest.xfail(f"LossGovernor overflow: internal_error={st['rejected_by_reason']['internal_error']}")
+    assert "internal_error" not in st["rejected_by_reason"]
     assert not check_counts(st, oracle), check_counts(st, oracle)

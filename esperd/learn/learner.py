@@ -18,6 +18,9 @@ import collections
 import contextlib
 import copy
 import math
+import pickle
+import threading
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -130,6 +133,7 @@ class Learner:
         self._updating = False  # an update is running on the worker thread
         self._inflight: asyncio.Future[tuple[UpdateStats, PolicyBundle]] | None = None
         self._stopping = False
+        self._save_lock = threading.Lock()
         window = config.breaker.reward_window
         self._good_rewards: collections.deque[float] = collections.deque(maxlen=window)
         self._recent_rewards: collections.deque[float] = collections.deque(maxlen=window)
@@ -353,6 +357,11 @@ class Learner:
         self.status.checkpoints += 1
 
     def save_checkpoint(self) -> None:
+        """Write policy, optimizer and counters, and buffer (any thread; one save at a time)."""
+        with self._save_lock:  # a periodic save may still run when the final one starts
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
         directory = self.state_dir / "learner"
         directory.mkdir(parents=True, exist_ok=True)
         save_policy_checkpoint(directory / "policy.safetensors", self.serving)
@@ -381,7 +390,19 @@ class Learner:
         try:
             load_policy_checkpoint(policy_file, restored)
             # weights_only: tensors and plain containers; a pickle that would run code is refused.
-            extra = torch.load(directory / "learner.pt", weights_only=True)
+            try:
+                extra = torch.load(directory / "learner.pt", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                # torch's text explains how to load the file anyway (by allowlisting what it would
+                # call) and carries terminal escapes: log only what was refused, not that advice.
+                text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+                parts = [p.strip() for p in re.split(r"\n\s*\n|WeightsUnpickler error:", text) if p.strip()]
+                parts = [p for p in parts if not p.startswith("Check the documentation")]
+                reason = parts[-1].split(" Please use")[0] if parts else "not plain tensors and containers"
+                raise CheckpointError(
+                    f"{directory / 'learner.pt'} refused by the weights-only loader "
+                    f"(nothing in it was run): {reason}"
+                ) from None
             if not isinstance(extra, dict) or not isinstance(extra.get("algo"), dict):
                 raise CheckpointError("learner.pt holds no learner state")
             prior = extra.get("status") or {}

@@ -237,7 +237,7 @@ def _sample_small(
         node = _argmax([p - e for p, e in zip(graph, noise)])
         nodes.append(node)
         node_log_probs.append(graph[node] - _logsumexp(graph))
-    rows = logits[[first + node for first, node in zip(bounds, nodes)]].tolist()
+    rows = [logits[first + node].tolist() for first, node in zip(bounds, nodes)]  # int indexing: cheap
     actions, log_probs, confidences = [], [], []
     for node, node_lp, row, noise in zip(nodes, node_log_probs, rows, log_exp):
         heads = [row[h] for h in _HEAD_COLUMNS]  # op, blueprint, blend, tempo logits
@@ -252,9 +252,5 @@ def _sample_small(
         confidences.append(math.exp(chosen[0]))
     # The chosen node is never masked, so its row still holds its raw priority logit.
     urgencies = [0.5 + 0.5 * math.tanh(0.5 * row[0]) for row in rows]  # sigmoid
-    return (
-        torch.tensor(actions, dtype=torch.int64),
-        torch.tensor(log_probs, dtype=torch.float32),
-        torch.tensor(confidences, dtype=torch.float32),
-        torch.tensor(urgencies, dtype=torch.float32),
-    )
+    scores = torch.tensor([log_probs, confidences, urgencies], dtype=torch.float32)  # one tensor for 3
+    return torch.tensor(actions, dtype=torch.int64), scores[0], scores[1], scores[2]

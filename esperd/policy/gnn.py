@@ -14,7 +14,8 @@ The GCNConv modules hold the weights (state-dict keys unchanged) but are only
 called on the torch.compile'd path, which gets the plain edge_index / edge_weight
 (dynamo does not trace sparse tensors). At batch 1 the forward is ~25 small ops and
 Python overhead matters: layers are applied functionally on weights kept at hand
-(`_gather_weights`), not through nn.Module calls and attribute lookups.
+(`_gather_weights`), not through nn.Module calls and attribute lookups (so forward
+hooks on the layers do not fire in eager mode).
 """
 
 from __future__ import annotations

@@ -195,7 +195,8 @@ class DecisionLoop:
                 await self._sleep_until_woken(first - now)
                 continue
             deadline = first + config.max_wait_ms / 1e3
-            while self.scheduler.ready_count() < config.max_batch and self._clock() < deadline:
+            full = config.max_batch
+            while self.scheduler.ready_count(at_most=full) < full and self._clock() < deadline:
                 await self._sleep_until_woken(deadline - self._clock())
             return
 

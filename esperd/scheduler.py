@@ -79,9 +79,16 @@ class Scheduler:
         self._drop_stale_heads()
         return self._heap[0][0] if self._heap else None
 
-    def ready_count(self, now: float | None = None) -> int:
+    def ready_count(self, now: float | None = None, at_most: int | None = None) -> int:
+        """How many queued runs are due now; stops counting at `at_most` (a full batch)."""
         now = self._clock() if now is None else now
-        return sum(1 for at in self._due_at.values() if at <= now)
+        count = 0
+        for at in self._due_at.values():
+            if at <= now:
+                count += 1
+                if count == at_most:
+                    break
+        return count
 
     def take_batch(self, now: float | None = None) -> list[tuple[str, float]]:
         """Up to `max_batch` (run, due time) pairs due now, oldest-due first; they leave the queue."""

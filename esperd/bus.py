@@ -47,6 +47,10 @@ def connect_options(config: NatsConfig) -> dict[str, object]:
         "max_reconnect_attempts": -1,  # forever: a broker restart must never end the daemon
         "allow_reconnect": True,
         "ping_interval": config.ping_interval_s,
+        # Our own publishes (commands, status, rejections) would come back on the `<prefix>.*.*`
+        # wildcard only to be skipped: at one command per state packet that is a quarter of the
+        # inbound messages, parsed and dispatched for nothing.
+        "no_echo": True,
     }
     if config.user:
         options["user"] = config.user

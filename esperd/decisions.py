@@ -81,7 +81,7 @@ class DecisionLoop:
         self.publish = publish
         self.deterministic = deterministic
         self.on_decided = on_decided
-        self.stats = DecisionStats()
+        self._stats = DecisionStats()
         self._clock = clock
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esperd-policy")
@@ -89,6 +89,17 @@ class DecisionLoop:
         self._latency_ms: collections.deque[float] = collections.deque(maxlen=1024)
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=1024)
         self._busy = asyncio.Lock()
+
+    @property
+    def stats(self) -> DecisionStats:
+        """Counters, with the percentiles and mean brought up to date (computed on read, not per batch)."""
+        stats = self._stats
+        stats.batch_size_mean = round(statistics.fmean(self._batch_sizes), 2) if self._batch_sizes else 0.0
+        stats.forward_ms_p50 = round(percentile(self._forward_ms, 50), 3)
+        stats.forward_ms_p99 = round(percentile(self._forward_ms, 99), 3)
+        stats.latency_ms_p50 = round(percentile(self._latency_ms, 50), 3)
+        stats.latency_ms_p99 = round(percentile(self._latency_ms, 99), 3)
+        return stats
 
     def wake(self) -> None:
         """Tell the loop the due set changed."""
@@ -128,7 +139,7 @@ class DecisionLoop:
                     self._executor, policy.act, observations, self.deterministic
                 )
             except Exception:
-                self.stats.failures += 1
+                self._stats.failures += 1
                 log.exception("policy act failed", policy=policy.name, batch=len(observations))
                 return 0
             self._note_forward((time.perf_counter() - started) * 1e3, len(observations))
@@ -150,37 +161,33 @@ class DecisionLoop:
 
     async def _publish_decisions(self, decisions: list[Decision], due_at: dict[str, float]) -> int:
         sent = 0
+        stats = self._stats
         deadline_ms = self.scheduler.config.decision_deadline_ms
         for decision in decisions:
-            self.stats.decisions += 1
+            stats.decisions += 1
             if decision.op is Op.WAIT:
-                self.stats.waits += 1
+                stats.waits += 1
                 continue
             command = to_command(decision)
             self.scheduler.note_command(command.command_id, command.run_id, command.layer_id, command.op.value)
             await self.publish(command)
             sent += 1
-            by_op = self.stats.commands_by_op
+            by_op = stats.commands_by_op
             by_op[command.op.value] = by_op.get(command.op.value, 0) + 1
             latency_ms = (self._clock() - due_at.get(decision.run_id, self._clock())) * 1e3
             self._latency_ms.append(latency_ms)
             if latency_ms > deadline_ms:
-                self.stats.late += 1
-        self.stats.commands += sent
-        if sent:
-            self.stats.latency_ms_p50 = round(percentile(self._latency_ms, 50), 3)
-            self.stats.latency_ms_p99 = round(percentile(self._latency_ms, 99), 3)
+                stats.late += 1
+        stats.commands += sent
         return sent
 
     def _note_forward(self, ms: float, batch: int) -> None:
         self._forward_ms.append(ms)
         self._batch_sizes.append(batch)
-        self.stats.batches += 1
-        self.stats.last_batch_size = batch
-        self.stats.batch_size_mean = round(statistics.fmean(self._batch_sizes), 2)
-        self.stats.batch_size_max = max(self.stats.batch_size_max, batch)
-        self.stats.forward_ms_p50 = round(percentile(self._forward_ms, 50), 3)
-        self.stats.forward_ms_p99 = round(percentile(self._forward_ms, 99), 3)
+        stats = self._stats
+        stats.batches += 1
+        stats.last_batch_size = batch
+        stats.batch_size_max = max(stats.batch_size_max, batch)
 
     async def _wait_for_batch(self) -> None:
         """Return once some run is due and either the batch is full or it has waited max_wait_ms."""

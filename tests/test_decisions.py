@@ -426,6 +426,7 @@ async def test_stats_update_with_deterministic_latency() -> None:
     h.due("w2")
     clock.t += 1.0
     assert await h.loop.decide_once() == 0
+    stats = h.loop.stats  # percentiles and the mean are brought up to date on read
     assert (stats.batches, stats.last_batch_size, stats.batch_size_max) == (2, 1, 4)
     assert stats.batch_size_mean == 2.5
     assert stats.commands == 3 and stats.waits == 2

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import sys
 import time
 from collections.abc import Mapping
 
@@ -112,6 +113,7 @@ class Service:
         self.analyzer = Analyzer(config.analyzer)
         self.scheduler = Scheduler(config.scheduler)
         configure_torch_threads(config.service.torch_threads)
+        sys.setswitchinterval(config.service.gil_switch_interval_ms / 1e3)
         device = resolve_device(config.service.device)
         serving = build_serving_policy(config.policy, device)
         self.policy_fallback_reason = str(serving.error) if serving.error else ""

@@ -53,10 +53,11 @@ from esperd.policy.registry import register_policy
 
 _N = NODE_FEATURE_INDEX
 _G = GLOBAL_FEATURE_INDEX
-_ACTIVE_STAGES = [
-    STAGE_INDEX[s]
-    for s in (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY)
-]
+# Stage index -> counts as an active seed (a lookup table: np.isin costs ~50 µs on 20 nodes).
+_ACTIVE_STAGE = np.zeros(max(STAGE_INDEX.values()) + 1, dtype=bool)
+_ACTIVE_STAGE[
+    [STAGE_INDEX[s] for s in (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY)]
+] = True
 #: Candidates are ranked by op first: resolve seeds in flight before germinating new ones.
 _OP_RANK = {Op.PRUNE: 3, Op.FOSSILIZE: 3, Op.ADVANCE: 2, Op.GERMINATE: 1}
 # Feature scalings, inverted here (see observation.NODE_FEATURES / GLOBAL_FEATURES).
@@ -277,7 +278,7 @@ class HeuristicPolicy:
         # Germinations we issued that the host has not applied yet count as active too.
         dormant = obs.layer_ids[obs.stages == STAGE_INDEX[SeedStage.DORMANT]].tolist()
         pending = sum(1 for layer_id in dormant if layer_id in memory.seeds)
-        active = int(np.isin(obs.stages, _ACTIVE_STAGES).sum()) + pending
+        active = int(np.count_nonzero(_ACTIVE_STAGE[obs.stages])) + pending
         return obs.epoch >= rules.min_epoch and stabilized and active < rules.max_active_seeds
 
     @staticmethod

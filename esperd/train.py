@@ -22,6 +22,14 @@ Sources of experience
   both           IMPALA replays the file's transitions alongside the simulator's; PPO is on-policy
                  and learns from the simulator only, the file serving as the held-out set.
 
+Warm start (`--warm-start heuristic|scripted`, esperd.warmstart): before the first update the
+policy (gnn only) is fitted by behaviour cloning to the reference policy's decisions over
+`--warm-start-steps` simulator steps on hosts of its own (`--warm-start-updates` optimizer steps:
+cross-entropy over the legal factored actions, value head fitted to the reference's returns), and
+saved as <out>/warm_start.safetensors; it is evaluated (update 0) before RL begins and is a
+candidate for the best checkpoint. metrics.jsonl starts with a `warm_start` line: agreement of
+the greedy policy with the reference on held-out demonstrations before and after, NLL, value MSE.
+
 Budget: `--updates N` learner updates, or `--steps N` environment steps (with --sim) or
 transitions trained on (experience only).
 
@@ -67,6 +75,7 @@ import torch
 from esperd.analyzer.observation import Observation
 from esperd.learn.buffers import ReplayBuffer
 from esperd.learn.experience import Transition
+from esperd.learn.imitation import ImitationConfig, ImitationStats
 from esperd.learn.impala import ImpalaLearner
 from esperd.learn.learner import LearnerConfig
 from esperd.learn.persist import load_experience
@@ -78,6 +87,7 @@ from esperd.policy.config import PolicyConfig
 from esperd.policy.registry import create_policy
 from esperd.sim.config import SimConfig
 from esperd.sim.env import SimEnv
+from esperd.warmstart import REFERENCES, warm_start
 
 __all__ = [
     "HeldOut",
@@ -130,6 +140,11 @@ class TrainSpec:
     eval_reward: RewardConfig | None = None  # None: the training reward
     progress: bool = True
     log_updates: bool = True  # one metrics.jsonl line per update besides the evaluations
+    # Behaviour-cloning warm start (esperd.warmstart): fit the policy to this reference policy's
+    # decisions over `warm_start_steps` simulator steps before the first RL update.
+    warm_start: str | None = None  # heuristic | scripted
+    warm_start_steps: int = 8192
+    imitation: ImitationConfig = field(default_factory=ImitationConfig)
 
     def validate(self) -> None:
         if self.algo not in ALGORITHMS:
@@ -156,6 +171,20 @@ class TrainSpec:
             raise TrainError("--replay-ratio must be > 0")
         if self.experience and not Path(self.experience).is_file():
             raise TrainError(f"experience file {self.experience} does not exist")
+        self._validate_warm_start()
+
+    def _validate_warm_start(self) -> None:
+        if self.warm_start is None:
+            return
+        if self.warm_start not in REFERENCES:
+            raise TrainError(f"--warm-start must be one of {', '.join(REFERENCES)}, not {self.warm_start!r}")
+        if self.policy != "gnn":
+            # Cloning single steps from a zero state would not teach a recurrent policy its memory.
+            raise TrainError("--warm-start needs a feed-forward policy (--policy gnn)")
+        if self.policy_config.checkpoint:
+            raise TrainError("--warm-start and [policy] checkpoint both set the starting weights; give one")
+        if self.warm_start_steps < 1:
+            raise TrainError("--warm-start-steps must be >= 1")
 
     @property
     def gamma(self) -> float:
@@ -382,6 +411,18 @@ class _Run:
         self.policy = create_policy(spec.policy, self.policy_config, self.device)
         if cfg.checkpoint:  # warm start from the configured checkpoint
             load_policy_checkpoint(cfg.checkpoint, self.policy)
+        self.imitation: ImitationStats | None = None
+        # Before the learner is made, so that its optimizer starts fresh on the fitted weights.
+        if spec.warm_start is not None:
+            self.imitation = warm_start(
+                self.policy,
+                spec.warm_start,
+                steps=spec.warm_start_steps,
+                sim_config=spec.sim_config or SimConfig(reward=spec.learner.rewards),
+                envs=spec.envs,
+                seed=spec.seed,
+                config=msgspec.structs.replace(spec.imitation, gamma=spec.gamma, seed=spec.seed),
+            )
         self.start_version = self.policy.version
 
         learner_cfg = spec.learner
@@ -443,6 +484,12 @@ class _Run:
         self.last_stats: UpdateStats | None = None
         self.started = time.perf_counter()
         self.metrics = (self.out / "metrics.jsonl").open("w", encoding="utf-8")
+        if self.imitation is not None:
+            # The cloned policy as it was before RL: to serve or compare with the trained ones.
+            save_policy_checkpoint(self.out / "warm_start.safetensors", self.policy)
+            self._write(
+                {"kind": "warm_start", "reference": spec.warm_start, **msgspec.structs.asdict(self.imitation)}
+            )
 
     # ------------------------------------------------------------ budget
 
@@ -708,6 +755,8 @@ def train(spec: TrainSpec, on_eval: Callable[[dict[str, Any]], None] | None = No
         )
     evals_seen = 0
     try:
+        if spec.warm_start is not None:
+            run.evaluate()  # the cloned policy: the curve's start, and a candidate for best
         while run.progress_of(unit) < goal:
             before = run.progress_of(unit)
             run.step()
@@ -807,6 +856,25 @@ def add_arguments(parser: Any) -> None:
         help="IMPALA: replay unrolls of L consecutive steps, V-trace over each (1: single steps)",
     )
     parser.add_argument(
+        "--warm-start",
+        choices=REFERENCES,
+        help="first fit the policy to this reference policy's decisions in the simulator (behaviour cloning)",
+    )
+    parser.add_argument(
+        "--warm-start-steps",
+        type=_positive_int,
+        default=TrainSpec.warm_start_steps,
+        metavar="N",
+        help=f"simulator steps the reference plays for the warm start ({TrainSpec.warm_start_steps})",
+    )
+    parser.add_argument(
+        "--warm-start-updates",
+        type=_positive_int,
+        default=ImitationConfig().steps,
+        metavar="N",
+        help=f"behaviour-cloning optimizer steps ({ImitationConfig().steps})",
+    )
+    parser.add_argument(
         "--out", default="train-out", metavar="DIR", help="output directory (default ./train-out)"
     )
     parser.add_argument(
@@ -858,6 +926,9 @@ def spec_from_args(args: Any, config_path: str | None) -> TrainSpec:
         if args.eval_reward is None
         else msgspec.structs.replace(learner.rewards, mode=args.eval_reward),
         progress=not args.quiet,
+        warm_start=args.warm_start,
+        warm_start_steps=args.warm_start_steps,
+        imitation=ImitationConfig(steps=args.warm_start_updates),
     )
 
 

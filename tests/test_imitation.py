@@ -1,0 +1,98 @@
+"""Behaviour cloning (esperd.learn.imitation): the likelihood of a reference decision is what it says
+(WAIT marginalized over nodes), returns are discounted to the episode end, and a short fit on a
+reference policy's decisions makes the greedy policy agree with it and fits the value head."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from contracts import Op
+from esperd.analyzer.observation import OP_INDEX
+from esperd.learn.experience import Transition
+from esperd.learn.imitation import (
+    ImitationConfig,
+    agreement,
+    discounted_returns,
+    fit_imitation,
+    reference_log_likelihood,
+)
+from esperd.policy import PolicyConfig, create_policy
+from esperd.sim import ScriptedPolicy, SimConfig, SimEnv
+from esperd.warmstart import record_demonstrations, split_runs
+
+torch.set_num_threads(1)
+
+WAIT = OP_INDEX[Op.WAIT]
+# Short episodes, small hosts; the scripted policy germinates, advances and prunes in them.
+SIM = SimConfig(epochs=12, min_layers=4, max_layers=6)
+POLICY = PolicyConfig(name="gnn", hidden_size=64, gnn_layers=1, dropout=0.0, init_seed=0)
+
+
+@pytest.fixture(scope="module")
+def demonstrations() -> list[Transition]:
+    scripted = ScriptedPolicy(episode_epochs=SIM.epochs, last_germination=2)
+    return record_demonstrations(scripted, SimEnv(4, SIM, seed=3), 120)  # 40 runs, 4 held out
+
+
+def test_wait_is_one_decision_whatever_node_it_names(demonstrations: list[Transition]) -> None:
+    policy = create_policy("gnn", POLICY, "cpu")
+    chunk = demonstrations[:32]
+    actions = torch.from_numpy(np.stack([t.action for t in chunk]))
+    with torch.no_grad():
+        dist = policy.distribution([t.obs for t in chunk])
+        got = reference_log_likelihood(dist, actions)
+        # By hand: log sum_n p(n) p(WAIT | n) per graph; else log p(node, op, levers).
+        node_p, op_p = dist.node_probs(), dist.op_probs()
+        for i, (t, a) in enumerate(zip(chunk, actions, strict=True)):
+            if int(a[1]) == WAIT:
+                rows = slice(int(dist.batch.ptr[i]), int(dist.batch.ptr[i + 1]))
+                want = torch.log((node_p[i, : t.obs.num_nodes] * op_p[rows, WAIT]).sum())
+            else:
+                want = dist.log_prob(actions)[i]
+            assert float(got[i]) == pytest.approx(float(want), abs=1e-4)
+    assert any(int(a[1]) == WAIT for a in actions) and any(int(a[1]) != WAIT for a in actions)
+
+
+def test_returns_are_discounted_to_the_end_of_each_episode() -> None:
+    env = SimEnv(1, SimConfig(epochs=3, min_layers=4, max_layers=4), seed=0)
+    steps = record_demonstrations(ScriptedPolicy(), env, 4)  # one whole episode, then one step of the next
+    returns, complete = discounted_returns(steps, 0.5)
+    r = [t.reward for t in steps]
+    assert [t.done for t in steps] == [False, False, True, False]
+    assert returns[:3] == pytest.approx([r[0] + 0.5 * r[1] + 0.25 * r[2], r[1] + 0.5 * r[2], r[2]], abs=1e-6)
+    assert returns[3] == pytest.approx(r[3]) and complete.tolist() == [True, True, True, False]
+
+
+def test_a_short_fit_makes_the_policy_agree_with_the_reference(demonstrations: list[Transition]) -> None:
+    train, held = split_runs(demonstrations)
+    assert held and train and not {t.run_id for t in held} & {t.run_id for t in train}
+    policy = create_policy("gnn", POLICY, "cpu")
+    stats = fit_imitation(
+        policy, train, ImitationConfig(steps=300, batch_size=64, lr=3e-3, seed=0), holdout=held
+    )
+    # Fixed seeds, measured: held-out agreement 0.58 -> 0.75 (the untrained policy agrees on WAIT
+    # steps only), 0.97 on the 432 training steps; NLL 2.07 -> 0.60; value MSE 5.9 -> 0.1.
+    assert stats.agreement_after >= stats.agreement_before + 0.1
+    assert agreement(policy, train) >= 0.9
+    assert stats.nll_after < stats.nll_before / 2
+    assert stats.value_mse_after < stats.value_mse_before / 4
+    assert stats.samples == len(train) and stats.value_samples == len(train)  # whole episodes only
+    assert agreement(policy, held) == pytest.approx(stats.agreement_after)
+
+
+def test_refuses_no_data_and_rule_based_policies(demonstrations: list[Transition]) -> None:
+    with pytest.raises(ValueError, match="no transitions"):
+        fit_imitation(create_policy("gnn", POLICY, "cpu"), [])
+    with pytest.raises(ValueError, match="no parameters"):
+        fit_imitation(create_policy("heuristic", PolicyConfig(name="heuristic"), "cpu"), demonstrations[:4])
+
+
+def test_config_is_validated_when_decoded() -> None:
+    import msgspec
+
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"steps": 0}, ImitationConfig)
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"lr": -1.0}, ImitationConfig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import sys
@@ -153,7 +154,8 @@ class Service:
             return None
         learner = Learner(
             config.learner,
-            make_policy=lambda: create_policy(serving.name, config.policy, device),
+            # A partial, not a lambda: the learner's worker process builds its trainee from it.
+            make_policy=functools.partial(create_policy, serving.name, config.policy, device),
             serving=serving,
             swap=self.decisions.swap_policy,
             state_dir=state_path(config),
@@ -230,6 +232,7 @@ class Service:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.learner is not None:
             await self._save_learner()
+            self.learner.close()  # its worker process, now that the optimizer state is saved
         if self._embedded is not None:
             self._embedded.stop()
         log.info("esperd stopped", accepted_total=self.intake.accepted_total,

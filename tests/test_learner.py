@@ -64,6 +64,10 @@ def learner_config(algorithm: str, **overrides: object) -> LearnerConfig:
         "min_replay": 32,
         "replay_capacity": 1_000,
         "breaker": BreakerConfig(recovery_s=60.0),
+        # In-process and a swap after every update: these tests look at the trainee and the
+        # optimizer directly. tests/test_learner_worker.py covers the process worker.
+        "worker": "thread",
+        "swap_min_interval_s": 0.0,
     }
     fields.update(overrides)
     return LearnerConfig(**fields)  # type: ignore[arg-type]

@@ -1,9 +1,13 @@
-"""The in-process learner: turns recorded experience into new serving weights.
+"""The learner: turns recorded experience into new serving weights.
 
-Runs its updates on its own worker thread; the event loop only hands it batches
-and swaps the result in. A swap replaces the serving PolicyBundle object as a
-whole (a reference assignment on the loop thread), so a batch in flight finishes on
-the version it started with and every later batch sees the new one.
+Its updates run in a niced child process by default (`[learner] worker = "process"`, see
+esperd.learn.worker: the learner's Python then never holds the daemon's GIL), or on a worker
+thread. The event loop keeps the buffers and the breaker, hands the worker batches and swaps
+the resulting weights in. A swap replaces the serving PolicyBundle object as a whole (a
+reference assignment on the loop thread), so a batch in flight finishes on the version it
+started with and every later batch sees the new one. IMPALA, which updates many times a
+second, swaps at most once per `swap_min_interval_s` (the newest sound weights; training
+goes on in between); PPO swaps after every update (its next rollout must be on-policy).
 
 Safety (the circuit breaker): a non-finite loss or gradient, a KL far above target,
 non-finite weights, or a clear reward drop after a swap roll the learner back to the
@@ -16,11 +20,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import copy
 import math
 import pickle
-import threading
 import re
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
+import numpy as np
 import structlog
 import torch
 from msgspec import Meta
@@ -37,6 +41,16 @@ from esperd.learn.experience import Transition
 from esperd.learn.impala import ImpalaConfig, ImpalaLearner
 from esperd.learn.ppo import NonFiniteError, PPOConfig, PPOLearner, UpdateStats
 from esperd.learn.rewards import RewardConfig
+from esperd.learn.worker import (
+    State,
+    ThreadWorker,
+    TrainerSpec,
+    Worker,
+    WorkerDied,
+    WorkerError,
+    clone_state,
+    make_worker,
+)
 from esperd.policy.base import PolicyBundle
 from esperd.policy.checkpoint import CheckpointError, load_policy_checkpoint, save_policy_checkpoint
 
@@ -69,6 +83,13 @@ class LearnerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     prioritized: bool = True
     min_replay: Annotated[int, Meta(ge=1)] = 512  # IMPALA waits for this much experience
     checkpoint_interval_s: Annotated[float, Meta(gt=0.0)] = 300.0
+    # Where updates run: "process" (a child process: its Python never holds the daemon's GIL)
+    # or "thread" (in the daemon's process; for tests and debugging).
+    worker: Literal["process", "thread"] = "process"
+    worker_nice: Annotated[int, Meta(ge=0, le=19)] = 10  # the child's nice value (process worker)
+    # IMPALA: swap in the newest weights at most this often (each swap builds a serving bundle
+    # on the daemon's side); 0 swaps after every update. PPO swaps after every update.
+    swap_min_interval_s: Annotated[float, Meta(ge=0.0)] = 0.25
     breaker: BreakerConfig = BreakerConfig()
 
 
@@ -88,10 +109,15 @@ class LearnerStatus(msgspec.Struct):
     swaps: int = 0
     swap_pause_us_max: float = 0.0
     checkpoints: int = 0
+    worker: str = "process"  # process | thread
+    worker_pid: int = 0
+    worker_deaths: int = 0  # times the worker process died and was restarted
+    last_worker_error: str = ""
 
 
 class Learner:
-    """Owns the training copy of the policy, its optimizer, the buffer and the breaker."""
+    """Owns the buffers, the breaker and the serving policy; its worker owns the training copy
+    of the policy and the optimizer (in a child process by default, see esperd.learn.worker)."""
 
     def __init__(
         self,
@@ -102,6 +128,8 @@ class Learner:
         state_dir: Path,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """With the process worker, `make_policy` must pickle (a module-level function or a
+        functools.partial of one) and the Learner must be built on the event loop's thread."""
         if config.algorithm == "off":
             raise ValueError("learner algorithm is off")
         if not serving.is_learnable:
@@ -112,33 +140,61 @@ class Learner:
         self._clock = clock
         self.state_dir = state_dir
         self.serving = serving
-        self.trainee = make_policy()
-        self.trainee.load_state_dict(serving.state_dict(), version=serving.version)
-        self._good = _clone_state(serving.state_dict())
+        self._good = clone_state(serving.state_dict())
         self._good_version = serving.version
+        spec = TrainerSpec(make_policy, config.algorithm, config.ppo, config.impala)
+        self.worker: Worker = make_worker(
+            config.worker, spec, self._good, serving.version, nice=config.worker_nice
+        )
         if config.algorithm == "ppo":
-            self.algo: PPOLearner | ImpalaLearner = PPOLearner(self.trainee, config.ppo)
             self.rollout: RolloutBuffer | None = RolloutBuffer(
                 capacity=max(4 * config.ppo.rollout_size, 1024)
             )
             self.replay: ReplayBuffer | None = None
         else:
-            self.algo = ImpalaLearner(self.trainee, config.impala)
             self.rollout = None
             self.replay = ReplayBuffer(capacity=config.replay_capacity, prioritized=config.prioritized)
-        self.status = LearnerStatus(algorithm=config.algorithm, serving_version=serving.version)
+        self.status = LearnerStatus(
+            algorithm=config.algorithm,
+            serving_version=serving.version,
+            worker=self.worker.mode,
+            worker_pid=self.worker.pid,
+        )
+        # One thread that waits on the worker process (or, in thread mode, runs the update).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esperd-learner")
         self._wake = asyncio.Event()
         self._paused_until = 0.0
-        self._updating = False  # an update is running on the worker thread
-        self._inflight: asyncio.Future[tuple[UpdateStats, PolicyBundle]] | None = None
+        self._updating = False  # an update is running on the worker
+        self._inflight: asyncio.Future[tuple[UpdateStats, State, PolicyBundle | None]] | None = None
         self._stopping = False
         self._save_lock = threading.Lock()
+        self._latest: State | None = None  # sound weights newer than what serves, held back
+        self._last_swap = -math.inf
+        self._failures_in_a_row = 0  # worker failures since the last sound update
         window = config.breaker.reward_window
         self._good_rewards: collections.deque[float] = collections.deque(maxlen=window)
         self._recent_rewards: collections.deque[float] = collections.deque(maxlen=window)
         self._last_checkpoint = clock()
         self._started = clock()
+
+    @property
+    def trainee(self) -> PolicyBundle:
+        """The training copy of the policy (thread worker only; a process worker keeps it in the child)."""
+        return self._thread_worker().trainer.trainee
+
+    @property
+    def algo(self) -> PPOLearner | ImpalaLearner:
+        """The PPO/IMPALA learner (thread worker only)."""
+        return self._thread_worker().trainer.algo
+
+    def _thread_worker(self) -> ThreadWorker:
+        if not isinstance(self.worker, ThreadWorker):
+            raise AttributeError("the trainee and optimizer live in the learner's worker process")
+        return self.worker
+
+    def close(self) -> None:
+        """Stop the worker process (after the final checkpoint, which needs its optimizer state)."""
+        self.worker.close()
 
     # -------------------------------------------------------------- intake
 
@@ -164,11 +220,11 @@ class Learner:
         """Update whenever enough fresh experience is in, forever (until cancelled)."""
         try:
             while not self._stopping:
-                await self._wake.wait()
-                self._wake.clear()
-                await asyncio.sleep(0)  # Event.wait does not yield when already set: never spin
+                await self._wait_for_work()
                 if self._stopping:
                     break
+                if self._latest is not None and self._swap_due():
+                    await self._serve_latest()  # held-back weights whose turn came with no update
                 if self.paused:
                     await asyncio.sleep(self._paused_until - self._clock())
                     self._wake.set()  # look again after the pause, even if no new step arrives
@@ -181,6 +237,16 @@ class Learner:
                     await self.checkpoint()
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _wait_for_work(self) -> None:
+        """Until woken, or until held-back weights are due to swap in."""
+        timeout = None
+        if self._latest is not None:
+            timeout = max(self._last_swap + self.config.swap_min_interval_s - self._clock(), 0.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+        await asyncio.sleep(0)  # Event.wait does not yield when already set: never spin
 
     async def quiesce(self) -> None:
         """Start no more updates and let the one in flight finish (before the final checkpoint)."""
@@ -196,7 +262,7 @@ class Learner:
         return self._clock() < self._paused_until
 
     async def update_once(self) -> bool:
-        """One update off the loop, then a swap if it was sound. True if a new version serves."""
+        """One update off the loop, then a swap if it was sound and due. True if a new version serves."""
         if self._stopping:
             return False
         loop = asyncio.get_running_loop()
@@ -207,10 +273,14 @@ class Learner:
         self._updating = True
         try:
             self._inflight = loop.run_in_executor(self._executor, self._train, batch, weights)
-            stats, candidate = await self._inflight
+            stats, state, candidate = await self._inflight
         except NonFiniteError as exc:
             self._updating = False
             self._trip(f"non-finite update: {exc}")
+            return False
+        except (WorkerDied, WorkerError) as exc:
+            self._updating = False
+            self._worker_failed(exc)
             return False
         finally:
             self._updating = False
@@ -226,27 +296,53 @@ class Learner:
         if not math.isfinite(stats.approx_kl) or stats.approx_kl > kl_limit:
             self._trip(f"KL {stats.approx_kl:.4f} > {kl_limit:.4f}")
             return False
-        self._serve(candidate)
+        self._failures_in_a_row = 0
+        self._latest = state
+        if candidate is None:
+            return False  # held back: the newest weights swap in once the interval has passed
+        self._serve_new(candidate)
         return True
 
-    def _take_batch(self) -> tuple[list[Transition], object, object, torch.Tensor | None]:
+    def _take_batch(self) -> tuple[list[Transition], object, object, np.ndarray | None]:
         """On the loop thread: the buffers are only ever touched from here."""
         if self.rollout is not None:
             return self.rollout.drain(), None, None, None
         assert self.replay is not None
         sampled = self.replay.sample(self.config.impala.batch_size)
-        weights = torch.as_tensor(sampled.weights, dtype=torch.float32)
+        weights = np.asarray(sampled.weights, dtype=np.float32)
         return sampled.transitions, sampled.indices, sampled.stamps, weights
 
-    def _train(self, batch: list[Transition], weights: torch.Tensor | None) -> tuple[UpdateStats, PolicyBundle]:
-        """Worker thread: update the trainee and build the next serving bundle."""
-        stats = self.algo.update(batch) if weights is None else self.algo.update(batch, weights=weights)
-        state = self.trainee.state_dict()
-        if not _all_finite(state):
-            raise NonFiniteError("weights became non-finite")
+    def _train(
+        self, batch: list[Transition], weights: np.ndarray | None
+    ) -> tuple[UpdateStats, State, PolicyBundle | None]:
+        """Executor thread: one update on the worker; the next serving bundle too if a swap is due."""
+        stats, state = self.worker.update(batch, weights)
+        return stats, state, self._build(state) if self._swap_due() else None
+
+    def _swap_due(self) -> bool:
+        # PPO is on-policy: its next rollout must come from the weights it just trained.
+        if self.rollout is not None:
+            return True
+        return self._clock() - self._last_swap >= self.config.swap_min_interval_s
+
+    def _build(self, state: State) -> PolicyBundle:
+        """A fresh serving bundle on `state` (its version is set when it is served)."""
         candidate = self._make_policy()
-        candidate.load_state_dict(state, version=self.serving.version + 1)
-        return stats, candidate
+        candidate.load_state_dict(state)
+        return candidate
+
+    async def _serve_latest(self) -> None:
+        """Swap in held-back weights (their interval passed and no update brought newer ones)."""
+        state, trips = self._latest, self.status.trips
+        assert state is not None
+        candidate = await asyncio.get_running_loop().run_in_executor(self._executor, self._build, state)
+        if self.status.trips == trips and self._latest is state:  # not voided by a trip meanwhile
+            self._serve_new(candidate)
+
+    def _serve_new(self, candidate: PolicyBundle) -> None:
+        candidate.version = self.serving.version + 1
+        self._latest = None
+        self._serve(candidate)
 
     def _serve(self, candidate: PolicyBundle) -> None:
         started = time.perf_counter()
@@ -255,11 +351,37 @@ class Learner:
         if self.rollout is not None:
             self.rollout.set_min_version(candidate.version)  # PPO is on-policy: older steps are stale
         pause_us = (time.perf_counter() - started) * 1e6
+        self._last_swap = self._clock()
         self.status.swaps += 1
         self.status.swap_pause_us_max = round(max(self.status.swap_pause_us_max, pause_us), 1)
         self.status.serving_version = candidate.version
-        self.trainee.version = candidate.version
         log.info("policy swapped", version=candidate.version, pause_us=round(pause_us, 1))
+
+    def _worker_failed(self, exc: Exception) -> None:
+        """The worker process died or failed: restart it on the last good weights; never crash.
+
+        Its optimizer moments and counters are lost (the next checkpoint saves the new ones).
+        Failures in a row pause learning 1, 2, 4 ... s (at most `recovery_s`), so a child that
+        cannot live does not respawn in a loop.
+        """
+        self._failures_in_a_row += 1
+        self.status.worker_deaths += 1
+        self.status.last_worker_error = str(exc)
+        self._latest = None
+        pause_s = min(2.0 ** (self._failures_in_a_row - 1), max(self.config.breaker.recovery_s, 1.0))
+        self._paused_until = max(self._paused_until, self._clock() + pause_s)
+        log.error(
+            "learner worker failed; restarting it on the last good weights",
+            error=str(exc),
+            failures_in_a_row=self._failures_in_a_row,
+            pause_s=pause_s,
+            good_version=self._good_version,
+        )
+        try:
+            self.worker.restart(self._good, self.serving.version)
+        except OSError as err:  # e.g. out of processes: the next failure tries again
+            log.error("learner worker restart failed", error=str(err))
+        self.status.worker_pid = self.worker.pid
 
     # -------------------------------------------------------------- breaker
 
@@ -273,6 +395,7 @@ class Learner:
         self.status.last_trip = why
         self.status.breaker = "open"
         self._paused_until = self._clock() + self.config.breaker.recovery_s
+        self._latest = None  # held-back weights came from the rejected trajectory
         if not self._updating:
             self._reset_trainee()
         if self.serving.version != self._good_version:
@@ -291,8 +414,8 @@ class Learner:
         )
 
     def _reset_trainee(self) -> None:
-        self.trainee.load_state_dict(self._good, version=self.serving.version)
-        self.algo.reset_optimizer()
+        """Good weights and fresh optimizer moments (a process worker applies it before its next update)."""
+        self.worker.load_weights(self._good, self.serving.version, reset_optimizer=True)
 
     def _note_reward(self, transition: Transition) -> None:
         """Sort a closed step's reward: made by the good version, or by one newer than it."""
@@ -321,7 +444,7 @@ class Learner:
             if drop > max(self.config.breaker.reward_drop, noise):
                 self._trip(f"reward fell by {drop:.4f} after swap")
                 return
-        self._good = _clone_state(self.serving.state_dict())
+        self._good = clone_state(self.serving.state_dict())
         self._good_version = self.serving.version
         self._good_rewards = collections.deque(recent, maxlen=window)
         self._recent_rewards = collections.deque(maxlen=window)
@@ -365,9 +488,11 @@ class Learner:
         directory = self.state_dir / "learner"
         directory.mkdir(parents=True, exist_ok=True)
         save_policy_checkpoint(directory / "policy.safetensors", self.serving)
-        tmp = directory / "learner.pt.tmp"
-        torch.save({"algo": self.algo.state_dict(), "status": msgspec.to_builtins(self.status)}, tmp)
-        tmp.replace(directory / "learner.pt")
+        algo = self._export_algo()
+        if algo is not None:
+            tmp = directory / "learner.pt.tmp"
+            torch.save({"algo": algo, "status": msgspec.to_builtins(self.status)}, tmp)
+            tmp.replace(directory / "learner.pt")
         buffer = self.rollout if self.rollout is not None else self.replay
         if buffer is not None:
             buffer.save(directory / "buffer.safetensors")
@@ -378,6 +503,14 @@ class Learner:
             buffered=self.buffered(),
         )
 
+    def _export_algo(self) -> dict[str, object] | None:
+        """The worker's optimizer state and counters; None (the old learner.pt stays) if it failed."""
+        try:
+            return self.worker.export_algo()
+        except (WorkerDied, WorkerError) as exc:
+            log.error("learner optimizer state not saved: the worker failed", error=str(exc))
+            return None
+
     def restore(self) -> bool:
         """Resume from the state directory's checkpoint, if any. False when there is none or it is
         unusable; then nothing changed (every part is read and checked before any is applied)."""
@@ -386,7 +519,6 @@ class Learner:
         if not policy_file.exists():
             return False
         restored = self._make_policy()
-        fresh_algo = copy.deepcopy(self.algo.state_dict())
         try:
             load_policy_checkpoint(policy_file, restored)
             # weights_only: tensors and plain containers; a pickle that would run code is refused.
@@ -407,9 +539,11 @@ class Learner:
                 raise CheckpointError("learner.pt holds no learner state")
             prior = extra.get("status") or {}
             updates, samples = int(prior.get("updates", 0)), int(prior.get("samples", 0))
-            self.algo.load_state_dict(extra["algo"])
+            saved_for = extra["algo"].get("algorithm", self.config.algorithm)
+            if saved_for != self.config.algorithm:
+                raise CheckpointError(f"learner state is for {saved_for!r}, not {self.config.algorithm!r}")
+            self.worker.import_algo(extra["algo"])  # the last step; a failed import changed nothing
         except Exception as exc:  # noqa: BLE001 - torch.load and the optimizers raise many types
-            self.algo.load_state_dict(fresh_algo)  # undo a partial load
             log.error("learner checkpoint unusable; starting fresh", error=str(exc))
             return False
         buffer = self.rollout if self.rollout is not None else self.replay
@@ -420,8 +554,8 @@ class Learner:
             except Exception as exc:  # noqa: BLE001 - the policy and optimizer still resume
                 buffer.clear()
                 log.error("learner buffer unusable; starting with an empty buffer", error=str(exc))
-        self.trainee.load_state_dict(restored.state_dict(), version=restored.version)
-        self._good, self._good_version = _clone_state(restored.state_dict()), restored.version
+        self.worker.load_weights(restored.state_dict(), restored.version, reset_optimizer=False)
+        self._good, self._good_version = clone_state(restored.state_dict()), restored.version
         self.serving = restored
         self._swap(restored)
         self.status.serving_version = restored.version
@@ -429,14 +563,6 @@ class Learner:
         self.status.samples = samples
         log.info("learner resumed", version=restored.version, buffered=self.buffered())
         return True
-
-
-def _clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
-def _all_finite(state: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
 
 
 def _mean(values: collections.deque[float]) -> float:

@@ -1,0 +1,303 @@
+"""The learner's process worker (esperd.learn.worker): the same updates as in-process, the
+breaker across the process boundary, checkpoints through the child, a child killed for real
+(restarted, the daemon's side unharmed), signals it must ignore, no orphan when its parent is
+SIGKILLed; and swap coalescing.
+
+A real GNN policy (hidden 64) on simulator transitions, as in tests/test_learner.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+
+from esperd.learn.learner import Learner, LearnerConfig
+from esperd.learn.worker import ProcessWorker, ThreadWorker
+from esperd.policy import PolicyBundle, create_policy
+from tests.test_learner import (
+    FakeClock,
+    feed,
+    learner_config,
+    policy_config,
+    same_weights,
+    sim_transitions,
+    weights,
+)
+
+torch.set_num_threads(1)
+
+# Picklable (the child builds its trainee from it), unlike a lambda.
+MAKE_POLICY = functools.partial(create_policy, "gnn", policy_config(), "cpu")
+STARTUP_S = 60.0  # a cold child imports torch; the machine may be busy
+
+
+def build(
+    tmp_path: Path, algorithm: str, *, clock: FakeClock | None = None, **overrides: object
+) -> tuple[Learner, list[PolicyBundle]]:
+    swapped: list[PolicyBundle] = []
+    config = learner_config(algorithm, **{"worker": "process", **overrides})
+    learner = Learner(
+        config, MAKE_POLICY, MAKE_POLICY(), swapped.append, tmp_path, clock=clock or FakeClock()
+    )
+    return learner, swapped
+
+
+@pytest.fixture
+def learners() -> Iterator[list[Learner]]:
+    """Learners to close after the test (their children must not outlive it)."""
+    made: list[Learner] = []
+    yield made
+    for learner in made:
+        learner.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_config_defaults_to_a_niced_process_worker() -> None:
+    config = LearnerConfig()
+    assert config.worker == "process" and config.worker_nice == 10 and config.swap_min_interval_s == 0.25
+    decoded = msgspec.convert({"worker": "thread", "worker_nice": 5}, LearnerConfig)
+    assert decoded.worker == "thread" and decoded.worker_nice == 5
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"worker": "fork"}, LearnerConfig)
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"worker_nice": 20}, LearnerConfig)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "impala"])
+async def test_process_worker_trains_exactly_like_the_thread_worker(
+    tmp_path: Path, algorithm: str, learners: list[Learner]
+) -> None:
+    proc, swapped = build(tmp_path / "p", algorithm)
+    learners.append(proc)
+    thread, _ = build(tmp_path / "t", algorithm, worker="thread")
+    assert isinstance(proc.worker, ProcessWorker) and isinstance(thread.worker, ThreadWorker)
+    assert proc.status.worker == "process" and proc.status.worker_pid not in (0, os.getpid())
+    batch = sim_transitions(proc.serving, 32, seed=1)
+    feed(proc, batch)
+    feed(thread, batch)
+
+    before = weights(proc.serving)
+    assert await proc.update_once() and await thread.update_once()
+    assert proc.serving.version == 1 == thread.serving.version and swapped == [proc.serving]
+    assert not same_weights(weights(proc.serving), before)
+    if algorithm == "ppo":
+        # Same seed, one torch thread, the same rollout: the very same weights and stats.
+        # (IMPALA's replay buffers draw their own random samples.)
+        assert same_weights(weights(proc.serving), weights(thread.serving))
+        untimed = lambda last: {k: v for k, v in last.items() if k != "seconds"}  # noqa: E731
+        assert untimed(proc.status.last) == untimed(thread.status.last)
+    assert 0.0 < proc.status.swap_pause_us_max < 1000.0
+    with pytest.raises(AttributeError):
+        _ = proc.trainee  # it lives in the child
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "impala"])
+async def test_nan_in_the_child_trips_the_breaker_and_never_serves(
+    tmp_path: Path, algorithm: str, learners: list[Learner]
+) -> None:
+    learner, swapped = build(tmp_path, algorithm, min_replay=16)
+    learners.append(learner)
+    serving = learner.serving
+    good = weights(serving)
+    bad = sim_transitions(serving, 32, seed=4)
+    bad = [msgspec.structs.replace(t, reward=math.nan) for t in bad]
+    feed(learner, bad)
+
+    assert not await learner.update_once()
+    assert learner.status.trips == 1 and "non-finite" in learner.status.last_trip
+    assert swapped == [] and learner.serving is serving and same_weights(weights(serving), good)
+    assert learner.status.worker_deaths == 0  # a breaker trip, not a worker failure
+
+
+async def test_checkpoint_round_trip_through_the_child(tmp_path: Path, learners: list[Learner]) -> None:
+    learner, _ = build(tmp_path, "impala")
+    learners.append(learner)
+    feed(learner, sim_transitions(learner.serving, 32, seed=14))
+    assert await learner.update_once()
+    served = weights(learner.serving)
+    moments = learner.worker.export_algo()
+    learner.save_checkpoint()
+
+    resumed, swapped = build(tmp_path, "impala")
+    learners.append(resumed)
+    assert resumed.restore()
+    assert resumed.serving.version == 1 and swapped == [resumed.serving]
+    assert same_weights(weights(resumed.serving), served)
+    again = resumed.worker.export_algo()  # the child imported the saved optimizer state
+    assert again["updates"] == moments["updates"] == 1
+    first = min(moments["optimizer"]["state"])
+    key = "square_avg"
+    assert torch.equal(again["optimizer"]["state"][first][key], moments["optimizer"]["state"][first][key])
+    assert await resumed.update_once() and resumed.serving.version == 2
+
+
+@pytest.mark.parametrize("when", ["idle", "mid-update"])
+async def test_a_killed_child_is_logged_counted_and_restarted_and_learning_goes_on(
+    tmp_path: Path, when: str, learners: list[Learner]
+) -> None:
+    clock = FakeClock()
+    learner, swapped = build(tmp_path, "ppo", clock=clock)
+    learners.append(learner)
+    feed(learner, sim_transitions(learner.serving, 32, seed=1))
+    assert await learner.update_once()  # the child is up and has trained once
+    v1 = learner.serving
+    first_pid = learner.worker.pid
+
+    feed(learner, sim_transitions(v1, 32, seed=2))
+    if when == "idle":
+        os.kill(first_pid, signal.SIGKILL)
+        assert not await learner.update_once()
+    else:
+        update = asyncio.create_task(learner.update_once())
+        await asyncio.sleep(0.02)  # the batch is on its way to the child, or in its update
+        os.kill(first_pid, signal.SIGKILL)
+        assert not await update
+
+    status = learner.status
+    assert status.worker_deaths == 1 and "SIGKILL" in status.last_worker_error
+    assert status.worker_pid != first_pid and alive(status.worker_pid) and not alive(first_pid)
+    assert learner.serving is v1 and swapped == [v1] and status.trips == 0  # nothing served or tripped
+    assert learner.paused  # a short pause before the next try
+
+    clock.now += 60.0
+    feed(learner, sim_transitions(v1, 32, seed=3))
+    assert await learner.update_once()  # the restarted child learns from the last good weights
+    assert learner.serving.version == 2 and learner.status.worker_deaths == 1
+
+
+async def test_the_child_ignores_sigterm_and_sigint(tmp_path: Path, learners: list[Learner]) -> None:
+    learner, _ = build(tmp_path, "ppo")
+    learners.append(learner)
+    feed(learner, sim_transitions(learner.serving, 32, seed=1))
+    assert await learner.update_once()  # started and past its imports
+    pid = learner.worker.pid
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGINT)
+    await asyncio.sleep(0.2)
+    assert alive(pid)
+    feed(learner, sim_transitions(learner.serving, 32, seed=2))
+    assert await learner.update_once() and learner.status.worker_deaths == 0
+
+
+async def test_close_ends_the_child(tmp_path: Path) -> None:
+    learner, _ = build(tmp_path, "impala")
+    feed(learner, sim_transitions(learner.serving, 32, seed=1))
+    assert await learner.update_once()
+    pid = learner.worker.pid
+    learner.close()
+    assert not alive(pid)
+
+
+PARENT = textwrap.dedent(
+    """
+    import functools, sys, time
+    from pathlib import Path
+    from esperd.learn.learner import Learner, LearnerConfig
+    from esperd.policy import PolicyConfig, create_policy
+    make = functools.partial(create_policy, "gnn", PolicyConfig(name="gnn", hidden_size=64, gnn_layers=2), "cpu")
+    learner = Learner(LearnerConfig(algorithm="impala"), make, make(), lambda b: None, Path(sys.argv[1]))
+    learner.worker.export_algo()  # wait until the child is up
+    print("child", learner.worker.pid, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_sigkill_of_the_parent_leaves_no_orphan(tmp_path: Path) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(tmp_path)], stdout=subprocess.PIPE, cwd=Path(__file__).parents[1]
+    )
+    try:
+        assert parent.stdout is not None
+        line = b""
+        while not line.startswith(b"child "):  # past the parent's log lines
+            line = parent.stdout.readline()
+            assert line, "the parent exited early"
+        child = int(line.split()[1])
+        assert alive(child)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5.0
+        while alive(child):
+            assert time.monotonic() < deadline, f"the learner's child {child} outlived its SIGKILLed parent"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+# ---------------------------------------------------------------- swap coalescing
+
+
+async def test_impala_swaps_at_most_once_per_interval_and_serves_the_newest_weights(tmp_path: Path) -> None:
+    clock = FakeClock()
+    learner, swapped = build(tmp_path, "impala", clock=clock, worker="thread", swap_min_interval_s=1.0)
+    feed(learner, sim_transitions(learner.serving, 32, seed=1))
+    assert await learner.update_once()  # the first swap is due at once
+    assert learner.serving.version == 1
+
+    assert not await learner.update_once()  # trained, held back: the interval has not passed
+    assert not await learner.update_once()
+    assert learner.status.updates == 3 and learner.status.swaps == 1 and learner.serving.version == 1
+
+    clock.now += 1.0
+    assert await learner.update_once()  # due again: the newest weights, as the next version
+    assert learner.serving.version == 2 and swapped[-1] is learner.serving
+    assert same_weights(weights(learner.serving), weights(learner.trainee))
+    assert [b.version for b in swapped] == [1, 2]
+
+
+async def test_held_back_weights_swap_in_when_updates_stop(tmp_path: Path) -> None:
+    learner, swapped = build(tmp_path, "impala", clock=time.monotonic, worker="thread", swap_min_interval_s=0.3)
+    feed(learner, sim_transitions(learner.serving, 32, seed=1))
+    assert await learner.update_once() and not await learner.update_once()
+    assert learner.serving.version == 1
+    learner.config = msgspec.structs.replace(learner.config, min_replay=10_000)  # no more updates
+    task = asyncio.create_task(learner.run())
+    try:
+        deadline = time.monotonic() + 5.0
+        while learner.serving.version < 2:
+            assert time.monotonic() < deadline, "the held-back weights never served"
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert same_weights(weights(learner.serving), weights(learner.trainee))
+    assert learner.status.updates == 2 and [b.version for b in swapped] == [1, 2]
+
+
+async def test_a_trip_discards_held_back_weights(tmp_path: Path) -> None:
+    clock = FakeClock()
+    learner, swapped = build(tmp_path, "impala", clock=clock, worker="thread", swap_min_interval_s=1.0)
+    good = weights(learner.serving)
+    feed(learner, sim_transitions(learner.serving, 32, seed=1))
+    assert await learner.update_once() and not await learner.update_once()
+    learner._trip("test")
+    assert learner._latest is None
+    assert learner.serving.version == 2 and same_weights(weights(learner.serving), good)
+    assert [b.version for b in swapped] == [1, 2]

@@ -375,10 +375,10 @@ class RunState:
             "val_accuracy_delta": _clip(tr.val_accuracy_delta, -1.0, 1.0),
             "plateau_epochs": min(tr.plateau_epochs / 10.0, 1.0),
             "overall_health": self.overall_health(),
-            "problematic_fraction": float(x[:, T.PROBLEMATIC].mean()) if n else 0.0,
+            "problematic_fraction": np.count_nonzero(x[:, T.PROBLEMATIC]) / n if n else 0.0,
             "cluster_count": min(n_clusters / 10.0, 1.0),
             "param_growth": _clip(growth, 0.0, 1.0),
-            "active_seed_fraction": float(LIVE_STAGE[stages].mean()) if n else 0.0,
+            "active_seed_fraction": np.count_nonzero(LIVE_STAGE[stages]) / n if n else 0.0,
             "log_nodes": math.log10(n + 1) / 4.0,
             "inferred_topology": float(self.graph is None or self.graph.inferred),
         }

@@ -58,6 +58,11 @@ _ACTIVE_STAGE = np.zeros(max(STAGE_INDEX.values()) + 1, dtype=bool)
 _ACTIVE_STAGE[
     [STAGE_INDEX[s] for s in (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY)]
 ] = True
+_PRUNED, _FOSSILIZED, _DORMANT = (STAGE_INDEX[s] for s in (SeedStage.PRUNED, SeedStage.FOSSILIZED, SeedStage.DORMANT))
+_TRAINING, _BLENDING, _PROBATIONARY = (
+    STAGE_INDEX[s] for s in (SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY)
+)
+_SEED_IN_FLIGHT = frozenset((_TRAINING, _BLENDING, _PROBATIONARY))  # the stages with lifecycle candidates
 #: Candidates are ranked by op first: resolve seeds in flight before germinating new ones.
 _OP_RANK = {Op.PRUNE: 3, Op.FOSSILIZE: 3, Op.ADVANCE: 2, Op.GERMINATE: 1}
 # Feature scalings, inverted here (see observation.NODE_FEATURES / GLOBAL_FEATURES).
@@ -215,15 +220,17 @@ class HeuristicPolicy:
 
     def _observe_outcomes(self, obs: Observation, memory: _RunMemory) -> None:
         """Learn from stages: PRUNED slots get an embargo, finished seeds are forgotten."""
-        for node in np.flatnonzero(obs.stages == STAGE_INDEX[SeedStage.PRUNED]):
-            memory.pruned(int(obs.layer_ids[node]), obs.epoch, self.rules)
-        for node in np.flatnonzero(obs.stages == STAGE_INDEX[SeedStage.FOSSILIZED]):
-            memory.seeds.pop(int(obs.layer_ids[node]), None)
-        # Still DORMANT over an epoch after we germinated: the command was rejected or lost.
-        for node in np.flatnonzero(obs.stages == STAGE_INDEX[SeedStage.DORMANT]):
-            seed = memory.seeds.get(int(obs.layer_ids[node]))
-            if seed is not None and obs.epoch - seed.germinated_epoch > 1:
-                del memory.seeds[int(obs.layer_ids[node])]
+        # One pass over plain lists: cheaper than a numpy mask per stage at these sizes.
+        for layer_id, stage in zip(obs.layer_ids.tolist(), obs.stages.tolist(), strict=True):
+            if stage == _PRUNED:
+                memory.pruned(layer_id, obs.epoch, self.rules)
+            elif stage == _FOSSILIZED:
+                memory.seeds.pop(layer_id, None)
+            elif stage == _DORMANT:
+                # Still DORMANT over an epoch after we germinated: the command was rejected or lost.
+                seed = memory.seeds.get(layer_id)
+                if seed is not None and obs.epoch - seed.germinated_epoch > 1:
+                    del memory.seeds[layer_id]
 
     def _commit(self, choice: _Candidate, obs: Observation, memory: _RunMemory) -> None:
         layer_id = int(obs.layer_ids[choice.node])
@@ -240,32 +247,33 @@ class HeuristicPolicy:
     def _lifecycle_candidates(self, obs: Observation, memory: _RunMemory) -> Iterator[_Candidate]:
         rules = self.rules
         features = obs.node_features
-        epochs_in_stage = np.rint(features[:, _N["epochs_in_stage"]] * _EPOCHS_IN_STAGE_SCALE).astype(int)
-        for node in np.flatnonzero(obs.stages == STAGE_INDEX[SeedStage.TRAINING]):
-            overdue = epochs_in_stage[node] - rules.train_dwell_epochs
-            if overdue >= 0:
-                yield _Candidate(int(node), Op.ADVANCE, 0.9, min(1.0, 0.6 + 0.1 * overdue))
-        for node in np.flatnonzero(obs.stages == STAGE_INDEX[SeedStage.BLENDING]):
-            seed = memory.seeds.get(int(obs.layer_ids[node]))
-            tempo = seed.tempo if seed is not None else rules.tempo
-            overdue = epochs_in_stage[node] - tempo.epochs
-            if overdue >= 0 or features[node, _N["alpha"]] >= 0.999:
-                yield _Candidate(int(node), Op.ADVANCE, 0.95, min(1.0, 0.6 + 0.1 * max(overdue, 0)))
-        for node in np.flatnonzero(obs.stages == STAGE_INDEX[SeedStage.PROBATIONARY]):
-            if epochs_in_stage[node] < rules.probation_epochs:
+        for node, stage in enumerate(obs.stages.tolist()):
+            if stage not in _SEED_IN_FLIGHT:
                 continue
-            counterfactual = float(features[node, _N["counterfactual"]])
-            improvement = float(features[node, _N["total_improvement"]])
-            if (
-                counterfactual > rules.fossilize_min_counterfactual
-                and improvement > rules.fossilize_min_improvement
-            ):
-                yield _Candidate(
-                    int(node), Op.FOSSILIZE, min(1.0, 0.8 + 5 * min(counterfactual, improvement)), 0.6
-                )
-            else:
-                harm = max(0.0, -min(counterfactual, improvement))
-                yield _Candidate(int(node), Op.PRUNE, min(1.0, 0.8 + 5 * harm), 0.7)
+            epochs_in_stage = round(float(features[node, _N["epochs_in_stage"]]) * _EPOCHS_IN_STAGE_SCALE)
+            if stage == _TRAINING:
+                overdue = epochs_in_stage - rules.train_dwell_epochs
+                if overdue >= 0:
+                    yield _Candidate(node, Op.ADVANCE, 0.9, min(1.0, 0.6 + 0.1 * overdue))
+            elif stage == _BLENDING:
+                seed = memory.seeds.get(int(obs.layer_ids[node]))
+                tempo = seed.tempo if seed is not None else rules.tempo
+                overdue = epochs_in_stage - tempo.epochs
+                if overdue >= 0 or features[node, _N["alpha"]] >= 0.999:
+                    yield _Candidate(node, Op.ADVANCE, 0.95, min(1.0, 0.6 + 0.1 * max(overdue, 0)))
+            elif epochs_in_stage >= rules.probation_epochs:  # PROBATIONARY
+                counterfactual = float(features[node, _N["counterfactual"]])
+                improvement = float(features[node, _N["total_improvement"]])
+                if (
+                    counterfactual > rules.fossilize_min_counterfactual
+                    and improvement > rules.fossilize_min_improvement
+                ):
+                    yield _Candidate(
+                        node, Op.FOSSILIZE, min(1.0, 0.8 + 5 * min(counterfactual, improvement)), 0.6
+                    )
+                else:
+                    harm = max(0.0, -min(counterfactual, improvement))
+                    yield _Candidate(node, Op.PRUNE, min(1.0, 0.8 + 5 * harm), 0.7)
 
     def _may_germinate(self, obs: Observation, memory: _RunMemory) -> bool:
         """Run-level gate: late enough, host stabilized, and room for another seed."""

@@ -146,10 +146,33 @@ def build_decisions(
     version: int,
 ) -> list[Decision]:
     """Wire-level Decisions from CPU action tensors (one `.tolist()` each, no per-item tensor ops)."""
-    rows = actions.tolist()
-    columns = zip(confidences.tolist(), urgencies.tolist(), log_probs.tolist(), values.tolist(), strict=True)
+    return decisions_from_lists(
+        observations,
+        actions.tolist(),
+        confidences=confidences.tolist(),
+        urgencies=urgencies.tolist(),
+        log_probs=log_probs.tolist(),
+        values=values.tolist(),
+        policy=policy,
+        version=version,
+    )
+
+
+def decisions_from_lists(
+    observations: Sequence[Observation],
+    actions: Sequence[Sequence[int]],
+    *,
+    confidences: Sequence[float],
+    urgencies: Sequence[float],
+    log_probs: Sequence[float],
+    values: Sequence[float],
+    policy: str,
+    version: int,
+) -> list[Decision]:
+    """build_decisions from Python rows and floats (what the neural policies' sampler yields)."""
+    columns = zip(confidences, urgencies, log_probs, values, strict=True)
     decisions = []
-    for obs, row, (conf, urg, logp, value) in zip(observations, rows, columns, strict=True):
+    for obs, row, (conf, urg, logp, value) in zip(observations, actions, columns, strict=True):
         action = Action(*row)
         op = OPS[action.op]
         germinate = op is Op.GERMINATE

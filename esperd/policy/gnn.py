@@ -20,7 +20,7 @@ hooks on the layers do not fire in eager mode).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,23 @@ from esperd.policy.neural import NeuralPolicyBundle, layer_init
 from esperd.policy.registry import register_policy
 
 
+class _Weights(NamedTuple):
+    """The network's weights as the forward multiplies them: transposed (x @ w + b, one addmm
+    per layer) and the encoder's split into its node and global columns, so a graph's global
+    features go through the encoder once, not once per node. Views of the parameters."""
+
+    encoder_node: torch.Tensor  # [F_node, H]
+    encoder_global: torch.Tensor  # [F_global, H]
+    encoder_bias: torch.Tensor
+    convs: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (W^T [H, H], bias) per GCN layer
+    node_head: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # W0^T, b0, W2^T, b2
+    value_head: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def _mlp(weights: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
-    """A (Linear, ReLU, Linear) head from its (weight, bias, weight, bias)."""
+    """A (Linear, ReLU, Linear) head from its (W0^T, b0, W2^T, b2)."""
     w0, b0, w2, b2 = weights
-    return F.linear(F.linear(x, w0, b0).relu_(), w2, b2)  # in place: a fresh tensor
+    return torch.addmm(b2, torch.addmm(b0, x, w0).relu_(), w2)  # in place: a fresh tensor
 
 
 class GNNNetwork(nn.Module):
@@ -66,27 +79,34 @@ class GNNNetwork(nn.Module):
         )
         self._gather_weights()
 
-    def _gather_weights(self) -> None:
-        """Keep the parameters at hand in plain attributes: at batch 1, fetching them through
-        nn.Module attribute lookups and Sequential indexing costs ~30 µs of a ~130 µs forward.
-        Optimizers and load_state_dict update parameters in place, so these references stay
-        valid; `_apply` (to(), float(), ...) and loads with assign=True may replace
-        parameters, so both gather them again."""
+    def _weights(self) -> _Weights:
+        """The parameters as the forward uses them (views: ~20 view ops, so built once for
+        inference, see `_gather_weights`; per call under autograd, which tracks them)."""
         encoder, node_head, value_head = self.encoder[0], self.node_head, self.value_head
-        self._encoder_weights = (encoder.weight, encoder.bias)
-        self._conv_weights = tuple((conv.lin.weight, conv.bias) for conv in self.convs)
-        self._node_head_weights = (
-            node_head[0].weight,
-            node_head[0].bias,
-            node_head[2].weight,
-            node_head[2].bias,
+        n_node = len(NODE_FEATURES)
+        return _Weights(
+            encoder_node=encoder.weight[:, :n_node].t(),
+            encoder_global=encoder.weight[:, n_node:].t(),
+            encoder_bias=encoder.bias,
+            convs=tuple((conv.lin.weight.t(), conv.bias) for conv in self.convs),
+            node_head=(node_head[0].weight.t(), node_head[0].bias, node_head[2].weight.t(), node_head[2].bias),
+            value_head=(
+                value_head[0].weight.t(),
+                value_head[0].bias,
+                value_head[2].weight.t(),
+                value_head[2].bias,
+            ),
         )
-        self._value_head_weights = (
-            value_head[0].weight,
-            value_head[0].bias,
-            value_head[2].weight,
-            value_head[2].bias,
-        )
+
+    def _gather_weights(self) -> None:
+        """Build the inference weights once (at batch 1, fetching the parameters through
+        nn.Module lookups costs ~30 µs of a ~130 µs forward, and the views ~10 more). They
+        are views made without autograd, so they share the parameters' storage: optimizers
+        and load_state_dict update parameters in place, which the views see. `_apply` (to(),
+        float(), ...) and loads with assign=True may give parameters new storage, so both
+        build them again; nothing derived is ever saved (the state dict is the modules')."""
+        with torch.no_grad():
+            self._inference_weights = self._weights()
 
     def _apply(self, *args: Any, **kwargs: Any) -> GNNNetwork:
         module = super()._apply(*args, **kwargs)
@@ -112,13 +132,17 @@ class GNNNetwork(nn.Module):
         CSR, with `edge_weight` None; or an edge_index [2, E] with its `edge_weight` [E].
         """
         num_graphs = global_x.shape[0]
-        # Activations are fresh tensors, so ReLU runs in place; without autograd the residual
-        # sum does too (saves allocating and faulting in ~0.6 MB per layer at 64 runs).
+        # Without autograd: the prebuilt weight views; activations are fresh tensors, so ReLU
+        # runs in place, and so does the residual sum (saves allocating and faulting in ~0.6 MB
+        # per layer at 64 runs).
         in_place = not torch.is_grad_enabled()
-        h = F.linear(torch.cat([x, global_x[batch]], dim=-1), *self._encoder_weights).relu_()
-        for layer, (weight, bias) in enumerate(self._conv_weights):
+        w = self._inference_weights if in_place and edge_weight is None else self._weights()
+        # encoder(cat[x, global_x[batch]]) = x W_node^T + (global_x W_global^T + b)[batch]
+        per_graph = torch.addmm(w.encoder_bias, global_x, w.encoder_global)
+        h = torch.addmm(per_graph if num_graphs == 1 else per_graph[batch], x, w.encoder_node).relu_()
+        for layer, (weight, bias) in enumerate(w.convs):
             if edge_weight is None:  # GCNConv's own computation on an adjacency matrix
-                out = torch.addmm(bias, adjacency, F.linear(h, weight))
+                out = torch.addmm(bias, adjacency, torch.mm(h, weight))
             else:
                 out = self.convs[layer](h, adjacency, edge_weight)
             out = out.relu_()
@@ -130,12 +154,14 @@ class GNNNetwork(nn.Module):
                 h += out
             else:
                 h = h + out
-        if num_graphs == 1:  # a plain mean: PyG's scatter costs 4x as much for one graph
-            pooled = h.mean(0, keepdim=True)
+        if num_graphs == 1:  # the mean as a [1, N] x [N, H] product: PyG's scatter costs 4x as
+            # much for one graph, and h.mean's reduction kernel ~2x (it is rarely warm in cache
+            # when a decision comes, where the matrix product shares the layers' BLAS code).
+            pooled = torch.mm(h.new_full((1, h.shape[0]), 1.0 / h.shape[0]), h)
         else:
             pooled = global_mean_pool(h, batch, size=num_graphs)
-        value = _mlp(self._value_head_weights, torch.cat([pooled, global_x], dim=-1)).squeeze(-1)
-        return _mlp(self._node_head_weights, h), value
+        value = _mlp(w.value_head, torch.cat([pooled, global_x], dim=-1)).squeeze(-1)
+        return _mlp(w.node_head, h), value
 
 
 @register_policy("gnn")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from esperd.analyzer.observation import Observation
-from esperd.policy.base import ActResult, EvalResult, build_decisions
+from esperd.policy.base import ActResult, EvalResult, decisions_from_lists
 from esperd.policy.batch import GraphBatch, TopologyCache, collate
 from esperd.policy.config import PolicyConfig
 from esperd.policy.heads import FactoredDistribution, sample_actions
@@ -142,21 +142,26 @@ class NeuralPolicyBundle:
             self._remember(observations, hidden_out)
         # Outside inference_mode, so the results are normal tensors that callers (recorder,
         # learner) may use in autograd.
-        actions, log_probs, confidences, urgencies = sample_actions(batch, node_out, deterministic)
-        values = values.to("cpu", copy=True)
+        sampled = sample_actions(batch, node_out, deterministic)
+        # One tensor for the four float columns; the Decisions get its float32 values, so
+        # they carry exactly what the tensors say.
+        scores = torch.tensor(
+            [sampled.log_probs, sampled.confidences, sampled.urgencies, values.tolist()], dtype=torch.float32
+        )
+        log_probs, confidences, urgencies, values_list = scores.tolist()
         return ActResult(
-            actions=actions,
-            log_probs=log_probs,
-            values=values,
-            confidences=confidences,
-            urgencies=urgencies,
-            decisions=build_decisions(
+            actions=torch.tensor(sampled.actions, dtype=torch.int64),
+            log_probs=scores[0],
+            values=scores[3],
+            confidences=scores[1],
+            urgencies=scores[2],
+            decisions=decisions_from_lists(
                 observations,
-                actions,
+                sampled.actions,
                 confidences=confidences,
                 urgencies=urgencies,
                 log_probs=log_probs,
-                values=values,
+                values=values_list,
                 policy=self.name,
                 version=version,
             ),

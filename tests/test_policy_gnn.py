@@ -14,6 +14,7 @@ from contracts import BlueprintFamily, Op, SeedStage
 from esperd.analyzer.observation import BLENDS, BLUEPRINTS, OP_INDEX, OPS, TEMPOS
 from esperd.policy import GNNPolicy, PolicyBundle, PolicyConfig, create_policy
 from esperd.policy.batch import collate
+from esperd.policy.heads import FactoredDistribution, sample_actions
 
 GERMINATE = OP_INDEX[Op.GERMINATE]
 WAIT = OP_INDEX[Op.WAIT]
@@ -42,8 +43,9 @@ def test_is_a_policy_bundle(policy: GNNPolicy) -> None:
     assert policy.name == "gnn" and policy.is_learnable and not policy.is_recurrent
 
 
-def test_sampled_actions_are_always_legal(policy: GNNPolicy) -> None:
-    observations = mixed_batch([1, 2, 5, 9, 16, 30] * 4, seed=3)
+@pytest.mark.parametrize("repeat", [4, 8])  # 24 runs: the small-batch sampler; 48: the batched one
+def test_sampled_actions_are_always_legal(policy: GNNPolicy, repeat: int) -> None:
+    observations = mixed_batch([1, 2, 5, 9, 16, 30] * repeat, seed=3)
     torch.manual_seed(0)
     seen_ops: set[int] = set()
     for _ in range(60):
@@ -51,6 +53,35 @@ def test_sampled_actions_are_always_legal(policy: GNNPolicy) -> None:
         assert_legal(observations, result.actions)
         seen_ops.update(result.actions[:, 1].tolist())
     assert len(seen_ops) == len(OPS), "sampling should explore every op somewhere"
+
+
+@pytest.mark.parametrize("copies", [8, 40])  # the small-batch sampler, the batched one
+def test_samplers_draw_from_the_distribution(policy: GNNPolicy, copies: int) -> None:
+    """Both samplers (Python CDF inversion up to _SMALL_BATCH graphs, batched Gumbel-max
+    beyond) draw (node, op) with the distribution's probabilities and score what they drew
+    with its log_prob."""
+    obs = make_observation(
+        "r", 4, stages=[SeedStage.DORMANT, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.DORMANT]
+    )
+    observations = [obs] * copies
+    batch = collate(observations, policy.device)
+    dist = policy.distribution([obs])
+    joint = dist.node_probs()[0, :, None] * dist.op_probs()  # p(node, op), [4, OPS]
+    with torch.no_grad():
+        node_out, _, _ = policy._forward(batch, None)
+    torch.manual_seed(5)
+    counts = torch.zeros_like(joint)
+    draws = 0
+    while draws < 6000:
+        sampled = sample_actions(batch, node_out)
+        actions = torch.tensor(sampled.actions)
+        counts.index_put_((actions[:, 0], actions[:, 1]), torch.ones(copies), accumulate=True)
+        expected = FactoredDistribution(batch, node_out).log_prob(actions)
+        torch.testing.assert_close(torch.tensor(sampled.log_probs), expected, atol=1e-5, rtol=0)
+        draws += copies
+    assert torch.all(counts[joint == 0] == 0)  # masked choices never come out
+    sigma = (joint * (1 - joint) / draws).sqrt()
+    assert torch.all((counts / draws - joint).abs() <= 5 * sigma + 1e-3)
 
 
 def test_illegal_actions_have_exactly_zero_probability(policy: GNNPolicy) -> None:

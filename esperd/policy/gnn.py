@@ -89,7 +89,12 @@ class GNNNetwork(nn.Module):
             encoder_global=encoder.weight[:, n_node:].t(),
             encoder_bias=encoder.bias,
             convs=tuple((conv.lin.weight.t(), conv.bias) for conv in self.convs),
-            node_head=(node_head[0].weight.t(), node_head[0].bias, node_head[2].weight.t(), node_head[2].bias),
+            node_head=(
+                node_head[0].weight.t(),
+                node_head[0].bias,
+                node_head[2].weight.t(),
+                node_head[2].bias,
+            ),
             value_head=(
                 value_head[0].weight.t(),
                 value_head[0].bias,

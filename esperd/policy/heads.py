@@ -58,7 +58,7 @@ _TABLE_OFFSETS = torch.tensor(_TABLE_STARTS)
 #: The op column range of a node's logits (after its priority), then blueprint, blend, tempo.
 _OP_COLUMNS, *_LEVER_COLUMNS = (slice(1 + h.start, 1 + h.stop) for h in _TABLE_SLICES)
 #: Up to this many graphs, sample_actions samples in Python floats (see there).
-_SMALL_BATCH = 4
+_SMALL_BATCH = 32
 
 
 def _entropy(log_probs: torch.Tensor) -> torch.Tensor:
@@ -214,9 +214,10 @@ class SampledActions(NamedTuple):
 def sample_actions(batch: GraphBatch, node_out: torch.Tensor, deterministic: bool = False) -> SampledActions:
     """The serving path's sampler (call it outside inference_mode).
 
-    Batches of a few graphs are sampled in Python floats (`_sample_small`), larger ones
-    with FactoredDistribution.sample_scored's batched tensor ops: ~25 µs + ~10 µs a graph
-    against ~135 µs + ~9 µs a graph (CPU, 20-node graphs).
+    Batches of up to _SMALL_BATCH graphs are sampled in Python floats (`_sample_small`),
+    larger ones with FactoredDistribution.sample_scored's batched tensor ops: ~8 µs + ~9 µs
+    a graph against ~155 µs + ~7 µs a graph (CPU, 20-node graphs, warm caches; the two
+    meet near 64 graphs).
     """
     if batch.num_graphs <= _SMALL_BATCH:
         return _sample_small(batch, node_out, deterministic)

@@ -149,12 +149,13 @@ class NeuralPolicyBundle:
             [sampled.log_probs, sampled.confidences, sampled.urgencies, values.tolist()], dtype=torch.float32
         )
         log_probs, confidences, urgencies, values_list = scores.tolist()
+        log_prob_t, confidence_t, urgency_t, value_t = scores.unbind()
         return ActResult(
             actions=torch.tensor(sampled.actions, dtype=torch.int64),
-            log_probs=scores[0],
-            values=scores[3],
-            confidences=scores[1],
-            urgencies=scores[2],
+            log_probs=log_prob_t,
+            values=value_t,
+            confidences=confidence_t,
+            urgencies=urgency_t,
             decisions=decisions_from_lists(
                 observations,
                 sampled.actions,

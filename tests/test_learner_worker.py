@@ -301,3 +301,30 @@ async def test_a_trip_discards_held_back_weights(tmp_path: Path) -> None:
     assert learner._latest is None
     assert learner.serving.version == 2 and same_weights(weights(learner.serving), good)
     assert [b.version for b in swapped] == [1, 2]
+
+
+async def test_a_retired_bundle_is_reused_only_once_nothing_holds_it(tmp_path: Path) -> None:
+    serving: list[PolicyBundle] = []
+
+    def swap(bundle: PolicyBundle) -> None:
+        serving[:] = [bundle]  # as the DecisionLoop does: only the serving bundle is kept
+
+    learner = Learner(
+        learner_config("impala", worker="thread"), MAKE_POLICY, MAKE_POLICY(), swap, tmp_path, clock=FakeClock()
+    )
+    feed(learner, sim_transitions(learner.serving, 32, seed=1))
+    assert await learner.update_once()
+    in_flight = learner.serving  # a batch still deciding on version 1
+    frozen = weights(in_flight)
+    assert await learner.update_once()  # version 2 reuses version 0's bundle (nothing holds it)
+    assert learner.status.bundles_reused == 1
+    assert await learner.update_once()  # version 3: version 1 is still held, so a new bundle
+    assert await learner.update_once()
+    assert in_flight.version == 1 and same_weights(weights(in_flight), frozen)
+    assert all(b is not in_flight for b in (learner.serving, *serving))
+    reused = learner.status.bundles_reused
+    del in_flight
+    assert await learner.update_once() and await learner.update_once()
+    assert learner.status.bundles_reused == reused + 2
+    assert [learner.serving.version, serving[0].version] == [6, 6]
+    assert same_weights(weights(learner.serving), weights(learner.trainee))

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_learner.py [--device cpu|cuda|all] [--threads 1]
         [--transitions 2048] [--reps 7] [--phase-s 8] [--rounds 3] [--runs 64]
-        [--switch-interval-ms MS] [--learner-nice N] [--skip-throughput] [--skip-latency] [--strict]
+        [--worker process|thread] [--learner-nice N] [--swap-min-interval-s S]
+        [--switch-interval-ms MS] [--skip-throughput] [--skip-latency] [--strict]
 
 1. Throughput, default-size GNN (`PolicyConfig(name="gnn")`: hidden 128, 3 GCN layers). Transitions
    come from the simulator (`SimEnv`, 16 envs, the policy acting), so graphs, masks and rewards are
@@ -24,29 +25,34 @@
    moment its run became due (the scheduler's due time) to the end of the batch's `act`.
    Phases alternate (idle, IMPALA learner, PPO learner) for --rounds rounds of --phase-s seconds,
    so background load hits all alike. "Running" is an `esperd.learn.learner.Learner`, its
-   `run()` task on the same event loop, updating continuously on its worker thread and
-   hot-swapping the serving policy into the DecisionLoop after every update:
+   `run()` task on the same event loop, set up as the daemon runs it by default: its updates in
+   a child process at nice +10 with one torch thread (`--worker process`; `--worker thread`
+   runs them on a worker thread of this process, as before), IMPALA swapping its newest
+   weights in at most every 0.25 s and PPO after every update (LearnerConfig defaults):
      IMPALA: a replay buffer pre-filled with simulator transitions (>= min_replay): it updates
              back to back as long as data is plentiful;
      PPO:    a feeder task tops the rollout buffer up with simulator transitions re-stamped with
              the serving version whenever the learner drained it; no KL stop, so every update
              runs all 4 epochs (the most CPU a PPO update takes).
-   The breaker's KL and reward-drop trips are disabled (recycled data would trip them, and a
-   tripped learner pauses, which would measure an idle learner).
+   Measuring starts once the learner has swapped in its first update (a process worker's
+   child imports torch first, ~2-4 s). The breaker's KL and reward-drop trips are disabled
+   (recycled data would trip them, and a tripped learner pauses, which would measure an idle
+   learner).
    Target: decision p99 with the learner running <= 1.2x idle.
 
-Threads: `torch.set_num_threads(--threads)` (default 1) for the whole process, so the policy
-thread and the learner thread each run single-threaded intra-op kernels on their own core (this
-machine has 2) instead of OpenMP workers spinning on each other. Two knobs to try against the
-learner's share of the CPU and the GIL: `--learner-nice N` raises the learner worker thread's nice
-value (Linux schedules threads by their own), `--switch-interval-ms` sets Python's GIL switch
-interval (default 5 ms).
+Threads: `torch.set_num_threads(--threads)` (default 1) for this process, so the policy runs
+single-threaded intra-op kernels (this machine has 2 cores) instead of OpenMP workers spinning
+on the learner's. Knobs: `--learner-nice N` (the child's nice value; with `--worker thread` the
+learner thread's, which Linux schedules by its own), `--swap-min-interval-s` (IMPALA swap
+coalescing; 0 swaps after every update) and `--switch-interval-ms` (Python's GIL switch
+interval, default 5 ms).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import platform
 import statistics
@@ -214,8 +220,8 @@ async def latency_phases(args: argparse.Namespace, pool: list[Transition]) -> di
             learner, tasks, state = None, [], None
             if phase != "idle":
                 state = tempfile.TemporaryDirectory()
-                learner = _learner(phase, loop_, Path(state.name), len(pool))
-                if args.learner_nice:
+                learner = _learner(phase, loop_, Path(state.name), len(pool), args)
+                if args.worker == "thread" and args.learner_nice:
                     await asyncio.get_running_loop().run_in_executor(
                         learner._executor, _renice_this_thread, args.learner_nice
                     )
@@ -225,9 +231,11 @@ async def latency_phases(args: argparse.Namespace, pool: list[Transition]) -> di
                         learner.add(t)
                 else:
                     tasks.append(asyncio.create_task(_feed_ppo(learner, pool)))
+                await _first_swap(learner)
                 await asyncio.sleep(0.5)  # let it get going
             latencies.clear()
             before_updates = learner.status.updates if learner else 0
+            before_swaps = learner.status.swaps if learner else 0
             before_batches = loop_.stats.batches
             before_decisions = loop_.stats.decisions
             start = time.monotonic()
@@ -249,12 +257,18 @@ async def latency_phases(args: argparse.Namespace, pool: list[Transition]) -> di
                     / elapsed
                 )
                 learner_rates[phase].append(rate)
-                line += f"  learner {updates / elapsed:5.1f} updates/s ({rate:,.0f} transitions/s), swaps {learner.status.swaps}, breaker {learner.status.breaker}"
+                swaps = learner.status.swaps - before_swaps
+                line += (
+                    f"  learner {updates / elapsed:5.1f} updates/s ({rate:,.0f} transitions/s), "
+                    f"{swaps / elapsed:4.1f} swaps/s ({learner.status.bundles_reused} bundles reused), "
+                    f"breaker {learner.status.breaker}, worker deaths {learner.status.worker_deaths}"
+                )
             print(line, flush=True)
             for task in tasks:
                 task.cancel()
             await _settle(tasks)
             if learner is not None:
+                learner.close()
                 loop_.swap_policy(policy)  # back to the untrained weights for the next phase
             if state is not None:
                 state.cleanup()
@@ -276,6 +290,15 @@ async def _settle(tasks: list[asyncio.Task[None]]) -> None:
         print(f"  (warning: {len(pending)} cancelled task(s) still running after 10 s)", flush=True)
 
 
+async def _first_swap(learner: Learner, timeout_s: float = 120.0) -> None:
+    """Until the learner serves its first update (a process worker's child starts up first)."""
+    deadline = time.monotonic() + timeout_s
+    while learner.status.swaps == 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the learner never swapped in {timeout_s:.0f} s: {learner.status}")
+        await asyncio.sleep(0.05)
+
+
 def _renice_this_thread(nice: int) -> None:
     """Lower the calling thread's CPU priority (Linux schedules threads by their own nice value)."""
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
@@ -290,7 +313,9 @@ def _wait_rows(n: int) -> np.ndarray:
     return rows
 
 
-def _learner(algo: str, decisions: DecisionLoop, state_dir: Path, pool_size: int) -> Learner:
+def _learner(
+    algo: str, decisions: DecisionLoop, state_dir: Path, pool_size: int, args: argparse.Namespace
+) -> Learner:
     serving = decisions.policy
     breaker = BreakerConfig(kl_limit_ppo=1e9, kl_limit_impala=1e9, reward_drop=1e9, recovery_s=0.0)
     config = LearnerConfig(
@@ -300,10 +325,14 @@ def _learner(algo: str, decisions: DecisionLoop, state_dir: Path, pool_size: int
         ppo=PPOConfig(target_kl=None),
         min_replay=min(1024, pool_size),
         checkpoint_interval_s=1e9,
+        worker=args.worker,
+        worker_nice=args.learner_nice if args.worker == "process" else 0,
+        swap_min_interval_s=args.swap_min_interval_s,
     )
     return Learner(
         config,
-        make_policy=lambda: create_policy("gnn", PolicyConfig(name="gnn"), "cpu"),
+        # A partial, not a lambda: a process worker's child builds its trainee from it.
+        make_policy=functools.partial(create_policy, "gnn", PolicyConfig(name="gnn"), "cpu"),
         serving=serving,
         swap=decisions.swap_policy,
         state_dir=state_dir,
@@ -346,13 +375,28 @@ def main() -> int:
         help="sys.setswitchinterval for the run (0: Python's default, 5 ms)",
     )
     parser.add_argument(
+        "--worker",
+        default=LearnerConfig().worker,
+        choices=("process", "thread"),
+        help="where the learner's updates run (the daemon's default: process)",
+    )
+    parser.add_argument(
         "--learner-nice",
         type=int,
-        default=0,
-        help="raise the learner worker thread's nice value by this much",
+        default=None,
+        help="the learner's nice value: its child process's (default: the daemon's, "
+        f"{LearnerConfig().worker_nice}), or with --worker thread its thread's (default 0)",
+    )
+    parser.add_argument(
+        "--swap-min-interval-s",
+        type=float,
+        default=LearnerConfig().swap_min_interval_s,
+        help="IMPALA swaps at most this often (0: after every update)",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when the p99 target is missed")
     args = parser.parse_args()
+    if args.learner_nice is None:
+        args.learner_nice = LearnerConfig().worker_nice if args.worker == "process" else 0
     torch.set_num_threads(args.threads)
     configure_logging("warning", "console")  # the learner logs every swap at info
     if args.switch_interval_ms > 0:
@@ -360,7 +404,8 @@ def main() -> int:
     print(
         f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}, "
         f"{os.cpu_count()} cores, {args.threads} torch thread(s), GIL switch interval "
-        f"{sys.getswitchinterval() * 1e3:g} ms, learner nice +{args.learner_nice}, cuda {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"
+        f"{sys.getswitchinterval() * 1e3:g} ms, learner worker {args.worker} at nice +{args.learner_nice} "
+        f"(IMPALA swaps at most every {args.swap_min_interval_s:g} s), cuda {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"
     )
     devices = ["cpu"] if args.device == "cpu" else (["cuda"] if args.device == "cuda" else ["cpu", "cuda"])
     if "cuda" in devices and not torch.cuda.is_available():

@@ -8,8 +8,8 @@ OURS: 64 runs of 20-layer models (a chain plus skip connections, conv / attentio
 layers) fed to a real `esperd.analyzer.Analyzer` (topology, 12 health batches with every
 telemetry field, one state packet); each run is observed once, as the daemon does (the GCN
 adjacency is cached per topology version). Timed: `GNNPolicy.act(observations)` (collation,
-sparse adjacency, forward, masked sampling, Decisions) and, separately, the forward alone
-(`policy._forward` on an already collated batch, CSR build included), at B = 1 and B = 64.
+forward, masked sampling, Decisions) and, separately, the forward alone (`policy._forward` on
+an already collated batch and its adjacency matrix), at B = 1 and B = 64.
 
 NAIVE (the seed documents' TamiyoPolicyGNN.make_decision / _prepare_graph_input): the same
 runs held as Python structures (LayerNode-like objects with their latest HealthSignal, the
@@ -77,10 +77,9 @@ from esperd.analyzer.observation import (
     TEMPOS,
 )
 from esperd.policy import Action, Decision, PolicyConfig, create_policy
-from esperd.policy.base import build_decisions
 from esperd.policy.batch import collate
-from esperd.policy.gnn import GNNPolicy, sparse_adjacency
-from esperd.policy.heads import HEAD_SIZES, NODE_HEAD_DIM, FactoredDistribution
+from esperd.policy.gnn import GNNPolicy
+from esperd.policy.heads import _SMALL_BATCH, HEAD_SIZES, NODE_HEAD_DIM, sample_actions
 
 B1_TARGET = 4.0  # naive / ours, batch-1 act
 B64_TARGET = 10.0  # naive per-graph loop / ours per graph at B = 64
@@ -560,47 +559,30 @@ def our_forward(policy: GNNPolicy, batch) -> object:
 
 
 def breakdown(policy: GNNPolicy, observations: Sequence[Observation], reps: int) -> dict[str, float]:
-    """Median µs of each stage of our act path (the same calls act makes, run one at a time)."""
+    """Median µs of each stage of our act path: the calls act makes, on its own inputs, each
+    timed alone (interleaved with the others, so warmer than inside act)."""
     device = policy.device
-    net = policy.base_network
-    batch = collate(observations, device)
+    cache = policy._topologies  # what act collates a single run with (warmed by earlier acts)
+    batch = collate(observations, device, cache=cache)
     with torch.inference_mode():
-        adj = sparse_adjacency(batch)
-        node_out, values = net(batch.x, batch.global_x, adj, None, batch.batch)
-        dist = FactoredDistribution(batch, node_out)
-        actions = dist.sample()
-        out = [actions, dist.log_prob(actions), values, dist.confidence(actions), dist.urgency(actions)]
+        node_out, values, _ = policy._forward(batch, None)
+    sampled = sample_actions(batch, node_out)
 
-    def sample_all() -> list[torch.Tensor]:
-        a = dist.sample()
-        return [a, dist.log_prob(a), values, dist.confidence(a), dist.urgency(a)]
+    def forward() -> object:
+        with torch.inference_mode():
+            return policy._forward(batch, None)
 
-    def decisions() -> object:
-        a, lp, v, c, u = (t.cpu().clone() for t in out)
-        return build_decisions(
-            observations, a, confidences=c, urgencies=u, log_probs=lp, values=v, policy="gnn", version=0
-        )
-
-    def inference(fn: Callable[[], object]) -> Callable[[], object]:
-        def run() -> object:
-            with torch.inference_mode():
-                return fn()
-
-        return run
-
+    adjacency = "dense" if batch.adjacency is not None and batch.adjacency.layout == torch.strided else "CSR"
+    collated = "TopologyCache hit" if len(observations) == 1 else "numpy, adjacency"
+    sampler = "Python floats" if batch.num_graphs <= _SMALL_BATCH else "batched tensor ops"
     stages: list[tuple[str, Callable[[], object]]] = [
-        ("collate (numpy -> tensors)", lambda: collate(observations, device)),
-        ("sparse_adjacency (CSR build)", inference(lambda: sparse_adjacency(batch))),
+        (f"collate ({collated})", lambda: collate(observations, device, cache=cache)),
+        (f"network forward ({adjacency} adjacency)", forward),
+        (f"sample_actions ({sampler})", lambda: sample_actions(batch, node_out)),
         (
-            "network forward (given CSR)",
-            inference(lambda: net(batch.x, batch.global_x, adj, None, batch.batch)),
+            "result tensors + Decisions",
+            lambda: policy._act_result(observations, sampled, values, policy.version, None),
         ),
-        (
-            "FactoredDistribution (masks, log_softmax)",
-            inference(lambda: FactoredDistribution(batch, node_out)),
-        ),
-        ("sample + log_prob + confidence + urgency", inference(sample_all)),
-        ("cpu().clone() + build_decisions", decisions),
         ("act() total", lambda: policy.act(observations)),
     ]
     medians = interleaved_us([lambda _r, f=f: f() for _, f in stages], reps)
@@ -741,7 +723,7 @@ def main() -> int:
         f"scatter) {naive_fwd1:.1f} µs, sampling + Decision ~{naive1 - rebuild1 - naive_fwd1:.1f} µs"
     )
     print(
-        f"  ours  B=1 split: forward (CSR build + network) {fwd1:.1f} µs, everything else in act "
+        f"  ours  B=1 split: forward (network on collate's adjacency) {fwd1:.1f} µs, everything else in act "
         f"~{act1 - fwd1:.1f} µs; 4x would need act <= {naive1 / B1_TARGET:.1f} µs"
     )
 
@@ -754,7 +736,7 @@ def main() -> int:
             share = "" if name == "act() total" else f"{100 * us / total:6.1f} %"
             print(f"    {name:<44}{us:10.1f}{share:>10}".rstrip())
         staged = sum(v for k, v in parts.items() if k != "act() total")
-        print(f"    {'(act - sum of stages: lock, modes, glue)':<44}{total - staged:10.1f}")
+        print(f"    {'(act - sum of stages: lock, modes, caches)':<44}{total - staged:10.1f}")
 
     if args.profile:
         profile_tables(policy, net, observations[0], states[0], calls=200)

@@ -206,7 +206,7 @@ class TopologyCache:
         cached = topology.batch
         return GraphBatch(
             x=_float_tensor(obs.node_features, self.device),
-            global_x=_float_tensor(obs.global_features, self.device).view(1, -1),
+            global_x=_float_tensor(obs.global_features[None], self.device),
             edge_index=cached.edge_index,
             edge_weight=cached.edge_weight,
             batch=cached.batch,

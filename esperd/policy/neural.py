@@ -17,7 +17,7 @@ from esperd.analyzer.observation import Observation
 from esperd.policy.base import ActResult, EvalResult, decisions_from_lists
 from esperd.policy.batch import GraphBatch, TopologyCache, collate
 from esperd.policy.config import PolicyConfig
-from esperd.policy.heads import FactoredDistribution, sample_actions
+from esperd.policy.heads import FactoredDistribution, SampledActions, sample_actions
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -143,12 +143,23 @@ class NeuralPolicyBundle:
         # Outside inference_mode, so the results are normal tensors that callers (recorder,
         # learner) may use in autograd.
         sampled = sample_actions(batch, node_out, deterministic)
-        # One tensor for the four float columns; the Decisions get its float32 values, so
-        # they carry exactly what the tensors say.
+        return self._act_result(observations, sampled, values, version, hidden_in)
+
+    def _act_result(
+        self,
+        observations: Sequence[Observation],
+        sampled: SampledActions,
+        values: torch.Tensor,
+        version: int,
+        hidden_in: torch.Tensor | None,
+    ) -> ActResult:
+        """act's tensors and Decisions from what it sampled: one tensor for the four float
+        columns, whose float32 values the Decisions carry (so they say exactly what the
+        tensors say), and one for the actions."""
         scores = torch.tensor(
             [sampled.log_probs, sampled.confidences, sampled.urgencies, values.tolist()], dtype=torch.float32
         )
-        log_probs, confidences, urgencies, values_list = scores.tolist()
+        log_probs, confidences, urgencies, value_list = scores.tolist()
         log_prob_t, confidence_t, urgency_t, value_t = scores.unbind()
         return ActResult(
             actions=torch.tensor(sampled.actions, dtype=torch.int64),
@@ -162,7 +173,7 @@ class NeuralPolicyBundle:
                 confidences=confidences,
                 urgencies=urgencies,
                 log_probs=log_probs,
-                values=values_list,
+                values=value_list,
                 policy=self.name,
                 version=version,
             ),

@@ -75,7 +75,7 @@ import torch
 from esperd.analyzer.observation import Observation
 from esperd.learn.buffers import ReplayBuffer
 from esperd.learn.experience import Transition
-from esperd.learn.imitation import ImitationConfig, ImitationStats
+from esperd.learn.imitation import DemonstrationAnchor, ImitationConfig, ImitationStats
 from esperd.learn.impala import ImpalaLearner
 from esperd.learn.learner import LearnerConfig
 from esperd.learn.persist import load_experience
@@ -145,6 +145,10 @@ class TrainSpec:
     warm_start: str | None = None  # heuristic | scripted
     warm_start_steps: int = 8192
     imitation: ImitationConfig = field(default_factory=ImitationConfig)
+    # PPO after a warm start: a behaviour-cloning term on the demonstrations, weight anchor_coef
+    # decaying linearly to 0 over anchor_updates updates (0: none). See DemonstrationAnchor.
+    anchor_coef: float = 0.0
+    anchor_updates: int = 20
 
     def validate(self) -> None:
         if self.algo not in ALGORITHMS:
@@ -174,6 +178,10 @@ class TrainSpec:
         self._validate_warm_start()
 
     def _validate_warm_start(self) -> None:
+        if not (self.anchor_coef >= 0 and math.isfinite(self.anchor_coef)) or self.anchor_updates < 1:
+            raise TrainError("--anchor-coef must be >= 0 and --anchor-updates >= 1")
+        if self.anchor_coef > 0 and (self.warm_start is None or self.algo != "ppo"):
+            raise TrainError("--anchor-coef needs --warm-start and --algo ppo")
         if self.warm_start is None:
             return
         if self.warm_start not in REFERENCES:
@@ -412,9 +420,10 @@ class _Run:
         if cfg.checkpoint:  # warm start from the configured checkpoint
             load_policy_checkpoint(cfg.checkpoint, self.policy)
         self.imitation: ImitationStats | None = None
+        anchor: DemonstrationAnchor | None = None
         # Before the learner is made, so that its optimizer starts fresh on the fitted weights.
         if spec.warm_start is not None:
-            self.imitation = warm_start(
+            self.imitation, demonstrations = warm_start(
                 self.policy,
                 spec.warm_start,
                 steps=spec.warm_start_steps,
@@ -423,6 +432,15 @@ class _Run:
                 seed=spec.seed,
                 config=msgspec.structs.replace(spec.imitation, gamma=spec.gamma, seed=spec.seed),
             )
+            if spec.anchor_coef > 0:
+                anchor = DemonstrationAnchor(
+                    self.policy,
+                    demonstrations,
+                    coef=spec.anchor_coef,
+                    decay_updates=spec.anchor_updates,
+                    batch_size=spec.imitation.batch_size,
+                    seed=spec.seed,
+                )
         self.start_version = self.policy.version
 
         learner_cfg = spec.learner
@@ -431,7 +449,7 @@ class _Run:
             if learner_cfg.ppo.total_updates == LearnerConfig().ppo.total_updates:
                 # Not configured: the LR decays over this run's budget.
                 ppo_cfg = msgspec.structs.replace(ppo_cfg, total_updates=self.planned_updates())
-            self.algo: PPOLearner | ImpalaLearner = PPOLearner(self.policy, ppo_cfg)
+            self.algo: PPOLearner | ImpalaLearner = PPOLearner(self.policy, ppo_cfg, auxiliary=anchor)
         else:
             self.algo = ImpalaLearner(self.policy, learner_cfg.impala)
 
@@ -875,6 +893,29 @@ def add_arguments(parser: Any) -> None:
         help=f"behaviour-cloning optimizer steps ({ImitationConfig().steps})",
     )
     parser.add_argument(
+        "--lever-smoothing",
+        type=_fraction,
+        default=ImitationConfig().lever_smoothing,
+        metavar="EPS",
+        help="warm start: label smoothing of the GERMINATE levers, so RL still samples others "
+        f"({ImitationConfig().lever_smoothing})",
+    )
+    parser.add_argument(
+        "--anchor-coef",
+        type=_non_negative_float,
+        default=TrainSpec.anchor_coef,
+        metavar="C",
+        help="PPO after a warm start: weight of a behaviour-cloning term on the demonstrations, "
+        f"decaying to 0 over --anchor-updates ({TrainSpec.anchor_coef}: none)",
+    )
+    parser.add_argument(
+        "--anchor-updates",
+        type=_positive_int,
+        default=TrainSpec.anchor_updates,
+        metavar="N",
+        help=f"updates over which the anchor decays ({TrainSpec.anchor_updates})",
+    )
+    parser.add_argument(
         "--out", default="train-out", metavar="DIR", help="output directory (default ./train-out)"
     )
     parser.add_argument(
@@ -928,7 +969,9 @@ def spec_from_args(args: Any, config_path: str | None) -> TrainSpec:
         progress=not args.quiet,
         warm_start=args.warm_start,
         warm_start_steps=args.warm_start_steps,
-        imitation=ImitationConfig(steps=args.warm_start_updates),
+        imitation=ImitationConfig(steps=args.warm_start_updates, lever_smoothing=args.lever_smoothing),
+        anchor_coef=args.anchor_coef,
+        anchor_updates=args.anchor_updates,
     )
 
 
@@ -988,3 +1031,4 @@ _positive_int = _argument(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _argument(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _argument(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 _fraction = _argument(float, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
+_non_negative_float = _argument(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")

@@ -103,10 +103,11 @@ def warm_start(
     envs: int = 8,
     seed: int = 0,
     config: ImitationConfig | None = None,
-) -> ImitationStats:
-    """Fit `policy` in place to `reference`'s decisions over ~`steps` simulator steps (module doc)."""
+) -> tuple[ImitationStats, list[Transition]]:
+    """Fit `policy` in place to `reference`'s decisions over ~`steps` simulator steps (module doc);
+    (what the fit did, the demonstrations it learned from)."""
     actor = reference_policy(reference)
     env = SimEnv(envs, sim_config, seed=seed + WARM_START_SEED_OFFSET)
     demonstrations = record_demonstrations(actor, env, max(1, -(-steps // envs)))
     train_part, held = split_runs(demonstrations)
-    return fit_imitation(policy, train_part, config, holdout=held)
+    return fit_imitation(policy, train_part, config, holdout=held), train_part

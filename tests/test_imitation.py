@@ -12,6 +12,7 @@ from contracts import Op
 from esperd.analyzer.observation import OP_INDEX
 from esperd.learn.experience import Transition
 from esperd.learn.imitation import (
+    DemonstrationAnchor,
     ImitationConfig,
     agreement,
     discounted_returns,
@@ -96,3 +97,64 @@ def test_config_is_validated_when_decoded() -> None:
         msgspec.convert({"steps": 0}, ImitationConfig)
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"lr": -1.0}, ImitationConfig)
+
+
+def _blend_probability(policy: object, steps: list[Transition]) -> float:
+    """Mean p(reference's blend | its node) over the GERMINATE steps."""
+    from esperd.policy.base import BLEND, NODE
+
+    germinations = [t for t in steps if int(t.action[1]) == OP_INDEX[Op.GERMINATE]]
+    actions = torch.from_numpy(np.stack([t.action for t in germinations]))
+    with torch.no_grad():
+        dist = policy.distribution([t.obs for t in germinations])  # type: ignore[attr-defined]
+        rows = dist.batch.ptr[:-1] + actions[:, NODE]
+        return float(dist.blend_logp[rows].gather(1, actions[:, BLEND : BLEND + 1]).exp().mean())
+
+
+def test_lever_smoothing_keeps_the_levers_greedy_choice_but_not_certain(
+    demonstrations: list[Transition],
+) -> None:
+    probabilities = {}
+    for eps in (0.0, 0.3):
+        policy = create_policy("gnn", POLICY, "cpu")
+        config = ImitationConfig(steps=200, batch_size=64, lr=3e-3, seed=0, lever_smoothing=eps)
+        fit_imitation(policy, demonstrations, config)
+        probabilities[eps] = _blend_probability(policy, demonstrations)
+    # The reference always blends the same way: plain cloning makes that certain, smoothing
+    # (target 0.7 + 0.3 / 3 blends) leaves the other blends to be sampled.
+    assert probabilities[0.0] > 0.97
+    assert 0.5 < probabilities[0.3] < 0.9
+
+
+def test_anchor_decays_to_nothing_and_its_loss_has_gradients(demonstrations: list[Transition]) -> None:
+    policy = create_policy("gnn", POLICY, "cpu")
+    anchor = DemonstrationAnchor(policy, demonstrations, coef=2.0, decay_updates=4, batch_size=16)
+    assert [anchor.weight(u) for u in range(6)] == [2.0, 1.5, 1.0, 0.5, 0.0, 0.0]
+    loss = anchor(1)
+    assert loss is not None and loss.ndim == 0 and float(loss.detach()) > 0
+    loss.backward()
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in policy.parameters())
+    assert anchor(4) is None
+    with pytest.raises(ValueError, match="no demonstrations"):
+        DemonstrationAnchor(policy, [], coef=1.0, decay_updates=1)
+
+
+def test_ppo_adds_the_anchor_while_it_lasts(demonstrations: list[Transition]) -> None:
+    from esperd.learn import PPOConfig, PPOLearner
+
+    policy = create_policy("gnn", POLICY, "cpu")
+    calls: list[int] = []
+
+    def auxiliary(update: int) -> torch.Tensor | None:
+        calls.append(update)
+        return None
+
+    learner = PPOLearner(
+        policy, PPOConfig(epochs=1, minibatch_size=16, warmup_updates=0), auxiliary=auxiliary
+    )
+    steps = demonstrations[:32]
+    for t in steps:
+        t.log_prob = float(policy.evaluate([t.obs], torch.from_numpy(t.action[None])).log_probs)
+    learner.update(steps)
+    learner.update(steps)
+    assert calls and set(calls) == {0, 1}

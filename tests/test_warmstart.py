@@ -54,7 +54,7 @@ def test_heldout_runs_are_every_tenth_run() -> None:
 @pytest.mark.parametrize("reference", REFERENCES)
 def test_both_references_clone(reference: str) -> None:
     policy = create_policy("gnn", POLICY, "cpu")
-    stats = warm_start(
+    stats, demonstrations = warm_start(
         policy,
         reference,
         steps=96,
@@ -63,7 +63,8 @@ def test_both_references_clone(reference: str) -> None:
         seed=0,
         config=ImitationConfig(steps=20, batch_size=32),
     )
-    assert stats.samples > 0 and np.isfinite(stats.nll_after) and stats.nll_after < stats.nll_before
+    assert stats.samples == len(demonstrations) > 0
+    assert np.isfinite(stats.nll_after) and stats.nll_after < stats.nll_before
     with pytest.raises(ValueError, match="heuristic, scripted"):
         reference_policy("oracle")
 
@@ -107,6 +108,9 @@ def test_train_clones_first_saves_the_clone_and_evaluates_it_before_rl(tmp_path:
         ({"warm_start": "oracle"}, "--warm-start must be one of heuristic, scripted"),
         ({"warm_start": "heuristic", "policy": "lstm"}, "feed-forward"),
         ({"warm_start": "heuristic", "warm_start_steps": 0}, "--warm-start-steps"),
+        ({"anchor_coef": 1.0}, "--anchor-coef needs --warm-start"),
+        ({"warm_start": "heuristic", "algo": "impala", "anchor_coef": 1.0}, "--algo ppo"),
+        ({"warm_start": "heuristic", "anchor_coef": -1.0}, "must be >= 0"),
         (
             {
                 "warm_start": "heuristic",
@@ -118,7 +122,7 @@ def test_train_clones_first_saves_the_clone_and_evaluates_it_before_rl(tmp_path:
 )
 def test_spec_refuses_bad_warm_starts(changes: dict[str, object], message: str) -> None:
     with pytest.raises(TrainError, match=message):
-        TrainSpec(algo="ppo", sim=True, **changes).validate()  # type: ignore[arg-type]
+        TrainSpec(**{"algo": "ppo", "sim": True, **changes}).validate()  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -126,6 +130,8 @@ def test_spec_refuses_bad_warm_starts(changes: dict[str, object], message: str) 
     [
         (["--warm-start", "oracle"], "invalid choice: 'oracle'"),
         (["--warm-start", "heuristic", "--warm-start-steps", "0"], "expected a positive integer, got '0'"),
+        (["--warm-start", "heuristic", "--lever-smoothing", "1"], "expected a fraction in [0, 1), got '1'"),
+        (["--warm-start", "heuristic", "--anchor-coef", "nan"], "expected a number >= 0, got 'nan'"),
         (
             ["--warm-start", "heuristic", "--warm-start-updates", "-3"],
             "expected a positive integer, got '-3'",
@@ -145,3 +151,27 @@ def test_cli_warm_start_of_an_lstm_exits_2(tmp_path: Path, capsys: pytest.Captur
     argv = ["train", "--algo", "ppo", "--sim", "--policy", "lstm", "--warm-start", "scripted"]
     assert cli_main([*argv, "--out", str(tmp_path)]) == 2
     assert "feed-forward" in capsys.readouterr().err
+
+
+def test_cli_passes_the_warm_start_options_on() -> None:
+    import argparse
+
+    from esperd.train import add_arguments, spec_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--algo", "ppo", "--sim", "--warm-start", "scripted", "--warm-start-steps", "64"]
+    argv += [
+        "--warm-start-updates",
+        "7",
+        "--lever-smoothing",
+        "0.1",
+        "--anchor-coef",
+        "0.5",
+        "--anchor-updates",
+        "3",
+    ]
+    spec = spec_from_args(parser.parse_args(argv), None)
+    assert (spec.warm_start, spec.warm_start_steps, spec.imitation.steps) == ("scripted", 64, 7)
+    assert (spec.imitation.lever_smoothing, spec.anchor_coef, spec.anchor_updates) == (0.1, 0.5, 3)
+    spec.validate()

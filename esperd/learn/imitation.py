@@ -12,7 +12,12 @@ Loss per step, minibatch means:
            likelihood is the marginal sum_n p(n) p(WAIT | n): a reference that writes WAIT on
            node 0 does not teach the node head to prefer node 0 (which may not even be
            choosable). Any other decision: log p(node) + log p(op | node) (+ levers for
-           GERMINATE), exactly PPO's log-prob of it.
+           GERMINATE), exactly PPO's log-prob of it. With `lever_smoothing` eps > 0 the levers
+           of a GERMINATE (blueprint, blend, tempo) are learned with label smoothing: target
+           (1 - eps) on the reference's choice and eps spread evenly over the legal ones. The
+           greedy levers stay the reference's, but sampling keeps trying the others, so the RL
+           that follows can still find better levers (a reference that always blends the same
+           way would otherwise leave a clone that never samples another blend).
   value    value_coef * 0.5 * (V(s) - G)^2, G the discounted return observed after the step
            (gamma of the RL algorithm that follows), over steps whose episode ended in the
            data. Fitting the value head too means the first RL updates get sensible
@@ -39,10 +44,11 @@ from contracts import Op
 from esperd.analyzer.observation import OP_INDEX
 from esperd.learn.experience import Transition
 from esperd.learn.ppo import check_finite, split_sequences, stack_actions
-from esperd.policy.base import OP, PolicyBundle
+from esperd.policy.base import BLEND, BLUEPRINT, NODE, OP, TEMPO, PolicyBundle
 from esperd.policy.heads import FactoredDistribution
 
 __all__ = [
+    "DemonstrationAnchor",
     "ImitationConfig",
     "ImitationStats",
     "agreement",
@@ -52,6 +58,7 @@ __all__ = [
 ]
 
 _WAIT = OP_INDEX[Op.WAIT]
+_GERMINATE = OP_INDEX[Op.GERMINATE]
 _MIN = torch.finfo(torch.float32).min
 
 
@@ -64,6 +71,7 @@ class ImitationConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     value_coef: Annotated[float, Meta(ge=0.0, le=1e3)] = 0.5
     max_grad_norm: Annotated[float, Meta(gt=0.0)] = 1.0
     gamma: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.99  # of the value targets: the RL algorithm's
+    lever_smoothing: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.3  # label smoothing of the levers
     seed: int = 0  # minibatch order
 
 
@@ -113,6 +121,30 @@ def reference_log_likelihood(dist: FactoredDistribution, actions: torch.Tensor) 
     # A WAIT row's node may not be choosable; score its rows as node 0 and discard that score.
     specific = dist.log_prob(torch.where(is_wait.unsqueeze(1), torch.zeros_like(actions), actions))
     return torch.where(is_wait, _wait_log_prob(dist), specific)
+
+
+def lever_smoothing_term(dist: FactoredDistribution, actions: torch.Tensor) -> torch.Tensor:
+    """Per graph, [B]: sum over the three levers of (mean log p over the legal choices - log p of
+    the reference's choice) at the chosen node, for GERMINATE rows (0 elsewhere). Adding eps times
+    its negative to the log-likelihood gives label-smoothed cross-entropy on the levers."""
+    term = torch.zeros(actions.shape[0], device=actions.device)
+    germinate = torch.nonzero(actions[:, OP] == _GERMINATE).squeeze(1)
+    if germinate.numel() == 0:
+        return term
+    chosen_actions = actions[germinate]
+    rows = dist.batch.ptr[:-1][germinate] + chosen_actions[:, NODE]
+    heads = (
+        (dist.blueprint_logp, BLUEPRINT, dist.batch.blueprint_mask),
+        (dist.blend_logp, BLEND, None),
+        (dist.tempo_logp, TEMPO, None),
+    )
+    smoothing = torch.zeros(germinate.numel(), device=actions.device)
+    for logp, column, mask in heads:
+        options = logp[rows]  # [G, choices]
+        legal = torch.ones_like(options, dtype=torch.bool) if mask is None else mask[rows]
+        uniform = torch.where(legal, options, 0.0).sum(-1) / legal.sum(-1).clamp_min(1)
+        smoothing = smoothing + uniform - options.gather(1, chosen_actions[:, column : column + 1]).squeeze(1)
+    return term.index_put((germinate,), smoothing)
 
 
 def _greedy_agrees(dist: FactoredDistribution, actions: torch.Tensor) -> torch.Tensor:
@@ -230,7 +262,10 @@ def _loss(
 ) -> torch.Tensor:
     observations = [t.obs for t in batch]
     dist = policy.distribution(observations)  # type: ignore[attr-defined]
-    policy_loss = -reference_log_likelihood(dist, actions).mean()
+    log_likelihood = reference_log_likelihood(dist, actions)
+    if config.lever_smoothing > 0:
+        log_likelihood = log_likelihood + config.lever_smoothing * lever_smoothing_term(dist, actions)
+    policy_loss = -log_likelihood.mean()
     loss = policy_loss
     if config.value_coef > 0 and bool(value_mask.any()):
         # A second forward for the value head: the bundle's public API gives the distribution
@@ -240,3 +275,45 @@ def _loss(
         loss = policy_loss + config.value_coef * value_loss
     check_finite("imitation loss", loss)
     return loss
+
+
+class DemonstrationAnchor:
+    """A decaying behaviour-cloning term for the RL updates after a warm start (as DAPG, Rajeswaran
+    et al. 2018): at update u, coef * max(0, 1 - u / decay_updates) * mean NLL of the reference's
+    decisions on a fresh minibatch of its demonstrations. Early RL updates, made while advantages
+    are still noisy, are pulled back towards the cloned behaviour; later ones are pure RL.
+
+    Pass it as `PPOLearner(..., auxiliary=anchor)`; it returns None once its weight is 0."""
+
+    def __init__(
+        self,
+        policy: PolicyBundle,
+        transitions: Sequence[Transition],
+        *,
+        coef: float,
+        decay_updates: int,
+        batch_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        if not transitions:
+            raise ValueError("anchor: no demonstrations")
+        if coef < 0 or decay_updates < 1 or batch_size < 1:
+            raise ValueError("anchor: coef must be >= 0, decay_updates and batch_size >= 1")
+        self.policy = policy
+        self.transitions = list(transitions)
+        self.actions = stack_actions(self.transitions, torch.device(policy.device))
+        self.coef = coef
+        self.decay_updates = decay_updates
+        self.batch_size = min(batch_size, len(self.transitions))
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def weight(self, update: int) -> float:
+        return self.coef * max(0.0, 1.0 - update / self.decay_updates)
+
+    def __call__(self, update: int) -> torch.Tensor | None:
+        weight = self.weight(update)
+        if weight <= 0.0:
+            return None
+        idx = torch.randint(len(self.transitions), (self.batch_size,), generator=self.generator)
+        dist = self.policy.distribution([self.transitions[i].obs for i in idx.tolist()])  # type: ignore[attr-defined]
+        return -weight * reference_log_likelihood(dist, self.actions[idx]).mean()

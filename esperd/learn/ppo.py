@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -284,10 +284,18 @@ class PPOLearner:
 
     algorithm = "ppo"
 
-    def __init__(self, policy: PolicyBundle, config: PPOConfig | None = None) -> None:
+    def __init__(
+        self,
+        policy: PolicyBundle,
+        config: PPOConfig | None = None,
+        auxiliary: Callable[[int], torch.Tensor | None] | None = None,
+    ) -> None:
+        """`auxiliary(update)`: an extra loss added to every minibatch's (None: nothing), given the
+        number of updates made so far (e.g. a decaying behaviour-cloning term after a warm start)."""
         if not policy.is_learnable:
             raise ValueError(f"policy {policy.name!r} has no parameters to learn")
         self.policy = policy
+        self.auxiliary = auxiliary
         self.config = config = config or PPOConfig()
         self.device = torch.device(policy.device)
         self.params = [p for p in policy.parameters() if p.requires_grad]
@@ -425,6 +433,9 @@ class PPOLearner:
 
                 entropy = result.entropy.mean()
                 loss = pg_loss - cfg.entropy_coef * entropy + cfg.value_coef * v_loss
+                extra = None if self.auxiliary is None else self.auxiliary(self.updates)
+                if extra is not None:
+                    loss = loss + extra
                 check_finite("ppo loss", loss)
 
                 totals["policy_loss"] += pg_loss.item()

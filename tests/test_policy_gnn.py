@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from policy_helpers import make_observation, mixed_batch, random_stages
+from policy_helpers import chain_edges, make_observation, mixed_batch, random_stages
 from torch_geometric.data import Batch, Data
 
 from contracts import BlueprintFamily, Op, SeedStage
@@ -278,3 +278,43 @@ def test_sparse_and_edge_index_message_passing_agree(policy: GNNPolicy) -> None:
     assert sparse_adjacency(batch).to_dense().sum().item() == pytest.approx(
         batch.edge_weight.sum().item(), rel=1e-5
     )
+
+
+def _frozen_topology(obs):  # as the analyzer hands them out: topology arrays shared, read-only
+    for array in (obs.gcn_edge_index, obs.gcn_edge_weight, obs.blueprint_mask):
+        array.setflags(write=False)
+    return obs
+
+
+def _assert_same_batch(ours, expected) -> None:
+    tensors = ("x", "global_x", "edge_index", "edge_weight", "batch", "position", "ptr", "op_mask")
+    for field in (*tensors, "blueprint_mask", "illegal_logits", "node_slot"):
+        assert torch.equal(getattr(ours, field), getattr(expected, field)), field
+    assert torch.equal(ours.adjacency.to_dense(), expected.adjacency.to_dense())
+    assert ours.adjacency.layout == expected.adjacency.layout
+    assert (ours.num_graphs, ours.max_nodes) == (expected.num_graphs, expected.max_nodes)
+
+
+@pytest.mark.parametrize("num_nodes", [5, 20, 60])  # dense adjacency up to 48 nodes, CSR beyond
+def test_topology_cache_collates_like_collate(num_nodes: int) -> None:
+    import msgspec
+
+    from esperd.policy.batch import TopologyCache
+
+    device = torch.device("cpu")
+    cache = TopologyCache(device, adjacency=True)
+    first = _frozen_topology(make_observation("r", num_nodes, seed=1, stages=random_stages(num_nodes, 1)))
+    later = msgspec.structs.replace(  # same topology version, new features and stages
+        first,
+        node_features=first.node_features[::-1].copy(),
+        global_features=first.global_features + 1.0,
+        op_mask=make_observation("r", num_nodes, stages=random_stages(num_nodes, 2)).op_mask,
+    )
+    for obs in (first, later, first, later):  # first visit, new op mask pattern, then hits
+        _assert_same_batch(cache.collate(obs), collate([obs], device))
+    assert len(cache) == 1
+    moved = _frozen_topology(make_observation("r", num_nodes, seed=1, edges=chain_edges(num_nodes)))
+    _assert_same_batch(cache.collate(moved), collate([moved], device))  # a new topology version
+    writable = make_observation("w", num_nodes)
+    _assert_same_batch(cache.collate(writable), collate([writable], device))
+    assert len(cache) == 1  # writable topology arrays may change under us: never cached

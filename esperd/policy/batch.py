@@ -145,9 +145,17 @@ class _Topology:
     """A single-graph batch's topology-only part, and what it was derived from."""
 
     sources: tuple[np.ndarray, ...]  # (gcn_edge_index, gcn_edge_weight, blueprint_mask)
-    batch: GraphBatch  # collated in full once; features and op masks are replaced per call
     shapes: tuple[tuple[int, ...], ...]  # of layer_ids, node_features, global_features
-    ptr: np.ndarray  # int64 [2]: [0, N]
+    num_nodes: int
+    edge_index: torch.Tensor
+    edge_weight: torch.Tensor
+    zeros: torch.Tensor  # the batch vector of one graph
+    positions: torch.Tensor  # position, and node_slot too (one graph: the same)
+    ptr: torch.Tensor
+    blueprint_mask: torch.Tensor
+    adjacency: torch.Tensor | None
+    # What the per-observation masks are derived from (see _illegal_logits).
+    ptr_array: np.ndarray  # int64 [2]: [0, N]
     any_blueprint: np.ndarray  # bool [N]
     blueprint_logits_mask: np.ndarray  # bool [N, NODE_HEAD_DIM], see _blueprint_logits_mask
     # op_mask.tobytes() -> (effective op mask, illegal logits): stages change far less often
@@ -158,14 +166,14 @@ class _Topology:
 class TopologyCache:
     """Per run, what collate derives from its topology alone, for single-graph batches.
 
-    A batch of one is what the serving path mostly sees, and at 20 nodes half of a full
+    A batch of one is what the serving path mostly sees, and at 20 nodes most of a full
     collate is spent on edges, index vectors, adjacency and blueprint masks that only
     change with the topology. The analyzer shares those arrays between all observations
     of one topology version and freezes them (read-only), so an entry stays valid while
-    an observation brings the very same read-only arrays; anything else (a new topology
-    version, writable arrays from tests or a replay file) is collated in full, and
-    re-cached when read-only. Bounded LRU over runs; not thread-safe (the bundle calls
-    it under its lock).
+    an observation brings the very same read-only arrays; a new topology version is
+    cached anew, and writable arrays (tests, a replay file) are collated in full and
+    never cached. Bounded LRU over runs; not thread-safe (the bundle calls it under its
+    lock).
     """
 
     def __init__(self, device: torch.device, *, adjacency: bool, max_runs: int = 1024) -> None:
@@ -187,51 +195,75 @@ class TopologyCache:
             or obs.blueprint_mask is not topology.sources[2]
             or (obs.layer_ids.shape, obs.node_features.shape, obs.global_features.shape) != topology.shapes
         ):
-            batch = collate([obs], self.device, adjacency=self.adjacency)
             sources = (obs.gcn_edge_index, obs.gcn_edge_weight, obs.blueprint_mask)
-            if not any(a.flags.writeable for a in sources):
-                self._store(obs.run_id, sources, batch)
-            return batch
-        self._runs.move_to_end(obs.run_id)
-        masks = topology.masks.get(key := obs.op_mask.tobytes())
-        if masks is None:
-            op_mask = _effective_op_mask(obs.op_mask, topology.any_blueprint)
-            illegal_logits = _illegal_logits(topology.blueprint_logits_mask, op_mask, topology.ptr)
-            if len(topology.masks) >= _MASKS_PER_RUN:
-                topology.masks.clear()
-            masks = topology.masks[key] = (
-                _tensor(op_mask, self.device),
-                _tensor(illegal_logits, self.device),
-            )
-        cached = topology.batch
+            if any(a.flags.writeable for a in sources):
+                return collate([obs], self.device, adjacency=self.adjacency)
+            topology = self._store(obs, sources)
+        else:
+            self._runs.move_to_end(obs.run_id)
+        op_mask, illegal_logits = self._masks(topology, obs.op_mask)
         return GraphBatch(
             x=_float_tensor(obs.node_features, self.device),
             global_x=_float_tensor(obs.global_features[None], self.device),
-            edge_index=cached.edge_index,
-            edge_weight=cached.edge_weight,
-            batch=cached.batch,
-            position=cached.position,
-            ptr=cached.ptr,
-            op_mask=masks[0],
-            blueprint_mask=cached.blueprint_mask,
-            illegal_logits=masks[1],
-            node_slot=cached.node_slot,
-            adjacency=cached.adjacency,
+            edge_index=topology.edge_index,
+            edge_weight=topology.edge_weight,
+            batch=topology.zeros,
+            position=topology.positions,
+            ptr=topology.ptr,
+            op_mask=op_mask,
+            blueprint_mask=topology.blueprint_mask,
+            illegal_logits=illegal_logits,
+            node_slot=topology.positions,
+            adjacency=topology.adjacency,
             num_graphs=1,
-            max_nodes=cached.max_nodes,
+            max_nodes=topology.num_nodes,
         )
 
-    def _store(self, run_id: str, sources: tuple[np.ndarray, ...], batch: GraphBatch) -> None:
-        blueprint_mask, any_blueprint = _effective_blueprint_mask(sources[2])
-        ptr = np.array([0, batch.max_nodes], dtype=np.int64)
-        # The shapes collate validated (_checked_num_nodes); equal shapes need no new check.
-        shapes = ((batch.max_nodes,), tuple(batch.x.shape), (batch.global_x.shape[1],))
-        self._runs[run_id] = _Topology(
-            sources, batch, shapes, ptr, any_blueprint, _blueprint_logits_mask(blueprint_mask), {}
+    def _masks(self, topology: _Topology, op_mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(effective op mask, illegal logits) of an observation's op mask, cached by pattern."""
+        masks = topology.masks.get(key := op_mask.tobytes())
+        if masks is None:
+            effective = _effective_op_mask(op_mask, topology.any_blueprint)
+            illegal_logits = _illegal_logits(topology.blueprint_logits_mask, effective, topology.ptr_array)
+            if len(topology.masks) >= _MASKS_PER_RUN:
+                topology.masks.clear()
+            masks = topology.masks[key] = (
+                _tensor(effective, self.device),
+                _tensor(illegal_logits, self.device),
+            )
+        return masks
+
+    def _store(self, obs: Observation, sources: tuple[np.ndarray, ...]) -> _Topology:
+        """Cache the run's topology part, built for one graph: no offsets or concatenation,
+        so a run's first decision (or first after a topology change) costs ~2x a cached one
+        instead of ~10x (a full collate)."""
+        n = _checked_num_nodes(obs)
+        blueprint_mask, any_blueprint = _effective_blueprint_mask(obs.blueprint_mask)
+        edge_index = obs.gcn_edge_index.astype(np.int64)  # copies: writable, for from_numpy
+        edge_weight = obs.gcn_edge_weight.astype(np.float32)
+        ptr = np.array([0, n], dtype=np.int64)
+        device = self.device
+        topology = _Topology(
+            sources=sources,
+            shapes=((n,), (n, len(NODE_FEATURES)), (len(GLOBAL_FEATURES),)),
+            num_nodes=n,
+            edge_index=_tensor(edge_index, device),
+            edge_weight=_tensor(edge_weight, device),
+            zeros=_tensor(np.zeros(n, dtype=np.int64), device),
+            positions=_tensor(np.arange(n, dtype=np.int64), device),
+            ptr=_tensor(ptr, device),
+            blueprint_mask=_tensor(blueprint_mask, device),
+            adjacency=_adjacency(edge_index, edge_weight, n, device) if self.adjacency else None,
+            ptr_array=ptr,
+            any_blueprint=any_blueprint,
+            blueprint_logits_mask=_blueprint_logits_mask(blueprint_mask),
+            masks={},
         )
-        self._runs.move_to_end(run_id)
+        self._runs[obs.run_id] = topology
+        self._runs.move_to_end(obs.run_id)
         while len(self._runs) > self.max_runs:
             self._runs.popitem(last=False)  # least recently used run
+        return topology
 
     def forget(self, run_ids: Sequence[str]) -> None:
         for run_id in run_ids:

@@ -1,25 +1,33 @@
-"""Learning curves: the GNN policy trained with PPO and with IMPALA against the simulator.
+"""Learning curves: the GNN policy trained with PPO and IMPALA against the simulator, from scratch
+and warm-started by behaviour cloning of a reference policy (`esperd train --warm-start`).
 
     .venv/bin/python benchmarks/learning_curves.py [--seeds 5] [--ppo-steps N] [--impala-steps N]
-        [--workers 2] [--eval-every-steps 4096] [--eval-episodes 32] [--test-episodes 64]
-        [--out benchmarks/results] [--quick]
+        [--variants ppo,impala,ppo-heuristic,impala-heuristic,ppo-scripted] [--warm-steps 8192]
+        [--imitation-steps 1500] [--workers 2] [--eval-every-steps 4096] [--eval-episodes 32]
+        [--test-episodes 64] [--out benchmarks/results] [--quick]
 
-For each algorithm and seed 0..S-1, `esperd.train.train` trains a fresh GNN policy (hidden 64,
+For each variant (VARIANTS) and seed 0..S-1, `esperd.train.train` trains a GNN policy (hidden 64,
 3 GCN layers, weights seeded by the seed) on `SimEnv` (8 envs, default `SimConfig`: 40-epoch
 episodes, 6-12-layer CNN / transformer / hybrid hosts) for a fixed budget of environment steps.
+A warm-started variant first plays the reference policy (heuristic or scripted) for --warm-steps
+steps on hosts of its own (sim seed 30,000 + seed) and fits the GNN to its decisions and returns
+(--imitation-steps optimizer steps); its RL budget is the same as from scratch.
 Training reward: `shaped` (PPO_REWARD, IMPALA_REWARD below). Every evaluation and the table use
 the `basic` reward, the one the baselines' figures in benchmarks/README.md use.
 
-Curve: every ~--eval-every-steps env steps (and before training) the sampling policy plays
---eval-episodes episodes on the seed's validation hosts (sim seed 10,000 + seed; the same hosts at
-every evaluation); mean +- sd over the seeds of those means vs environment steps. Horizontal lines:
-random, heuristic and scripted (and wait) on the same validation hosts, averaged over the seeds.
+Curve: every ~--eval-every-steps env steps (and before training: the fresh or the cloned policy)
+the sampling policy plays --eval-episodes episodes on the seed's validation hosts (sim seed 10,000
++ seed; the same hosts at every evaluation); mean +- sd over the seeds of those means vs RL
+environment steps. Horizontal lines: random, wait, heuristic and scripted on the same validation
+hosts, averaged over the seeds.
 
-Table: per seed, --test-episodes episodes on test hosts no training run or checkpoint choice saw
-(sim seed 20,000 + seed), every policy on the same hosts: random, wait, heuristic, scripted, and
-for each algorithm its best checkpoint (chosen by validation return) and its last weights, acting
-by sampling (as the daemon serves by default) and greedily (`[policy] deterministic = true`).
-mean +- sd over seeds of the per-seed means, and the paired difference to the heuristic.
+Table: per seed, --test-episodes episodes on test hosts no training run, clone or checkpoint
+choice saw (sim seed 20,000 + seed), every policy on the same hosts: random, wait, heuristic,
+scripted, the behaviour-cloned policies before RL, and for each variant its best checkpoint
+(chosen by validation return; for a warm start the clone itself is a candidate) and its last
+weights, acting greedily (`[policy] deterministic = true`) and by sampling (the daemon's default).
+mean +- sd over seeds of the per-seed means, the paired difference to the heuristic, and on how
+many seeds the policy beat it.
 
 Writes <out>/learning_curves.png, <out>/learning_curves.md and <out>/learning_curves.json (raw).
 """
@@ -58,6 +66,32 @@ IMPALA_UNROLL = 8
 IMPALA_SEQUENCE = 16  # V-trace over 16-step unrolls (4 per batch of 64)
 IMPALA_REWARD = {"mode": "shaped", "shaping_weight": 0.1}
 
+# Warm-started runs (`esperd train --warm-start REFERENCE`): behaviour cloning of the reference over
+# --warm-steps simulator steps of its own hosts (--imitation-steps optimizer steps, IMITATION), then
+# RL with the settings below (see benchmarks/README.md for how they were chosen).
+IMITATION: dict[str, Any] = {}  # ImitationConfig defaults (batch 256, LR 1e-3, value coef 0.5)
+# Gentler than from scratch: LR 1e-3 / KL 0.05 undoes the clone within ~8 updates on some seeds
+# (validation 5.1 -> 4.7 on seed 1 of the search), LR 3e-4 / KL 0.02 refines it.
+PPO_WARM = {**PPO, "lr": 3e-4, "target_kl": 0.02}
+IMPALA_WARM = {**IMPALA}
+
+# What each training variant runs: algorithm, reference to clone first (None: from scratch), and
+# the hyper-parameters that differ from the algorithm's table above.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ppo": {"algo": "ppo", "warm_start": None, "ppo": PPO},
+    "impala": {"algo": "impala", "warm_start": None, "impala": IMPALA},
+    "ppo-heuristic": {"algo": "ppo", "warm_start": "heuristic", "ppo": PPO_WARM},
+    "impala-heuristic": {"algo": "impala", "warm_start": "heuristic", "impala": IMPALA_WARM},
+    "ppo-scripted": {"algo": "ppo", "warm_start": "scripted", "ppo": PPO_WARM},
+}
+LABELS = {
+    "ppo": "PPO from scratch",
+    "impala": "IMPALA from scratch",
+    "ppo-heuristic": "PPO warm-started (heuristic)",
+    "impala-heuristic": "IMPALA warm-started (heuristic)",
+    "ppo-scripted": "PPO warm-started (scripted)",
+}
+
 VALIDATION_SEED = 10_000  # + seed (what esperd.train evaluates on)
 TEST_SEED = 20_000  # + seed
 
@@ -89,29 +123,33 @@ def play(policy: Any, episodes: int, host_seed: int, deterministic: bool, torch_
 
 
 def train_one(job: dict[str, Any]) -> dict[str, Any]:
-    """One (algorithm, seed) training run, its curve and its test returns."""
+    """One (variant, seed) training run, its curve and its test returns."""
     _setup_worker()
     import msgspec
 
     from esperd.learn import ImpalaConfig, LearnerConfig, PPOConfig, RewardConfig
+    from esperd.learn.imitation import ImitationConfig
     from esperd.policy import create_policy, load_policy_checkpoint
     from esperd.train import TrainSpec, train
 
-    algo, seed, steps = job["algo"], job["seed"], job["steps"]
+    variant, seed, steps = VARIANTS[job["variant"]], job["seed"], job["steps"]
+    algo = variant["algo"]
     pc = policy_config(seed)
     learner = LearnerConfig(
-        ppo=PPOConfig(**PPO),  # type: ignore[arg-type]  (esperd.train decays the LR over the run)
-        impala=ImpalaConfig(**IMPALA),  # type: ignore[arg-type]
+        ppo=PPOConfig(**variant.get("ppo", PPO)),  # type: ignore[arg-type]  (esperd.train decays the LR)
+        impala=ImpalaConfig(**variant.get("impala", IMPALA)),  # type: ignore[arg-type]
         rewards=RewardConfig(**(PPO_REWARD if algo == "ppo" else IMPALA_REWARD)),  # type: ignore[arg-type]
         **IMPALA_REPLAY,  # type: ignore[arg-type]
     )
     if algo == "ppo":
-        eval_every = max(1, round(job["eval_every_steps"] / PPO["rollout_size"]))
+        eval_every = max(1, round(job["eval_every_steps"] / learner.ppo.rollout_size))
     else:
-        per_update = IMPALA_REPLAY_RATIO / ImpalaConfig().batch_size  # updates per env step
+        per_update = IMPALA_REPLAY_RATIO / learner.impala.batch_size  # updates per env step
         eval_every = max(1, round(job["eval_every_steps"] * per_update))
-    fresh = create_policy("gnn", pc, "cpu")
-    curve = [(0, play(fresh, job["eval_episodes"], VALIDATION_SEED + seed, False, seed))]
+    curve: list[tuple[int, float]] = []
+    if variant["warm_start"] is None:  # a warm-started run evaluates its cloned policy itself
+        fresh = create_policy("gnn", pc, "cpu")
+        curve.append((0, play(fresh, job["eval_episodes"], VALIDATION_SEED + seed, False, seed)))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         result = train(
@@ -135,27 +173,47 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
                 eval_reward=RewardConfig(mode="basic"),
                 progress=False,
                 log_updates=False,
+                warm_start=variant["warm_start"],
+                warm_start_steps=job["warm_steps"],
+                imitation=ImitationConfig(**{**IMITATION, "steps": job["imitation_steps"]}),
+                anchor_coef=variant.get("anchor_coef", 0.0),
+                anchor_updates=variant.get("anchor_updates", 20),
             )
         )
         seconds = time.perf_counter() - started
         curve += [(r["env_steps"], r["sim_return"]) for r in result.history if "sim_return" in r]
+        imitation = _warm_start_record(Path(out))
+        checkpoints = {"best": result.best_path, "last": result.last_path}
+        if variant["warm_start"] is not None:
+            checkpoints["cloned"] = Path(out) / "warm_start.safetensors"
         test: dict[str, float] = {}
-        for which in ("best", "last"):
+        for which, path in checkpoints.items():
             policy = create_policy("gnn", msgspec.structs.replace(pc, init_seed=seed + 1), "cpu")
-            load_policy_checkpoint(getattr(result, f"{which}_path"), policy)
+            load_policy_checkpoint(path, policy)
             for mode, det in (("sample", False), ("greedy", True)):
                 test[f"{which}_{mode}"] = play(policy, job["test_episodes"], TEST_SEED + seed, det, seed)
     return {
+        "variant": job["variant"],
         "algo": algo,
         "seed": seed,
         "curve": curve,
         "test": test,
+        "imitation": imitation,
         "seconds": seconds,
         "updates": result.updates,
         "env_steps": result.env_steps,
         "best_update": result.best_update,
         "best_validation": result.best_value,
     }
+
+
+def _warm_start_record(out: Path) -> dict[str, Any] | None:
+    """The warm start's line of metrics.jsonl (agreement, NLL, seconds), if the run had one."""
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("kind") == "warm_start":
+            return row
+    return None
 
 
 def baselines_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -188,27 +246,41 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def table_rows(runs: list[dict[str, Any]], bases: list[dict[str, Any]]) -> list[tuple[str, list[float]]]:
+    """(label, per-seed test returns in seed order) for every policy of the table."""
+    bases = sorted(bases, key=lambda b: b["seed"])
+    rows = [(name, [b["test"][name] for b in bases]) for name in ("random", "wait", "heuristic", "scripted")]
+    by_variant = {
+        v: sorted((r for r in runs if r["variant"] == v), key=lambda r: r["seed"]) for v in VARIANTS
+    }
+    cloned: set[str] = set()
+    for variant, mine in by_variant.items():
+        reference = VARIANTS[variant]["warm_start"]
+        if mine and reference is not None and reference not in cloned:  # one clone per reference and seed
+            cloned.add(reference)
+            for key, label in (("cloned_greedy", "greedy"), ("cloned_sample", "sampling")):
+                rows.append((f"BC clone of {reference} (no RL), {label}", [r["test"][key] for r in mine]))
+    for variant, mine in by_variant.items():
+        if not mine:
+            continue
+        for key, label in (
+            ("best_greedy", "best checkpoint, greedy"),
+            ("best_sample", "best checkpoint, sampling"),
+            ("last_greedy", "last weights, greedy"),
+            ("last_sample", "last weights, sampling"),
+        ):
+            rows.append((f"{LABELS[variant]}, {label}", [r["test"][key] for r in mine]))
+    return rows
+
+
 def report(
     runs: list[dict[str, Any]], bases: list[dict[str, Any]], args: argparse.Namespace, wall: float
 ) -> str:
     seeds = sorted(b["seed"] for b in bases)
-    heuristic = {b["seed"]: b["test"]["heuristic"] for b in bases}
-    rows: list[tuple[str, list[float]]] = []
-    for name in ("random", "wait", "heuristic", "scripted"):
-        rows.append((name, [b["test"][name] for b in sorted(bases, key=lambda b: b["seed"])]))
-    for algo in ("ppo", "impala"):
-        mine = sorted((r for r in runs if r["algo"] == algo), key=lambda r: r["seed"])
-        if not mine:
-            continue
-        for key, label in (
-            ("best_sample", "best checkpoint, sampling"),
-            ("best_greedy", "best checkpoint, greedy"),
-            ("last_sample", "last weights, sampling"),
-            ("last_greedy", "last weights, greedy"),
-        ):
-            rows.append((f"{algo.upper()} {label}", [r["test"][key] for r in mine]))
+    heuristic = [b["test"]["heuristic"] for b in sorted(bases, key=lambda b: b["seed"])]
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
     lines = [
-        "# Learning curves: GNN policy, PPO and IMPALA, simulator",
+        "# Learning curves: GNN policy, PPO and IMPALA, from scratch and warm-started, simulator",
         "",
         f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/learning_curves.py', *sys.argv[1:]])}`",
         "",
@@ -219,40 +291,50 @@ def report(
         "",
         (
             f"Budget per run: PPO {args.ppo_steps:,} env steps, IMPALA {args.impala_steps:,} env steps "
-            f"({ENVS} envs); seeds {seeds[0]}-{seeds[-1]}. GNN hidden {HIDDEN}, 3 GCN layers."
+            f"({ENVS} envs); warm-started runs first clone the reference over {args.warm_steps:,} more "
+            f"simulator steps of its own hosts (sim seed 30,000 + seed), {args.imitation_steps:,} optimizer "
+            f"steps, {IMITATION or 'ImitationConfig defaults'}. "
+            f"Seeds {seeds[0]}-{seeds[-1]}. GNN hidden {HIDDEN}, 3 GCN layers. Variants: "
+            + "; ".join(f"{v} = {LABELS[v]}" for v in variants)
+            + "."
         ),
         (
-            f"PPO: {PPO}, training reward {PPO_REWARD} (rest: seed-documents defaults; LR decays "
-            f"linearly to 0.1x over the run). IMPALA: {IMPALA}, training reward {IMPALA_REWARD}, replay "
-            f"{IMPALA_REPLAY}, replay ratio {IMPALA_REPLAY_RATIO} (samples per new transition, batch 64 "
-            f"= {64 // IMPALA_SEQUENCE} unrolls of {IMPALA_SEQUENCE} steps), actors {IMPALA_UNROLL} steps "
-            "per env per round. All returns below are the **basic** reward (the baselines' figures)."
+            f"PPO from scratch: {PPO}; warm-started: {PPO_WARM}; training reward {PPO_REWARD} (rest: "
+            "seed-documents defaults; LR decays linearly to 0.1x over the run). IMPALA from scratch: "
+            f"{IMPALA}; warm-started: {IMPALA_WARM}; training reward {IMPALA_REWARD}, replay {IMPALA_REPLAY}, "
+            f"replay ratio {IMPALA_REPLAY_RATIO} (samples per new transition, batch 64 = "
+            f"{64 // IMPALA_SEQUENCE} unrolls of {IMPALA_SEQUENCE} steps), actors {IMPALA_UNROLL} steps per env "
+            "per round. All returns below are the **basic** reward (the baselines' figures)."
         ),
         "",
         (
             f"Episode return on test hosts (sim seed {TEST_SEED} + seed, {args.test_episodes} episodes per seed, "
-            "every policy on the same hosts; no run or checkpoint choice saw them). mean ± sd over seeds of the "
-            "per-seed mean; last column: paired difference to the heuristic, mean ± sd over seeds."
+            "every policy on the same hosts; no run, clone or checkpoint choice saw them). mean ± sd over seeds "
+            "of the per-seed mean; paired difference to the heuristic, mean ± sd over seeds; seeds on which "
+            "the policy beat the heuristic. Greedy = `[policy] deterministic = true`."
         ),
         "",
-        "| policy | return (mean ± sd over seeds) | minus heuristic (paired) | seeds |",
+        "| policy | return (mean ± sd over seeds) | minus heuristic (paired) | beats heuristic |",
         "|---|---|---|---|",
     ]
-    for name, values in rows:
+    for name, values in table_rows(runs, bases):
         mean, sd = mean_sd(values)
-        diffs = [v - heuristic[s] for v, s in zip(values, seeds, strict=True)]
+        diffs = [v - h for v, h in zip(values, heuristic, strict=True)]
         dmean, dsd = mean_sd(diffs)
-        lines.append(f"| {name} | {mean:+.3f} ± {sd:.3f} | {dmean:+.3f} ± {dsd:.3f} | {len(values)} |")
+        wins = "" if name == "heuristic" else f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+        lines.append(f"| {name} | {mean:+.3f} ± {sd:.3f} | {dmean:+.3f} ± {dsd:.3f} | {wins} |")
     lines += [
         "",
-        "Training runs:",
+        "Training runs (clone: greedy agreement with the reference on held-out demonstration runs):",
         "",
-        "| algorithm | seed | updates | env steps | best at update | best validation return | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | seed | clone agreement | updates | env steps | best at update | best validation return | seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(runs, key=lambda r: (r["algo"], r["seed"])):
+    for r in sorted(runs, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
+        imitation = r.get("imitation")
+        agree = "" if not imitation else f"{imitation['agreement_after']:.3f}"
         lines.append(
-            f"| {r['algo']} | {r['seed']} | {r['updates']} | {r['env_steps']:,} | {r['best_update']} | "
+            f"| {r['variant']} | {r['seed']} | {agree} | {r['updates']} | {r['env_steps']:,} | {r['best_update']} | "
             f"{r['best_validation']:+.3f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -265,10 +347,16 @@ def plot(runs: list[dict[str, Any]], bases: list[dict[str, Any]], path: Path) ->
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
-    colors = {"ppo": "tab:blue", "impala": "tab:orange"}
-    for algo in ("ppo", "impala"):
-        mine = [r for r in runs if r["algo"] == algo]
+    fig, ax = plt.subplots(figsize=(10, 6), dpi=120)
+    colors = {
+        "ppo": "tab:blue",
+        "impala": "tab:orange",
+        "ppo-heuristic": "tab:purple",
+        "impala-heuristic": "tab:olive",
+        "ppo-scripted": "tab:cyan",
+    }
+    for variant in VARIANTS:
+        mine = [r for r in runs if r["variant"] == variant]
         if not mine:
             continue
         # Evaluation points can differ by a few steps between seeds: align them by index.
@@ -276,8 +364,9 @@ def plot(runs: list[dict[str, Any]], bases: list[dict[str, Any]], path: Path) ->
         steps = np.array([[r["curve"][i][0] for i in range(length)] for r in mine], dtype=float).mean(0)
         values = np.array([[r["curve"][i][1] for i in range(length)] for r in mine], dtype=float)
         mean, sd = values.mean(0), values.std(0, ddof=1) if len(mine) > 1 else np.zeros(length)
-        ax.plot(steps, mean, color=colors[algo], lw=2, label=f"{algo.upper()} (mean ± sd, {len(mine)} seeds)")
-        ax.fill_between(steps, mean - sd, mean + sd, color=colors[algo], alpha=0.2)
+        color = colors.get(variant)
+        ax.plot(steps, mean, color=color, lw=2, label=f"{LABELS[variant]} (mean ± sd, {len(mine)} seeds)")
+        ax.fill_between(steps, mean - sd, mean + sd, color=color, alpha=0.15)
     styles = {
         "random": ("tab:gray", ":"),
         "wait": ("tab:brown", (0, (1, 3))),
@@ -287,11 +376,11 @@ def plot(runs: list[dict[str, Any]], bases: list[dict[str, Any]], path: Path) ->
     for name, (color, style) in styles.items():
         level = statistics.fmean(b["validation"][name] for b in bases)
         ax.axhline(level, color=color, ls=style, lw=1.5, label=f"{name} {level:+.2f}")
-    ax.set_xlabel("environment steps (run-epochs) per training run")
+    ax.set_xlabel("environment steps (run-epochs) of RL per training run (warm starts: after cloning)")
     ax.set_ylabel("episode return, basic reward (validation hosts, sampling)")
     ax.set_title("GNN policy (hidden 64) trained in the simulator")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -302,31 +391,44 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--ppo-steps", type=int, default=65_536)
     parser.add_argument("--impala-steps", type=int, default=65_536)
+    parser.add_argument("--warm-steps", type=int, default=8192, help="simulator steps the reference plays")
+    parser.add_argument("--imitation-steps", type=int, default=1500, help="behaviour-cloning optimizer steps")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--eval-every-steps", type=int, default=4096)
     parser.add_argument("--eval-episodes", type=int, default=32)
     parser.add_argument("--test-episodes", type=int, default=64)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--algos", default="ppo,impala")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"training variants to run, comma-separated, of {', '.join(VARIANTS)}",
+    )
+    parser.add_argument("--no-baselines", action="store_true", help="skip random/wait/heuristic/scripted")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 4k steps: a smoke test of the script")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.ppo_steps, args.impala_steps, args.eval_every_steps = 2, 4096, 2048, 1024
         args.eval_episodes, args.test_episodes = 8, 8
+        args.warm_steps, args.imitation_steps = 512, 50
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    algos = [a for a in args.algos.split(",") if a]
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
     jobs = [
         {
-            "algo": algo,
+            "variant": variant,
             "seed": seed,
-            "steps": args.ppo_steps if algo == "ppo" else args.impala_steps,
+            "steps": args.ppo_steps if VARIANTS[variant]["algo"] == "ppo" else args.impala_steps,
             "eval_every_steps": args.eval_every_steps,
             "eval_episodes": args.eval_episodes,
             "test_episodes": args.test_episodes,
+            "warm_steps": args.warm_steps,
+            "imitation_steps": args.imitation_steps,
         }
         for seed in range(args.seeds)
-        for algo in algos
+        for variant in variants
     ]
     base_jobs = [
         {"seed": seed, "eval_episodes": args.eval_episodes, "test_episodes": args.test_episodes}
@@ -335,19 +437,21 @@ def main() -> int:
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []
     with mp.get_context("spawn").Pool(args.workers) as pool:
-        pending = pool.map_async(baselines_one, base_jobs)
+        pending = pool.map_async(baselines_one, [] if args.no_baselines else base_jobs)
         for run in pool.imap_unordered(train_one, jobs):
             runs.append(run)
             final = run["curve"][-1][1]
             print(
-                f"{run['algo']:<6} seed {run['seed']}: {run['env_steps']:,} steps, {run['updates']} updates in "
-                f"{run['seconds']:.0f}s; validation {run['curve'][0][1]:+.3f} -> {final:+.3f}; "
-                f"test best/sample {run['test']['best_sample']:+.3f}",
+                f"{run['variant']:<16} seed {run['seed']}: {run['env_steps']:,} steps, {run['updates']} updates "
+                f"in {run['seconds']:.0f}s; validation {run['curve'][0][1]:+.3f} -> {final:+.3f}; test "
+                + ", ".join(f"{k} {v:+.3f}" for k, v in run["test"].items()),
                 flush=True,
             )
         bases = pending.get()
     wall = time.perf_counter() - started
     (out / "learning_curves.json").write_text(json.dumps({"runs": runs, "baselines": bases}, indent=1))
+    if not bases:  # --no-baselines: nothing to compare with, the raw results only
+        return 0
     plot(runs, bases, out / "learning_curves.png")
     text = report(runs, bases, args, wall)
     (out / "learning_curves.md").write_text(text)

@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Literal, Protocol
 
+import msgspec
 import numpy as np
 import structlog
 import torch
@@ -65,17 +66,14 @@ class WorkerError(RuntimeError):
     """The child raised something other than NonFiniteError; its text is the message."""
 
 
-class TrainerSpec:
+class TrainerSpec(msgspec.Struct, frozen=True):
     """What a Trainer is built from (picklable when `make_policy` is: a module-level function
     or a functools.partial of one, not a lambda)."""
 
-    def __init__(
-        self, make_policy: PolicyFactory, algorithm: str, ppo: PPOConfig, impala: ImpalaConfig
-    ) -> None:
-        self.make_policy = make_policy
-        self.algorithm = algorithm
-        self.ppo = ppo
-        self.impala = impala
+    make_policy: PolicyFactory
+    algorithm: str  # "ppo" | "impala"
+    ppo: PPOConfig
+    impala: ImpalaConfig
 
 
 class Trainer:

@@ -45,7 +45,8 @@ single-threaded intra-op kernels (this machine has 2 cores) instead of OpenMP wo
 on the learner's. Knobs: `--learner-nice N` (the child's nice value; with `--worker thread` the
 learner thread's, which Linux schedules by its own), `--swap-min-interval-s` (IMPALA swap
 coalescing; 0 swaps after every update) and `--switch-interval-ms` (Python's GIL switch
-interval, default 5 ms).
+interval; default the daemon's, `[service] gil_switch_interval_ms` = 0.5 ms; 0 keeps Python's
+5 ms).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ import msgspec
 import numpy as np
 import torch
 
+from esperd.config import ServiceConfig
 from esperd.decisions import DecisionLoop, percentile
 from esperd.learn.buffers import ReplayBuffer
 from esperd.learn.experience import Transition
@@ -371,8 +373,8 @@ def main() -> int:
     parser.add_argument(
         "--switch-interval-ms",
         type=float,
-        default=0.0,
-        help="sys.setswitchinterval for the run (0: Python's default, 5 ms)",
+        default=ServiceConfig().gil_switch_interval_ms,
+        help="sys.setswitchinterval for the run (default: the daemon's; 0: Python's default, 5 ms)",
     )
     parser.add_argument(
         "--worker",

@@ -37,10 +37,12 @@ from esperd.policy.registry import register_policy
 
 class _Weights(NamedTuple):
     """The network's weights as the forward multiplies them: transposed (x @ w + b, one addmm
-    per layer) and the encoder's split into its node and global columns, so a graph's global
-    features go through the encoder once, not once per node. Views of the parameters."""
+    per layer), and the encoder's also split into its node and global rows, so that one
+    graph's global features go through the encoder once, not once per node. Views of the
+    parameters."""
 
-    encoder_node: torch.Tensor  # [F_node, H]
+    encoder: torch.Tensor  # [F_node + F_global, H]
+    encoder_node: torch.Tensor  # [F_node, H], rows of `encoder`
     encoder_global: torch.Tensor  # [F_global, H]
     encoder_bias: torch.Tensor
     convs: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (W^T [H, H], bias) per GCN layer
@@ -84,9 +86,11 @@ class GNNNetwork(nn.Module):
         inference, see `_gather_weights`; per call under autograd, which tracks them)."""
         encoder, node_head, value_head = self.encoder[0], self.node_head, self.value_head
         n_node = len(NODE_FEATURES)
+        encoder_t = encoder.weight.t()
         return _Weights(
-            encoder_node=encoder.weight[:, :n_node].t(),
-            encoder_global=encoder.weight[:, n_node:].t(),
+            encoder=encoder_t,
+            encoder_node=encoder_t[:n_node],
+            encoder_global=encoder_t[n_node:],
             encoder_bias=encoder.bias,
             convs=tuple((conv.lin.weight.t(), conv.bias) for conv in self.convs),
             node_head=(
@@ -142,9 +146,12 @@ class GNNNetwork(nn.Module):
         # per layer at 64 runs).
         in_place = not torch.is_grad_enabled()
         w = self._inference_weights if in_place and edge_weight is None else self._weights()
-        # encoder(cat[x, global_x[batch]]) = x W_node^T + (global_x W_global^T + b)[batch]
-        per_graph = torch.addmm(w.encoder_bias, global_x, w.encoder_global)
-        h = torch.addmm(per_graph if num_graphs == 1 else per_graph[batch], x, w.encoder_node).relu_()
+        if num_graphs == 1:  # encoder(cat[x, global_x]) = x W_node^T + (global_x W_global^T + b)
+            per_graph = torch.addmm(w.encoder_bias, global_x, w.encoder_global)
+            h = torch.addmm(per_graph, x, w.encoder_node)
+        else:  # a [N, H] gather of that per-graph term costs more (page faults) than the cat
+            h = torch.addmm(w.encoder_bias, torch.cat([x, global_x[batch]], dim=-1), w.encoder)
+        h = h.relu_()
         for layer, (weight, bias) in enumerate(w.convs):
             if edge_weight is None:  # GCNConv's own computation on an adjacency matrix
                 out = torch.addmm(bias, adjacency, torch.mm(h, weight))

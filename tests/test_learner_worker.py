@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from esperd.learn.learner import Learner, LearnerConfig
+from esperd.learn.ppo import PPOConfig
 from esperd.learn.worker import ProcessWorker, ThreadWorker
 from esperd.policy import PolicyBundle, create_policy
 from tests.test_learner import (
@@ -328,3 +329,24 @@ async def test_a_retired_bundle_is_reused_only_once_nothing_holds_it(tmp_path: P
     assert learner.status.bundles_reused == reused + 2
     assert [learner.serving.version, serving[0].version] == [6, 6]
     assert same_weights(weights(learner.serving), weights(learner.trainee))
+
+
+def test_a_lambda_factory_is_refused_at_once(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="picklable policy factory"):
+        Learner(learner_config("ppo", worker="process"), lambda: MAKE_POLICY(), MAKE_POLICY(), print, tmp_path)
+
+
+async def test_close_during_an_update_ends_it_as_a_stopped_worker(tmp_path: Path) -> None:
+    learner, swapped = build(tmp_path, "ppo", ppo=PPOConfig(rollout_size=32, minibatch_size=8, epochs=50,
+                                                            warmup_updates=0, target_kl=None))
+    feed(learner, sim_transitions(learner.serving, 32, seed=1))
+    task = asyncio.create_task(learner.run())
+    deadline = time.monotonic() + STARTUP_S
+    while not learner._updating:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.done()
+    learner.close()  # the executor thread still waits on the child: it ends with WorkerDied, quietly
+    assert swapped == [] and not await learner.update_once()

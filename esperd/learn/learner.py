@@ -199,6 +199,7 @@ class Learner:
 
     def close(self) -> None:
         """Stop the worker process (after the final checkpoint, which needs its optimizer state)."""
+        self._stopping = True
         self.worker.close()
 
     # -------------------------------------------------------------- intake
@@ -245,11 +246,17 @@ class Learner:
 
     async def _wait_for_work(self) -> None:
         """Until woken, or until held-back weights are due to swap in."""
-        timeout = None
+        timer = None
         if self._latest is not None:
-            timeout = max(self._last_swap + self.config.swap_min_interval_s - self._clock(), 0.0)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            # A timer that sets the event, not asyncio.wait_for: in 3.11 that can swallow a
+            # cancellation that lands as the wait ends, and the learner would not stop.
+            delay = max(self._last_swap + self.config.swap_min_interval_s - self._clock(), 0.0)
+            timer = asyncio.get_running_loop().call_later(delay, self._wake.set)
+        try:
+            await self._wake.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
         self._wake.clear()
         await asyncio.sleep(0)  # Event.wait does not yield when already set: never spin
 

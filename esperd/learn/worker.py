@@ -202,6 +202,13 @@ class ProcessWorker:
     mode: WorkerMode = "process"
 
     def __init__(self, spec: TrainerSpec, state: State, version: int, *, nice: int = 10, threads: int = 1) -> None:
+        try:
+            pickle.dumps(spec)  # now, not in the first update: a lambda factory cannot reach the child
+        except Exception as exc:
+            raise ValueError(
+                "the process worker needs a picklable policy factory (a module-level function "
+                f"or a functools.partial of one, not a lambda): {exc}"
+            ) from exc
         self.spec = spec
         self.nice = nice
         self.threads = threads
@@ -283,6 +290,8 @@ class ProcessWorker:
                         break
             except (EOFError, OSError) as exc:
                 raise WorkerDied(_exit_reason(proc)) from exc
+            except (TypeError, ValueError) as exc:  # close() closed the socket under this call
+                raise WorkerDied("the learner worker process was stopped") from exc
         if kind == "nonfinite":
             raise NonFiniteError(value)
         if kind != "ok":

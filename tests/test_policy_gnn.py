@@ -318,3 +318,32 @@ def test_topology_cache_collates_like_collate(num_nodes: int) -> None:
     writable = make_observation("w", num_nodes)
     _assert_same_batch(cache.collate(writable), collate([writable], device))
     assert len(cache) == 1  # writable topology arrays may change under us: never cached
+
+
+def test_inference_weights_follow_the_parameters(policy: GNNPolicy) -> None:
+    """The forward without autograd uses prebuilt views of the parameters: an in-place update,
+    a state-dict load and a copy of the network must all be seen by it."""
+    import copy
+
+    batch = collate(mixed_batch([5, 7], seed=6), policy.device)
+    net = policy.base_network
+
+    def both(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            inference = module(batch.x, batch.global_x, batch.adjacency, None, batch.batch)[0]
+        autograd = module(batch.x, batch.global_x, batch.adjacency, None, batch.batch)[0]  # fresh views
+        return inference, autograd.detach()
+
+    with torch.no_grad():
+        net.convs[0].lin.weight.mul_(1.5)  # as an optimizer step does
+    torch.testing.assert_close(*both(net))
+    other = create_policy("gnn", PolicyConfig(name="gnn", hidden_size=64, init_seed=5))
+    policy.load_state_dict(other.state_dict())
+    torch.testing.assert_close(*both(net))
+    duplicate = copy.deepcopy(net)
+    with torch.no_grad():
+        duplicate.node_head[0].weight.mul_(-1.0)
+    torch.testing.assert_close(*both(duplicate))
+    assert "_inference_weights" not in net.state_dict() and not any(
+        "inference" in k for k in net.state_dict()
+    )

@@ -117,6 +117,17 @@ class GNNNetwork(nn.Module):
         with torch.no_grad():
             self._inference_weights = self._weights()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (deepcopy, pickle) would clone the views apart from the copied parameters:
+        # leave them out and build them again on the copy's own (__setstate__).
+        state = super().__getstate__()
+        state.pop("_inference_weights", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._gather_weights()
+
     def _apply(self, *args: Any, **kwargs: Any) -> GNNNetwork:
         module = super()._apply(*args, **kwargs)
         self._gather_weights()

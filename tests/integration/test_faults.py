@@ -556,6 +556,26 @@ async def test_sigkill_restart_resumes_from_last_periodic_checkpoint(
     assert "learner resumed" in names and "learner checkpoint unusable; starting fresh" not in names
 
 
+def test_sigkill_of_esperd_leaves_no_learner_worker_behind(killed: Killed) -> None:
+    learner = killed.last_status["learner"]
+    assert learner["worker"] == "process" and learner["worker_deaths"] == 0
+    pid = learner["worker_pid"]
+    assert pid > 0
+    deadline = time.monotonic() + 5.0  # PR_SET_PDEATHSIG: at once; socket EOF: after its update
+    while _pid_alive(pid):
+        assert time.monotonic() < deadline, f"learner worker {pid} outlived its SIGKILLed esperd"
+        time.sleep(0.05)
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 async def test_sigkill_then_garbled_buffer_is_detected_and_policy_still_resumes(
     killed: Killed, nats_server: NatsServer, nats_client: Client, tmp_path: Path
 ) -> None:

@@ -78,6 +78,10 @@ def alive(pid: int) -> bool:
         return False
 
 
+def _untimed(last: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in last.items() if k != "seconds"}
+
+
 def test_config_defaults_to_a_niced_process_worker() -> None:
     config = LearnerConfig()
     assert config.worker == "process" and config.worker_nice == 10 and config.swap_min_interval_s == 0.25
@@ -110,8 +114,7 @@ async def test_process_worker_trains_exactly_like_the_thread_worker(
         # Same seed, one torch thread, the same rollout: the very same weights and stats.
         # (IMPALA's replay buffers draw their own random samples.)
         assert same_weights(weights(proc.serving), weights(thread.serving))
-        untimed = lambda last: {k: v for k, v in last.items() if k != "seconds"}  # noqa: E731
-        assert untimed(proc.status.last) == untimed(thread.status.last)
+        assert _untimed(proc.status.last) == _untimed(thread.status.last)
     assert 0.0 < proc.status.swap_pause_us_max < 1000.0
     with pytest.raises(AttributeError):
         _ = proc.trainee  # it lives in the child
@@ -274,7 +277,9 @@ async def test_impala_swaps_at_most_once_per_interval_and_serves_the_newest_weig
 
 
 async def test_held_back_weights_swap_in_when_updates_stop(tmp_path: Path) -> None:
-    learner, swapped = build(tmp_path, "impala", clock=time.monotonic, worker="thread", swap_min_interval_s=0.3)
+    learner, swapped = build(
+        tmp_path, "impala", clock=time.monotonic, worker="thread", swap_min_interval_s=0.3
+    )
     feed(learner, sim_transitions(learner.serving, 32, seed=1))
     assert await learner.update_once() and not await learner.update_once()
     assert learner.serving.version == 1
@@ -311,7 +316,12 @@ async def test_a_retired_bundle_is_reused_only_once_nothing_holds_it(tmp_path: P
         serving[:] = [bundle]  # as the DecisionLoop does: only the serving bundle is kept
 
     learner = Learner(
-        learner_config("impala", worker="thread"), MAKE_POLICY, MAKE_POLICY(), swap, tmp_path, clock=FakeClock()
+        learner_config("impala", worker="thread"),
+        MAKE_POLICY,
+        MAKE_POLICY(),
+        swap,
+        tmp_path,
+        clock=FakeClock(),
     )
     feed(learner, sim_transitions(learner.serving, 32, seed=1))
     assert await learner.update_once()
@@ -333,12 +343,17 @@ async def test_a_retired_bundle_is_reused_only_once_nothing_holds_it(tmp_path: P
 
 def test_a_lambda_factory_is_refused_at_once(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="picklable policy factory"):
-        Learner(learner_config("ppo", worker="process"), lambda: MAKE_POLICY(), MAKE_POLICY(), print, tmp_path)
+        Learner(
+            learner_config("ppo", worker="process"), lambda: MAKE_POLICY(), MAKE_POLICY(), print, tmp_path
+        )
 
 
 async def test_close_during_an_update_ends_it_as_a_stopped_worker(tmp_path: Path) -> None:
-    learner, swapped = build(tmp_path, "ppo", ppo=PPOConfig(rollout_size=32, minibatch_size=8, epochs=50,
-                                                            warmup_updates=0, target_kl=None))
+    learner, swapped = build(
+        tmp_path,
+        "ppo",
+        ppo=PPOConfig(rollout_size=32, minibatch_size=8, epochs=50, warmup_updates=0, target_kl=None),
+    )
     feed(learner, sim_transitions(learner.serving, 32, seed=1))
     task = asyncio.create_task(learner.run())
     deadline = time.monotonic() + STARTUP_S

@@ -193,9 +193,10 @@ class Learner:
         return self._thread_worker().trainer.algo
 
     def _thread_worker(self) -> ThreadWorker:
-        if not isinstance(self.worker, ThreadWorker):
-            raise AttributeError("the trainee and optimizer live in the learner's worker process")
-        return self.worker
+        if isinstance(self.worker, ThreadWorker):
+            return self.worker
+        # AttributeError, not TypeError: to callers these are attributes a process worker lacks.
+        raise AttributeError("the trainee and optimizer live in the learner's worker process")
 
     def close(self) -> None:
         """Stop the worker process (after the final checkpoint, which needs its optimizer state)."""

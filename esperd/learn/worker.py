@@ -123,7 +123,9 @@ class Worker(Protocol):
     @property
     def pid(self) -> int: ...
 
-    def update(self, batch: Sequence[Transition], weights: np.ndarray | None) -> tuple[UpdateStats, State]: ...
+    def update(
+        self, batch: Sequence[Transition], weights: np.ndarray | None
+    ) -> tuple[UpdateStats, State]: ...
 
     def load_weights(self, state: State, version: int, *, reset_optimizer: bool) -> None: ...
 
@@ -201,7 +203,9 @@ class ProcessWorker:
 
     mode: WorkerMode = "process"
 
-    def __init__(self, spec: TrainerSpec, state: State, version: int, *, nice: int = 10, threads: int = 1) -> None:
+    def __init__(
+        self, spec: TrainerSpec, state: State, version: int, *, nice: int = 10, threads: int = 1
+    ) -> None:
         try:
             pickle.dumps(spec)  # now, not in the first update: a lambda factory cannot reach the child
         except Exception as exc:
@@ -228,7 +232,15 @@ class ProcessWorker:
         ours, theirs = socket.socketpair()
         with theirs:
             fd = theirs.fileno()
-            argv = [sys.executable, "-c", BOOTSTRAP, str(fd), str(os.getpid()), str(self.nice), str(self.threads)]
+            argv = [
+                sys.executable,
+                "-c",
+                BOOTSTRAP,
+                str(fd),
+                str(os.getpid()),
+                str(self.nice),
+                str(self.threads),
+            ]
             self._proc = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL)
         self._conn = Connection(ours.detach())
         # Kill the child if this proxy is dropped without close() (tests, errors).
@@ -321,9 +333,7 @@ def _exit_reason(proc: subprocess.Popen[bytes]) -> str:
     return f"the learner worker process (pid {proc.pid}) exited with code {code}"
 
 
-def make_worker(
-    mode: WorkerMode, spec: TrainerSpec, state: State, version: int, *, nice: int = 10
-) -> Worker:
+def make_worker(mode: WorkerMode, spec: TrainerSpec, state: State, version: int, *, nice: int = 10) -> Worker:
     if mode == "thread":
         return ThreadWorker(spec, state, version)
     return ProcessWorker(spec, state, version, nice=nice)
@@ -400,7 +410,6 @@ def pickle_in_pieces(batch: Sequence[Transition]) -> list[bytes]:
         pieces.append(pickle.dumps(list(batch[start : start + PIECE]), protocol=pickle.HIGHEST_PROTOCOL))
         time.sleep(0)  # releases the GIL: a waiting thread runs now, not after the whole batch
     return pieces
-
 
 
 def to_arrays(state: State) -> Arrays:

@@ -29,6 +29,9 @@ cross-entropy over the legal factored actions, value head fitted to the referenc
 saved as <out>/warm_start.safetensors; it is evaluated (update 0) before RL begins and is a
 candidate for the best checkpoint. metrics.jsonl starts with a `warm_start` line: agreement of
 the greedy policy with the reference on held-out demonstrations before and after, NLL, value MSE.
+`--lever-smoothing` (0.3) clones the GERMINATE levers with label smoothing, so that RL still
+samples other levers; `--anchor-coef C` (PPO) adds a behaviour-cloning term on the
+demonstrations, its weight decaying from C to 0 over `--anchor-updates` updates.
 
 Budget: `--updates N` learner updates, or `--steps N` environment steps (with --sim) or
 transitions trained on (experience only).

@@ -4,6 +4,7 @@ reference policy's decisions makes the greedy policy agree with it and fits the 
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -91,8 +92,6 @@ def test_refuses_no_data_and_rule_based_policies(demonstrations: list[Transition
 
 
 def test_config_is_validated_when_decoded() -> None:
-    import msgspec
-
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"steps": 0}, ImitationConfig)
     with pytest.raises(msgspec.ValidationError):
@@ -152,9 +151,13 @@ def test_ppo_adds_the_anchor_while_it_lasts(demonstrations: list[Transition]) ->
     learner = PPOLearner(
         policy, PPOConfig(epochs=1, minibatch_size=16, warmup_updates=0), auxiliary=auxiliary
     )
-    steps = demonstrations[:32]
-    for t in steps:
-        t.log_prob = float(policy.evaluate([t.obs], torch.from_numpy(t.action[None])).log_probs)
+    with torch.no_grad():  # the policy's own log-probs as behaviour (copies: the fixture is shared)
+        steps = [
+            msgspec.structs.replace(
+                t, log_prob=float(policy.evaluate([t.obs], torch.from_numpy(t.action[None])).log_probs)
+            )
+            for t in demonstrations[:32]
+        ]
     learner.update(steps)
     learner.update(steps)
     assert calls and set(calls) == {0, 1}

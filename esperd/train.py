@@ -78,11 +78,11 @@ import torch
 from esperd.analyzer.observation import Observation
 from esperd.learn.buffers import ReplayBuffer
 from esperd.learn.experience import Transition
-from esperd.learn.imitation import DemonstrationAnchor, ImitationConfig, ImitationStats
+from esperd.learn.imitation import DemonstrationAnchor, ImitationConfig, ImitationStats, discounted_returns
 from esperd.learn.impala import ImpalaLearner
 from esperd.learn.learner import LearnerConfig
 from esperd.learn.persist import load_experience
-from esperd.learn.ppo import NonFiniteError, PPOLearner, UpdateStats, split_sequences, stack_hidden
+from esperd.learn.ppo import NonFiniteError, PPOLearner, UpdateStats, stack_hidden
 from esperd.learn.rewards import RewardConfig
 from esperd.policy.base import PolicyBundle
 from esperd.policy.checkpoint import load_policy_checkpoint, save_policy_checkpoint
@@ -268,21 +268,12 @@ def split_holdout(
 
 def make_heldout(transitions: Sequence[Transition], gamma: float) -> HeldOut:
     """Observed discounted returns per contiguous run sequence (see the module doc)."""
-    n = len(transitions)
-    returns = np.zeros(n, dtype=np.float64)
-    complete = np.zeros(n, dtype=bool)
-    for seq in split_sequences(transitions):
-        g = 0.0
-        ends = transitions[seq[-1]].done
-        for i in reversed(seq):
-            g = transitions[i].reward + gamma * g
-            returns[i] = g
-            complete[i] = ends
+    returns, complete = discounted_returns(transitions, gamma)
     if complete.any():
         mask, targets = complete, "complete"
     else:
-        mask, targets = np.ones(n, dtype=bool), "truncated"
-    return HeldOut(list(transitions), returns.astype(np.float32), mask, targets)
+        mask, targets = np.ones(len(transitions), dtype=bool), "truncated"
+    return HeldOut(list(transitions), returns, mask, targets)
 
 
 @torch.no_grad()

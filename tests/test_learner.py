@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import math
 import os
 import pathlib
@@ -614,3 +615,27 @@ async def test_corrupt_buffer_file_keeps_the_resumed_policy(tmp_path: Path) -> N
     assert resumed.serving.version == 1 and swapped == [resumed.serving]
     assert same_weights(weights(resumed.serving), served)
     assert resumed.buffered() == 0
+
+
+def test_a_recurrent_bundle_holding_run_state_is_not_reused(tmp_path: Path) -> None:
+    """Reusing a retired LSTM bundle would resume runs' hidden states from two versions ago."""
+    config = PolicyConfig(name="lstm", hidden_size=64, lstm_hidden=32)
+    serving = create_policy("lstm", config, "cpu")
+    learner = Learner(
+        learner_config("impala"),
+        make_policy=functools.partial(create_policy, "lstm", config, "cpu"),
+        serving=serving,
+        swap=lambda bundle: None,
+        state_dir=tmp_path,
+    )
+    used = create_policy("lstm", config, "cpu")  # a bundle that served and remembers two runs
+    used.act(SimEnv(2, SIM, seed=5).reset())
+    assert used.tracked_runs == 2
+    learner._retire(used)
+    del used  # nothing references it any more: only its run memory stands in the way
+    assert learner._reusable() is None
+    fresh = create_policy("lstm", config, "cpu")
+    learner._retire(fresh)
+    del fresh
+    assert learner._reusable() is not None
+    learner.close()

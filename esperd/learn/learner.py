@@ -352,8 +352,11 @@ class Learner:
         ~4 ms of Python, holding the GIL that the decision thread then waits for."""
         with self._retired_lock:
             for i in range(len(self._retired)):
-                # Two references when unused: the list's and getrefcount's argument.
-                if sys.getrefcount(self._retired[i]) <= 2:
+                # Three references when unused: the list's, `bundle`'s and getrefcount's argument. A recurrent
+                # bundle that still holds runs' hidden states is not reused: a fresh one starts
+                # every run from zeros, a reused one would resume states two versions old.
+                bundle = self._retired[i]
+                if sys.getrefcount(bundle) <= 3 and not _holds_run_memory(bundle):
                     self.status.bundles_reused += 1
                     return self._retired.pop(i)
         return None
@@ -605,3 +608,8 @@ def _mean(values: collections.deque[float]) -> float:
 def _variance(values: collections.deque[float]) -> float:
     mean = _mean(values)
     return sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+
+
+def _holds_run_memory(bundle: PolicyBundle) -> bool:
+    """Whether the bundle keeps per-run recurrent state (the LSTM's hidden states)."""
+    return getattr(bundle, "tracked_runs", 0) > 0

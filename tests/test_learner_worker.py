@@ -21,12 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import pytest
 import torch
 
 from esperd.learn.learner import Learner, LearnerConfig
 from esperd.learn.ppo import PPOConfig
-from esperd.learn.worker import ProcessWorker, ThreadWorker
+from esperd.learn.worker import ProcessWorker, ThreadWorker, pack_batch, unpack_batch
 from esperd.policy import PolicyBundle, create_policy
 from tests.test_learner import (
     FakeClock,
@@ -172,7 +173,8 @@ async def test_a_killed_child_is_logged_counted_and_restarted_and_learning_goes_
     v1 = learner.serving
     first_pid = learner.worker.pid
 
-    feed(learner, sim_transitions(v1, 32, seed=2))
+    # Mid-update: a batch big enough that the update cannot finish before the kill lands.
+    feed(learner, sim_transitions(v1, 32 if when == "idle" else 512, seed=2))
     if when == "idle":
         os.kill(first_pid, signal.SIGKILL)
         assert not await learner.update_once()
@@ -365,3 +367,35 @@ async def test_close_during_an_update_ends_it_as_a_stopped_worker(tmp_path: Path
     assert task.done()
     learner.close()  # the executor thread still waits on the child: it ends with WorkerDied, quietly
     assert swapped == [] and not await learner.update_once()
+
+
+def assert_same_struct(a: msgspec.Struct, b: msgspec.Struct) -> None:
+    for name in a.__struct_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(x, np.ndarray):
+            assert isinstance(y, np.ndarray) and x.dtype == y.dtype and np.array_equal(x, y), name
+        elif isinstance(x, msgspec.Struct):
+            assert_same_struct(x, y)
+        else:
+            assert x == y, (name, x, y)
+
+
+def test_a_packed_batch_unpacks_to_the_same_transitions() -> None:
+    """What the child trains on is what the daemon sent, field by field, episode ends included;
+    shared observations and topologies cross once."""
+    import pickle
+
+    policy = MAKE_POLICY()
+    batch = sim_transitions(policy, 200, seed=3, envs=8)
+    assert any(t.next_obs is None for t in batch) and any(t.next_obs is not None for t in batch)
+    batch[7] = msgspec.structs.replace(batch[7], hidden=np.ones((2, 4), dtype=np.float32), truncated=True)
+    packed = pack_batch(batch)
+    back = unpack_batch(pickle.loads(pickle.dumps(packed)))
+    assert len(back) == len(batch)
+    for sent, got in zip(batch, back, strict=True):
+        assert_same_struct(sent, got)
+    assert back[7].hidden is not None and back[0].hidden is None
+    versions = {(o.run_id, o.topology_version) for t in batch for o in (t.obs, t.next_obs) if o is not None}
+    assert len(packed["topologies"]) == len(versions)  # the analyzer shares a version's arrays
+    assert len(packed["run_id"]) < 2 * len(batch)  # a step's next_obs is the next step's obs
+    assert unpack_batch(pack_batch([])) == []

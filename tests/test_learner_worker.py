@@ -27,7 +27,8 @@ import torch
 
 from esperd.learn.learner import Learner, LearnerConfig
 from esperd.learn.ppo import PPOConfig
-from esperd.learn.worker import ProcessWorker, ThreadWorker, pack_batch, unpack_batch
+from esperd.learn.persist import decode_experience, encode_experience
+from esperd.learn.worker import ProcessWorker, ThreadWorker
 from esperd.policy import PolicyBundle, create_policy
 from tests.test_learner import (
     FakeClock,
@@ -380,22 +381,21 @@ def assert_same_struct(a: msgspec.Struct, b: msgspec.Struct) -> None:
             assert x == y, (name, x, y)
 
 
-def test_a_packed_batch_unpacks_to_the_same_transitions() -> None:
-    """What the child trains on is what the daemon sent, field by field, episode ends included;
-    shared observations and topologies cross once."""
+def test_a_batch_crosses_to_the_child_as_the_same_transitions() -> None:
+    """The child trains on what the daemon sent, field by field, episode ends included; shared
+    observations and topologies cross once (encoded as the experience file encodes them)."""
     import pickle
 
     policy = MAKE_POLICY()
     batch = sim_transitions(policy, 200, seed=3, envs=8)
     assert any(t.next_obs is None for t in batch) and any(t.next_obs is not None for t in batch)
     batch[7] = msgspec.structs.replace(batch[7], hidden=np.ones((2, 4), dtype=np.float32), truncated=True)
-    packed = pack_batch(batch)
-    back = unpack_batch(pickle.loads(pickle.dumps(packed)))
+    arrays, meta = pickle.loads(pickle.dumps(encode_experience(batch, kind="batch")))
+    back = decode_experience(meta, arrays).transitions
     assert len(back) == len(batch)
     for sent, got in zip(batch, back, strict=True):
         assert_same_struct(sent, got)
     assert back[7].hidden is not None and back[0].hidden is None
     versions = {(o.run_id, o.topology_version) for t in batch for o in (t.obs, t.next_obs) if o is not None}
-    assert len(packed["topologies"]) == len(versions)  # the analyzer shares a version's arrays
-    assert len(packed["run_id"]) < 2 * len(batch)  # a step's next_obs is the next step's obs
-    assert unpack_batch(pack_batch([])) == []
+    assert meta["counts"]["topologies"] == len(versions)
+    assert meta["counts"]["steps"] < 2 * len(batch)  # a step's next_obs is the next step's obs

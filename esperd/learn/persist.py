@@ -155,6 +155,22 @@ def save_experience(
 ) -> int:
     """Write `transitions` (oldest first) to `path` atomically; returns the file size in bytes."""
     path = Path(path)
+    arrays, meta = encode_experience(transitions, kind=kind, priorities=priorities, state=state)
+    meta["crc32"] = _checksum(arrays)
+    _atomic_save(path, arrays, {_META_KEY: json.dumps(meta, separators=(",", ":"))})
+    return path.stat().st_size
+
+
+def encode_experience(
+    transitions: Sequence[Transition],
+    *,
+    kind: str,
+    priorities: np.ndarray | None = None,
+    state: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The file's arrays and metadata for `transitions`, without writing them (also what the
+    learner's worker process receives: a dozen flat arrays pickle in a fraction of the time the
+    transitions' own small arrays take)."""
     enc = _Encoder()
     count = len(transitions)
     obs_index = np.empty(count, dtype=np.int64)
@@ -215,10 +231,8 @@ def save_experience(
             "stages": len(STAGES),
         },
         "state": dict(state or {}),
-        "crc32": _checksum(arrays),
     }
-    _atomic_save(path, arrays, {_META_KEY: json.dumps(meta, separators=(",", ":"))})
-    return path.stat().st_size
+    return arrays, meta
 
 
 def _atomic_save(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
@@ -277,14 +291,15 @@ def load_experience(path: str | os.PathLike[str]) -> LoadedExperience:
     if meta.get("crc32") != _checksum(arrays):
         raise BufferFileError(f"{path}: checksum mismatch (the file is corrupt)")
     try:
-        return _decode(meta, arrays)
+        return decode_experience(meta, arrays)
     except BufferFileError as exc:
         raise BufferFileError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise BufferFileError(f"{path}: malformed experience file ({exc})") from exc
 
 
-def _decode(meta: dict[str, Any], a: dict[str, np.ndarray]) -> LoadedExperience:
+def decode_experience(meta: dict[str, Any], a: dict[str, np.ndarray]) -> LoadedExperience:
+    """The transitions `encode_experience` encoded, validated (BufferFileError if malformed)."""
     widths = meta.get("widths", {})
     expected_widths = {
         "node_features": len(NODE_FEATURES),

@@ -44,9 +44,9 @@ import numpy as np
 import structlog
 import torch
 
-from esperd.analyzer.observation import Observation
 from esperd.learn.experience import Transition
 from esperd.learn.impala import ImpalaConfig, ImpalaLearner
+from esperd.learn.persist import decode_experience, encode_experience
 from esperd.learn.ppo import NonFiniteError, PPOConfig, PPOLearner, UpdateStats
 from esperd.policy.base import PolicyBundle
 
@@ -252,7 +252,10 @@ class ProcessWorker:
         log.info("learner worker process started", pid=self._proc.pid, nice=self.nice)
 
     def update(self, batch: Sequence[Transition], weights: np.ndarray | None) -> tuple[UpdateStats, State]:
-        stats, arrays = self._call("update", pack_batch(batch), weights)
+        # As the experience file encodes it: a dozen flat arrays, each observation and topology
+        # once. Pickling the transitions' own ~25 small arrays a step held the daemon's GIL for
+        # 4-9 ms per 256-step rollout; this takes well under 1 ms.
+        stats, arrays = self._call("update", encode_experience(batch, kind="batch"), weights)
         return stats, from_arrays(arrays)
 
     def load_weights(self, state: State, version: int, *, reset_optimizer: bool) -> None:
@@ -377,7 +380,8 @@ def child_main(fd: int, nice: int, threads: int) -> int:
 
 def _handle(trainer: Trainer, op: str, args: tuple[Any, ...]) -> Any:
     if op == "update":
-        batch = unpack_batch(args[0])
+        arrays, meta = args[0]
+        batch = decode_experience(meta, arrays).transitions
         stats, state = trainer.update(batch, args[1])
         return stats, to_arrays(state)
     if op == "load":
@@ -394,111 +398,6 @@ def _handle(trainer: Trainer, op: str, args: tuple[Any, ...]) -> Any:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def pack_batch(batch: Sequence[Transition]) -> dict[str, Any]:
-    """The batch as a few flat arrays, each observation and each topology once.
-
-    What crosses to the child is pickled on the daemon's side, in C code that never lets the GIL
-    go. Transitions as they are cost ~25 small arrays a step (~35 µs of GIL each, 4-9 ms for a
-    256-step PPO rollout); packed, a rollout is a dozen arrays and a few lists (well under 1 ms).
-    Observations are shared by identity (a step's next_obs is often the next step's obs), and
-    so are topology arrays, which the analyzer hands out once per topology version.
-    """
-    observations: list[Observation] = []
-    position: dict[int, int] = {}
-
-    def index(obs: Observation) -> int:
-        at = position.get(id(obs))
-        if at is None:
-            at = position[id(obs)] = len(observations)
-            observations.append(obs)
-        return at
-
-    obs_at = [index(t.obs) for t in batch]
-    next_at = [-1 if t.next_obs is None else index(t.next_obs) for t in batch]
-    topologies: list[tuple[np.ndarray, ...]] = []
-    topology_at: dict[tuple[int, ...], int] = {}
-    topology_of: list[int] = []
-    for obs in observations:
-        arrays = (obs.layer_ids, obs.edge_index, obs.gcn_edge_index, obs.gcn_edge_weight, obs.blueprint_mask)
-        key = tuple(id(a) for a in arrays)
-        if key not in topology_at:
-            topology_at[key] = len(topologies)
-            topologies.append(arrays)
-        topology_of.append(topology_at[key])
-    hidden = [t.hidden for t in batch]
-    return {
-        "obs_at": obs_at,
-        "next_at": next_at,
-        "topologies": topologies,
-        "topology_of": topology_of,
-        "run_id": [o.run_id for o in observations],
-        "topology_version": [o.topology_version for o in observations],
-        "epoch": [o.epoch for o in observations],
-        "timestamp": [o.timestamp for o in observations],
-        "num_nodes": [o.node_features.shape[0] for o in observations],
-        "node_features": _concat([o.node_features for o in observations]),
-        "op_mask": _concat([o.op_mask for o in observations]),
-        "stages": _concat([o.stages for o in observations]),
-        "global_features": np.stack([o.global_features for o in observations]) if observations else None,
-        "action": np.stack([t.action for t in batch]) if batch else np.zeros((0, 5), dtype=np.int64),
-        "log_prob": [t.log_prob for t in batch],
-        "value": [t.value for t in batch],
-        "policy_version": [t.policy_version for t in batch],
-        "reward": [t.reward for t in batch],
-        "done": [t.done for t in batch],
-        "truncated": [t.truncated for t in batch],
-        "hidden": None if all(h is None for h in hidden) else hidden,
-    }
-
-
-def unpack_batch(packed: dict[str, Any]) -> list[Transition]:
-    """The transitions `pack_batch` packed (arrays are views of the packed ones)."""
-    bounds = np.cumsum([0, *packed["num_nodes"]]).tolist()
-    observations = []
-    for i, run_id in enumerate(packed["run_id"]):
-        nodes = slice(bounds[i], bounds[i + 1])
-        layer_ids, edge_index, gcn_edge_index, gcn_edge_weight, blueprint_mask = packed["topologies"][
-            packed["topology_of"][i]
-        ]
-        observations.append(
-            Observation(
-                run_id=run_id,
-                topology_version=packed["topology_version"][i],
-                layer_ids=layer_ids,
-                node_features=packed["node_features"][nodes],
-                edge_index=edge_index,
-                gcn_edge_index=gcn_edge_index,
-                gcn_edge_weight=gcn_edge_weight,
-                global_features=packed["global_features"][i],
-                op_mask=packed["op_mask"][nodes],
-                blueprint_mask=blueprint_mask,
-                stages=packed["stages"][nodes],
-                epoch=packed["epoch"][i],
-                timestamp=packed["timestamp"][i],
-            )
-        )
-    hidden = packed["hidden"]
-    return [
-        Transition(
-            obs=observations[at],
-            action=packed["action"][k],
-            log_prob=packed["log_prob"][k],
-            value=packed["value"][k],
-            policy_version=packed["policy_version"][k],
-            reward=packed["reward"][k],
-            done=packed["done"][k],
-            truncated=packed["truncated"][k],
-            next_obs=None if packed["next_at"][k] < 0 else observations[packed["next_at"][k]],
-            hidden=None if hidden is None else hidden[k],
-        )
-        for k, at in enumerate(packed["obs_at"])
-    ]
-
-
-def _concat(arrays: list[np.ndarray]) -> np.ndarray | None:
-    return np.concatenate(arrays) if arrays else None
 
 
 def to_arrays(state: State) -> Arrays:

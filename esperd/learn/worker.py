@@ -16,8 +16,9 @@ The child:
   - dies with the parent: PR_SET_PDEATHSIG (Linux; tied to the spawning thread, so spawn from
     the event loop's thread, which lives as long as the daemon) and EOF on its socket;
   - talks over a private socketpair with multiprocessing.connection framing. Pickle is used on
-    that socket only (both ends are this program; nothing it carries is persisted); weights
-    travel as numpy arrays, optimizer state as `torch.save` bytes read back weights-only.
+    that socket only (both ends are this program; nothing it carries is persisted); batches
+    travel as the experience file's arrays (`persist.encode_experience`), weights as numpy
+    arrays, optimizer state as `torch.save` bytes read back weights-only.
 
 Both workers raise NonFiniteError as `Trainer.update` does; the process worker raises
 WorkerDied when its child is gone (the learner logs it, counts it and restarts the child).

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_learner.py [--device cpu|cuda|all] [--threads 1]
         [--transitions 2048] [--reps 7] [--phase-s 8] [--rounds 3] [--runs 64]
         [--worker process|thread] [--learner-nice N] [--swap-min-interval-s S]
-        [--switch-interval-ms MS] [--skip-throughput] [--skip-latency] [--strict]
+        [--switch-interval-ms MS] [--latency-device cpu|cuda] [--skip-throughput] [--skip-latency]
+        [--strict]
 
 1. Throughput, default-size GNN (`PolicyConfig(name="gnn")`: hidden 128, 3 GCN layers). Transitions
    come from the simulator (`SimEnv`, 16 envs, the policy acting), so graphs, masks and rewards are
@@ -38,7 +39,8 @@
    child imports torch first, ~2-4 s). The breaker's KL and reward-drop trips are disabled
    (recycled data would trip them, and a tripped learner pauses, which would measure an idle
    learner).
-   Target: decision p99 with the learner running <= 1.2x idle.
+   Target: decision p99 with the learner running <= 1.2x idle. `--latency-device cuda` puts the
+   serving policy and the learner's trainee on the GPU, as the daemon does with `[service] device`.
 
 Threads: `torch.set_num_threads(--threads)` (default 1) for this process, so the policy runs
 single-threaded intra-op kernels (this machine has 2 cores) instead of OpenMP workers spinning
@@ -183,7 +185,7 @@ async def latency_phases(args: argparse.Namespace, pool: list[Transition]) -> di
         min_interval_s=0.02, cooldown_s=0.0, max_batch=64, max_wait_ms=5.0, ack_timeout_s=1e9
     )
     scheduler = _TimedScheduler(config)
-    policy = create_policy("gnn", PolicyConfig(name="gnn"), "cpu")
+    policy = create_policy("gnn", PolicyConfig(name="gnn"), args.latency_device)
     published: list[object] = []
     latencies: list[float] = []
 
@@ -334,7 +336,7 @@ def _learner(
     return Learner(
         config,
         # A partial, not a lambda: a process worker's child builds its trainee from it.
-        make_policy=functools.partial(create_policy, "gnn", PolicyConfig(name="gnn"), "cpu"),
+        make_policy=functools.partial(create_policy, "gnn", PolicyConfig(name="gnn"), args.latency_device),
         serving=serving,
         swap=decisions.swap_policy,
         state_dir=state_dir,
@@ -369,6 +371,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=64)
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument(
+        "--latency-device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where the serving policy and the learner run in the latency phases (the daemon's "
+        "[service] device: one device for both)",
+    )
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument(
         "--switch-interval-ms",
@@ -413,6 +422,9 @@ def main() -> int:
     if "cuda" in devices and not torch.cuda.is_available():
         print("cuda requested but not available: CPU only")
         devices = ["cpu"]
+    if args.latency_device == "cuda" and not torch.cuda.is_available():
+        print("cuda requested for the latency phases but not available: CPU")
+        args.latency_device = "cpu"
 
     start = time.perf_counter()
     pool = sim_transitions(create_policy("gnn", PolicyConfig(name="gnn"), "cpu"), args.transitions)
@@ -445,7 +457,7 @@ def main() -> int:
 
     print(
         f"\ndecision latency, {args.runs} simulated runs, learner idle vs running "
-        f"({args.rounds} rounds x {args.phase_s:.0f}s per phase, CPU)"
+        f"({args.rounds} rounds x {args.phase_s:.0f}s per phase, policy and learner on {args.latency_device})"
     )
     results = asyncio.run(latency_phases(args, pool))
     idle = results["idle"]

@@ -7,9 +7,20 @@ from pathlib import Path
 
 import nats
 import pytest
+import torch
 from nats.aio.client import Client
 
 from esperd.natsserver import NatsServer
+
+
+#: The torch devices this machine has: tests that take the `device` fixture run on each.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    """A torch device: "cpu" everywhere, and "cuda" too on a machine with a GPU."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")

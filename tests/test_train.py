@@ -184,7 +184,7 @@ def test_heldout_accuracy_is_one_on_the_policys_own_greedy_actions(tmp_path: Pat
 
 
 def test_cli_trains_and_the_daemon_serves_the_best_checkpoint(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], device: str
 ) -> None:
     config = tmp_path / "esperd.toml"
     config.write_text(
@@ -208,7 +208,7 @@ def test_cli_trains_and_the_daemon_serves_the_best_checkpoint(
         "--out",
         str(out),
         "--device",
-        "cpu",
+        device,
         "--config",
         str(config),
         "--quiet",

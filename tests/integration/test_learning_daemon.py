@@ -37,9 +37,9 @@ LEARNERS: dict[str, dict[str, Any]] = {
 }
 
 
-def sections(algorithm: str) -> dict[str, dict[str, Any]]:
+def sections(algorithm: str, device: str = "cpu") -> dict[str, dict[str, Any]]:
     return {
-        "service": {"torch_threads": 1, "device": "cpu"},
+        "service": {"torch_threads": 1, "device": device},
         "scheduler": {"min_interval_s": 0.0, "cooldown_s": 0.1, "max_wait_ms": 1.0},
         "policy": {"name": "gnn", "hidden_size": 64, "gnn_layers": 2},
         "learner": LEARNERS[algorithm],
@@ -48,7 +48,7 @@ def sections(algorithm: str) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("algorithm", ["ppo", "impala"])
 async def test_daemon_learns_hot_swaps_and_resumes_after_restart(
-    nats_server: NatsServer, nats_client: Client, tmp_path: Path, algorithm: str
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path, algorithm: str, device: str
 ) -> None:
     codec = Codec()
     versions: list[int] = []  # policy_version of every command, in arrival order
@@ -58,7 +58,7 @@ async def test_daemon_learns_hot_swaps_and_resumes_after_restart(
         versions.append(codec.decode_command(msg.data, content_type).policy_version)
 
     sub = await nats_client.subscribe("esper.*.command", cb=on_command)
-    config = daemon_config(nats_server.url, tmp_path, **sections(algorithm))
+    config = daemon_config(nats_server.url, tmp_path, **sections(algorithm, device))
     try:
         async with running_daemon(config) as service:
             assert service.learner is not None and service.decisions.policy.version == 0

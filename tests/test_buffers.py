@@ -243,6 +243,23 @@ def test_late_priority_updates_skip_overwritten_slots():
     )
 
 
+def test_fill_stamps_are_never_reused_not_even_after_load_or_clear(tmp_path: Path):
+    """(slot, stamp) names one transition for the buffer's life: the learner's child process
+    holds transitions by it, so a slot refilled after a load must not look like its old occupant."""
+    buf = ReplayBuffer(capacity=4, seed=0)
+    buf.extend(episodes(1, 4))
+    seen = set(buf.sample(64, np.random.default_rng(0)).stamps.tolist())
+    buf.save(tmp_path / "replay.safetensors")
+    buf.load(tmp_path / "replay.safetensors")
+    after_load = set(buf.sample(64, np.random.default_rng(1)).stamps.tolist())
+    buf.clear()
+    buf.extend(episodes(1, 4, seed=5))
+    after_clear = set(buf.sample(64, np.random.default_rng(2)).stamps.tolist())
+    assert len(seen) == len(after_load) == len(after_clear) == 4
+    assert not seen & after_load and not after_load & after_clear and not seen & after_clear
+    assert buf.stats().added == 4 + 4  # the user-facing count still restarts from the saved one
+
+
 def test_beta_anneals_linearly_then_holds():
     buf = ReplayBuffer(capacity=8, beta_start=0.4, beta_end=1.0, beta_anneal_steps=10, seed=0)
     buf.extend(episodes(1, 4))

@@ -28,7 +28,9 @@ import torch
 from esperd.learn.learner import Learner, LearnerConfig
 from esperd.learn.ppo import PPOConfig
 from esperd.learn.persist import decode_experience, encode_experience
-from esperd.learn.worker import ProcessWorker, ThreadWorker
+from esperd.learn.buffers import ReplayBuffer
+from esperd.learn.impala import ImpalaConfig
+from esperd.learn.worker import ProcessWorker, ThreadWorker, TrainerSpec, WorkerError
 from esperd.policy import PolicyBundle, create_policy
 from tests.test_learner import (
     FakeClock,
@@ -279,13 +281,17 @@ async def test_impala_swaps_at_most_once_per_interval_and_serves_the_newest_weig
     assert [b.version for b in swapped] == [1, 2]
 
 
-async def test_held_back_weights_swap_in_when_updates_stop(tmp_path: Path) -> None:
-    learner, swapped = build(
-        tmp_path, "impala", clock=time.monotonic, worker="thread", swap_min_interval_s=0.3
-    )
+@pytest.mark.parametrize("worker", ["thread", "process"])
+async def test_held_back_weights_swap_in_when_updates_stop(
+    tmp_path: Path, worker: str, learners: list[Learner]
+) -> None:
+    learner, swapped = build(tmp_path, "impala", clock=time.monotonic, worker=worker, swap_min_interval_s=0.3)
+    learners.append(learner)
     feed(learner, sim_transitions(learner.serving, 32, seed=1))
     assert await learner.update_once() and not await learner.update_once()
     assert learner.serving.version == 1
+    # The second update's weights stayed in the worker: what serves is the first update's.
+    assert not same_weights(weights(learner.serving), learner.worker.weights())
     learner.config = msgspec.structs.replace(learner.config, min_replay=10_000)  # no more updates
     task = asyncio.create_task(learner.run())
     try:
@@ -296,7 +302,7 @@ async def test_held_back_weights_swap_in_when_updates_stop(tmp_path: Path) -> No
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    assert same_weights(weights(learner.serving), weights(learner.trainee))
+    assert same_weights(weights(learner.serving), learner.worker.weights())
     assert learner.status.updates == 2 and [b.version for b in swapped] == [1, 2]
 
 
@@ -307,7 +313,7 @@ async def test_a_trip_discards_held_back_weights(tmp_path: Path) -> None:
     feed(learner, sim_transitions(learner.serving, 32, seed=1))
     assert await learner.update_once() and not await learner.update_once()
     learner._trip("test")
-    assert learner._latest is None
+    assert not learner._held_back
     assert learner.serving.version == 2 and same_weights(weights(learner.serving), good)
     assert [b.version for b in swapped] == [1, 2]
 
@@ -399,3 +405,48 @@ def test_a_batch_crosses_to_the_child_as_the_same_transitions() -> None:
     versions = {(o.run_id, o.topology_version) for t in batch for o in (t.obs, t.next_obs) if o is not None}
     assert meta["counts"]["topologies"] == len(versions)
     assert meta["counts"]["steps"] < 2 * len(batch)  # a step's next_obs is the next step's obs
+
+
+def test_replay_transitions_cross_to_the_child_once_then_by_slot() -> None:
+    """IMPALA names a replay batch's transitions by (slot, stamp): the child is sent each one
+    once, trains on exactly what an in-process worker trains on, and a refilled slot's new
+    occupant is sent again."""
+    pool = sim_transitions(MAKE_POLICY(), 24, seed=2)
+    replay = ReplayBuffer(8, prioritized=False, seed=0)
+    replay.extend(pool[:8])
+    spec = TrainerSpec(MAKE_POLICY, "impala", PPOConfig(), ImpalaConfig(batch_size=16))
+    state = MAKE_POLICY().state_dict()
+    proc, thread = ProcessWorker(spec, state, 0, nice=0), ThreadWorker(spec, state, 0)
+    try:
+        rng = np.random.default_rng(0)
+        known: set[tuple[int, int]] = set()
+        for round_ in range(4):
+            if round_ == 2:
+                replay.extend(pool[8:20])  # every slot refilled: new stamps, new transitions
+            sampled = replay.sample(16, rng)
+            got, got_state = proc.update(
+                sampled.transitions, sampled.weights, slots=(sampled.indices, sampled.stamps)
+            )
+            want, want_state = thread.update(sampled.transitions, sampled.weights)
+            assert got_state is not None and want_state is not None
+            assert same_weights(got_state, want_state), f"round {round_}"
+            assert got.policy_loss == want.policy_loss
+            known |= set(zip(sampled.indices.tolist(), sampled.stamps.tolist(), strict=True))
+            assert proc.transitions_sent == len(known), f"round {round_}"
+        assert len(known) > 8  # the refilled slots were sent again
+    finally:
+        proc.close()
+
+
+def test_a_slot_the_child_never_got_is_an_error_not_a_wrong_batch() -> None:
+    pool = sim_transitions(MAKE_POLICY(), 4, seed=2)
+    spec = TrainerSpec(MAKE_POLICY, "impala", PPOConfig(), ImpalaConfig(batch_size=4))
+    proc = ProcessWorker(spec, MAKE_POLICY().state_dict(), 0, nice=0)
+    try:
+        stats, state = proc.update(pool, None, with_state=False, slots=(np.arange(4), np.arange(4)))
+        assert state is None and proc.transitions_sent == 4
+        proc._held.add(np.array([[5], [99]]))  # as if slot 5's occupant had been sent
+        with pytest.raises(WorkerError, match="never sent"):
+            proc.update(pool[:1], None, slots=(np.array([5]), np.array([99])))
+    finally:
+        proc.close()

@@ -240,9 +240,12 @@ class ReplayBuffer:
         # touches single items, where a list is 3x faster than numpy.
         self._next: list[int] = [-1] * self.capacity
         self._prev: list[int] = [-1] * self.capacity
-        # The `added` count when each slot was filled: tells a late priority update for an
-        # overwritten slot (the learner trains between sample and update) from a current one.
+        # A number per fill, unique for this object's life (load and clear do not reset it):
+        # tells a late priority update for an overwritten slot (the learner trains between
+        # sample and update) from a current one, and names a transition to the learner's child
+        # process, which holds the ones it was sent by (slot, stamp).
         self._stamp = np.full(self.capacity, -1, dtype=np.int64)
+        self._fills = 0
         self._tail: dict[str, int] = {}  # run -> slot of its newest transition still awaiting a successor
         self._pos = 0
         self._size = 0
@@ -272,7 +275,8 @@ class ReplayBuffer:
             self._unlink(slot, old)
             self.overwritten += 1
         self._items[slot] = t
-        self._stamp[slot] = self.added
+        self._stamp[slot] = self._fills
+        self._fills += 1
         self._priority[slot] = priority
         self._tree.set(slot, priority**self.alpha)
         run = t.obs.run_id
@@ -498,7 +502,7 @@ class ReplayBuffer:
         state = loaded.state
         with self._lock:
             self._clear()
-            self.added = 0  # fill stamps restart at 0 and stay below every later one
+            self.added = 0
             max_p = _positive_float(state.get("max_priority"), 1.0)
             if priorities is None:
                 priorities = np.full(len(transitions), max_p)

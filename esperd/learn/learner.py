@@ -43,6 +43,7 @@ from esperd.learn.impala import ImpalaConfig, ImpalaLearner
 from esperd.learn.ppo import NonFiniteError, PPOConfig, PPOLearner, UpdateStats
 from esperd.learn.rewards import RewardConfig
 from esperd.learn.worker import (
+    Slots,
     State,
     ThreadWorker,
     TrainerSpec,
@@ -108,7 +109,7 @@ class LearnerStatus(msgspec.Struct):
     trips: int = 0
     last_trip: str = ""
     swaps: int = 0
-    swap_pause_us_max: float = 0.0
+    swap_pause_us_max: float = 0.0  # the longest hand-over of a new bundle to the decision loop
     bundles_reused: int = 0  # swaps that loaded a retired serving bundle instead of building one
     checkpoints: int = 0
     worker: str = "process"  # process | thread
@@ -170,7 +171,9 @@ class Learner:
         self._inflight: asyncio.Future[tuple[UpdateStats, State, PolicyBundle | None]] | None = None
         self._stopping = False
         self._save_lock = threading.Lock()
-        self._latest: State | None = None  # sound weights newer than what serves, held back
+        # The worker holds sound weights newer than what serves, held back by swap coalescing
+        # (fetched from it when their turn comes).
+        self._held_back = False
         # Bundles that served before, for reuse by a later swap once nothing references them.
         self._retired: list[PolicyBundle] = []
         self._retired_lock = threading.Lock()  # the loop retires them, the executor reuses them
@@ -230,7 +233,7 @@ class Learner:
                 await self._wait_for_work()
                 if self._stopping:
                     break
-                if self._latest is not None and self._swap_due():
+                if self._held_back and self._swap_due():
                     await self._serve_latest()  # held-back weights whose turn came with no update
                 if self.paused:
                     await asyncio.sleep(self._paused_until - self._clock())
@@ -248,7 +251,7 @@ class Learner:
     async def _wait_for_work(self) -> None:
         """Until woken, or until held-back weights are due to swap in."""
         timer = None
-        if self._latest is not None:
+        if self._held_back:
             # A timer that sets the event, not asyncio.wait_for: in 3.11 that can swallow a
             # cancellation that lands as the wait ends, and the learner would not stop.
             delay = max(self._last_swap + self.config.swap_min_interval_s - self._clock(), 0.0)
@@ -285,7 +288,8 @@ class Learner:
         trips = self.status.trips
         self._updating = True
         try:
-            self._inflight = loop.run_in_executor(self._executor, self._train, batch, weights)
+            slots = None if indices is None else (indices, stamps)
+            self._inflight = loop.run_in_executor(self._executor, self._train, batch, weights, slots)
             stats, state, candidate = await self._inflight
         except NonFiniteError as exc:
             self._updating = False
@@ -310,9 +314,9 @@ class Learner:
             self._trip(f"KL {stats.approx_kl:.4f} > {kl_limit:.4f}")
             return False
         self._failures_in_a_row = 0
-        self._latest = state
         if candidate is None:
-            return False  # held back: the newest weights swap in once the interval has passed
+            self._held_back = True  # the newest weights swap in once the interval has passed
+            return False
         self._serve_new(candidate)
         return True
 
@@ -326,11 +330,13 @@ class Learner:
         return sampled.transitions, sampled.indices, sampled.stamps, weights
 
     def _train(
-        self, batch: list[Transition], weights: np.ndarray | None
-    ) -> tuple[UpdateStats, State, PolicyBundle | None]:
-        """Executor thread: one update on the worker; the next serving bundle too if a swap is due."""
-        stats, state = self.worker.update(batch, weights)
-        return stats, state, self._build(state) if self._swap_due() else None
+        self, batch: list[Transition], weights: np.ndarray | None, slots: Slots | None
+    ) -> tuple[UpdateStats, State | None, PolicyBundle | None]:
+        """Executor thread: one update on the worker; the new weights and the next serving bundle
+        too if a swap is due (else the weights stay in the worker until one is)."""
+        swap = self._swap_due()
+        stats, state = self.worker.update(batch, weights, with_state=swap, slots=slots)
+        return stats, state, self._build(state) if state is not None else None
 
     def _swap_due(self) -> bool:
         # PPO is on-policy: its next rollout must come from the weights it just trained.
@@ -368,24 +374,33 @@ class Learner:
 
     async def _serve_latest(self) -> None:
         """Swap in held-back weights (their interval passed and no update brought newer ones)."""
-        state, trips = self._latest, self.status.trips
-        assert state is not None
-        candidate = await asyncio.get_running_loop().run_in_executor(self._executor, self._build, state)
-        if self.status.trips == trips and self._latest is state:  # not voided by a trip meanwhile
+        trips = self.status.trips
+        loop = asyncio.get_running_loop()
+        try:
+            candidate = await loop.run_in_executor(self._executor, self._build_from_worker)
+        except (WorkerDied, WorkerError) as exc:
+            self._worker_failed(exc)
+            return
+        if self.status.trips == trips and self._held_back:  # not voided by a trip meanwhile
             self._serve_new(candidate)
+
+    def _build_from_worker(self) -> PolicyBundle:
+        return self._build(self.worker.weights())
 
     def _serve_new(self, candidate: PolicyBundle) -> None:
         candidate.version = self.serving.version + 1
-        self._latest = None
+        self._held_back = False
         self._serve(candidate)
 
     def _serve(self, candidate: PolicyBundle) -> None:
-        started = time.perf_counter()
+        # The pause is the hand-over alone, the only moment a batch could wait on a swap; the
+        # bookkeeping after it runs while the decision loop already serves the new bundle.
         previous, self.serving = self.serving, candidate
+        started = time.perf_counter()
         self._swap(candidate)
+        pause_us = (time.perf_counter() - started) * 1e6
         if self.rollout is not None:
             self.rollout.set_min_version(candidate.version)  # PPO is on-policy: older steps are stale
-        pause_us = (time.perf_counter() - started) * 1e6
         self._last_swap = self._clock()
         self.status.swaps += 1
         self.status.swap_pause_us_max = round(max(self.status.swap_pause_us_max, pause_us), 1)
@@ -403,7 +418,7 @@ class Learner:
         self._failures_in_a_row += 1
         self.status.worker_deaths += 1
         self.status.last_worker_error = str(exc)
-        self._latest = None
+        self._held_back = False
         pause_s = min(2.0 ** (self._failures_in_a_row - 1), max(self.config.breaker.recovery_s, 1.0))
         self._paused_until = max(self._paused_until, self._clock() + pause_s)
         log.error(
@@ -431,7 +446,7 @@ class Learner:
         self.status.last_trip = why
         self.status.breaker = "open"
         self._paused_until = self._clock() + self.config.breaker.recovery_s
-        self._latest = None  # held-back weights came from the rejected trajectory
+        self._held_back = False  # held-back weights came from the rejected trajectory
         if not self._updating:
             self._reset_trainee()
         if self.serving.version != self._good_version:

@@ -55,6 +55,7 @@ log = structlog.get_logger("esperd.learn")
 
 State = dict[str, torch.Tensor]
 Arrays = dict[str, np.ndarray]
+Slots = tuple[np.ndarray, np.ndarray]  # (replay slot, fill stamp) of each transition of a batch
 PolicyFactory = Callable[[], PolicyBundle]
 WorkerMode = Literal["process", "thread"]
 
@@ -88,13 +89,20 @@ class Trainer:
         else:
             self.algo = ImpalaLearner(self.trainee, spec.impala)
 
-    def update(self, batch: Sequence[Transition], weights: np.ndarray | None) -> tuple[UpdateStats, State]:
-        """One update; the new weights, copied (the trainee keeps changing under the next one)."""
+    def update(
+        self, batch: Sequence[Transition], weights: np.ndarray | None, with_state: bool = True
+    ) -> tuple[UpdateStats, State | None]:
+        """One update; with `with_state`, the new weights, copied (the trainee keeps changing
+        under the next one). The weights are checked finite either way."""
         stats = self.algo.update(batch) if weights is None else self.algo.update(batch, weights=weights)
         state = self.trainee.state_dict()
         if not all_finite(state):
             raise NonFiniteError("weights became non-finite")
-        return stats, clone_state(state)
+        return stats, clone_state(state) if with_state else None
+
+    def weights(self) -> State:
+        """A copy of the trainee's current weights."""
+        return clone_state(self.trainee.state_dict())
 
     def load_weights(self, state: State, version: int, reset_optimizer: bool) -> None:
         """Back to `state`; with fresh optimizer moments after a rollback (they describe bad updates)."""
@@ -116,8 +124,16 @@ class Trainer:
 
 
 class Worker(Protocol):
-    """What the Learner needs from whatever runs its updates. `update`, `export_algo` and
-    `import_algo` block: run the first two off the event loop. `load_weights` never blocks."""
+    """What the Learner needs from whatever runs its updates. `update`, `weights`, `export_algo`
+    and `import_algo` block: run them off the event loop. `load_weights` never blocks.
+
+    `update` returns the new weights only when asked (`with_state`): the learner asks when it
+    will swap them in. Sending ~0.4 MB of weights back after every IMPALA update, most of them
+    never served, cost the daemon's GIL more than the batch going out.
+
+    `slots` say where each transition lives in the replay buffer: (slot, stamp) per transition,
+    the stamp telling a slot's successive occupants apart. The process worker then sends each
+    transition to its child once, and afterwards only where it lives."""
 
     mode: WorkerMode
 
@@ -125,8 +141,15 @@ class Worker(Protocol):
     def pid(self) -> int: ...
 
     def update(
-        self, batch: Sequence[Transition], weights: np.ndarray | None
-    ) -> tuple[UpdateStats, State]: ...
+        self,
+        batch: Sequence[Transition],
+        weights: np.ndarray | None,
+        *,
+        with_state: bool = True,
+        slots: Slots | None = None,
+    ) -> tuple[UpdateStats, State | None]: ...
+
+    def weights(self) -> State: ...
 
     def load_weights(self, state: State, version: int, *, reset_optimizer: bool) -> None: ...
 
@@ -156,8 +179,18 @@ class ThreadWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def update(self, batch: Sequence[Transition], weights: np.ndarray | None) -> tuple[UpdateStats, State]:
-        return self.trainer.update(batch, weights)
+    def update(
+        self,
+        batch: Sequence[Transition],
+        weights: np.ndarray | None,
+        *,
+        with_state: bool = True,
+        slots: Slots | None = None,
+    ) -> tuple[UpdateStats, State | None]:
+        return self.trainer.update(batch, weights, with_state)
+
+    def weights(self) -> State:
+        return self.trainer.weights()
 
     def load_weights(self, state: State, version: int, *, reset_optimizer: bool) -> None:
         self.trainer.load_weights(state, version, reset_optimizer)
@@ -223,6 +256,7 @@ class ProcessWorker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._finalizer: weakref.finalize | None = None
+        self.transitions_sent = 0  # over this worker's life, all its children
         self._spawn(state, version)
 
     @property
@@ -244,6 +278,7 @@ class ProcessWorker:
             ]
             self._proc = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL)
         self._conn = Connection(ours.detach())
+        self._held = HeldSlots()  # a new child holds no transitions
         # Kill the child if this proxy is dropped without close() (tests, errors).
         self._finalizer = weakref.finalize(self, _kill, self._proc, self._conn)
         # Sent with the first request, not now: the child is still importing torch, and a
@@ -252,12 +287,39 @@ class ProcessWorker:
             self._pending = [("path", (list(sys.path),)), ("init", (self.spec, to_arrays(state), version))]
         log.info("learner worker process started", pid=self._proc.pid, nice=self.nice)
 
-    def update(self, batch: Sequence[Transition], weights: np.ndarray | None) -> tuple[UpdateStats, State]:
-        # As the experience file encodes it: a dozen flat arrays, each observation and topology
-        # once. Pickling the transitions' own ~25 small arrays a step held the daemon's GIL for
-        # 4-9 ms per 256-step rollout; this takes well under 1 ms.
-        stats, arrays = self._call("update", encode_experience(batch, kind="batch"), weights)
-        return stats, from_arrays(arrays)
+    def update(
+        self,
+        batch: Sequence[Transition],
+        weights: np.ndarray | None,
+        *,
+        with_state: bool = True,
+        slots: Slots | None = None,
+    ) -> tuple[UpdateStats, State | None]:
+        # New transitions go as the experience file encodes them: a dozen flat arrays, each
+        # observation and topology once. Pickling the transitions' own ~25 small arrays a step
+        # held the daemon's GIL for 4-9 ms per 256-step rollout; this takes well under 1 ms.
+        # Transitions the child already holds go as their replay slot alone: a replay batch is
+        # mostly transitions sampled before, and encoding them again cost ~0.8 ms a batch.
+        if slots is None:
+            request = (encode_experience(batch, kind="batch"), None, weights, with_state)
+            stats, arrays = self._call("update", *request)
+            self.transitions_sent += len(batch)
+            return stats, None if arrays is None else from_arrays(arrays)
+        where = _checked_slots(slots, len(batch))
+        new = self._held.missing(where)
+        encoded = encode_experience([batch[i] for i in new], kind="batch")
+        stats, arrays = self._call("update", encoded, (where, new), weights, with_state)
+        self._held.add(where[:, new])
+        self.transitions_sent += len(new)
+        return stats, None if arrays is None else from_arrays(arrays)
+
+    def weights(self) -> State:
+        return from_arrays(self._call("weights"))
+
+    @property
+    def held(self) -> int:
+        """How many replay transitions the child holds (sent once, then named by slot)."""
+        return len(self._held)
 
     def load_weights(self, state: State, version: int, *, reset_optimizer: bool) -> None:
         """Queued: applied in the child before the next request (never blocks the loop)."""
@@ -353,6 +415,7 @@ def child_main(fd: int, nice: int, threads: int) -> int:
     torch.set_num_threads(threads)
     conn = Connection(fd)
     trainer: Trainer | None = None
+    held: dict[int, tuple[int, Transition]] = {}  # replay slot -> (stamp, transition), see HeldSlots
     while True:
         try:
             op, args = conn.recv()
@@ -368,7 +431,7 @@ def child_main(fd: int, nice: int, threads: int) -> int:
                 reply = ("ok", None)
             else:
                 assert trainer is not None, "init first"
-                reply = ("ok", _handle(trainer, op, args))
+                reply = ("ok", _handle(trainer, held, op, args))
         except NonFiniteError as exc:
             reply = ("nonfinite", str(exc))
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
@@ -379,12 +442,16 @@ def child_main(fd: int, nice: int, threads: int) -> int:
             return 0
 
 
-def _handle(trainer: Trainer, op: str, args: tuple[Any, ...]) -> Any:
+def _handle(trainer: Trainer, held: dict[int, tuple[int, Transition]], op: str, args: tuple[Any, ...]) -> Any:
     if op == "update":
-        arrays, meta = args[0]
+        (arrays, meta), slots, weights, with_state = args
         batch = decode_experience(meta, arrays).transitions
-        stats, state = trainer.update(batch, args[1])
-        return stats, to_arrays(state)
+        if slots is not None:
+            batch = _from_held(held, batch, *slots)
+        stats, state = trainer.update(batch, weights, with_state)
+        return stats, None if state is None else to_arrays(state)
+    if op == "weights":
+        return to_arrays(trainer.weights())
     if op == "load":
         trainer.load_weights(from_arrays(args[0]), args[1], args[2])
         return None
@@ -396,6 +463,53 @@ def _handle(trainer: Trainer, op: str, args: tuple[Any, ...]) -> Any:
         trainer.import_algo(torch.load(io.BytesIO(args[0]), weights_only=True))
         return None
     raise ValueError(f"unknown request {op!r}")
+
+
+# ---------------------------------------------------------------- replay transitions held by the child
+
+
+class HeldSlots:
+    """The parent's record of which replay transitions its child holds: slot -> stamp."""
+
+    def __init__(self) -> None:
+        self._stamp: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._stamp)
+
+    def missing(self, where: np.ndarray) -> list[int]:
+        """Positions in the batch whose transition the child does not hold (each slot once)."""
+        out, seen = [], set()
+        for i, (slot, stamp) in enumerate(zip(where[0].tolist(), where[1].tolist(), strict=True)):
+            if self._stamp.get(slot) != stamp and slot not in seen:
+                seen.add(slot)
+                out.append(i)
+        return out
+
+    def add(self, where: np.ndarray) -> None:
+        self._stamp.update(zip(where[0].tolist(), where[1].tolist(), strict=True))
+
+
+def _checked_slots(slots: Slots, count: int) -> np.ndarray:
+    where = np.stack([np.asarray(s, dtype=np.int64).reshape(-1) for s in slots])
+    if where.shape != (2, count):
+        raise ValueError(f"one (slot, stamp) per transition: {count} transitions, slots {where.shape}")
+    return where
+
+
+def _from_held(
+    held: dict[int, tuple[int, Transition]], new: list[Transition], where: np.ndarray, positions: list[int]
+) -> list[Transition]:
+    """The child's side: store the batch's new transitions by slot, then the batch in order."""
+    for i, t in zip(positions, new, strict=True):
+        held[int(where[0, i])] = (int(where[1, i]), t)
+    batch = []
+    for slot, stamp in zip(where[0].tolist(), where[1].tolist(), strict=True):
+        entry = held.get(slot)
+        if entry is None or entry[0] != stamp:
+            raise KeyError(f"replay slot {slot} (stamp {stamp}) was never sent to the learner worker")
+        batch.append(entry[1])
+    return batch
 
 
 # ---------------------------------------------------------------- helpers

@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import os
 import platform
 import statistics
@@ -212,6 +213,10 @@ async def latency_phases(args: argparse.Namespace, pool: list[Transition]) -> di
             loop_.wake()
             await asyncio.sleep(0.01)
 
+    # As the daemon does once it is ready (Service.start): what lives as long as the process
+    # (torch, the policy, the simulator, the transition pool) is kept out of the collector.
+    gc.collect()
+    gc.freeze()
     decide_task = asyncio.create_task(loop_.run())
     drive_task = asyncio.create_task(driver())
     await asyncio.sleep(1.0)  # warm-up
@@ -327,6 +332,7 @@ def _learner(
         breaker=breaker,
         # No KL stop: every PPO update runs all its epochs (the most CPU a PPO update takes).
         ppo=PPOConfig(target_kl=None),
+        impala=ImpalaConfig(batch_size=args.impala_batch),
         min_replay=min(1024, pool_size),
         checkpoint_interval_s=1e9,
         worker=args.worker,
@@ -403,6 +409,12 @@ def main() -> int:
         type=float,
         default=LearnerConfig().swap_min_interval_s,
         help="IMPALA swaps at most this often (0: after every update)",
+    )
+    parser.add_argument(
+        "--impala-batch",
+        type=int,
+        default=ImpalaConfig().batch_size,
+        help="transitions per IMPALA update in the latency phases (default: the daemon's)",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when the p99 target is missed")
     args = parser.parse_args()

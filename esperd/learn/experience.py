@@ -15,8 +15,13 @@ import numpy as np
 from esperd.analyzer.observation import Observation
 
 
-class Transition(msgspec.Struct, kw_only=True):
-    """The decision made for one run at one step, and what came of it."""
+class Transition(msgspec.Struct, kw_only=True, gc=False):
+    """The decision made for one run at one step, and what came of it.
+
+    Not tracked by the garbage collector (`gc=False`): its fields are arrays, numbers and
+    frozen Observations, so it can never be part of a reference cycle, and a replay buffer of
+    100,000 tracked transitions would make every full collection, which stalls decisions, walk
+    all of them."""
 
     obs: Observation  # what the policy saw (cooldown masks applied)
     action: np.ndarray  # int64 [5]: node, op, blueprint, blend, tempo (esperd.policy.ACTION_FIELDS)

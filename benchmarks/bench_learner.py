@@ -12,8 +12,8 @@
      PPO    `PPOLearner.update` on 256 on-policy transitions (default PPOConfig: 4 epochs x
             minibatch 32, GAE, bootstrap forward); once without the KL stop (every epoch runs: the
             worst case) and once at the default target KL 0.01 (what the daemon runs);
-     IMPALA `ReplayBuffer.sample(64)` (prioritized) + `ImpalaLearner.update` (default config) +
-            `update_priorities`, and the same at batch 256.
+     IMPALA `ReplayBuffer.sample(B)` (prioritized) + `ImpalaLearner.update` (default config) +
+            `update_priorities`, at B = 64, the default 128 and 256.
    transitions/s = transitions in the update / seconds per update; PPO also shows the
    forward+backward samples/s (transitions x epochs run). Every PPO update starts from the weights
    that made the transitions (on-policy, as in the daemon). CPU, and CUDA when available.
@@ -450,18 +450,19 @@ def main() -> int:
     else:
         print(f"learner throughput (median of {args.reps} updates)")
         print(
-            f"  {'device':<6} {'algorithm':<28} {'batch':>5} {'ms/update':>10} {'transitions/s':>14} {'fwd+bwd samples/s':>18} {'epochs':>6}"
+            f"  {'device':<6} {'algorithm':<30} {'batch':>5} {'ms/update':>10} {'transitions/s':>14} {'fwd+bwd samples/s':>18} {'epochs':>6}"
         )
     for device in devices:
         rows = [
             ("PPO, no KL stop (4 epochs)", time_ppo(device, pool, args.reps, None)),
             ("PPO, target KL 0.01", time_ppo(device, pool, args.reps, 0.01)),
             ("IMPALA (prioritized)", time_impala(device, pool, args.reps, 64)),
+            ("IMPALA (prioritized, default)", time_impala(device, pool, args.reps, ImpalaConfig().batch_size)),
             ("IMPALA (prioritized)", time_impala(device, pool, args.reps, 256)),
         ]
         for name, r in rows:
             print(
-                f"  {device:<6} {name:<28} {int(r['batch']):>5} {r['s_per_update'] * 1e3:>10.1f} "
+                f"  {device:<6} {name:<30} {int(r['batch']):>5} {r['s_per_update'] * 1e3:>10.1f} "
                 f"{r['transitions_per_s']:>14,.0f} {r['samples_per_s']:>18,.0f} {r['epochs']:>6.2f}"
             )
     if args.skip_latency:

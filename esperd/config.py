@@ -93,9 +93,11 @@ class ServiceConfig(_Section):
     # nothing from more, and oversubscribed cores make decision latency spike.
     torch_threads: Annotated[int, Meta(ge=0, le=1024)] = 0
     # CPython hands the GIL to a waiting thread only after this long (its default is 5 ms). The
-    # policy worker waits for it while the event loop is busy ingesting, so the default adds up
-    # to 5 ms to a decision; a shorter interval bounds that wait at a small cost in throughput.
-    gil_switch_interval_ms: Annotated[float, Meta(gt=0.0, le=100.0)] = 0.5
+    # policy worker waits for it while the event loop ingests or the learner's daemon side
+    # (batch encoding, swaps) runs, and it waits again after every torch op that released it; a
+    # shorter interval bounds each wait at a small cost in throughput. 0.2 ms kept decision p99
+    # with a learner running within 1.2x idle where 0.5 ms did not (benchmarks/README.md).
+    gil_switch_interval_ms: Annotated[float, Meta(gt=0.0, le=100.0)] = 0.2
     drain_timeout_s: PositiveFloat = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "console", "json"] = "auto"

@@ -168,7 +168,7 @@ class Learner:
         self._wake = asyncio.Event()
         self._paused_until = 0.0
         self._updating = False  # an update is running on the worker
-        self._inflight: asyncio.Future[tuple[UpdateStats, State, PolicyBundle | None]] | None = None
+        self._inflight: asyncio.Future[tuple[UpdateStats, State | None, PolicyBundle | None]] | None = None
         self._stopping = False
         self._save_lock = threading.Lock()
         # The worker holds sound weights newer than what serves, held back by swap coalescing

@@ -300,16 +300,13 @@ class ProcessWorker:
         # held the daemon's GIL for 4-9 ms per 256-step rollout; this takes well under 1 ms.
         # Transitions the child already holds go as their replay slot alone: a replay batch is
         # mostly transitions sampled before, and encoding them again cost ~0.8 ms a batch.
-        if slots is None:
-            request = (encode_experience(batch, kind="batch"), None, weights, with_state)
-            stats, arrays = self._call("update", *request)
-            self.transitions_sent += len(batch)
-            return stats, None if arrays is None else from_arrays(arrays)
-        where = _checked_slots(slots, len(batch))
-        new = self._held.missing(where)
+        where = None if slots is None else _checked_slots(slots, len(batch))
+        new = list(range(len(batch))) if where is None else self._held.missing(where)
         encoded = encode_experience([batch[i] for i in new], kind="batch")
-        stats, arrays = self._call("update", encoded, (where, new), weights, with_state)
-        self._held.add(where[:, new])
+        held = None if where is None else (where, new)
+        stats, arrays = self._call("update", encoded, held, weights, with_state)
+        if where is not None:
+            self._held.add(where[:, new])
         self.transitions_sent += len(new)
         return stats, None if arrays is None else from_arrays(arrays)
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from policy_helpers import make_observation
 
+from esperd.analyzer.observation import Observation
 from esperd.learn.impala import ImpalaConfig, ImpalaLearner
 from esperd.learn.learner import Learner
 from esperd.learn.ppo import PPOConfig, PPOLearner
@@ -44,7 +45,7 @@ def cpu_copy(policy: PolicyBundle, name: str = "gnn") -> PolicyBundle:
     return copy
 
 
-def observations(count: int = 6) -> list:  # type: ignore[type-arg]
+def observations(count: int = 6) -> list[Observation]:
     return [make_observation(f"run-{i}", 4 + i % 5, seed=100 + i, epoch=3) for i in range(count)]
 
 

@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 import torch
 
-from esperd.learn.learner import Learner, LearnerConfig
-from esperd.learn.ppo import PPOConfig
-from esperd.learn.persist import decode_experience, encode_experience
 from esperd.learn.buffers import ReplayBuffer
 from esperd.learn.impala import ImpalaConfig
+from esperd.learn.learner import Learner, LearnerConfig
+from esperd.learn.persist import decode_experience, encode_experience
+from esperd.learn.ppo import PPOConfig
 from esperd.learn.worker import ProcessWorker, ThreadWorker, TrainerSpec, WorkerError
 from esperd.policy import PolicyBundle, create_policy
 from tests.test_learner import (
@@ -443,7 +443,7 @@ def test_a_slot_the_child_never_got_is_an_error_not_a_wrong_batch() -> None:
     spec = TrainerSpec(MAKE_POLICY, "impala", PPOConfig(), ImpalaConfig(batch_size=4))
     proc = ProcessWorker(spec, MAKE_POLICY().state_dict(), 0, nice=0)
     try:
-        stats, state = proc.update(pool, None, with_state=False, slots=(np.arange(4), np.arange(4)))
+        _, state = proc.update(pool, None, with_state=False, slots=(np.arange(4), np.arange(4)))
         assert state is None and proc.transitions_sent == 4
         proc._held.add(np.array([[5], [99]]))  # as if slot 5's occupant had been sent
         with pytest.raises(WorkerError, match="never sent"):

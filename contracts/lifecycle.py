@@ -31,8 +31,7 @@ AUTOMATIC: dict[SeedStage, SeedStage] = {
 
 #: stage -> ops legal from it, WAIT included.
 LEGAL_OPS: dict[SeedStage, frozenset[Op]] = {
-    stage: frozenset({O.WAIT} | {op for (s, op) in TRANSITIONS if s is stage})
-    for stage in SeedStage
+    stage: frozenset({O.WAIT} | {op for (s, op) in TRANSITIONS if s is stage}) for stage in SeedStage
 }
 
 del S, O

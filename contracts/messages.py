@@ -196,7 +196,9 @@ class CommandAck(_Message, tag="ack", kw_only=True):
 #: Everything a host may send to esperd.
 Inbound = Union[TopologyPacket, HealthSignal, HealthBatch, SystemStatePacket, CommandAck]
 #: Every wire message.
-AnyMessage = Union[TopologyPacket, HealthSignal, HealthBatch, SystemStatePacket, AdaptationCommand, CommandAck]
+AnyMessage = Union[
+    TopologyPacket, HealthSignal, HealthBatch, SystemStatePacket, AdaptationCommand, CommandAck
+]
 
 MESSAGE_TYPES: tuple[type[_Message], ...] = (
     TopologyPacket,

@@ -41,8 +41,8 @@ def schema_for(cls: type[msgspec.Struct]) -> dict[str, Any]:
         "$schema": JSON_SCHEMA_DIALECT,
         "title": f"{cls.__name__} ({kind})",
         "description": (
-            f"JSON (keyed) form of the `{kind}` message, tagged by `\"kind\": \"{kind}\"`. "
-            f"The msgpack form is positional, not keyed: an array [\"{kind}\", {order}] "
+            f'JSON (keyed) form of the `{kind}` message, tagged by `"kind": "{kind}"`. '
+            f'The msgpack form is positional, not keyed: an array ["{kind}", {order}] '
             "(kind tag first, then the fields in declaration order; trailing fields that have "
             "defaults may be omitted). See contracts/codec.py."
         ),

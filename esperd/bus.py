@@ -80,7 +80,9 @@ class Bus:
         self.reconnects = 0
         self.disconnects = 0
         self.errors = 0
-        self.slow_consumer_drops = 0  # inbound messages nats-py dropped: the subscription's pending limit was hit
+        self.slow_consumer_drops = (
+            0  # inbound messages nats-py dropped: the subscription's pending limit was hit
+        )
         self.dropped_publishes = 0
         self._subs: list[Subscription] = []
         self._drop_log = RateLimiter(10.0)
@@ -101,7 +103,9 @@ class Bus:
             try:
                 nc = await self._attempt(stop)
             except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
-                log.warning("NATS connect failed; retrying", error=str(exc) or type(exc).__name__, retry_in_s=delay)
+                log.warning(
+                    "NATS connect failed; retrying", error=str(exc) or type(exc).__name__, retry_in_s=delay
+                )
             else:
                 if nc is None:
                     raise ConnectionError("stopped before NATS was reachable")
@@ -135,20 +139,24 @@ class Bus:
             await self._on_error(exc)
 
         nc = Client()
-        attempt = asyncio.ensure_future(nc.connect(
-            **connect_options(self.config),
-            error_cb=on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-            closed_cb=self._on_closed,
-        ))
+        attempt = asyncio.ensure_future(
+            nc.connect(
+                **connect_options(self.config),
+                error_cb=on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+                closed_cb=self._on_closed,
+            )
+        )
         stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
         waiters = [attempt] if stopped is None else [attempt, stopped]
         stall_s = 4 * self.config.connect_timeout_s + self.config.reconnect_wait_s
         finished = stalled = False
         try:
             while not (attempt.done() or (stop is not None and stop.is_set()) or stalled):
-                await asyncio.wait(waiters, timeout=min(1.0, stall_s / 4), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    waiters, timeout=min(1.0, stall_s / 4), return_when=asyncio.FIRST_COMPLETED
+                )
                 stalled = loop.time() - last_progress > stall_s
             finished = attempt.done()
         finally:  # also when we are cancelled
@@ -245,9 +253,13 @@ class Bus:
             self.slow_consumer_drops += 1
             allowed, suppressed = self._drop_log.allow("slow_consumer")
             if allowed:
-                log.warning("NATS slow consumer: inbound messages dropped", subject=exc.subject,
-                            dropped_total=self.slow_consumer_drops, suppressed_since_last=suppressed,
-                            max_pending_bytes=self.config.max_pending_bytes)
+                log.warning(
+                    "NATS slow consumer: inbound messages dropped",
+                    subject=exc.subject,
+                    dropped_total=self.slow_consumer_drops,
+                    suppressed_since_last=suppressed,
+                    max_pending_bytes=self.config.max_pending_bytes,
+                )
             return
         self.errors += 1
         log.warning("NATS error", error=str(exc) or type(exc).__name__)

@@ -16,7 +16,9 @@ from esperd.logs import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="esperd", description="Tamiyo: the Esper strategic controller daemon")
+    parser = argparse.ArgumentParser(
+        prog="esperd", description="Tamiyo: the Esper strategic controller daemon"
+    )
     parser.add_argument("--version", action="version", version=f"esperd {esperd.__version__}")
     parser.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
     sub = parser.add_subparsers(dest="command")

@@ -94,7 +94,11 @@ class HostClient:
         self._enqueue(Channel.TOPOLOGY, packet)
 
     def send_health(self, signals: list[HealthSignal] | HealthBatch) -> None:
-        batch = signals if isinstance(signals, HealthBatch) else HealthBatch(signals=signals, timestamp=time.time())
+        batch = (
+            signals
+            if isinstance(signals, HealthBatch)
+            else HealthBatch(signals=signals, timestamp=time.time())
+        )
         self._enqueue(Channel.HEALTH, batch)
 
     def send_state(self, packet: SystemStatePacket) -> None:
@@ -102,8 +106,13 @@ class HostClient:
 
     def ack(self, command: AdaptationCommand, applied: bool, reason: str = "") -> None:
         status = AckStatus.APPLIED if applied else AckStatus.REJECTED
-        ack = CommandAck(command_id=command.command_id, status=status, reason=reason[:1024],
-                         layer_id=command.layer_id, timestamp=time.time())
+        ack = CommandAck(
+            command_id=command.command_id,
+            status=status,
+            reason=reason[:1024],
+            layer_id=command.layer_id,
+            timestamp=time.time(),
+        )
         self._enqueue(Channel.ACK, ack)
 
     async def flush(self, timeout: float = 5.0) -> None:
@@ -146,7 +155,9 @@ class HostClient:
 
     async def _receive(self, msg: Msg) -> None:
         try:
-            command = self.codec.decode_command(msg.data, msg.headers.get("Content-Type") if msg.headers else None)
+            command = self.codec.decode_command(
+                msg.data, msg.headers.get("Content-Type") if msg.headers else None
+            )
         except CodecError:
             self.bad_commands += 1
             return

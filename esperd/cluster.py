@@ -103,7 +103,9 @@ def default_instance_id() -> str:
 class ClusterAgent:
     """Heartbeats on NATS and keeps a Membership current; calls `on_change` when it changes."""
 
-    def __init__(self, config: ClusterConfig, nc: Client, on_change: Callable[[tuple[str, ...]], None]) -> None:
+    def __init__(
+        self, config: ClusterConfig, nc: Client, on_change: Callable[[tuple[str, ...]], None]
+    ) -> None:
         self.config = config
         self.nc = nc
         self.membership = Membership(config.instance_id or default_instance_id(), config.dead_after_s)

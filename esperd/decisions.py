@@ -169,7 +169,9 @@ class DecisionLoop:
                 stats.waits += 1
                 continue
             command = to_command(decision)
-            self.scheduler.note_command(command.command_id, command.run_id, command.layer_id, command.op.value)
+            self.scheduler.note_command(
+                command.command_id, command.run_id, command.layer_id, command.op.value
+            )
             await self.publish(command)
             sent += 1
             by_op = stats.commands_by_op

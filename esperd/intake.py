@@ -63,7 +63,9 @@ class Accepted(msgspec.Struct, frozen=True):
 class Intake:
     """Decode, validate and count inbound messages."""
 
-    def __init__(self, limits: LimitsConfig, prefix: str, report_window_s: float = 1.0, max_runs: int = 1024) -> None:
+    def __init__(
+        self, limits: LimitsConfig, prefix: str, report_window_s: float = 1.0, max_runs: int = 1024
+    ) -> None:
         self.limits = limits
         self.max_runs = max_runs
         self.prefix = prefix
@@ -84,7 +86,9 @@ class Intake:
         except SubjectError as exc:
             return self._reject("bad_subject", str(exc), subject, "", data)
         if channel not in _CHANNEL_KINDS:
-            return self._reject("wrong_channel", f"esperd does not take {channel.value}", subject, run_id, data)
+            return self._reject(
+                "wrong_channel", f"esperd does not take {channel.value}", subject, run_id, data
+            )
         try:
             message = self.codec.decode(data, content_type)
         except CodecError as exc:
@@ -98,7 +102,9 @@ class Intake:
         self._count_accepted(run_id, message.__struct_config__.tag)
         return Accepted(run_id, channel, message)
 
-    def reject(self, reason: str, detail: str, subject: str, run_id: str = "", data: bytes = b"") -> Rejection:
+    def reject(
+        self, reason: str, detail: str, subject: str, run_id: str = "", data: bytes = b""
+    ) -> Rejection:
         """Count a refusal decided downstream (e.g. the analyzer refused a topology)."""
         return self._reject(reason, detail, subject, run_id, data)
 
@@ -153,6 +159,11 @@ class Intake:
         )
         allowed, suppressed = self._log_limiter.allow(reason)
         if allowed:
-            log.warning("message rejected", reason=reason, detail=rejection.detail, subject=rejection.subject,
-                        suppressed_since_last=suppressed)
+            log.warning(
+                "message rejected",
+                reason=reason,
+                detail=rejection.detail,
+                subject=rejection.subject,
+                suppressed_since_last=suppressed,
+            )
         return rejection

@@ -91,7 +91,7 @@ class NatsServer:
         if work is not None:
             work.mkdir(parents=True, exist_ok=True)
             self._log = work / "nats-server.log"
-        with (self._log.open("ab") if self._log else open(os.devnull, "wb")) as log_target:
+        with self._log.open("ab") if self._log else open(os.devnull, "wb") as log_target:
             self._spawn(args, log_target)  # the child keeps its own copy of the handle
         self._wait_ready(timeout)
 

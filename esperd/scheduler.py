@@ -122,7 +122,9 @@ class Scheduler:
 
     # -------------------------------------------------------------- cooldowns
 
-    def note_command(self, command_id: str, run_id: str, layer_id: int, op: str, now: float | None = None) -> None:
+    def note_command(
+        self, command_id: str, run_id: str, layer_id: int, op: str, now: float | None = None
+    ) -> None:
         """A command went out: cool its layer down and wait for the ack."""
         now = self._clock() if now is None else now
         self._cooldowns.setdefault(run_id, {})[layer_id] = now + self.config.cooldown_s

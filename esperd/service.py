@@ -149,8 +149,11 @@ class Service:
         if config.learner.algorithm == "off":
             return None
         if not serving.is_learnable:
-            log.warning("learner off: the serving policy cannot learn", policy=serving.name,
-                        configured=config.policy.name)
+            log.warning(
+                "learner off: the serving policy cannot learn",
+                policy=serving.name,
+                configured=config.policy.name,
+            )
             return None
         learner = Learner(
             config.learner,
@@ -204,8 +207,12 @@ class Service:
         gc.freeze()
         self.ready.set()
         self.notifier.ready()
-        log.info("esperd ready", version=esperd.__version__, servers=list(self.config.nats.servers),
-                 prefix=self.config.nats.subject_prefix)
+        log.info(
+            "esperd ready",
+            version=esperd.__version__,
+            servers=list(self.config.nats.servers),
+            prefix=self.config.nats.subject_prefix,
+        )
 
     async def stop(self) -> None:
         """Stop taking work, finish what is in flight, drain NATS, stop the embedded broker."""
@@ -237,8 +244,11 @@ class Service:
             self.learner.close()  # its worker process, now that the optimizer state is saved
         if self._embedded is not None:
             self._embedded.stop()
-        log.info("esperd stopped", accepted_total=self.intake.accepted_total,
-                 rejected_total=self.intake.rejected_total)
+        log.info(
+            "esperd stopped",
+            accepted_total=self.intake.accepted_total,
+            rejected_total=self.intake.rejected_total,
+        )
 
     async def _save_learner(self) -> None:
         """Close open steps (truncated: bootstrapped on resume) and checkpoint policy and buffer."""
@@ -267,10 +277,15 @@ class Service:
         assert self.bus.nc is not None
         self._micro = await add_service(
             self.bus.nc,
-            MicroConfig(name="esperd", version=esperd.__version__,
-                        description="Tamiyo: strategic controller for Esper morphogenetic training"),
+            MicroConfig(
+                name="esperd",
+                version=esperd.__version__,
+                description="Tamiyo: strategic controller for Esper morphogenetic training",
+            ),
         )
-        await self._micro.add_endpoint(EndpointConfig(name="status", subject=STATUS_SUBJECT, handler=self._on_status))
+        await self._micro.add_endpoint(
+            EndpointConfig(name="status", subject=STATUS_SUBJECT, handler=self._on_status)
+        )
 
     # --------------------------------------------------------------- intake
 
@@ -353,8 +368,14 @@ class Service:
         self.acks_by_status[ack.status.value] = self.acks_by_status.get(ack.status.value, 0) + 1
         self.recorder.on_ack(run_id, ack.command_id, applied=ack.status is AckStatus.APPLIED)
         if ack.status is AckStatus.REJECTED:
-            log.info("command rejected by host", run_id=run_id, command_id=ack.command_id,
-                     op=command.op, layer_id=command.layer_id, reason=ack.reason)
+            log.info(
+                "command rejected by host",
+                run_id=run_id,
+                command_id=ack.command_id,
+                op=command.op,
+                layer_id=command.layer_id,
+                reason=ack.reason,
+            )
 
     def _observe(self, run_id: str) -> Observation | None:
         run = self.analyzer.get_run(run_id)
@@ -382,13 +403,25 @@ class Service:
             accepted_by_kind=dict(intake.accepted_by_kind),
             commands_total=decisions.commands,
             acks_by_status=dict(self.acks_by_status),
-            policy=PolicyStatus(self.decisions.policy.name, self.decisions.policy.version,
-                                self.policy_fallback_reason),
+            policy=PolicyStatus(
+                self.decisions.policy.name, self.decisions.policy.version, self.policy_fallback_reason
+            ),
             decisions=decisions,
-            scheduler=SchedulerStatus(self.scheduler.queued, self.scheduler.overflow,
-                                      len(self.scheduler.pending), self.expired_commands, self.unknown_acks),
-            nats=NatsStatus(bus.connected, bus.reconnects, bus.disconnects, bus.errors, bus.dropped_publishes,
-                            bus.slow_consumer_drops),
+            scheduler=SchedulerStatus(
+                self.scheduler.queued,
+                self.scheduler.overflow,
+                len(self.scheduler.pending),
+                self.expired_commands,
+                self.unknown_acks,
+            ),
+            nats=NatsStatus(
+                bus.connected,
+                bus.reconnects,
+                bus.disconnects,
+                bus.errors,
+                bus.dropped_publishes,
+                bus.slow_consumer_drops,
+            ),
             evicted_runs=self.evicted_runs,
             experience=self.recorder.stats(),
             stopping=self._stopping,
@@ -399,8 +432,9 @@ class Service:
     def _cluster_status(self) -> ClusterStatus | None:
         if self.cluster is None:
             return None
-        return ClusterStatus(self.cluster.me, list(self.cluster.membership.members), self.foreign_messages,
-                             self.handovers)
+        return ClusterStatus(
+            self.cluster.me, list(self.cluster.membership.members), self.foreign_messages, self.handovers
+        )
 
     def _learner_status(self) -> LearnerStatus | None:
         if self.learner is None:
@@ -440,8 +474,14 @@ class Service:
         while True:
             await asyncio.sleep(self.config.service.status_interval_s)
             s = self.status()
-            log.info("status", runs=s.runs, accepted=s.accepted_total, rejected=s.rejected_total,
-                     commands=s.commands_total, connected=s.nats.connected)
+            log.info(
+                "status",
+                runs=s.runs,
+                accepted=s.accepted_total,
+                rejected=s.rejected_total,
+                commands=s.commands_total,
+                connected=s.nats.connected,
+            )
 
 
 def configure_torch_threads(threads: int) -> None:

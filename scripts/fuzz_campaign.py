@@ -96,15 +96,40 @@ LIMITS: dict[str, Any] = {
     "max_metrics": 32,
     "max_seeds": 64,
 }
-ANALYZER: dict[str, Any] = {"max_runs": 256, "max_nodes_per_run": 256, "max_edges_per_run": 1024, "idle_ttl_s": 5.0}
+ANALYZER: dict[str, Any] = {
+    "max_runs": 256,
+    "max_nodes_per_run": 256,
+    "max_edges_per_run": 1024,
+    "idle_ttl_s": 5.0,
+}
 #: cooldown 0: a layer may be commanded again at once, so a TRAINING seed gets an ADVANCE per state.
-SCHEDULER: dict[str, Any] = {"min_interval_s": 0.05, "cooldown_s": 0.0, "max_wait_ms": 2.0, "ack_timeout_s": 30.0}
+SCHEDULER: dict[str, Any] = {
+    "min_interval_s": 0.05,
+    "cooldown_s": 0.0,
+    "max_wait_ms": 2.0,
+    "ack_timeout_s": 30.0,
+}
 POLICY: dict[str, Any] = {"name": "heuristic", "heuristic": {"min_epoch": 0, "train_dwell_epochs": 3}}
 
 #: Rejection reasons decided by intake (subject, codec, channel, limits): fully determined by the payload.
-INTAKE_REASONS = {"bad_subject", "wrong_channel", "too_large", "malformed", "unknown_kind", "invalid", "over_limit"}
+INTAKE_REASONS = {
+    "bad_subject",
+    "wrong_channel",
+    "too_large",
+    "malformed",
+    "unknown_kind",
+    "invalid",
+    "over_limit",
+}
 #: Analyzer reasons a topology gets from validation alone (also determined by the payload).
-TOPOLOGY_REASONS = {"empty_topology", "too_many_nodes", "too_many_edges", "duplicate_node", "bad_edge", "cycle"}
+TOPOLOGY_REASONS = {
+    "empty_topology",
+    "too_many_nodes",
+    "too_many_edges",
+    "duplicate_node",
+    "bad_edge",
+    "cycle",
+}
 #: Reasons that depend on the daemon's state (how many runs it tracks, a run's inferred layers).
 STATEFUL_REASONS = {"too_many_runs", "too_many_nodes"}
 
@@ -126,14 +151,51 @@ FAMILIES: dict[str, int] = {  # name -> weight
     "flood_one_run": 8,
 }
 
-EXTREME_FLOATS = [math.nan, math.inf, -math.inf, 1e308, -1e308, 1e300, -1e300, 1.7976931348623157e308,
-                  5e-324, -0.0, -1.0, 1.0000001, 2.0, 1e-300]
+EXTREME_FLOATS = [
+    math.nan,
+    math.inf,
+    -math.inf,
+    1e308,
+    -1e308,
+    1e300,
+    -1e300,
+    1.7976931348623157e308,
+    5e-324,
+    -0.0,
+    -1.0,
+    1.0000001,
+    2.0,
+    1e-300,
+]
 EXTREME_INTS = [-1, -(2**31), 2**31 - 1, 2**31, 2**62, 2**62 + 1, 2**63 - 1, -(2**63), 2**64 - 1, 0]
-WRONG_VALUES: list[Any] = ["x", "", "9" * 40, [], [1, 2], {}, {"a": 1}, None, True, False, 1.5, -7, b"\x00\xff"]
+WRONG_VALUES: list[Any] = [
+    "x",
+    "",
+    "9" * 40,
+    [],
+    [1, 2],
+    {},
+    {"a": 1},
+    None,
+    True,
+    False,
+    1.5,
+    -7,
+    b"\x00\xff",
+]
 BAD_RUN_CHARS = "!@#$%^&()+=,;:'\"<?/\\|~`[]{}"
-CONTENT_TYPES = ["application/json", "application/msgpack", "text/json; charset=utf-8", "APPLICATION/JSON",
-                 "application/x-msgpack", "application/vnd.msgpack", "text/plain", "garbage/type",
-                 "application/json;;;", "image/png"]
+CONTENT_TYPES = [
+    "application/json",
+    "application/msgpack",
+    "text/json; charset=utf-8",
+    "APPLICATION/JSON",
+    "application/x-msgpack",
+    "application/vnd.msgpack",
+    "text/plain",
+    "garbage/type",
+    "application/json;;;",
+    "image/png",
+]
 
 
 @dataclass(slots=True)
@@ -158,8 +220,16 @@ class Payload:
 class FuzzGenerator:
     """Seeded payloads of every family; `next()` returns one, `bootstrap()` the fuzz runs' topologies."""
 
-    def __init__(self, seed: int, *, limits: dict[str, Any] | None = None, fuzz_runs: int = 16,
-                 good_runs: tuple[str, ...] = (), flood_run: str = "flood", huge_losses: bool = True) -> None:
+    def __init__(
+        self,
+        seed: int,
+        *,
+        limits: dict[str, Any] | None = None,
+        fuzz_runs: int = 16,
+        good_runs: tuple[str, ...] = (),
+        flood_run: str = "flood",
+        huge_losses: bool = True,
+    ) -> None:
         self.rng = random.Random(seed)
         # Losses above ~1.3e154 overflow the reward's loss governor ((x - mean) ** 2 in
         # esperd/learn/rewards.py LossGovernor.check): the handler raises, counted as internal_error.
@@ -172,7 +242,9 @@ class FuzzGenerator:
         self.flood_run = flood_run
         self.layers = {run: 8 + (i % 5) * 4 for i, run in enumerate(self.runs)}  # declared layers per run
         self._names, self._weights = zip(*FAMILIES.items(), strict=True)
-        self._makers: dict[str, Callable[[], Payload]] = {name: getattr(self, f"_f_{name}") for name in FAMILIES}
+        self._makers: dict[str, Callable[[], Payload]] = {
+            name: getattr(self, f"_f_{name}") for name in FAMILIES
+        }
         self._unknown = 0
 
     # -------------------------------------------------------------- api
@@ -180,8 +252,12 @@ class FuzzGenerator:
     def bootstrap(self) -> list[Payload]:
         """A valid topology for every fuzz run (so unknown-layer and seed traffic has something to hit)."""
         return [
-            Payload("bootstrap", self._subj(run, "topology"), self.codec.encode(self._topology(self.layers[run])),
-                    expect="accept")
+            Payload(
+                "bootstrap",
+                self._subj(run, "topology"),
+                self.codec.encode(self._topology(self.layers[run])),
+                expect="accept",
+            )
             for run in self.runs
         ]
 
@@ -201,19 +277,29 @@ class FuzzGenerator:
     def _run(self) -> str:
         return self.rng.choice(self.runs)
 
-    def _topology(self, n: int, kinds: tuple[str, ...] = ("conv", "linear", "attention", "mlp")) -> TopologyPacket:
-        nodes = [TopologyNode(layer_id=i, name=f"l{i}", layer_type=kinds[i % len(kinds)], params=1000 * (i + 1))
-                 for i in range(n)]
+    def _topology(
+        self, n: int, kinds: tuple[str, ...] = ("conv", "linear", "attention", "mlp")
+    ) -> TopologyPacket:
+        nodes = [
+            TopologyNode(layer_id=i, name=f"l{i}", layer_type=kinds[i % len(kinds)], params=1000 * (i + 1))
+            for i in range(n)
+        ]
         edges = [(i, i + 1) for i in range(n - 1)] + [(i, i + 2) for i in range(0, n - 2, 3)]
         return TopologyPacket(nodes=nodes, edges=edges, topology_version=1, timestamp=time.time())
 
     def _health(self, run: str | None = None, layer: int | None = None) -> HealthSignal:
         r = self.rng
         layers = self.layers.get(run or "", 8)
-        return HealthSignal(layer_id=r.randrange(layers) if layer is None else layer, health_score=r.random(),
-                            error_count=r.randrange(10), activation_variance=r.random() * 3,
-                            gradient_norm=r.random() * 10, seed_stage=r.choice(list(SeedStage)),
-                            alpha=r.random(), epochs_in_stage=r.randrange(12))
+        return HealthSignal(
+            layer_id=r.randrange(layers) if layer is None else layer,
+            health_score=r.random(),
+            error_count=r.randrange(10),
+            activation_variance=r.random() * 3,
+            gradient_norm=r.random() * 10,
+            seed_stage=r.choice(list(SeedStage)),
+            alpha=r.random(),
+            epochs_in_stage=r.randrange(12),
+        )
 
     def _batch(self, run: str | None = None, n: int | None = None) -> HealthBatch:
         n = self.rng.randrange(1, 24) if n is None else n
@@ -222,22 +308,45 @@ class FuzzGenerator:
     def _state(self, run: str | None = None) -> SystemStatePacket:
         r = self.rng
         layers = self.layers.get(run or "", 8)
-        seeds = [SeedSlotState(layer_id=r.randrange(layers), stage=r.choice(list(SeedStage)),
-                               alpha=r.random(), epochs_in_stage=r.randrange(12), counterfactual=r.uniform(-1, 1),
-                               total_improvement=r.uniform(-1, 1)) for _ in range(r.randrange(4))]
-        return SystemStatePacket(epoch=r.randrange(100), global_step=r.randrange(10**6), train_loss=r.random() * 3,
-                                 val_loss=r.random() * 3, val_accuracy=r.random(), train_accuracy=r.random(),
-                                 metrics={f"m{i}": r.random() for i in range(r.randrange(5))},
-                                 hardware=HardwareContext(device="cuda:0", gpu_utilization=r.random()),
-                                 seeds=seeds, host_params=10**6, total_params=10**6 + r.randrange(10**5),
-                                 timestamp=time.time())
+        seeds = [
+            SeedSlotState(
+                layer_id=r.randrange(layers),
+                stage=r.choice(list(SeedStage)),
+                alpha=r.random(),
+                epochs_in_stage=r.randrange(12),
+                counterfactual=r.uniform(-1, 1),
+                total_improvement=r.uniform(-1, 1),
+            )
+            for _ in range(r.randrange(4))
+        ]
+        return SystemStatePacket(
+            epoch=r.randrange(100),
+            global_step=r.randrange(10**6),
+            train_loss=r.random() * 3,
+            val_loss=r.random() * 3,
+            val_accuracy=r.random(),
+            train_accuracy=r.random(),
+            metrics={f"m{i}": r.random() for i in range(r.randrange(5))},
+            hardware=HardwareContext(device="cuda:0", gpu_utilization=r.random()),
+            seeds=seeds,
+            host_params=10**6,
+            total_params=10**6 + r.randrange(10**5),
+            timestamp=time.time(),
+        )
 
     def _ack(self) -> CommandAck:
-        return CommandAck(command_id=self._command_id(), status=self.rng.choice(list(AckStatus)),
-                          reason="fuzz", layer_id=self.rng.randrange(8), timestamp=time.time())
+        return CommandAck(
+            command_id=self._command_id(),
+            status=self.rng.choice(list(AckStatus)),
+            reason="fuzz",
+            layer_id=self.rng.randrange(8),
+            timestamp=time.time(),
+        )
 
     def _command_id(self) -> str:
-        return "".join(self.rng.choices(string.ascii_letters + string.digits + "-_:", k=self.rng.randrange(1, 65)))
+        return "".join(
+            self.rng.choices(string.ascii_letters + string.digits + "-_:", k=self.rng.randrange(1, 65))
+        )
 
     def _valid(self, run: str) -> tuple[str, Any]:
         """(channel, message) of a random valid message for `run`."""
@@ -336,13 +445,21 @@ class FuzzGenerator:
                 msg[key] = value
         if r.random() < 0.6:  # msgpack, positional (the host's form)
             tag = msg.pop("kind")
-            fields = {"health": HealthSignal, "state": SystemStatePacket, "topology": TopologyPacket,
-                      "ack": CommandAck}[channel]
+            fields = {
+                "health": HealthSignal,
+                "state": SystemStatePacket,
+                "topology": TopologyPacket,
+                "ack": CommandAck,
+            }[channel]
             data = self._positional_from_keyed(tag, fields, msg)
             return Payload("extreme_numbers", self._subj(run, channel), data, None)
         # JSON cannot carry NaN/inf: msgspec writes them as null; big ints go out as digits.
-        return Payload("extreme_numbers", self._subj(run, channel), json.dumps(msg, allow_nan=True).encode(),
-                       "application/json")
+        return Payload(
+            "extreme_numbers",
+            self._subj(run, channel),
+            json.dumps(msg, allow_nan=True).encode(),
+            "application/json",
+        )
 
     def _positional_from_keyed(self, tag: str, cls: type, keyed: dict[str, Any]) -> bytes:
         """The positional msgpack form (what Codec.encode writes) of a keyed dict; nested structs as builtins."""
@@ -354,8 +471,18 @@ class FuzzGenerator:
     def _f_over_limit(self) -> Payload:
         r, lim = self.rng, self.limits
         run = self._run()
-        kind = r.choice(("batch", "nodes", "edges", "metrics", "seeds", "too_large", "at_limit_batch",
-                         "at_limit_topology"))
+        kind = r.choice(
+            (
+                "batch",
+                "nodes",
+                "edges",
+                "metrics",
+                "seeds",
+                "too_large",
+                "at_limit_batch",
+                "at_limit_topology",
+            )
+        )
         if kind == "batch":
             msg: Any = self._batch(run, lim["max_batch_signals"] + r.randrange(1, 64))
             return Payload("over_limit", self._subj(run, "health"), self.codec.encode(msg), expect="reject")
@@ -363,15 +490,18 @@ class FuzzGenerator:
             msg = self._topology(lim["max_nodes"] + r.randrange(1, 64))
             return Payload("over_limit", self._subj(run, "topology"), self.codec.encode(msg), expect="reject")
         if kind == "edges":
-            msg = TopologyPacket(nodes=[TopologyNode(layer_id=i) for i in range(8)],
-                                 edges=[(i % 7, i % 7 + 1) for i in range(lim["max_edges"] + r.randrange(1, 64))])
+            msg = TopologyPacket(
+                nodes=[TopologyNode(layer_id=i) for i in range(8)],
+                edges=[(i % 7, i % 7 + 1) for i in range(lim["max_edges"] + r.randrange(1, 64))],
+            )
             return Payload("over_limit", self._subj(run, "topology"), self.codec.encode(msg), expect="reject")
         if kind == "metrics":
             msg = SystemStatePacket(epoch=1, metrics={f"k{i}": 0.5 for i in range(lim["max_metrics"] + 1)})
             return Payload("over_limit", self._subj(run, "state"), self.codec.encode(msg), expect="reject")
         if kind == "seeds":
-            msg = SystemStatePacket(epoch=1, seeds=[SeedSlotState(layer_id=i % 8)
-                                                    for i in range(lim["max_seeds"] + 1)])
+            msg = SystemStatePacket(
+                epoch=1, seeds=[SeedSlotState(layer_id=i % 8) for i in range(lim["max_seeds"] + 1)]
+            )
             return Payload("over_limit", self._subj(run, "state"), self.codec.encode(msg), expect="reject")
         if kind == "too_large":
             data = b"\x00" * (lim["max_payload_bytes"] + r.randrange(1, 4096))
@@ -413,10 +543,19 @@ class FuzzGenerator:
     def _f_unknown_layers(self) -> Payload:
         run = self._run()
         r = self.rng
-        signals = [HealthSignal(layer_id=r.choice((r.randrange(1000, 2**31 - 1), self.layers[run] + r.randrange(5))),
-                                health_score=r.random()) for _ in range(r.randrange(1, 8))]
-        return Payload("unknown_layers", self._subj(run, "health"),
-                       self.codec.encode(HealthBatch(signals=signals)), expect="accept")
+        signals = [
+            HealthSignal(
+                layer_id=r.choice((r.randrange(1000, 2**31 - 1), self.layers[run] + r.randrange(5))),
+                health_score=r.random(),
+            )
+            for _ in range(r.randrange(1, 8))
+        ]
+        return Payload(
+            "unknown_layers",
+            self._subj(run, "health"),
+            self.codec.encode(HealthBatch(signals=signals)),
+            expect="accept",
+        )
 
     def _f_unknown_acks(self) -> Payload:
         # Half on good runs' own subjects: a stranger's acks for commands that were never issued.
@@ -424,7 +563,9 @@ class FuzzGenerator:
             run = self.rng.choice(self.good_runs)
         else:
             run = self._run()
-        data = self.codec.encode(self._ack()) if self.rng.random() < 0.8 else self.codec.encode_json(self._ack())
+        data = (
+            self.codec.encode(self._ack()) if self.rng.random() < 0.8 else self.codec.encode_json(self._ack())
+        )
         return Payload("unknown_acks", self._subj(run, "ack"), data, expect="accept")
 
     def _f_bad_subjects(self) -> Payload:
@@ -433,11 +574,14 @@ class FuzzGenerator:
         if kind < 0.15:  # a valid run, a channel that does not exist
             channel, msg = self._valid(self._run())
             bad = r.choice(("healthz", "STATE", "status", "topology_", "acks", "cmd", "x" * 70, "%"))
-            return Payload("bad_subjects", self._subj(self._run(), bad), self.codec.encode(msg), expect="reject")
+            return Payload(
+                "bad_subjects", self._subj(self._run(), bad), self.codec.encode(msg), expect="reject"
+            )
         if kind < 0.2:  # a forged command on a fuzz run's command subject: esperd skips its own channel
             channel, msg = self._valid(self._run())
-            return Payload("bad_subjects", self._subj(self._run(), "command"), self.codec.encode(msg),
-                           expect="ignored")
+            return Payload(
+                "bad_subjects", self._subj(self._run(), "command"), self.codec.encode(msg), expect="ignored"
+            )
         if kind < 0.55:
             base = list(r.choices(string.ascii_letters + string.digits, k=r.randrange(0, 20)))
             base.insert(r.randrange(len(base) + 1), r.choice(BAD_RUN_CHARS))
@@ -471,14 +615,20 @@ class FuzzGenerator:
         elif variant == 2:  # kind in the wrong case
             data = json.dumps({**keyed, "kind": keyed["kind"].upper()}).encode()
         elif variant == 3:  # a required field missing (or kind missing)
-            required = {"health": ("layer_id", "health_score"), "ack": ("command_id", "status")}.get(keyed["kind"], ())
+            required = {"health": ("layer_id", "health_score"), "ack": ("command_id", "status")}.get(
+                keyed["kind"], ()
+            )
             key = r.choice(["kind", *required])
             data = json.dumps({k: v for k, v in keyed.items() if k != key}).encode()
         elif variant == 4:  # the positional (array) form is msgpack's, not JSON's
             data = json.dumps([keyed["kind"], *keyed.values()]).encode()
         elif variant == 5:  # deep nesting
             depth = r.randrange(100, 50_000)
-            data = (b"[" * depth + b"]" * depth) if r.random() < 0.5 else (b'{"a":' * depth + b"1" + b"}" * depth)
+            data = (
+                (b"[" * depth + b"]" * depth)
+                if r.random() < 0.5
+                else (b'{"a":' * depth + b"1" + b"}" * depth)
+            )
         elif variant == 6:  # UTF-8 BOM first: not sniffed as JSON
             data, ctype = b"\xef\xbb\xbf" + body.encode(), None
         elif variant == 7:  # JSON bytes declared msgpack
@@ -490,8 +640,11 @@ class FuzzGenerator:
         elif variant == 10:  # a 5000-digit number
             data = ('{"kind":"health","layer_id":1' + "0" * 5000 + ',"health_score":0.5}').encode()
         elif variant == 11:  # NaN / Infinity literals are not JSON
-            data = ('{"kind":"health","layer_id":1,"health_score":' + r.choice(("NaN", "Infinity", "-Infinity"))
-                    + "}").encode()
+            data = (
+                '{"kind":"health","layer_id":1,"health_score":'
+                + r.choice(("NaN", "Infinity", "-Infinity"))
+                + "}"
+            ).encode()
         elif variant == 12:  # not an object at all
             data = r.choice((b"null", b"true", b"123", b'"health"', b"[]", b"{}", b" ", b"\n{\n"))
         elif variant == 13:  # truncated JSON
@@ -500,7 +653,11 @@ class FuzzGenerator:
         elif variant == 14:  # oversized strings, control characters
             data = json.dumps({"kind": "topology", "nodes": [{"layer_id": 0, "name": "n" * 300}]}).encode()
             if r.random() < 0.5:
-                data = b'{"kind":"ack","command_id":"a\\u0000b","status":"applied","reason":"' + b"r" * 2000 + b'"}'
+                data = (
+                    b'{"kind":"ack","command_id":"a\\u0000b","status":"applied","reason":"'
+                    + b"r" * 2000
+                    + b'"}'
+                )
         else:  # content type garbage on a valid body: sniffing still reads it
             data, ctype, expect = body.encode(), r.choice(CONTENT_TYPES[6:]), "accept"
         return Payload("json_variants", self._subj(run, channel), data, ctype, expect)
@@ -525,7 +682,10 @@ class FuzzGenerator:
         elif variant == 5:  # a map (keyed) where the positional array belongs
             data = msgspec.msgpack.encode(self._keyed(msg))
         elif variant == 6:  # more elements than the message has fields: a newer host's, ignored by design
-            data, expect = msgspec.msgpack.encode([*self._positional(msg), *([0] * r.randrange(1, 40))]), "any"
+            data, expect = (
+                msgspec.msgpack.encode([*self._positional(msg), *([0] * r.randrange(1, 40))]),
+                "any",
+            )
         elif variant == 7:  # only the required fields: valid (defaults fill the rest)
             data, expect = msgspec.msgpack.encode(["health", 1, r.randrange(8), r.random()]), "accept"
             channel = "health"
@@ -539,17 +699,22 @@ class FuzzGenerator:
         r = self.rng
         if r.random() < 0.1:
             msg: Any = self._state(self.flood_run)
-            return Payload("flood_one_run", self._subj(self.flood_run, "state"), self.codec.encode(msg),
-                           expect="accept")
+            return Payload(
+                "flood_one_run", self._subj(self.flood_run, "state"), self.codec.encode(msg), expect="accept"
+            )
         msg = self._batch(self.flood_run, r.randrange(1, 16))
-        return Payload("flood_one_run", self._subj(self.flood_run, "health"), self.codec.encode(msg), expect="accept")
+        return Payload(
+            "flood_one_run", self._subj(self.flood_run, "health"), self.codec.encode(msg), expect="accept"
+        )
 
 
 def _defaults(cls: type) -> list[Any]:
     """Each field's default (None where required), in declaration order."""
     info = msgspec.structs.fields(cls)
-    return [None if f.required else (f.default if f.default is not msgspec.NODEFAULT else f.default_factory())
-            for f in info]
+    return [
+        None if f.required else (f.default if f.default is not msgspec.NODEFAULT else f.default_factory())
+        for f in info
+    ]
 
 
 # ------------------------------------------------------------------------------------- the oracle
@@ -600,8 +765,13 @@ class Oracle:
             outcome = out.reason
             self.rejected[out.reason] += 1
         self.by_family.setdefault(p.family, Counter())[outcome] += 1
-        if (p.expect == "accept" and outcome != "accepted" or p.expect == "reject" and outcome == "accepted"
-                or p.expect == "ignored"):
+        if (
+            p.expect == "accept"
+            and outcome != "accepted"
+            or p.expect == "reject"
+            and outcome == "accepted"
+            or p.expect == "ignored"
+        ):
             self.surprises[f"{p.family}:{p.expect}->{outcome}"] += 1
         return outcome
 
@@ -622,7 +792,9 @@ def check_counts(status: dict[str, Any], oracle: Oracle) -> list[str]:
     problems: list[str] = []
     by_reason: dict[str, int] = status["rejected_by_reason"]
     if sum(by_reason.values()) != status["rejected_total"]:
-        problems.append(f"sum(rejected_by_reason)={sum(by_reason.values())} != rejected_total={status['rejected_total']}")
+        problems.append(
+            f"sum(rejected_by_reason)={sum(by_reason.values())} != rejected_total={status['rejected_total']}"
+        )
     if status["accepted_total"] != oracle.accepted:
         problems.append(f"accepted_total={status['accepted_total']} != oracle {oracle.accepted}")
     for reason in sorted(set(by_reason) | set(oracle.rejected)):
@@ -673,8 +845,12 @@ class GoodRun:
         self._nc = await nats.connect(self.url, name=f"good-{self.run_id}", max_reconnect_attempts=3)
         await self._nc.subscribe(f"{PREFIX}.{self.run_id}.command", cb=self._on_command)
         await self._nc.flush()
-        nodes = [TopologyNode(layer_id=i, name=f"b{i}", layer_type="conv", params=1000) for i in range(self.layers)]
-        await self._publish("topology", TopologyPacket(nodes=nodes, edges=[(i, i + 1) for i in range(self.layers - 1)]))
+        nodes = [
+            TopologyNode(layer_id=i, name=f"b{i}", layer_type="conv", params=1000) for i in range(self.layers)
+        ]
+        await self._publish(
+            "topology", TopologyPacket(nodes=nodes, edges=[(i, i + 1) for i in range(self.layers - 1)])
+        )
         await self._nc.flush()
         self._task = asyncio.create_task(self._loop(), name=f"good-{self.run_id}")
 
@@ -692,8 +868,9 @@ class GoodRun:
         assert self._nc is not None
         subject, data = f"{PREFIX}.{self.run_id}.{channel}", self.codec.encode(msg)
         if self.oracle is not None:
-            outcome = self.oracle.feed(Payload("good", subject, data, "application/msgpack", "accept"),
-                                       ack_is_unknown=False)
+            outcome = self.oracle.feed(
+                Payload("good", subject, data, "application/msgpack", "accept"), ack_is_unknown=False
+            )
             assert outcome == "accepted", (subject, outcome)
         await self._nc.publish(subject, data, headers={"Content-Type": "application/msgpack"})
         self.published += 1
@@ -704,7 +881,9 @@ class GoodRun:
         next_at, epoch = loop.time(), 0
         while not self._stop.is_set():
             epoch += 1
-            signals = [HealthSignal(layer_id=i, health_score=0.9 - 0.01 * (epoch % 3)) for i in range(self.layers)]
+            signals = [
+                HealthSignal(layer_id=i, health_score=0.9 - 0.01 * (epoch % 3)) for i in range(self.layers)
+            ]
             await self._publish("health", HealthBatch(signals=signals))
             seeds = [SeedSlotState(layer_id=self.seed_layer, stage=SeedStage.TRAINING, epochs_in_stage=3)]
             self._last_state_at = time.monotonic()
@@ -721,12 +900,23 @@ class GoodRun:
         except Exception as exc:  # noqa: BLE001 - record it, never crash the host
             self.wrong.append(f"undecodable command: {exc}")
             return
-        if command.run_id != self.run_id or command.layer_id != self.seed_layer or command.op is not Op.ADVANCE:
+        if (
+            command.run_id != self.run_id
+            or command.layer_id != self.seed_layer
+            or command.op is not Op.ADVANCE
+        ):
             self.wrong.append(f"{command.run_id}/{command.layer_id}/{command.op.value}")
         self.commands += 1
         self.latencies_ms.append((time.monotonic() - self._last_state_at) * 1000)
-        await self._publish("ack", CommandAck(command_id=command.command_id, status=AckStatus.APPLIED,
-                                              layer_id=command.layer_id, timestamp=time.time()))
+        await self._publish(
+            "ack",
+            CommandAck(
+                command_id=command.command_id,
+                status=AckStatus.APPLIED,
+                layer_id=command.layer_id,
+                timestamp=time.time(),
+            ),
+        )
 
     @property
     def ratio(self) -> float:
@@ -766,8 +956,13 @@ def _pct(ordered: list[float], q: float) -> float:
 class StatusPoller:
     """Asks `esperd.status` every `interval_s`; records response times, failures and the last answer."""
 
-    def __init__(self, nc: Client, interval_s: float = 0.5, timeout_s: float = 2.0,
-                 rss: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        interval_s: float = 0.5,
+        timeout_s: float = 2.0,
+        rss: Callable[[], int] | None = None,
+    ) -> None:
         self.nc, self.interval_s, self.timeout_s, self.rss = nc, interval_s, timeout_s, rss
         self.latencies_ms: list[float] = []
         self.failures = 0
@@ -823,9 +1018,16 @@ def rss_of(pid: int) -> int:
 # -------------------------------------------------------------------------------- the publisher
 
 
-async def publish_payloads(nc: Client, payloads: Iterator[Payload], oracle: Oracle, *,
-                           status: Callable[[], Any], max_lag: int = 4000, deadline_s: float = 900.0,
-                           chunk: int = 250) -> dict[str, Any]:
+async def publish_payloads(
+    nc: Client,
+    payloads: Iterator[Payload],
+    oracle: Oracle,
+    *,
+    status: Callable[[], Any],
+    max_lag: int = 4000,
+    deadline_s: float = 900.0,
+    chunk: int = 250,
+) -> dict[str, Any]:
     """Publish every payload (fed to the oracle first), keeping at most `max_lag` unprocessed.
 
     `status` is an async callable returning a status dict. Stops at `deadline_s` (reported).
@@ -854,8 +1056,14 @@ async def publish_payloads(nc: Client, payloads: Iterator[Payload], oracle: Orac
             timed_out = True
             break
     await nc.flush(timeout=10)
-    return {"sent": sent, "bytes": sent_bytes, "families": families, "seconds": time.monotonic() - start,
-            "lag_waits": waits, "timed_out": timed_out}
+    return {
+        "sent": sent,
+        "bytes": sent_bytes,
+        "families": families,
+        "seconds": time.monotonic() - start,
+        "lag_waits": waits,
+        "timed_out": timed_out,
+    }
 
 
 async def wait_caught_up(status: Callable[[], Any], oracle: Oracle, timeout: float = 60.0) -> dict[str, Any]:
@@ -887,8 +1095,17 @@ def config_toml(url: str, state_dir: Path, log_level: str = "warning") -> str:
 
     return (
         table("nats", {"servers": [url], "reconnect_wait_s": 0.2})
-        + table("service", {"state_dir": str(state_dir), "drain_timeout_s": 10.0, "log_level": log_level,
-                            "log_format": "json", "torch_threads": 1, "device": "cpu"})
+        + table(
+            "service",
+            {
+                "state_dir": str(state_dir),
+                "drain_timeout_s": 10.0,
+                "log_level": log_level,
+                "log_format": "json",
+                "torch_threads": 1,
+                "device": "cpu",
+            },
+        )
         + table("limits", LIMITS)
         + table("analyzer", ANALYZER)
         + table("scheduler", SCHEDULER)
@@ -908,8 +1125,9 @@ async def _wait_status(nc: Client, timeout: float = 60.0) -> dict[str, Any]:
             await asyncio.sleep(0.2)
 
 
-async def good_phase(url: str, names: list[str], duration_s: float, oracle: Oracle,
-                     during: Callable[[], Any] | None = None) -> tuple[list[GoodRun], Any]:
+async def good_phase(
+    url: str, names: list[str], duration_s: float, oracle: Oracle, during: Callable[[], Any] | None = None
+) -> tuple[list[GoodRun], Any]:
     """Run good hosts for `duration_s` (or for as long as `during()` takes, at least `duration_s`)."""
     runs = [GoodRun(url, name, oracle) for name in names]
     for run in runs:
@@ -951,13 +1169,18 @@ async def campaign(args: argparse.Namespace) -> int:
 
         # ---- baseline: good runs alone
         print(f"baseline: {args.good_runs} good runs for {args.baseline_s:.0f} s", flush=True)
-        base, _ = await good_phase(server.url, [f"base-{i}" for i in range(args.good_runs)], args.baseline_s, oracle)
+        base, _ = await good_phase(
+            server.url, [f"base-{i}" for i in range(args.good_runs)], args.baseline_s, oracle
+        )
         base_sum = summarize_good(base)
         rss_before = rss_of(proc.pid)
 
         # ---- campaign: fresh good runs while the fuzz publisher runs
-        gen = FuzzGenerator(args.seed, good_runs=tuple(f"good-{i}" for i in range(args.good_runs)),
-                            huge_losses=not args.no_huge_losses)
+        gen = FuzzGenerator(
+            args.seed,
+            good_runs=tuple(f"good-{i}" for i in range(args.good_runs)),
+            huge_losses=not args.no_huge_losses,
+        )
         for p in gen.bootstrap():
             oracle.feed(p)
             await fuzz_nc.publish(p.subject, p.data, headers=p.headers)
@@ -965,11 +1188,18 @@ async def campaign(args: argparse.Namespace) -> int:
         print(f"campaign: {args.payloads} payloads", flush=True)
 
         async def fuzz() -> dict[str, Any]:
-            return await publish_payloads(fuzz_nc, gen.stream(args.payloads), oracle, status=poller.ask,
-                                          max_lag=args.max_lag, deadline_s=args.deadline_s)
+            return await publish_payloads(
+                fuzz_nc,
+                gen.stream(args.payloads),
+                oracle,
+                status=poller.ask,
+                max_lag=args.max_lag,
+                deadline_s=args.deadline_s,
+            )
 
-        good, pub = await good_phase(server.url, [f"good-{i}" for i in range(args.good_runs)], args.baseline_s,
-                                     oracle, during=fuzz)
+        good, pub = await good_phase(
+            server.url, [f"good-{i}" for i in range(args.good_runs)], args.baseline_s, oracle, during=fuzz
+        )
         good_sum = summarize_good(good)
         final = await wait_caught_up(poller.ask, oracle)
         rss_after = rss_of(proc.pid)
@@ -983,34 +1213,66 @@ async def campaign(args: argparse.Namespace) -> int:
 
         problems = check_counts(final, oracle)
         checks += [
-            ("payloads published", pub["sent"] >= args.payloads and not pub["timed_out"],
-             f"{pub['sent']} in {pub['seconds']:.1f} s"),
+            (
+                "payloads published",
+                pub["sent"] >= args.payloads and not pub["timed_out"],
+                f"{pub['sent']} in {pub['seconds']:.1f} s",
+            ),
             ("esperd alive after the campaign", alive, f"pid {proc.pid}"),
-            ("status answered every poll", poller.failures == 0,
-             f"{len(poller.latencies_ms)} answers, {poller.failures} failures, max {poller.max_ms:.1f} ms"),
+            (
+                "status answered every poll",
+                poller.failures == 0,
+                f"{len(poller.latencies_ms)} answers, {poller.failures} failures, max {poller.max_ms:.1f} ms",
+            ),
             ("every payload counted, by reason (= oracle)", not problems, "; ".join(problems) or "exact"),
-            ("no NATS errors, no slow-consumer drops", final["nats"]["errors"] == 0
-             and not final["nats"].get("slow_consumer_drops") and not final["nats"]["disconnects"],
-             (f"errors={final['nats']['errors']}, slow_consumer_drops={final['nats'].get('slow_consumer_drops')}, "
-             f"disconnects={final['nats']['disconnects']}")),
+            (
+                "no NATS errors, no slow-consumer drops",
+                final["nats"]["errors"] == 0
+                and not final["nats"].get("slow_consumer_drops")
+                and not final["nats"]["disconnects"],
+                (
+                    f"errors={final['nats']['errors']}, slow_consumer_drops={final['nats'].get('slow_consumer_drops')}, "
+                    f"disconnects={final['nats']['disconnects']}"
+                ),
+            ),
             ("no generator surprises", not oracle.surprises, str(dict(oracle.surprises)) or "none"),
-            ("good runs: only their own ADVANCE commands", good_sum["wrong"] == 0 and base_sum["wrong"] == 0,
-             f"wrong={good_sum['wrong']}"),
-            ("good runs: commands per state >= 80% of baseline",
-             good_sum["ratio_min"] >= 0.8 * base_sum["ratio_mean"] and good_sum["commands"] > 0,
-             f"{good_sum['ratio_min']:.3f} (min) vs baseline {base_sum['ratio_mean']:.3f}"),
-            ("good runs: command rate >= 80% of baseline", good_sum["rate_per_run"] >= 0.8 * base_sum["rate_per_run"],
-             f"{good_sum['rate_per_run']:.2f}/s vs baseline {base_sum['rate_per_run']:.2f}/s"),
-            ("fuzz runs evicted afterwards", settled["runs"] <= 1 and settled["evicted_runs"] > 0,
-             f"runs={settled['runs']}, evicted_runs={settled['evicted_runs']}"),
+            (
+                "good runs: only their own ADVANCE commands",
+                good_sum["wrong"] == 0 and base_sum["wrong"] == 0,
+                f"wrong={good_sum['wrong']}",
+            ),
+            (
+                "good runs: commands per state >= 80% of baseline",
+                good_sum["ratio_min"] >= 0.8 * base_sum["ratio_mean"] and good_sum["commands"] > 0,
+                f"{good_sum['ratio_min']:.3f} (min) vs baseline {base_sum['ratio_mean']:.3f}",
+            ),
+            (
+                "good runs: command rate >= 80% of baseline",
+                good_sum["rate_per_run"] >= 0.8 * base_sum["rate_per_run"],
+                f"{good_sum['rate_per_run']:.2f}/s vs baseline {base_sum['rate_per_run']:.2f}/s",
+            ),
+            (
+                "fuzz runs evicted afterwards",
+                settled["runs"] <= 1 and settled["evicted_runs"] > 0,
+                f"runs={settled['runs']}, evicted_runs={settled['evicted_runs']}",
+            ),
         ]
         print("stopping esperd with SIGTERM", flush=True)
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(timeout=60)
         checks.append(("SIGTERM -> exit 0", exit_code == 0, f"exit {exit_code}"))
-        report.update(pub=pub, final=final, settled=settled, oracle=oracle, base=base_sum, good=good_sum,
-                      poller=poller, rss=(rss_start, rss_before, rss_after, rss_settled), checks=checks,
-                      work=str(work))
+        report.update(
+            pub=pub,
+            final=final,
+            settled=settled,
+            oracle=oracle,
+            base=base_sum,
+            good=good_sum,
+            poller=poller,
+            rss=(rss_start, rss_before, rss_after, rss_settled),
+            checks=checks,
+            work=str(work),
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -1049,46 +1311,86 @@ def _mib(n: int) -> str:
 
 
 def render(r: dict[str, Any]) -> str:
-    pub, final, oracle, base, good, poller = r["pub"], r["final"], r["oracle"], r["base"], r["good"], r["poller"]
+    pub, final, oracle, base, good, poller = (
+        r["pub"],
+        r["final"],
+        r["oracle"],
+        r["base"],
+        r["good"],
+        r["poller"],
+    )
     rss_start, rss_before, rss_after, rss_settled = r["rss"]
     peak = max((v for _, v in poller.rss_samples), default=0)
     out = ["# Fuzz campaign (esperd as a process, real nats-server)", ""]
-    out += [f"Command: `{r['command']}`", "",
-            (f"Machine: {platform.machine()} Linux, {os.cpu_count()} cores (shared), Python "
+    out += [
+        f"Command: `{r['command']}`",
+        "",
+        (
+            f"Machine: {platform.machine()} Linux, {os.cpu_count()} cores (shared), Python "
             f"{platform.python_version()}, msgspec {msgspec.__version__}; seed {r['seed']}; "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"), ""]
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        ),
+        "",
+    ]
     out += ["## Checks", "", "| check | result | figure |", "|---|---|---|"]
     out += [f"| {name} | {'PASS' if ok else 'FAIL'} | {detail} |" for name, ok, detail in r["checks"]]
-    out += ["", "## Traffic", "",
-            (f"- fuzz payloads published: **{pub['sent']}** ({pub['bytes'] / 2**20:.1f} MiB) in {pub['seconds']:.1f} s "
+    out += [
+        "",
+        "## Traffic",
+        "",
+        (
+            f"- fuzz payloads published: **{pub['sent']}** ({pub['bytes'] / 2**20:.1f} MiB) in {pub['seconds']:.1f} s "
             f"({pub['sent'] / max(pub['seconds'], 1e-9):.0f}/s); publisher paused {pub['lag_waits']} times to keep "
-            f"<= the lag bound in flight"),
-            (f"- daemon totals: accepted {final['accepted_total']}, rejected {final['rejected_total']}, "
+            f"<= the lag bound in flight"
+        ),
+        (
+            f"- daemon totals: accepted {final['accepted_total']}, rejected {final['rejected_total']}, "
             f"commands {final['commands_total']}, unknown acks {final['scheduler']['unknown_acks']} "
             f"(oracle {oracle.unknown_acks}), evicted runs {r['settled']['evicted_runs']}, "
-            f"decision failures {final['decisions']['failures']}, scheduler overflow {final['scheduler']['overflow']}"),
-            (f"- status: {len(poller.latencies_ms)} polls every 0.5 s (plus the publisher's lag checks), "
-            f"{poller.failures} failures, p99 {poller.p99_ms:.1f} ms, max {poller.max_ms:.1f} ms"),
-            (f"- esperd RSS: start {_mib(rss_start)}, after baseline {_mib(rss_before)}, after the campaign "
-            f"{_mib(rss_after)}, peak sampled {_mib(peak)}, after eviction {_mib(rss_settled)}"),
-            f"- esperd log: {r['log_lines']} lines (level warning); error lines by kind: {r['log_errors'] or 'none'}", ""]
+            f"decision failures {final['decisions']['failures']}, scheduler overflow {final['scheduler']['overflow']}"
+        ),
+        (
+            f"- status: {len(poller.latencies_ms)} polls every 0.5 s (plus the publisher's lag checks), "
+            f"{poller.failures} failures, p99 {poller.p99_ms:.1f} ms, max {poller.max_ms:.1f} ms"
+        ),
+        (
+            f"- esperd RSS: start {_mib(rss_start)}, after baseline {_mib(rss_before)}, after the campaign "
+            f"{_mib(rss_after)}, peak sampled {_mib(peak)}, after eviction {_mib(rss_settled)}"
+        ),
+        f"- esperd log: {r['log_lines']} lines (level warning); error lines by kind: {r['log_errors'] or 'none'}",
+        "",
+    ]
     out += ["## Rejections by reason", "", "| reason | daemon | oracle |", "|---|---:|---:|"]
     reasons = sorted(set(final["rejected_by_reason"]) | set(oracle.rejected))
-    out += [f"| {k} | {final['rejected_by_reason'].get(k, 0)} | {oracle.rejected.get(k, 0)}"
-            f"{' (min)' if k in STATEFUL_REASONS else ''} |" for k in reasons]
+    out += [
+        f"| {k} | {final['rejected_by_reason'].get(k, 0)} | {oracle.rejected.get(k, 0)}"
+        f"{' (min)' if k in STATEFUL_REASONS else ''} |"
+        for k in reasons
+    ]
     out += [f"| **total** | {final['rejected_total']} | {sum(oracle.rejected.values())} |", ""]
-    out += ["## Payload families", "", "| family | sent | accepted | rejected (top reasons) |", "|---|---:|---:|---|"]
+    out += [
+        "## Payload families",
+        "",
+        "| family | sent | accepted | rejected (top reasons) |",
+        "|---|---:|---:|---|",
+    ]
     for fam in FAMILIES:
         c = oracle.by_family.get(fam, Counter())
         rej = ", ".join(f"{k} {v}" for k, v in c.most_common() if k != "accepted")[:120]
         out.append(f"| {fam} | {pub['families'].get(fam, 0)} | {c.get('accepted', 0)} | {rej} |")
-    out += ["", "## Good runs (commands for a TRAINING seed, one expected per state packet)", "",
-            "| phase | runs | states | commands | cmds/state (min) | cmds/s per run | latency p50 | p99 | max |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out += [
+        "",
+        "## Good runs (commands for a TRAINING seed, one expected per state packet)",
+        "",
+        "| phase | runs | states | commands | cmds/state (min) | cmds/s per run | latency p50 | p99 | max |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, s in (("baseline (clean)", base), ("during the campaign", good)):
-        out.append(f"| {name} | {s['runs']} | {s['states']} | {s['commands']} | {s['ratio_min']:.3f} | "
-                   f"{s['rate_per_run']:.2f} | {s['latency_p50_ms']:.1f} ms | {s['latency_p99_ms']:.1f} ms | "
-                   f"{s['latency_max_ms']:.1f} ms |")
+        out.append(
+            f"| {name} | {s['runs']} | {s['states']} | {s['commands']} | {s['ratio_min']:.3f} | "
+            f"{s['rate_per_run']:.2f} | {s['latency_p50_ms']:.1f} ms | {s['latency_p99_ms']:.1f} ms | "
+            f"{s['latency_max_ms']:.1f} ms |"
+        )
     out += ["", "Latency: from publishing a state packet to receiving its command, at the host.", ""]
     return "\n".join(out) + "\n"
 
@@ -1097,13 +1399,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--payloads", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--baseline-s", type=float, default=20.0, help="baseline length (also the campaign minimum)")
+    parser.add_argument(
+        "--baseline-s", type=float, default=20.0, help="baseline length (also the campaign minimum)"
+    )
     parser.add_argument("--good-runs", type=int, default=3)
     parser.add_argument("--max-lag", type=int, default=4000, help="payloads in flight at most")
     parser.add_argument("--deadline-s", type=float, default=900.0, help="give up publishing after this")
     parser.add_argument("--out", default="", help="write the Markdown report here")
-    parser.add_argument("--no-huge-losses", action="store_true",
-                        help="keep train/val loss below 1e150 (avoids the known LossGovernor overflow)")
+    parser.add_argument(
+        "--no-huge-losses",
+        action="store_true",
+        help="keep train/val loss below 1e150 (avoids the known LossGovernor overflow)",
+    )
     args = parser.parse_args(argv)
     from esperd.logs import configure_logging
 

@@ -117,8 +117,9 @@ class Hosts:
         await self.nc.flush()
 
     async def _publish(self, run: str, channel: str, msg: Any) -> None:
-        await self.nc.publish(f"esper.{run}.{channel}", self.codec.encode(msg),
-                              headers={"Content-Type": "application/msgpack"})
+        await self.nc.publish(
+            f"esper.{run}.{channel}", self.codec.encode(msg), headers={"Content-Type": "application/msgpack"}
+        )
         self.published += 1
 
     async def _slot(self, slot: int) -> None:
@@ -132,10 +133,13 @@ class Hosts:
             self.live.add(run)
             layers = r.randrange(8, 33)
             kinds = ("conv", "linear", "attention", "mlp")
-            nodes = [TopologyNode(layer_id=i, name=f"l{i}", layer_type=kinds[i % 4], params=1000 * (i + 1))
-                     for i in range(layers)]
-            await self._publish(run, "topology",
-                                TopologyPacket(nodes=nodes, edges=[(i, i + 1) for i in range(layers - 1)]))
+            nodes = [
+                TopologyNode(layer_id=i, name=f"l{i}", layer_type=kinds[i % 4], params=1000 * (i + 1))
+                for i in range(layers)
+            ]
+            await self._publish(
+                run, "topology", TopologyPacket(nodes=nodes, edges=[(i, i + 1) for i in range(layers - 1)])
+            )
             seed_layer = r.randrange(layers)
             for epoch in range(r.randrange(3, 16)):
                 if self._stop.is_set():
@@ -143,8 +147,11 @@ class Hosts:
                 signals = [HealthSignal(layer_id=i, health_score=r.uniform(0.3, 1.0)) for i in range(layers)]
                 await self._publish(run, "health", HealthBatch(signals=signals))
                 seeds = [SeedSlotState(layer_id=seed_layer, stage=SeedStage.TRAINING, epochs_in_stage=3)]
-                await self._publish(run, "state", SystemStatePacket(epoch=epoch, val_accuracy=r.random(),
-                                                                    val_loss=r.random(), seeds=seeds))
+                await self._publish(
+                    run,
+                    "state",
+                    SystemStatePacket(epoch=epoch, val_accuracy=r.random(), val_loss=r.random(), seeds=seeds),
+                )
                 await asyncio.sleep(r.uniform(0.1, 0.2))
             if r.random() < 0.5:
                 await self._publish(run, "state", SystemStatePacket(epoch=99, val_accuracy=0.9, done=True))
@@ -158,9 +165,19 @@ class Hosts:
         run = msg.subject.split(".")[1]
         if run not in self.live:
             return  # a host that has finished no longer answers
-        command = self.codec.decode_command(msg.data, msg.headers.get("Content-Type") if msg.headers else None)
-        await self._publish(run, "ack", CommandAck(command_id=command.command_id, status=AckStatus.APPLIED,
-                                                   layer_id=command.layer_id, timestamp=time.time()))
+        command = self.codec.decode_command(
+            msg.data, msg.headers.get("Content-Type") if msg.headers else None
+        )
+        await self._publish(
+            run,
+            "ack",
+            CommandAck(
+                command_id=command.command_id,
+                status=AckStatus.APPLIED,
+                layer_id=command.layer_id,
+                timestamp=time.time(),
+            ),
+        )
         self.acks += 1
 
 
@@ -180,8 +197,9 @@ async def wait_status(nc: Client, timeout: float = 60.0) -> dict[str, Any]:
             await asyncio.sleep(0.2)
 
 
-async def sampler(nc: Client, pid: int, every_s: float, samples: list[dict[str, Any]], t0: float,
-                  failures: list[str]) -> None:
+async def sampler(
+    nc: Client, pid: int, every_s: float, samples: list[dict[str, Any]], t0: float, failures: list[str]
+) -> None:
     while True:
         sample: dict[str, Any] = {"t": time.monotonic() - t0}
         with contextlib.suppress(OSError):
@@ -197,7 +215,7 @@ async def sampler(nc: Client, pid: int, every_s: float, samples: list[dict[str, 
 def thirds(values: list[float]) -> tuple[list[float], list[float]]:
     n = len(values)
     k = max(1, n // 3)
-    return values[:k], values[n - k:]
+    return values[:k], values[n - k :]
 
 
 def slope_mib_per_min(points: list[tuple[float, int]]) -> float:
@@ -222,8 +240,11 @@ async def soak(args: argparse.Namespace) -> int:
     log_path = work / "esperd.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-            [sys.executable, "-m", "esperd.cli", "--config", str(config)], stdout=log_file,
-            stderr=subprocess.STDOUT, cwd=ROOT)
+            [sys.executable, "-m", "esperd.cli", "--config", str(config)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
     print(f"nats-server {server.url}; esperd pid {proc.pid}; work dir {work}", flush=True)
     samples: list[dict[str, Any]] = []
     failures: list[str] = []
@@ -235,7 +256,9 @@ async def soak(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         task = asyncio.create_task(sampler(control, proc.pid, args.sample_s, samples, t0, failures))
         hosts = Hosts(hosts_nc, args.slots, args.seed)
-        print(f"soak: {args.slots} slots for {args.duration_s:.0f} s, idle_ttl_s {args.idle_ttl_s}", flush=True)
+        print(
+            f"soak: {args.slots} slots for {args.duration_s:.0f} s, idle_ttl_s {args.idle_ttl_s}", flush=True
+        )
         await hosts.run(args.duration_s)
         load_samples = len(samples)
         # Let every run idle out: idle_ttl_s plus a housekeeping tick or two.
@@ -261,32 +284,63 @@ async def soak(args: argparse.Namespace) -> int:
         runs_series = [s["status"]["runs"] for s in samples if "status" in s]
         evicted_series = [s["status"]["evicted_runs"] for s in samples[:load_samples] if "status" in s]
         queued_max = max((s["status"]["scheduler"]["queued"] for s in samples if "status" in s), default=0)
-        pending_max = max((s["status"]["scheduler"]["pending_commands"] for s in samples if "status" in s), default=0)
-        second_half = [(s["t"], s["rss"]) for s in load[len(load) // 2:]]
+        pending_max = max(
+            (s["status"]["scheduler"]["pending_commands"] for s in samples if "status" in s), default=0
+        )
+        second_half = [(s["t"], s["rss"]) for s in load[len(load) // 2 :]]
         bound = max(first) * 1.2 + 16 * MIB
         checks += [
             ("esperd alive", alive, f"pid {proc.pid}"),
-            ("status answered every sample", not failures, f"{len(samples)} samples, failures {failures[:3]}"),
-            ("RSS plateaus: last-third max <= first-third max x 1.2 + 16 MiB", max(last) <= bound,
-             f"{max(last) / MIB:.1f} MiB <= {bound / MIB:.1f} MiB (first third max {max(first) / MIB:.1f} MiB)"),
-            ("RSS growth, last-third max - first-third max <= 8 MiB", max(last) - max(first) <= 8 * MIB,
-             f"{(max(last) - max(first)) / MIB:+.1f} MiB over {hosts.started} runs"),
-            ("runs <= max_runs at every sample", max(runs_series) <= args.max_runs,
-             f"max {max(runs_series)} <= {args.max_runs}"),
-            ("evicted_runs grows under load", len(evicted_series) > 2 and evicted_series[-1] > evicted_series[
-                len(evicted_series) // 3] > 0, f"{evicted_series[len(evicted_series) // 3]} -> {evicted_series[-1]}"),
-            ("every run evicted afterwards", final.get("runs") == 0 and final.get("evicted_runs") == hosts.started,
-             f"runs {final.get('runs')}, evicted_runs {final.get('evicted_runs')} of {hosts.started} started"),
-            ("nothing queued or pending afterwards", final["scheduler"]["queued"] == 0
-             and final["scheduler"]["pending_commands"] == 0,
-             (f"queued {final['scheduler']['queued']} (max {queued_max}), pending {final['scheduler']['pending_commands']}"
-             f" (max {pending_max})")),
-            ("no experience kept per run afterwards", final["experience"]["runs"] == 0
-             and final["experience"]["open_steps"] == 0,
-             f"experience runs {final['experience']['runs']}, open steps {final['experience']['open_steps']}"),
-            ("no rejections, no slow-consumer drops", final["rejected_total"] == 0
-             and not final["nats"].get("slow_consumer_drops") and final["nats"]["errors"] == 0,
-             f"rejected {final['rejected_by_reason']}, nats {final['nats']}"),
+            (
+                "status answered every sample",
+                not failures,
+                f"{len(samples)} samples, failures {failures[:3]}",
+            ),
+            (
+                "RSS plateaus: last-third max <= first-third max x 1.2 + 16 MiB",
+                max(last) <= bound,
+                f"{max(last) / MIB:.1f} MiB <= {bound / MIB:.1f} MiB (first third max {max(first) / MIB:.1f} MiB)",
+            ),
+            (
+                "RSS growth, last-third max - first-third max <= 8 MiB",
+                max(last) - max(first) <= 8 * MIB,
+                f"{(max(last) - max(first)) / MIB:+.1f} MiB over {hosts.started} runs",
+            ),
+            (
+                "runs <= max_runs at every sample",
+                max(runs_series) <= args.max_runs,
+                f"max {max(runs_series)} <= {args.max_runs}",
+            ),
+            (
+                "evicted_runs grows under load",
+                len(evicted_series) > 2 and evicted_series[-1] > evicted_series[len(evicted_series) // 3] > 0,
+                f"{evicted_series[len(evicted_series) // 3]} -> {evicted_series[-1]}",
+            ),
+            (
+                "every run evicted afterwards",
+                final.get("runs") == 0 and final.get("evicted_runs") == hosts.started,
+                f"runs {final.get('runs')}, evicted_runs {final.get('evicted_runs')} of {hosts.started} started",
+            ),
+            (
+                "nothing queued or pending afterwards",
+                final["scheduler"]["queued"] == 0 and final["scheduler"]["pending_commands"] == 0,
+                (
+                    f"queued {final['scheduler']['queued']} (max {queued_max}), pending {final['scheduler']['pending_commands']}"
+                    f" (max {pending_max})"
+                ),
+            ),
+            (
+                "no experience kept per run afterwards",
+                final["experience"]["runs"] == 0 and final["experience"]["open_steps"] == 0,
+                f"experience runs {final['experience']['runs']}, open steps {final['experience']['open_steps']}",
+            ),
+            (
+                "no rejections, no slow-consumer drops",
+                final["rejected_total"] == 0
+                and not final["nats"].get("slow_consumer_drops")
+                and final["nats"]["errors"] == 0,
+                f"rejected {final['rejected_by_reason']}, nats {final['nats']}",
+            ),
         ]
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
@@ -296,8 +350,9 @@ async def soak(args: argparse.Namespace) -> int:
             proc.kill()
             proc.wait()
         server.stop()
-    report = render(args, samples, load_samples, hosts, final, checks, rss_end, slope_mib_per_min(second_half),
-                    log_path)
+    report = render(
+        args, samples, load_samples, hosts, final, checks, rss_end, slope_mib_per_min(second_half), log_path
+    )
     print(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -306,47 +361,82 @@ async def soak(args: argparse.Namespace) -> int:
     return 0 if all(ok for _, ok, _ in checks) else 1
 
 
-def render(args: argparse.Namespace, samples: list[dict[str, Any]], load_samples: int, hosts: Hosts,
-           final: dict[str, Any], checks: list[tuple[str, bool, str]], rss_end: int, slope: float,
-           log_path: Path) -> str:
+def render(
+    args: argparse.Namespace,
+    samples: list[dict[str, Any]],
+    load_samples: int,
+    hosts: Hosts,
+    final: dict[str, Any],
+    checks: list[tuple[str, bool, str]],
+    rss_end: int,
+    slope: float,
+    log_path: Path,
+) -> str:
     import msgspec
 
     cmd = "python scripts/soak.py " + " ".join(sys.argv[1:])
     lines = log_path.read_text(errors="replace").splitlines()
     errors = sum('"level": "error"' in line for line in lines)
-    out = ["# Soak: runs starting and ending (esperd as a process, real nats-server)", "",
-           f"Command: `{cmd.strip()}`", "",
-           (f"Machine: {platform.machine()} Linux, {os.cpu_count()} cores (shared), Python "
-           f"{platform.python_version()}, msgspec {msgspec.__version__}; "
-           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"), "",
-           (f"Settings: {args.slots} host slots for {args.duration_s:.0f} s, analyzer idle_ttl_s {args.idle_ttl_s}, "
-           f"max_runs {args.max_runs}, policy {args.policy}, learner {args.learner}; each run: topology (8-32 layers), "
-           "3-15 rounds of health batch + state every 0.1-0.2 s (a seed in TRAINING: the heuristic sends ADVANCE, "
-           "the host acks while it lives), then `done` (half) or silence (half)."), "",
-           "## Checks", "", "| check | result | figure |", "|---|---|---|"]
+    out = [
+        "# Soak: runs starting and ending (esperd as a process, real nats-server)",
+        "",
+        f"Command: `{cmd.strip()}`",
+        "",
+        (
+            f"Machine: {platform.machine()} Linux, {os.cpu_count()} cores (shared), Python "
+            f"{platform.python_version()}, msgspec {msgspec.__version__}; "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        ),
+        "",
+        (
+            f"Settings: {args.slots} host slots for {args.duration_s:.0f} s, analyzer idle_ttl_s {args.idle_ttl_s}, "
+            f"max_runs {args.max_runs}, policy {args.policy}, learner {args.learner}; each run: topology (8-32 layers), "
+            "3-15 rounds of health batch + state every 0.1-0.2 s (a seed in TRAINING: the heuristic sends ADVANCE, "
+            "the host acks while it lives), then `done` (half) or silence (half)."
+        ),
+        "",
+        "## Checks",
+        "",
+        "| check | result | figure |",
+        "|---|---|---|",
+    ]
     out += [f"| {name} | {'PASS' if ok else 'FAIL'} | {detail} |" for name, ok, detail in checks]
-    out += ["", "## Load", "",
-            (f"- runs started {hosts.started} ({hosts.started / args.duration_s:.1f}/s): {hosts.done} ended with `done`, "
+    out += [
+        "",
+        "## Load",
+        "",
+        (
+            f"- runs started {hosts.started} ({hosts.started / args.duration_s:.1f}/s): {hosts.done} ended with `done`, "
             f"{hosts.silent} went silent; messages published {hosts.published}; commands received {hosts.commands}, "
-            f"acked {hosts.acks}"),
-            (f"- daemon at the end: accepted {final.get('accepted_total')}, commands {final.get('commands_total')}, "
+            f"acked {hosts.acks}"
+        ),
+        (
+            f"- daemon at the end: accepted {final.get('accepted_total')}, commands {final.get('commands_total')}, "
             f"evicted_runs {final.get('evicted_runs')}, expired commands {final['scheduler']['expired_commands']}, "
-            f"unknown acks {final['scheduler']['unknown_acks']}"),
-            (f"- RSS slope over the second half of the load: {slope:+.2f} MiB/min; RSS after every run was evicted: "
-            f"{rss_end / MIB:.1f} MiB"),
-            f"- esperd log: {len(lines)} lines at level warning, {errors} errors", "",
-            "## RSS and status over time", "",
-            "| t (s) | RSS (MiB) | runs | evicted_runs | queued | pending cmds | experience runs | accepted |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            f"unknown acks {final['scheduler']['unknown_acks']}"
+        ),
+        (
+            f"- RSS slope over the second half of the load: {slope:+.2f} MiB/min; RSS after every run was evicted: "
+            f"{rss_end / MIB:.1f} MiB"
+        ),
+        f"- esperd log: {len(lines)} lines at level warning, {errors} errors",
+        "",
+        "## RSS and status over time",
+        "",
+        "| t (s) | RSS (MiB) | runs | evicted_runs | queued | pending cmds | experience runs | accepted |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for i, s in enumerate(samples):
         st = s.get("status")
         mark = "" if i < load_samples else " (idle)"
         if st is None:
             out.append(f"| {s['t']:.0f}{mark} | {s.get('rss', 0) / MIB:.1f} | - | - | - | - | - | - |")
             continue
-        out.append(f"| {s['t']:.0f}{mark} | {s.get('rss', 0) / MIB:.1f} | {st['runs']} | {st['evicted_runs']} | "
-                   f"{st['scheduler']['queued']} | {st['scheduler']['pending_commands']} | "
-                   f"{st['experience']['runs']} | {st['accepted_total']} |")
+        out.append(
+            f"| {s['t']:.0f}{mark} | {s.get('rss', 0) / MIB:.1f} | {st['runs']} | {st['evicted_runs']} | "
+            f"{st['scheduler']['queued']} | {st['scheduler']['pending_commands']} | "
+            f"{st['experience']['runs']} | {st['accepted_total']} |"
+        )
     return "\n".join(out) + "\n"
 
 

@@ -287,7 +287,11 @@ def test_config_error_is_a_value_error() -> None:
 
 def test_env_nats_url_is_a_comma_separated_list() -> None:
     config = load_config(None, env={"ESPERD_NATS_URL": " nats://a:4222, nats://b:4223 ,,tls://c:4443"})
-    assert config.nats.servers == ("nats://a:4222", "nats://b:4223", "tls://c:4443",)
+    assert config.nats.servers == (
+        "nats://a:4222",
+        "nats://b:4223",
+        "tls://c:4443",
+    )
 
 
 def test_env_single_url() -> None:

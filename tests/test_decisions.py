@@ -57,8 +57,9 @@ def topology(analyzer: Analyzer, run_id: str, kinds: Sequence[str]) -> None:
     analyzer.ingest(run_id, TopologyPacket(nodes=nodes, edges=edges))
 
 
-def sick_run(analyzer: Analyzer, run_id: str, *, sick: int = 1, kinds: Sequence[str] = CNN_KINDS,
-             epoch: int = 5) -> None:
+def sick_run(
+    analyzer: Analyzer, run_id: str, *, sick: int = 1, kinds: Sequence[str] = CNN_KINDS, epoch: int = 5
+) -> None:
     """Layer `sick` unhealthy and declining (0.5 -> 0.2), the host stabilized at `epoch`: GERMINATE there."""
     topology(analyzer, run_id, kinds)
     for health in (0.5, 0.4, 0.3, 0.2):
@@ -85,8 +86,9 @@ def healthy_run(analyzer: Analyzer, run_id: str) -> None:
 class Spy:
     """Wraps a PolicyBundle: records each act call (thread, batch size), optionally slow or failing."""
 
-    def __init__(self, inner: PolicyBundle, *, delay: float = 0.0, fail_times: int = 0,
-                 on_act: Any = None) -> None:
+    def __init__(
+        self, inner: PolicyBundle, *, delay: float = 0.0, fail_times: int = 0, on_act: Any = None
+    ) -> None:
         self.inner = inner
         self.delay = delay
         self.fail_times = fail_times
@@ -98,8 +100,9 @@ class Spy:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def act(self, observations: Sequence[Observation], deterministic: bool = False,
-            hidden: Any = None) -> ActResult:
+    def act(
+        self, observations: Sequence[Observation], deterministic: bool = False, hidden: Any = None
+    ) -> ActResult:
         thread = threading.current_thread()
         self.calls.append((thread.name, thread.ident or 0, len(observations)))
         self.started.set()
@@ -131,7 +134,9 @@ class Harness:
         self.analyzer = Analyzer()
         self.scheduler = Scheduler(SchedulerConfig(**values), clock=clock)
         self.published: list[AdaptationCommand] = []
-        self.loop = DecisionLoop(self.scheduler, policy, observe=self.observe, publish=self.publish, clock=clock)
+        self.loop = DecisionLoop(
+            self.scheduler, policy, observe=self.observe, publish=self.publish, clock=clock
+        )
 
     def observe(self, run_id: str) -> Observation | None:
         return self.analyzer.observe(run_id) if run_id in self.analyzer else None
@@ -275,7 +280,10 @@ async def test_commands_carry_the_required_fields_and_fitting_blueprints() -> No
     assert (adv.blueprint, adv.blend, adv.tempo) == (None, None, None)
     # Each command went to the scheduler: its layer cools down and it awaits an ack.
     assert {(p.run_id, p.layer_id, p.op) for p in h.scheduler.pending.values()} == {
-        ("cnn", 2, "germinate"), ("tf", 1, "germinate"), ("adv", 3, "advance")}
+        ("cnn", 2, "germinate"),
+        ("tf", 1, "germinate"),
+        ("adv", 3, "advance"),
+    }
     assert h.scheduler.cooling_layers("adv") == {3}
 
 
@@ -452,15 +460,24 @@ def test_percentile_is_nearest_rank() -> None:
 
 
 def make_decision(op: Op, **fields: Any) -> Decision:
-    values: dict[str, Any] = {"run_id": "r-1", "layer_id": 7, "op": op, "action": Action(0, 0),
-                              "confidence": 0.8, "urgency": 0.6, "policy": "heuristic", "policy_version": 3}
+    values: dict[str, Any] = {
+        "run_id": "r-1",
+        "layer_id": 7,
+        "op": op,
+        "action": Action(0, 0),
+        "confidence": 0.8,
+        "urgency": 0.6,
+        "policy": "heuristic",
+        "policy_version": 3,
+    }
     values.update(fields)
     return Decision(**values)
 
 
 def test_describe_says_what_and_why() -> None:
-    germinate = make_decision(Op.GERMINATE, blueprint=Blueprint.CONV_HEAVY, blend=BlendAlgorithm.GATED,
-                              tempo=Tempo.SLOW)
+    germinate = make_decision(
+        Op.GERMINATE, blueprint=Blueprint.CONV_HEAVY, blend=BlendAlgorithm.GATED, tempo=Tempo.SLOW
+    )
     text = describe(germinate)
     assert text.startswith("germinate layer 7 with conv_heavy (gated, slow)")
     assert "heuristic v3" in text and "confidence 0.80" in text and "urgency 0.60" in text
@@ -468,12 +485,22 @@ def test_describe_says_what_and_why() -> None:
 
 
 def test_to_command_germinate_carries_levers_and_a_reason() -> None:
-    decision = make_decision(Op.GERMINATE, blueprint=Blueprint.LORA, blend=BlendAlgorithm.LINEAR,
-                             tempo=Tempo.FAST, confidence=1.7, urgency=-0.2)
+    decision = make_decision(
+        Op.GERMINATE,
+        blueprint=Blueprint.LORA,
+        blend=BlendAlgorithm.LINEAR,
+        tempo=Tempo.FAST,
+        confidence=1.7,
+        urgency=-0.2,
+    )
     before = time.time()
     command = to_command(decision)
     assert (command.run_id, command.layer_id, command.op) == ("r-1", 7, Op.GERMINATE)
-    assert (command.blueprint, command.blend, command.tempo) == (Blueprint.LORA, BlendAlgorithm.LINEAR, Tempo.FAST)
+    assert (command.blueprint, command.blend, command.tempo) == (
+        Blueprint.LORA,
+        BlendAlgorithm.LINEAR,
+        Tempo.FAST,
+    )
     assert (command.policy, command.policy_version) == ("heuristic", 3)
     assert command.confidence == 1.0 and command.urgency == 0.0  # clamped into [0, 1]
     assert command.reason == describe(decision)
@@ -485,8 +512,15 @@ def test_to_command_germinate_carries_levers_and_a_reason() -> None:
 
 
 def test_to_command_other_ops_drop_levers_and_keep_a_given_reason() -> None:
-    advance = to_command(make_decision(Op.ADVANCE, blueprint=Blueprint.LORA, blend=BlendAlgorithm.LINEAR,
-                                       tempo=Tempo.FAST, reason="dwell over"))
+    advance = to_command(
+        make_decision(
+            Op.ADVANCE,
+            blueprint=Blueprint.LORA,
+            blend=BlendAlgorithm.LINEAR,
+            tempo=Tempo.FAST,
+            reason="dwell over",
+        )
+    )
     assert (advance.blueprint, advance.blend, advance.tempo) == (None, None, None)
     assert advance.reason == "dwell over"
     alpha = to_command(make_decision(Op.SET_ALPHA_TARGET))

@@ -114,7 +114,12 @@ async def test_learner_child_process_trains_on_the_device_and_swaps_into_it(
     serving = make()
     swapped: list[PolicyBundle] = []
     learner = Learner(
-        learner_config(algorithm, worker="process"), make, serving, swapped.append, tmp_path, clock=FakeClock()
+        learner_config(algorithm, worker="process"),
+        make,
+        serving,
+        swapped.append,
+        tmp_path,
+        clock=FakeClock(),
     )
     try:
         feed(learner, sim_transitions(serving, 32, seed=1))

@@ -82,8 +82,11 @@ def test_terminal_and_transient_stages_only_wait() -> None:
 def test_automatic_transitions() -> None:
     assert AUTOMATIC == {S.GERMINATED: S.TRAINING, S.BLENDING: S.PROBATIONARY, S.PRUNED: S.DORMANT}
     # Only the end of a blend may also be commanded (ADVANCE ends it early).
-    both = {stage for stage, target in AUTOMATIC.items()
-            if any(TRANSITIONS[(s, o)] is target for (s, o) in TRANSITIONS if s is stage)}
+    both = {
+        stage
+        for stage, target in AUTOMATIC.items()
+        if any(TRANSITIONS[(s, o)] is target for (s, o) in TRANSITIONS if s is stage)
+    }
     assert both == {S.BLENDING}
 
 

@@ -34,21 +34,30 @@ def random_runs(draw: st.DrawFn) -> tuple[TopologyPacket, list[float], list[Seed
     edges = draw(st.lists(st.sampled_from(pairs), unique=True, max_size=min(len(pairs), 40))) if pairs else []
     types = draw(st.lists(st.sampled_from(LAYER_TYPES), min_size=n, max_size=n))
     slots = draw(st.lists(st.integers(min_value=0, max_value=2), min_size=n, max_size=n))
-    nodes = [TopologyNode(layer_id=i, name=f"l{i}", layer_type=t, seed_slots=s)
-             for i, (t, s) in enumerate(zip(types, slots, strict=True))]
+    nodes = [
+        TopologyNode(layer_id=i, name=f"l{i}", layer_type=t, seed_slots=s)
+        for i, (t, s) in enumerate(zip(types, slots, strict=True))
+    ]
     health = draw(st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=n, max_size=n))
     stages = draw(st.lists(st.sampled_from(list(SeedStage)), min_size=n, max_size=n))
     return TopologyPacket(nodes=nodes, edges=edges), health, stages
 
 
-def load_run(analyzer: Analyzer, run_id: str, topo: TopologyPacket, health: list[float],
-             stages: list[SeedStage]) -> None:
+def load_run(
+    analyzer: Analyzer, run_id: str, topo: TopologyPacket, health: list[float], stages: list[SeedStage]
+) -> None:
     analyzer.ingest_topology(run_id, topo, now=1.0)
     for layer, score in enumerate(health):
         analyzer.ingest_health(run_id, HealthSignal(layer_id=layer, health_score=score), now=1.0)
-    analyzer.ingest_state(run_id, SystemStatePacket(
-        epoch=10, val_accuracy=0.5, seeds=[SeedSlotState(layer_id=i, stage=s) for i, s in enumerate(stages)],
-    ), now=1.0)
+    analyzer.ingest_state(
+        run_id,
+        SystemStatePacket(
+            epoch=10,
+            val_accuracy=0.5,
+            seeds=[SeedSlotState(layer_id=i, stage=s) for i, s in enumerate(stages)],
+        ),
+        now=1.0,
+    )
 
 
 @settings(max_examples=150, deadline=None)
@@ -69,7 +78,9 @@ def test_clusters_equal_networkx_components(run: tuple[TopologyPacket, list[floa
 def policies() -> dict[str, PolicyBundle]:
     torch.set_num_threads(1)
     # Thresholds at zero so the heuristic acts whenever its rules allow: more ops to check.
-    config = PolicyConfig(heuristic=HeuristicConfig(min_epoch=0, confidence_threshold=0.0, urgency_threshold=0.0))
+    config = PolicyConfig(
+        heuristic=HeuristicConfig(min_epoch=0, confidence_threshold=0.0, urgency_threshold=0.0)
+    )
     return {name: create_policy(name, config, "cpu") for name in ("heuristic", "gnn", "lstm")}
 
 
@@ -96,7 +107,10 @@ def test_no_policy_emits_an_illegal_op_or_a_foreign_blueprint(
                 if decision.op is Op.GERMINATE:
                     assert node.seed_slots > 0, (name, decision)
                     assert isinstance(decision.blueprint, Blueprint)
-                    assert decision.blueprint.family is family_for_layer_type(node.layer_type), (name, decision)
+                    assert decision.blueprint.family is family_for_layer_type(node.layer_type), (
+                        name,
+                        decision,
+                    )
     OPS_SEEN.update(seen_ops)
 
 

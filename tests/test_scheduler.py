@@ -36,7 +36,13 @@ class Clock:
 
 def make(clock: Clock | None = None, **overrides: float) -> tuple[Scheduler, Clock]:
     clock = clock or Clock()
-    values = {"min_interval_s": 1.0, "cooldown_s": 30.0, "ack_timeout_s": 60.0, "max_batch": 64, "max_pending": 4096}
+    values = {
+        "min_interval_s": 1.0,
+        "cooldown_s": 30.0,
+        "ack_timeout_s": 60.0,
+        "max_batch": 64,
+        "max_pending": 4096,
+    }
     values.update(overrides)
     return Scheduler(SchedulerConfig(**values), clock=clock), clock  # type: ignore[arg-type]
 

@@ -201,9 +201,7 @@ def test_gpu_breaking_options_off(unit: Unit, key: str) -> None:
 def _unit_copy_for_verify(tmp_path: Path) -> Path:
     """The unit with ExecStart pointing at an executable that exists here."""
     text = UNIT_PATH.read_text()
-    text, n = re.subn(
-        r"^ExecStart=\S+", lambda _m: f"ExecStart={sys.executable}", text, flags=re.MULTILINE
-    )
+    text, n = re.subn(r"^ExecStart=\S+", lambda _m: f"ExecStart={sys.executable}", text, flags=re.MULTILINE)
     assert n == 1
     path = tmp_path / "esperd.service"
     path.write_text(text)

@@ -56,9 +56,14 @@ _G = GLOBAL_FEATURE_INDEX
 # Stage index -> counts as an active seed (a lookup table: np.isin costs ~50 µs on 20 nodes).
 _ACTIVE_STAGE = np.zeros(max(STAGE_INDEX.values()) + 1, dtype=bool)
 _ACTIVE_STAGE[
-    [STAGE_INDEX[s] for s in (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY)]
+    [
+        STAGE_INDEX[s]
+        for s in (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY)
+    ]
 ] = True
-_PRUNED, _FOSSILIZED, _DORMANT = (STAGE_INDEX[s] for s in (SeedStage.PRUNED, SeedStage.FOSSILIZED, SeedStage.DORMANT))
+_PRUNED, _FOSSILIZED, _DORMANT = (
+    STAGE_INDEX[s] for s in (SeedStage.PRUNED, SeedStage.FOSSILIZED, SeedStage.DORMANT)
+)
 _TRAINING, _BLENDING, _PROBATIONARY = (
     STAGE_INDEX[s] for s in (SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY)
 )

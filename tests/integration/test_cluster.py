@@ -29,12 +29,21 @@ async def until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-un
     return predicate()
 
 
-async def test_two_instances_split_runs_and_take_over(nats_server: NatsServer, nats_client: Client,
-                                                      tmp_path: Path) -> None:
+async def test_two_instances_split_runs_and_take_over(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
     def config(name: str):  # type: ignore[no-untyped-def]
-        return daemon_config(nats_server.url, tmp_path / name,
-                             cluster={"enabled": True, "instance_id": name, "heartbeat_s": 0.2,
-                                      "dead_after_s": 1.0, "settle_s": 0.3})
+        return daemon_config(
+            nats_server.url,
+            tmp_path / name,
+            cluster={
+                "enabled": True,
+                "instance_id": name,
+                "heartbeat_s": 0.2,
+                "dead_after_s": 1.0,
+                "settle_s": 0.3,
+            },
+        )
 
     async with running_daemon(config("alpha")) as alpha:
         bravo_ctx = running_daemon(config("bravo"))
@@ -58,11 +67,20 @@ async def test_two_instances_split_runs_and_take_over(nats_server: NatsServer, n
         assert status.cluster is not None and status.cluster.members == ["alpha"]
 
 
-async def test_a_silent_instance_is_declared_dead(nats_server: NatsServer, nats_client: Client,
-                                                  tmp_path: Path) -> None:
-    config = daemon_config(nats_server.url, tmp_path / "solo",
-                           cluster={"enabled": True, "instance_id": "solo", "heartbeat_s": 0.2,
-                                    "dead_after_s": 0.8, "settle_s": 0.1})
+async def test_a_silent_instance_is_declared_dead(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
+    config = daemon_config(
+        nats_server.url,
+        tmp_path / "solo",
+        cluster={
+            "enabled": True,
+            "instance_id": "solo",
+            "heartbeat_s": 0.2,
+            "dead_after_s": 0.8,
+            "settle_s": 0.1,
+        },
+    )
     async with running_daemon(config) as solo:
         # A peer that announces itself once and then dies without saying goodbye (as SIGKILL would).
         await nats_client.publish("esperd.cluster.heartbeat", b'{"instance_id":"ghost","started_at":0}')

@@ -16,12 +16,18 @@ from tests.integration.helpers import daemon_config, running_daemon, status, wai
 
 # Exactly what `nats pub SUBJECT 'JSON'` sends: the typed bytes, no headers.
 HAND_TYPED = [
-    ("esper.r1.topology", b'{"kind":"topology","nodes":[{"layer_id":0,"name":"stem","layer_type":"conv"},'
-     b'{"layer_id":1,"name":"block1","layer_type":"conv"},{"layer_id":2,"name":"head","layer_type":"linear"}],'
-     b'"edges":[[0,1],[1,2],[0,2]]}'),
+    (
+        "esper.r1.topology",
+        b'{"kind":"topology","nodes":[{"layer_id":0,"name":"stem","layer_type":"conv"},'
+        b'{"layer_id":1,"name":"block1","layer_type":"conv"},{"layer_id":2,"name":"head","layer_type":"linear"}],'
+        b'"edges":[[0,1],[1,2],[0,2]]}',
+    ),
     ("esper.r1.health", b'{"kind":"health","layer_id":1,"health_score":0.2}'),
-    ("esper.r1.health", b'{"kind":"health_batch","signals":[{"layer_id":0,"health_score":0.9},'
-     b'{"layer_id":1,"health_score":0.25}]}'),
+    (
+        "esper.r1.health",
+        b'{"kind":"health_batch","signals":[{"layer_id":0,"health_score":0.9},'
+        b'{"layer_id":1,"health_score":0.25}]}',
+    ),
     ("esper.r1.state", b'{"kind":"state","epoch":3,"val_accuracy":0.61,"val_loss":1.2}'),
     ("esper.r1.ack", b'{"kind":"ack","command_id":"c-1","status":"applied"}'),
 ]
@@ -36,8 +42,9 @@ BAD = [
 ]
 
 
-async def test_hand_typed_json_is_accepted_and_counted(nats_server: NatsServer, nats_client: Client,
-                                                       tmp_path: Path) -> None:
+async def test_hand_typed_json_is_accepted_and_counted(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
     async with running_daemon(daemon_config(nats_server.url, tmp_path)):
         for subject, data in HAND_TYPED:
             await nats_client.publish(subject, data)
@@ -51,20 +58,27 @@ async def test_hand_typed_json_is_accepted_and_counted(nats_server: NatsServer, 
     assert set(st["policy"]) >= {"name", "version"}
 
 
-async def test_msgpack_with_header_is_accepted(nats_server: NatsServer, nats_client: Client, tmp_path: Path) -> None:
+async def test_msgpack_with_header_is_accepted(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
     codec = Codec()
     batch = HealthBatch(signals=[HealthSignal(layer_id=i, health_score=0.5) for i in range(16)])
-    state = SystemStatePacket(epoch=4, val_accuracy=0.7, seeds=[SeedSlotState(layer_id=1, stage=SeedStage.TRAINING)])
+    state = SystemStatePacket(
+        epoch=4, val_accuracy=0.7, seeds=[SeedSlotState(layer_id=1, stage=SeedStage.TRAINING)]
+    )
     async with running_daemon(daemon_config(nats_server.url, tmp_path)):
-        await nats_client.publish("esper.mp.health", codec.encode(batch), headers={"Content-Type": "application/msgpack"})
+        await nats_client.publish(
+            "esper.mp.health", codec.encode(batch), headers={"Content-Type": "application/msgpack"}
+        )
         await nats_client.publish("esper.mp.state", codec.encode(state))  # sniffed, no header
         st = await wait_for_status(nats_client, lambda s: s["accepted_total"] >= 2)
     assert st["accepted_by_kind"] == {"health_batch": 1, "state": 1}
     assert st["rejected_total"] == 0
 
 
-async def test_bad_input_is_rejected_counted_and_reported(nats_server: NatsServer, nats_client: Client,
-                                                          tmp_path: Path) -> None:
+async def test_bad_input_is_rejected_counted_and_reported(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
     reports: list[dict[str, object]] = []
 
     async def on_report(msg: nats.aio.msg.Msg) -> None:
@@ -90,10 +104,15 @@ async def test_bad_input_is_rejected_counted_and_reported(nats_server: NatsServe
     assert "garbage" in str(sample["first_bytes"])
 
 
-async def test_huge_payload_rejected_others_unaffected(nats_server: NatsServer, nats_client: Client,
-                                                       tmp_path: Path) -> None:
-    config = daemon_config(nats_server.url, tmp_path, limits={"max_payload_bytes": 1024, "max_batch_signals": 4})
-    big = Codec().encode(HealthBatch(signals=[HealthSignal(layer_id=i, health_score=0.5) for i in range(200)]))
+async def test_huge_payload_rejected_others_unaffected(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
+    config = daemon_config(
+        nats_server.url, tmp_path, limits={"max_payload_bytes": 1024, "max_batch_signals": 4}
+    )
+    big = Codec().encode(
+        HealthBatch(signals=[HealthSignal(layer_id=i, health_score=0.5) for i in range(200)])
+    )
     over = Codec().encode(HealthBatch(signals=[HealthSignal(layer_id=i, health_score=0.5) for i in range(5)]))
     async with running_daemon(config):
         await nats_client.publish("esper.a.health", big)
@@ -104,8 +123,9 @@ async def test_huge_payload_rejected_others_unaffected(nats_server: NatsServer, 
     assert st["accepted_total"] == 1
 
 
-async def test_micro_service_answers_ping_info_stats(nats_server: NatsServer, nats_client: Client,
-                                                      tmp_path: Path) -> None:
+async def test_micro_service_answers_ping_info_stats(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
     async with running_daemon(daemon_config(nats_server.url, tmp_path)):
         ping = json.loads((await nats_client.request("$SRV.PING.esperd", b"", timeout=2)).data)
         info = json.loads((await nats_client.request("$SRV.INFO.esperd", b"", timeout=2)).data)
@@ -144,8 +164,9 @@ async def test_survives_broker_restart(tmp_path: Path) -> None:
         server.stop()
 
 
-async def test_status_round_trips_through_msgspec(nats_server: NatsServer, nats_client: Client,
-                                                  tmp_path: Path) -> None:
+async def test_status_round_trips_through_msgspec(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
     from esperd.service import Status
 
     async with running_daemon(daemon_config(nats_server.url, tmp_path)):

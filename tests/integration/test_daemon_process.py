@@ -25,7 +25,9 @@ def write_config(path: Path, body: str) -> Path:
 
 
 def start_esperd(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([*ESPERD, "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [*ESPERD, "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 async def connect_when_up(url: str, timeout: float = 15.0) -> nats.aio.client.Client:
@@ -46,13 +48,16 @@ def stop_with_sigterm(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> t
 
 
 async def test_process_serves_and_exits_zero_on_sigterm(nats_server: NatsServer, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "esperd.toml", f"""
+    config = write_config(
+        tmp_path / "esperd.toml",
+        f"""
 [nats]
 servers = ["{nats_server.url}"]
 [service]
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 drain_timeout_s = 5.0
-""")
+""",
+    )
     proc = start_esperd(config)
     try:
         nc = await connect_when_up(nats_server.url)
@@ -73,15 +78,18 @@ drain_timeout_s = 5.0
 
 async def test_embedded_broker_starts_and_stops_with_the_daemon(tmp_path: Path) -> None:
     port = free_port()
-    config = write_config(tmp_path / "esperd.toml", f"""
+    config = write_config(
+        tmp_path / "esperd.toml",
+        f"""
 [nats]
 servers = ["nats://127.0.0.1:{port}"]
 embedded = true
 embedded_port = {port}
 [service]
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 drain_timeout_s = 5.0
-""")
+""",
+    )
     proc = start_esperd(config)
     try:
         nc = await connect_when_up(f"nats://127.0.0.1:{port}", timeout=20)

@@ -47,18 +47,31 @@ JSON_TOPOLOGY = (
 )
 JSON_PACKETS = [
     ("health", b'{"kind":"health","layer_id":1,"health_score":0.5}'),
-    ("health", (b'{"kind":"health_batch","signals":[{"layer_id":0,"health_score":0.9},'
-                b'{"layer_id":1,"health_score":0.4}]}')),
+    (
+        "health",
+        (
+            b'{"kind":"health_batch","signals":[{"layer_id":0,"health_score":0.9},'
+            b'{"layer_id":1,"health_score":0.4}]}'
+        ),
+    ),
     ("health", b'{"kind":"health","layer_id":1,"health_score":0.3}'),
-    ("health", (b'{"kind":"health_batch","signals":[{"layer_id":2,"health_score":0.95},'
-                b'{"layer_id":1,"health_score":0.2}]}')),
+    (
+        "health",
+        (
+            b'{"kind":"health_batch","signals":[{"layer_id":2,"health_score":0.95},'
+            b'{"layer_id":1,"health_score":0.2}]}'
+        ),
+    ),
     ("state", b'{"kind":"state","epoch":5,"val_accuracy":0.61,"val_loss":1.2}'),
 ]
 
 
 def layered_topology(kinds: list[str]) -> TopologyPacket:
     """A chain with a skip over every other layer."""
-    nodes = [TopologyNode(layer_id=i, name=f"l{i}", layer_type=k, params=1000 * (i + 1)) for i, k in enumerate(kinds)]
+    nodes = [
+        TopologyNode(layer_id=i, name=f"l{i}", layer_type=k, params=1000 * (i + 1))
+        for i, k in enumerate(kinds)
+    ]
     edges = [(i, i + 1) for i in range(len(kinds) - 1)] + [(i, i + 2) for i in range(0, len(kinds) - 2, 2)]
     return TopologyPacket(nodes=nodes, edges=edges)
 
@@ -135,11 +148,18 @@ async def test_three_runs_get_commands_for_their_own_layers_by_the_heuristics_ru
             await nats_client.publish(f"esper.{JSON_RUN}.{channel}", data)
         # Run 2, msgpack: attention layer 5 of 8 declines -> GERMINATE there, transformer blueprint.
         for health in (0.5, 0.4, 0.3, 0.2):
-            grow.send_health([HealthSignal(layer_id=i, health_score=health if i == 5 else 0.9) for i in range(8)])
+            grow.send_health(
+                [HealthSignal(layer_id=i, health_score=health if i == 5 else 0.9) for i in range(8)]
+            )
         grow.send_state(SystemStatePacket(epoch=6, val_accuracy=0.7, val_loss=0.9))
         # Run 3, msgpack: a seed on probation that helped -> FOSSILIZE it.
-        helped = SeedSlotState(layer_id=1, stage=SeedStage.PROBATIONARY, epochs_in_stage=2,
-                               counterfactual=0.02, total_improvement=0.03)
+        helped = SeedSlotState(
+            layer_id=1,
+            stage=SeedStage.PROBATIONARY,
+            epochs_in_stage=2,
+            counterfactual=0.02,
+            total_improvement=0.03,
+        )
         settle.send_state(SystemStatePacket(epoch=10, val_accuracy=0.8, seeds=[helped]))
 
         grown = await next_command(grow)
@@ -162,8 +182,13 @@ async def test_three_runs_get_commands_for_their_own_layers_by_the_heuristics_ru
 
         # The host applies the fossilization; the next seed on probation hurt -> PRUNE it.
         settle.ack(settled, applied=True)
-        hurt = SeedSlotState(layer_id=3, stage=SeedStage.PROBATIONARY, epochs_in_stage=1,
-                             counterfactual=0.01, total_improvement=-0.02)
+        hurt = SeedSlotState(
+            layer_id=3,
+            stage=SeedStage.PROBATIONARY,
+            epochs_in_stage=1,
+            counterfactual=0.01,
+            total_improvement=-0.02,
+        )
         done = SeedSlotState(layer_id=1, stage=SeedStage.FOSSILIZED)
         settle.send_state(SystemStatePacket(epoch=11, val_accuracy=0.8, seeds=[done, hurt]))
         pruned = await next_command(settle)
@@ -236,7 +261,9 @@ async def test_cooldown_holds_while_applied_and_a_rejection_frees_the_layer(
         assert keep.commands.empty()  # still cooling: the applied ADVANCE holds it for 60 s
 
         # An ack nobody asked for (unknown id) is counted, and frees nothing.
-        await nats_client.publish("esper.keep.ack", b'{"kind":"ack","command_id":"no-such-command","status":"rejected"}')
+        await nats_client.publish(
+            "esper.keep.ack", b'{"kind":"ack","command_id":"no-such-command","status":"rejected"}'
+        )
         st = await wait_for_status(nats_client, lambda s: s["scheduler"]["unknown_acks"] >= 1)
         keep.send_state(training_state(epoch=12, layer=2))
         await asyncio.sleep(0.3)
@@ -259,7 +286,9 @@ async def test_unacked_command_times_out_and_frees_its_layer(
         first = await next_command(silent)
         assert (first.layer_id, first.op) == (1, Op.ADVANCE)
         # Never acked: housekeeping (once a second) expires it after ack_timeout_s, 60 s cooldown or not.
-        st = await wait_for_status(nats_client, lambda s: s["acks_by_status"].get("timed_out", 0) >= 1, timeout=4)
+        st = await wait_for_status(
+            nats_client, lambda s: s["acks_by_status"].get("timed_out", 0) >= 1, timeout=4
+        )
         assert st["acks_by_status"] == {"timed_out": 1}
         assert st["scheduler"]["expired_commands"] == 1 and st["scheduler"]["pending_commands"] == 0
         silent.send_state(training_state(epoch=9, layer=1))

@@ -129,11 +129,19 @@ class Esperd:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Esperd:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        }
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([*self.argv, "--config", str(self.config)], stdout=out,
-                                         stderr=subprocess.STDOUT, cwd=REPO, env=env)
+            self.proc = subprocess.Popen(
+                [*self.argv, "--config", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+            )
         return self
 
     @property
@@ -200,8 +208,10 @@ async def wait_status(
     last: dict[str, Any] = {}
     while time.monotonic() < deadline:
         if not daemon.alive():
-            pytest.fail(f"esperd exited ({daemon.proc and daemon.proc.returncode}) waiting for {what}:\n"
-                        f"{daemon.tail()}")
+            pytest.fail(
+                f"esperd exited ({daemon.proc and daemon.proc.returncode}) waiting for {what}:\n"
+                f"{daemon.tail()}"
+            )
         try:
             last = await status(nc, timeout=3.0)
         except Exception:  # noqa: BLE001 - not up yet, or mid-reconnect
@@ -210,8 +220,10 @@ async def wait_status(
         if predicate(last):
             return last
         await asyncio.sleep(0.05)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}; last status {json.dumps(last)[:1500]}\n"
-                f"{daemon.tail()}")
+    pytest.fail(
+        f"timed out after {timeout}s waiting for {what}; last status {json.dumps(last)[:1500]}\n"
+        f"{daemon.tail()}"
+    )
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -277,8 +289,9 @@ def probed(tmp_path: Path) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def sim_hosts(url: str, runs: int, epoch_s: float, config: SimConfig = FAST_SIM,
-                    seed: int = 3) -> AsyncIterator[SimHosts]:
+async def sim_hosts(
+    url: str, runs: int, epoch_s: float, config: SimConfig = FAST_SIM, seed: int = 3
+) -> AsyncIterator[SimHosts]:
     """Simulated training runs publishing in this process (each run on its own connection)."""
     stop = asyncio.Event()
     hosts = SimHosts(url, runs, config=config, seed=seed, epoch_s=epoch_s)
@@ -345,20 +358,33 @@ async def test_broker_sigkill_mid_stream_reconnects_keeps_state_and_commands_res
     # was only ever sent before the kill, so commands for them after it need the kept state).
     long_sim = SimConfig(epochs=10_000, min_layers=6, max_layers=8, onset_fraction=0.0, degrade_epochs=2)
     # Learning, so the state kept across the outage includes a learned policy version.
-    raw = config_dict(broker.url, tmp_path / "state", policy=GNN,
-                      learner={"algorithm": "ppo", "checkpoint_interval_s": 3600.0, "ppo": PPO_FAST})
+    raw = config_dict(
+        broker.url,
+        tmp_path / "state",
+        policy=GNN,
+        learner={"algorithm": "ppo", "checkpoint_interval_s": 3600.0, "ppo": PPO_FAST},
+    )
     config = write_config(tmp_path / "esperd.toml", raw)
     nc: Client | None = None
     try:
         async with esperd_process(config, tmp_path / "esperd.log") as daemon:
-            nc = await nats.connect(broker.url, allow_reconnect=True, max_reconnect_attempts=-1,
-                                    reconnect_time_wait=0.2, name="fault-test")
+            nc = await nats.connect(
+                broker.url,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.2,
+                name="fault-test",
+            )
             tap = await tap_commands(nc)
             await wait_status(nc, daemon, ready, START_TIMEOUT_S, "esperd ready")
             async with sim_hosts(broker.url, 4, epoch_s=0.1, config=long_sim) as hosts:
                 before = await wait_status(
-                    nc, daemon, lambda s: s["runs"] >= 4 and s["commands_total"] >= 5 and s["policy"]["version"] >= 1,
-                    90, "commands and a learned version before the outage")
+                    nc,
+                    daemon,
+                    lambda s: s["runs"] >= 4 and s["commands_total"] >= 5 and s["policy"]["version"] >= 1,
+                    90,
+                    "commands and a learned version before the outage",
+                )
                 await wait_until(lambda: len(tap.seen) >= 5, 20, "tapped commands before the outage")
                 runs_before = set(hosts.run_ids)
                 assert {r for _, r, *_ in tap.seen} <= runs_before
@@ -369,16 +395,29 @@ async def test_broker_sigkill_mid_stream_reconnects_keeps_state_and_commands_res
                 broker.start()  # same port, empty: no subscriptions survive on the broker side
 
                 after = await wait_status(
-                    nc, daemon, lambda s: s["nats"]["reconnects"] >= 1 and s["nats"]["connected"],
-                    60, "esperd reconnected")
+                    nc,
+                    daemon,
+                    lambda s: s["nats"]["reconnects"] >= 1 and s["nats"]["connected"],
+                    60,
+                    "esperd reconnected",
+                )
                 restarted_at = time.monotonic()
                 commands_at_reconnect = after["commands_total"]
                 await wait_until(
                     lambda: sum(1 for t, r, *_ in tap.seen if t > restarted_at and r in runs_before) >= 5,
-                    60, "commands after the broker restart")
+                    60,
+                    "commands after the broker restart",
+                )
                 resumed = await wait_status(
-                    nc, daemon, lambda s: s["commands_total"] > commands_at_reconnect
-                    and s["accepted_total"] > after["accepted_total"], 30, "intake and decisions after restart")
+                    nc,
+                    daemon,
+                    lambda s: (
+                        s["commands_total"] > commands_at_reconnect
+                        and s["accepted_total"] > after["accepted_total"]
+                    ),
+                    30,
+                    "intake and decisions after restart",
+                )
                 assert set(hosts.run_ids) == runs_before  # no host started a new episode meanwhile
             code = daemon.sigterm()
         events = daemon.events()
@@ -413,13 +452,21 @@ async def test_broker_sigkill_mid_stream_reconnects_keeps_state_and_commands_res
 # the subject here, so a KL excursion of a long update does not pause learning.
 LEARNING: dict[str, dict[str, Any]] = {
     # PPO: 80 optimizer steps per update, no KL early stop.
-    "ppo": {"algorithm": "ppo", "checkpoint_interval_s": 3600.0,
-            "ppo": {**PPO_FAST, "rollout_size": 64, "minibatch_size": 8, "epochs": 10, "target_kl": 1e6},
-            "breaker": {"kl_limit_ppo": 100.0, "recovery_s": 1.0}},
+    "ppo": {
+        "algorithm": "ppo",
+        "checkpoint_interval_s": 3600.0,
+        "ppo": {**PPO_FAST, "rollout_size": 64, "minibatch_size": 8, "epochs": 10, "target_kl": 1e6},
+        "breaker": {"kl_limit_ppo": 100.0, "recovery_s": 1.0},
+    },
     # IMPALA: its replay buffer survives updates, so the saved and resumed buffer is not empty.
-    "impala": {"algorithm": "impala", "checkpoint_interval_s": 3600.0, "min_replay": 64,
-               "replay_capacity": 1000, "impala": {"batch_size": 256},
-               "breaker": {"kl_limit_impala": 100.0, "recovery_s": 1.0}},
+    "impala": {
+        "algorithm": "impala",
+        "checkpoint_interval_s": 3600.0,
+        "min_replay": 64,
+        "replay_capacity": 1000,
+        "impala": {"batch_size": 256},
+        "breaker": {"kl_limit_impala": 100.0, "recovery_s": 1.0},
+    },
 }
 
 
@@ -442,7 +489,9 @@ async def test_sigterm_mid_update_saves_checkpoint_and_restart_resumes_version_a
     async with esperd_process(config, tmp_path / "first.log", probed(tmp_path)) as daemon:
         await wait_status(nats_client, daemon, ready, START_TIMEOUT_S, "esperd ready")
         async with sim_hosts(nats_server.url, 6, epoch_s=0.05):
-            await wait_until(lambda: in_update(daemon) or not daemon.alive(), 90, "a learner update in flight")
+            await wait_until(
+                lambda: in_update(daemon) or not daemon.alive(), 90, "a learner update in flight"
+            )
             code = daemon.sigterm()  # hosts still publishing, an update running on the worker
     first = daemon
 
@@ -479,7 +528,11 @@ async def test_sigterm_mid_update_saves_checkpoint_and_restart_resumes_version_a
     assert st["learner"]["buffered"] == on_disk["buffered"]
     assert st["learner"]["updates"] == on_disk["updates"]
     resumed = restarted.events("learner resumed")
-    assert resumed and resumed[0]["version"] == on_disk["version"] and resumed[0]["buffered"] == on_disk["buffered"]
+    assert (
+        resumed
+        and resumed[0]["version"] == on_disk["version"]
+        and resumed[0]["buffered"] == on_disk["buffered"]
+    )
 
 
 # ================================================================== 3. esperd SIGKILL, corruption
@@ -488,8 +541,13 @@ async def test_sigterm_mid_update_saves_checkpoint_and_restart_resumes_version_a
 # IMPALA here (PPO in test 2): its replay buffer is not drained by an update, so the periodic
 # checkpoint holds experience worth resuming (a PPO rollout is usually empty right after the update
 # that precedes a periodic save).
-IMPALA = {"algorithm": "impala", "checkpoint_interval_s": 1.0, "min_replay": 32, "replay_capacity": 1000,
-          "impala": {"batch_size": 16}}
+IMPALA = {
+    "algorithm": "impala",
+    "checkpoint_interval_s": 1.0,
+    "min_replay": 32,
+    "replay_capacity": 1000,
+    "impala": {"batch_size": 16},
+}
 
 
 @dataclass
@@ -507,16 +565,25 @@ async def killed(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFacto
     """A learning daemon SIGKILLed after its periodic checkpoint held a learned version."""
     root = tmp_path_factory.mktemp("killed")
     state = root / "state"
-    config = write_config(root / "esperd.toml", config_dict(nats_server.url, state, policy=GNN, learner=IMPALA))
+    config = write_config(
+        root / "esperd.toml", config_dict(nats_server.url, state, policy=GNN, learner=IMPALA)
+    )
     nc = await nats.connect(nats_server.url)
     try:
         async with esperd_process(config, root / "esperd.log") as daemon:
             await wait_status(nc, daemon, ready, START_TIMEOUT_S, "esperd ready")
             async with sim_hosts(nats_server.url, 6, epoch_s=0.05):
                 await wait_until(
-                    lambda: any(e["version"] >= 1 and e["buffered"] > 0
-                                for e in daemon.events("learner checkpoint saved")) or not daemon.alive(),
-                    90, "a periodic checkpoint of a learned version")
+                    lambda: (
+                        any(
+                            e["version"] >= 1 and e["buffered"] > 0
+                            for e in daemon.events("learner checkpoint saved")
+                        )
+                        or not daemon.alive()
+                    ),
+                    90,
+                    "a periodic checkpoint of a learned version",
+                )
                 last = await status(nc, timeout=3.0)
                 assert daemon.sigkill() == -signal.SIGKILL
         await asyncio.sleep(0.2)
@@ -525,14 +592,22 @@ async def killed(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFacto
     text = daemon.text()
     assert "esperd stopping" not in text  # SIGKILL: no drain, no final save
     saves = daemon.events("learner checkpoint saved")
-    return Killed(state=state, files=checkpoint_files(state), last_status=last, log=text,
-                  periodic_saves=len(saves), last_logged_version=saves[-1]["version"])
+    return Killed(
+        state=state,
+        files=checkpoint_files(state),
+        last_status=last,
+        log=text,
+        periodic_saves=len(saves),
+        last_logged_version=saves[-1]["version"],
+    )
 
 
 def copy_state(killed: Killed, tmp_path: Path, nats_url: str) -> tuple[Path, Path]:
     state = tmp_path / "state"
     shutil.copytree(killed.state / "learner", state / "learner")
-    return state, write_config(tmp_path / "esperd.toml", config_dict(nats_url, state, policy=GNN, learner=IMPALA))
+    return state, write_config(
+        tmp_path / "esperd.toml", config_dict(nats_url, state, policy=GNN, learner=IMPALA)
+    )
 
 
 async def test_sigkill_restart_resumes_from_last_periodic_checkpoint(
@@ -611,8 +686,9 @@ async def test_sigkill_then_truncated_policy_is_refused_and_daemon_serves_fresh_
     async with esperd_process(config, tmp_path / "restart.log") as daemon:
         st = await wait_status(nats_client, daemon, ready, START_TIMEOUT_S, "restarted esperd ready")
         async with sim_hosts(nats_server.url, 2, epoch_s=0.05):
-            served = await wait_status(nats_client, daemon, lambda s: s["commands_total"] >= 3, 60,
-                                       "commands from the fresh policy")
+            served = await wait_status(
+                nats_client, daemon, lambda s: s["commands_total"] >= 3, 60, "commands from the fresh policy"
+            )
         code = daemon.sigterm()
     assert code == 0, daemon.tail()
     errors = daemon.events("learner checkpoint unusable; starting fresh")
@@ -643,16 +719,22 @@ async def test_malicious_policy_checkpoint_is_refused_and_fallback_serves(
     marker = tmp_path / "pwned.marker"
     evil = tmp_path / "policy.safetensors"
     evil.write_bytes(pickle.dumps(_Payload(marker), protocol=4))
-    raw = config_dict(nats_server.url, tmp_path / "state",
-                      policy={**GNN, "checkpoint": str(evil), "fallback": "heuristic"})
+    raw = config_dict(
+        nats_server.url, tmp_path / "state", policy={**GNN, "checkpoint": str(evil), "fallback": "heuristic"}
+    )
     config = write_config(tmp_path / "esperd.toml", raw)
 
     tap = await tap_commands(nats_client)
     async with esperd_process(config, tmp_path / "esperd.log") as daemon:
         st = await wait_status(nats_client, daemon, ready, START_TIMEOUT_S, "esperd ready")
         async with sim_hosts(nats_server.url, 3, epoch_s=0.05):
-            served = await wait_status(nats_client, daemon, lambda s: s["commands_total"] >= 1, 60,
-                                       "commands from the fallback policy")
+            served = await wait_status(
+                nats_client,
+                daemon,
+                lambda s: s["commands_total"] >= 1,
+                60,
+                "commands from the fallback policy",
+            )
         code = daemon.sigterm()
     assert code == 0, daemon.tail()
     assert not marker.exists(), "the checkpoint's payload ran"
@@ -697,12 +779,13 @@ async def test_malicious_learner_state_is_refused_and_nothing_of_the_checkpoint_
 # ================================================================== 5. diverging learner under load
 
 
-
 async def test_diverging_learner_under_load_trips_breaker_and_never_serves_non_finite_weights(
     nats_server: NatsServer, nats_client: Client, tmp_path: Path
 ) -> None:
     raw = config_dict(
-        nats_server.url, tmp_path / "state", policy=GNN,
+        nats_server.url,
+        tmp_path / "state",
+        policy=GNN,
         learner={
             "algorithm": "ppo",
             "checkpoint_interval_s": 3600.0,
@@ -729,12 +812,26 @@ async def test_diverging_learner_under_load_trips_breaker_and_never_serves_non_f
             # Paused for recovery_s, learning resumes, diverges again and trips again; decisions
             # go on throughout.
             again = await wait_status(
-                nats_client, daemon,
-                lambda s: tripped(s) and s["learner"]["trips"] >= 2 and s["commands_total"] >= trip["commands_total"] + 10,
-                60, "a second trip after the pause")
-            after = await wait_status(nats_client, daemon, lambda s: s["commands_total"] >= again["commands_total"] + 5,
-                                      30, "commands after the second trip")
-            await wait_until(lambda: len(tap.seen) >= tapped_at_trip + 15, 20, "tapped commands after the trips")
+                nats_client,
+                daemon,
+                lambda s: (
+                    tripped(s)
+                    and s["learner"]["trips"] >= 2
+                    and s["commands_total"] >= trip["commands_total"] + 10
+                ),
+                60,
+                "a second trip after the pause",
+            )
+            after = await wait_status(
+                nats_client,
+                daemon,
+                lambda s: s["commands_total"] >= again["commands_total"] + 5,
+                30,
+                "commands after the second trip",
+            )
+            await wait_until(
+                lambda: len(tap.seen) >= tapped_at_trip + 15, 20, "tapped commands after the trips"
+            )
         code = daemon.sigterm()
     assert code == 0, daemon.tail()
 

@@ -40,8 +40,9 @@ SEED = 20_240_601
 
 
 def fuzz_config(url: str, state_dir: Path, **analyzer: object) -> object:
-    return daemon_config(url, state_dir, limits=LIMITS, analyzer={**ANALYZER, **analyzer}, scheduler=SCHEDULER,
-                         policy=POLICY)
+    return daemon_config(
+        url, state_dir, limits=LIMITS, analyzer={**ANALYZER, **analyzer}, scheduler=SCHEDULER, policy=POLICY
+    )
 
 
 async def test_fuzz_families_are_counted_by_reason_and_good_runs_are_unaffected(
@@ -62,8 +63,15 @@ async def test_fuzz_families_are_counted_by_reason_and_good_runs_are_unaffected(
                 await nc.publish(p.subject, p.data, headers=p.headers)
 
             async def fuzz() -> dict[str, object]:
-                return await publish_payloads(nc, gen.stream(PAYLOADS), oracle, status=poller.ask, max_lag=1000,
-                                              deadline_s=60.0, chunk=100)
+                return await publish_payloads(
+                    nc,
+                    gen.stream(PAYLOADS),
+                    oracle,
+                    status=poller.ask,
+                    max_lag=1000,
+                    deadline_s=60.0,
+                    chunk=100,
+                )
 
             good, pub = await good_phase(nats_server.url, ["t-good"], 3.0, oracle, during=fuzz)
             final = await wait_caught_up(poller.ask, oracle, timeout=20.0)
@@ -109,7 +117,9 @@ async def test_a_single_garbage_payload_of_each_family_leaves_status_and_counter
                     p = getattr(gen, f"_f_{family}")()
                     oracle.feed(p)
                     await nc.publish(p.subject, p.data, headers=p.headers)
-                    st = await wait_for_status(nc, lambda s: daemon_processed(s) >= oracle.processed, timeout=5.0)
+                    st = await wait_for_status(
+                        nc, lambda s: daemon_processed(s) >= oracle.processed, timeout=5.0
+                    )
                     assert daemon_processed(st) == oracle.processed, (family, p.subject, p.data[:64])
             assert not check_counts(st, oracle), check_counts(st, oracle)
         finally:
@@ -127,8 +137,11 @@ async def test_huge_losses_do_not_raise_in_the_handler(nats_server: NatsServer, 
         try:
             oracle, codec = Oracle(), Codec()
             for i, loss in enumerate([0.5, 0.6, 0.55, 0.52, 0.58, 1e200, 0.5, 0.5]):
-                p = Payload("extreme_numbers", "esper.huge-loss.state",
-                            codec.encode(SystemStatePacket(epoch=i, val_loss=loss, train_loss=loss)))
+                p = Payload(
+                    "extreme_numbers",
+                    "esper.huge-loss.state",
+                    codec.encode(SystemStatePacket(epoch=i, val_loss=loss, train_loss=loss)),
+                )
                 oracle.feed(p)
                 await nc.publish(p.subject, p.data)
             st = await wait_for_status(nc, lambda s: daemon_processed(s) >= oracle.processed, timeout=5.0)

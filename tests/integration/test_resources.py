@@ -41,8 +41,10 @@ POLICY = {"name": "heuristic", "heuristic": {"min_epoch": 0, "train_dwell_epochs
 async def publish_short_run(nc: Client, run_id: str, layers: int, done: bool) -> None:
     """A whole (short) training run: topology, health, a state packet that earns a command, maybe `done`."""
     nodes = [TopologyNode(layer_id=i, layer_type="conv") for i in range(layers)]
-    await nc.publish(f"esper.{run_id}.topology",
-                     CODEC.encode(TopologyPacket(nodes=nodes, edges=[(i, i + 1) for i in range(layers - 1)])))
+    await nc.publish(
+        f"esper.{run_id}.topology",
+        CODEC.encode(TopologyPacket(nodes=nodes, edges=[(i, i + 1) for i in range(layers - 1)])),
+    )
     signals = [HealthSignal(layer_id=i, health_score=0.8) for i in range(layers)]
     await nc.publish(f"esper.{run_id}.health", CODEC.encode(HealthBatch(signals=signals)))
     seeds = [SeedSlotState(layer_id=1, stage=SeedStage.TRAINING, epochs_in_stage=3)]
@@ -71,8 +73,13 @@ async def test_300_short_runs_are_evicted_and_leave_no_per_run_state(
     nats_server: NatsServer, nats_client: Client, tmp_path: Path
 ) -> None:
     runs, per_tick, tick_s = 300, 3, 0.1
-    config = daemon_config(nats_server.url, tmp_path, analyzer={"idle_ttl_s": 1.0, "max_runs": 128},
-                           scheduler={**SCHEDULER, "max_pending": 64}, policy=POLICY)
+    config = daemon_config(
+        nats_server.url,
+        tmp_path,
+        analyzer={"idle_ttl_s": 1.0, "max_runs": 128},
+        scheduler={**SCHEDULER, "max_pending": 64},
+        policy=POLICY,
+    )
     async with running_daemon(config) as service:
         samples: list[dict[str, Any]] = []
         started = time.monotonic()
@@ -84,8 +91,9 @@ async def test_300_short_runs_are_evicted_and_leave_no_per_run_state(
                 samples.append(await status(nats_client))
                 samples[-1]["per_run"] = per_run_state(service)
             await asyncio.sleep(max(0.0, started + (tick + 1) * tick_s - time.monotonic()))
-        final = await wait_for_status(nats_client, lambda s: s["runs"] == 0 and s["evicted_runs"] >= runs,
-                                      timeout=8.0)
+        final = await wait_for_status(
+            nats_client, lambda s: s["runs"] == 0 and s["evicted_runs"] >= runs, timeout=8.0
+        )
         await asyncio.sleep(0.2)  # the decision loop drops the heap's stale entries when it next looks
         leftovers = per_run_state(service)
 
@@ -137,23 +145,28 @@ async def flood_esperd(url: str, tmp_path: Path, flood: int, limit: int) -> dict
     health batches from one publisher as fast as it can send, poll status all along, SIGTERM it.
     Returns the settled status, RSS before and after, status latencies and failures, log lines, exit code."""
     config = tmp_path / "esperd.toml"
-    config.write_text(f"""
+    config.write_text(
+        f"""
 [nats]
 servers = ["{url}"]
 max_pending_bytes = {limit}
 [service]
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{tmp_path / "state"}"
 drain_timeout_s = 5.0
 log_level = "warning"
 log_format = "json"
 torch_threads = 1
 device = "cpu"
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     log_path = tmp_path / "esperd.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-            [sys.executable, "-m", "esperd.cli", "--config", str(config)], stdout=log_file,
-            stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "esperd.cli", "--config", str(config)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     out: dict[str, Any] = {"latencies": [], "failures": []}
     try:
         control = await nats.connect(url, name="flood-control")
@@ -180,7 +193,10 @@ device = "cpu"
             await publisher.publish("esper.flooder.health", payload)
         await publisher.flush(timeout=30)
         out["settled"] = await wait_for_status(
-            control, lambda s: s["accepted_total"] + s["nats"].get("slow_consumer_drops", 0) >= flood, timeout=30)
+            control,
+            lambda s: s["accepted_total"] + s["nats"].get("slow_consumer_drops", 0) >= flood,
+            timeout=30,
+        )
         out["rss_after"] = _rss(proc.pid)
         flooding = False
         await poller
@@ -196,10 +212,12 @@ device = "cpu"
             out["exit"] = proc.wait()
     out["log"] = log_path.read_text(errors="replace").splitlines()
     st = out["settled"]
-    print(f"flood {flood} x {len(payload)} B, max_pending_bytes {limit}: accepted {st['accepted_total']}, "
-          f"drops {st['nats'].get('slow_consumer_drops')}, nats {st['nats']}, RSS {out['rss_before'] / MIB:.1f} -> "
-          f"{out['rss_after'] / MIB:.1f} MiB, status max {max(out['latencies'], default=0) * 1000:.0f} ms "
-          f"({len(out['latencies'])} polls, failures {out['failures']}), log lines {len(out['log'])}")
+    print(
+        f"flood {flood} x {len(payload)} B, max_pending_bytes {limit}: accepted {st['accepted_total']}, "
+        f"drops {st['nats'].get('slow_consumer_drops')}, nats {st['nats']}, RSS {out['rss_before'] / MIB:.1f} -> "
+        f"{out['rss_after'] / MIB:.1f} MiB, status max {max(out['latencies'], default=0) * 1000:.0f} ms "
+        f"({len(out['latencies'])} polls, failures {out['failures']}), log lines {len(out['log'])}"
+    )
     return out
 
 
@@ -208,8 +226,13 @@ def assert_flood_counted(out: dict[str, Any], flood: int, rss_bound: int) -> Non
     drops = st["nats"].get("slow_consumer_drops", 0)
     assert out["alive"], "esperd died under the flood"
     assert drops > 0, st["nats"]  # esperd could not keep up, and says so
-    assert st["accepted_total"] + drops == flood, (st["accepted_total"], drops)  # each one: handled or counted
-    assert st["nats"]["connected"] and st["nats"]["disconnects"] == 0, st["nats"]  # never cut off by the broker
+    assert st["accepted_total"] + drops == flood, (
+        st["accepted_total"],
+        drops,
+    )  # each one: handled or counted
+    assert st["nats"]["connected"] and st["nats"]["disconnects"] == 0, st[
+        "nats"
+    ]  # never cut off by the broker
     assert st["nats"]["errors"] == 0 and st["rejected_total"] == 0
     assert out["rss_after"] - out["rss_before"] < rss_bound, (out["rss_before"] / MIB, out["rss_after"] / MIB)
     assert not out["failures"] and out["latencies"], out["failures"]  # status answered all along
@@ -219,7 +242,9 @@ def assert_flood_counted(out: dict[str, Any], flood: int, rss_bound: int) -> Non
     assert out["exit"] == 0, out["log"][-5:]
 
 
-async def test_a_publisher_flood_is_dropped_and_counted_not_queued(nats_server: NatsServer, tmp_path: Path) -> None:
+async def test_a_publisher_flood_is_dropped_and_counted_not_queued(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
     """50,000 messages (~90 MiB) to one run as fast as one publisher sends them, esperd as a process
     with a 64 KiB pending limit: what it cannot keep up with is dropped by the client and counted
     (nats.slow_consumer_drops), memory stays flat, status keeps answering, the log gets one line per

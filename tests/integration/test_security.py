@@ -139,7 +139,9 @@ async def assert_refused(config: Config, broker: Broker, log_marker: str, error_
         try:
             await until(lambda: task.done() or refused_twice())
         except AssertionError:
-            raise AssertionError(f"esperd was told {errors}; the broker logged:\n{broker.log[-1500:]}") from None
+            raise AssertionError(
+                f"esperd was told {errors}; the broker logged:\n{broker.log[-1500:]}"
+            ) from None
         assert not task.done(), "the daemon gave up (or crashed) instead of retrying"
         assert not service.ready.is_set()
         assert not service.bus.connected and service.bus.nc is None
@@ -219,7 +221,10 @@ def user_password_case(tmp: Path) -> AuthCase:
         daemon={"user": "esperd", "password": "esperd-pw"},
         client={"user": "ops", "password": "ops-pw"},
         refused={
-            "wrong password": ({"user": "esperd", "password": "not-it"}, 'authentication error - User "esperd"'),
+            "wrong password": (
+                {"user": "esperd", "password": "not-it"},
+                'authentication error - User "esperd"',
+            ),
             "no credentials": ({}, "authentication error"),
         },
     )
@@ -240,8 +245,12 @@ def nkey_case(tmp: Path) -> AuthCase:
         f"authorization {{ users = [ {{nkey: {public(esperd)}}}, {{nkey: {public(ops)}}} ] }}\n",
         daemon={"nkey_seed_file": str(write_seed(tmp / "esperd.nk", esperd))},
         client={"nkeys_seed": str(write_seed(tmp / "ops.nk", ops))},
-        refused={"unknown nkey": ({"nkey_seed_file": str(write_seed(tmp / "stranger.nk", stranger))},
-                                  f'authentication error - Nkey "{public(stranger)}"')},
+        refused={
+            "unknown nkey": (
+                {"nkey_seed_file": str(write_seed(tmp / "stranger.nk", stranger))},
+                f'authentication error - Nkey "{public(stranger)}"',
+            )
+        },
     )
 
 
@@ -258,8 +267,12 @@ def creds_case(tmp: Path) -> AuthCase:
         daemon={"credentials_file": str(write_creds(tmp / "esperd.creds", account, "esperd"))},
         client={"user_credentials": str(write_creds(tmp / "ops.creds", account, "ops"))},
         # A well-formed .creds whose account the operator never signed.
-        refused={"untrusted account": ({"credentials_file": str(write_creds(tmp / "rogue.creds", untrusted, "x"))},
-                                       "authentication error")},
+        refused={
+            "untrusted account": (
+                {"credentials_file": str(write_creds(tmp / "rogue.creds", untrusted, "x"))},
+                "authentication error",
+            )
+        },
     )
 
 
@@ -279,8 +292,9 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize("method", list(AUTH_CASES))
-async def test_daemon_serves_with_the_right_credentials(method: str, broker: Callable[[str], Broker],
-                                                        tmp_path: Path) -> None:
+async def test_daemon_serves_with_the_right_credentials(
+    method: str, broker: Callable[[str], Broker], tmp_path: Path
+) -> None:
     case = AUTH_CASES[method](tmp_path)
     nats_server = broker(case.server_conf)
     # The broker really requires authentication: an anonymous client is turned away.
@@ -290,9 +304,12 @@ async def test_daemon_serves_with_the_right_credentials(method: str, broker: Cal
     await assert_serves(config, nats_server.url(), **case.client)
 
 
-@pytest.mark.parametrize(("method", "variant"), REFUSALS, ids=[f"{m}-{v.replace(' ', '_')}" for m, v in REFUSALS])
-async def test_daemon_is_refused_with_wrong_credentials(method: str, variant: str, broker: Callable[[str], Broker],
-                                                        tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("method", "variant"), REFUSALS, ids=[f"{m}-{v.replace(' ', '_')}" for m, v in REFUSALS]
+)
+async def test_daemon_is_refused_with_wrong_credentials(
+    method: str, variant: str, broker: Callable[[str], Broker], tmp_path: Path
+) -> None:
     case = AUTH_CASES[method](tmp_path)
     nats_server = broker(case.server_conf)
     keys, log_marker = case.refused[variant]
@@ -316,9 +333,28 @@ def _openssl(cwd: Path, *args: str) -> None:
 
 
 def _ca(cwd: Path, name: str) -> None:
-    _openssl(cwd, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-days", "2", "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.pem",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    _openssl(
+        cwd,
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
 
 
 def _leaf(cwd: Path, ca: str, name: str, extensions: str) -> None:
@@ -326,11 +362,41 @@ def _leaf(cwd: Path, ca: str, name: str, extensions: str) -> None:
         "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
         "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n" + extensions
     )
-    _openssl(cwd, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
-    _openssl(cwd, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", "2",
-             "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+    _openssl(
+        cwd,
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+    )
+    _openssl(
+        cwd,
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-set_serial",
+        str(int.from_bytes(os.urandom(8), "big")),
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.pem",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -371,24 +437,35 @@ async def test_mutual_tls_end_to_end(pki: Pki, broker: Callable[[str], Broker], 
     await assert_serves(config, tls_broker.url("tls"), tls=client_tls(pki))
 
 
-async def test_tls_client_certificate_is_optional_without_verify(pki: Pki, broker: Callable[[str], Broker],
-                                                                 tmp_path: Path) -> None:
+async def test_tls_client_certificate_is_optional_without_verify(
+    pki: Pki, broker: Callable[[str], Broker], tmp_path: Path
+) -> None:
     tls_broker = broker(tls_server_conf(pki, verify=False))
-    config = daemon_config(tls_broker.url("tls"), tmp_path / "state",
-                           nats={"tls": {"ca_file": pki["ca.pem"], "hostname": "localhost"}})
+    config = daemon_config(
+        tls_broker.url("tls"),
+        tmp_path / "state",
+        nats={"tls": {"ca_file": pki["ca.pem"], "hostname": "localhost"}},
+    )
     await assert_serves(config, tls_broker.url("tls"), tls=client_tls(pki, with_cert=False))
 
 
-async def test_tls_with_the_system_trust_store(pki: Pki, broker: Callable[[str], Broker], tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_tls_with_the_system_trust_store(
+    pki: Pki, broker: Callable[[str], Broker], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No ca_file: a tls:// URL is verified against the default CAs (here SSL_CERT_FILE)."""
     monkeypatch.setenv("SSL_CERT_FILE", pki["ca.pem"])
     tls_broker = broker(tls_server_conf(pki, verify=False))
-    await assert_serves(daemon_config(tls_broker.url("tls"), tmp_path / "state"), tls_broker.url("tls"),
-                        tls=client_tls(pki, with_cert=False))
+    await assert_serves(
+        daemon_config(tls_broker.url("tls"), tmp_path / "state"),
+        tls_broker.url("tls"),
+        tls=client_tls(pki, with_cert=False),
+    )
     # tls.hostname counts here too: the certificate does not name this host, so it is refused.
-    config = daemon_config(tls_broker.url("tls"), tmp_path / "state2",
-                           nats={"tls": {"hostname": "not-the-broker.example"}, **FAST_TLS_RETRY})
+    config = daemon_config(
+        tls_broker.url("tls"),
+        tmp_path / "state2",
+        nats={"tls": {"hostname": "not-the-broker.example"}, **FAST_TLS_RETRY},
+    )
     await assert_refused(config, tls_broker, "TLS handshake error: EOF", "Hostname mismatch")
 
 
@@ -398,17 +475,30 @@ FAST_TLS_RETRY = {"connect_timeout_s": 0.3}
 
 TLS_REFUSALS: dict[str, tuple[bool, dict[str, str], str, str]] = {
     # case: (server verifies clients, esperd's [nats.tls] by pki file name, what the broker logs, what esperd is told)
-    "no client certificate": (True, {"ca_file": "ca.pem"}, "client didn't provide a certificate",
-                              "alert certificate required"),
+    "no client certificate": (
+        True,
+        {"ca_file": "ca.pem"},
+        "client didn't provide a certificate",
+        "alert certificate required",
+    ),
     "client certificate from another CA": (
-        True, {"ca_file": "ca.pem", "cert_file": "rogue-client.pem", "key_file": "rogue-client.key"},
-        "certificate signed by unknown authority", "alert unknown ca"),
+        True,
+        {"ca_file": "ca.pem", "cert_file": "rogue-client.pem", "key_file": "rogue-client.key"},
+        "certificate signed by unknown authority",
+        "alert unknown ca",
+    ),
     "server certificate not trusted": (
-        True, {"ca_file": "rogue-ca.pem", "cert_file": "client.pem", "key_file": "client.key"},
-        "TLS handshake error: EOF", "unable to get local issuer certificate"),
+        True,
+        {"ca_file": "rogue-ca.pem", "cert_file": "client.pem", "key_file": "client.key"},
+        "TLS handshake error: EOF",
+        "unable to get local issuer certificate",
+    ),
     "server certificate names another host": (
-        False, {"ca_file": "ca.pem", "hostname": "not-the-broker.example"}, "TLS handshake error: EOF",
-        "Hostname mismatch"),
+        False,
+        {"ca_file": "ca.pem", "hostname": "not-the-broker.example"},
+        "TLS handshake error: EOF",
+        "Hostname mismatch",
+    ),
 }
 
 
@@ -461,8 +551,12 @@ class Recorder:
 async def host(url: str, run_id: str) -> tuple[HostClient, Recorder]:
     """A training run's HostClient, logged in as that run's user."""
     seen = Recorder()
-    nc = await client(url, user=f"run-{run_id}", password=PASSWORDS[f"RUN_{run_id.upper()}_NATS_PASSWORD"],
-                      error_cb=seen.error)
+    nc = await client(
+        url,
+        user=f"run-{run_id}",
+        password=PASSWORDS[f"RUN_{run_id.upper()}_NATS_PASSWORD"],
+        error_cb=seen.error,
+    )
     host_client = HostClient(nc, run_id)
     await host_client.start()
     return host_client, seen
@@ -470,23 +564,33 @@ async def host(url: str, run_id: str) -> tuple[HostClient, Recorder]:
 
 def telemetry(host_client: HostClient) -> None:
     """Enough for the heuristic to germinate layer 1: it is unhealthy and declining at epoch 5."""
-    nodes = [TopologyNode(layer_id=0, name="stem", layer_type="conv"),
-             TopologyNode(layer_id=1, name="block1", layer_type="conv"),
-             TopologyNode(layer_id=2, name="head", layer_type="linear")]
+    nodes = [
+        TopologyNode(layer_id=0, name="stem", layer_type="conv"),
+        TopologyNode(layer_id=1, name="block1", layer_type="conv"),
+        TopologyNode(layer_id=2, name="head", layer_type="linear"),
+    ]
     host_client.send_topology(TopologyPacket(nodes=nodes, edges=[(0, 1), (1, 2), (0, 2)]))
     for signals in ([(1, 0.5)], [(0, 0.9), (1, 0.4)], [(1, 0.3)], [(2, 0.95), (1, 0.2)]):
-        host_client.send_health([HealthSignal(layer_id=layer, health_score=score) for layer, score in signals])
+        host_client.send_health(
+            [HealthSignal(layer_id=layer, health_score=score) for layer, score in signals]
+        )
     host_client.send_state(SystemStatePacket(epoch=5, val_accuracy=0.61, val_loss=1.2))
 
 
-async def test_documented_permissions_hold_end_to_end(broker: Callable[[str], Broker], tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_documented_permissions_hold_end_to_end(
+    broker: Callable[[str], Broker], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name, value in PASSWORDS.items():  # the documented config reads them from the broker's environment
         monkeypatch.setenv(name, value)
     url = broker(documented_server_config()).url()
-    config = daemon_config(url, tmp_path / "state", nats={"user": "esperd", "password": PASSWORDS["ESPERD_NATS_PASSWORD"]},
-                           scheduler=SCHEDULER, policy=POLICY,
-                           cluster={"enabled": True, "heartbeat_s": 0.1, "settle_s": 0.05})
+    config = daemon_config(
+        url,
+        tmp_path / "state",
+        nats={"user": "esperd", "password": PASSWORDS["ESPERD_NATS_PASSWORD"]},
+        scheduler=SCHEDULER,
+        policy=POLICY,
+        cluster={"enabled": True, "heartbeat_s": 0.1, "settle_s": 0.05},
+    )
     async with running_daemon(config) as service:
         ops = Recorder()
         ops_nc = await client(url, user="ops", password=PASSWORDS["OPS_NATS_PASSWORD"], error_cb=ops.error)
@@ -507,9 +611,16 @@ async def test_documented_permissions_hold_end_to_end(broker: Callable[[str], Br
             await h1.nc.publish("esper.r2.command", CODEC.encode(forged))
             await h1.nc.publish("esper.r1.command", CODEC.encode(forged))
             await h1.nc.flush()
-            await until(lambda: seen1.violated("subscription", "esper.r2.command")
-                        and all(seen1.violated("publish", f"esper.{s}") for s in
-                                ("r3.topology", "r2.state", "r2.command", "r1.command")), timeout=5)
+            await until(
+                lambda: (
+                    seen1.violated("subscription", "esper.r2.command")
+                    and all(
+                        seen1.violated("publish", f"esper.{s}")
+                        for s in ("r3.topology", "r2.state", "r2.command", "r1.command")
+                    )
+                ),
+                timeout=5,
+            )
 
             # Each host gets its own command from esperd, under these permissions, and acks it.
             telemetry(h1)
@@ -523,8 +634,9 @@ async def test_documented_permissions_hold_end_to_end(broker: Callable[[str], Br
                 await h.flush()
             await h1.nc.publish("esper.r1.health", b"\x00 not a packet")  # reported on esperd.rejected
             await h1.nc.flush()
-            st = await wait_for_status(ops_nc, lambda s: s["acks_by_status"].get("applied", 0) >= 2
-                                       and s["rejected_total"] >= 1)
+            st = await wait_for_status(
+                ops_nc, lambda s: s["acks_by_status"].get("applied", 0) >= 2 and s["rejected_total"] >= 1
+            )
             ping = json.loads((await ops_nc.request("$SRV.PING.esperd", b"", timeout=2)).data)
             await until(lambda: bool(rejected.msgs) and seen1.violated("publish", "esper.r2.ack"), timeout=5)
             assert service.bus.errors == 0, "esperd itself hit a permissions violation"
@@ -552,16 +664,21 @@ async def test_documented_permissions_hold_end_to_end(broker: Callable[[str], Br
     assert "esper.r1.command" in subjects and "esper.r2.command" in subjects
 
 
-async def test_a_narrower_esperd_grant_silences_it(broker: Callable[[str], Broker], tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_narrower_esperd_grant_silences_it(
+    broker: Callable[[str], Broker], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Why the docs grant esperd `esper.*.*`: with only the four channels its one subscription is refused."""
     for name, value in PASSWORDS.items():
         monkeypatch.setenv(name, value)
     documented = documented_server_config()
     assert documented.count('"esper.*.*"') == 1
-    narrower = documented.replace('"esper.*.*"', '"esper.*.topology", "esper.*.health", "esper.*.state", "esper.*.ack"')
+    narrower = documented.replace(
+        '"esper.*.*"', '"esper.*.topology", "esper.*.health", "esper.*.state", "esper.*.ack"'
+    )
     url = broker(narrower).url()
-    config = daemon_config(url, tmp_path / "state", nats={"user": "esperd", "password": PASSWORDS["ESPERD_NATS_PASSWORD"]})
+    config = daemon_config(
+        url, tmp_path / "state", nats={"user": "esperd", "password": PASSWORDS["ESPERD_NATS_PASSWORD"]}
+    )
     async with running_daemon(config) as service:
         ops_nc = await client(url, user="ops", password=PASSWORDS["OPS_NATS_PASSWORD"])
         h1, seen1 = await host(url, "r1")

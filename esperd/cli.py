@@ -38,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
         "and policy.toml into --out.",
     )
     add_train_arguments(train)
+    record = sub.add_parser(
+        "record",
+        help="record every run's messages as JSONL traces (one file per run)",
+        description="Subscribe to <prefix>.*.* and write every topology, health, state, command and "
+        "ack message, decoded to the contracts' JSON with its receive time, to DIR/<run>.jsonl. "
+        "Runs until SIGINT/SIGTERM (or --duration).",
+    )
+    record.add_argument("--out", required=True, metavar="DIR", help="directory for the trace files")
+    record.add_argument("--server", default="nats://127.0.0.1:4222", metavar="URL", help="NATS server URL")
+    record.add_argument("--prefix", default="esper", help="subject prefix (esper)")
+    record.add_argument(
+        "--duration", type=float, default=0.0, metavar="S", help="stop after S seconds (0: until signalled)"
+    )
     return parser
 
 
@@ -49,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from contracts.schema import main as schema_main
 
         return schema_main(["--check"] if args.check else [])
+    if args.command == "record":
+        return asyncio.run(_record(args))
     if args.command == "train":
         from esperd.train import main as train_main
 
@@ -91,6 +106,26 @@ def run(config: Config) -> int:
         else:
             return uvloop.run(_serve(config))
     return asyncio.run(_serve(config))
+
+
+async def _record(args: argparse.Namespace) -> int:
+    """`esperd record`: the trace tap until a signal or --duration; prints what it wrote."""
+    import msgspec
+
+    from esperd.traces import record
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if args.duration > 0:
+        loop.call_later(args.duration, stop.set)
+    print(
+        f"esperd: recording {args.prefix}.*.* from {args.server} into {args.out}", file=sys.stderr, flush=True
+    )
+    stats = await record(args.server, args.out, prefix=args.prefix, stop=stop)
+    print(msgspec.json.encode(stats).decode(), flush=True)
+    return 0
 
 
 async def _serve(config: Config) -> int:

@@ -212,10 +212,6 @@ class Recorder:
     def open_steps(self) -> int:
         return sum(run.open is not None for run in self._runs.values())
 
-    def has_open_step(self, run_id: str) -> bool:
-        run = self._runs.get(run_id)
-        return run is not None and run.open is not None
-
     def tracker(self, run_id: str) -> RewardTracker | None:
         """The run's reward tracker, for inspection."""
         run = self._runs.get(run_id)

@@ -152,6 +152,13 @@ class SystemStatePacket(_Message, tag="state", kw_only=True):
     total_params: Count = 0
     timestamp: NonNeg = 0.0
     done: bool = False
+    # Appended in v1 (optional; 0 means unknown). The training budget: after the packet for
+    # `epoch` (counted from 0) the run trains `total_epochs - epoch - 1` more epochs, so esperd
+    # does not start a seed that cannot finish its lifecycle.
+    total_epochs: Count = 0
+    # How many samples `val_accuracy` and the seeds' counterfactuals are measured on: it sets
+    # how large a difference must be before esperd treats it as more than noise.
+    val_samples: Count = 0
 
 
 # ---------------------------------------------------------------- commands

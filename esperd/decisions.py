@@ -170,7 +170,11 @@ class DecisionLoop:
                 continue
             command = to_command(decision)
             self.scheduler.note_command(
-                command.command_id, command.run_id, command.layer_id, command.op.value
+                command.command_id,
+                command.run_id,
+                command.layer_id,
+                command.op.value,
+                blueprint=command.blueprint.value if command.blueprint is not None else "",
             )
             await self.publish(command)
             sent += 1

@@ -42,6 +42,7 @@ class PendingCommand(msgspec.Struct, frozen=True):
     layer_id: int
     issued_at: float
     op: str
+    blueprint: str = ""  # a GERMINATE's blueprint: a rejection masks it for the layer
 
 
 class Scheduler:
@@ -123,12 +124,19 @@ class Scheduler:
     # -------------------------------------------------------------- cooldowns
 
     def note_command(
-        self, command_id: str, run_id: str, layer_id: int, op: str, now: float | None = None
+        self,
+        command_id: str,
+        run_id: str,
+        layer_id: int,
+        op: str,
+        now: float | None = None,
+        *,
+        blueprint: str = "",
     ) -> None:
         """A command went out: cool its layer down and wait for the ack."""
         now = self._clock() if now is None else now
         self._cooldowns.setdefault(run_id, {})[layer_id] = now + self.config.cooldown_s
-        self.pending[command_id] = PendingCommand(run_id, layer_id, now, op)
+        self.pending[command_id] = PendingCommand(run_id, layer_id, now, op, blueprint)
 
     def note_ack(self, command_id: str, applied: bool) -> PendingCommand | None:
         """The host answered. A rejection frees the layer at once. None for an unknown command."""

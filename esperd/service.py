@@ -28,7 +28,9 @@ from contracts import (
     REJECTED_SUBJECT,
     STATUS_SUBJECT,
     AckStatus,
+    Blueprint,
     CommandAck,
+    Op,
     SubjectError,
     SystemStatePacket,
     parse_subject,
@@ -366,7 +368,16 @@ class Service:
             self.unknown_acks += 1  # late (after the timeout), duplicated, or never ours
             return
         self.acks_by_status[ack.status.value] = self.acks_by_status.get(ack.status.value, 0) + 1
-        self.recorder.on_ack(run_id, ack.command_id, applied=ack.status is AckStatus.APPLIED)
+        applied = ack.status is AckStatus.APPLIED
+        self.recorder.on_ack(run_id, ack.command_id, applied=applied)
+        self.analyzer.note_ack(
+            run_id,
+            command.layer_id,
+            Op(command.op),
+            applied,
+            blueprint=Blueprint(command.blueprint) if command.blueprint else None,
+            timestamp=ack.timestamp,
+        )
         if ack.status is AckStatus.REJECTED:
             log.info(
                 "command rejected by host",

@@ -831,3 +831,82 @@ def test_analyzer_imports_neither_torch_nor_nats():
     code = "import sys, esperd.analyzer; print(sorted(m for m in ('torch', 'nats') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ host acks
+
+
+def _slots_run(kinds: list[str]) -> Analyzer:
+    analyzer = Analyzer(clock=FakeClock())
+    nodes = [TopologyNode(layer_id=i, layer_type=k) for i, k in enumerate(kinds)]
+    analyzer.ingest_topology("r", topology(nodes, [(i, i + 1) for i in range(len(kinds) - 1)]))
+    return analyzer
+
+
+def test_rejected_germinate_masks_its_blueprint_on_that_layer_only():
+    analyzer = _slots_run(["linear", "linear", "conv"])
+    before = analyzer.observe("r")
+    assert analyzer.note_ack("r", 0, Op.GERMINATE, applied=False, blueprint=Blueprint.ATTENTION)
+    obs = analyzer.observe("r")
+    col = BLUEPRINTS.index(Blueprint.ATTENTION)
+    assert before.blueprint_mask[0, col] and not obs.blueprint_mask[0, col]
+    assert obs.blueprint_mask[1, col]  # another layer may still try it
+    assert obs.op_mask[0, OP_INDEX[Op.GERMINATE]]  # other blueprints remain
+    # The mask keeps its identity until the next change (policy batching caches by it).
+    assert analyzer.observe("r").blueprint_mask is obs.blueprint_mask
+    # Other ops' rejections say nothing about blueprints.
+    analyzer.note_ack("r", 1, Op.ADVANCE, applied=False)
+    assert analyzer.observe("r").blueprint_mask is obs.blueprint_mask
+
+
+def test_blueprint_rejected_on_two_layers_is_masked_run_wide():
+    analyzer = _slots_run(["linear", "linear", "linear"])
+    for layer in (0, 1):
+        analyzer.note_ack("r", layer, Op.GERMINATE, applied=False, blueprint=Blueprint.MLP)
+    obs = analyzer.observe("r")
+    assert not obs.blueprint_mask[:, BLUEPRINTS.index(Blueprint.MLP)].any()
+
+
+def test_a_layer_rejecting_germinate_repeatedly_is_no_longer_germinated():
+    analyzer = _slots_run(["conv", "conv"])
+    for bp in (Blueprint.CONV_LIGHT, Blueprint.CONV_HEAVY, Blueprint.DEPTHWISE):
+        analyzer.note_ack("r", 0, Op.GERMINATE, applied=False, blueprint=bp)
+    obs = analyzer.observe("r")
+    assert not obs.op_mask[0, OP_INDEX[Op.GERMINATE]] and obs.op_mask[1, OP_INDEX[Op.GERMINATE]]
+    assert obs.op_mask[0, OP_INDEX[Op.WAIT]]
+
+
+def test_every_fitting_blueprint_rejected_masks_germinate():
+    analyzer = Analyzer(
+        AnalyzerConfig(max_germinate_rejections=100, blueprint_rejections_run_wide=100), clock=FakeClock()
+    )
+    analyzer.ingest_topology("r", topology([TopologyNode(layer_id=0, layer_type="conv")], []))
+    for bp in BLUEPRINTS:
+        if bp.family is BlueprintFamily.CNN:
+            analyzer.note_ack("r", 0, Op.GERMINATE, applied=False, blueprint=bp)
+    obs = analyzer.observe("r")
+    assert not obs.blueprint_mask[0].any() and not obs.op_mask[0, OP_INDEX[Op.GERMINATE]]
+
+
+def test_applied_ack_moves_the_stage_at_once_and_the_next_packet_reconciles():
+    analyzer = _slots_run(["conv", "conv"])
+    stage = lambda: STAGES[int(analyzer.observe("r").stages[0])]  # noqa: E731
+    assert analyzer.note_ack("r", 0, Op.GERMINATE, applied=True, timestamp=100.0)
+    assert stage() is SeedStage.GERMINATED
+    obs = analyzer.observe("r")
+    assert not obs.op_mask[0, OP_INDEX[Op.GERMINATE]] and obs.op_mask[0, OP_INDEX[Op.PRUNE]]
+    # A packet the host stamped before it applied the command does not undo it ...
+    old = SystemStatePacket(epoch=3, timestamp=99.0, seeds=[SeedSlotState(layer_id=0)])
+    analyzer.ingest_state("r", old)
+    assert stage() is SeedStage.GERMINATED
+    # ... a later one is the truth.
+    later = SeedSlotState(layer_id=0, stage=SeedStage.TRAINING, epochs_in_stage=3)
+    analyzer.ingest_state("r", SystemStatePacket(epoch=4, timestamp=101.0, seeds=[later]))
+    assert stage() is SeedStage.TRAINING
+    assert analyzer.note_ack("r", 0, Op.ADVANCE, applied=True, timestamp=102.0)
+    assert stage() is SeedStage.BLENDING
+    assert analyzer.observe("r").node_features[0, F["epochs_in_stage"]] == 0.0
+    # An applied op our view does not allow (a stale view) changes nothing.
+    assert not analyzer.note_ack("r", 0, Op.FOSSILIZE, applied=True)
+    assert stage() is SeedStage.BLENDING
+    assert not analyzer.note_ack("unknown", 0, Op.PRUNE, applied=True)

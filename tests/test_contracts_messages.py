@@ -101,6 +101,8 @@ FULL: dict[type[msgspec.Struct], msgspec.Struct] = {
         total_params=11_192_458,
         timestamp=1_732_540_803.0,
         done=True,
+        total_epochs=48,
+        val_samples=1_797,
         v=2,
     ),
     AdaptationCommand: AdaptationCommand(

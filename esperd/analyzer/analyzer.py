@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from contracts import HealthBatch, HealthSignal, SystemStatePacket, TopologyPacket
+from contracts import Blueprint, HealthBatch, HealthSignal, Op, SystemStatePacket, TopologyPacket
 from esperd.analyzer.config import AnalyzerConfig, AnalyzerError
 from esperd.analyzer.graph import Graph
 from esperd.analyzer.observation import Observation
@@ -88,6 +88,27 @@ class Analyzer:
         if isinstance(message, SystemStatePacket):
             return self.ingest_state(run_id, message, now)
         raise TypeError(f"the analyzer does not take {type(message).__name__}")
+
+    def note_ack(
+        self,
+        run_id: str,
+        layer_id: int,
+        op: Op,
+        applied: bool,
+        *,
+        blueprint: Blueprint | None = None,
+        timestamp: float = 0.0,
+    ) -> bool:
+        """A host's answer to a command. Applied: the slot's stage moves at once (the next packet
+        reconciles it). Rejected GERMINATE: its blueprint is masked on that layer. False for a run
+        the analyzer does not know (or an applied op our view did not allow)."""
+        run = self._runs.get(run_id)
+        if run is None:
+            return False
+        if applied:
+            return run.note_applied(layer_id, op, timestamp)
+        run.note_rejected(layer_id, op, blueprint)
+        return True
 
     # ----------------------------------------------------------------- output
 

@@ -9,17 +9,19 @@ from typing import Protocol
 import msgspec
 import numpy as np
 
-from contracts import HealthSignal, SeedStage, SystemStatePacket
+from contracts import Blueprint, HealthSignal, Op, SeedStage, SystemStatePacket, next_stage
 from esperd.analyzer import table as T
 from esperd.analyzer.config import AnalyzerConfig, AnalyzerError
 from esperd.analyzer.graph import Graph, components, gcn_normalize
 from esperd.analyzer.masks import LIVE_STAGE, STAGE_ONE_HOT, op_mask
 from esperd.analyzer.observation import (
+    BLUEPRINT_INDEX,
     BLUEPRINTS,
     GLOBAL_FEATURES,
     NODE_FEATURES,
     OPS,
     STAGE_INDEX,
+    STAGES,
     Observation,
 )
 from esperd.analyzer.table import NodeTable
@@ -27,6 +29,8 @@ from esperd.analyzer.table import NodeTable
 _STAGE_SLICE = slice(T.STAGE_FIRST, T.STAGE_FIRST + STAGE_ONE_HOT.shape[0])
 _FLAG_COLUMNS = [T.HEALTH, T.PROBLEMATIC, T.ATTENTION]
 _STALENESS_SCALE_S = 60.0  # per the NODE_FEATURES contract
+#: Ops after which a slot's seed has no blend weight (any other op leaves alpha as the host reported it).
+_ALPHA_RESET = frozenset({Op.GERMINATE, Op.PRUNE})
 _EPOCHS_IN_STAGE_SCALE = 12.0  # the longest blend tempo (glacial)
 
 
@@ -115,6 +119,13 @@ class RunState:
         self._gcn: tuple[np.ndarray, np.ndarray] | None = None
         self._clusters: list[np.ndarray] | None = None  # None: flags or graph changed since computed
         self._in_cluster = np.zeros(0, dtype=bool)
+        # Host rejections of GERMINATE: layer id -> rejected blueprint indices, and the count per layer.
+        self._rejected: dict[int, set[int]] = {}
+        self._germinate_rejections: dict[int, int] = {}
+        self._rejection_version = 0
+        # (topology version, rejection version) -> (blueprint mask, layers that may germinate), cached so
+        # that the mask keeps its identity between changes (policy batching caches by it).
+        self._masks: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ graph
 
@@ -277,6 +288,68 @@ class RunState:
         self.last_seen = now
         return material
 
+    # ------------------------------------------------------------------- acks
+
+    def note_applied(self, layer_id: int, op: Op, timestamp: float = 0.0) -> bool:
+        """The host applied `op` on a layer's slot: move our view of its stage now, not at the next
+        packet (which reconciles it). False when our view does not allow `op` (it was stale)."""
+        row = self._row_of.get(layer_id)
+        if row is None or op is Op.WAIT:
+            return False
+        aux, feat = self._table.aux, self._table.feat
+        stage = STAGES[int(aux[row, T.STAGE])]
+        try:
+            target = next_stage(stage, op)
+        except ValueError:
+            return False
+        if target is not stage:
+            feat[row, T.ALPHA + 1] = 0.0  # epochs in the new stage
+        if op in _ALPHA_RESET:
+            feat[row, T.ALPHA] = 0.0
+            feat[row, T.COUNTERFACTUAL : T.COUNTERFACTUAL + 2] = 0.0
+        # Slot information the host stamped before it applied the op must not undo it.
+        aux[row, T.SLOT_TS : T.STAGE + 1] = (max(timestamp, aux[row, T.SLOT_TS]), STAGE_INDEX[target])
+        return True
+
+    def note_rejected(self, layer_id: int, op: Op, blueprint: Blueprint | None) -> None:
+        """The host rejected `op` on a layer. A rejected GERMINATE masks its blueprint there."""
+        if op is not Op.GERMINATE:
+            return
+        count = self._germinate_rejections.get(layer_id, 0) + 1
+        self._germinate_rejections[layer_id] = count
+        if blueprint is not None:
+            self._rejected.setdefault(layer_id, set()).add(BLUEPRINT_INDEX[blueprint])
+        self._rejection_version += 1
+
+    def _action_masks(self, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
+        """(blueprint mask, can germinate) with the host's rejections applied; cached per change."""
+        key = (self.topology_version, self._rejection_version)
+        if self._masks is not None and self._masks[0] == key:
+            return self._masks[1], self._masks[2]
+        if not self._rejected and not self._germinate_rejections:
+            blueprints, can = graph.blueprint_mask, graph.can_germinate
+        else:
+            blueprints, can = graph.blueprint_mask.copy(), graph.can_germinate.copy()
+            cfg = self.config
+            layers_per_blueprint = np.zeros(len(BLUEPRINTS), dtype=np.int64)
+            for rejected in self._rejected.values():
+                layers_per_blueprint[list(rejected)] += 1
+            blueprints[:, layers_per_blueprint >= cfg.blueprint_rejections_run_wide] = False
+            node_of = {layer_id: i for i, layer_id in enumerate(graph.layer_ids.tolist())}
+            for layer_id, rejected in self._rejected.items():
+                node = node_of.get(layer_id)
+                if node is not None:
+                    blueprints[node, list(rejected)] = False
+            for layer_id, count in self._germinate_rejections.items():
+                node = node_of.get(layer_id)
+                if node is not None and count >= cfg.max_germinate_rejections:
+                    can[node] = False
+            can &= blueprints.any(axis=1)
+            blueprints.flags.writeable = False
+            can.flags.writeable = False
+        self._masks = (key, blueprints, can)
+        return blueprints, can
+
     def _update_training(self, p: SystemStatePacket) -> bool:
         tr = self.training
         finished = p.done and not tr.done
@@ -344,6 +417,7 @@ class RunState:
         x[:, T.STALENESS] = np.clip((now - aux[:, T.LAST_SEEN]) / _STALENESS_SCALE_S, 0.0, 1.0)
         x[:, _STAGE_SLICE] = STAGE_ONE_HOT[stages]
         gcn_index, gcn_weight = self.gcn_adjacency()
+        blueprint_mask, can_germinate = self._action_masks(graph)
         n = table.n
         table.aux[:n, T.SEEN_HEALTH : T.SEEN_ATTENTION + 1] = table.feat[:n][:, _FLAG_COLUMNS]
         return Observation(
@@ -355,8 +429,8 @@ class RunState:
             gcn_edge_index=gcn_index,
             gcn_edge_weight=gcn_weight,
             global_features=self._global_features(x, stages, len(groups)),
-            op_mask=op_mask(stages, graph.can_germinate),
-            blueprint_mask=graph.blueprint_mask,
+            op_mask=op_mask(stages, can_germinate),
+            blueprint_mask=blueprint_mask,
             stages=stages,
             epoch=self.training.epoch,
             timestamp=now,

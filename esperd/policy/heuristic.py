@@ -226,15 +226,21 @@ class HeuristicPolicy:
     def _observe_outcomes(self, obs: Observation, memory: _RunMemory) -> None:
         """Learn from stages: PRUNED slots get an embargo, finished seeds are forgotten."""
         # One pass over plain lists: cheaper than a numpy mask per stage at these sizes.
-        for layer_id, stage in zip(obs.layer_ids.tolist(), obs.stages.tolist(), strict=True):
+        for node, (layer_id, stage) in enumerate(
+            zip(obs.layer_ids.tolist(), obs.stages.tolist(), strict=True)
+        ):
             if stage == _PRUNED:
                 memory.pruned(layer_id, obs.epoch, self.rules)
             elif stage == _FOSSILIZED:
                 memory.seeds.pop(layer_id, None)
             elif stage == _DORMANT:
-                # Still DORMANT over an epoch after we germinated: the command was rejected or lost.
                 seed = memory.seeds.get(layer_id)
-                if seed is not None and obs.epoch - seed.germinated_epoch > 1:
+                if seed is None:
+                    continue
+                # The host rejected it (the analyzer masks a rejected blueprint), or it is still
+                # DORMANT over an epoch after we germinated: the command was rejected or lost.
+                rejected = not obs.blueprint_mask[node, BLUEPRINT_INDEX[seed.blueprint]]
+                if rejected or obs.epoch - seed.germinated_epoch > 1:
                     del memory.seeds[layer_id]
 
     def _commit(self, choice: _Candidate, obs: Observation, memory: _RunMemory) -> None:

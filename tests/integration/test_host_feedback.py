@@ -1,0 +1,87 @@
+"""What a host says back steers esperd: rejections change the next choice, applied acks move the stage.
+
+A real nats-server and the daemon in-process; the host speaks through HostClient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from nats.aio.client import Client
+
+from contracts import (
+    HealthSignal,
+    Op,
+    SeedSlotState,
+    SeedStage,
+    SystemStatePacket,
+    TopologyNode,
+    TopologyPacket,
+)
+from esperd.analyzer.observation import STAGES
+from esperd.client import HostClient
+from esperd.natsserver import NatsServer
+from tests.integration.helpers import daemon_config, running_daemon, wait_for_status
+
+SCHEDULER = {"min_interval_s": 0.05, "cooldown_s": 60.0, "max_wait_ms": 2.0}
+POLICY = {"name": "heuristic", "heuristic": {"min_epoch": 3}}
+
+
+def linear_topology(n: int) -> TopologyPacket:
+    nodes = [TopologyNode(layer_id=i, name=f"fc{i}", layer_type="linear", params=500) for i in range(n)]
+    return TopologyPacket(nodes=nodes, edges=[(i, i + 1) for i in range(n - 1)])
+
+
+async def test_a_rejected_blueprint_is_not_sent_again_to_that_layer(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
+    config = daemon_config(nats_server.url, tmp_path, scheduler=SCHEDULER, policy=POLICY)
+    async with running_daemon(config):
+        host = await HostClient.connect(nats_server.url, "picky")
+        try:
+            host.send_topology(linear_topology(3))
+            await wait_for_status(nats_client, lambda s: s["accepted_by_kind"].get("topology", 0) >= 1)
+            for health in (0.5, 0.4, 0.3, 0.2):  # layer 1 unhealthy and declining
+                host.send_health(
+                    [HealthSignal(layer_id=i, health_score=health if i == 1 else 0.9) for i in range(3)]
+                )
+            tried = []
+            for epoch in range(5, 8):
+                host.send_state(SystemStatePacket(epoch=epoch, val_accuracy=0.7, total_epochs=100))
+                command = await asyncio.wait_for(host.commands.get(), 5.0)
+                assert (command.op, command.layer_id) == (Op.GERMINATE, 1)
+                tried.append(command.blueprint)
+                host.ack(command, applied=False, reason=f"{command.blueprint.value} is not implemented here")
+                await wait_for_status(
+                    nats_client, lambda s, n=len(tried): s["acks_by_status"].get("rejected", 0) >= n
+                )
+            # Three rejected germinations: the layer is not germinated again in this run.
+            host.send_state(SystemStatePacket(epoch=8, val_accuracy=0.7, total_epochs=100))
+            await asyncio.sleep(0.5)
+            assert host.commands.empty()
+        finally:
+            await host.close()
+    # Each retry was steered by the rejections before it: never the same blueprint twice on the layer.
+    assert len(set(tried)) == len(tried) == 3
+
+
+async def test_an_applied_ack_moves_esperds_view_of_the_slot_before_the_next_packet(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
+    config = daemon_config(nats_server.url, tmp_path, scheduler=SCHEDULER, policy=POLICY)
+    async with running_daemon(config) as service:
+        host = await HostClient.connect(nats_server.url, "eager")
+        try:
+            host.send_topology(linear_topology(3))
+            await wait_for_status(nats_client, lambda s: s["accepted_by_kind"].get("topology", 0) >= 1)
+            training = SeedSlotState(layer_id=2, stage=SeedStage.TRAINING, epochs_in_stage=3)
+            host.send_state(SystemStatePacket(epoch=8, val_accuracy=0.7, seeds=[training]))
+            command = await asyncio.wait_for(host.commands.get(), 5.0)
+            assert (command.op, command.layer_id) == (Op.ADVANCE, 2)
+            host.ack(command, applied=True)
+            await wait_for_status(nats_client, lambda s: s["acks_by_status"].get("applied", 0) >= 1)
+            obs = service.analyzer.observe("eager")
+            assert STAGES[int(obs.stages[2])] is SeedStage.BLENDING
+        finally:
+            await host.close()

@@ -389,6 +389,14 @@ def plot(runs: list[dict[str, Any]], bases: list[dict[str, Any]], path: Path) ->
     plt.close(fig)
 
 
+def require_matplotlib(parser: argparse.ArgumentParser) -> None:
+    """Refuse to start minutes of training when the plot at the end cannot be drawn."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        parser.error("matplotlib is missing: `make install` installs it, or `pip install -e '.[plot]'`")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
@@ -413,6 +421,8 @@ def main() -> int:
         args.seeds, args.ppo_steps, args.impala_steps, args.eval_every_steps = 2, 4096, 2048, 1024
         args.eval_episodes, args.test_episodes = 8, 8
         args.warm_steps, args.imitation_steps = 512, 50
+    if not args.no_baselines:
+        require_matplotlib(parser)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     variants = [v for v in args.variants.split(",") if v]
@@ -455,10 +465,11 @@ def main() -> int:
     (out / "learning_curves.json").write_text(json.dumps({"runs": runs, "baselines": bases}, indent=1))
     if not bases:  # --no-baselines: nothing to compare with, the raw results only
         return 0
-    plot(runs, bases, out / "learning_curves.png")
+    # The tables first: a plotting failure must not cost minutes of training results.
     text = report(runs, bases, args, wall)
     (out / "learning_curves.md").write_text(text)
     print(text)
+    plot(runs, bases, out / "learning_curves.png")
     return 0
 
 

@@ -50,7 +50,34 @@ def schema_for(cls: type[msgspec.Struct]) -> dict[str, Any]:
     }
     # msgspec returns {"$ref": ..., "$defs": ...}; merge so the file is one self-contained document.
     doc.update(msgspec.json.schema(cls))
-    return doc
+    return canonical(doc)
+
+
+# Order-free keywords: msgspec releases list the same alternatives in different orders.
+_UNORDERED = ("anyOf", "oneOf", "allOf")
+
+
+def canonical(node: Any) -> Any:
+    """The schema with what carries no meaning made uniform, so msgspec releases agree.
+
+    Descriptions have their whitespace collapsed (msgspec 0.23 dedents docstrings, 0.22
+    keeps their indentation) and the alternatives of anyOf/oneOf/allOf are sorted.
+    What the schema accepts is unchanged.
+    """
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "description" and isinstance(value, str):
+                out[key] = " ".join(value.split())
+            elif key in _UNORDERED and isinstance(value, list):
+                items = [canonical(v) for v in value]
+                out[key] = sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+            else:
+                out[key] = canonical(value)
+        return out
+    if isinstance(node, list):
+        return [canonical(v) for v in node]
+    return node
 
 
 def render(cls: type[msgspec.Struct]) -> str:
@@ -78,14 +105,25 @@ def write(directory: Path = SCHEMA_DIR) -> list[Path]:
     return written
 
 
+def means_the_same(path: Path, text: str) -> bool:
+    """Whether the file at `path` is a schema that says what `text` says.
+
+    Compared as parsed, canonical JSON: layout, key order, the order of alternatives and
+    whitespace inside descriptions do not count; any other change does.
+    """
+    if not path.is_file():
+        return False
+    try:
+        on_disk = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return canonical(on_disk) == canonical(json.loads(text))
+
+
 def drifted(directory: Path = SCHEMA_DIR) -> list[str]:
-    """Names of files that are missing, different from the code, or stale (no such kind)."""
+    """Names of files that are missing, different in meaning from the code, or stale (no such kind)."""
     expected = generate()
-    bad = [
-        name
-        for name, text in expected.items()
-        if not (directory / name).is_file() or (directory / name).read_text(encoding="utf-8") != text
-    ]
+    bad = [name for name, text in expected.items() if not means_the_same(directory / name, text)]
     if directory.is_dir():
         bad += [p.name for p in directory.glob("*.json") if p.name not in expected]
     return sorted(bad)

@@ -19,10 +19,51 @@ KINDS = [cls.__struct_config__.tag for cls in MESSAGE_TYPES]
 def test_checked_in_schemas_match_the_code() -> None:
     # Fails when a message changes without `python -m contracts.schema` being rerun.
     expected = schema_mod.generate()
-    on_disk = {p.name: p.read_text(encoding="utf-8") for p in sorted(schema_mod.SCHEMA_DIR.glob("*.json"))}
-    assert sorted(on_disk) == sorted(expected), "schema files missing or stale"
-    drifted = [name for name in expected if on_disk[name] != expected[name]]
-    assert drifted == [], f"run `python -m contracts.schema`; drifted: {drifted}"
+    on_disk = sorted(p.name for p in schema_mod.SCHEMA_DIR.glob("*.json"))
+    assert on_disk == sorted(expected), "schema files missing or stale"
+    assert schema_mod.drifted() == [], "run `python -m contracts.schema`"
+
+
+def _state_schema() -> dict:
+    return json.loads(schema_mod.generate()["state.json"])
+
+
+def test_drift_ignores_docstring_layout_and_alternative_order(tmp_path: Path) -> None:
+    # msgspec 0.22 keeps a docstring's indentation ("...\n    to keep..."), 0.23 strips it, and
+    # releases before 0.22 list anyOf alternatives in another order: none of that is drift.
+    schema_mod.write(tmp_path)
+    doc = _state_schema()
+    slot = doc["$defs"]["SeedSlotState"]
+    slot["description"] = slot["description"].replace(" to keep", "\n    to keep  ")
+    hardware = doc["$defs"]["SystemStatePacket"]["properties"]["hardware"]
+    hardware["anyOf"].reverse()
+    (tmp_path / "state.json").write_text(json.dumps(doc, indent=4), encoding="utf-8")
+    assert schema_mod.drifted(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d["$defs"]["SeedSlotState"].update(description="Something else entirely."),
+        lambda d: d["$defs"]["SystemStatePacket"]["properties"]["val_accuracy"].update(maximum=2.0),
+        lambda d: d["$defs"]["SystemStatePacket"]["required"].append("epoch"),
+        lambda d: d["$defs"]["SystemStatePacket"]["properties"]["hardware"]["anyOf"].pop(),
+    ],
+    ids=["description-text", "bound", "required", "alternative"],
+)
+def test_drift_catches_changes_of_meaning(tmp_path: Path, change) -> None:
+    schema_mod.write(tmp_path)
+    doc = _state_schema()
+    change(doc)
+    (tmp_path / "state.json").write_text(json.dumps(doc), encoding="utf-8")
+    assert schema_mod.drifted(tmp_path) == ["state.json"]
+
+
+def test_generated_descriptions_are_single_spaced() -> None:
+    for text in schema_mod.generate().values():
+        for line in text.splitlines():
+            if '"description"' in line:
+                assert "\\n" not in line and "  " not in line.split('"description": ', 1)[1], line
 
 
 def test_one_file_per_kind() -> None:

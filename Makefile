@@ -18,13 +18,13 @@ LOCKVENV := .venv-lock
 
 install: $(VENV)/.installed
 
-# --no-build-isolation: esperd is built with the venv's own (locked) setuptools, not
-# whatever setuptools is newest on the index that day.
+# --build-constraint: esperd is built with the locked setuptools too, not whatever
+# setuptools is newest on the index that day.
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(PIN) --upgrade pip setuptools
 	$(BIN)/python -m pip install -q $(PIN) "$(TORCH)"
-	$(BIN)/python -m pip install -q $(PIN) --no-build-isolation -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q $(PIN) $(subst -c ,--build-constraint ,$(PIN)) -e ".[$(EXTRAS)]"
 	touch $@
 
 run: install

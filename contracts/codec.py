@@ -8,6 +8,7 @@ always instances of the classes in `contracts.messages`, whichever form arrived.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Union
 
 import msgspec
@@ -60,6 +61,7 @@ class Codec:
         self._mp_encoder = msgspec.msgpack.Encoder()
         self._json_encoder = msgspec.json.Encoder()
         inbound, every = _union(_INBOUND), _union(MESSAGE_TYPES)
+        self._inbound_type, self._every_type = inbound, every
         self._mp_inbound = msgspec.msgpack.Decoder(_union(tuple(_TWINS[c] for c in _INBOUND)))
         self._mp_any = msgspec.msgpack.Decoder(_union(tuple(_TWINS.values())))
         self._json_inbound = msgspec.json.Decoder(inbound)
@@ -96,11 +98,28 @@ class Codec:
         try:
             return decoder.decode(data)
         except msgspec.ValidationError as exc:
+            if as_json and _INT_GOT_FLOAT.search(str(exc)):
+                return self._decode_json_integral_floats(data, inbound_only)
             raise CodecError(_validation_reason(str(exc)), str(exc)) from None
         except msgspec.DecodeError as exc:
             raise CodecError("malformed", f"{'JSON' if as_json else 'msgpack'}: {exc}") from None
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             # msgspec raises these for a few pathological inputs (e.g. deep nesting).
+            raise CodecError("malformed", f"{type(exc).__name__}: {exc}") from None
+
+    def _decode_json_integral_floats(self, data: bytes, inbound_only: bool) -> AnyMessage:
+        """Decode JSON whose integer fields may be written as integral floats (`3.0`, `1e2`).
+
+        JSON does not tell 3 from 3.0, and JSON Schema counts 3.0 as an integer, so esperd
+        accepts it as the published schemas do. The slow path: taken only after the fast
+        decoder refused a float where an int belongs.
+        """
+        target = self._inbound_type if inbound_only else self._every_type
+        try:
+            return msgspec.convert(_integral_floats_as_ints(msgspec.json.decode(data)), target)
+        except msgspec.ValidationError as exc:
+            raise CodecError(_validation_reason(str(exc)), str(exc)) from None
+        except (msgspec.DecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
             raise CodecError("malformed", f"{type(exc).__name__}: {exc}") from None
 
     def decode_command(self, data: bytes, content_type: str | None = None) -> AdaptationCommand:
@@ -109,6 +128,25 @@ class Codec:
         if not isinstance(msg, AdaptationCommand):
             raise CodecError("wrong_kind", f"expected command, got {msg.__struct_config__.tag}")
         return msg
+
+
+# How msgspec refuses a float where an int belongs (`3.0` included): "Expected `int`, got
+# `float`", or "Expected `int | null`, ..." for an optional one.
+_INT_GOT_FLOAT = re.compile(r"^Expected `[^`]*\bint\b[^`]*`, got `float`")
+
+
+def _integral_floats_as_ints(node: Any) -> Any:
+    """`node` (decoded JSON) with every float that is a whole number turned into an int.
+
+    Float fields take ints unchanged, so only integer fields see a difference.
+    """
+    if isinstance(node, float):
+        return int(node) if node.is_integer() else node
+    if isinstance(node, list):
+        return [_integral_floats_as_ints(v) for v in node]
+    if isinstance(node, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in node.items()}
+    return node
 
 
 def _is_json(data: bytes, content_type: str | None) -> bool:

@@ -50,7 +50,23 @@ def schema_for(cls: type[msgspec.Struct]) -> dict[str, Any]:
     }
     # msgspec returns {"$ref": ..., "$defs": ...}; merge so the file is one self-contained document.
     doc.update(msgspec.json.schema(cls))
+    _nested_tags_optional(doc, cls.__name__)
     return canonical(doc)
+
+
+def _nested_tags_optional(doc: dict[str, Any], top: str) -> None:
+    """Drop `kind` from the required keys of messages nested inside another one.
+
+    A tag is what picks the message type at the top level; a nested message's type is
+    fixed by its place (a HealthBatch's signals are HealthSignals), and esperd accepts it
+    with or without `kind` (a present one must still match).
+    """
+    for name, body in doc.get("$defs", {}).items():
+        required = body.get("required")
+        if name != top and isinstance(required, list) and "kind" in required:
+            body["required"] = [key for key in required if key != "kind"]
+            if not body["required"]:
+                del body["required"]
 
 
 # Order-free keywords: msgspec releases list the same alternatives in different orders.

@@ -1,0 +1,194 @@
+"""Property: the published JSON Schemas and esperd agree on every packet, valid or not.
+
+Valid packets are generated from the schema files themselves (not from esperd's types);
+invalid candidates are those packets with one part replaced, removed or added. For each,
+the `jsonschema` package and esperd must give the same verdict.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from doc_examples import CHANNEL_KINDS, EsperdJudge, SchemaJudge, load_schemas
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+SCHEMAS = load_schemas()
+KIND_CHANNEL = {kind: channel for channel, kinds in CHANNEL_KINDS.items() for kind in kinds}
+#: What a mutation puts in place of a part: wrong types, out-of-range and borderline values.
+JUNK = [
+    "x",
+    "",
+    "a" * 300,
+    "r1\n",
+    -1,
+    0,
+    1,
+    1.0,
+    1.5,
+    -0.5,
+    2,
+    2**31,
+    2**62,
+    2**63,
+    2**70,
+    1e300,
+    1e301,
+    -1e301,
+    None,
+    True,
+    False,
+    [],
+    [0],
+    [0, 1, 2],
+    {},
+    {"layer_id": 0},
+    "dormant",
+    "applied",
+    "germinate",
+    "teleport",
+]
+JUDGE = SchemaJudge()
+ESPERD = EsperdJudge()  # one intake: its rate limiter keeps the rejection log short
+
+
+def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def instances(schema: dict[str, Any], root: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """Values valid under `schema` (the vocabulary contracts/schema/ uses)."""
+    schema = _resolve(schema, root)
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    if "anyOf" in schema:
+        return st.one_of([instances(s, root) for s in schema["anyOf"]])
+    kind = schema.get("type")
+    if kind == "null":
+        return st.none()
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "integer":
+        low, high = schema.get("minimum", -(2**63)), schema.get("maximum", 2**63 - 1)
+        ints = st.integers(low, high)
+        # JSON has one number type: 3.0 is an integer to JSON Schema, so it must be to esperd.
+        return st.one_of(ints, st.integers(low, min(high, 2**53)).map(float))
+    if kind == "number":
+        low, high = schema.get("minimum", schema.get("exclusiveMinimum")), schema.get("maximum")
+        exclude = "exclusiveMinimum" in schema
+        return st.floats(low, high, exclude_min=exclude, allow_nan=False, allow_infinity=False)
+    if kind == "string":
+        if "pattern" in schema:
+            return st.from_regex(schema["pattern"], fullmatch=True)
+        return st.text(min_size=schema.get("minLength", 0), max_size=schema.get("maxLength", 16))
+    if kind == "array":
+        if "prefixItems" in schema:
+            items = [instances(s, root) for s in schema["prefixItems"]]
+            at_least = schema.get("minItems", len(items))
+            return st.integers(at_least, len(items)).flatmap(lambda n: st.tuples(*items[:n]).map(list))
+        return st.lists(instances(schema["items"], root), max_size=min(4, schema.get("maxItems", 4)))
+    if kind == "object":
+        return _objects(schema, root)
+    raise NotImplementedError(f"schema vocabulary not covered: {sorted(schema)}")
+
+
+def _objects(schema: dict[str, Any], root: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    if "properties" not in schema:  # a map (metrics)
+        names = schema.get("propertyNames", {})
+        keys = st.text(min_size=names.get("minLength", 0), max_size=names.get("maxLength", 16))
+        values = instances(schema["additionalProperties"], root)
+        return st.dictionaries(keys, values, max_size=min(4, schema.get("maxProperties", 4)))
+    required = set(schema.get("required", []))
+    props = schema["properties"]
+    return st.fixed_dictionaries(
+        {k: instances(v, root) for k, v in props.items() if k in required},
+        optional={k: instances(v, root) for k, v in props.items() if k not in required},
+    )
+
+
+def packets(kind: str) -> st.SearchStrategy[dict[str, Any]]:
+    root = SCHEMAS[kind]
+    return instances(root, root)
+
+
+def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in a JSON document (dict keys and list indexes), the root included."""
+    found = [prefix]
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            found += _paths(value, (*prefix, key))
+    elif isinstance(doc, list):
+        for index, value in enumerate(doc):
+            found += _paths(value, (*prefix, index))
+    return found
+
+
+@st.composite
+def mutated(draw: st.DrawFn, kind: str) -> dict[str, Any]:
+    """A valid packet with one part replaced, removed, or a key added: usually invalid."""
+    doc = draw(packets(kind))
+    path = draw(st.sampled_from(_paths(doc)))
+    action = draw(st.sampled_from(["replace", "remove", "add"]))
+    if not path:
+        return draw(st.sampled_from(JUNK)) if action == "replace" else doc
+    parent = doc
+    for step in path[:-1]:
+        parent = parent[step]
+    last = path[-1]
+    if action == "replace":
+        parent[last] = draw(st.sampled_from(JUNK))
+    elif action == "remove":
+        del parent[last]
+    elif isinstance(parent[last], dict):
+        parent[last][draw(st.sampled_from(["extra", "kind", "layer_id", "v"]))] = draw(st.sampled_from(JUNK))
+    elif isinstance(parent[last], list):
+        parent[last].append(draw(st.sampled_from(JUNK)))
+    return doc
+
+
+def assert_agreement(kind: str, doc: Any) -> bool:
+    payload = json.dumps(doc).encode()
+    schema_errors = JUDGE.errors(payload, CHANNEL_KINDS[KIND_CHANNEL[kind]])
+    refusal = ESPERD.refusal(f"esper.r1.{KIND_CHANNEL[kind].value}", payload)
+    assert bool(schema_errors) == bool(refusal), (
+        f"disagreement on {payload[:400]!r}: schema says {schema_errors or 'valid'}, "
+        f"esperd says {refusal or 'valid'}"
+    )
+    return not schema_errors
+
+
+KINDS = sorted(SCHEMAS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_generated_packets_are_valid_both_ways(kind: str, data: st.DataObject) -> None:
+    doc = data.draw(packets(kind))
+    assert assert_agreement(kind, doc), f"the schema refuses what it generated: {doc}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_packets_get_one_verdict(kind: str, data: st.DataObject) -> None:
+    valid = assert_agreement(kind, data.draw(mutated(kind)))
+    event("valid" if valid else "invalid")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mutations_do_produce_invalid_packets(kind: str) -> None:
+    # The agreement above means little if every mutant stayed valid.
+    verdicts = []
+
+    @settings(max_examples=100, deadline=None, database=None)
+    @given(doc=mutated(kind))
+    def collect(doc: Any) -> None:
+        verdicts.append(assert_agreement(kind, doc))
+
+    collect()
+    assert verdicts.count(False) >= 20, f"{kind}: only {verdicts.count(False)} of {len(verdicts)} invalid"

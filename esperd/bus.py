@@ -72,8 +72,11 @@ def connect_options(config: NatsConfig) -> dict[str, object]:
 class Bus:
     """esperd's NATS connection."""
 
-    def __init__(self, config: NatsConfig) -> None:
+    def __init__(self, config: NatsConfig, payload_limit: int = 0) -> None:
         self.config = config
+        self.payload_limit = payload_limit  # the largest payload esperd takes (limits.max_payload_bytes)
+        self.server_max_payload = 0  # the connected broker's, from its INFO
+        self.max_payload_warning = ""
         self.prefix = config.subject_prefix
         self.nc: Client | None = None
         self.codec = Codec()
@@ -110,7 +113,12 @@ class Bus:
                 if nc is None:
                     raise ConnectionError("stopped before NATS was reachable")
                 self.nc = nc
-                log.info("connected to NATS", server=str(nc.connected_url.netloc if nc.connected_url else ""))
+                log.info(
+                    "connected to NATS",
+                    server=str(nc.connected_url.netloc if nc.connected_url else ""),
+                    max_payload=nc.max_payload,
+                )
+                self._check_max_payload()
                 return nc
             if stop is not None and stop.is_set():
                 raise ConnectionError("stopped before NATS was reachable")
@@ -274,6 +282,27 @@ class Bus:
         self.reconnects += 1
         url = self.nc.connected_url if self.nc else None
         log.info("reconnected to NATS", server=url.netloc if url else "")
+        self._check_max_payload()  # another server of the cluster may allow less
+
+    def _check_max_payload(self) -> None:
+        """Note the broker's max_payload; warn when it refuses packets esperd would take."""
+        if self.nc is None:
+            return
+        self.server_max_payload = int(self.nc.max_payload)
+        if self.payload_limit and self.server_max_payload < self.payload_limit:
+            self.max_payload_warning = (
+                f"the broker's max_payload ({self.server_max_payload} bytes, headers included) is below "
+                f"limits.max_payload_bytes ({self.payload_limit}): the broker refuses larger messages "
+                "before esperd sees them, so they are neither counted nor reported"
+            )
+            log.warning(
+                "broker max_payload below limits.max_payload_bytes",
+                max_payload=self.server_max_payload,
+                max_payload_bytes=self.payload_limit,
+                detail=self.max_payload_warning,
+            )
+        else:
+            self.max_payload_warning = ""
 
     async def _on_closed(self) -> None:
         log.info("NATS connection closed")

@@ -25,6 +25,7 @@ from esperd.learn.learner import LearnerConfig
 from esperd.policy.config import PolicyConfig
 from esperd.scheduler import SchedulerConfig
 
+MAX_NATS_PAYLOAD = 64 * 1024 * 1024  # nats-server refuses a larger max_payload
 PositiveFloat = Annotated[float, Meta(gt=0.0)]
 PositiveInt = Annotated[int, Meta(gt=0)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
@@ -75,7 +76,8 @@ class LimitsConfig(_Section):
     Bounds on the state esperd keeps (runs, nodes per run) are in `[analyzer]`.
     """
 
-    max_payload_bytes: PositiveInt = 4 * 1024 * 1024
+    # The embedded nats-server is started to carry messages this big (NATS's own cap is 64 MiB).
+    max_payload_bytes: Annotated[int, Meta(gt=0, le=MAX_NATS_PAYLOAD)] = 4 * 1024 * 1024
     max_batch_signals: PositiveInt = 8192
     max_nodes: PositiveInt = 4096
     max_edges: PositiveInt = 65536

@@ -53,12 +53,14 @@ class NatsServer:
         store_dir: str | os.PathLike[str] | None = None,
         config_text: str = "",
         work_dir: str | os.PathLike[str] | None = None,
+        max_payload: int = 0,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.store_dir = Path(store_dir) if store_dir else None
         self.config_text = config_text
         self.work_dir = Path(work_dir) if work_dir else None
+        self.max_payload = max_payload  # bytes per message (headers included); 0 = the server's 1 MiB
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Path | None = None
 
@@ -81,12 +83,16 @@ class NatsServer:
             self.store_dir.mkdir(parents=True, exist_ok=True)
             args += ["-js", "-sd", str(self.store_dir)]
         work = self.work_dir or self.store_dir
-        if self.config_text:
+        # nats-server has no command-line flag for max_payload: it goes in the config file.
+        text = self.config_text + (f"max_payload: {self.max_payload}\n" if self.max_payload else "")
+        if text:
             if work is None:
-                raise NatsServerError("config_text needs a work_dir or store_dir to write into")
+                raise NatsServerError(
+                    "config_text and max_payload need a work_dir or store_dir to write into"
+                )
             work.mkdir(parents=True, exist_ok=True)
             conf = work / "nats-server.conf"
-            conf.write_text(self.config_text, encoding="utf-8")
+            conf.write_text(text, encoding="utf-8")
             args += ["-c", str(conf)]
         if work is not None:
             work.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from contracts import (
 from esperd.analyzer import Analyzer, AnalyzerError, Observation
 from esperd.bus import Bus
 from esperd.cluster import ClusterAgent
-from esperd.config import Config, state_path
+from esperd.config import MAX_NATS_PAYLOAD, Config, state_path
 from esperd.decisions import DecisionLoop, DecisionStats
 from esperd.intake import Accepted, Intake, Rejection
 from esperd.learn.learner import Learner, LearnerStatus
@@ -73,6 +73,8 @@ class NatsStatus(msgspec.Struct):
     errors: int
     dropped_publishes: int
     slow_consumer_drops: int = 0  # inbound messages dropped: esperd fell behind by nats.max_pending_bytes
+    max_payload: int = 0  # the broker's max_payload (from its INFO), headers included
+    max_payload_warning: str = ""  # set when that is below limits.max_payload_bytes
 
 
 class ClusterStatus(msgspec.Struct):
@@ -110,7 +112,7 @@ class Service:
 
     def __init__(self, config: Config, env: Mapping[str, str] | None = None) -> None:
         self.config = config
-        self.bus = Bus(config.nats)
+        self.bus = Bus(config.nats, payload_limit=config.limits.max_payload_bytes)
         self.intake = Intake(config.limits, config.nats.subject_prefix, max_runs=config.analyzer.max_runs)
         self.notifier = SystemdNotifier(os.environ if env is None else env)
         self.analyzer = Analyzer(config.analyzer)
@@ -269,11 +271,17 @@ class Service:
             nats_cfg.embedded_port,
             store_dir=store,
             work_dir=state_path(self.config, "nats"),
+            max_payload=embedded_max_payload(self.config.limits.max_payload_bytes),
         )
         # On the loop thread on purpose: the broker's parent-death signal is tied to the
         # thread that starts it. Start-up takes milliseconds and nothing is served yet.
         self._embedded.start()
-        log.info("embedded nats-server started", url=self._embedded.url, jetstream=bool(store))
+        log.info(
+            "embedded nats-server started",
+            url=self._embedded.url,
+            jetstream=bool(store),
+            max_payload=self._embedded.max_payload,
+        )
 
     async def _start_micro(self) -> None:
         assert self.bus.nc is not None
@@ -432,6 +440,8 @@ class Service:
                 bus.errors,
                 bus.dropped_publishes,
                 bus.slow_consumer_drops,
+                bus.server_max_payload,
+                bus.max_payload_warning,
             ),
             evicted_runs=self.evicted_runs,
             experience=self.recorder.stats(),
@@ -493,6 +503,17 @@ class Service:
                 commands=s.commands_total,
                 connected=s.nats.connected,
             )
+
+
+# NATS counts headers in max_payload, esperd's limit counts the payload alone: room for the
+# Content-Type header (and a few more), so a payload just over the limit still reaches esperd
+# and is refused and counted as too_large there.
+HEADER_ALLOWANCE = 4096
+
+
+def embedded_max_payload(limit: int) -> int:
+    """The embedded broker's max_payload for esperd's `limits.max_payload_bytes`."""
+    return min(limit + HEADER_ALLOWANCE, MAX_NATS_PAYLOAD)
 
 
 def configure_torch_threads(threads: int) -> None:

@@ -373,3 +373,10 @@ def test_servers_default_is_immutable_and_never_empty() -> None:
     assert isinstance(Config().nats.servers, tuple)
     with pytest.raises(ConfigError, match="nats.servers"):
         config_from_dict({"nats": {"servers": []}})
+
+
+def test_max_payload_bytes_is_capped_at_what_nats_can_carry(tmp_path: Path) -> None:
+    # The embedded broker is started with this as its max_payload; nats-server refuses > 64 MiB.
+    assert config_from_dict({"limits": {"max_payload_bytes": 64 * 1024 * 1024}}).limits.max_payload_bytes
+    message = error_of(tmp_path, "[limits]\nmax_payload_bytes = 67108865\n")
+    assert "limits.max_payload_bytes" in message and "67108865" in message

@@ -182,6 +182,14 @@ def test_config_text_is_used(servers: list[NatsServer], tmp_path: Path) -> None:
     assert b'"max_payload":2048' in info
 
 
+def test_max_payload_is_what_the_server_announces(servers: list[NatsServer], tmp_path: Path) -> None:
+    server = make(servers, work_dir=tmp_path, max_payload=3 * 1024 * 1024)
+    server.start()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
+        info = sock.recv(4096)
+    assert b'"max_payload":3145728' in info
+
+
 def test_bad_config_text_raises_with_log_tail(servers: list[NatsServer], tmp_path: Path) -> None:
     server = make(servers, work_dir=tmp_path, config_text="this is { not ][ a config\n")
     started = time.monotonic()

@@ -6,7 +6,7 @@ Knows the contracts and esperd's limits, nothing else: no NATS, no analyzer.
 from __future__ import annotations
 
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 
 import msgspec
 import structlog
@@ -63,19 +63,14 @@ class Accepted(msgspec.Struct, frozen=True):
 class Intake:
     """Decode, validate and count inbound messages."""
 
-    def __init__(
-        self, limits: LimitsConfig, prefix: str, report_window_s: float = 1.0, max_runs: int = 1024
-    ) -> None:
+    def __init__(self, limits: LimitsConfig, prefix: str, report_window_s: float = 1.0) -> None:
         self.limits = limits
-        self.max_runs = max_runs
         self.prefix = prefix
         self.codec = Codec(max_payload_bytes=limits.max_payload_bytes)
         self.accepted_total = 0
         self.rejected_total = 0
         self.accepted_by_kind: Counter[str] = Counter()
         self.rejected_by_reason: Counter[str] = Counter()
-        # Per-run counters, bounded: the least recently seen run is forgotten first.
-        self.per_run: OrderedDict[str, Counter[str]] = OrderedDict()
         self._log_limiter = RateLimiter(limits.reject_log_interval_s)
         self._report_limiter = RateLimiter(report_window_s)
 
@@ -99,7 +94,7 @@ class Intake:
         problem = self._over_limit(message)
         if problem:
             return self._reject("over_limit", problem, subject, run_id, data)
-        self._count_accepted(run_id, message.__struct_config__.tag)
+        self._count_accepted(message.__struct_config__.tag)
         return Accepted(run_id, channel, message)
 
     def reject(
@@ -113,9 +108,6 @@ class Intake:
         allowed, suppressed = self._report_limiter.allow(rejection.reason)
         rejection.suppressed = suppressed
         return allowed
-
-    def forget_run(self, run_id: str) -> None:
-        self.per_run.pop(run_id, None)
 
     def _over_limit(self, message: Inbound) -> str:
         lim = self.limits
@@ -133,17 +125,9 @@ class Intake:
                 return f"{len(message.seeds)} seeds > max_seeds {lim.max_seeds}"
         return ""
 
-    def _count_accepted(self, run_id: str, kind: str) -> None:
+    def _count_accepted(self, kind: str) -> None:
         self.accepted_total += 1
         self.accepted_by_kind[kind] += 1
-        counters = self.per_run.get(run_id)
-        if counters is None:
-            counters = self.per_run[run_id] = Counter()
-            if len(self.per_run) > self.max_runs:
-                self.per_run.popitem(last=False)
-        else:
-            self.per_run.move_to_end(run_id)
-        counters[kind] += 1
 
     def _reject(self, reason: str, detail: str, subject: str, run_id: str, data: bytes) -> Rejection:
         self.rejected_total += 1

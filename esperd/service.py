@@ -14,6 +14,7 @@ import gc
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping
 
 import anyio
@@ -47,6 +48,7 @@ from esperd.natsserver import NatsServer
 from esperd.notify import SystemdNotifier
 from esperd.policy import PolicyBundle, create_policy
 from esperd.policy.checkpoint import build_serving_policy
+from esperd.runs import DropReason, RunTable, RunTableStatus, Verdict
 from esperd.scheduler import Scheduler
 
 log = structlog.get_logger("esperd.service")
@@ -100,11 +102,12 @@ class Status(msgspec.Struct):
     decisions: DecisionStats
     scheduler: SchedulerStatus
     nats: NatsStatus
-    evicted_runs: int
+    evicted_runs: int  # runs dropped for any reason (run_table.dropped_by_reason has the split)
     experience: RecorderStats
     stopping: bool
     learner: LearnerStatus | None = None
     cluster: ClusterStatus | None = None
+    run_table: RunTableStatus | None = None
 
 
 class Service:
@@ -113,7 +116,13 @@ class Service:
     def __init__(self, config: Config, env: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.bus = Bus(config.nats, payload_limit=config.limits.max_payload_bytes)
-        self.intake = Intake(config.limits, config.nats.subject_prefix, max_runs=config.analyzer.max_runs)
+        self.intake = Intake(config.limits, config.nats.subject_prefix)
+        self.runs = RunTable(
+            max_runs=config.analyzer.max_runs,
+            idle_ttl_s=config.analyzer.idle_ttl_s,
+            done_grace_s=config.analyzer.done_grace_s,
+            forget=self._forget_run,
+        )
         self.notifier = SystemdNotifier(os.environ if env is None else env)
         self.analyzer = Analyzer(config.analyzer)
         self.scheduler = Scheduler(config.scheduler)
@@ -138,7 +147,6 @@ class Service:
         self.acks_by_status: dict[str, int] = {}
         self.expired_commands = 0
         self.unknown_acks = 0
-        self.evicted_runs = 0
         self.started_at = time.monotonic()
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -327,25 +335,36 @@ class Service:
         if isinstance(message, CommandAck):
             self._on_ack(run_id, message)
             return
+        subject = f"{self.config.nats.subject_prefix}.{run_id}.{accepted.channel.value}"
+        admission = self.runs.admit(run_id, message)
+        if admission.verdict is Verdict.REFUSE:
+            await self._report(self.intake.reject(admission.reason, admission.detail, subject, run_id))
+            return
+        if admission.verdict is Verdict.LATE:
+            return  # the run said done; a restarted job announces itself (see esperd.runs)
         try:
             changed = self.analyzer.ingest(run_id, message)
         except AnalyzerError as exc:
-            subject = f"{self.config.nats.subject_prefix}.{run_id}.{accepted.channel.value}"
+            if admission.new:
+                self.runs.cancel(run_id)  # a run whose first message is refused never existed
             await self._report(self.intake.reject(exc.reason, str(exc), subject, run_id))
             return
         if isinstance(message, SystemStatePacket):
             self.recorder.on_state(run_id, message)  # the reward lands before the next decision
             if message.done:
-                self._finish_run(run_id)
+                self.runs.finish(run_id, message.epoch)  # no more decisions; dropped after the grace
                 return
         if isinstance(message, SystemStatePacket) or changed:
             if self.scheduler.mark_due(run_id):
                 self.decisions.wake()
 
-    def _finish_run(self, run_id: str) -> None:
-        """The host said `done`: no more decisions; the analyzer keeps it until it idles out."""
+    def _forget_run(self, run_id: str, reason: DropReason) -> None:
+        """Every owner of per-run state forgets the run (RunTable.drop calls this, and only it)."""
+        self.analyzer.remove_run(run_id)
         self.scheduler.forget_run(run_id)
+        self.recorder.on_evicted(run_id)  # truncates an open episode; a finished one is already closed
         self.decisions.policy.forget([run_id])
+        log.debug("run dropped", run_id=run_id, reason=reason.value)
 
     def _mine(self, subject: str) -> bool:
         """Whether this instance owns the subject's run (bad subjects are ours to reject)."""
@@ -359,14 +378,9 @@ class Service:
     def _on_membership_change(self, members: tuple[str, ...]) -> None:
         """Give up the runs another member now owns (it rebuilds them from their next packets)."""
         assert self.cluster is not None
-        lost = [r for r in self.analyzer.run_ids() if not self.cluster.membership.owns(r)]
-        for run_id in lost:
-            self.analyzer.remove_run(run_id)
-            self.scheduler.forget_run(run_id)
-            self.intake.forget_run(run_id)
-            self.recorder.on_evicted(run_id)
+        membership = self.cluster.membership
+        lost = self.runs.drop_where(lambda run_id: not membership.owns(run_id), DropReason.HANDOVER)
         if lost:
-            self.decisions.policy.forget(lost)
             self.handovers += len(lost)
             log.info("runs handed over", runs=len(lost), members=list(members))
 
@@ -415,7 +429,7 @@ class Service:
         return Status(
             version=esperd.__version__,
             uptime_s=round(time.monotonic() - self.started_at, 3),
-            runs=len(self.analyzer),
+            runs=len(self.runs),
             accepted_total=intake.accepted_total,
             rejected_total=intake.rejected_total,
             rejected_by_reason=dict(intake.rejected_by_reason),
@@ -443,11 +457,12 @@ class Service:
                 bus.server_max_payload,
                 bus.max_payload_warning,
             ),
-            evicted_runs=self.evicted_runs,
+            evicted_runs=self.runs.dropped_total,
             experience=self.recorder.stats(),
             stopping=self._stopping,
             learner=self._learner_status(),
             cluster=self._cluster_status(),
+            run_table=self.runs.status(),
         )
 
     def _cluster_status(self) -> ClusterStatus | None:
@@ -471,7 +486,7 @@ class Service:
         await request.respond(self._json.encode(self.status()), headers={"Content-Type": "application/json"})
 
     async def _housekeeping_loop(self) -> None:
-        """Evict idle runs and expire unanswered commands, once a second."""
+        """Drop finished and idle runs and expire unanswered commands, once a second."""
         while True:
             await asyncio.sleep(1.0)
             self.housekeeping()
@@ -481,15 +496,10 @@ class Service:
         if expired:
             self.expired_commands += len(expired)
             self.acks_by_status["timed_out"] = self.acks_by_status.get("timed_out", 0) + len(expired)
-        evicted = self.analyzer.evict_idle()
-        for run_id in evicted:
-            self.scheduler.forget_run(run_id)
-            self.intake.forget_run(run_id)
-            self.recorder.on_evicted(run_id)
-        if evicted:
-            self.evicted_runs += len(evicted)
-            self.decisions.policy.forget(evicted)
-            log.info("idle runs evicted", runs=len(evicted))
+        dropped = self.runs.expire()
+        if dropped:
+            by_reason = Counter(reason.value for _, reason in dropped)
+            log.info("runs dropped", runs=len(dropped), **by_reason)
 
     async def _status_log_loop(self) -> None:
         while True:

@@ -723,7 +723,7 @@ class Oracle:
 
     def __init__(self, limits: dict[str, Any] | None = None, analyzer: dict[str, Any] | None = None) -> None:
         lim = {**LIMITS, **(limits or {}), "reject_log_interval_s": 1e9}
-        self.intake = Intake(LimitsConfig(**lim), PREFIX, max_runs=1)
+        self.intake = Intake(LimitsConfig(**lim), PREFIX)
         an = {**ANALYZER, **(analyzer or {})}
         self.max_nodes, self.max_edges = an["max_nodes_per_run"], an["max_edges_per_run"]
         self.accepted = 0

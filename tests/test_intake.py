@@ -84,7 +84,6 @@ def test_each_kind_on_each_channel(channel: Channel, kind: str, form: str) -> No
         assert outcome.subject == subject
         assert (it.accepted_total, it.rejected_total) == (0, 1)
         assert it.rejected_by_reason == Counter({"wrong_channel": 1})
-        assert it.per_run == {}
 
 
 def test_command_channel_is_not_taken() -> None:
@@ -149,7 +148,7 @@ def test_bad_subject(subject: str) -> None:
     assert outcome.run_id == ""
     assert outcome.subject == subject
     assert it.rejected_by_reason == Counter({"bad_subject": 1})
-    assert it.accepted_total == 0 and it.per_run == {}
+    assert it.accepted_total == 0
 
 
 # ------------------------------------------------------------------ codec reasons
@@ -237,8 +236,6 @@ def test_over_limit(channel: str, at_limit: object, over_limit: object, limit_na
     assert str(getattr(SMALL, limit_name)) in outcome.detail
     assert (it.accepted_total, it.rejected_total) == (1, 1)
     assert it.rejected_by_reason == Counter({"over_limit": 1})
-    # The accepted one is counted for its run; the refused one is not.
-    assert sum(it.per_run["r1"].values()) == 1
 
 
 def test_over_limit_applies_to_json_too() -> None:
@@ -282,45 +279,6 @@ def test_counters_are_exact() -> None:
     assert it.rejected_by_reason == Counter(
         {"malformed": 2, "wrong_channel": 1, "bad_subject": 1, "cycle": 1}
     )
-    assert dict(it.per_run) == {
-        "a": Counter({"health": 2, "health_batch": 1, "topology": 1}),
-        "b": Counter({"state": 1, "ack": 1}),
-    }
-
-
-def test_per_run_is_bounded_lru() -> None:
-    it = intake(max_runs=2)
-    assert isinstance(it.accept("esper.r1.health", health()), Accepted)
-    it.accept("esper.r2.health", health())
-    it.accept("esper.r1.health", health())  # r1 seen again: r2 is now the least recent
-    it.accept("esper.r3.health", health())
-    assert list(it.per_run) == ["r1", "r3"]
-    assert it.per_run["r1"] == Counter({"health": 2})
-    it.accept("esper.r4.health", health())
-    assert list(it.per_run) == ["r3", "r4"]
-    # Forgetting a run's counters never touches the totals.
-    assert it.accepted_total == 5
-    assert it.accepted_by_kind == Counter({"health": 5})
-
-
-def test_rejections_do_not_refresh_or_create_runs() -> None:
-    it = intake(max_runs=2)
-    it.accept("esper.r1.health", health())
-    it.accept("esper.r2.health", health())
-    it.accept("esper.r1.health", b"\x00\xff")  # refused: r1 stays the least recent
-    it.accept("esper.r9.health", b"\x00\xff")  # refused: r9 is not a run
-    it.accept("esper.r3.health", health())
-    assert list(it.per_run) == ["r2", "r3"]
-
-
-def test_forget_run() -> None:
-    it = intake()
-    it.accept("esper.r1.health", health())
-    it.accept("esper.r2.health", health())
-    it.forget_run("r1")
-    it.forget_run("never-seen")
-    assert list(it.per_run) == ["r2"]
-    assert it.accepted_total == 2
 
 
 # ------------------------------------------------------------------ the rejection record

@@ -25,7 +25,8 @@ class AnalyzerSummary(msgspec.Struct, kw_only=True):
 
 
 class Analyzer:
-    """Keeps one RunState per run id, bounded in count and evicted when idle.
+    """Keeps one RunState per run id. Which runs exist is the run table's call (esperd.runs):
+    the analyzer creates a run on its first message and forgets it on `remove_run`.
 
     Every `ingest_*` returns whether the run changed materially since it was last observed
     (a problematic / needs-attention flag flipped, health moved more than
@@ -45,8 +46,7 @@ class Analyzer:
         self.config = config or AnalyzerConfig()
         self._clock = clock
         self._trend_factory = trend_factory
-        # Insertion order is activity order (each ingest moves its run to the end), so idle
-        # runs gather at the front and eviction stops at the first active one.
+        # Activity order (each ingest moves its run to the end): the summary lists runs that way.
         self._runs: OrderedDict[str, RunState] = OrderedDict()
 
     # ----------------------------------------------------------------- ingest
@@ -146,18 +146,6 @@ class Analyzer:
 
     # -------------------------------------------------------------- lifecycle
 
-    def evict_idle(self, now: float | None = None) -> list[str]:
-        """Forget runs idle for idle_ttl_s or longer; returns their ids, least recently active first."""
-        deadline = self._now(now) - self.config.idle_ttl_s
-        evicted: list[str] = []
-        while self._runs:
-            run_id, run = next(iter(self._runs.items()))
-            if run.last_seen > deadline:
-                break
-            del self._runs[run_id]
-            evicted.append(run_id)
-        return evicted
-
     def remove_run(self, run_id: str) -> bool:
         """Forget a run now (e.g. once its episode is closed). False if it was not known."""
         return self._runs.pop(run_id, None) is not None
@@ -174,12 +162,10 @@ class Analyzer:
         return run
 
     def _touch(self, run_id: str, now: float | None) -> RunState:
-        """The run, created if new (within max_runs), marked active at `now`."""
+        """The run, created if new, marked active at `now`."""
         t = self._now(now)
         run = self._runs.get(run_id)
         if run is None:
-            if len(self._runs) >= self.config.max_runs:
-                raise AnalyzerError("too_many_runs", f"already tracking {self.config.max_runs} runs")
             run = self._runs[run_id] = RunState(run_id, self.config, self._trend_factory, t)
         else:
             self._runs.move_to_end(run_id)

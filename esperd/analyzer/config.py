@@ -52,6 +52,8 @@ class AnalyzerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_nodes_per_run: Annotated[int, Meta(ge=1)] = 4096
     max_edges_per_run: Annotated[int, Meta(ge=0)] = 65_536
     idle_ttl_s: Annotated[float, Meta(gt=0.0)] = 600.0
+    # A run that said `done` keeps its slot this long for late acks, then is dropped.
+    done_grace_s: Annotated[float, Meta(ge=0.0)] = 5.0
 
     def __post_init__(self) -> None:
         if self.window_size < 2:
@@ -62,3 +64,5 @@ class AnalyzerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("max_runs and max_nodes_per_run must be >= 1, max_edges_per_run >= 0")
         if self.idle_ttl_s <= 0.0:
             raise ValueError("idle_ttl_s must be > 0")
+        if self.done_grace_s < 0.0:
+            raise ValueError("done_grace_s must be >= 0")

@@ -57,8 +57,8 @@ def per_run_state(service: Service) -> dict[str, int]:
     """Everything esperd keeps per run, by where it lives (all must drain to zero once runs are gone)."""
     scheduler = service.scheduler
     return {
+        "run table": len(service.runs),
         "analyzer": len(service.analyzer),
-        "intake.per_run": len(service.intake.per_run),
         "recorder": len(service.recorder),
         "policy memory": service.decisions.policy.tracked_runs,
         "scheduler.due": len(scheduler._due_at),

@@ -75,7 +75,16 @@ class Intake:
         self._report_limiter = RateLimiter(report_window_s)
 
     def accept(self, subject: str, data: bytes, content_type: str | None = None) -> Accepted | Rejection:
-        """Validate one message; the result says which way it went (counters already updated)."""
+        """Validate one message and count it either way (for callers that refuse nothing downstream)."""
+        outcome = self.check(subject, data, content_type)
+        if isinstance(outcome, Accepted):
+            self.count_accepted(outcome)
+        return outcome
+
+    def check(self, subject: str, data: bytes, content_type: str | None = None) -> Accepted | Rejection:
+        """Validate one message. A refusal is counted now; an Accepted only by `count_accepted`,
+        once the daemon has taken it: a message refused downstream (the run table, the analyzer)
+        is one rejection, never an acceptance as well."""
         try:
             run_id, channel = parse_subject(subject, self.prefix)
         except SubjectError as exc:
@@ -94,8 +103,12 @@ class Intake:
         problem = self._over_limit(message)
         if problem:
             return self._reject("over_limit", problem, subject, run_id, data)
-        self._count_accepted(message.__struct_config__.tag)
         return Accepted(run_id, channel, message)
+
+    def count_accepted(self, accepted: Accepted) -> None:
+        """Count a checked message the daemon took."""
+        self.accepted_total += 1
+        self.accepted_by_kind[accepted.message.__struct_config__.tag] += 1
 
     def reject(
         self, reason: str, detail: str, subject: str, run_id: str = "", data: bytes = b""
@@ -124,10 +137,6 @@ class Intake:
             if len(message.seeds) > lim.max_seeds:
                 return f"{len(message.seeds)} seeds > max_seeds {lim.max_seeds}"
         return ""
-
-    def _count_accepted(self, kind: str) -> None:
-        self.accepted_total += 1
-        self.accepted_by_kind[kind] += 1
 
     def _reject(self, reason: str, detail: str, subject: str, run_id: str, data: bytes) -> Rejection:
         self.rejected_total += 1

@@ -138,12 +138,20 @@ class Scheduler:
         self._cooldowns.setdefault(run_id, {})[layer_id] = now + self.config.cooldown_s
         self.pending[command_id] = PendingCommand(run_id, layer_id, now, op, blueprint)
 
-    def note_ack(self, command_id: str, applied: bool) -> PendingCommand | None:
-        """The host answered. A rejection frees the layer at once. None for an unknown command."""
-        command = self.pending.pop(command_id, None)
-        if command is not None and not applied:
+    def note_ack(self, run_id: str, command_id: str, applied: bool) -> PendingCommand | None:
+        """The host of `run_id` answered. A rejection frees the layer at once. None when this run has
+        no such command pending: unknown, late, duplicated, or another run's (which stays pending)."""
+        command = self.pending.get(command_id)
+        if command is None or command.run_id != run_id:
+            return None
+        del self.pending[command_id]
+        if not applied:
             self._release(command)
         return command
+
+    def is_pending(self, command_id: str) -> bool:
+        """Whether a command waits for its ack (for whichever run)."""
+        return command_id in self.pending
 
     def expire_pending(self, now: float | None = None) -> list[tuple[str, PendingCommand]]:
         """Commands unacked past `ack_timeout_s`: forgotten, and their layers freed."""

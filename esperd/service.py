@@ -312,11 +312,14 @@ class Service:
             self.foreign_messages += 1
             return
         try:
-            outcome = self.intake.accept(subject, data, content_type)
-            if isinstance(outcome, Rejection):
+            outcome = self.intake.check(subject, data, content_type)
+            if isinstance(outcome, Accepted):
+                refusal = self._dispatch(outcome, subject)
+                if refusal is None:
+                    self.intake.count_accepted(outcome)
+                outcome = refusal
+            if outcome is not None:
                 await self._report(outcome)
-            else:
-                await self._dispatch(outcome)
         except Exception:  # a bug must cost one message, never the subscription
             log.exception("handler failed", subject=subject)
             await self._report(self.intake.reject("internal_error", "handler raised", subject, data=data))
@@ -329,34 +332,30 @@ class Service:
         # instead: dropped by the client and counted in status (nats.slow_consumer_drops).
         await asyncio.sleep(0)
 
-    async def _dispatch(self, accepted: Accepted) -> None:
-        """Hand an accepted message to the parts that use it."""
+    def _dispatch(self, accepted: Accepted, subject: str) -> Rejection | None:
+        """Hand a checked message to the parts that use it; a refusal (counted) if one of them refuses it."""
         run_id, message = accepted.run_id, accepted.message
         if isinstance(message, CommandAck):
-            self._on_ack(run_id, message)
-            return
-        subject = f"{self.config.nats.subject_prefix}.{run_id}.{accepted.channel.value}"
+            return self._on_ack(run_id, message, subject)
         admission = self.runs.admit(run_id, message)
         if admission.verdict is Verdict.REFUSE:
-            await self._report(self.intake.reject(admission.reason, admission.detail, subject, run_id))
-            return
+            return self.intake.reject(admission.reason, admission.detail, subject, run_id)
         if admission.verdict is Verdict.LATE:
-            return  # the run said done; a restarted job announces itself (see esperd.runs)
+            return None  # the run said done; a restarted job announces itself (see esperd.runs)
         try:
             changed = self.analyzer.ingest(run_id, message)
         except AnalyzerError as exc:
             if admission.new:
                 self.runs.cancel(run_id)  # a run whose first message is refused never existed
-            await self._report(self.intake.reject(exc.reason, str(exc), subject, run_id))
-            return
+            return self.intake.reject(exc.reason, str(exc), subject, run_id)
         if isinstance(message, SystemStatePacket):
             self.recorder.on_state(run_id, message)  # the reward lands before the next decision
             if message.done:
                 self.runs.finish(run_id, message.epoch)  # no more decisions; dropped after the grace
-                return
-        if isinstance(message, SystemStatePacket) or changed:
-            if self.scheduler.mark_due(run_id):
-                self.decisions.wake()
+                return None
+        if (isinstance(message, SystemStatePacket) or changed) and self.scheduler.mark_due(run_id):
+            self.decisions.wake()
+        return None
 
     def _forget_run(self, run_id: str, reason: DropReason) -> None:
         """Every owner of per-run state forgets the run (RunTable.drop calls this, and only it)."""
@@ -384,11 +383,15 @@ class Service:
             self.handovers += len(lost)
             log.info("runs handed over", runs=len(lost), members=list(members))
 
-    def _on_ack(self, run_id: str, ack: CommandAck) -> None:
-        command = self.scheduler.note_ack(ack.command_id, ack.status is AckStatus.APPLIED)
+    def _on_ack(self, run_id: str, ack: CommandAck, subject: str) -> Rejection | None:
+        """Settle the command an ack answers, matched on (run, command id)."""
+        command = self.scheduler.note_ack(run_id, ack.command_id, ack.status is AckStatus.APPLIED)
         if command is None:
+            if self.scheduler.is_pending(ack.command_id):  # pending for another run: never settled from here
+                detail = f"command {ack.command_id!r} was not sent to run {run_id!r}"
+                return self.intake.reject("ack_run_mismatch", detail, subject, run_id)
             self.unknown_acks += 1  # late (after the timeout), duplicated, or never ours
-            return
+            return None
         self.acks_by_status[ack.status.value] = self.acks_by_status.get(ack.status.value, 0) + 1
         applied = ack.status is AckStatus.APPLIED
         self.recorder.on_ack(run_id, ack.command_id, applied=applied)
@@ -409,6 +412,7 @@ class Service:
                 layer_id=command.layer_id,
                 reason=ack.reason,
             )
+        return None
 
     def _observe(self, run_id: str) -> Observation | None:
         run = self.analyzer.get_run(run_id)

@@ -295,7 +295,7 @@ async def test_applied_command_keeps_its_layer_cooling() -> None:
     first = h.published[-1]
     assert (first.layer_id, first.op) == (2, Op.ADVANCE)
     # Applied: the layer stays cooled, so the same scenario now yields WAIT.
-    assert h.scheduler.note_ack(first.command_id, applied=True) is not None
+    assert h.scheduler.note_ack("r", first.command_id, applied=True) is not None
     h.due("r")
     assert await h.loop.decide_once() == 0
     assert len(h.published) == 1
@@ -311,7 +311,7 @@ async def test_rejected_command_frees_its_layer_for_the_next_batch() -> None:
     first = h.published[-1]
     h.due("r")
     assert await h.loop.decide_once() == 0  # cooling, no ack yet
-    assert h.scheduler.note_ack(first.command_id, applied=False) is not None
+    assert h.scheduler.note_ack("r", first.command_id, applied=False) is not None
     h.due("r")
     assert await h.loop.decide_once() == 1
     second = h.published[-1]

@@ -163,7 +163,7 @@ def test_rejected_ack_frees_the_layer_at_once() -> None:
     sched.note_command("c1", "a", 3, "germinate")
     sched.note_command("c2", "a", 4, "advance")
     clock.advance(1.0)
-    command = sched.note_ack("c1", applied=False)
+    command = sched.note_ack("a", "c1", applied=False)
     assert command is not None and (command.run_id, command.layer_id, command.op) == ("a", 3, "germinate")
     assert sched.cooling_layers("a") == {4}
     assert "c1" not in sched.pending and "c2" in sched.pending
@@ -173,7 +173,7 @@ def test_applied_ack_keeps_the_cooldown_until_it_expires() -> None:
     sched, clock = make(cooldown_s=30.0)
     sched.note_command("c1", "a", 3, "germinate")
     clock.advance(1.0)
-    command = sched.note_ack("c1", applied=True)
+    command = sched.note_ack("a", "c1", applied=True)
     assert command is not None and command.layer_id == 3
     assert sched.pending == {}
     assert sched.cooling_layers("a") == {3}
@@ -182,15 +182,25 @@ def test_applied_ack_keeps_the_cooldown_until_it_expires() -> None:
     clock.advance(1.0)
     assert sched.cooling_layers("a") == set()
     # A late duplicate ack for the same command is unknown and changes nothing.
-    assert sched.note_ack("c1", applied=False) is None
+    assert sched.note_ack("a", "c1", applied=False) is None
 
 
 def test_unknown_ack_returns_none() -> None:
     sched, _ = make()
     sched.note_command("c1", "a", 3, "germinate")
-    assert sched.note_ack("nope", applied=False) is None
+    assert sched.note_ack("a", "nope", applied=False) is None
     assert sched.cooling_layers("a") == {3}
     assert set(sched.pending) == {"c1"}
+
+
+def test_an_ack_from_another_run_settles_nothing() -> None:
+    sched, _ = make(cooldown_s=30.0)
+    sched.note_command("c1", "victim", 3, "germinate")
+    assert sched.note_ack("intruder", "c1", applied=False) is None
+    assert sched.is_pending("c1") and sched.cooling_layers("victim") == {3}  # still waiting, still cooling
+    command = sched.note_ack("victim", "c1", applied=True)  # its own run's ack still settles it
+    assert command is not None and command.run_id == "victim"
+    assert not sched.is_pending("c1")
 
 
 def test_expire_pending_after_ack_timeout_frees_the_layer_and_returns_it() -> None:
@@ -206,7 +216,7 @@ def test_expire_pending_after_ack_timeout_frees_the_layer_and_returns_it() -> No
     assert expired[0][1] == PendingCommand("a", 1, 1000.0, "germinate")
     assert sched.cooling_layers("a") == {2}  # freed although its 120 s cooldown had not run out
     assert set(sched.pending) == {"new"}
-    assert sched.note_ack("old", applied=True) is None  # an ack after the timeout is unknown
+    assert sched.note_ack("a", "old", applied=True) is None  # an ack after the timeout is unknown
     clock.advance(10.0)
     assert [cid for cid, _ in sched.expire_pending()] == ["new"]
     assert sched.pending == {}
@@ -223,7 +233,7 @@ def test_an_older_commands_timeout_or_rejection_does_not_free_a_newer_commands_c
     assert sched.cooling_layers("a") == {1}  # still "new"'s cooldown
     sched.note_command("other", "a", 2, "germinate")
     clock.advance(0.1)
-    sched.note_ack("new", applied=False)  # the newer command's own rejection frees it
+    sched.note_ack("a", "new", applied=False)  # the newer command's own rejection frees it
     assert sched.cooling_layers("a") == {2}
 
 

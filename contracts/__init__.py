@@ -5,7 +5,7 @@ Imports neither torch nor nats, so any training host can depend on it cheaply.
 
 from __future__ import annotations
 
-from contracts.codec import JSON, MSGPACK, Codec, CodecError
+from contracts.codec import JSON, MSGPACK, Codec, CodecError, is_json
 from contracts.enums import (
     AckStatus,
     BlendAlgorithm,
@@ -81,6 +81,7 @@ __all__ = [
     "TopologyPacket",
     "blueprints_for",
     "family_for_layer_type",
+    "is_json",
     "is_legal",
     "next_stage",
     "parse_subject",

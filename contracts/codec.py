@@ -90,7 +90,7 @@ class Codec:
         """Decode msgpack or JSON (by content type, else by sniffing). Raises CodecError."""
         if len(data) > self.max_payload_bytes:
             raise CodecError("too_large", f"{len(data)} bytes > {self.max_payload_bytes}")
-        as_json = _is_json(data, content_type)
+        as_json = is_json(data, content_type)
         if as_json:
             decoder = self._json_inbound if inbound_only else self._json_any
         else:
@@ -149,7 +149,8 @@ def _integral_floats_as_ints(node: Any) -> Any:
     return node
 
 
-def _is_json(data: bytes, content_type: str | None) -> bool:
+def is_json(data: bytes, content_type: str | None) -> bool:
+    """Whether a payload is JSON: by its Content-Type, else by a leading `{` or `[`."""
     if content_type:
         ct = content_type.split(";", 1)[0].strip().lower()
         if ct in (JSON, "text/json"):

@@ -88,6 +88,7 @@ class Bus:
         )
         self.dropped_publishes = 0
         self._subs: list[Subscription] = []
+        self._json_runs: set[str] = set()  # runs whose hosts last spoke JSON (command_encoding auto)
         self._drop_log = RateLimiter(10.0)
 
     @property
@@ -217,10 +218,28 @@ class Bus:
             except nats.errors.Error as exc:
                 log.warning("drain of subscription failed", subject=sub.subject, error=str(exc))
 
+    def note_encoding(self, run_id: str, json: bool) -> None:
+        """Remember how a run's hosts speak (from an accepted message), for its commands."""
+        if json:
+            self._json_runs.add(run_id)
+        else:
+            self._json_runs.discard(run_id)
+
+    def forget_run(self, run_id: str) -> None:
+        self._json_runs.discard(run_id)
+
+    def commands_as_json(self, run_id: str) -> bool:
+        """Whether the run's commands go out as JSON (else msgpack)."""
+        mode = self.config.command_encoding
+        return mode == "json" or (mode == "auto" and run_id in self._json_runs)
+
     async def publish_command(self, command: AdaptationCommand) -> None:
-        """Publish a command to its run's command subject (msgpack)."""
+        """Publish a command to its run's command subject, in the run's encoding."""
         subject = run_subject(command.run_id, Channel.COMMAND, self.prefix)
-        await self.publish(subject, self.codec.encode(command), MSGPACK)
+        if self.commands_as_json(command.run_id):
+            await self.publish(subject, self.codec.encode_json(command), JSON)
+        else:
+            await self.publish(subject, self.codec.encode(command), MSGPACK)
 
     async def publish_json(self, subject: str, payload: bytes) -> None:
         await self.publish(subject, payload, JSON)

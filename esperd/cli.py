@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -11,8 +12,13 @@ from collections.abc import Sequence
 import structlog
 
 import esperd
+from contracts import DEFAULT_PREFIX
+from contracts.subjects import RUN_ID_PATTERN
 from esperd.config import Config, ConfigError, load_config
 from esperd.logs import configure_logging
+
+
+DEFAULT_SERVER = "nats://127.0.0.1:4222"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +57,32 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument(
         "--duration", type=float, default=0.0, metavar="S", help="stop after S seconds (0: until signalled)"
     )
+    watch = sub.add_parser(
+        "watch",
+        help="print commands, acks and rejections live, decoded, one line each",
+        description="Subscribe to <prefix>.<run>.command, <prefix>.<run>.ack and esperd.rejected and "
+        "print every message decoded (msgpack or JSON), one line each, until SIGINT/SIGTERM.",
+    )
+    watch.add_argument("--run", default="", metavar="R", help="only this run (default: every run)")
+    add_server_argument(watch)
+    watch.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"subject prefix ({DEFAULT_PREFIX})")
+    watch.add_argument(
+        "--duration", type=float, default=0.0, metavar="S", help="stop after S seconds (0: until signalled)"
+    )
+    status = sub.add_parser(
+        "status", help="print a running esperd's status", description="Ask esperd.status and print it."
+    )
+    add_server_argument(status)
+    status.add_argument("--json", action="store_true", help="print the raw JSON answer (indented)")
+    status.add_argument("--timeout", type=float, default=3.0, metavar="S", help="wait this long (3)")
     return parser
+
+
+def add_server_argument(parser: argparse.ArgumentParser) -> None:
+    """--server, defaulting to ESPERD_NATS_URL's first URL, else the local broker."""
+    env = os.environ.get("ESPERD_NATS_URL", "")
+    default = env.split(",")[0].strip() or DEFAULT_SERVER
+    parser.add_argument("--server", default=default, metavar="URL", help=f"NATS server URL ({default})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return schema_main(["--check"] if args.check else [])
     if args.command == "record":
         return asyncio.run(_record(args))
+    if args.command == "watch":
+        return asyncio.run(_watch(args))
+    if args.command == "status":
+        return asyncio.run(_status(args))
     if args.command == "train":
         from esperd.train import main as train_main
 
@@ -125,6 +160,64 @@ async def _record(args: argparse.Namespace) -> int:
     )
     stats = await record(args.server, args.out, prefix=args.prefix, stop=stop)
     print(msgspec.json.encode(stats).decode(), flush=True)
+    return 0
+
+
+def _stop_on_signals(duration: float = 0.0) -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if duration > 0:
+        loop.call_later(duration, stop.set)
+    return stop
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    """`esperd watch`: the lifecycle, one line per message, until a signal or --duration."""
+    from esperd.cliconn import UnreachableError
+    from esperd.watch import watch
+
+    if args.run and not RUN_ID_PATTERN.fullmatch(args.run):
+        print(f"esperd watch: --run {args.run!r} is not a run id ([A-Za-z0-9_-]{{1,64}})", file=sys.stderr)
+        return 2
+    stop = _stop_on_signals(args.duration)
+
+    def ready(subjects: list[str]) -> None:
+        print(
+            f"esperd watch: {', '.join(subjects)} on {args.server} (Ctrl-C stops)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        await watch(args.server, sys.stdout, stop, prefix=args.prefix, run=args.run, on_ready=ready)
+    except UnreachableError as exc:
+        print(f"esperd watch: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    """`esperd status`: esperd.status, pretty-printed (or indented JSON)."""
+    import json
+
+    from esperd.cliconn import UnreachableError, connect_for_cli
+    from esperd.statusview import NoAnswerError, fetch_status, render_status
+
+    try:
+        nc = await connect_for_cli(args.server, "esperd status", timeout_s=args.timeout)
+    except UnreachableError as exc:
+        print(f"esperd status: {exc}", file=sys.stderr)
+        return 1
+    try:
+        status = await fetch_status(nc, timeout_s=args.timeout)
+    except NoAnswerError as exc:
+        print(f"esperd status: {exc} at {args.server} (is esperd running?)", file=sys.stderr)
+        return 1
+    finally:
+        await nc.close()
+    print(json.dumps(status, indent=2) if args.json else render_status(status), end="\n" if args.json else "")
     return 0
 
 

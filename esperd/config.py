@@ -68,6 +68,9 @@ class NatsConfig(_Section):
     ping_interval_s: PositiveFloat = 20.0
     max_pending_bytes: PositiveInt = 8 * 1024 * 1024  # before the client drops (and counts) messages
     name: str = "esperd"
+    # How commands are encoded: auto = as the run's hosts last spoke (JSON for a run driven by
+    # `nats pub`, msgpack for HostClient), or always msgpack, or always JSON.
+    command_encoding: Literal["auto", "msgpack", "json"] = "auto"
 
 
 class LimitsConfig(_Section):

@@ -229,8 +229,8 @@ def to_command(decision: Decision) -> AdaptationCommand:
         run_id=decision.run_id,
         layer_id=decision.layer_id,
         op=decision.op,
-        confidence=min(1.0, max(0.0, decision.confidence)),
-        urgency=min(1.0, max(0.0, decision.urgency)),
+        confidence=published_unit(decision.confidence),
+        urgency=published_unit(decision.urgency),
         policy=decision.policy,
         policy_version=decision.policy_version,
         issued_at=time.time(),
@@ -242,6 +242,14 @@ def to_command(decision: Decision) -> AdaptationCommand:
         alpha_target=1.0 if decision.op is Op.SET_ALPHA_TARGET else None,
         reason=decision.reason or describe(decision),
     )
+
+
+def published_unit(value: float) -> float:
+    """A policy's [0, 1] score as published: clamped, rounded to 4 decimals.
+
+    A float32 score printed as a double reads 0.699999988; the policy means 0.7.
+    """
+    return round(min(1.0, max(0.0, float(value))), 4)
 
 
 def describe(decision: Decision) -> str:

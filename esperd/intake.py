@@ -22,6 +22,7 @@ from contracts import (
     SubjectError,
     SystemStatePacket,
     TopologyPacket,
+    is_json,
     parse_subject,
 )
 from esperd.config import LimitsConfig
@@ -58,6 +59,7 @@ class Accepted(msgspec.Struct, frozen=True):
     run_id: str
     channel: Channel
     message: Inbound
+    json: bool = False  # it came as JSON (else msgpack): the run's hosts speak JSON
 
 
 class Intake:
@@ -103,7 +105,7 @@ class Intake:
         problem = self._over_limit(message)
         if problem:
             return self._reject("over_limit", problem, subject, run_id, data)
-        return Accepted(run_id, channel, message)
+        return Accepted(run_id, channel, message, is_json(data, content_type))
 
     def count_accepted(self, accepted: Accepted) -> None:
         """Count a checked message the daemon took."""

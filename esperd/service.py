@@ -348,6 +348,7 @@ class Service:
             if admission.new:
                 self.runs.cancel(run_id)  # a run whose first message is refused never existed
             return self.intake.reject(exc.reason, str(exc), subject, run_id)
+        self.bus.note_encoding(run_id, accepted.json)  # after ingest: only for runs esperd tracks
         if isinstance(message, SystemStatePacket):
             self.recorder.on_state(run_id, message)  # the reward lands before the next decision
             if message.done:
@@ -363,6 +364,7 @@ class Service:
         self.scheduler.forget_run(run_id)
         self.recorder.on_evicted(run_id)  # truncates an open episode; a finished one is already closed
         self.decisions.policy.forget([run_id])
+        self.bus.forget_run(run_id)
         log.debug("run dropped", run_id=run_id, reason=reason.value)
 
     def _mine(self, subject: str) -> bool:

@@ -70,9 +70,11 @@ async def main_async(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await wait_for_status(url)
+        server = "" if url == "nats://127.0.0.1:4222" else f" --server {url}"
         print(
             f"esperd is up on {url}; simulating {args.runs} training runs ({args.epoch_s}s per epoch, "
-            f"40 epochs each). Watch with:\n  nats sub 'esper.*.command'    nats req esperd.status ''\n",
+            f"40 epochs each). In another terminal:\n  .venv/bin/esperd watch{server}    "
+            f".venv/bin/esperd status{server}\n",
             flush=True,
         )
         cooldown = config.scheduler.cooldown_s

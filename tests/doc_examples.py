@@ -74,6 +74,17 @@ def doc_examples(files: list[Path] = DOC_FILES) -> list[DocExample]:
     return found
 
 
+def documented_rejections(files: list[Path] = DOC_FILES) -> dict[str, int]:
+    """The `rejected_by_reason: {...}` the docs promise after their rejection examples."""
+    claim = re.compile(r"rejected_by_reason:\s*(?P<json>\{.*\})")
+    for path in files:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            match = claim.search(line)
+            if match:
+                return dict(json.loads(match.group("json")))
+    return {}
+
+
 def _parse_line(line: str, where: str, heading: str) -> DocExample | None:
     meant_valid = "rejection" not in heading.lower()
     if line.startswith("nats pub "):

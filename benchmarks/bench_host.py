@@ -1,4 +1,4 @@
-"""Reference host: instrumentation overhead, and accuracy/size with no seeds, the heuristic, the untrained GNN.
+"""Reference host: instrumentation overhead; accuracy/size with no seeds, the heuristic, the untrained GNN.
 
     .venv/bin/python benchmarks/bench_host.py [--overhead-epochs 40] [--epochs 30] [--seeds 0,1,2]
                                               [--width 8] [--threads 1] [--strict]
@@ -41,13 +41,12 @@ from pathlib import Path
 import nats
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from contracts import SeedStage
 from esperd.client import HostClient
 from esperd.natsserver import NatsServer
 from examples.host.train import EpochReport, HostConfig, HostRun, RunReport
+
+ROOT = Path(__file__).resolve().parents[1]
 
 OVERHEAD_BUDGET_PCT = 5.0
 DEFAULT_K = HostConfig().health_every
@@ -230,7 +229,8 @@ async def evidence(url: str, args: argparse.Namespace, workdir: Path) -> list[Ou
                 )
             final = await status()  # type: ignore[misc]
             print(
-                f"  esperd ({policy}): commands {final['commands_total']} {final['decisions']['commands_by_op']}, "
+                f"  esperd ({policy}): commands {final['commands_total']} "
+                f"{final['decisions']['commands_by_op']}, "
                 f"acks {final['acks_by_status']}",
                 flush=True,
             )
@@ -270,9 +270,12 @@ def print_evidence(outcomes: list[Outcome], seeds: list[int], epochs: int) -> No
         rows = [o for o in outcomes if o.policy == policy]
         params = statistics.fmean(o.total_params for o in rows)
         print(
-            f"  {policy:<11}{mean_std([o.val_accuracy for o in rows]):>18}{params:>14.0f}{rows[0].host_params:>13}"
-            f"{statistics.fmean(o.applied for o in rows):>9.1f}{statistics.fmean(o.rejected for o in rows):>10.1f}"
-            f"{statistics.fmean(o.fossilized for o in rows):>12.1f}{statistics.fmean(o.live for o in rows):>6.1f}"
+            f"  {policy:<11}{mean_std([o.val_accuracy for o in rows]):>18}{params:>14.0f}"
+            f"{rows[0].host_params:>13}"
+            f"{statistics.fmean(o.applied for o in rows):>9.1f}"
+            f"{statistics.fmean(o.rejected for o in rows):>10.1f}"
+            f"{statistics.fmean(o.fossilized for o in rows):>12.1f}"
+            f"{statistics.fmean(o.live for o in rows):>6.1f}"
         )
 
 

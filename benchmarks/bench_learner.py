@@ -177,117 +177,145 @@ class _TimedScheduler(Scheduler):
 
 
 async def latency_phases(args: argparse.Namespace, pool: list[Transition]) -> dict[str, list[float]]:
-    env = SimEnv(args.runs, SimConfig(), seed=1)
-    env.reset()
-    for _ in range(5):  # a few epochs in, so health windows and seeds are not all empty
-        env.step(_wait_rows(args.runs))
-    run_ids = list(env.run_ids)
-    config = SchedulerConfig(
-        min_interval_s=0.02, cooldown_s=0.0, max_batch=64, max_wait_ms=5.0, ack_timeout_s=1e9
-    )
-    scheduler = _TimedScheduler(config)
-    policy = create_policy("gnn", PolicyConfig(name="gnn"), args.latency_device)
-    published: list[object] = []
-    latencies: list[float] = []
-
-    async def publish(command: object) -> None:
-        published.append(command)
-        if len(published) > 10_000:
-            published.clear()
-            scheduler.pending.clear()
-
-    def on_decided(observations, result, used) -> None:  # type: ignore[no-untyped-def]
-        now = time.monotonic()
-        for obs in observations:
-            due = scheduler.due_of.pop(obs.run_id, None)
-            if due is not None:
-                latencies.append((now - due) * 1e3)
-
-    loop_ = DecisionLoop(scheduler, policy, env.analyzer.observe, publish, on_decided=on_decided)
-
-    async def driver() -> None:
-        while True:
-            now = time.monotonic()
-            for run_id in run_ids:
-                scheduler.mark_due(run_id, now)
-            loop_.wake()
-            await asyncio.sleep(0.01)
-
-    # As the daemon does once it is ready (Service.start): what lives as long as the process
-    # (torch, the policy, the simulator, the transition pool) is kept out of the collector.
-    gc.collect()
-    gc.freeze()
-    decide_task = asyncio.create_task(loop_.run())
-    drive_task = asyncio.create_task(driver())
-    await asyncio.sleep(1.0)  # warm-up
-
-    results: dict[str, list[float]] = {"idle": [], "impala": [], "ppo": []}
-    learner_rates: dict[str, list[float]] = {"impala": [], "ppo": []}
-    batch_sizes: dict[str, list[float]] = {"idle": [], "impala": [], "ppo": []}
+    rig = _LatencyRig(args, pool)
+    await rig.start()
     for round_ in range(args.rounds):
         for phase in ("idle", "impala", "ppo"):
-            learner, tasks, state = None, [], None
-            if phase != "idle":
-                state = tempfile.TemporaryDirectory()
-                learner = _learner(phase, loop_, Path(state.name), len(pool), args)
-                if args.worker == "thread" and args.learner_nice:
-                    await asyncio.get_running_loop().run_in_executor(
-                        learner._executor, _renice_this_thread, args.learner_nice
-                    )
-                tasks.append(asyncio.create_task(learner.run()))
-                if phase == "impala":
-                    for t in pool:
-                        learner.add(t)
-                else:
-                    tasks.append(asyncio.create_task(_feed_ppo(learner, pool)))
-                await _first_swap(learner)
-                await asyncio.sleep(0.5)  # let it get going
-            latencies.clear()
-            before_updates = learner.status.updates if learner else 0
-            before_swaps = learner.status.swaps if learner else 0
-            before_batches = loop_.stats.batches
-            before_decisions = loop_.stats.decisions
-            start = time.monotonic()
-            await asyncio.sleep(args.phase_s)
-            elapsed = time.monotonic() - start
-            results[phase].extend(latencies)
-            batches = loop_.stats.batches - before_batches
-            batch_sizes[phase].append((loop_.stats.decisions - before_decisions) / max(batches, 1))
-            line = f"  round {round_ + 1} {phase:<7} decisions {len(latencies):6d}  p50 {percentile(latencies, 50):7.2f} ms  p99 {percentile(latencies, 99):7.2f} ms  mean batch {batch_sizes[phase][-1]:5.1f}"
-            if learner is not None:
-                updates = learner.status.updates - before_updates
-                rate = (
-                    updates
-                    * (
-                        learner.config.ppo.rollout_size
-                        if phase == "ppo"
-                        else learner.config.impala.batch_size
-                    )
-                    / elapsed
-                )
-                learner_rates[phase].append(rate)
-                swaps = learner.status.swaps - before_swaps
-                line += (
-                    f"  learner {updates / elapsed:5.1f} updates/s ({rate:,.0f} transitions/s), "
-                    f"{swaps / elapsed:4.1f} swaps/s ({learner.status.bundles_reused} bundles reused), "
-                    f"breaker {learner.status.breaker}, worker deaths {learner.status.worker_deaths}"
-                )
-            print(line, flush=True)
-            for task in tasks:
-                task.cancel()
-            await _settle(tasks)
-            if learner is not None:
-                learner.close()
-                loop_.swap_policy(policy)  # back to the untrained weights for the next phase
-            if state is not None:
-                state.cleanup()
-    drive_task.cancel()
-    decide_task.cancel()
-    await _settle([drive_task, decide_task])
-    env.close()
-    results["_rates_impala"] = learner_rates["impala"]
-    results["_rates_ppo"] = learner_rates["ppo"]
+            await rig.measure(phase, round_)
+    await rig.stop()
+    results = dict(rig.results)
+    results["_rates_impala"] = rig.learner_rates["impala"]
+    results["_rates_ppo"] = rig.learner_rates["ppo"]
     return results
+
+
+class _LatencyRig:
+    """The daemon's decision loop on simulated runs, every run marked due every 10 ms; each phase
+    measures how long a due run waits for its decision, with no learner or one running."""
+
+    def __init__(self, args: argparse.Namespace, pool: list[Transition]) -> None:
+        self.args = args
+        self.pool = pool
+        self.env = SimEnv(args.runs, SimConfig(), seed=1)
+        self.env.reset()
+        for _ in range(5):  # a few epochs in, so health windows and seeds are not all empty
+            self.env.step(_wait_rows(args.runs))
+        self.run_ids = list(self.env.run_ids)
+        config = SchedulerConfig(
+            min_interval_s=0.02, cooldown_s=0.0, max_batch=64, max_wait_ms=5.0, ack_timeout_s=1e9
+        )
+        self.scheduler = _TimedScheduler(config)
+        self.policy = create_policy("gnn", PolicyConfig(name="gnn"), args.latency_device)
+        self.published: list[object] = []
+        self.latencies: list[float] = []
+        self.loop = DecisionLoop(
+            self.scheduler, self.policy, self.env.analyzer.observe, self.publish, on_decided=self.on_decided
+        )
+        self.tasks: list[asyncio.Task[None]] = []
+        self.results: dict[str, list[float]] = {"idle": [], "impala": [], "ppo": []}
+        self.learner_rates: dict[str, list[float]] = {"impala": [], "ppo": []}
+        self.batch_sizes: dict[str, list[float]] = {"idle": [], "impala": [], "ppo": []}
+
+    async def publish(self, command: object) -> None:
+        self.published.append(command)
+        if len(self.published) > 10_000:
+            self.published.clear()
+            self.scheduler.pending.clear()
+
+    def on_decided(self, observations, result, used) -> None:  # type: ignore[no-untyped-def]
+        now = time.monotonic()
+        for obs in observations:
+            due = self.scheduler.due_of.pop(obs.run_id, None)
+            if due is not None:
+                self.latencies.append((now - due) * 1e3)
+
+    async def drive(self) -> None:
+        while True:
+            now = time.monotonic()
+            for run_id in self.run_ids:
+                self.scheduler.mark_due(run_id, now)
+            self.loop.wake()
+            await asyncio.sleep(0.01)
+
+    async def start(self) -> None:
+        # As the daemon does once it is ready (Service.start): what lives as long as the process
+        # (torch, the policy, the simulator, the transition pool) is kept out of the collector.
+        gc.collect()
+        gc.freeze()
+        self.tasks = [asyncio.create_task(self.loop.run()), asyncio.create_task(self.drive())]
+        await asyncio.sleep(1.0)  # warm-up
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await _settle(self.tasks)
+        self.env.close()
+
+    async def start_learner(self, phase: str, state_dir: Path) -> tuple[Learner, list[asyncio.Task[None]]]:
+        args = self.args
+        learner = _learner(phase, self.loop, state_dir, len(self.pool), args)
+        if args.worker == "thread" and args.learner_nice:
+            await asyncio.get_running_loop().run_in_executor(
+                learner._executor, _renice_this_thread, args.learner_nice
+            )
+        tasks = [asyncio.create_task(learner.run())]
+        if phase == "impala":
+            for t in self.pool:
+                learner.add(t)
+        else:
+            tasks.append(asyncio.create_task(_feed_ppo(learner, self.pool)))
+        await _first_swap(learner)
+        await asyncio.sleep(0.5)  # let it get going
+        return learner, tasks
+
+    async def measure(self, phase: str, round_: int) -> None:
+        learner, tasks, state = None, [], None
+        if phase != "idle":
+            state = tempfile.TemporaryDirectory()
+            learner, tasks = await self.start_learner(phase, Path(state.name))
+        self.latencies.clear()
+        before_updates = learner.status.updates if learner else 0
+        before_swaps = learner.status.swaps if learner else 0
+        before_batches = self.loop.stats.batches
+        before_decisions = self.loop.stats.decisions
+        start = time.monotonic()
+        await asyncio.sleep(self.args.phase_s)
+        elapsed = time.monotonic() - start
+        self.results[phase].extend(self.latencies)
+        batches = self.loop.stats.batches - before_batches
+        self.batch_sizes[phase].append((self.loop.stats.decisions - before_decisions) / max(batches, 1))
+        line = (
+            f"  round {round_ + 1} {phase:<7} decisions {len(self.latencies):6d}"
+            f"  p50 {percentile(self.latencies, 50):7.2f} ms  p99 {percentile(self.latencies, 99):7.2f} ms"
+            f"  mean batch {self.batch_sizes[phase][-1]:5.1f}"
+        )
+        if learner is not None:
+            line += self.learner_line(
+                phase,
+                learner,
+                learner.status.updates - before_updates,
+                learner.status.swaps - before_swaps,
+                elapsed,
+            )
+        print(line, flush=True)
+        for task in tasks:
+            task.cancel()
+        await _settle(tasks)
+        if learner is not None:
+            learner.close()
+            self.loop.swap_policy(self.policy)  # back to the untrained weights for the next phase
+        if state is not None:
+            state.cleanup()
+
+    def learner_line(self, phase: str, learner: Learner, updates: int, swaps: int, elapsed: float) -> str:
+        batch = learner.config.ppo.rollout_size if phase == "ppo" else learner.config.impala.batch_size
+        rate = updates * batch / elapsed
+        self.learner_rates[phase].append(rate)
+        return (
+            f"  learner {updates / elapsed:5.1f} updates/s ({rate:,.0f} transitions/s), "
+            f"{swaps / elapsed:4.1f} swaps/s ({learner.status.bundles_reused} bundles reused), "
+            f"breaker {learner.status.breaker}, worker deaths {learner.status.worker_deaths}"
+        )
 
 
 async def _settle(tasks: list[asyncio.Task[None]]) -> None:
@@ -367,7 +395,7 @@ async def _feed_ppo(learner: Learner, pool: list[Transition]) -> None:
 # ---------------------------------------------------------------- main
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "all"))
     parser.add_argument("--threads", type=int, default=1)
@@ -420,6 +448,14 @@ def main() -> int:
     args = parser.parse_args()
     if args.learner_nice is None:
         args.learner_nice = LearnerConfig().worker_nice if args.worker == "process" else 0
+    if args.latency_device == "cuda" and not torch.cuda.is_available():
+        print("cuda requested for the latency phases but not available: CPU")
+        args.latency_device = "cpu"
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     configure_logging("warning", "console")  # the learner logs every swap at info
     if args.switch_interval_ms > 0:
@@ -428,49 +464,58 @@ def main() -> int:
         f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}, "
         f"{os.cpu_count()} cores, {args.threads} torch thread(s), GIL switch interval "
         f"{sys.getswitchinterval() * 1e3:g} ms, learner worker {args.worker} at nice +{args.learner_nice} "
-        f"(IMPALA swaps at most every {args.swap_min_interval_s:g} s), cuda {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"
+        f"(IMPALA swaps at most every {args.swap_min_interval_s:g} s), cuda "
+        f"{'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"
     )
-    devices = ["cpu"] if args.device == "cpu" else (["cuda"] if args.device == "cuda" else ["cpu", "cuda"])
-    if "cuda" in devices and not torch.cuda.is_available():
-        print("cuda requested but not available: CPU only")
-        devices = ["cpu"]
-    if args.latency_device == "cuda" and not torch.cuda.is_available():
-        print("cuda requested for the latency phases but not available: CPU")
-        args.latency_device = "cpu"
 
     start = time.perf_counter()
     pool = sim_transitions(create_policy("gnn", PolicyConfig(name="gnn"), "cpu"), args.transitions)
     sizes = [t.obs.num_nodes for t in pool]
     print(
         f"{len(pool)} simulator transitions in {time.perf_counter() - start:.1f}s "
-        f"(graphs of {min(sizes)}-{max(sizes)} layers, mean {statistics.fmean(sizes):.1f}); GNN hidden 128 x 3 layers\n"
+        f"(graphs of {min(sizes)}-{max(sizes)} layers, mean {statistics.fmean(sizes):.1f}); GNN hidden 128 x "
+        "3 layers\n"
     )
-    if args.skip_throughput:
-        devices = []
-    else:
-        print(f"learner throughput (median of {args.reps} updates)")
-        print(
-            f"  {'device':<6} {'algorithm':<30} {'batch':>5} {'ms/update':>10} {'transitions/s':>14} {'fwd+bwd samples/s':>18} {'epochs':>6}"
-        )
+    if not args.skip_throughput:
+        print_throughput(_devices(args.device), pool, args.reps)
+    if args.skip_latency:
+        return 0
+    return report_latency(args, pool)
+
+
+def _devices(choice: str) -> list[str]:
+    devices = ["cpu"] if choice == "cpu" else (["cuda"] if choice == "cuda" else ["cpu", "cuda"])
+    if "cuda" in devices and not torch.cuda.is_available():
+        print("cuda requested but not available: CPU only")
+        devices = ["cpu"]
+    return devices
+
+
+def print_throughput(devices: list[str], pool: list[Transition], reps: int) -> None:
+    print(f"learner throughput (median of {reps} updates)")
+    print(
+        f"  {'device':<6} {'algorithm':<30} {'batch':>5} {'ms/update':>10} {'transitions/s':>14} "
+        f"{'fwd+bwd samples/s':>18} {'epochs':>6}"
+    )
     for device in devices:
         rows = [
-            ("PPO, no KL stop (4 epochs)", time_ppo(device, pool, args.reps, None)),
-            ("PPO, target KL 0.01", time_ppo(device, pool, args.reps, 0.01)),
-            ("IMPALA (prioritized)", time_impala(device, pool, args.reps, 64)),
+            ("PPO, no KL stop (4 epochs)", time_ppo(device, pool, reps, None)),
+            ("PPO, target KL 0.01", time_ppo(device, pool, reps, 0.01)),
+            ("IMPALA (prioritized)", time_impala(device, pool, reps, 64)),
             (
                 "IMPALA (prioritized, default)",
-                time_impala(device, pool, args.reps, ImpalaConfig().batch_size),
+                time_impala(device, pool, reps, ImpalaConfig().batch_size),
             ),
-            ("IMPALA (prioritized)", time_impala(device, pool, args.reps, 256)),
+            ("IMPALA (prioritized)", time_impala(device, pool, reps, 256)),
         ]
         for name, r in rows:
             print(
                 f"  {device:<6} {name:<30} {int(r['batch']):>5} {r['s_per_update'] * 1e3:>10.1f} "
                 f"{r['transitions_per_s']:>14,.0f} {r['samples_per_s']:>18,.0f} {r['epochs']:>6.2f}"
             )
-    if args.skip_latency:
-        return 0
 
+
+def report_latency(args: argparse.Namespace, pool: list[Transition]) -> int:
     print(
         f"\ndecision latency, {args.runs} simulated runs, learner idle vs running "
         f"({args.rounds} rounds x {args.phase_s:.0f}s per phase, policy and learner on {args.latency_device})"
@@ -479,7 +524,8 @@ def main() -> int:
     idle = results["idle"]
     p50_idle, p99_idle = percentile(idle, 50), percentile(idle, 99)
     print(
-        f"\n  {'phase':<16} {'decisions':>9} {'p50 ms':>8} {'p99 ms':>8} {'p50 ratio':>9} {'p99 ratio':>9}  learner transitions/s"
+        f"\n  {'phase':<16} {'decisions':>9} {'p50 ms':>8} {'p99 ms':>8} {'p50 ratio':>9} {'p99 ratio':>9}  "
+        "learner transitions/s"
     )
     print(f"  {'idle':<16} {len(idle):>9} {p50_idle:>8.2f} {p99_idle:>8.2f} {1.0:>9.2f} {1.0:>9.2f}")
     failed = False
@@ -496,7 +542,8 @@ def main() -> int:
         ok = ratio <= P99_RATIO_TARGET
         failed |= not ok
         print(
-            f"{'PASS' if ok else 'FAIL'}  decision p99 with the {phase} learner running / idle: {ratio:.2f}x <= {P99_RATIO_TARGET}x"
+            f"{'PASS' if ok else 'FAIL'}  decision p99 with the {phase} learner running / idle: {ratio:.2f}x "
+            f"<= {P99_RATIO_TARGET}x"
         )
     return 1 if (failed and args.strict) else 0
 

@@ -288,7 +288,8 @@ def report(
         f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/learning_curves.py', *sys.argv[1:]])}`",
         "",
         (
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared), python {platform.python_version()}, "
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared), python "
+            f"{platform.python_version()}, "
             f"{args.workers} worker processes x 1 torch thread; wall time {wall / 60:.1f} min."
         ),
         "",
@@ -304,15 +305,19 @@ def report(
         (
             f"PPO from scratch: {PPO}; warm-started: {PPO_WARM}; training reward {PPO_REWARD} (rest: "
             "seed-documents defaults; LR decays linearly to 0.1x over the run). IMPALA from scratch: "
-            f"{IMPALA}; warm-started: {IMPALA_WARM}; training reward {IMPALA_REWARD}, replay {IMPALA_REPLAY}, "
+            f"{IMPALA}; warm-started: {IMPALA_WARM}; training reward {IMPALA_REWARD}, replay "
+            f"{IMPALA_REPLAY}, "
             f"replay ratio {IMPALA_REPLAY_RATIO} (samples per new transition, batch 64 = "
-            f"{64 // IMPALA_SEQUENCE} unrolls of {IMPALA_SEQUENCE} steps), actors {IMPALA_UNROLL} steps per env "
+            f"{64 // IMPALA_SEQUENCE} unrolls of {IMPALA_SEQUENCE} steps), actors {IMPALA_UNROLL} steps per "
+            "env "
             "per round. All returns below are the **basic** reward (the baselines' figures)."
         ),
         "",
         (
-            f"Episode return on test hosts (sim seed {TEST_SEED} + seed, {args.test_episodes} episodes per seed, "
-            "every policy on the same hosts; no run, clone or checkpoint choice saw them). mean ± sd over seeds "
+            f"Episode return on test hosts (sim seed {TEST_SEED} + seed, {args.test_episodes} episodes per "
+            "seed, "
+            "every policy on the same hosts; no run, clone or checkpoint choice saw them). mean ± sd over "
+            "seeds "
             "of the per-seed mean; paired difference to the heuristic, mean ± sd over seeds; seeds on which "
             "the policy beat the heuristic. Greedy = `[policy] deterministic = true`."
         ),
@@ -330,14 +335,16 @@ def report(
         "",
         "Training runs (clone: greedy agreement with the reference on held-out demonstration runs):",
         "",
-        "| variant | seed | clone agreement | updates | env steps | best at update | best validation return | seconds |",
+        "| variant | seed | clone agreement | updates | env steps | best at update | best validation return "
+        "| seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(runs, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
         imitation = r.get("imitation")
         agree = "" if not imitation else f"{imitation['agreement_after']:.3f}"
         lines.append(
-            f"| {r['variant']} | {r['seed']} | {agree} | {r['updates']} | {r['env_steps']:,} | {r['best_update']} | "
+            f"| {r['variant']} | {r['seed']} | {agree} | {r['updates']} | {r['env_steps']:,} | "
+            f"{r['best_update']} | "
             f"{r['best_validation']:+.3f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -455,7 +462,8 @@ def main() -> int:
             runs.append(run)
             final = run["curve"][-1][1]
             print(
-                f"{run['variant']:<16} seed {run['seed']}: {run['env_steps']:,} steps, {run['updates']} updates "
+                f"{run['variant']:<16} seed {run['seed']}: {run['env_steps']:,} steps, {run['updates']} "
+                "updates "
                 f"in {run['seconds']:.0f}s; validation {run['curve'][0][1]:+.3f} -> {final:+.3f}; test "
                 + ", ".join(f"{k} {v:+.3f}" for k, v in run["test"].items()),
                 flush=True,

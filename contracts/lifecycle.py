@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from contracts.enums import Op, SeedStage
 
-S, O = SeedStage, Op
+S = SeedStage
 
 #: (stage, op) -> stage the op leads to. WAIT is legal everywhere and changes nothing.
 #: The host's own moves are in AUTOMATIC.
 TRANSITIONS: dict[tuple[SeedStage, Op], SeedStage] = {
-    (S.DORMANT, O.GERMINATE): S.GERMINATED,
-    (S.GERMINATED, O.PRUNE): S.PRUNED,
-    (S.TRAINING, O.ADVANCE): S.BLENDING,
-    (S.TRAINING, O.PRUNE): S.PRUNED,
-    (S.BLENDING, O.ADVANCE): S.PROBATIONARY,
-    (S.BLENDING, O.SET_ALPHA_TARGET): S.BLENDING,
-    (S.BLENDING, O.PRUNE): S.PRUNED,
-    (S.PROBATIONARY, O.FOSSILIZE): S.FOSSILIZED,
-    (S.PROBATIONARY, O.PRUNE): S.PRUNED,
+    (S.DORMANT, Op.GERMINATE): S.GERMINATED,
+    (S.GERMINATED, Op.PRUNE): S.PRUNED,
+    (S.TRAINING, Op.ADVANCE): S.BLENDING,
+    (S.TRAINING, Op.PRUNE): S.PRUNED,
+    (S.BLENDING, Op.ADVANCE): S.PROBATIONARY,
+    (S.BLENDING, Op.SET_ALPHA_TARGET): S.BLENDING,
+    (S.BLENDING, Op.PRUNE): S.PRUNED,
+    (S.PROBATIONARY, Op.FOSSILIZE): S.FOSSILIZED,
+    (S.PROBATIONARY, Op.PRUNE): S.PRUNED,
 }
 
 #: Stages a host moves through on its own (no command needed): a germinated seed starts
@@ -31,10 +31,10 @@ AUTOMATIC: dict[SeedStage, SeedStage] = {
 
 #: stage -> ops legal from it, WAIT included.
 LEGAL_OPS: dict[SeedStage, frozenset[Op]] = {
-    stage: frozenset({O.WAIT} | {op for (s, op) in TRANSITIONS if s is stage}) for stage in SeedStage
+    stage: frozenset({Op.WAIT} | {op for (s, op) in TRANSITIONS if s is stage}) for stage in SeedStage
 }
 
-del S, O
+del S
 
 
 def is_legal(op: Op, stage: SeedStage) -> bool:

@@ -8,7 +8,7 @@ The static bounds here are hard caps; esperd applies tighter configured limits.
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
@@ -201,11 +201,9 @@ class CommandAck(_Message, tag="ack", kw_only=True):
 
 
 #: Everything a host may send to esperd.
-Inbound = Union[TopologyPacket, HealthSignal, HealthBatch, SystemStatePacket, CommandAck]
+Inbound = TopologyPacket | HealthSignal | HealthBatch | SystemStatePacket | CommandAck
 #: Every wire message.
-AnyMessage = Union[
-    TopologyPacket, HealthSignal, HealthBatch, SystemStatePacket, AdaptationCommand, CommandAck
-]
+AnyMessage = TopologyPacket | HealthSignal | HealthBatch | SystemStatePacket | AdaptationCommand | CommandAck
 
 MESSAGE_TYPES: tuple[type[_Message], ...] = (
     TopologyPacket,

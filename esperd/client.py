@@ -53,6 +53,8 @@ class HostClient:
         self._outbox: collections.deque[tuple[str, bytes]] = collections.deque()
         self._buffer = buffer
         self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()  # set while the outbox is empty and nothing is mid-publish
+        self._drained.set()
         self._pump: asyncio.Task[None] | None = None
         self._sub = None
         self._on_command: CommandHandler | None = None
@@ -115,11 +117,10 @@ class HostClient:
         )
         self._enqueue(Channel.ACK, ack)
 
-    async def flush(self, timeout: float = 5.0) -> None:
+    async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - mirrors nats' flush(timeout)
         """Wait until the buffer is empty and the broker has everything."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self._outbox and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.005)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), timeout)
         await self.nc.flush(timeout)
 
     async def close(self) -> None:
@@ -138,6 +139,7 @@ class HostClient:
             self._outbox.popleft()  # the newest state matters most: drop the oldest
             self.dropped += 1
         self._outbox.append((self._subject(channel), self.codec.encode(message)))  # type: ignore[arg-type]
+        self._drained.clear()
         self._wakeup.set()
 
     async def _drain_outbox(self) -> None:
@@ -152,6 +154,7 @@ class HostClient:
                     self.published += 1
                 except nats.errors.Error:
                     self.dropped += 1
+            self._drained.set()
 
     async def _receive(self, msg: Msg) -> None:
         try:

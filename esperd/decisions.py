@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import math
 import statistics
 import time
@@ -213,12 +214,12 @@ class DecisionLoop:
                 await self._sleep_until_woken(deadline - self._clock())
             return
 
-    async def _sleep_until_woken(self, timeout: float | None) -> None:
+    async def _sleep_until_woken(self, delay_s: float | None) -> None:
+        """Sleep `delay_s` (None: until woken), returning early on wake()."""
         self._wake.clear()
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay_s):
+                await self._wake.wait()
 
 
 def to_command(decision: Decision) -> AdaptationCommand:
@@ -260,6 +261,7 @@ def describe(decision: Decision) -> str:
         tempo = decision.tempo.value if decision.tempo else "-"
         levers = f" with {decision.blueprint.value} ({blend}, {tempo})"
     return (
-        f"{decision.op.value} layer {decision.layer_id}{levers}: {decision.policy} v{decision.policy_version}, "
+        f"{decision.op.value} layer {decision.layer_id}{levers}: "
+        f"{decision.policy} v{decision.policy_version}, "
         f"confidence {decision.confidence:.2f}, urgency {decision.urgency:.2f}"
     )

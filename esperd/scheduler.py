@@ -17,8 +17,8 @@ import msgspec
 import numpy as np
 from msgspec import Meta
 
-from esperd.analyzer.observation import OPS, Observation
 from contracts import Op
+from esperd.analyzer.observation import OPS, Observation
 
 _WAIT = OPS.index(Op.WAIT)
 

@@ -154,6 +154,11 @@ class TrainSpec:
     anchor_updates: int = 20
 
     def validate(self) -> None:
+        self._validate_sources()
+        self._validate_budget()
+        self._validate_warm_start()
+
+    def _validate_sources(self) -> None:
         if self.algo not in ALGORITHMS:
             raise TrainError(f"--algo must be one of {', '.join(ALGORITHMS)}, not {self.algo!r}")
         if self.policy not in LEARNABLE_POLICIES:
@@ -162,6 +167,10 @@ class TrainSpec:
             )
         if not self.sim and not self.experience:
             raise TrainError("nothing to learn from: give --experience PATH, --sim, or both")
+        if self.experience and not Path(self.experience).is_file():
+            raise TrainError(f"experience file {self.experience} does not exist")
+
+    def _validate_budget(self) -> None:
         if self.updates is not None and self.steps is not None:
             raise TrainError("give --updates or --steps, not both")
         for name in ("updates", "steps"):
@@ -176,9 +185,6 @@ class TrainSpec:
             raise TrainError("--holdout must be in [0, 1)")
         if not self.replay_ratio > 0:
             raise TrainError("--replay-ratio must be > 0")
-        if self.experience and not Path(self.experience).is_file():
-            raise TrainError(f"experience file {self.experience} does not exist")
-        self._validate_warm_start()
 
     def _validate_warm_start(self) -> None:
         if not (self.anchor_coef >= 0 and math.isfinite(self.anchor_coef)) or self.anchor_updates < 1:
@@ -414,54 +420,13 @@ class _Run:
         if cfg.checkpoint:  # warm start from the configured checkpoint
             load_policy_checkpoint(cfg.checkpoint, self.policy)
         self.imitation: ImitationStats | None = None
-        anchor: DemonstrationAnchor | None = None
         # Before the learner is made, so that its optimizer starts fresh on the fitted weights.
-        if spec.warm_start is not None:
-            self.imitation, demonstrations = warm_start(
-                self.policy,
-                spec.warm_start,
-                steps=spec.warm_start_steps,
-                sim_config=spec.sim_config or SimConfig(reward=spec.learner.rewards),
-                envs=spec.envs,
-                seed=spec.seed,
-                config=msgspec.structs.replace(spec.imitation, gamma=spec.gamma, seed=spec.seed),
-            )
-            if spec.anchor_coef > 0:
-                anchor = DemonstrationAnchor(
-                    self.policy,
-                    demonstrations,
-                    coef=spec.anchor_coef,
-                    decay_updates=spec.anchor_updates,
-                    batch_size=spec.imitation.batch_size,
-                    seed=spec.seed,
-                )
+        anchor = self._warm_start() if spec.warm_start is not None else None
         self.start_version = self.policy.version
+        self.algo = self._make_algorithm(anchor)
+        self.train_set, self.heldout = self._split_experience()
 
         learner_cfg = spec.learner
-        if spec.algo == "ppo":
-            ppo_cfg = msgspec.structs.replace(learner_cfg.ppo, seed=spec.seed)
-            if learner_cfg.ppo.total_updates == LearnerConfig().ppo.total_updates:
-                # Not configured: the LR decays over this run's budget.
-                ppo_cfg = msgspec.structs.replace(ppo_cfg, total_updates=self.planned_updates())
-            self.algo: PPOLearner | ImpalaLearner = PPOLearner(self.policy, ppo_cfg, auxiliary=anchor)
-        else:
-            self.algo = ImpalaLearner(self.policy, learner_cfg.impala)
-
-        # Experience from a file: training part and held-out set.
-        self.train_set: list[Transition] = []
-        self.heldout = HeldOut([], np.zeros(0, np.float32), np.zeros(0, bool), "none")
-        if spec.experience:
-            loaded = load_experience(spec.experience).transitions
-            if not loaded:
-                raise TrainError(f"experience file {spec.experience} holds no transitions")
-            self.train_set, held = split_holdout(loaded, spec.holdout, spec.seed)
-            if spec.algo == "ppo" and spec.sim:
-                held = held + self.train_set  # PPO is on-policy: the file only evaluates
-                self.train_set = []
-            self.heldout = make_heldout(held, spec.gamma)
-            if not spec.sim and not self.train_set:
-                raise TrainError("every transition of the experience file is held out; lower --holdout")
-
         sim_cfg = spec.sim_config or SimConfig(reward=learner_cfg.rewards)
         self.sim_config = sim_cfg
         self.eval_config = (
@@ -502,6 +467,56 @@ class _Run:
             self._write(
                 {"kind": "warm_start", "reference": spec.warm_start, **msgspec.structs.asdict(self.imitation)}
             )
+
+    def _warm_start(self) -> DemonstrationAnchor | None:
+        """Clone the reference controller (sets self.imitation); the anchor to its demonstrations."""
+        spec = self.spec
+        assert spec.warm_start is not None
+        self.imitation, demonstrations = warm_start(
+            self.policy,
+            spec.warm_start,
+            steps=spec.warm_start_steps,
+            sim_config=spec.sim_config or SimConfig(reward=spec.learner.rewards),
+            envs=spec.envs,
+            seed=spec.seed,
+            config=msgspec.structs.replace(spec.imitation, gamma=spec.gamma, seed=spec.seed),
+        )
+        if spec.anchor_coef <= 0:
+            return None
+        return DemonstrationAnchor(
+            self.policy,
+            demonstrations,
+            coef=spec.anchor_coef,
+            decay_updates=spec.anchor_updates,
+            batch_size=spec.imitation.batch_size,
+            seed=spec.seed,
+        )
+
+    def _make_algorithm(self, anchor: DemonstrationAnchor | None) -> PPOLearner | ImpalaLearner:
+        spec, learner_cfg = self.spec, self.spec.learner
+        if spec.algo != "ppo":
+            return ImpalaLearner(self.policy, learner_cfg.impala)
+        ppo_cfg = msgspec.structs.replace(learner_cfg.ppo, seed=spec.seed)
+        if learner_cfg.ppo.total_updates == LearnerConfig().ppo.total_updates:
+            # Not configured: the LR decays over this run's budget.
+            ppo_cfg = msgspec.structs.replace(ppo_cfg, total_updates=self.planned_updates())
+        return PPOLearner(self.policy, ppo_cfg, auxiliary=anchor)
+
+    def _split_experience(self) -> tuple[list[Transition], HeldOut]:
+        """Experience from a file: the training part and the held-out set."""
+        spec = self.spec
+        if not spec.experience:
+            return [], HeldOut([], np.zeros(0, np.float32), np.zeros(0, bool), "none")
+        loaded = load_experience(spec.experience).transitions
+        if not loaded:
+            raise TrainError(f"experience file {spec.experience} holds no transitions")
+        train_set, held = split_holdout(loaded, spec.holdout, spec.seed)
+        if spec.algo == "ppo" and spec.sim:
+            held = held + train_set  # PPO is on-policy: the file only evaluates
+            train_set = []
+        if not spec.sim and not train_set:
+            raise TrainError("every transition of the experience file is held out; lower --holdout")
+        return train_set, make_heldout(held, spec.gamma)
 
     # ------------------------------------------------------------ budget
 
@@ -603,10 +618,9 @@ class _Run:
         if not batch:
             return None
         try:
-            if weights is None:
-                stats = self.algo.update(batch)
-            else:
-                stats = self.algo.update(batch, weights=weights)  # type: ignore[call-arg]
+            stats = (
+                self.algo.update(batch) if weights is None else self.algo.update(batch, weights=weights)  # type: ignore[call-arg]
+            )
         except NonFiniteError as exc:
             self.failures += 1
             self.consecutive_failures += 1
@@ -758,14 +772,7 @@ def train(spec: TrainSpec, on_eval: Callable[[dict[str, Any]], None] | None = No
     """Run `spec` to its budget; evaluate, keep the best, write the outputs (module doc)."""
     run = _Run(spec)
     unit, goal = run.target()
-    bar = None
-    if spec.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=goal, unit=unit.replace("env_", ""), desc=f"{spec.algo} {spec.policy}", mininterval=0.5
-        )
-    evals_seen = 0
+    progress = _Progress(run, on_eval, _progress_bar(spec, unit, goal) if spec.progress else None)
     try:
         if spec.warm_start is not None:
             run.evaluate()  # the cloned policy: the curve's start, and a candidate for best
@@ -774,22 +781,43 @@ def train(spec: TrainSpec, on_eval: Callable[[dict[str, Any]], None] | None = No
             run.step()
             if spec.algo == "ppo" and run.due_eval():
                 run.evaluate()
-            for record in run.history[evals_seen:]:
-                if on_eval is not None:
-                    on_eval(record)
-                if bar is not None:
-                    bar.set_postfix(_postfix(record), refresh=False)
-            evals_seen = len(run.history)
-            if bar is not None:
-                bar.update(run.progress_of(unit) - before)
+            progress.show(run.progress_of(unit) - before)
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     result = run.finish()
-    for record in run.history[evals_seen:]:
-        if on_eval is not None:
-            on_eval(record)
+    progress.show(0)  # the final evaluation
     return result
+
+
+def _progress_bar(spec: TrainSpec, unit: str, goal: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=goal, unit=unit.replace("env_", ""), desc=f"{spec.algo} {spec.policy}", mininterval=0.5)
+
+
+class _Progress:
+    """Hands each new evaluation record to `on_eval` and shows it on the progress bar (if any)."""
+
+    def __init__(self, run: _Run, on_eval: Callable[[dict[str, Any]], None] | None, bar: Any) -> None:
+        self.run = run
+        self.on_eval = on_eval
+        self.bar = bar
+        self.seen = 0
+
+    def show(self, advanced: int) -> None:
+        for record in self.run.history[self.seen :]:
+            if self.on_eval is not None:
+                self.on_eval(record)
+            if self.bar is not None:
+                self.bar.set_postfix(_postfix(record), refresh=False)
+        self.seen = len(self.run.history)
+        if self.bar is not None and advanced:
+            self.bar.update(advanced)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:

@@ -63,7 +63,7 @@ def status_line(status: dict[str, Any]) -> str:
 async def main_async(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     url = config.nats.servers[0]
-    daemon = subprocess.Popen([sys.executable, "-m", "esperd.cli", "--config", args.config])
+    daemon = subprocess.Popen([sys.executable, "-m", "esperd.cli", "--config", args.config])  # noqa: ASYNC220 - returns at once
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -54,10 +54,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 import msgspec
 import nats
 from nats.aio.client import Client
@@ -81,6 +77,8 @@ from esperd.analyzer import AnalyzerError
 from esperd.analyzer.graph import Graph
 from esperd.config import LimitsConfig
 from esperd.intake import Accepted, Intake
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PREFIX = "esper"
 CHANNELS = ("topology", "health", "state", "ack")
@@ -197,6 +195,10 @@ CONTENT_TYPES = [
     "application/json;;;",
     "image/png",
 ]
+
+
+#: A JSON variant's (payload bytes, expectation, content type).
+_JsonVariant = tuple[bytes, str, str | None]
 
 
 @dataclass(slots=True)
@@ -456,7 +458,8 @@ class FuzzGenerator:
         )
 
     def _positional_from_keyed(self, tag: str, cls: type, keyed: dict[str, Any]) -> bytes:
-        """The positional msgpack form (what Codec.encode writes) of a keyed dict; nested structs as builtins."""
+        """The positional msgpack form (what Codec.encode writes) of a keyed dict; nested structs as
+        builtins."""
         out: list[Any] = [tag]
         for name, default in zip(cls.__struct_fields__, _defaults(cls), strict=True):
             out.append(msgspec.to_builtins(keyed.get(name, default)))
@@ -553,10 +556,8 @@ class FuzzGenerator:
 
     def _f_unknown_acks(self) -> Payload:
         # Half on good runs' own subjects: a stranger's acks for commands that were never issued.
-        if self.good_runs and self.rng.random() < 0.5:
-            run = self.rng.choice(self.good_runs)
-        else:
-            run = self._run()
+        on_good_run = self.good_runs and self.rng.random() < 0.5
+        run = self.rng.choice(self.good_runs) if on_good_run else self._run()
         data = (
             self.codec.encode(self._ack()) if self.rng.random() < 0.8 else self.codec.encode_json(self._ack())
         )
@@ -594,67 +595,105 @@ class FuzzGenerator:
         return Payload("wrong_channel", self._subj(run, other), self.codec.encode(msg), expect="reject")
 
     def _f_json_variants(self) -> Payload:
-        r = self.rng
         run = self._run()
         channel, msg = self._valid(run)
         keyed = self._keyed(msg)
-        body = json.dumps(keyed)
-        variant = r.randrange(16)
-        ctype = r.choice((None, "application/json"))
-        expect = "reject"
-        if variant == 0:  # pretty-printed: fine
-            data, expect = json.dumps(keyed, indent=4).encode(), "accept"
-        elif variant == 1:  # unknown extra fields: ignored
-            data, expect = json.dumps({**keyed, "extra": [1, {"x": None}], "zz": "y"}).encode(), "accept"
-        elif variant == 2:  # kind in the wrong case
-            data = json.dumps({**keyed, "kind": keyed["kind"].upper()}).encode()
-        elif variant == 3:  # a required field missing (or kind missing)
-            required = {"health": ("layer_id", "health_score"), "ack": ("command_id", "status")}.get(
-                keyed["kind"], ()
-            )
-            key = r.choice(["kind", *required])
-            data = json.dumps({k: v for k, v in keyed.items() if k != key}).encode()
-        elif variant == 4:  # the positional (array) form is msgpack's, not JSON's
-            data = json.dumps([keyed["kind"], *keyed.values()]).encode()
-        elif variant == 5:  # deep nesting
-            depth = r.randrange(100, 50_000)
-            data = (
-                (b"[" * depth + b"]" * depth)
-                if r.random() < 0.5
-                else (b'{"a":' * depth + b"1" + b"}" * depth)
-            )
-        elif variant == 6:  # UTF-8 BOM first: not sniffed as JSON
-            data, ctype = b"\xef\xbb\xbf" + body.encode(), None
-        elif variant == 7:  # JSON bytes declared msgpack
-            data, ctype = body.encode(), "application/msgpack"
-        elif variant == 8:  # msgpack bytes declared JSON
-            data, ctype = self.codec.encode(msg), "application/json"
-        elif variant == 9:  # duplicate keys: the last one wins
-            data, expect = (body[:-1] + ', "kind": "' + keyed["kind"] + '"}').encode(), "accept"
-        elif variant == 10:  # a 5000-digit number
-            data = ('{"kind":"health","layer_id":1' + "0" * 5000 + ',"health_score":0.5}').encode()
-        elif variant == 11:  # NaN / Infinity literals are not JSON
-            data = (
-                '{"kind":"health","layer_id":1,"health_score":'
-                + r.choice(("NaN", "Infinity", "-Infinity"))
-                + "}"
-            ).encode()
-        elif variant == 12:  # not an object at all
-            data = r.choice((b"null", b"true", b"123", b'"health"', b"[]", b"{}", b" ", b"\n{\n"))
-        elif variant == 13:  # truncated JSON
-            raw = body.encode()
-            data = raw[: r.randrange(1, len(raw))]
-        elif variant == 14:  # oversized strings, control characters
-            data = json.dumps({"kind": "topology", "nodes": [{"layer_id": 0, "name": "n" * 300}]}).encode()
-            if r.random() < 0.5:
-                data = (
-                    b'{"kind":"ack","command_id":"a\\u0000b","status":"applied","reason":"'
-                    + b"r" * 2000
-                    + b'"}'
-                )
-        else:  # content type garbage on a valid body: sniffing still reads it
-            data, ctype, expect = body.encode(), r.choice(CONTENT_TYPES[6:]), "accept"
+        variant = self.rng.randrange(len(self._JSON_VARIANTS))
+        ctype = self.rng.choice((None, "application/json"))
+        data, expect, ctype = self._JSON_VARIANTS[variant](self, keyed, msg, ctype)
         return Payload("json_variants", self._subj(run, channel), data, ctype, expect)
+
+    # Each JSON variant: (keyed form, message, content type) -> (bytes, expectation, content type).
+
+    def _jv_pretty(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        return json.dumps(keyed, indent=4).encode(), "accept", ctype  # pretty-printed: fine
+
+    def _jv_extra_fields(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        data = json.dumps({**keyed, "extra": [1, {"x": None}], "zz": "y"}).encode()
+        return data, "accept", ctype  # unknown extra fields: ignored
+
+    def _jv_kind_case(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        return json.dumps({**keyed, "kind": keyed["kind"].upper()}).encode(), "reject", ctype
+
+    def _jv_field_missing(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        # a required field missing (or kind missing)
+        required = {"health": ("layer_id", "health_score"), "ack": ("command_id", "status")}.get(
+            keyed["kind"], ()
+        )
+        key = self.rng.choice(["kind", *required])
+        return json.dumps({k: v for k, v in keyed.items() if k != key}).encode(), "reject", ctype
+
+    def _jv_positional(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        # the positional (array) form is msgpack's, not JSON's
+        return json.dumps([keyed["kind"], *keyed.values()]).encode(), "reject", ctype
+
+    def _jv_deep_nesting(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        depth = self.rng.randrange(100, 50_000)
+        if self.rng.random() < 0.5:
+            return b"[" * depth + b"]" * depth, "reject", ctype
+        return b'{"a":' * depth + b"1" + b"}" * depth, "reject", ctype
+
+    def _jv_bom(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        return b"\xef\xbb\xbf" + json.dumps(keyed).encode(), "reject", None  # BOM first: not sniffed as JSON
+
+    def _jv_declared_msgpack(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        return json.dumps(keyed).encode(), "reject", "application/msgpack"
+
+    def _jv_msgpack_declared_json(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        return self.codec.encode(msg), "reject", "application/json"
+
+    def _jv_duplicate_keys(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        body = json.dumps(keyed)
+        return (body[:-1] + ', "kind": "' + keyed["kind"] + '"}').encode(), "accept", ctype  # last one wins
+
+    def _jv_huge_number(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        data = '{"kind":"health","layer_id":1' + "0" * 5000 + ',"health_score":0.5}'
+        return data.encode(), "reject", ctype
+
+    def _jv_non_finite(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        # NaN / Infinity literals are not JSON
+        literal = self.rng.choice(("NaN", "Infinity", "-Infinity"))
+        return ('{"kind":"health","layer_id":1,"health_score":' + literal + "}").encode(), "reject", ctype
+
+    def _jv_not_an_object(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        data = self.rng.choice((b"null", b"true", b"123", b'"health"', b"[]", b"{}", b" ", b"\n{\n"))
+        return data, "reject", ctype
+
+    def _jv_truncated(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        raw = json.dumps(keyed).encode()
+        return raw[: self.rng.randrange(1, len(raw))], "reject", ctype
+
+    def _jv_oversized(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        # oversized strings, control characters
+        data = json.dumps({"kind": "topology", "nodes": [{"layer_id": 0, "name": "n" * 300}]}).encode()
+        if self.rng.random() < 0.5:
+            data = (
+                b'{"kind":"ack","command_id":"a\\u0000b","status":"applied","reason":"' + b"r" * 2000 + b'"}'
+            )
+        return data, "reject", ctype
+
+    def _jv_garbage_content_type(self, keyed: dict[str, Any], msg: Any, ctype: str | None) -> _JsonVariant:
+        # content type garbage on a valid body: sniffing still reads it
+        return json.dumps(keyed).encode(), "accept", self.rng.choice(CONTENT_TYPES[6:])
+
+    _JSON_VARIANTS: tuple[Callable[[FuzzGenerator, dict[str, Any], Any, str | None], _JsonVariant], ...] = (
+        _jv_pretty,
+        _jv_extra_fields,
+        _jv_kind_case,
+        _jv_field_missing,
+        _jv_positional,
+        _jv_deep_nesting,
+        _jv_bom,
+        _jv_declared_msgpack,
+        _jv_msgpack_declared_json,
+        _jv_duplicate_keys,
+        _jv_huge_number,
+        _jv_non_finite,
+        _jv_not_an_object,
+        _jv_truncated,
+        _jv_oversized,
+        _jv_garbage_content_type,
+    )
 
     def _f_msgpack_structure(self) -> Payload:
         r = self.rng
@@ -1233,7 +1272,8 @@ async def campaign(args: argparse.Namespace) -> int:
                 and not final["nats"].get("slow_consumer_drops")
                 and not final["nats"]["disconnects"],
                 (
-                    f"errors={final['nats']['errors']}, slow_consumer_drops={final['nats'].get('slow_consumer_drops')}, "
+                    f"errors={final['nats']['errors']}, "
+                    f"slow_consumer_drops={final['nats'].get('slow_consumer_drops')}, "
                     f"disconnects={final['nats']['disconnects']}"
                 ),
             ),
@@ -1287,13 +1327,14 @@ async def campaign(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text, encoding="utf-8")
+        Path(args.out).write_text(text, encoding="utf-8")  # noqa: ASYNC240 - the campaign is over
         print(f"wrote {args.out}")
     return 0 if all(ok for _, ok, _ in checks) else 1
 
 
 def summarize_errors(lines: list[str]) -> dict[str, int]:
-    """Error log lines counted by event and the exception's last line (e.g. "handler failed: OverflowError ...")."""
+    """Error log lines counted by event and the exception's last line (e.g. "handler failed:
+    OverflowError ...")."""
     found: Counter[str] = Counter()
     for line in lines:
         if '"level": "error"' not in line:
@@ -1341,15 +1382,18 @@ def render(r: dict[str, Any]) -> str:
         "## Traffic",
         "",
         (
-            f"- fuzz payloads published: **{pub['sent']}** ({pub['bytes'] / 2**20:.1f} MiB) in {pub['seconds']:.1f} s "
-            f"({pub['sent'] / max(pub['seconds'], 1e-9):.0f}/s); publisher paused {pub['lag_waits']} times to keep "
+            f"- fuzz payloads published: **{pub['sent']}** ({pub['bytes'] / 2**20:.1f} MiB) in "
+            f"{pub['seconds']:.1f} s "
+            f"({pub['sent'] / max(pub['seconds'], 1e-9):.0f}/s); publisher paused {pub['lag_waits']} times "
+            "to keep "
             f"<= the lag bound in flight"
         ),
         (
             f"- daemon totals: accepted {final['accepted_total']}, rejected {final['rejected_total']}, "
             f"commands {final['commands_total']}, unknown acks {final['scheduler']['unknown_acks']} "
             f"(oracle {oracle.unknown_acks}), evicted runs {r['settled']['evicted_runs']}, "
-            f"decision failures {final['decisions']['failures']}, scheduler overflow {final['scheduler']['overflow']}"
+            f"decision failures {final['decisions']['failures']}, scheduler overflow "
+            f"{final['scheduler']['overflow']}"
         ),
         (
             f"- status: {len(poller.latencies_ms)} polls every 0.5 s (plus the publisher's lag checks), "
@@ -1359,7 +1403,8 @@ def render(r: dict[str, Any]) -> str:
             f"- esperd RSS: start {_mib(rss_start)}, after baseline {_mib(rss_before)}, after the campaign "
             f"{_mib(rss_after)}, peak sampled {_mib(peak)}, after eviction {_mib(rss_settled)}"
         ),
-        f"- esperd log: {r['log_lines']} lines (level warning); error lines by kind: {r['log_errors'] or 'none'}",
+        f"- esperd log: {r['log_lines']} lines (level warning); error lines by kind: "
+        f"{r['log_errors'] or 'none'}",
         "",
     ]
     out += ["## Rejections by reason", "", "| reason | daemon | oracle |", "|---|---:|---:|"]

@@ -12,9 +12,10 @@ acks) every 0.1-0.2 s, then either a `done` state packet or silence (the run idl
 status are recorded.
 
 Checks (exit 1 if any fails): RSS plateaus (max over the last third <= max over the first third
-x 1.2 + 16 MiB, and, stricter, grows by at most 8 MiB between the two); `runs` never exceeds `--max-runs`; evicted_runs grows; after the load stops every
-run is evicted (runs back to 0, evicted_runs = runs started, nothing queued or pending, no
-experience kept per run); no rejections; SIGTERM exits 0. Writes a Markdown report (`--out`).
+x 1.2 + 16 MiB, and, stricter, grows by at most 8 MiB between the two); `runs` never exceeds
+`--max-runs`; evicted_runs grows; after the load stops every run is evicted (runs back to 0,
+evicted_runs = runs started, nothing queued or pending, no experience kept per run); no
+rejections; SIGTERM exits 0. Writes a Markdown report (`--out`).
 """
 
 from __future__ import annotations
@@ -34,10 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -54,6 +51,8 @@ from contracts import (
     TopologyNode,
     TopologyPacket,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MIB = 2**20
 
@@ -299,7 +298,8 @@ async def soak(args: argparse.Namespace) -> int:
             (
                 "RSS plateaus: last-third max <= first-third max x 1.2 + 16 MiB",
                 max(last) <= bound,
-                f"{max(last) / MIB:.1f} MiB <= {bound / MIB:.1f} MiB (first third max {max(first) / MIB:.1f} MiB)",
+                f"{max(last) / MIB:.1f} MiB <= {bound / MIB:.1f} MiB (first third max {max(first) / MIB:.1f} "
+                "MiB)",
             ),
             (
                 "RSS growth, last-third max - first-third max <= 8 MiB",
@@ -319,20 +319,23 @@ async def soak(args: argparse.Namespace) -> int:
             (
                 "every run evicted afterwards",
                 final.get("runs") == 0 and final.get("evicted_runs") == hosts.started,
-                f"runs {final.get('runs')}, evicted_runs {final.get('evicted_runs')} of {hosts.started} started",
+                f"runs {final.get('runs')}, evicted_runs {final.get('evicted_runs')} of {hosts.started} "
+                "started",
             ),
             (
                 "nothing queued or pending afterwards",
                 final["scheduler"]["queued"] == 0 and final["scheduler"]["pending_commands"] == 0,
                 (
-                    f"queued {final['scheduler']['queued']} (max {queued_max}), pending {final['scheduler']['pending_commands']}"
+                    f"queued {final['scheduler']['queued']} (max {queued_max}), pending "
+                    f"{final['scheduler']['pending_commands']}"
                     f" (max {pending_max})"
                 ),
             ),
             (
                 "no experience kept per run afterwards",
                 final["experience"]["runs"] == 0 and final["experience"]["open_steps"] == 0,
-                f"experience runs {final['experience']['runs']}, open steps {final['experience']['open_steps']}",
+                f"experience runs {final['experience']['runs']}, open steps "
+                f"{final['experience']['open_steps']}",
             ),
             (
                 "no rejections, no slow-consumer drops",
@@ -356,7 +359,7 @@ async def soak(args: argparse.Namespace) -> int:
     print(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report, encoding="utf-8")
+        Path(args.out).write_text(report, encoding="utf-8")  # noqa: ASYNC240 - the load is over
         print(f"wrote {args.out}")
     return 0 if all(ok for _, ok, _ in checks) else 1
 
@@ -389,9 +392,12 @@ def render(
         ),
         "",
         (
-            f"Settings: {args.slots} host slots for {args.duration_s:.0f} s, analyzer idle_ttl_s {args.idle_ttl_s}, "
-            f"max_runs {args.max_runs}, policy {args.policy}, learner {args.learner}; each run: topology (8-32 layers), "
-            "3-15 rounds of health batch + state every 0.1-0.2 s (a seed in TRAINING: the heuristic sends ADVANCE, "
+            f"Settings: {args.slots} host slots for {args.duration_s:.0f} s, analyzer idle_ttl_s "
+            f"{args.idle_ttl_s}, "
+            f"max_runs {args.max_runs}, policy {args.policy}, learner {args.learner}; each run: topology "
+            "(8-32 layers), "
+            "3-15 rounds of health batch + state every 0.1-0.2 s (a seed in TRAINING: the heuristic sends "
+            "ADVANCE, "
             "the host acks while it lives), then `done` (half) or silence (half)."
         ),
         "",
@@ -406,17 +412,22 @@ def render(
         "## Load",
         "",
         (
-            f"- runs started {hosts.started} ({hosts.started / args.duration_s:.1f}/s): {hosts.done} ended with `done`, "
-            f"{hosts.silent} went silent; messages published {hosts.published}; commands received {hosts.commands}, "
+            f"- runs started {hosts.started} ({hosts.started / args.duration_s:.1f}/s): {hosts.done} ended "
+            "with `done`, "
+            f"{hosts.silent} went silent; messages published {hosts.published}; commands received "
+            f"{hosts.commands}, "
             f"acked {hosts.acks}"
         ),
         (
-            f"- daemon at the end: accepted {final.get('accepted_total')}, commands {final.get('commands_total')}, "
-            f"evicted_runs {final.get('evicted_runs')}, expired commands {final['scheduler']['expired_commands']}, "
+            f"- daemon at the end: accepted {final.get('accepted_total')}, commands "
+            f"{final.get('commands_total')}, "
+            f"evicted_runs {final.get('evicted_runs')}, expired commands "
+            f"{final['scheduler']['expired_commands']}, "
             f"unknown acks {final['scheduler']['unknown_acks']}"
         ),
         (
-            f"- RSS slope over the second half of the load: {slope:+.2f} MiB/min; RSS after every run was evicted: "
+            f"- RSS slope over the second half of the load: {slope:+.2f} MiB/min; RSS after every run was "
+            "evicted: "
             f"{rss_end / MIB:.1f} MiB"
         ),
         f"- esperd log: {len(lines)} lines at level warning, {errors} errors",

@@ -12,7 +12,6 @@ from nats.aio.client import Client
 
 from esperd.natsserver import NatsServer
 
-
 #: The torch devices this machine has: tests that take the `device` fixture run on each.
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 

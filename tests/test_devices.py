@@ -127,7 +127,10 @@ async def test_learner_child_process_trains_on_the_device_and_swaps_into_it(
         assert learner.status.worker_pid and learner.status.worker_deaths == 0
         new = swapped[-1]
         assert new.version == 1 and parameters_on(new, device)
-        assert any(not torch.equal(a, b) for a, b in zip(weights(new).values(), weights(serving).values()))
+        assert any(
+            not torch.equal(a, b)
+            for a, b in zip(weights(new).values(), weights(serving).values(), strict=True)
+        )
         # The new weights serve on the device as they would on the CPU.
         obs = observations()
         got, want = new.act(obs, deterministic=True), cpu_copy(new).act(obs, deterministic=True)

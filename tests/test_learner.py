@@ -188,6 +188,28 @@ async def test_update_swaps_in_a_new_bundle_as_version_plus_one(tmp_path: Path, 
     assert learner.status.swap_pause_us_max < 1000.0
 
 
+async def decide_rounds_until(
+    loop: DecisionLoop,
+    scheduler: Scheduler,
+    run_ids: list[str],
+    done: Callable[[int], bool],
+    within_s: float,
+) -> int:
+    """Rounds of: every run marked due, then all of them decided; until `done(rounds)`."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    rounds = 0
+    while not done(rounds):
+        assert asyncio.get_running_loop().time() < deadline, rounds
+        for run_id in run_ids:
+            scheduler.mark_due(run_id)
+        loop.wake()
+        rounds += 1
+        while loop.stats.decisions < rounds * len(run_ids):
+            assert asyncio.get_running_loop().time() < deadline, (rounds, loop.stats)
+            await asyncio.sleep(0.002)
+    return rounds
+
+
 @pytest.mark.parametrize("algorithm", ["ppo", "impala"])
 async def test_hot_swap_under_concurrent_decisions(tmp_path: Path, algorithm: str) -> None:
     """The DecisionLoop decides many runs in batches while the learner trains and swaps on its own thread."""
@@ -236,19 +258,15 @@ async def test_hot_swap_under_concurrent_decisions(tmp_path: Path, algorithm: st
         return [n for n in swapped_at if 0 < n < len(published) and published[n - 1][0] == published[n][0]]
 
     tasks = [asyncio.create_task(loop.run()), asyncio.create_task(learner.run())]
-    rounds = 0
     try:
-        deadline = asyncio.get_running_loop().time() + 30.0
         # Where a swap lands is up to the thread scheduler: go on until one has split a batch.
-        while learner.status.swaps < 4 or rounds < 8 or not swaps_mid_batch():
-            assert asyncio.get_running_loop().time() < deadline, (rounds, learner.status)
-            for run_id in run_ids:
-                scheduler.mark_due(run_id)
-            loop.wake()
-            rounds += 1
-            while loop.stats.decisions < rounds * len(run_ids):
-                assert asyncio.get_running_loop().time() < deadline, (rounds, loop.stats)
-                await asyncio.sleep(0.002)
+        rounds = await decide_rounds_until(
+            loop,
+            scheduler,
+            run_ids,
+            lambda rounds: learner.status.swaps >= 4 and rounds >= 8 and bool(swaps_mid_batch()),
+            within_s=30.0,
+        )
     finally:
         for task in tasks:
             task.cancel()

@@ -228,7 +228,8 @@ PARENT = textwrap.dedent(
     from pathlib import Path
     from esperd.learn.learner import Learner, LearnerConfig
     from esperd.policy import PolicyConfig, create_policy
-    make = functools.partial(create_policy, "gnn", PolicyConfig(name="gnn", hidden_size=64, gnn_layers=2), "cpu")
+    config = PolicyConfig(name="gnn", hidden_size=64, gnn_layers=2)
+    make = functools.partial(create_policy, "gnn", config, "cpu")
     learner = Learner(LearnerConfig(algorithm="impala"), make, make(), lambda b: None, Path(sys.argv[1]))
     learner.worker.export_algo()  # wait until the child is up
     print("child", learner.worker.pid, flush=True)

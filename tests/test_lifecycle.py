@@ -8,20 +8,20 @@ import pytest
 
 from contracts import AUTOMATIC, LEGAL_OPS, TRANSITIONS, Op, SeedStage, is_legal, next_stage
 
-S, O = SeedStage, Op
+S = SeedStage
 
 # Written out from DESIGN.md's diagram, independently of contracts.lifecycle, so a change to the
 # table there is a deliberate change here too. SET_ALPHA_TARGET retunes a seed while it blends.
 EXPECTED: dict[tuple[SeedStage, Op], SeedStage] = {
-    (S.DORMANT, O.GERMINATE): S.GERMINATED,
-    (S.TRAINING, O.ADVANCE): S.BLENDING,
-    (S.BLENDING, O.ADVANCE): S.PROBATIONARY,
-    (S.BLENDING, O.SET_ALPHA_TARGET): S.BLENDING,
-    (S.PROBATIONARY, O.FOSSILIZE): S.FOSSILIZED,
-    (S.GERMINATED, O.PRUNE): S.PRUNED,
-    (S.TRAINING, O.PRUNE): S.PRUNED,
-    (S.BLENDING, O.PRUNE): S.PRUNED,
-    (S.PROBATIONARY, O.PRUNE): S.PRUNED,
+    (S.DORMANT, Op.GERMINATE): S.GERMINATED,
+    (S.TRAINING, Op.ADVANCE): S.BLENDING,
+    (S.BLENDING, Op.ADVANCE): S.PROBATIONARY,
+    (S.BLENDING, Op.SET_ALPHA_TARGET): S.BLENDING,
+    (S.PROBATIONARY, Op.FOSSILIZE): S.FOSSILIZED,
+    (S.GERMINATED, Op.PRUNE): S.PRUNED,
+    (S.TRAINING, Op.PRUNE): S.PRUNED,
+    (S.BLENDING, Op.PRUNE): S.PRUNED,
+    (S.PROBATIONARY, Op.PRUNE): S.PRUNED,
 }
 
 ALL_PAIRS = list(itertools.product(SeedStage, Op))
@@ -74,9 +74,9 @@ def test_wait_is_legal_everywhere_and_changes_nothing(stage: SeedStage) -> None:
 def test_terminal_and_transient_stages_only_wait() -> None:
     # FOSSILIZED is final; GERMINATED->TRAINING and PRUNED->DORMANT are taken by the host itself,
     # but GERMINATED may still be pruned.
-    assert LEGAL_OPS[S.FOSSILIZED] == frozenset({O.WAIT})
-    assert LEGAL_OPS[S.PRUNED] == frozenset({O.WAIT})
-    assert LEGAL_OPS[S.GERMINATED] == frozenset({O.WAIT, O.PRUNE})
+    assert LEGAL_OPS[S.FOSSILIZED] == frozenset({Op.WAIT})
+    assert LEGAL_OPS[S.PRUNED] == frozenset({Op.WAIT})
+    assert LEGAL_OPS[S.GERMINATED] == frozenset({Op.WAIT, Op.PRUNE})
 
 
 def test_automatic_transitions() -> None:
@@ -105,16 +105,16 @@ def test_every_stage_reachable_from_dormant() -> None:
 
 
 def test_pruned_slot_returns_to_dormant_and_can_regerminate() -> None:
-    stage = next_stage(S.TRAINING, O.PRUNE)
+    stage = next_stage(S.TRAINING, Op.PRUNE)
     assert stage is S.PRUNED
-    assert not is_legal(O.GERMINATE, stage)
+    assert not is_legal(Op.GERMINATE, stage)
     stage = AUTOMATIC[stage]
-    assert next_stage(stage, O.GERMINATE) is S.GERMINATED
+    assert next_stage(stage, Op.GERMINATE) is S.GERMINATED
 
 
 def test_full_happy_path() -> None:
-    stage = next_stage(S.DORMANT, O.GERMINATE)
+    stage = next_stage(S.DORMANT, Op.GERMINATE)
     stage = AUTOMATIC[stage]
-    for op in (O.ADVANCE, O.SET_ALPHA_TARGET, O.ADVANCE, O.FOSSILIZE):
+    for op in (Op.ADVANCE, Op.SET_ALPHA_TARGET, Op.ADVANCE, Op.FOSSILIZE):
         stage = next_stage(stage, op)
     assert stage is S.FOSSILIZED

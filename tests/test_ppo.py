@@ -374,9 +374,10 @@ def test_rule_based_policy_is_refused() -> None:
 def test_ppo_improves_a_small_gnn_policy_on_the_simulator() -> None:
     """Fixed seed, fixed budget: 20 updates of 256 on-policy transitions (128 episodes). The mean
     return of the sampling policy on 40 held-out episodes rises by at least 0.3 (untrained: about
-    4.2; over torch/sim seeds 0-3 this budget gave +0.49 to +0.65 with the inverse-CDF sampler). LR 1e-3 and target KL 0.02
-    instead of 3e-4 / 0.01 so that this short budget suffices (at the defaults the KL stop holds
-    each update to a few steps: +0.4 to +0.8); everything else is the seed documents' defaults."""
+    4.2; over torch/sim seeds 0-3 this budget gave +0.49 to +0.65 with the inverse-CDF sampler).
+    LR 1e-3 and target KL 0.02 instead of 3e-4 / 0.01 so that this short budget suffices (at the
+    defaults the KL stop holds each update to a few steps: +0.4 to +0.8); everything else is the
+    seed documents' defaults."""
     from esperd.sim import SimConfig, SimEnv
 
     torch.manual_seed(0)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import networkx as nx
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from contracts import (
     LEGAL_OPS,

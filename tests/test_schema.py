@@ -10,8 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from contracts import MESSAGE_TYPES
-from contracts import schema as schema_mod
+from contracts import MESSAGE_TYPES, schema as schema_mod
 
 KINDS = [cls.__struct_config__.tag for cls in MESSAGE_TYPES]
 

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 from doc_examples import CHANNEL_KINDS, EsperdJudge, SchemaJudge, load_schemas
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 SCHEMAS = load_schemas()
 KIND_CHANNEL = {kind: channel for channel, kinds in CHANNEL_KINDS.items() for kind in kinds}
@@ -68,6 +67,14 @@ def instances(schema: dict[str, Any], root: dict[str, Any]) -> st.SearchStrategy
     if "anyOf" in schema:
         return st.one_of([instances(s, root) for s in schema["anyOf"]])
     kind = schema.get("type")
+    if kind == "array":
+        return _arrays(schema, root)
+    if kind == "object":
+        return _objects(schema, root)
+    return _scalars(kind, schema)
+
+
+def _scalars(kind: str | None, schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     if kind == "null":
         return st.none()
     if kind == "boolean":
@@ -85,15 +92,15 @@ def instances(schema: dict[str, Any], root: dict[str, Any]) -> st.SearchStrategy
         if "pattern" in schema:
             return st.from_regex(schema["pattern"], fullmatch=True)
         return st.text(min_size=schema.get("minLength", 0), max_size=schema.get("maxLength", 16))
-    if kind == "array":
-        if "prefixItems" in schema:
-            items = [instances(s, root) for s in schema["prefixItems"]]
-            at_least = schema.get("minItems", len(items))
-            return st.integers(at_least, len(items)).flatmap(lambda n: st.tuples(*items[:n]).map(list))
-        return st.lists(instances(schema["items"], root), max_size=min(4, schema.get("maxItems", 4)))
-    if kind == "object":
-        return _objects(schema, root)
     raise NotImplementedError(f"schema vocabulary not covered: {sorted(schema)}")
+
+
+def _arrays(schema: dict[str, Any], root: dict[str, Any]) -> st.SearchStrategy[list[Any]]:
+    if "prefixItems" in schema:
+        items = [instances(s, root) for s in schema["prefixItems"]]
+        at_least = schema.get("minItems", len(items))
+        return st.integers(at_least, len(items)).flatmap(lambda n: st.tuples(*items[:n]).map(list))
+    return st.lists(instances(schema["items"], root), max_size=min(4, schema.get("maxItems", 4)))
 
 
 def _objects(schema: dict[str, Any], root: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:

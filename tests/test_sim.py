@@ -29,9 +29,9 @@ from esperd.sim import (
     SimConfig,
     SimEnv,
     WaitPolicy,
+    catalog as C,
     run_episodes,
 )
-from esperd.sim import catalog as C
 from esperd.sim.packets import health_batch, state_packet, telemetry, topology_packet
 
 SHORT = SimConfig(epochs=12)
@@ -265,7 +265,7 @@ def test_auto_reset_reports_the_finished_episode() -> None:
 
 def _best_blueprint(hosts: HostBatch, e: int, layer: int) -> int:
     quality = C.AFFINITY[hosts.kind[e, layer]] + hosts.quality_noise[e, layer]
-    fits = C.BLUEPRINT_FAMILY_CNN == bool(C.KIND_FAMILY_CNN[hosts.kind[e, layer]])
+    fits = bool(C.KIND_FAMILY_CNN[hosts.kind[e, layer]]) == C.BLUEPRINT_FAMILY_CNN
     return int(np.argmax(np.where(fits, quality, -np.inf)))
 
 

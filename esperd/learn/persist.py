@@ -300,29 +300,49 @@ def load_experience(path: str | os.PathLike[str]) -> LoadedExperience:
 
 def decode_experience(meta: dict[str, Any], a: dict[str, np.ndarray]) -> LoadedExperience:
     """The transitions `encode_experience` encoded, validated (BufferFileError if malformed)."""
-    widths = meta.get("widths", {})
-    expected_widths = {
+    _check_widths(meta.get("widths", {}))
+    runs = meta["runs"]
+    if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
+        raise BufferFileError("run ids must be a list of strings")
+    counts = meta["counts"]
+    arrays = _Arrays(a)
+    topos = _read_topologies(arrays, int(counts["topologies"]), len(runs))
+    steps = _read_steps(arrays, int(counts["steps"]), topos)
+    observations = _observations(topos, steps, runs)
+    transitions, priorities = _read_transitions(arrays, int(counts["transitions"]), observations)
+    state = meta.get("state", {})
+    if not isinstance(state, dict):
+        raise BufferFileError("buffer state must be a JSON object")
+    return LoadedExperience(
+        transitions=transitions, priorities=priorities, kind=str(meta.get("kind", "")), state=state, runs=runs
+    )
+
+
+def _check_widths(widths: object) -> None:
+    expected = {
         "node_features": len(NODE_FEATURES),
         "global_features": len(GLOBAL_FEATURES),
         "ops": len(OPS),
         "blueprints": len(BLUEPRINTS),
         "stages": len(STAGES),
     }
-    if widths != expected_widths:
-        raise BufferFileError(
-            f"observation layout differs from this esperd's ({widths} vs {expected_widths})"
-        )
-    runs = meta["runs"]
-    if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
-        raise BufferFileError("run ids must be a list of strings")
-    counts = meta["counts"]
-    n_tr, n_step, n_topo = int(counts["transitions"]), int(counts["steps"]), int(counts["topologies"])
-    nf, ng, no, nb = len(NODE_FEATURES), len(GLOBAL_FEATURES), len(OPS), len(BLUEPRINTS)
+    if widths != expected:
+        raise BufferFileError(f"observation layout differs from this esperd's ({widths} vs {expected})")
 
-    def get(name: str, dtype: type, shape: tuple[int | None, ...]) -> np.ndarray:
-        if name not in a:
+
+class _Arrays:
+    """The loaded arrays, each handed out only with the dtype and shape it must have."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self._arrays = arrays
+
+    def has(self, name: str) -> bool:
+        return name in self._arrays
+
+    def get(self, name: str, dtype: type, shape: tuple[int | None, ...]) -> np.ndarray:
+        if name not in self._arrays:
             raise BufferFileError(f"missing array {name!r}")
-        arr = a[name]
+        arr = self._arrays[name]
         if (
             arr.dtype != np.dtype(dtype)
             or arr.ndim != len(shape)
@@ -333,141 +353,196 @@ def decode_experience(meta: dict[str, Any], a: dict[str, np.ndarray]) -> LoadedE
             )
         return arr
 
-    topo_meta = get("topo.meta", np.int64, (n_topo, 2))
-    t_nodes = _check_offsets(get("topo.node_offsets", np.int64, (n_topo + 1,)), "topo.node_offsets")
-    t_edges = _check_offsets(get("topo.edge_offsets", np.int64, (n_topo + 1,)), "topo.edge_offsets")
-    t_gcn = _check_offsets(get("topo.gcn_offsets", np.int64, (n_topo + 1,)), "topo.gcn_offsets")
-    layer_ids = get("topo.layer_ids", np.int64, (t_nodes[-1],))
-    bp_mask = get("topo.blueprint_mask", np.bool_, (t_nodes[-1], nb))
-    edge_index = get("topo.edge_index", np.int64, (2, t_edges[-1]))
-    gcn_index = get("topo.gcn_edge_index", np.int64, (2, t_gcn[-1]))
-    gcn_weight = get("topo.gcn_edge_weight", np.float32, (t_gcn[-1],))
-    step_topo = get("step.topology", np.int64, (n_step,))
-    s_nodes = _check_offsets(get("step.node_offsets", np.int64, (n_step + 1,)), "step.node_offsets")
-    x = get("step.node_features", np.float32, (s_nodes[-1], nf))
-    op_mask = get("step.op_mask", np.bool_, (s_nodes[-1], no))
-    stages = get("step.stages", np.int64, (s_nodes[-1],))
-    g = get("step.global_features", np.float32, (n_step, ng))
-    epochs = get("step.epoch", np.int64, (n_step,))
-    stamps = get("step.timestamp", np.float64, (n_step,))
-    tr_obs = get("tr.obs", np.int64, (n_tr,))
-    tr_next = get("tr.next", np.int64, (n_tr,))
-    actions = get("tr.action", np.int64, (n_tr, ACTION_WIDTH))
-    log_probs = get("tr.log_prob", np.float64, (n_tr,))
-    values = get("tr.value", np.float64, (n_tr,))
-    rewards = get("tr.reward", np.float64, (n_tr,))
-    dones = get("tr.done", np.bool_, (n_tr,))
-    truncs = get("tr.truncated", np.bool_, (n_tr,))
-    versions = get("tr.policy_version", np.int64, (n_tr,))
-    h_shape = get("tr.hidden_shape", np.int64, (n_tr, 2))
-    has_h = h_shape[:, 0] >= 0
-    if np.any(h_shape[has_h] < 0) or np.any(h_shape[~has_h] != -1):
-        raise BufferFileError("bad recurrent state shapes")
-    h_sizes = np.where(has_h, h_shape[:, 0] * h_shape[:, 1], 0)
-    h_offsets = _offsets(h_sizes)
-    hidden = get("tr.hidden", np.float32, (h_offsets[-1],))
-    priorities = a.get("tr.priority")
-    if priorities is not None:
-        priorities = get("tr.priority", np.float64, (n_tr,))
-        if not np.all(np.isfinite(priorities)) or np.any(priorities < 0):
-            raise BufferFileError("priorities must be finite and non-negative")
+    def offsets(self, name: str, count: int) -> np.ndarray:
+        """`count` + 1 offsets into a concatenated array: from 0, never decreasing."""
+        return _check_offsets(self.get(name, np.int64, (count + 1,)), name)
 
-    # Cross references: every index in range, every step as big as its topology, every edge
-    # between existing nodes; a corrupt file must fail here, not in a policy's forward.
-    if n_topo and (topo_meta[:, 0].min() < 0 or topo_meta[:, 0].max() >= len(runs)):
-        raise BufferFileError("topology run index out of range")
-    _check_index(step_topo, n_topo, "step.topology")
-    _check_index(tr_obs, n_step, "tr.obs")
-    _check_index(tr_next[tr_next != -1], n_step, "tr.next")
-    n_per_topo = np.diff(t_nodes)
-    if n_step and not np.array_equal(np.diff(s_nodes), n_per_topo[step_topo]):
-        raise BufferFileError("a step's node count differs from its topology's")
-    for name, index, offsets in (("edge", edge_index, t_edges), ("gcn edge", gcn_index, t_gcn)):
+
+class _Topologies(msgspec.Struct):
+    """Every distinct topology's arrays (views into the loaded ones, read-only)."""
+
+    run_index: list[int]
+    version: list[int]
+    nodes: np.ndarray  # offsets
+    layer_ids: np.ndarray
+    edge_index: np.ndarray
+    edges: np.ndarray  # offsets
+    gcn_index: np.ndarray
+    gcn_weight: np.ndarray
+    gcn: np.ndarray  # offsets
+    blueprint_mask: np.ndarray
+
+    def count(self) -> int:
+        return len(self.run_index)
+
+    def views(self, k: int) -> tuple[np.ndarray, ...]:
+        """Topology `k`'s layer ids, edges, GCN edges and weights, blueprint mask."""
+        n, e, c = self.nodes, self.edges, self.gcn
+        return (
+            self.layer_ids[n[k] : n[k + 1]],
+            self.edge_index[:, e[k] : e[k + 1]],
+            self.gcn_index[:, c[k] : c[k + 1]],
+            self.gcn_weight[c[k] : c[k + 1]],
+            self.blueprint_mask[n[k] : n[k + 1]],
+        )
+
+
+class _Steps(msgspec.Struct):
+    """Every distinct observation's own arrays."""
+
+    topology: np.ndarray
+    nodes: np.ndarray  # offsets
+    node_features: np.ndarray
+    op_mask: np.ndarray
+    stages: np.ndarray
+    global_features: np.ndarray
+    epoch: np.ndarray
+    timestamp: np.ndarray
+
+
+def _read_topologies(a: _Arrays, n_topo: int, n_runs: int) -> _Topologies:
+    meta = a.get("topo.meta", np.int64, (n_topo, 2))
+    nodes = a.offsets("topo.node_offsets", n_topo)
+    edges = a.offsets("topo.edge_offsets", n_topo)
+    gcn = a.offsets("topo.gcn_offsets", n_topo)
+    topos = _Topologies(
+        run_index=meta[:, 0].tolist(),
+        version=meta[:, 1].tolist(),
+        nodes=nodes,
+        layer_ids=a.get("topo.layer_ids", np.int64, (nodes[-1],)),
+        edge_index=a.get("topo.edge_index", np.int64, (2, edges[-1])),
+        edges=edges,
+        gcn_index=a.get("topo.gcn_edge_index", np.int64, (2, gcn[-1])),
+        gcn_weight=a.get("topo.gcn_edge_weight", np.float32, (gcn[-1],)),
+        gcn=gcn,
+        blueprint_mask=a.get("topo.blueprint_mask", np.bool_, (nodes[-1], len(BLUEPRINTS))),
+    )
+    # A corrupt file must fail here, not in a policy's forward: every index in range, every
+    # edge between existing nodes.
+    _check_index(meta[:, 0], n_runs, "topology run")
+    n_per_topo = np.diff(nodes)
+    for name, index, offsets in (("edge", topos.edge_index, edges), ("gcn edge", topos.gcn_index, gcn)):
         if index.shape[1]:
             owner = np.repeat(np.arange(n_topo), np.diff(offsets))
             if index.min() < 0 or np.any(index >= n_per_topo[owner][None, :]):
                 raise BufferFileError(f"{name} index out of range of its topology")
-    if stages.size and (stages.min() < 0 or stages.max() >= len(STAGES)):
-        raise BufferFileError("stage index out of range")
-
-    # Topology arrays are shared read-only by every observation of their version, as the analyzer does.
-    for arr in (layer_ids, bp_mask, edge_index, gcn_index, gcn_weight):
+    # Shared read-only by every observation of their version, as the analyzer does.
+    for arr in (topos.layer_ids, topos.blueprint_mask, topos.edge_index, topos.gcn_index, topos.gcn_weight):
         arr.flags.writeable = False
-    topo_arrays = [
-        (
-            layer_ids[t_nodes[k] : t_nodes[k + 1]],
-            edge_index[:, t_edges[k] : t_edges[k + 1]],
-            gcn_index[:, t_gcn[k] : t_gcn[k + 1]],
-            gcn_weight[t_gcn[k] : t_gcn[k + 1]],
-            bp_mask[t_nodes[k] : t_nodes[k + 1]],
-        )
-        for k in range(n_topo)
-    ]
-    topo_run = [runs[int(r)] for r in topo_meta[:, 0].tolist()]
-    topo_version = topo_meta[:, 1].tolist()
+    return topos
+
+
+def _read_steps(a: _Arrays, n_step: int, topos: _Topologies) -> _Steps:
+    nodes = a.offsets("step.node_offsets", n_step)
+    steps = _Steps(
+        topology=a.get("step.topology", np.int64, (n_step,)),
+        nodes=nodes,
+        node_features=a.get("step.node_features", np.float32, (nodes[-1], len(NODE_FEATURES))),
+        op_mask=a.get("step.op_mask", np.bool_, (nodes[-1], len(OPS))),
+        stages=a.get("step.stages", np.int64, (nodes[-1],)),
+        global_features=a.get("step.global_features", np.float32, (n_step, len(GLOBAL_FEATURES))),
+        epoch=a.get("step.epoch", np.int64, (n_step,)),
+        timestamp=a.get("step.timestamp", np.float64, (n_step,)),
+    )
+    _check_index(steps.topology, topos.count(), "step.topology")
+    if n_step and not np.array_equal(np.diff(nodes), np.diff(topos.nodes)[steps.topology]):
+        raise BufferFileError("a step's node count differs from its topology's")
+    _check_index(steps.stages, len(STAGES), "stage")
+    return steps
+
+
+def _observations(topos: _Topologies, steps: _Steps, runs: list[str]) -> list[Observation]:
     # Per-step arrays are copied out of the big loaded arrays: views would keep all of them
     # alive until the ring had overwritten every loaded step (up to 2x the buffer's memory).
+    topo_views = [topos.views(k) for k in range(topos.count())]
+    topo_run = [runs[r] for r in topos.run_index]
     observations: list[Observation] = []
-    bounds = s_nodes.tolist()
-    for s, (k, epoch, stamp) in enumerate(
-        zip(step_topo.tolist(), epochs.tolist(), stamps.tolist(), strict=True)
-    ):
+    bounds = steps.nodes.tolist()
+    rows = zip(steps.topology.tolist(), steps.epoch.tolist(), steps.timestamp.tolist(), strict=True)
+    for s, (k, epoch, stamp) in enumerate(rows):
         lo, hi = bounds[s], bounds[s + 1]
-        lids, edges, gidx, gw, bpm = topo_arrays[k]
+        lids, edges, gidx, gw, bpm = topo_views[k]
         observations.append(
             Observation(
                 run_id=topo_run[k],
-                topology_version=topo_version[k],
+                topology_version=topos.version[k],
                 layer_ids=lids,
-                node_features=x[lo:hi].copy(),
+                node_features=steps.node_features[lo:hi].copy(),
                 edge_index=edges,
                 gcn_edge_index=gidx,
                 gcn_edge_weight=gw,
-                global_features=g[s].copy(),
-                op_mask=op_mask[lo:hi].copy(),
+                global_features=steps.global_features[s].copy(),
+                op_mask=steps.op_mask[lo:hi].copy(),
                 blueprint_mask=bpm,
-                stages=stages[lo:hi].copy(),
+                stages=steps.stages[lo:hi].copy(),
                 epoch=epoch,
                 timestamp=stamp,
             )
         )
-    transitions: list[Transition] = []
-    h_bounds = h_offsets.tolist()
-    rows = zip(
-        tr_obs.tolist(),
-        tr_next.tolist(),
-        log_probs.tolist(),
-        values.tolist(),
-        rewards.tolist(),
-        dones.tolist(),
-        truncs.tolist(),
-        versions.tolist(),
-        strict=True,
-    )
-    for i, (o, nxt, logp, value, reward, done, trunc, version) in enumerate(rows):
-        h = None
-        if has_h[i]:
-            h = hidden[h_bounds[i] : h_bounds[i + 1]].reshape(int(h_shape[i, 0]), int(h_shape[i, 1]))
-        transitions.append(
-            Transition(
-                obs=observations[o],
-                action=actions[i],
-                log_prob=logp,
-                value=value,
-                policy_version=version,
-                reward=reward,
-                done=done,
-                truncated=trunc,
-                next_obs=None if nxt < 0 else observations[nxt],
-                hidden=h,
-            )
+    return observations
+
+
+def _read_hidden(a: _Arrays, n_tr: int) -> list[np.ndarray | None]:
+    """Each transition's recurrent state ([2, H]) or None."""
+    shape = a.get("tr.hidden_shape", np.int64, (n_tr, 2))
+    has_h = shape[:, 0] >= 0
+    if np.any(shape[has_h] < 0) or np.any(shape[~has_h] != -1):
+        raise BufferFileError("bad recurrent state shapes")
+    bounds = _offsets(np.where(has_h, shape[:, 0] * shape[:, 1], 0))
+    hidden = a.get("tr.hidden", np.float32, (bounds[-1],))
+    return [
+        hidden[bounds[i] : bounds[i + 1]].reshape(int(shape[i, 0]), int(shape[i, 1])) if has_h[i] else None
+        for i in range(n_tr)
+    ]
+
+
+def _read_priorities(a: _Arrays, n_tr: int) -> np.ndarray | None:
+    if not a.has("tr.priority"):
+        return None
+    priorities = a.get("tr.priority", np.float64, (n_tr,))
+    if not np.all(np.isfinite(priorities)) or np.any(priorities < 0):
+        raise BufferFileError("priorities must be finite and non-negative")
+    return priorities
+
+
+def _read_transitions(
+    a: _Arrays, n_tr: int, observations: list[Observation]
+) -> tuple[list[Transition], np.ndarray | None]:
+    tr_obs = a.get("tr.obs", np.int64, (n_tr,))
+    tr_next = a.get("tr.next", np.int64, (n_tr,))
+    actions = a.get("tr.action", np.int64, (n_tr, ACTION_WIDTH))
+    columns = [
+        a.get(name, dtype, (n_tr,)).tolist()
+        for name, dtype in (
+            ("tr.log_prob", np.float64),
+            ("tr.value", np.float64),
+            ("tr.reward", np.float64),
+            ("tr.done", np.bool_),
+            ("tr.truncated", np.bool_),
+            ("tr.policy_version", np.int64),
         )
-    state = meta.get("state", {})
-    if not isinstance(state, dict):
-        raise BufferFileError("buffer state must be a JSON object")
-    return LoadedExperience(
-        transitions=transitions, priorities=priorities, kind=str(meta.get("kind", "")), state=state, runs=runs
-    )
+    ]
+    hidden = _read_hidden(a, n_tr)
+    priorities = _read_priorities(a, n_tr)
+    _check_index(tr_obs, len(observations), "tr.obs")
+    _check_index(tr_next[tr_next != -1], len(observations), "tr.next")
+    rows = zip(tr_obs.tolist(), tr_next.tolist(), *columns, strict=True)
+    transitions = [
+        Transition(
+            obs=observations[o],
+            action=actions[i],
+            log_prob=logp,
+            value=value,
+            policy_version=version,
+            reward=reward,
+            done=done,
+            truncated=trunc,
+            next_obs=None if nxt < 0 else observations[nxt],
+            hidden=hidden[i],
+        )
+        for i, (o, nxt, logp, value, reward, done, trunc, version) in enumerate(rows)
+    ]
+    return transitions, priorities
 
 
 # ---------------------------------------------------------------- helpers

@@ -26,6 +26,7 @@ WorkerDied when its child is gone (the learner logs it, counts it and restarts t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import os
@@ -377,10 +378,8 @@ class ProcessWorker:
 def _kill(proc: subprocess.Popen[bytes], conn: Connection, grace_s: float = 0.0) -> None:
     conn.close()  # EOF: an idle child exits on its own
     if grace_s > 0:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
     if proc.poll() is None:
         proc.kill()
         proc.wait()

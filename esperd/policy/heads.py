@@ -53,7 +53,9 @@ _TINY = torch.finfo(torch.float32).tiny
 #: and where each starts (a chosen op / lever's column is its index plus its head's offset).
 _TABLE_SIZES = HEAD_SIZES[1:]
 _TABLE_STARTS = [sum(_TABLE_SIZES[:i]) for i in range(len(_TABLE_SIZES))]
-_TABLE_SLICES = tuple(slice(start, start + size) for start, size in zip(_TABLE_STARTS, _TABLE_SIZES))
+_TABLE_SLICES = tuple(
+    slice(start, start + size) for start, size in zip(_TABLE_STARTS, _TABLE_SIZES, strict=True)
+)
 _TABLE_OFFSETS = torch.tensor(_TABLE_STARTS)
 #: The op column range of a node's logits (after its priority), then blueprint, blend, tempo.
 _OP_COLUMNS, *_LEVER_COLUMNS = (slice(1 + h.start, 1 + h.stop) for h in _TABLE_SLICES)
@@ -73,10 +75,7 @@ def _sample(logits: list[float], uniform: float | None) -> tuple[int, float]:
     the threshold, and the threshold is below the total)."""
     top = max(logits)
     cumulative = list(itertools.accumulate([math.exp(v - top) for v in logits]))
-    if uniform is None:
-        pick = logits.index(top)
-    else:
-        pick = bisect.bisect_right(cumulative, uniform * cumulative[-1])
+    pick = logits.index(top) if uniform is None else bisect.bisect_right(cumulative, uniform * cumulative[-1])
     return pick, logits[pick] - (top + math.log(cumulative[-1]))
 
 
@@ -247,7 +246,7 @@ def _sample_small(batch: GraphBatch, node_out: torch.Tensor, deterministic: bool
     bounds = batch.ptr.tolist()
     priorities = logits[:, 0].tolist()
     sampled = SampledActions([], [], [], [])
-    for first, stop, uniform in zip(bounds, bounds[1:], uniforms):
+    for (first, stop), uniform in zip(itertools.pairwise(bounds), uniforms, strict=True):
         node, node_lp = _sample(priorities[first:stop], uniform[NODE])
         row = logits[first + node].tolist()
         op, op_lp = _sample(row[_OP_COLUMNS], uniform[OP])

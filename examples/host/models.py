@@ -215,7 +215,10 @@ class TinyTransformer(HostModel):
         cooldown_epochs: int = 2,
     ) -> None:
         super().__init__()
-        slot = lambda i, n, kind: _slot(i, n, kind, dim, registry, cooldown_epochs)
+
+        def slot(i: int, n: str, kind: str) -> SeedSlot:
+            return _slot(i, n, kind, dim, registry, cooldown_epochs)
+
         self.embed = Block(Embedding(vocab, length, dim))
         self.attn1 = Block(AttentionBranch(dim), slot(1, "attn1", "attention"))
         self.mlp1 = Block(MlpBranch(dim), slot(2, "mlp1", "mlp"))
@@ -223,8 +226,10 @@ class TinyTransformer(HostModel):
         self.mlp2 = Block(MlpBranch(dim), slot(4, "mlp2", "mlp"))
         self.head = Block(PoolHead(dim, classes))
         self._register_layers([
-            ("embed", "embedding", self.embed), ("attn1", "attention", self.attn1), ("mlp1", "mlp", self.mlp1),
-            ("attn2", "attention", self.attn2), ("mlp2", "mlp", self.mlp2), ("head", "linear", self.head),
+            ("embed", "embedding", self.embed),
+            ("attn1", "attention", self.attn1), ("mlp1", "mlp", self.mlp1),
+            ("attn2", "attention", self.attn2), ("mlp2", "mlp", self.mlp2),
+            ("head", "linear", self.head),
         ])  # fmt: skip
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import nats
@@ -100,9 +100,12 @@ async def connect(server: NatsServer, run_id: str, **kwargs: object) -> HostClie
     return client
 
 
-async def until(predicate: object, timeout: float = 5.0) -> None:
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll until `predicate` holds or `timeout` passes (the caller asserts what it needs)."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate() and asyncio.get_running_loop().time() < deadline:  # type: ignore[operator]
+    while not predicate():
+        if asyncio.get_running_loop().time() >= deadline:
+            return
         await asyncio.sleep(0.01)
 
 

@@ -46,15 +46,16 @@ async def test_a_rejected_blueprint_is_not_sent_again_to_that_layer(
                 host.send_health(
                     [HealthSignal(layer_id=i, health_score=health if i == 1 else 0.9) for i in range(3)]
                 )
-            tried = []
+            tried: list[object] = []
             for epoch in range(5, 8):
                 host.send_state(SystemStatePacket(epoch=epoch, val_accuracy=0.7, total_epochs=100))
                 command = await asyncio.wait_for(host.commands.get(), 5.0)
                 assert (command.op, command.layer_id) == (Op.GERMINATE, 1)
                 tried.append(command.blueprint)
                 host.ack(command, applied=False, reason=f"{command.blueprint.value} is not implemented here")
+                rejected = len(tried)
                 await wait_for_status(
-                    nats_client, lambda s, n=len(tried): s["acks_by_status"].get("rejected", 0) >= n
+                    nats_client, lambda s, n=rejected: s["acks_by_status"].get("rejected", 0) >= n
                 )
             # Three rejected germinations: the layer is not germinated again in this run.
             host.send_state(SystemStatePacket(epoch=8, val_accuracy=0.7, total_epochs=100))

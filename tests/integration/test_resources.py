@@ -214,7 +214,8 @@ device = "cpu"
     st = out["settled"]
     print(
         f"flood {flood} x {len(payload)} B, max_pending_bytes {limit}: accepted {st['accepted_total']}, "
-        f"drops {st['nats'].get('slow_consumer_drops')}, nats {st['nats']}, RSS {out['rss_before'] / MIB:.1f} -> "
+        f"drops {st['nats'].get('slow_consumer_drops')}, nats {st['nats']}, RSS "
+        f"{out['rss_before'] / MIB:.1f} -> "
         f"{out['rss_after'] / MIB:.1f} MiB, status max {max(out['latencies'], default=0) * 1000:.0f} ms "
         f"({len(out['latencies'])} polls, failures {out['failures']}), log lines {len(out['log'])}"
     )

@@ -217,7 +217,8 @@ class AuthCase:
 
 def user_password_case(tmp: Path) -> AuthCase:
     return AuthCase(
-        'authorization { users = [ {user: esperd, password: "esperd-pw"}, {user: ops, password: "ops-pw"} ] }\n',
+        "authorization { users = [ "
+        '{user: esperd, password: "esperd-pw"}, {user: ops, password: "ops-pw"} ] }\n',
         daemon={"user": "esperd", "password": "esperd-pw"},
         client={"user": "ops", "password": "ops-pw"},
         refused={
@@ -401,7 +402,8 @@ def _leaf(cwd: Path, ca: str, name: str, extensions: str) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """A CA with a server certificate (127.0.0.1, localhost) and a client one; a rogue CA with a client one."""
+    """A CA with a server certificate (127.0.0.1, localhost) and a client one; a rogue CA with a
+    client one."""
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make test certificates")
     cwd = tmp_path_factory.mktemp("pki")
@@ -474,7 +476,8 @@ async def test_tls_with_the_system_trust_store(
 FAST_TLS_RETRY = {"connect_timeout_s": 0.3}
 
 TLS_REFUSALS: dict[str, tuple[bool, dict[str, str], str, str]] = {
-    # case: (server verifies clients, esperd's [nats.tls] by pki file name, what the broker logs, what esperd is told)
+    # case: (server verifies clients, esperd's [nats.tls] by pki file name, what the broker logs,
+    #        what esperd is told)
     "no client certificate": (
         True,
         {"ca_file": "ca.pem"},

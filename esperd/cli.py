@@ -17,7 +17,6 @@ from contracts.subjects import RUN_ID_PATTERN
 from esperd.config import Config, ConfigError, load_config
 from esperd.logs import configure_logging
 
-
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
 
 

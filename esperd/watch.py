@@ -19,8 +19,8 @@ from nats.aio.msg import Msg
 from contracts import (
     DEFAULT_PREFIX,
     REJECTED_SUBJECT,
-    AdaptationCommand,
     AckStatus,
+    AdaptationCommand,
     Channel,
     Codec,
     CodecError,
@@ -65,7 +65,8 @@ def rejection_line(report: dict[str, object]) -> str:
     """One `esperd.rejected` report."""
     suppressed = report.get("suppressed") or 0
     more = f" (+{suppressed} more not reported)" if suppressed else ""
-    return f"REJECTED {report.get('reason', '?')} on {report.get('subject', '?')}: {report.get('detail', '')}{more}"
+    where = f"{report.get('reason', '?')} on {report.get('subject', '?')}"
+    return f"REJECTED {where}: {report.get('detail', '')}{more}"
 
 
 class Watcher:

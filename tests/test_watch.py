@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from contracts import AdaptationCommand, AckStatus, Blueprint, Codec, CommandAck, Op
+from contracts import AckStatus, AdaptationCommand, Blueprint, Codec, CommandAck, Op
 from esperd.cli import main
 from esperd.statusview import headline, render_status
 from esperd.watch import Watcher

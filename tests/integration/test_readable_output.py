@@ -162,13 +162,16 @@ async def test_watch_prints_commands_acks_and_rejections_one_line_each(
     nats_server: NatsServer, nats_client: Client, tmp_path: Path
 ) -> None:
     config = daemon_config(nats_server.url, tmp_path, scheduler=SCHEDULER, policy=POLICY)
-    async with running_daemon(config), hosts(nats_server.url, "grow") as (grow,):
-        async with Watching(nats_server.url) as watching:
-            drive_host(grow)
-            command = await next_command(grow)
-            grow.ack(command, applied=False, reason="no memory for a seed")
-            await nats_client.publish("esper.grow.health", b"not a packet")
-            await until(lambda: watching.out.getvalue().count("\n") >= 3)
+    async with (
+        running_daemon(config),
+        hosts(nats_server.url, "grow") as (grow,),
+        Watching(nats_server.url) as watching,
+    ):
+        drive_host(grow)
+        command = await next_command(grow)
+        grow.ack(command, applied=False, reason="no memory for a seed")
+        await nats_client.publish("esper.grow.health", b"not a packet")
+        await until(lambda: watching.out.getvalue().count("\n") >= 3)
     text = watching.out.getvalue().splitlines()
     assert watching.lines == len(text) == 3, text
     assert "grow: germinate        layer 5" in text[0] and f"id {command.command_id[:8]}" in text[0]
@@ -181,17 +184,20 @@ async def test_watch_for_one_run_shows_that_run_only(
     nats_server: NatsServer, nats_client: Client, tmp_path: Path
 ) -> None:
     config = daemon_config(nats_server.url, tmp_path, scheduler=SCHEDULER, policy=POLICY)
-    async with running_daemon(config), hosts(nats_server.url, "grow", "other") as (grow, other):
-        async with Watching(nats_server.url, run="grow") as watching:
-            drive_host(other)
-            await nats_client.publish("esper.other.health", b"not a packet")
-            await next_command(other)
-            drive_host(grow)
-            await next_command(grow)
-            # Another reason: esperd.rejected reports each reason at most once a second.
-            await nats_client.publish("esper.grow.health", b'{"kind":"health","layer_id":1,"health_score":7}')
-            await until(lambda: watching.out.getvalue().count("\n") >= 2)
-            await asyncio.sleep(0.3)  # anything about `other` would have arrived by now
+    async with (
+        running_daemon(config),
+        hosts(nats_server.url, "grow", "other") as (grow, other),
+        Watching(nats_server.url, run="grow") as watching,
+    ):
+        drive_host(other)
+        await nats_client.publish("esper.other.health", b"not a packet")
+        await next_command(other)
+        drive_host(grow)
+        await next_command(grow)
+        # Another reason: esperd.rejected reports each reason at most once a second.
+        await nats_client.publish("esper.grow.health", b'{"kind":"health","layer_id":1,"health_score":7}')
+        await until(lambda: watching.out.getvalue().count("\n") >= 2)
+        await asyncio.sleep(0.3)  # anything about `other` would have arrived by now
     text = watching.out.getvalue()
     assert "other" not in text
     assert "grow: germinate" in text and "REJECTED" in text and "esper.grow.health" in text

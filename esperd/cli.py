@@ -221,6 +221,7 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Config) -> int:
+    from esperd.metrics import MetricsListenError
     from esperd.service import Service
 
     service = Service(config)
@@ -229,7 +230,7 @@ async def _serve(config: Config) -> int:
         loop.add_signal_handler(sig, service.request_stop)
     try:
         await service.run()
-    except ConnectionError as exc:
+    except (ConnectionError, MetricsListenError) as exc:
         structlog.get_logger("esperd").error("could not start", error=str(exc))
         return 1
     return 0

@@ -110,6 +110,13 @@ class ServiceConfig(_Section):
     status_interval_s: PositiveFloat = 60.0  # how often a summary line is logged
 
 
+class MetricsConfig(_Section):
+    """Prometheus exposition over HTTP (`GET /metrics`)."""
+
+    # host:port to listen on ("[::1]:9464" for IPv6); empty = no listener.
+    listen: Annotated[str, Meta(pattern=r"^$|^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")] = ""
+
+
 class Config(_Section):
     """The whole esperd configuration."""
 
@@ -121,6 +128,7 @@ class Config(_Section):
     policy: PolicyConfig = PolicyConfig()
     learner: LearnerConfig = LearnerConfig()
     cluster: ClusterConfig = ClusterConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 class ConfigError(ValueError):

@@ -74,6 +74,7 @@ class DecisionLoop:
         *,
         deterministic: bool = False,
         on_decided: OnDecided | None = None,
+        observe_latency: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.scheduler = scheduler
@@ -82,6 +83,7 @@ class DecisionLoop:
         self.publish = publish
         self.deterministic = deterministic
         self.on_decided = on_decided
+        self.observe_latency = observe_latency  # seconds from due to published, per command (metrics)
         self._stats = DecisionStats()
         self._clock = clock
         self._wake = asyncio.Event()
@@ -183,6 +185,8 @@ class DecisionLoop:
             by_op[command.op.value] = by_op.get(command.op.value, 0) + 1
             latency_ms = (self._clock() - due_at.get(decision.run_id, self._clock())) * 1e3
             self._latency_ms.append(latency_ms)
+            if self.observe_latency is not None:
+                self.observe_latency(latency_ms / 1e3)
             if latency_ms > deadline_ms:
                 stats.late += 1
         stats.commands += sent

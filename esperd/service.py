@@ -38,12 +38,13 @@ from contracts import (
 )
 from esperd.analyzer import Analyzer, AnalyzerError, Observation
 from esperd.bus import Bus
-from esperd.cluster import ClusterAgent
+from esperd.cluster import ClusterAgent, default_instance_id
 from esperd.config import MAX_NATS_PAYLOAD, Config, state_path
 from esperd.decisions import DecisionLoop, DecisionStats
 from esperd.intake import Accepted, Intake, Rejection
 from esperd.learn.learner import Learner, LearnerStatus
 from esperd.learn.recorder import Recorder, RecorderStats
+from esperd.metrics import LatencyHistogram, MetricsServer, Snapshot, StatusCollector
 from esperd.natsserver import NatsServer
 from esperd.notify import SystemdNotifier
 from esperd.policy import PolicyBundle, create_policy
@@ -131,6 +132,10 @@ class Service:
         device = resolve_device(config.service.device)
         serving = build_serving_policy(config.policy, device)
         self.policy_fallback_reason = str(serving.error) if serving.error else ""
+        self.instance_id = config.cluster.instance_id or default_instance_id()
+        # Decision latencies for the Prometheus histogram, only when metrics are served.
+        self.latency = LatencyHistogram() if config.metrics.listen else None
+        self._metrics: MetricsServer | None = None
         self.recorder = Recorder(config.learner.rewards, max_runs=config.analyzer.max_runs)
         self.decisions = DecisionLoop(
             self.scheduler,
@@ -139,6 +144,7 @@ class Service:
             publish=self.bus.publish_command,
             deterministic=config.policy.deterministic,
             on_decided=self.recorder.decision_hook,
+            observe_latency=self.latency.observe if self.latency is not None else None,
         )
         self.learner = self._build_learner(serving.policy, device)
         self.cluster: ClusterAgent | None = None
@@ -196,6 +202,8 @@ class Service:
     async def start(self) -> None:
         """Bring every part up; READY is sent once the subscriptions are live."""
         self.started_at = time.monotonic()
+        if self.config.metrics.listen:
+            self._start_metrics()  # first: a taken port is reported before anything else starts
         if self.config.nats.embedded:
             await self._start_embedded()
         await self.bus.connect(self._stop)
@@ -256,6 +264,8 @@ class Service:
             self.learner.close()  # its worker process, now that the optimizer state is saved
         if self._embedded is not None:
             self._embedded.stop()
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.stop)
         log.info(
             "esperd stopped",
             accepted_total=self.intake.accepted_total,
@@ -270,6 +280,17 @@ class Service:
             await asyncio.to_thread(self.learner.save_checkpoint)
         except Exception:  # a failed save must not turn a clean stop into a crash
             log.exception("final learner checkpoint failed")
+
+    def _start_metrics(self) -> None:
+        collector = StatusCollector(asyncio.get_running_loop(), self._metrics_snapshot)
+        self._metrics = MetricsServer(self.config.metrics.listen, [collector])
+        self._metrics.start()
+        log.info("metrics listening", listen=self.config.metrics.listen, port=self._metrics.port)
+
+    def _metrics_snapshot(self) -> Snapshot:
+        """One scrape's view (called on the event loop's thread)."""
+        assert self.latency is not None
+        return Snapshot(self.status(), self.latency.cumulative(), self.latency.sum, self.instance_id)
 
     async def _start_embedded(self) -> None:
         nats_cfg = self.config.nats

@@ -1,0 +1,82 @@
+"""Metric families from a status snapshot (pure logic), rendered and re-read by prometheus-client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from esperd.config import ConfigError, config_from_dict
+from esperd.learn.learner import LearnerStatus
+from esperd.metrics import LatencyHistogram, Snapshot, families, parse_listen
+from esperd.service import ClusterStatus, Service
+
+
+def exposed(snapshot: Snapshot) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Render with prometheus-client, parse back with its parser."""
+
+    class Fixed(Collector):
+        def collect(self):  # noqa: ANN202 - the Collector protocol
+            return families(snapshot)
+
+    registry = CollectorRegistry()
+    registry.register(Fixed())
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@pytest.fixture(scope="module")
+def status(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a service.Status
+    state = tmp_path_factory.mktemp("state")
+    service = Service(config_from_dict({"service": {"state_dir": str(state), "use_uvloop": False}}), env={})
+    learner = LearnerStatus(algorithm="ppo", updates=12, trips=2, worker_deaths=1, swaps=5, breaker="open")
+    cluster = ClusterStatus("b", ["a", "b", "c"], foreign_messages=40, handovers=3)
+    return msgspec.structs.replace(service.status(), learner=learner, cluster=cluster)
+
+
+def test_learner_and_cluster_sections_become_metrics(status) -> None:  # noqa: ANN001
+    samples = exposed(Snapshot(status, LatencyHistogram().cumulative(), 0.0, "b"))
+    me = ("esperd_instance", "b")
+    assert samples[("esperd_learner_updates_total", frozenset({me}))] == 12
+    assert samples[("esperd_learner_trips_total", frozenset({me}))] == 2
+    assert samples[("esperd_learner_worker_deaths_total", frozenset({me}))] == 1
+    assert samples[("esperd_learner_swaps_total", frozenset({me}))] == 5
+    assert samples[("esperd_learner_breaker_open", frozenset({me}))] == 1
+    assert samples[("esperd_policy_version", frozenset({me}))] == 1
+    assert samples[("esperd_cluster_members", frozenset({me}))] == 3
+    assert samples[("esperd_cluster_foreign_messages_total", frozenset({me}))] == 40
+    assert samples[("esperd_cluster_handovers_total", frozenset({me}))] == 3
+    assert all(dict(labels).get("esperd_instance") == "b" for _, labels in samples)
+
+
+def test_without_learner_or_cluster_those_metrics_are_absent(status) -> None:  # noqa: ANN001
+    bare = msgspec.structs.replace(status, learner=None, cluster=None)
+    names = {name for name, _ in exposed(Snapshot(bare, LatencyHistogram().cumulative(), 0.0, "x"))}
+    assert not {n for n in names if n.startswith(("esperd_learner_", "esperd_cluster_"))}
+    assert "esperd_runs" in names and "esperd_messages_accepted_total" in names
+
+
+def test_latency_histogram_buckets_are_cumulative() -> None:
+    histogram = LatencyHistogram((0.01, 0.1))
+    for seconds in (0.005, 0.01, 0.05, 3.0):
+        histogram.observe(seconds)
+    assert histogram.cumulative() == [("0.01", 2), ("0.1", 3), ("+Inf", 4)]  # le is inclusive
+    assert histogram.sum == pytest.approx(3.065)
+
+
+def test_listen_addresses(tmp_path: Path) -> None:
+    assert parse_listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert parse_listen("[::1]:9464") == ("::1", 9464)
+    assert config_from_dict({"metrics": {"listen": "localhost:9464"}}).metrics.listen == "localhost:9464"
+    assert config_from_dict({}).metrics.listen == ""
+    for bad in ("9464", "127.0.0.1", "http://127.0.0.1:9464", "host:port"):
+        with pytest.raises(ConfigError, match="metrics.listen"):
+            config_from_dict({"metrics": {"listen": bad}})

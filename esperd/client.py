@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
+import msgspec
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -38,12 +39,29 @@ CommandHandler = Callable[[AdaptationCommand], Awaitable[None] | None]
 
 
 class HostClient:
-    """One training run's connection to esperd."""
+    """One training run's connection to esperd.
 
-    def __init__(self, nc: Client, run_id: str, *, prefix: str = DEFAULT_PREFIX, buffer: int = 1024) -> None:
+    `total_epochs` (the planned training length) and `val_samples` (the validation set's size),
+    when given, fill the state packets that leave those fields at 0: esperd uses the first to
+    start no seed that cannot finish before the run ends, the second to tell a seed's measured
+    contribution from noise.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        run_id: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        buffer: int = 1024,
+        total_epochs: int = 0,
+        val_samples: int = 0,
+    ) -> None:
         self.nc = nc
         self.run_id = run_id
         self.prefix = prefix
+        self.total_epochs = total_epochs
+        self.val_samples = val_samples
         self.codec = Codec()
         self.dropped = 0  # outgoing messages lost (buffer full, broker away)
         self.dropped_commands = 0  # incoming commands that found the queue full
@@ -67,6 +85,8 @@ class HostClient:
         *,
         prefix: str = DEFAULT_PREFIX,
         buffer: int = 1024,
+        total_epochs: int = 0,
+        val_samples: int = 0,
         **nats_options: object,
     ) -> HostClient:
         """Connect and start listening for this run's commands.
@@ -76,7 +96,9 @@ class HostClient:
         """
         nats_options.setdefault("max_reconnect_attempts", -1)
         nc = await nats.connect(url, **nats_options)  # type: ignore[arg-type]
-        client = cls(nc, run_id, prefix=prefix, buffer=buffer)
+        client = cls(
+            nc, run_id, prefix=prefix, buffer=buffer, total_epochs=total_epochs, val_samples=val_samples
+        )
         await client.start()
         return client
 
@@ -104,6 +126,13 @@ class HostClient:
         self._enqueue(Channel.HEALTH, batch)
 
     def send_state(self, packet: SystemStatePacket) -> None:
+        """Send one state packet (once per epoch), the client's budget and validation size filled in."""
+        if (self.total_epochs and not packet.total_epochs) or (self.val_samples and not packet.val_samples):
+            packet = msgspec.structs.replace(
+                packet,
+                total_epochs=packet.total_epochs or self.total_epochs,
+                val_samples=packet.val_samples or self.val_samples,
+            )
         self._enqueue(Channel.STATE, packet)
 
     def ack(self, command: AdaptationCommand, applied: bool, reason: str = "") -> None:

@@ -870,3 +870,66 @@ def test_applied_ack_moves_the_stage_at_once_and_the_next_packet_reconciles():
     assert not analyzer.note_ack("r", 0, Op.FOSSILIZE, applied=True)
     assert stage() is SeedStage.BLENDING
     assert not analyzer.note_ack("unknown", 0, Op.PRUNE, applied=True)
+
+
+def test_layer_kind_features_follow_the_layer_type():
+    from esperd.analyzer.observation import LAYER_KINDS, layer_kind
+
+    types = ["Conv2d", "linear", "attention", "ffn", "embedding", "layernorm", "pool", "mystery"]
+    assert [layer_kind(t) for t in types] == list(LAYER_KINDS)
+    analyzer = Analyzer(clock=FakeClock())
+    nodes = [TopologyNode(layer_id=i, layer_type=t) for i, t in enumerate(types)]
+    analyzer.ingest_topology("r", topology(nodes, []))
+    x = analyzer.observe("r").node_features
+    one_hot = x[:, [F[f"kind_{k}"] for k in LAYER_KINDS]]
+    assert np.array_equal(one_hot, np.eye(len(LAYER_KINDS)))
+
+
+def test_budget_features_come_from_total_epochs():
+    analyzer = Analyzer(clock=FakeClock())
+    analyzer.ingest_topology("r", topology([0, 1], [(0, 1)]))
+    analyzer.ingest_state("r", SystemStatePacket(epoch=3))
+    g = analyzer.observe("r").global_features
+    assert g[G["budget_known"]] == 0.0 and g[G["epochs_remaining"]] == 1.0  # unknown: plenty
+    analyzer.ingest_state("r", SystemStatePacket(epoch=4, total_epochs=20, val_samples=360))
+    run = analyzer.get_run("r")
+    assert run is not None and run.training.epochs_remaining == 15 and run.training.val_samples == 360
+    g = analyzer.observe("r").global_features
+    assert g[G["budget_known"]] == 1.0 and round(float(g[G["epochs_remaining"]]) * 50) == 15
+    # A packet that omits them keeps the last known values.
+    analyzer.ingest_state("r", SystemStatePacket(epoch=19))
+    assert run.training.epochs_remaining == 0 and run.training.val_samples == 360
+
+
+def _probation(analyzer: Analyzer, epoch: int, cf: float, val_samples: int = 0) -> float:
+    slot = SeedSlotState(layer_id=0, stage=SeedStage.PROBATIONARY, counterfactual=cf, total_improvement=0.01)
+    analyzer.ingest_state("r", SystemStatePacket(epoch=epoch, seeds=[slot], val_samples=val_samples))
+    return float(analyzer.observe("r").node_features[0, F["counterfactual_z"]]) * 4
+
+
+def test_counterfactual_z_counts_validation_samples():
+    analyzer = _slots_run(["linear", "linear"])
+    # 0.003 of 1000 samples is 3 samples: not more than noise (z < 2) ...
+    assert 1.0 < _probation(analyzer, 5, 0.003, val_samples=1000) < 2.0
+    analyzer = _slots_run(["linear", "linear"])
+    # ... 0.02 of 360 (7 samples) is.
+    assert _probation(analyzer, 5, 0.02, val_samples=360) > 2.5
+    analyzer = _slots_run(["linear", "linear"])
+    assert _probation(analyzer, 5, -0.02, val_samples=360) < -2.5
+
+
+def test_counterfactual_z_averages_probation_epochs_and_counts_their_spread():
+    analyzer = _slots_run(["linear", "linear"])
+    assert _probation(analyzer, 5, 0.03, val_samples=100_000) == 4.0  # capped at 4 (feature 1.0)
+    z = _probation(analyzer, 6, -0.01, val_samples=100_000)  # mean 0.01, spread 0.028 over 2 epochs
+    assert 0.4 < z < 0.6
+    # Leaving probation forgets the measurements.
+    analyzer.ingest_state("r", SystemStatePacket(epoch=7, seeds=[SeedSlotState(layer_id=0)]))
+    assert analyzer.observe("r").node_features[0, F["counterfactual_z"]] == 0.0
+    assert _probation(analyzer, 8, 0.03, val_samples=100_000) == 4.0
+
+
+def test_counterfactual_z_without_a_validation_size_uses_the_configured_error():
+    analyzer = Analyzer(AnalyzerConfig(counterfactual_se=0.01), clock=FakeClock())
+    analyzer.ingest_topology("r", topology([0], []))
+    assert _probation(analyzer, 5, 0.015) == pytest.approx(1.5, abs=1e-3)

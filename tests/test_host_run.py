@@ -167,6 +167,8 @@ def test_packets_topology_first_health_every_k_steps_state_per_epoch_done_last()
     states = link.of(SystemStatePacket)
     assert [s.epoch for s in states] == [0, 1, 2] and [s.done for s in states] == [False, False, True]
     assert all(0.0 < s.val_accuracy <= 1.0 and s.host_params == s.total_params > 0 for s in states)
+    # The budget and the validation size esperd needs to judge timing and noise.
+    assert all(s.total_epochs == 3 and s.val_samples == run.data.y_val.shape[0] > 0 for s in states)
     steps = sum(e.steps for e in run.report.epochs)
     assert len(link.of(HealthBatch)) == run.report.health_batches == -(-steps // 4)
     assert all(len(batch.signals) == len(run.model.layers) for batch in link.of(HealthBatch))

@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 
 WAIT = OP_INDEX[Op.WAIT]
 # Short episodes, small hosts; the scripted policy germinates, advances and prunes in them.
-SIM = SimConfig(epochs=12, min_layers=4, max_layers=6)
+SIM = SimConfig(epochs=12, min_layers=4, max_layers=6, report_budget=False)  # seeds must start late
 POLICY = PolicyConfig(name="gnn", hidden_size=64, gnn_layers=1, dropout=0.0, init_seed=0)
 
 

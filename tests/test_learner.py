@@ -36,7 +36,7 @@ from esperd.sim import SimConfig, SimEnv
 
 torch.set_num_threads(1)
 
-SIM = SimConfig(epochs=12, min_layers=6, max_layers=8)
+SIM = SimConfig(epochs=12, min_layers=6, max_layers=8, report_budget=False)
 PPO = PPOConfig(rollout_size=32, minibatch_size=16, epochs=2, warmup_updates=0)
 IMPALA = ImpalaConfig(batch_size=16)
 

@@ -34,7 +34,7 @@ from esperd.sim import (
 )
 from esperd.sim.packets import health_batch, state_packet, telemetry, topology_packet
 
-SHORT = SimConfig(epochs=12)
+SHORT = SimConfig(epochs=12, report_budget=False)
 WAIT_ROW = [0, OP_INDEX[Op.WAIT], 0, 0, 0]
 
 

@@ -29,7 +29,7 @@ from esperd.train import (
 
 torch.set_num_threads(1)
 
-SIM = SimConfig(epochs=6, min_layers=4, max_layers=6)
+SIM = SimConfig(epochs=6, min_layers=4, max_layers=6, report_budget=False)
 POLICY = PolicyConfig(name="gnn", hidden_size=64, gnn_layers=1, dropout=0.0)
 LEARNER = LearnerConfig(
     ppo=PPOConfig(rollout_size=16, minibatch_size=8, epochs=2, warmup_updates=0),

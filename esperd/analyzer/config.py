@@ -42,6 +42,9 @@ class AnalyzerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     default_health: Annotated[float, Meta(ge=0.0, le=1.0)] = 1.0
     # Validation accuracy must beat the best by more than this to end a plateau.
     plateau_min_delta: Annotated[float, Meta(ge=0.0)] = 1e-3
+    # Standard error assumed for one counterfactual measurement when the host does not report its
+    # validation size (SystemStatePacket.val_samples); with it, the error follows from the size.
+    counterfactual_se: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.005
     # Host rejections of GERMINATE steer the next choice: the rejected blueprint is masked on its
     # layer for the rest of the run; one rejected on `blueprint_rejections_run_wide` layers is masked
     # on every layer (the host lacks it); a layer with `max_germinate_rejections` is not germinated.

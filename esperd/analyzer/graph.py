@@ -9,6 +9,7 @@ import numpy as np
 from contracts import BlueprintFamily, TopologyPacket, family_for_layer_type
 from esperd.analyzer.config import AnalyzerError
 from esperd.analyzer.masks import FAMILY_BLUEPRINT_MASK
+from esperd.analyzer.observation import LAYER_KIND_INDEX, layer_kind
 
 #: Kind given to layers known only from their health signals (the wire default).
 INFERRED_LAYER_TYPE = "linear"
@@ -33,6 +34,7 @@ class Graph:
         "edge_index",
         "family_cnn",
         "inferred",
+        "kind_index",
         "layer_ids",
         "layer_types",
         "params",
@@ -63,6 +65,8 @@ class Graph:
             [FAMILY_BLUEPRINT_MASK[BlueprintFamily.TRANSFORMER], FAMILY_BLUEPRINT_MASK[BlueprintFamily.CNN]]
         )
         self.blueprint_mask = _frozen(rows[self.family_cnn.astype(np.int64)])
+        kinds = {kind: LAYER_KIND_INDEX[layer_kind(kind)] for kind in set(layer_types)}
+        self.kind_index = _frozen(np.fromiter((kinds[k] for k in layer_types), np.int64, len(layer_types)))
         self.can_germinate = _frozen(seed_slots > 0)
 
     @property

@@ -30,6 +30,38 @@ BLEND_INDEX = {b: i for i, b in enumerate(BLENDS)}
 TEMPO_INDEX = {t: i for i, t in enumerate(TEMPOS)}
 STAGE_INDEX = {s: i for i, s in enumerate(STAGES)}
 
+#: Layer kinds the observation tells apart (one-hot node features), from the wire's free-form
+#: `layer_type`; see `layer_kind`.
+LAYER_KINDS: tuple[str, ...] = ("conv", "linear", "attention", "mlp", "embedding", "norm", "pool", "other")
+LAYER_KIND_INDEX = {kind: i for i, kind in enumerate(LAYER_KINDS)}
+_KIND_OF_TYPE = {
+    "linear": "linear",
+    "dense": "linear",
+    "fc": "linear",
+    "attention": "attention",
+    "self_attention": "attention",
+    "transformer": "attention",
+    "mlp": "mlp",
+    "ffn": "mlp",
+    "feedforward": "mlp",
+    "embedding": "embedding",
+    "layernorm": "norm",
+    "batchnorm": "norm",
+    "norm": "norm",
+    "rmsnorm": "norm",
+    "pool": "pool",
+    "residual": "conv",
+}
+
+
+def layer_kind(layer_type: str) -> str:
+    """The LAYER_KINDS entry of a wire `layer_type` (conv*, linear, attention, mlp, ...; else other)."""
+    kind = layer_type.lower()
+    if kind.startswith("conv"):
+        return "conv"
+    return _KIND_OF_TYPE.get(kind, "other")
+
+
 #: Per-node feature columns, in order. All roughly in [-1, 1] or [0, 1].
 NODE_FEATURES: tuple[str, ...] = (
     "health",  # latest health score
@@ -55,7 +87,14 @@ NODE_FEATURES: tuple[str, ...] = (
     "total_improvement",  # since germination, clipped
     "staleness",  # seconds since the last signal / 60, clipped to [0, 1]
     *(f"stage_{s.value}" for s in STAGES),  # one-hot of the slot's stage
+    *(f"kind_{kind}" for kind in LAYER_KINDS),  # one-hot of the layer's kind
+    # The counterfactual in units of its standard error (mean over the epochs on probation over
+    # the error from the validation size and the epoch-to-epoch spread), / 4, clipped: |z| >= 2
+    # (0.5 here) is a contribution that is more than noise. 0 outside probation.
+    "counterfactual_z",
 )
+#: Scale of the `counterfactual_z` feature.
+COUNTERFACTUAL_Z_SCALE = 4.0
 NODE_FEATURE_INDEX = {name: i for i, name in enumerate(NODE_FEATURES)}
 
 #: Global (per-run) feature columns, in order.
@@ -74,7 +113,11 @@ GLOBAL_FEATURES: tuple[str, ...] = (
     "active_seed_fraction",
     "log_nodes",  # log10(n_nodes + 1) / 4
     "inferred_topology",  # 1 while no TopologyPacket has arrived
+    "budget_known",  # 1 when the host reports its planned total epochs
+    "epochs_remaining",  # epochs still to train after this packet / 50, clipped; 1 when unknown
 )
+#: Scale of the `epochs_remaining` feature (a policy inverts it to whole epochs).
+EPOCHS_REMAINING_SCALE = 50.0
 GLOBAL_FEATURE_INDEX = {name: i for i, name in enumerate(GLOBAL_FEATURES)}
 
 

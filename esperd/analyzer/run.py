@@ -9,7 +9,7 @@ from typing import Protocol
 import msgspec
 import numpy as np
 
-from contracts import Blueprint, HealthSignal, Op, SeedStage, SystemStatePacket, next_stage
+from contracts import Blueprint, HealthSignal, Op, SeedSlotState, SeedStage, SystemStatePacket, next_stage
 from esperd.analyzer import table as T
 from esperd.analyzer.config import AnalyzerConfig, AnalyzerError
 from esperd.analyzer.graph import Graph, components, gcn_normalize
@@ -17,7 +17,10 @@ from esperd.analyzer.masks import LIVE_STAGE, STAGE_ONE_HOT, op_mask
 from esperd.analyzer.observation import (
     BLUEPRINT_INDEX,
     BLUEPRINTS,
+    COUNTERFACTUAL_Z_SCALE,
+    EPOCHS_REMAINING_SCALE,
     GLOBAL_FEATURES,
+    LAYER_KINDS,
     NODE_FEATURES,
     OPS,
     STAGE_INDEX,
@@ -29,6 +32,7 @@ from esperd.analyzer.table import NodeTable
 _STAGE_SLICE = slice(T.STAGE_FIRST, T.STAGE_FIRST + STAGE_ONE_HOT.shape[0])
 _FLAG_COLUMNS = [T.HEALTH, T.PROBLEMATIC, T.ATTENTION]
 _STALENESS_SCALE_S = 60.0  # per the NODE_FEATURES contract
+_KIND_ONE_HOT = np.eye(len(LAYER_KINDS), dtype=np.float32)
 #: Ops after which a slot's seed has no blend weight (any other op leaves alpha as the host reported it).
 _ALPHA_RESET = frozenset({Op.GERMINATE, Op.PRUNE})
 _EPOCHS_IN_STAGE_SCALE = 12.0  # the longest blend tempo (glacial)
@@ -62,8 +66,34 @@ class TrainingState(msgspec.Struct, kw_only=True):
     plateau_epochs: int = 0  # epochs since val accuracy last improved by plateau_min_delta
     host_params: int = 0
     total_params: int = 0
+    total_epochs: int = 0  # the host's planned training length; 0 = unknown
+    val_samples: int = 0  # validation samples behind val_accuracy; 0 = unknown
     done: bool = False
     packets: int = 0
+
+    @property
+    def epochs_remaining(self) -> int | None:
+        """Epochs still to train after the latest packet, or None when the host did not say."""
+        if not self.total_epochs:
+            return None
+        return max(self.total_epochs - self.epoch - 1, 0)
+
+
+def counterfactual_se(mean: float, spread: float, samples: int, val_samples: int, default: float) -> float:
+    """Standard error of a seed's mean counterfactual over `samples` epochs.
+
+    Two parts. The validation set is finite: the counterfactual is a paired difference on the
+    same `val_samples` samples, and at least |mean| * n of them changed their answer (at least
+    one), so its error is at least sqrt(max(|mean|, 1/n) / n) -- a difference of a few samples is
+    noise. It is the same set every epoch, so averaging epochs does not shrink it. And the seed's
+    contribution moves from epoch to epoch (`spread`, the sample standard deviation), which does
+    average out. Without the validation size, `default` stands for the first part.
+    """
+    if val_samples > 0:
+        finite = math.sqrt(max(abs(mean), 1.0 / val_samples) / val_samples)
+    else:
+        finite = default
+    return math.sqrt(finite * finite + (spread * spread / samples if samples > 1 else 0.0))
 
 
 class RunSummary(msgspec.Struct, kw_only=True):
@@ -120,6 +150,8 @@ class RunState:
         self._clusters: list[np.ndarray] | None = None  # None: flags or graph changed since computed
         self._in_cluster = np.zeros(0, dtype=bool)
         # Host rejections of GERMINATE: layer id -> rejected blueprint indices, and the count per layer.
+        # Counterfactuals measured on probation, per layer id: [count, mean, sum of squared deviations].
+        self._probation_cf: dict[int, list[float]] = {}
         self._rejected: dict[int, set[int]] = {}
         self._germinate_rejections: dict[int, int] = {}
         self._rejection_version = 0
@@ -143,6 +175,7 @@ class RunState:
         table.reorder(old_rows, graph.layer_ids)
         table.feat[:, T.LOG_PARAMS] = np.log10(graph.params + 1.0) / 10.0
         table.feat[:, T.FAMILY_CNN] = graph.family_cnn
+        table.feat[:, T.KIND_FIRST : T.KIND_FIRST + len(LAYER_KINDS)] = _KIND_ONE_HOT[graph.kind_index]
         self._row_of = dict(zip(graph.layer_ids.tolist(), range(graph.num_nodes), strict=True))
         self._set_graph(graph)
         return True
@@ -284,9 +317,25 @@ class RunState:
                 _clip(slot.counterfactual, -1.0, 1.0),
                 _clip(slot.total_improvement, -1.0, 1.0),
             )
+            feat[row, T.COUNTERFACTUAL_Z] = self._counterfactual_z(slot.layer_id, slot)
             aux[row, T.SLOT_TS : T.STAGE + 1] = (max(ts, aux[row, T.SLOT_TS]), stage)
         self.last_seen = now
         return material
+
+    def _counterfactual_z(self, layer_id: int, slot: SeedSlotState) -> float:
+        """Fold a probation counterfactual into the layer's running mean; its z feature (0 off probation)."""
+        if slot.stage is not SeedStage.PROBATIONARY:
+            self._probation_cf.pop(layer_id, None)
+            return 0.0
+        stats = self._probation_cf.setdefault(layer_id, [0.0, 0.0, 0.0])
+        stats[0] += 1.0
+        delta = slot.counterfactual - stats[1]
+        stats[1] += delta / stats[0]
+        stats[2] += delta * (slot.counterfactual - stats[1])
+        count, mean = int(stats[0]), stats[1]
+        spread = math.sqrt(stats[2] / (count - 1)) if count > 1 else 0.0
+        se = counterfactual_se(mean, spread, count, self.training.val_samples, self.config.counterfactual_se)
+        return _clip(mean / se / COUNTERFACTUAL_Z_SCALE, -1.0, 1.0)
 
     # ------------------------------------------------------------------- acks
 
@@ -307,6 +356,9 @@ class RunState:
         if op in _ALPHA_RESET:
             feat[row, T.ALPHA] = 0.0
             feat[row, T.COUNTERFACTUAL : T.COUNTERFACTUAL + 2] = 0.0
+        if target is not SeedStage.PROBATIONARY:
+            feat[row, T.COUNTERFACTUAL_Z] = 0.0
+            self._probation_cf.pop(layer_id, None)
         # Slot information the host stamped before it applied the op must not undo it.
         aux[row, T.SLOT_TS : T.STAGE + 1] = (max(timestamp, aux[row, T.SLOT_TS]), STAGE_INDEX[target])
         return True
@@ -362,6 +414,8 @@ class RunState:
         tr.train_accuracy, tr.val_accuracy = p.train_accuracy, p.val_accuracy
         if p.host_params:  # a packet that omits the sizes keeps the last known ones
             tr.host_params, tr.total_params = p.host_params, p.total_params
+        tr.total_epochs = p.total_epochs or tr.total_epochs  # likewise the budget and validation size
+        tr.val_samples = p.val_samples or tr.val_samples
         tr.done = tr.done or p.done
         tr.packets += 1
         return finished
@@ -440,6 +494,7 @@ class RunState:
         tr = self.training
         n = x.shape[0]
         growth = tr.total_params / tr.host_params - 1.0 if tr.host_params else 0.0
+        remaining = tr.epochs_remaining
         values = {
             "epoch": min(tr.epoch / 100.0, 1.0),
             "train_loss": math.log1p(tr.train_loss),
@@ -455,6 +510,8 @@ class RunState:
             "active_seed_fraction": np.count_nonzero(LIVE_STAGE[stages]) / n if n else 0.0,
             "log_nodes": math.log10(n + 1) / 4.0,
             "inferred_topology": float(self.graph is None or self.graph.inferred),
+            "budget_known": float(tr.total_epochs > 0),
+            "epochs_remaining": 1.0 if remaining is None else min(remaining / EPOCHS_REMAINING_SCALE, 1.0),
         }
         return np.array([values[name] for name in GLOBAL_FEATURES], dtype=np.float32)
 

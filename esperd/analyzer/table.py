@@ -22,6 +22,8 @@ FAMILY_CNN = NODE_FEATURE_INDEX["family_cnn"]
 COUNTERFACTUAL = NODE_FEATURE_INDEX["counterfactual"]
 STALENESS = NODE_FEATURE_INDEX["staleness"]
 STAGE_FIRST = NODE_FEATURE_INDEX["stage_dormant"]  # first of the stage one-hot columns
+COUNTERFACTUAL_Z = NODE_FEATURE_INDEX["counterfactual_z"]
+KIND_FIRST = NODE_FEATURE_INDEX["kind_conv"]  # first of the layer-kind one-hot columns
 
 SIGNAL_END = NODE_FEATURE_INDEX["blending_velocity"] + 1  # a health signal writes columns [0, SIGNAL_END)
 

@@ -45,12 +45,22 @@ class HeuristicConfig(_Config):
     # Lifecycle timing.
     train_dwell_epochs: StageEpochs = 3  # TRAINING -> BLENDING after this many epochs in stage
     probation_epochs: StageEpochs = 1  # epochs on probation before fossilize / prune
-    fossilize_min_counterfactual: float = 0.0  # fossilize only if counterfactual > this ...
-    fossilize_min_improvement: float = 0.0  # ... and total improvement > this
+    # Fossilize only a seed whose counterfactual is more than noise: at least `fossilize_z` standard
+    # errors above 0 (the analyzer's counterfactual_z), above fossilize_min_counterfactual, and with
+    # total improvement > fossilize_min_improvement. A seed as many errors below 0 is pruned; one in
+    # between stays on probation for up to `probation_max_epochs`, then is pruned: it has not shown
+    # it earns its parameters.
+    fossilize_z: Annotated[float, Meta(ge=0.0, le=10.0)] = 2.0
+    probation_max_epochs: StageEpochs = 4
+    fossilize_min_counterfactual: float = 0.0
+    fossilize_min_improvement: float = 0.0
     # Memory of past outcomes.
     embargo_epochs: Epochs = 5  # no germination on a slot this long after a prune
     blueprint_penalty: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0  # added to a pruned blueprint
     blueprint_penalty_decay: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.8  # per epoch
+    # Across runs: a blueprint's fossilization record on a kind of layer reorders the prior
+    # preference; the prior counts as this many seeds.
+    blueprint_prior_strength: Annotated[float, Meta(gt=0.0, le=1000.0)] = 2.0
     max_tracked_runs: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
     # Levers chosen at GERMINATE.
     blend: BlendAlgorithm = BlendAlgorithm.SIGMOID
@@ -67,6 +77,7 @@ class HeuristicConfig(_Config):
         _check_range("heuristic.max_active_seeds", self.max_active_seeds, 1, 4096)
         _check_range("heuristic.train_dwell_epochs", self.train_dwell_epochs, 0, 12)
         _check_range("heuristic.probation_epochs", self.probation_epochs, 0, 12)
+        _check_range("heuristic.probation_max_epochs", self.probation_max_epochs, self.probation_epochs, 12)
 
 
 class PolicyConfig(_Config):

@@ -6,21 +6,26 @@ both the confidence and the urgency threshold (else WAIT):
   lifecycle (ranked first: finish what is in flight before starting more)
     TRAINING     -> ADVANCE after `train_dwell_epochs` in stage;
     BLENDING     -> ADVANCE once the seed's tempo has elapsed (or alpha reached 1);
-    PROBATIONARY -> after `probation_epochs`: FOSSILIZE if counterfactual > min AND
-                    total improvement > min, else PRUNE.
+    PROBATIONARY -> after `probation_epochs`: FOSSILIZE if the counterfactual is more than
+                    noise (`fossilize_z` standard errors above 0, the analyzer's
+                    counterfactual_z) and the run improved; PRUNE if it is as clearly harmful,
+                    or still undecided after `probation_max_epochs`.
   germination (only from epoch `min_epoch`, once the host has stabilized -- |val acc
-  change| <= `stabilize_delta` or a validation plateau -- and below `max_active_seeds`,
-  counting germinations issued but not yet applied by the host, for up to an epoch)
+  change| <= `stabilize_delta` or a validation plateau -- below `max_active_seeds`,
+  counting germinations issued but not yet applied by the host, for up to an epoch, and
+  only while the run has epochs enough left to finish a lifecycle, when the host says)
     a DORMANT slot on a layer that is problematic, unhealthy and declining; or, on a
     plateau of `plateau_patience` epochs, the least healthy layer below `plateau_health_max`.
     Never on a slot under embargo (`embargo_epochs` after it was pruned). The blueprint
-    fits the layer's family and has the lowest pruning penalty (each prune adds
-    `blueprint_penalty`, decaying by `blueprint_penalty_decay` per epoch), ties going
-    to declaration order -- so after a prune the next germination rotates to another
-    blueprint.
+    is legal for the layer (a blueprint the host rejected there is masked), has the lowest
+    pruning penalty in this run (each prune adds `blueprint_penalty`, decaying by
+    `blueprint_penalty_decay` per epoch: after a prune the next germination rotates), then
+    the best fossilization record on this kind of layer across runs, then the kind's prior
+    order (BLUEPRINT_PREFERENCE: an MLP seed for a dense layer, a light conv for a conv).
 
 Small per-run memory (what it germinated where, embargoes, penalties) is kept keyed
-by run id in a bounded LRU; `forget(run_ids)` drops it. Not learnable: log_prob and
+by run id in a bounded LRU; `forget(run_ids)` drops it. The blueprint record spans runs
+(at most one entry per layer kind and blueprint) and lives as long as the policy. Not learnable: log_prob and
 value are 0, and `evaluate` raises NotImplementedError.
 """
 
@@ -40,7 +45,10 @@ from esperd.analyzer.observation import (
     BLEND_INDEX,
     BLUEPRINT_INDEX,
     BLUEPRINTS,
+    COUNTERFACTUAL_Z_SCALE,
+    EPOCHS_REMAINING_SCALE,
     GLOBAL_FEATURE_INDEX,
+    LAYER_KINDS,
     NODE_FEATURE_INDEX,
     OP_INDEX,
     STAGE_INDEX,
@@ -74,6 +82,28 @@ _OP_RANK = {Op.PRUNE: 3, Op.FOSSILIZE: 3, Op.ADVANCE: 2, Op.GERMINATE: 1}
 _EPOCHS_IN_STAGE_SCALE = 12.0
 _PLATEAU_SCALE = 10.0
 _TREND_SCALE = 0.1  # a slope of -0.1 per signal counts as fully declining (seed: trend < -0.1 is problematic)
+_KIND_COLUMNS = slice(NODE_FEATURE_INDEX["kind_conv"], NODE_FEATURE_INDEX["kind_conv"] + len(LAYER_KINDS))
+
+B = Blueprint
+_CONV_PREFERENCE = (
+    B.CONV_LIGHT, B.BOTTLENECK, B.DEPTHWISE, B.CONV_HEAVY, B.SQUEEZE_EXCITE, B.CONV_LORA, B.DILATED, B.CONV_NORM
+)  # fmt: skip
+_LINEAR_PREFERENCE = (
+    B.MLP, B.MLP_SMALL, B.GATED_MLP, B.LORA_LARGE, B.LORA, B.TF_NORM, B.ATTENTION, B.FLEX_ATTENTION
+)  # fmt: skip
+#: The prior order of blueprints per layer kind, best fit first: a dense layer is grown with a dense
+#: (MLP) seed before an attention seed, a convolution with a light convolution. Outcomes across
+#: runs (fossilized or pruned) move a blueprint up or down from here; see `_BlueprintRecord`.
+BLUEPRINT_PREFERENCE: dict[str, tuple[Blueprint, ...]] = {
+    "conv": _CONV_PREFERENCE,
+    "linear": _LINEAR_PREFERENCE,
+    "mlp": (B.MLP, B.GATED_MLP, B.MLP_SMALL, B.LORA_LARGE, B.LORA, B.TF_NORM, B.ATTENTION, B.FLEX_ATTENTION),
+    "attention": (
+        B.LORA_LARGE, B.ATTENTION, B.LORA, B.FLEX_ATTENTION, B.MLP_SMALL, B.MLP, B.GATED_MLP, B.TF_NORM
+    ),
+    "embedding": (B.LORA, B.LORA_LARGE, B.MLP_SMALL, B.MLP, B.GATED_MLP, B.TF_NORM, B.ATTENTION, B.FLEX_ATTENTION),
+}  # fmt: skip
+del B
 
 
 @dataclass(slots=True)
@@ -81,6 +111,27 @@ class _Seed:
     blueprint: Blueprint
     tempo: Tempo
     germinated_epoch: int
+    kind: str = "other"  # the layer's kind, for the outcome record
+
+
+class _BlueprintRecord:
+    """What worked, across runs: per (layer kind, blueprint), how many of our seeds were fossilized
+    and how many pruned. A blueprint's score is its posterior fossilization rate, starting from a
+    prior that follows BLUEPRINT_PREFERENCE (`strength` pseudo-seeds), so a few outcomes reorder it."""
+
+    def __init__(self, strength: float) -> None:
+        self.strength = strength
+        self.outcomes: dict[tuple[str, Blueprint], list[int]] = {}  # -> [fossilized, pruned]
+
+    def record(self, kind: str, blueprint: Blueprint, fossilized: bool) -> None:
+        counts = self.outcomes.setdefault((kind, blueprint), [0, 0])
+        counts[0 if fossilized else 1] += 1
+
+    def score(self, kind: str, blueprint: Blueprint, preference: tuple[Blueprint, ...]) -> float:
+        rank = preference.index(blueprint) if blueprint in preference else len(preference)
+        prior = 0.6 - 0.3 * rank / max(len(preference), 1)  # 0.6 for the first choice, 0.3 for the last
+        won, lost = self.outcomes.get((kind, blueprint), (0, 0))
+        return (prior * self.strength + won) / (self.strength + won + lost)
 
 
 @dataclass(slots=True)
@@ -101,13 +152,15 @@ class _RunMemory:
             bp: (v, at) for bp, (v, at) in self.penalties.items() if self.penalty(bp, epoch, decay) > 1e-3
         }
 
-    def pruned(self, layer_id: int, epoch: int, config: HeuristicConfig) -> None:
-        """A slot was pruned (by us, or seen PRUNED): embargo it, penalise its blueprint once."""
+    def pruned(self, layer_id: int, epoch: int, config: HeuristicConfig) -> _Seed | None:
+        """A slot was pruned (by us, or seen PRUNED): embargo it, penalise its blueprint once.
+        Returns our seed that was pruned, if it was one of ours."""
         self.embargo_until[layer_id] = max(self.embargo_until.get(layer_id, 0), epoch + config.embargo_epochs)
         seed = self.seeds.pop(layer_id, None)
         if seed is not None:
             old = self.penalty(seed.blueprint, epoch, config.blueprint_penalty_decay)
             self.penalties[seed.blueprint] = (old + config.blueprint_penalty, epoch)
+        return seed
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +178,13 @@ class _Candidate:
 _WAIT = _Candidate(node=0, op=Op.WAIT, confidence=1.0, urgency=0.0)
 
 
+def _layer_kind(obs: Observation, node: int) -> str:
+    """The node's LAYER_KINDS entry from its one-hot features ("other" when none is set)."""
+    row = obs.node_features[node, _KIND_COLUMNS]
+    best = int(np.argmax(row))
+    return LAYER_KINDS[best] if row[best] >= 0.5 else "other"
+
+
 @register_policy("heuristic")
 class HeuristicPolicy:
     """Deterministic rules. `act` is safe to call from any thread."""
@@ -140,6 +200,7 @@ class HeuristicPolicy:
         self.device = torch.device(device)
         self._version = 1  # the rule set's version; bump when the rules change meaning
         self._memory: OrderedDict[str, _RunMemory] = OrderedDict()
+        self._record = _BlueprintRecord(self.rules.blueprint_prior_strength)
         self._lock = threading.Lock()
 
     @property
@@ -230,9 +291,9 @@ class HeuristicPolicy:
             zip(obs.layer_ids.tolist(), obs.stages.tolist(), strict=True)
         ):
             if stage == _PRUNED:
-                memory.pruned(layer_id, obs.epoch, self.rules)
+                self._settle(memory.pruned(layer_id, obs.epoch, self.rules), fossilized=False)
             elif stage == _FOSSILIZED:
-                memory.seeds.pop(layer_id, None)
+                self._settle(memory.seeds.pop(layer_id, None), fossilized=True)
             elif stage == _DORMANT:
                 seed = memory.seeds.get(layer_id)
                 if seed is None:
@@ -247,11 +308,17 @@ class HeuristicPolicy:
         layer_id = int(obs.layer_ids[choice.node])
         if choice.op is Op.GERMINATE:
             assert choice.blueprint is not None
-            memory.seeds[layer_id] = _Seed(choice.blueprint, self.rules.tempo, obs.epoch)
+            kind = _layer_kind(obs, choice.node)
+            memory.seeds[layer_id] = _Seed(choice.blueprint, self.rules.tempo, obs.epoch, kind)
         elif choice.op is Op.PRUNE:
-            memory.pruned(layer_id, obs.epoch, self.rules)
+            self._settle(memory.pruned(layer_id, obs.epoch, self.rules), fossilized=False)
         elif choice.op is Op.FOSSILIZE:
-            memory.seeds.pop(layer_id, None)
+            self._settle(memory.seeds.pop(layer_id, None), fossilized=True)
+
+    def _settle(self, seed: _Seed | None, *, fossilized: bool) -> None:
+        """One of our seeds ended: remember for its layer kind whether its blueprint worked."""
+        if seed is not None:
+            self._record.record(seed.kind, seed.blueprint, fossilized)
 
     # ------------------------------------------------------------ rules
 
@@ -273,18 +340,31 @@ class HeuristicPolicy:
                 if overdue >= 0 or features[node, _N["alpha"]] >= 0.999:
                     yield _Candidate(node, Op.ADVANCE, 0.95, min(1.0, 0.6 + 0.1 * max(overdue, 0)))
             elif epochs_in_stage >= rules.probation_epochs:  # PROBATIONARY
-                counterfactual = float(features[node, _N["counterfactual"]])
-                improvement = float(features[node, _N["total_improvement"]])
-                if (
-                    counterfactual > rules.fossilize_min_counterfactual
-                    and improvement > rules.fossilize_min_improvement
-                ):
-                    yield _Candidate(
-                        node, Op.FOSSILIZE, min(1.0, 0.8 + 5 * min(counterfactual, improvement)), 0.6
-                    )
-                else:
-                    harm = max(0.0, -min(counterfactual, improvement))
-                    yield _Candidate(node, Op.PRUNE, min(1.0, 0.8 + 5 * harm), 0.7)
+                verdict = self._verdict(features[node], epochs_in_stage)
+                if verdict is not None:
+                    yield _Candidate(node, *verdict)
+
+    def _verdict(self, features: np.ndarray, epochs_in_stage: int) -> tuple[Op, float, float] | None:
+        """(op, confidence, urgency) for a seed on probation, or None to keep measuring.
+
+        Fossilize when its contribution is more than noise (z >= fossilize_z) and the run improved;
+        prune when it is clearly harmful (z <= -fossilize_z), when it helped but the run did not
+        improve, or when `probation_max_epochs` have not settled it either way.
+        """
+        rules = self.rules
+        counterfactual = float(features[_N["counterfactual"]])
+        improvement = float(features[_N["total_improvement"]])
+        z = float(features[_N["counterfactual_z"]]) * COUNTERFACTUAL_Z_SCALE
+        certainty = min(1.0, abs(z) / max(2.0 * rules.fossilize_z, 1e-6))
+        if z >= rules.fossilize_z and counterfactual > rules.fossilize_min_counterfactual:
+            if improvement > rules.fossilize_min_improvement:
+                return Op.FOSSILIZE, 0.8 + 0.2 * certainty, 0.6
+            return Op.PRUNE, 0.8, 0.7
+        if z <= -rules.fossilize_z:
+            return Op.PRUNE, 0.8 + 0.2 * certainty, 0.7
+        if epochs_in_stage >= rules.probation_max_epochs:
+            return Op.PRUNE, 0.8, 0.6  # unproven: it has not shown it earns its parameters
+        return None
 
     def _may_germinate(self, obs: Observation, memory: _RunMemory) -> bool:
         """Run-level gate: late enough, host stabilized, and room for another seed."""
@@ -298,7 +378,26 @@ class HeuristicPolicy:
         dormant = obs.layer_ids[obs.stages == STAGE_INDEX[SeedStage.DORMANT]].tolist()
         pending = sum(1 for layer_id in dormant if layer_id in memory.seeds)
         active = int(np.count_nonzero(_ACTIVE_STAGE[obs.stages])) + pending
-        return obs.epoch >= rules.min_epoch and stabilized and active < rules.max_active_seeds
+        return (
+            obs.epoch >= rules.min_epoch
+            and stabilized
+            and active < rules.max_active_seeds
+            and self._time_to_finish(obs)
+        )
+
+    def lifecycle_epochs(self) -> int:
+        """Epochs a seed germinated now needs to be judged: germination, dwell, blend, probation."""
+        rules = self.rules
+        return 1 + rules.train_dwell_epochs + rules.tempo.epochs + rules.probation_epochs
+
+    def _time_to_finish(self, obs: Observation) -> bool:
+        """Whether a seed germinated now can finish its lifecycle before the run ends (True if the
+        host does not say how long it trains)."""
+        g = obs.global_features
+        if g[_G["budget_known"]] < 0.5:
+            return True
+        remaining = round(float(g[_G["epochs_remaining"]]) * EPOCHS_REMAINING_SCALE)
+        return remaining >= self.lifecycle_epochs()
 
     @staticmethod
     def _plateau_epochs(obs: Observation) -> int:
@@ -337,18 +436,26 @@ class HeuristicPolicy:
             yield _Candidate(int(node), Op.GERMINATE, confidence, urgency, blueprint)
 
     def _choose_blueprint(self, obs: Observation, node: int, memory: _RunMemory) -> Blueprint | None:
-        """Least-penalised legal blueprint of the layer's family; declaration order breaks ties."""
-        family = (
-            BlueprintFamily.CNN
-            if obs.node_features[node, _N["family_cnn"]] >= 0.5
-            else BlueprintFamily.TRANSFORMER
-        )
+        """The legal blueprint of the layer's family that fits its kind best: least penalised in this
+        run (a prune here rotates to another), then best fossilization record on this kind of layer
+        across runs, then the kind's prior order (BLUEPRINT_PREFERENCE)."""
+        cnn = obs.node_features[node, _N["family_cnn"]] >= 0.5
+        family = BlueprintFamily.CNN if cnn else BlueprintFamily.TRANSFORMER
         legal = [bp for bp, ok in zip(BLUEPRINTS, obs.blueprint_mask[node], strict=True) if ok]
         fitting = [bp for bp in legal if bp.family is family] or legal
         if not fitting:
             return None
+        kind = _layer_kind(obs, node)
+        preference = BLUEPRINT_PREFERENCE.get(kind) or (_CONV_PREFERENCE if cnn else _LINEAR_PREFERENCE)
         decay = self.rules.blueprint_penalty_decay
-        return min(fitting, key=lambda bp: (memory.penalty(bp, obs.epoch, decay), BLUEPRINT_INDEX[bp]))
+        record = self._record
+
+        def key(bp: Blueprint) -> tuple[float, float, int, int]:
+            rank = preference.index(bp) if bp in preference else len(preference)
+            score = record.score(kind, bp, preference)
+            return (memory.penalty(bp, obs.epoch, decay), -score, rank, BLUEPRINT_INDEX[bp])
+
+        return min(fitting, key=key)
 
     # ------------------------------------------------------------ learning (none)
 
@@ -378,6 +485,11 @@ class HeuristicPolicy:
         with self._lock:
             for run_id in run_ids:
                 self._memory.pop(run_id, None)
+
+    def blueprint_record(self) -> dict[tuple[str, Blueprint], tuple[int, int]]:
+        """(layer kind, blueprint) -> (fossilized, pruned) of the seeds this policy germinated."""
+        with self._lock:
+            return {key: (won, lost) for key, (won, lost) in self._record.outcomes.items()}
 
     def reset_run(self, run_id: str) -> None:
         self.forget([run_id])

@@ -8,7 +8,8 @@ import msgspec
 from msgspec import Meta
 
 from esperd.learn.rewards import RewardConfig
-from esperd.sim.catalog import ARCHITECTURES
+from contracts import Blueprint
+from esperd.sim.catalog import ARCHITECTURES, KINDS
 
 Prob = Annotated[float, Meta(ge=0.0, le=1.0)]
 Epochs = Annotated[int, Meta(ge=0, le=10_000)]
@@ -20,7 +21,7 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     epochs: Annotated[int, Meta(ge=2, le=10_000)] = 40  # episode length; one decision per epoch
     min_layers: Annotated[int, Meta(ge=4, le=256)] = 6
     max_layers: Annotated[int, Meta(ge=4, le=256)] = 12
-    architectures: tuple[str, ...] = ARCHITECTURES  # drawn uniformly per episode
+    architectures: tuple[str, ...] = ("cnn", "transformer", "hybrid")  # drawn uniformly per episode
     # Capacity deficits: layers (conv / attention / mlp) that degrade from an onset epoch on and
     # cap accuracy until a fitting seed repairs them.
     min_deficits: Annotated[int, Meta(ge=0, le=64)] = 1
@@ -32,17 +33,45 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     quality_noise: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.15  # per layer and blueprint, hidden
     # Transient dips: any layer may sicken for a few epochs and recover on its own (distractors).
     transient_rate: Prob = 0.02  # chance per layer per epoch
-    # Host learning: accuracy approaches its ceiling at `rate` per epoch (drawn per episode).
+    # Host learning: accuracy approaches its ceiling at `rate` per epoch (drawn per episode),
+    # starting from an accuracy drawn in [initial_low, initial_high].
     rate_low: Prob = 0.15
     rate_high: Prob = 0.25
     ceiling_low: Prob = 0.78
     ceiling_high: Prob = 0.92
+    initial_low: Prob = 0.10
+    initial_high: Prob = 0.25
+    # --- Tables a calibration (`esperd sim calibrate`) fits to real hosts; empty = the catalog's.
+    # Chance that a layer of each kind has a capacity deficit, drawn per layer; when set, it
+    # replaces min/max_deficits (which place deficits on conv, attention and mlp layers only).
+    deficit_prob: dict[str, Prob] = {}
+    # Mean repair quality of a blueprint on a kind of layer: {kind: {blueprint: quality}}.
+    affinity: dict[str, dict[str, Annotated[float, Meta(ge=-1.0, le=1.0)]]] = {}
+    # Seed parameters as a fraction of the layer's, per blueprint.
+    param_ratio: dict[str, Annotated[float, Meta(ge=0.0, le=100.0)]] = {}
+    # Layer sizes per kind, [low, high] parameters; seeds on smaller layers are sized against
+    # min_seed_reference parameters.
+    kind_params: dict[str, tuple[int, int]] = {}
+    min_seed_reference: Annotated[int, Meta(ge=0, le=1_000_000_000)] = 16_000
+    # A seed where no deficit is costs interference + interference_per_ratio * its size ratio.
+    interference: Annotated[float, Meta(ge=-1.0, le=1.0)] = 0.006
+    interference_per_ratio: Annotated[float, Meta(ge=-1.0, le=1.0)] = 0.02
+    # Blend instability: the catalog's chances scaled by spike_scale; an instability's accuracy
+    # drop drawn in [spike_drop_low, spike_drop_high] before the seed-size factor.
+    spike_scale: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0
+    spike_drop_low: Prob = 0.02
+    spike_drop_high: Prob = 0.04
     # Lifecycle timing the host enforces on its own.
     prune_cooldown: Epochs = 3  # PRUNED -> DORMANT after this many epochs
     probation_timeout: Epochs = 6  # PROBATIONARY this long without a verdict -> pruned (0 = never)
     # Telemetry noise.
     accuracy_noise: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.003
     counterfactual_noise: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.004
+    val_samples: Annotated[int, Meta(ge=0, le=10_000_000)] = 0  # reported validation size (0: not sent)
+    # Whether state packets carry the episode's length (total_epochs), as a real host's should.
+    # Off, a policy cannot tell how many epochs are left (short test episodes use that: with it
+    # on, no seed germinated after their first epochs could finish).
+    report_budget: bool = True
     health_noise: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.03
     reward: RewardConfig = RewardConfig()
     run_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,40}$")] = "sim"
@@ -60,3 +89,14 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         unknown = set(self.architectures) - set(ARCHITECTURES)
         if unknown or not self.architectures:
             raise ValueError(f"sim: architectures must be a non-empty subset of {ARCHITECTURES}")
+        if self.initial_low > self.initial_high or self.spike_drop_low > self.spike_drop_high:
+            raise ValueError("sim: each *_low must not exceed its *_high")
+        kinds = set(self.deficit_prob) | set(self.affinity) | set(self.kind_params)
+        if kinds - set(KINDS):
+            raise ValueError(f"sim: unknown layer kinds {sorted(kinds - set(KINDS))}; known: {KINDS}")
+        names = {bp.value for bp in Blueprint}
+        blueprints = set(self.param_ratio) | {bp for row in self.affinity.values() for bp in row}
+        if blueprints - names:
+            raise ValueError(f"sim: unknown blueprints {sorted(blueprints - names)}")
+        if any(lo > hi or lo < 0 for lo, hi in self.kind_params.values()):
+            raise ValueError("sim: kind_params must be [low, high] with 0 <= low <= high")

@@ -185,4 +185,8 @@ def state_packet(hosts: HostBatch, tel: Telemetry, e: int, timestamp: float, don
         total_params=host_params + int(hosts.seed_params[e, :n].sum()),
         timestamp=timestamp,
         done=done,
+        # The simulator's epoch-0 packet comes before any training and its last is `epochs`:
+        # after packet e, `epochs - e` epochs remain, i.e. total_epochs - e - 1 as the contract counts.
+        total_epochs=cfg.epochs + 1 if cfg.report_budget else 0,
+        val_samples=cfg.val_samples,
     )

@@ -401,6 +401,8 @@ class HostRun:
             total_params=report.total_params,
             timestamp=time.time(),
             done=done,
+            total_epochs=self.config.epochs,
+            val_samples=int(self.data.y_val.shape[0]),
         )
 
     def _inject_fault(self) -> None:

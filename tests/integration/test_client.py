@@ -182,6 +182,23 @@ async def test_custom_prefix(nats_server: NatsServer, nats_client: Client, tmp_p
     assert [m.subject for m in wire] == ["lab.esper.host-pfx.state"]
 
 
+async def test_state_packets_carry_the_clients_budget_and_validation_size(
+    nats_server: NatsServer, nats_client: Client
+) -> None:
+    wire = await collect(nats_client, "esper.host-budget.state")
+    client = await HostClient.connect(nats_server.url, "host-budget", total_epochs=48, val_samples=600)
+    try:
+        client.send_state(SystemStatePacket(epoch=1))
+        client.send_state(SystemStatePacket(epoch=2, total_epochs=50))  # the packet's own value wins
+        await client.flush()
+        await until(lambda: len(wire) >= 2)
+    finally:
+        await client.close()
+    first, second = (CODEC.decode(m.data, "application/msgpack") for m in wire)
+    assert (first.total_epochs, first.val_samples) == (48, 600)  # type: ignore[union-attr]
+    assert (second.total_epochs, second.val_samples) == (50, 600)  # type: ignore[union-attr]
+
+
 # ------------------------------------------------------------------ commands
 
 

@@ -56,7 +56,10 @@ START_TIMEOUT_S = 90.0  # importing torch and torch_geometric takes ~10 s on a l
 EXIT_TIMEOUT_S = 60.0
 
 # Short episodes with early, quick degradation: many decisions and rewards per second.
-FAST_SIM = SimConfig(epochs=12, min_layers=6, max_layers=8, onset_fraction=0.0, degrade_epochs=2)
+# Short episodes without the budget in their packets: the heuristic still germinates in them.
+FAST_SIM = SimConfig(
+    epochs=12, min_layers=6, max_layers=8, onset_fraction=0.0, degrade_epochs=2, report_budget=False
+)
 GNN = {"name": "gnn", "hidden_size": 64, "gnn_layers": 2}
 PPO_FAST = {"rollout_size": 16, "minibatch_size": 8, "epochs": 4, "warmup_updates": 0}
 

@@ -14,7 +14,9 @@ from tests.integration.helpers import daemon_config, running_daemon, wait_for_st
 
 # Deficits from epoch 0 and a heuristic that does not wait for training to stabilize, so the
 # first germinations come within a few epochs; short cooldowns so lifecycle commands follow.
-FAST_SIM = SimConfig(epochs=12, onset_fraction=0.0, degrade_epochs=2, min_deficits=2, max_deficits=3)
+FAST_SIM = SimConfig(
+    epochs=12, onset_fraction=0.0, degrade_epochs=2, min_deficits=2, max_deficits=3, report_budget=False
+)
 SECTIONS = {
     "scheduler": {"min_interval_s": 0.0, "cooldown_s": 0.1, "max_wait_ms": 1.0},
     "policy": {

@@ -43,6 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
         "and policy.toml into --out.",
     )
     add_train_arguments(train)
+    sim = sub.add_parser("sim", help="simulator tools")
+    sim_sub = sim.add_subparsers(dest="sim_command", required=True)
+    calibrate = sim_sub.add_parser(
+        "calibrate",
+        help="fit the simulator's parameters to recorded real traces",
+        description="Read `esperd record` traces (DIR/**/*.jsonl), fit the simulator's dynamics to "
+        "them (host learning curve, what seeds did by layer kind and blueprint, blend drops, sizes, "
+        "noise) and write the parameters as TOML for `esperd train --sim --sim-config FILE`. With "
+        "--holdout, also print how far the default and the calibrated simulator are from those runs.",
+    )
+    calibrate.add_argument("--traces", required=True, metavar="DIR", help="trace files to fit")
+    calibrate.add_argument("--out", required=True, metavar="FILE", help="TOML file to write")
+    calibrate.add_argument("--holdout", metavar="DIR", help="held-out traces to measure the fit on")
+    calibrate.add_argument("--seed", type=int, default=0, help="simulator seed for the search (0)")
+    calibrate.add_argument(
+        "--no-search", action="store_true", help="skip the blend-instability grid search (faster)"
+    )
     record = sub.add_parser(
         "record",
         help="record every run's messages as JSONL traces (one file per run)",
@@ -92,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from contracts.schema import main as schema_main
 
         return schema_main(["--check"] if args.check else [])
+    if args.command == "sim":
+        return _sim_calibrate(args)
     if args.command == "record":
         return asyncio.run(_record(args))
     if args.command == "watch":
@@ -140,6 +159,19 @@ def run(config: Config) -> int:
         else:
             return uvloop.run(_serve(config))
     return asyncio.run(_serve(config))
+
+
+def _sim_calibrate(args: argparse.Namespace) -> int:
+    """`esperd sim calibrate`: fit, write the TOML, optionally measure on held-out traces."""
+    from esperd.sim.calibrate import CalibrationError, calibrate_main
+
+    try:
+        return calibrate_main(
+            args.traces, args.out, holdout=args.holdout, seed=args.seed, search=not args.no_search
+        )
+    except CalibrationError as exc:
+        print(f"esperd sim calibrate: {exc}", file=sys.stderr)
+        return 2
 
 
 async def _record(args: argparse.Namespace) -> int:

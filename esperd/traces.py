@@ -20,7 +20,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Self
 
@@ -50,30 +50,42 @@ class TraceStats(msgspec.Struct, kw_only=True):
     messages: int = 0
     runs: int = 0
     undecodable: int = 0
-    foreign: int = 0  # subjects that are not `<prefix>.<run>.<channel>` (not written)
+    foreign: int = 0  # not written: subjects that are not `<prefix>.<run>.<channel>`, or routed nowhere
     by_channel: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class TraceWriter:
-    """Appends records to `<out>/<run>.jsonl`. Keeps at most `max_open` files open (LRU).
+    """Appends records to `<out>/<run>.jsonl` (or `<out>/<route(run)>/<run>.jsonl`; a route of None
+    drops the run). Keeps at most `max_open` files open (LRU).
 
     Not thread-safe; call it from one thread (the event loop, for the tap).
     """
 
-    def __init__(self, out_dir: str | Path, *, prefix: str = DEFAULT_PREFIX, max_open: int = 64) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        max_open: int = 64,
+        route: Callable[[str], str | None] | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.max_open = max_open
+        self.route = route
         self.stats = TraceStats()
         self._codec = Codec()
         self._json = msgspec.json.Encoder()
         self._files: collections.OrderedDict[str, IO[bytes]] = collections.OrderedDict()
         self._runs: set[str] = set()
 
-    def path(self, run_id: str) -> Path:
-        """The trace file of one run."""
-        return self.out_dir / f"{run_id}{TRACE_SUFFIX}"
+    def path(self, run_id: str) -> Path | None:
+        """The trace file of one run (None: its route drops it)."""
+        if self.route is None:
+            return self.out_dir / f"{run_id}{TRACE_SUFFIX}"
+        sub = self.route(run_id)
+        return None if sub is None else self.out_dir / sub / f"{run_id}{TRACE_SUFFIX}"
 
     def write_raw(
         self, subject: str, data: bytes, content_type: str | None = None, t: float | None = None
@@ -82,6 +94,9 @@ class TraceWriter:
         try:
             run_id, channel = parse_subject(subject, self.prefix)
         except SubjectError:
+            self.stats.foreign += 1
+            return False
+        if self.path(run_id) is None:
             self.stats.foreign += 1
             return False
         received = time.time() if t is None else t
@@ -112,20 +127,26 @@ class TraceWriter:
 
     def _append(self, record: TraceRecord) -> None:
         handle = self._handle(record.run)
+        if handle is None:
+            return
         handle.write(self._json.encode(record) + b"\n")
         stats = self.stats
         stats.messages += 1
         stats.by_channel[record.channel] = stats.by_channel.get(record.channel, 0) + 1
 
-    def _handle(self, run_id: str) -> IO[bytes]:
+    def _handle(self, run_id: str) -> IO[bytes] | None:
         handle = self._files.get(run_id)
         if handle is not None:
             self._files.move_to_end(run_id)
             return handle
+        path = self.path(run_id)
+        if path is None:
+            return None
         if len(self._files) >= self.max_open:
             _, oldest = self._files.popitem(last=False)
             oldest.close()
-        handle = self._files[run_id] = open(self.path(run_id), "ab")  # noqa: SIM115 - kept open on purpose
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self._files[run_id] = open(path, "ab")  # noqa: SIM115 - kept open on purpose
         if run_id not in self._runs:
             self._runs.add(run_id)
             self.stats.runs += 1
@@ -135,9 +156,16 @@ class TraceWriter:
 class TraceTap:
     """Subscribes to `<prefix>.*.*` on a NATS connection and writes every message to a TraceWriter."""
 
-    def __init__(self, nc: Client, out_dir: str | Path, *, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        out_dir: str | Path,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        route: Callable[[str], str | None] | None = None,
+    ) -> None:
         self.nc = nc
-        self.writer = TraceWriter(out_dir, prefix=prefix)
+        self.writer = TraceWriter(out_dir, prefix=prefix, route=route)
         self._sub: Any = None
         self._flusher: asyncio.Task[None] | None = None
 

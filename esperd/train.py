@@ -840,6 +840,12 @@ def add_arguments(parser: Any) -> None:
     )
     parser.add_argument("--sim", action="store_true", help="learn against the simulator")
     parser.add_argument(
+        "--sim-config",
+        metavar="TOML",
+        help="simulator parameters (e.g. from `esperd sim calibrate`); the reward still comes from "
+        "the [learner.rewards] config",
+    )
+    parser.add_argument(
         "--policy", default="gnn", choices=LEARNABLE_POLICIES, help="policy to train (default gnn)"
     )
     budget = parser.add_mutually_exclusive_group()
@@ -965,6 +971,14 @@ def spec_from_args(args: Any, config_path: str | None) -> TrainSpec:
 
     config = load_config(config_path)
     learner = config.learner
+    sim_config = None
+    if getattr(args, "sim_config", None):
+        from esperd.sim.calibrate import load_sim_config
+
+        try:
+            sim_config = msgspec.structs.replace(load_sim_config(args.sim_config), reward=learner.rewards)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
     return TrainSpec(
         algo=args.algo,
         policy=args.policy,
@@ -994,6 +1008,7 @@ def spec_from_args(args: Any, config_path: str | None) -> TrainSpec:
         imitation=ImitationConfig(steps=args.warm_start_updates, lever_smoothing=args.lever_smoothing),
         anchor_coef=args.anchor_coef,
         anchor_updates=args.anchor_updates,
+        sim_config=sim_config,
     )
 
 

@@ -126,7 +126,7 @@ def blend_alpha(blend: np.ndarray, progress: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- architectures
 
-ARCHITECTURES: tuple[str, ...] = ("cnn", "transformer", "hybrid")
+ARCHITECTURES: tuple[str, ...] = ("cnn", "transformer", "hybrid", "mlp")
 
 
 def build_architecture(
@@ -135,7 +135,8 @@ def build_architecture(
     """Layer kinds and directed edges (chain plus residual skips) of a host with `num_layers` layers.
 
     cnn: conv stem, conv blocks, pool, linear head; transformer: embedding, alternating
-    attention/mlp, linear head; hybrid: conv stem and blocks, then attention/mlp, linear head.
+    attention/mlp, linear head; hybrid: conv stem and blocks, then attention/mlp, linear head;
+    mlp: a stack of linear layers.
     Every block gets a skip edge around it, so skips always exist.
     """
     body = num_layers - 2  # minus stem/embedding and head
@@ -151,12 +152,16 @@ def build_architecture(
             + [ATTENTION if i % 2 == 0 else MLP for i in range(body - convs)]
             + [LINEAR]
         )
+    elif arch == "mlp":
+        kinds = [LINEAR] * num_layers
     else:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     n = len(kinds)
     edges = [(i, i + 1) for i in range(n - 1)]
     # Residual connections around blocks: from a block's input to the layer after it.
-    edges += [(i - 1, i + 1) for i in range(1, n - 1) if kinds[i] in (CONV, ATTENTION, MLP) and i % 2 == 1]
+    edges += [
+        (i - 1, i + 1) for i in range(1, n - 1) if kinds[i] in (CONV, ATTENTION, MLP, LINEAR) and i % 2 == 1
+    ]
     if rng.random() < 0.5 and n >= 5:  # some hosts also have a long skip (e.g. a U-Net-like bridge)
         edges.append((1, n - 2))
     return kinds, sorted(set(edges))

@@ -83,6 +83,7 @@ class HostBatch:
         E, L, B = num_envs, config.max_layers, len(BLUEPRINTS)
         self.num_envs = E
         self.max_layers = L
+        self._tables(config)
         f = lambda: np.zeros((E, L))  # noqa: E731 - a local allocator keeps the list below short
         i = lambda fill=0: np.full((E, L), fill, dtype=np.int64)  # noqa: E731
         # Static per episode.
@@ -119,6 +120,21 @@ class HostBatch:
         self.noise = np.zeros((E, L, 6))
         self.run_noise = np.zeros((E, 4))
 
+    def _tables(self, cfg: SimConfig) -> None:
+        """The catalog's tables with the config's calibrated overrides applied."""
+        self.affinity = C.AFFINITY.copy()
+        for kind, row in cfg.affinity.items():
+            for blueprint, quality in row.items():
+                self.affinity[C.KIND_INDEX[kind], BLUEPRINT_INDEX[Blueprint(blueprint)]] = quality
+        self.param_ratio = C.PARAM_RATIO.copy()
+        for blueprint, ratio in cfg.param_ratio.items():
+            self.param_ratio[BLUEPRINT_INDEX[Blueprint(blueprint)]] = ratio
+        self.kind_params = dict(C.KIND_PARAMS)
+        for kind, bounds in cfg.kind_params.items():
+            self.kind_params[C.KIND_INDEX[kind]] = bounds
+        self.deficit_prob = np.array([cfg.deficit_prob.get(kind, 0.0) for kind in C.KINDS])
+        self.spike_rate = C.SPIKE_RATE * cfg.spike_scale
+
     # ------------------------------------------------------------ episodes
 
     def reset(self, envs: Sequence[int] | np.ndarray) -> None:
@@ -132,12 +148,16 @@ class HostBatch:
         n = int(rng.integers(cfg.min_layers, cfg.max_layers + 1))
         kinds, edges = C.build_architecture(arch, n, rng)
         kind = np.asarray(kinds, dtype=np.int64)
-        lo = np.array([C.KIND_PARAMS[k][0] for k in kinds])
-        hi = np.array([C.KIND_PARAMS[k][1] for k in kinds])
+        lo = np.array([self.kind_params[k][0] for k in kinds])
+        hi = np.array([self.kind_params[k][1] for k in kinds])
         params = (lo + rng.random(n) * (hi - lo)).astype(np.int64)
-        helpable = np.flatnonzero(C.HELPABLE[kind])
-        k = min(int(rng.integers(cfg.min_deficits, cfg.max_deficits + 1)), helpable.size)
-        chosen = rng.choice(helpable, size=k, replace=False) if k else np.zeros(0, dtype=np.int64)
+        if cfg.deficit_prob:  # calibrated: each layer on its own, by its kind's chance
+            chosen = np.flatnonzero(rng.random(n) < self.deficit_prob[kind])
+            k = chosen.size
+        else:
+            helpable = np.flatnonzero(C.HELPABLE[kind])
+            k = min(int(rng.integers(cfg.min_deficits, cfg.max_deficits + 1)), helpable.size)
+            chosen = rng.choice(helpable, size=k, replace=False) if k else np.zeros(0, dtype=np.int64)
         deficit = np.zeros(n)
         deficit[chosen] = rng.uniform(cfg.deficit_low, cfg.deficit_high, k)
         onset = rng.uniform(0.0, cfg.onset_fraction * cfg.epochs, n)
@@ -156,7 +176,7 @@ class HostBatch:
         self.host_params[e] = int(params.sum())
         self.ceiling[e] = rng.uniform(cfg.ceiling_low, cfg.ceiling_high)
         self.rate[e] = rng.uniform(cfg.rate_low, cfg.rate_high)
-        self.host_acc[e] = self.accuracy[e] = rng.uniform(0.10, 0.25)
+        self.host_acc[e] = self.accuracy[e] = rng.uniform(cfg.initial_low, cfg.initial_high)
         self.epoch[e] = 0
         self.temp_drop[e] = self.loss_spike[e] = 0.0
         self._clear_seeds(e, slice(None))
@@ -250,10 +270,13 @@ class HostBatch:
         self.blend[e, layer] = blend
         self.tempo[e, layer] = TEMPO_INDEX[command.tempo or Tempo.STANDARD]
         kind = int(self.kind[e, layer])
-        self.quality[e, layer] = np.clip(C.AFFINITY[kind, bp] + self.quality_noise[e, layer, bp], -0.3, 1.0)
-        ratio = C.PARAM_RATIO[bp]
-        self.interference[e, layer] = C.INTERFERENCE_BASE + C.INTERFERENCE_PER_RATIO * ratio
-        reference = max(int(self.layer_params[e, layer]), C.MIN_SEED_REFERENCE)
+        self.quality[e, layer] = np.clip(
+            self.affinity[kind, bp] + self.quality_noise[e, layer, bp], -0.3, 1.0
+        )
+        ratio = self.param_ratio[bp]
+        cfg = self.config
+        self.interference[e, layer] = cfg.interference + cfg.interference_per_ratio * ratio
+        reference = max(int(self.layer_params[e, layer]), cfg.min_seed_reference)
         gate = C.GATE_PARAM_RATIO if blend == C.GATED_BLEND else 0.0
         self.seed_params[e, layer] = int(round((ratio + gate) * reference))
         self.counts["germinated"][e] += 1
@@ -280,7 +303,7 @@ class HostBatch:
         # Fixed-shape draws, whatever the policy did (see module docstring).
         u_spike, spike_size, loss_jump = (
             rng.random((E, L)),
-            rng.uniform(0.02, 0.04, (E, L)),
+            rng.uniform(cfg.spike_drop_low, cfg.spike_drop_high, (E, L)),
             rng.uniform(0.3, 0.8, (E, L)),
         )
         u_dip, dip_depth, dip_len = (
@@ -360,9 +383,9 @@ class HostBatch:
         self, blending: np.ndarray, u: np.ndarray, size: np.ndarray, loss_jump: np.ndarray
     ) -> None:
         has_seed = self.blueprint != NO_SEED
-        ratio = C.PARAM_RATIO[np.maximum(self.blueprint, 0)]
+        ratio = self.param_ratio[np.maximum(self.blueprint, 0)]
         risk = C.size_factor(ratio) * (1.5 - self.maturity)
-        p_blend = np.where(blending, C.SPIKE_RATE[self.tempo] * C.BLEND_RISK[self.blend] * risk, 0.0)
+        p_blend = np.where(blending, self.spike_rate[self.tempo] * C.BLEND_RISK[self.blend] * risk, 0.0)
         p_jump = np.clip(C.JUMP_SPIKE_RATE * self.jump * risk, 0.0, 1.0)
         p = 1.0 - (1.0 - p_blend) * (1.0 - p_jump)
         spiked = has_seed & self.valid & (u < p)

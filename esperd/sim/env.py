@@ -14,13 +14,14 @@ sees in the daemon. Actions go through the lifecycle table; rewards come from
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 import numpy as np
 
-from contracts import BlendAlgorithm, Blueprint, Op, Tempo
+from contracts import AckStatus, AdaptationCommand, BlendAlgorithm, Blueprint, CommandAck, Op, Tempo
 from esperd.analyzer import Analyzer, AnalyzerConfig, Observation
 from esperd.analyzer.observation import BLENDS, BLUEPRINTS, OPS, TEMPOS
 from esperd.learn.rewards import RewardTracker
@@ -73,10 +74,24 @@ class StepInfo(msgspec.Struct, kw_only=True):
         return self.op is not Op.WAIT and not self.applied
 
 
-class SimEnv:
-    """`num_envs` simulated runs stepped together, one decision per run per epoch."""
+#: Sees every message of every simulated run: (run id, channel, message), as a trace records them.
+PacketObserver = Callable[[str, str, msgspec.Struct], None]
 
-    def __init__(self, num_envs: int = 1, config: SimConfig | None = None, seed: int | None = None) -> None:
+
+class SimEnv:
+    """`num_envs` simulated runs stepped together, one decision per run per epoch.
+
+    `observer`, when set, sees every topology and state packet, and every command with its ack
+    (as the wire messages a real run would exchange; health batches are left out).
+    """
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        config: SimConfig | None = None,
+        seed: int | None = None,
+        observer: PacketObserver | None = None,
+    ) -> None:
         self.config = config or SimConfig()
         self.num_envs = num_envs
         self.hosts = HostBatch(num_envs, self.config, np.random.default_rng(seed))
@@ -89,7 +104,9 @@ class SimEnv:
         self.trackers = [RewardTracker(self.config.reward) for _ in range(num_envs)]
         self.run_ids: list[str] = [""] * num_envs
         self.observations: list[Observation] = []
+        self.observer = observer
         self._time = 0.0
+        self._command_ids = itertools.count(1)
 
     def _clock(self) -> float:
         return self._time
@@ -131,6 +148,8 @@ class SimEnv:
             self.analyzer.ingest_health(run_id, health_batch(hosts, tel, e, self._time))
             state = state_packet(hosts, tel, e, self._time, done)
             self.analyzer.ingest_state(run_id, state)
+            if self.observer is not None:
+                self.observer(run_id, "state", state)
             outcome = self.trackers[e].on_state(state)
             rewards[e] = outcome.reward
             command, (applied, reason) = commands[e], outcomes[e]
@@ -172,10 +191,14 @@ class SimEnv:
         for e in envs.tolist():
             run_id = f"{self.config.run_prefix}-{e}-{int(hosts.episode[e])}"
             self.run_ids[e] = run_id
-            self.analyzer.ingest_topology(run_id, topology_packet(hosts, e, now))
+            topology = topology_packet(hosts, e, now)
+            self.analyzer.ingest_topology(run_id, topology)
             self.analyzer.ingest_health(run_id, health_batch(hosts, tel, e, now))
             state = state_packet(hosts, tel, e, now, done=False)
             self.analyzer.ingest_state(run_id, state)
+            if self.observer is not None:
+                self.observer(run_id, "topology", topology)
+                self.observer(run_id, "state", state)
             tracker = self.trackers[e]
             tracker.reset()
             tracker.on_state(state)  # the baseline: no reward yet
@@ -187,7 +210,30 @@ class SimEnv:
             return True, ""
         applied, reason = self.hosts.apply(e, command)
         tracker.note_action(command.op, command.layer_id, rejected=not applied)
+        if self.observer is not None:
+            self._observe_command(e, command, applied, reason)
         return applied, reason
+
+    def _observe_command(self, e: int, command: Command, applied: bool, reason: str) -> None:
+        assert self.observer is not None
+        run_id = self.run_ids[e]
+        wire = AdaptationCommand(
+            command_id=f"sim-{next(self._command_ids)}",
+            run_id=run_id,
+            layer_id=max(command.layer_id, 0),
+            op=command.op,
+            blueprint=command.blueprint,
+            blend=command.blend,
+            tempo=command.tempo,
+            alpha_target=command.alpha_target,
+            issued_at=self._time,
+        )
+        self.observer(run_id, "command", wire)
+        status = AckStatus.APPLIED if applied else AckStatus.REJECTED
+        ack = CommandAck(
+            command_id=wire.command_id, status=status, reason=reason[:1024], timestamp=self._time
+        )
+        self.observer(run_id, "ack", ack)
 
     def _commands(self, actions: Any) -> list[Command | None]:
         decisions = getattr(actions, "decisions", actions)

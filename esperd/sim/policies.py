@@ -5,13 +5,16 @@
   ScriptedPolicy  hand-written rules that use telemetry the heuristic ignores (dead units,
                   seed gradient ratio) and better levers; it shows the heuristic is beatable
                   from observations alone.
+  FixedPlanPolicy a fixed plan per run (given, or drawn when the run is first seen): germinate
+                  planned (layer, blueprint) pairs at one epoch, advance on a timetable,
+                  fossilize whatever they did -- manual germinations, no telemetry consulted.
 
 Each has `act(observations) -> int64 [B, 5]` action rows, which `SimEnv.step` accepts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -20,6 +23,7 @@ from esperd.analyzer.observation import (
     BLEND_INDEX,
     BLENDS,
     BLUEPRINT_INDEX,
+    BLUEPRINTS,
     NODE_FEATURE_INDEX,
     OP_INDEX,
     STAGE_INDEX,
@@ -171,3 +175,76 @@ class ScriptedPolicy:
         if not obs.blueprint_mask[node, blueprint]:
             return [0, _WAIT, 0, 0, 0]
         return [node, _GERMINATE, blueprint, BLEND_INDEX[BlendAlgorithm.SIGMOID], TEMPO_INDEX[Tempo.STANDARD]]
+
+
+class FixedPlanPolicy:
+    """Germinate each run's planned (layer id, blueprint) pairs at `epoch`, ADVANCE a seed after
+    `train_epochs` in TRAINING, FOSSILIZE it after one epoch on probation: no telemetry is read.
+
+    `plans` maps run ids to their pairs; a run without one gets `seeds_per_run` pairs drawn at
+    random (distinct layers that can germinate, a blueprint that fits each) when first seen.
+    """
+
+    name = "manual"
+
+    def __init__(
+        self,
+        plans: Mapping[str, Sequence[tuple[int, Blueprint]]] | None = None,
+        *,
+        epoch: int = 3,
+        train_epochs: int = 2,
+        seeds_per_run: int = 2,
+        seed: int | None = None,
+        blend: BlendAlgorithm = BlendAlgorithm.SIGMOID,
+        tempo: Tempo = Tempo.STANDARD,
+    ) -> None:
+        self.plans: dict[str, list[tuple[int, Blueprint]]] = {k: list(v) for k, v in (plans or {}).items()}
+        self.epoch = epoch
+        self.train_epochs = train_epochs
+        self.seeds_per_run = seeds_per_run
+        self.rng = np.random.default_rng(seed)
+        self.levers = [BLEND_INDEX[blend], TEMPO_INDEX[tempo]]
+        self._germinated: set[tuple[str, int]] = set()
+
+    def act(self, observations: Sequence[Observation], deterministic: bool = False) -> np.ndarray:
+        return np.array([self._one(obs) for obs in observations], dtype=np.int64).reshape(-1, 5)
+
+    def forget(self, run_ids: Sequence[str]) -> None:
+        for run_id in run_ids:
+            self.plans.pop(run_id, None)
+        self._germinated = {key for key in self._germinated if key[0] not in set(run_ids)}
+
+    def _plan(self, obs: Observation) -> list[tuple[int, Blueprint]]:
+        plan = self.plans.get(obs.run_id)
+        if plan is None:
+            slots = np.flatnonzero(obs.op_mask[:, _GERMINATE])
+            chosen = self.rng.permutation(slots)[: self.seeds_per_run]
+            plan = []
+            for node in chosen.tolist():
+                fitting = np.flatnonzero(obs.blueprint_mask[node])
+                plan.append((int(obs.layer_ids[node]), BLUEPRINTS[int(self.rng.choice(fitting))]))
+            self.plans[obs.run_id] = plan
+        return plan
+
+    def _one(self, obs: Observation) -> list[int]:
+        node_of = {int(layer): i for i, layer in enumerate(obs.layer_ids.tolist())}
+        eis = np.rint(obs.node_features[:, _N["epochs_in_stage"]] * _EPOCHS_IN_STAGE_SCALE)
+        for layer_id, blueprint in self._plan(obs):
+            node = node_of.get(layer_id)
+            if node is None:
+                continue
+            stage, legal = int(obs.stages[node]), obs.op_mask[node]
+            key = (obs.run_id, layer_id)
+            if stage == _S[SeedStage.DORMANT] and key not in self._germinated and obs.epoch >= self.epoch:
+                if legal[_GERMINATE] and obs.blueprint_mask[node, BLUEPRINT_INDEX[blueprint]]:
+                    self._germinated.add(key)
+                    return [node, _GERMINATE, BLUEPRINT_INDEX[blueprint], *self.levers]
+            elif (
+                stage == _S[SeedStage.TRAINING]
+                and eis[node] >= self.train_epochs
+                and legal[OP_INDEX[Op.ADVANCE]]
+            ):
+                return [node, OP_INDEX[Op.ADVANCE], 0, 0, 0]
+            elif stage == _S[SeedStage.PROBATIONARY] and eis[node] >= 1 and legal[OP_INDEX[Op.FOSSILIZE]]:
+                return [node, OP_INDEX[Op.FOSSILIZE], 0, 0, 0]
+        return [0, _WAIT, 0, 0, 0]

@@ -45,6 +45,8 @@ async def test_tap_writes_one_decoded_trace_per_run(
         await host.flush()  # the host's pump publishes in the background: keep the order known
         command = AdaptationCommand(command_id="c1", run_id="run-a", layer_id=0, op=Op.PRUNE)
         await nats_client.publish("tr1.run-a.command", codec.encode(command))
+        # Two connections: wait for the command to be recorded so that the ack comes after it.
+        await _wait_for(lambda: tap.writer.stats.by_channel.get("command", 0) >= 1)
         host.ack(command, applied=False, reason="no slot")
         await nats_client.publish("tr1.run-b.state", b'{"kind":"state","epoch":1,"val_accuracy":0.25}')
         await nats_client.publish("tr1.run-b.health", b"\xc1 not msgpack")  # undecodable: kept, flagged
@@ -104,3 +106,17 @@ async def test_record_cli_writes_traces_and_exits_zero_on_sigterm(
     summary = json.loads(stdout.decode().strip().splitlines()[-1])
     assert summary["runs"] == 1 and summary["messages"] >= 1
     assert all(r.msg is not None and r.msg["epoch"] == 3 for r in read_trace(out / "r1.jsonl"))
+
+
+def test_writer_routes_runs_to_subdirectories_and_drops_unrouted_ones(tmp_path: Path) -> None:
+    from esperd.traces import TraceWriter
+
+    writer = TraceWriter(tmp_path, route={"a": "fit", "b": "holdout"}.get)
+    for run in ("a", "b", "c"):
+        assert writer.write_raw(f"esper.{run}.state", b'{"kind":"state","epoch":1}') is (run != "c")
+    writer.close()
+    assert [p.relative_to(tmp_path).as_posix() for p in trace_files(tmp_path)] == [
+        "fit/a.jsonl",
+        "holdout/b.jsonl",
+    ]
+    assert writer.stats.foreign == 1 and writer.stats.runs == 2

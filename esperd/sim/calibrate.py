@@ -1,0 +1,676 @@
+"""Fit the simulator to real host traces, and measure how far it still is from them.
+
+    esperd sim calibrate --traces DIR --out sim.toml
+    esperd train --sim --sim-config sim.toml ...
+
+Traces are what `esperd record` writes (one JSONL file per run). Each run is summarized the
+same way whether it is real or simulated (`summarize`): its validation-accuracy curve, and per
+germinated seed its layer kind, blueprint, size, fate, its *gain* (the counterfactual on its
+last epoch of probation: validation accuracy with the seed minus without it) and its *blend
+drop* (the largest one-epoch fall of validation accuracy while it blended).
+
+`fit` estimates the simulator's parameters from those summaries by matching moments:
+
+  host curve     per run without seeds, acc(e) = c - (c - a0) (1 - r)^e by least squares:
+                 the ranges of r, a0, c (the ceiling plus the deficits the seeds can repair),
+                 and the residual spread (accuracy noise);
+  deficits       a seed "helped" when its gain is more than two standard errors above 0 (the
+                 analyzer's rule); per layer kind, the share that helped is the chance a layer
+                 of that kind has a deficit; the helped gains' range sets the deficits' size;
+  affinity       per (kind, blueprint), E[max(gain, 0)] = P(deficit) * quality * maturity *
+                 E[deficit], solved for quality and shrunk toward the kind's mean;
+  interference   the median loss of the seeds that did not help;
+  sizes          seed / layer parameter ratios per blueprint, layer sizes per kind, run length,
+                 layer counts and architecture families, validation size;
+  blends         instability rate and drop size by a small grid search that matches the
+                 simulated blend drops to the real ones.
+
+`discrepancy` compares two sets of summaries (e.g. held-out real runs and simulated runs with
+the same controllers): Wasserstein-1 distances of the gain and blend-drop distributions,
+per-kind gains, and the mean learning curve of runs without seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from contracts import (
+    AckStatus,
+    AdaptationCommand,
+    Blueprint,
+    CommandAck,
+    Op,
+    SeedStage,
+    SystemStatePacket,
+    TopologyPacket,
+)
+from esperd.analyzer.observation import layer_kind
+from esperd.analyzer.run import counterfactual_se
+from esperd.sim import catalog as C
+from esperd.sim.config import SimConfig
+from esperd.traces import read_trace, trace_files
+
+#: Epochs a seed grows (TRAINING + BLENDING) before it is judged, for the maturity factor.
+_GROWTH_EPOCHS = 7
+#: Quality the sim gives the best blueprint on a kind (sets the scale of the deficits).
+_BEST_QUALITY = 0.85
+_SHRINK = 2.0  # pseudo-seeds pulling a (kind, blueprint) quality toward its kind's mean
+_MESSAGE_TYPES: dict[str, type] = {
+    "topology": TopologyPacket,
+    "state": SystemStatePacket,
+    "command": AdaptationCommand,
+    "ack": CommandAck,
+}
+
+
+class CalibrationError(ValueError):
+    """Traces that cannot calibrate anything (none, or none with the needed content)."""
+
+
+# ---------------------------------------------------------------- summaries
+
+
+class SeedEpisode(msgspec.Struct, kw_only=True):
+    """One germinated seed, from its GERMINATE to its end (or the run's)."""
+
+    layer_id: int
+    kind: str
+    blueprint: str
+    germinated_epoch: int
+    layer_params: int = 0
+    seed_params: int = 0
+    gain: float | None = None  # counterfactual on its last epoch of probation (None: never got there)
+    blend_drop: float | None = None  # largest one-epoch validation-accuracy fall while blending
+    fate: str = "live"  # fossilized | pruned | live
+
+
+class RunSummary(msgspec.Struct, kw_only=True):
+    """What calibration needs of one run."""
+
+    run: str
+    controller: str
+    accuracy: list[float]  # validation accuracy per state packet, in epoch order
+    total_epochs: int = 0
+    val_samples: int = 0
+    kinds: list[str] = []  # per layer, in layer-id order
+    layer_params: list[int] = []
+    seeds: list[SeedEpisode] = []
+
+
+def summarize(run: str, messages: Iterable[tuple[str, Any]], controller: str = "") -> RunSummary | None:
+    """Summarize one run's messages (channel, contract Struct) in arrival order; None with fewer than
+    two state packets (nothing to learn from)."""
+    topology: TopologyPacket | None = None
+    states: list[tuple[int, SystemStatePacket]] = []
+    commands: dict[str, AdaptationCommand] = {}
+    applied: list[tuple[int, AdaptationCommand]] = []
+    policies: list[str] = []
+    for index, (channel, message) in enumerate(messages):
+        if channel == "topology":
+            topology = message
+        elif channel == "state":
+            states.append((index, message))
+        elif channel == "command":
+            commands[message.command_id] = message
+            if message.policy:
+                policies.append(message.policy)
+        elif channel == "ack" and message.status is AckStatus.APPLIED:
+            command = commands.get(message.command_id)
+            if command is not None:
+                applied.append((index, command))
+    if len(states) < 2:
+        return None
+    by_epoch: dict[int, tuple[int, SystemStatePacket]] = {}
+    for index, state in states:
+        by_epoch[state.epoch] = (index, state)  # a repeated epoch: the latest packet wins
+    ordered = [by_epoch[e] for e in sorted(by_epoch)]
+    layers = sorted(topology.nodes, key=lambda n: n.layer_id) if topology is not None else []
+    kind_of = {n.layer_id: layer_kind(n.layer_type) for n in layers}
+    params_of = {n.layer_id: n.params for n in layers}
+    last = ordered[-1][1]
+    return RunSummary(
+        run=run,
+        controller=controller or (policies[0] if policies else "static"),
+        accuracy=[s.val_accuracy for _, s in ordered],
+        total_epochs=last.total_epochs or len(ordered),
+        val_samples=last.val_samples,
+        kinds=[kind_of[n.layer_id] for n in layers],
+        layer_params=[params_of[n.layer_id] for n in layers],
+        seeds=[
+            _seed_episode(command, index, ordered, kind_of, params_of)
+            for index, command in applied
+            if command.op is Op.GERMINATE and command.blueprint is not None
+        ],
+    )
+
+
+def _seed_episode(
+    command: AdaptationCommand,
+    applied_at: int,
+    ordered: Sequence[tuple[int, SystemStatePacket]],
+    kind_of: Mapping[int, str],
+    params_of: Mapping[int, int],
+) -> SeedEpisode:
+    assert command.blueprint is not None
+    layer = command.layer_id
+    after = [(i, s) for i, s in ordered if i > applied_at]
+    before = [s for i, s in ordered if i < applied_at]
+    episode = SeedEpisode(
+        layer_id=layer,
+        kind=kind_of.get(layer, "other"),
+        blueprint=command.blueprint.value,
+        germinated_epoch=before[-1].epoch if before else 0,
+        layer_params=params_of.get(layer, 0),
+    )
+    accuracy = {s.epoch: s.val_accuracy for _, s in ordered}
+    drops = []
+    started = False
+    for _, state in after:
+        slot = next((x for x in state.seeds if x.layer_id == layer and x.seed_id == 0), None)
+        if slot is None:
+            continue
+        stage = slot.stage
+        if stage is SeedStage.DORMANT and started:
+            episode.fate = "pruned"  # back to dormant: its PRUNED epochs were not seen
+            break
+        started |= stage is not SeedStage.DORMANT
+        episode.seed_params = max(episode.seed_params, slot.params)
+        if stage is SeedStage.BLENDING and state.epoch - 1 in accuracy:
+            drops.append(accuracy[state.epoch - 1] - state.val_accuracy)
+        if stage is SeedStage.PROBATIONARY:
+            episode.gain = slot.counterfactual
+        if stage in (SeedStage.FOSSILIZED, SeedStage.PRUNED):
+            episode.fate = stage.value
+            break
+    if drops:
+        episode.blend_drop = max(0.0, max(drops))
+    return episode
+
+
+def read_summaries(directory: str | Path) -> list[RunSummary]:
+    """Summaries of every trace file under `directory` (runs without a state packet are skipped)."""
+    summaries = []
+    for path in trace_files(directory):
+        messages = []
+        for record in read_trace(path):
+            kind = _MESSAGE_TYPES.get(record.channel)
+            if kind is None or record.msg is None:
+                continue
+            try:
+                messages.append((record.channel, msgspec.convert(record.msg, kind)))
+            except msgspec.ValidationError:
+                continue
+        summary = summarize(path.stem, messages)
+        if summary is not None:
+            summaries.append(summary)
+    return summaries
+
+
+# ---------------------------------------------------------------- simulated summaries
+
+
+def simulate(
+    config: SimConfig, controller: str, episodes: int, seed: int = 0, envs: int = 8
+) -> list[RunSummary]:
+    """Run `episodes` simulated runs under a controller (static | heuristic | random | manual | a
+    PolicyBundle-like object) and summarize them exactly like real traces."""
+    from esperd.sim.env import SimEnv
+
+    policy = _controller(controller, seed)
+    logs: dict[str, list[tuple[str, Any]]] = {}
+    env = SimEnv(
+        envs,
+        config,
+        seed=seed,
+        observer=lambda run, channel, m: logs.setdefault(run, []).append((channel, m)),
+    )
+    observations = env.reset()
+    finished: list[str] = []
+    while len(finished) < episodes:
+        _, _, _, infos = env.step(policy.act(observations))
+        observations = env.observations
+        for info in infos:
+            if info.episode is not None:
+                finished.append(info.run_id)
+                if hasattr(policy, "forget"):
+                    policy.forget([info.run_id])
+    env.close()
+    name = controller if isinstance(controller, str) else getattr(controller, "name", "policy")
+    summaries = [summarize(run, logs[run], controller=name) for run in finished[:episodes]]
+    return [s for s in summaries if s is not None]
+
+
+def _controller(controller: Any, seed: int) -> Any:
+    if not isinstance(controller, str):
+        return controller
+    from esperd.sim import policies as P
+
+    if controller == "static":
+        return P.WaitPolicy()
+    if controller == "random":
+        return P.RandomPolicy(seed)
+    if controller == "manual":
+        return P.FixedPlanPolicy(seed=seed)
+    if controller == "heuristic":
+        from esperd.policy import create_policy
+
+        return create_policy("heuristic")
+    raise CalibrationError(f"unknown controller {controller!r} (static | heuristic | random | manual)")
+
+
+def simulate_like(
+    config: SimConfig, real: Sequence[RunSummary], seed: int = 0, min_episodes: int = 16
+) -> list[RunSummary]:
+    """Simulated runs with the same controllers as `real`, at least `min_episodes` (or 2x) each."""
+    counts: dict[str, int] = {}
+    for summary in real:
+        counts[summary.controller] = counts.get(summary.controller, 0) + 1
+    out: list[RunSummary] = []
+    for i, (controller, n) in enumerate(sorted(counts.items())):
+        if controller not in ("static", "heuristic", "random", "manual"):
+            continue
+        out += simulate(config, controller, max(min_episodes, 2 * n), seed=seed + 1000 * i)
+    return out
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def curve_fit(accuracy: Sequence[float]) -> tuple[float, float, float, float]:
+    """(a0, c, r, residual sd) of acc(e) = c - (c - a0)(1 - r)^e, by least squares over a grid of r."""
+    y = np.asarray(accuracy, dtype=np.float64)
+    e = np.arange(y.size, dtype=np.float64)
+    best = (float(y[0]), float(y[-1]), 0.0, float("inf"))
+    for r in np.linspace(0.02, 0.95, 94):
+        basis = np.stack([np.ones_like(e), -((1.0 - r) ** e)], axis=1)
+        coef, *_ = np.linalg.lstsq(basis, y, rcond=None)
+        residual = y - basis @ coef
+        sse = float(residual @ residual)
+        if sse < best[3]:
+            c, b = float(coef[0]), float(coef[1])
+            best = (c - b, c, float(r), sse)
+    a0, c, r, sse = best
+    sd = math.sqrt(sse / max(y.size - 3, 1))
+    return a0, c, r, sd
+
+
+def helped(episode: SeedEpisode, val_samples: int, default_se: float = 0.005) -> bool:
+    """Whether a seed's gain is more than two standard errors above 0 (the heuristic's rule)."""
+    if episode.gain is None:
+        return False
+    return episode.gain > 2.0 * counterfactual_se(episode.gain, 0.0, 1, val_samples, default_se)
+
+
+def _gains(summaries: Iterable[RunSummary]) -> list[tuple[SeedEpisode, int]]:
+    return [(s, run.val_samples) for run in summaries for s in run.seeds if s.gain is not None]
+
+
+def wasserstein(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Wasserstein-1 distance between two samples (None if either is empty)."""
+    if len(a) == 0 or len(b) == 0:
+        return None
+    grid = np.linspace(0.0, 1.0, 201)
+    return float(np.mean(np.abs(np.quantile(a, grid) - np.quantile(b, grid))))
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
+    if not values:
+        return float("nan"), float("nan"), 0
+    arr = np.asarray(values)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0, int(arr.size)
+
+
+class Discrepancy(msgspec.Struct, kw_only=True):
+    """How far one set of runs (e.g. simulated) is from another (real)."""
+
+    gain_w1: float | None
+    blend_drop_w1: float | None
+    curve_mae: float | None  # mean |difference| of the static runs' mean curves at 11 points in time
+    final_accuracy_w1: float | None
+    helped_share: tuple[float, float]  # (real, other)
+    gain_by_kind: dict[str, tuple[tuple[float, float, int], tuple[float, float, int]]]
+    gain_by_blueprint: dict[str, tuple[tuple[float, float, int], tuple[float, float, int]]]
+    blend_drop: tuple[tuple[float, float, int], tuple[float, float, int]]
+
+
+def discrepancy(real: Sequence[RunSummary], other: Sequence[RunSummary]) -> Discrepancy:
+    """Compare `other` (simulated) with `real` on the statistics calibration matches."""
+    real_gains, other_gains = _gains(real), _gains(other)
+    drops = lambda runs: [s.blend_drop for r in runs for s in r.seeds if s.blend_drop is not None]  # noqa: E731
+    share = lambda gains: float(np.mean([helped(s, n) for s, n in gains])) if gains else float("nan")  # noqa: E731
+
+    def grouped(key: str) -> dict[str, tuple[tuple[float, float, int], tuple[float, float, int]]]:
+        groups = sorted({getattr(s, key) for s, _ in real_gains})
+        return {
+            g: (
+                _mean_sd([s.gain for s, _ in real_gains if getattr(s, key) == g]),  # type: ignore[misc]
+                _mean_sd([s.gain for s, _ in other_gains if getattr(s, key) == g]),  # type: ignore[misc]
+            )
+            for g in groups
+        }
+
+    return Discrepancy(
+        gain_w1=wasserstein([s.gain for s, _ in real_gains], [s.gain for s, _ in other_gains]),  # type: ignore[misc]
+        blend_drop_w1=wasserstein(drops(real), drops(other)),
+        curve_mae=_curve_mae(real, other),
+        final_accuracy_w1=wasserstein([r.accuracy[-1] for r in real], [r.accuracy[-1] for r in other]),
+        helped_share=(share(real_gains), share(other_gains)),
+        gain_by_kind=grouped("kind"),
+        gain_by_blueprint=grouped("blueprint"),
+        blend_drop=(_mean_sd(drops(real)), _mean_sd(drops(other))),
+    )
+
+
+def _mean_curve(runs: Sequence[RunSummary]) -> np.ndarray | None:
+    static = [r.accuracy for r in runs if r.controller == "static" and len(r.accuracy) >= 2]
+    if not static:
+        return None
+    grid = np.linspace(0.0, 1.0, 11)
+    return np.mean([np.interp(grid, np.linspace(0.0, 1.0, len(a)), a) for a in static], axis=0)
+
+
+def _curve_mae(real: Sequence[RunSummary], other: Sequence[RunSummary]) -> float | None:
+    a, b = _mean_curve(real), _mean_curve(other)
+    return None if a is None or b is None else float(np.mean(np.abs(a - b)))
+
+
+# ---------------------------------------------------------------- fitting
+
+
+class FitReport(msgspec.Struct, kw_only=True):
+    """What the fit saw and estimated (written as comments into the TOML)."""
+
+    runs: int
+    static_runs: int
+    seeds: int
+    seeds_with_gain: int
+    notes: list[str] = []
+
+
+def fit(
+    real: Sequence[RunSummary], base: SimConfig | None = None, *, seed: int = 0, search: bool = True
+) -> tuple[SimConfig, FitReport]:
+    """A SimConfig whose dynamics match `real` (see the module docstring). Raises CalibrationError."""
+    if not real:
+        raise CalibrationError("no runs with a state packet in the traces")
+    base = base or SimConfig()
+    notes: list[str] = []
+    values: dict[str, Any] = {}
+
+    # Run shape: length, layer counts, architectures, sizes, validation size.
+    lengths = [r.total_epochs for r in real if r.total_epochs >= 2]
+    epochs = max(int(np.median(lengths)) - 1, 2) if lengths else base.epochs
+    values["epochs"] = epochs
+    counts = [len(r.kinds) for r in real if r.kinds]
+    if counts:
+        values["min_layers"] = max(4, min(counts))
+        values["max_layers"] = max(values["min_layers"], max(counts))
+    archs = sorted({_architecture(r.kinds) for r in real if r.kinds})
+    if archs:
+        values["architectures"] = tuple(archs)
+    sizes: dict[str, list[int]] = {}
+    for r in real:
+        for kind, params in zip(r.kinds, r.layer_params, strict=False):
+            if kind in C.KIND_INDEX:
+                sizes.setdefault(kind, []).append(params)
+    values["kind_params"] = {k: (int(min(v)), int(max(v))) for k, v in sizes.items()}
+    nonzero = [p for v in sizes.values() for p in v if p > 0]
+    if nonzero:
+        values["min_seed_reference"] = int(np.percentile(nonzero, 10))
+    val_sizes = [r.val_samples for r in real if r.val_samples > 0]
+    val_samples = int(np.median(val_sizes)) if val_sizes else 0
+    values["val_samples"] = val_samples
+    values["onset_fraction"] = 0.0  # a model too small is too small from the start
+    values["degrade_epochs"] = 1
+
+    # Host curve, from runs without seeds (or the epochs before the first germination).
+    curves = [r.accuracy for r in real if r.controller == "static" and len(r.accuracy) >= 4]
+    if not curves:
+        curves = [
+            r.accuracy[: min(s.germinated_epoch for s in r.seeds) + 1] if r.seeds else r.accuracy
+            for r in real
+        ]
+        curves = [c for c in curves if len(c) >= 4]
+        notes.append("no static runs: the host curve comes from the epochs before each run's first seed")
+    if not curves:
+        raise CalibrationError("no run has 4 or more epochs without a seed to fit the host's learning curve")
+    fits = np.array([curve_fit(c) for c in curves])
+    first = np.array([c[0] for c in curves])
+    values["initial_low"], values["initial_high"] = _range(first, 0.0, 1.0)
+    values["rate_low"], values["rate_high"] = _range(fits[:, 2], 0.01, 1.0)
+    plateau_low, plateau_high = _range(fits[:, 1], 0.0, 1.0)
+    values["accuracy_noise"] = float(np.clip(np.median(fits[:, 3]), 0.0, 0.2))
+
+    # Seeds: who helped, by how much, where; interference; sizes; counterfactual noise.
+    gains = _gains(real)
+    ratios: dict[str, list[float]] = {}
+    for r in real:
+        for s in r.seeds:
+            if s.layer_params > 0 and s.seed_params > 0:
+                ratios.setdefault(s.blueprint, []).append(s.seed_params / s.layer_params)
+    values["param_ratio"] = {bp: float(np.clip(np.median(v), 0.0, 100.0)) for bp, v in ratios.items()}
+    maturity = 1.0 - (1.0 - 0.35) ** _GROWTH_EPOCHS
+    if gains:
+        good = [s.gain for s, n in gains if helped(s, n)]
+        bad = [s.gain for s, n in gains if not helped(s, n)]
+        by_kind: dict[str, list[tuple[SeedEpisode, int]]] = {}
+        for s, n in gains:
+            by_kind.setdefault(s.kind, []).append((s, n))
+        overall = len(good) / len(gains)
+        prob = {  # shrunk toward the overall share by one pseudo-seed
+            kind: (sum(helped(s, n) for s, n in group) + overall) / (len(group) + 1.0)
+            for kind, group in by_kind.items()
+            if kind in C.KIND_INDEX
+        }
+        if good:
+            low, high = np.percentile(good, [10, 90])
+            scale = _BEST_QUALITY * maturity
+            values["deficit_low"] = float(np.clip(low / scale, 0.0, 1.0))
+            values["deficit_high"] = float(np.clip(max(high / scale, low / scale), 0.0, 1.0))
+        mean_deficit = 0.5 * (
+            values.get("deficit_low", base.deficit_low) + values.get("deficit_high", base.deficit_high)
+        )
+        values["affinity"] = _affinity(by_kind, prob, maturity * mean_deficit)
+        # A kind where no seed ever helped gets no deficits (none a seed could repair).
+        values["deficit_prob"] = {
+            k: float(np.clip(p, 0.0, 1.0))
+            if max(values["affinity"].get(k, {}).values(), default=0.0) > 0
+            else 0.0
+            for k, p in prob.items()
+        }
+        values["interference"] = float(np.clip(-np.median(bad), -0.2, 0.2)) if bad else base.interference
+        values["interference_per_ratio"] = 0.0
+        # Expected repairable accuracy of a typical real host: the ceiling sits that far above its plateau.
+        typical = [
+            sum(values["deficit_prob"].get(k, 0.0) for k in r.kinds) * mean_deficit for r in real if r.kinds
+        ]
+        lift = float(np.mean(typical)) if typical else 0.0
+    else:
+        notes.append("no seed reached probation: deficits, affinity and interference keep the base values")
+        lift = 0.5 * (base.min_deficits + base.max_deficits) * 0.5 * (base.deficit_low + base.deficit_high)
+    values["ceiling_low"] = float(np.clip(plateau_low + lift, 0.0, 1.0))
+    values["ceiling_high"] = float(np.clip(max(plateau_high + lift, values["ceiling_low"]), 0.0, 1.0))
+    noise = _counterfactual_noise(real)
+    if noise is not None:
+        values["counterfactual_noise"] = noise
+    config = msgspec.structs.replace(base, **values)
+
+    if search:
+        config = _fit_blends(config, real, seed)
+    report = FitReport(
+        runs=len(real),
+        static_runs=sum(r.controller == "static" for r in real),
+        seeds=sum(len(r.seeds) for r in real),
+        seeds_with_gain=len(gains),
+        notes=notes,
+    )
+    return config, report
+
+
+def _range(values: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    """The 10th-90th percentile range, clipped to [lo, hi]."""
+    a, b = np.percentile(values, [10, 90])
+    return float(np.clip(a, lo, hi)), float(np.clip(max(a, b), lo, hi))
+
+
+def _architecture(kinds: Sequence[str]) -> str:
+    present = set(kinds)
+    if "conv" in present and present & {"attention", "mlp"}:
+        return "hybrid"
+    if "conv" in present:
+        return "cnn"
+    if present & {"attention", "embedding"}:
+        return "transformer"
+    return "mlp"
+
+
+def _affinity(
+    by_kind: Mapping[str, Sequence[tuple[SeedEpisode, int]]], prob: Mapping[str, float], unit: float
+) -> dict[str, dict[str, float]]:
+    """Quality per (kind, blueprint): E[gain+] / (P(deficit) * maturity * E[deficit]), shrunk to the kind."""
+    table: dict[str, dict[str, float]] = {}
+    for kind, group in by_kind.items():
+        if kind not in C.KIND_INDEX or prob.get(kind, 0.0) <= 0.0 or unit <= 0.0:
+            continue
+        scale = prob[kind] * unit
+        kind_mean = float(np.mean([max(s.gain or 0.0, 0.0) for s, _ in group])) / scale
+        row = {}
+        for bp in sorted({s.blueprint for s, _ in group}):
+            own = [max(s.gain or 0.0, 0.0) / scale for s, _ in group if s.blueprint == bp]
+            quality = (sum(own) + _SHRINK * kind_mean) / (len(own) + _SHRINK)
+            row[bp] = float(np.clip(quality, 0.0, 1.0))
+        # Blueprints of the kind's family never tried keep the kind's mean (not the catalog's).
+        cnn = C.KIND_FAMILY_CNN[C.KIND_INDEX[kind]]
+        for bp in Blueprint:
+            if (bp.family.value == "cnn") == bool(cnn) and bp.value not in row:
+                row[bp.value] = float(np.clip(kind_mean, 0.0, 1.0))
+        table[kind] = row
+    return table
+
+
+def _counterfactual_noise(real: Sequence[RunSummary]) -> float | None:
+    """Typical measurement noise of a counterfactual: the validation-size error at the seeds' gains."""
+    gains = _gains(real)
+    if not gains:
+        return None
+    errors = [counterfactual_se(s.gain or 0.0, 0.0, 1, n, 0.005) for s, n in gains]
+    return float(np.clip(np.median(errors), 0.0, 1.0))
+
+
+def _fit_blends(config: SimConfig, real: Sequence[RunSummary], seed: int) -> SimConfig:
+    """Instability rate and size that make simulated blend drops match the real ones (grid search)."""
+    real_drops = [s.blend_drop for r in real for s in r.seeds if s.blend_drop is not None]
+    if len(real_drops) < 5:
+        return config
+    best, best_score = config, float("inf")
+    for scale in (0.0, 0.5, 1.0, 2.0, 4.0):
+        for size in (0.5, 1.0, 2.0):
+            candidate = msgspec.structs.replace(
+                config,
+                spike_scale=scale,
+                spike_drop_low=min(0.02 * size, 1.0),
+                spike_drop_high=min(0.04 * size, 1.0),
+            )
+            sim = simulate(candidate, "manual", 24, seed=seed) + simulate(
+                candidate, "random", 16, seed=seed + 1
+            )
+            drops = [s.blend_drop for r in sim for s in r.seeds if s.blend_drop is not None]
+            score = wasserstein(real_drops, drops)
+            if score is not None and score < best_score:
+                best, best_score = candidate, score
+    return best
+
+
+# ---------------------------------------------------------------- TOML
+
+
+def to_toml(config: SimConfig, header: Sequence[str] = ()) -> str:
+    """The config as TOML that `load_sim_config` reads (everything but the reward, which training sets)."""
+    data = msgspec.to_builtins(config)
+    data.pop("reward", None)
+    lines = [f"# {line}" for line in header]
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml(value)}")
+    for key, value in tables.items():
+        nested = {k: v for k, v in value.items() if isinstance(v, dict)}
+        lines += ["", f"[{key}]"]
+        lines += [f"{k} = {_toml(v)}" for k, v in value.items() if not isinstance(v, dict)]
+        for sub, row in nested.items():
+            lines += ["", f"[{key}.{sub}]"]
+            lines += [f"{k} = {_toml(v)}" for k, v in row.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(round(value, 6))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def load_sim_config(path: str | Path) -> SimConfig:
+    """Read a simulator config (what `esperd sim calibrate` writes); raises ValueError with the reason."""
+    try:
+        return msgspec.toml.decode(Path(path).read_bytes(), type=SimConfig)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise ValueError(f"sim config {path}: {exc}") from None
+
+
+# ---------------------------------------------------------------- command line
+
+
+def calibrate_main(
+    traces: str | Path,
+    out: str | Path,
+    *,
+    holdout: str | Path | None = None,
+    seed: int = 0,
+    search: bool = True,
+) -> int:
+    """Fit `traces`, write `out`; with `holdout`, print the discrepancy before and after."""
+    if not Path(traces).is_dir():
+        raise CalibrationError(f"{traces} is not a directory")
+    real = read_summaries(traces)
+    config, report = fit(real, seed=seed, search=search)
+    header = [
+        "Simulator parameters fitted by `esperd sim calibrate` (esperd.sim.calibrate).",
+        f"From {report.runs} runs in {traces} ({report.static_runs} without seeds, {report.seeds} seeds, "
+        f"{report.seeds_with_gain} judged on probation).",
+        *report.notes,
+        "Use: esperd train --sim --sim-config THIS_FILE ...",
+    ]
+    Path(out).write_text(to_toml(config, header), encoding="utf-8")
+    print(f"esperd sim calibrate: {report.runs} runs, {report.seeds_with_gain} seeds judged -> {out}")
+    if holdout is not None:
+        held = read_summaries(holdout)
+        if not held:
+            raise CalibrationError(f"no runs in {holdout}")
+        for label, candidate in (("default", SimConfig()), ("calibrated", config)):
+            d = discrepancy(held, simulate_like(candidate, held, seed=seed + 7))
+            print(f"  {label:>10}: {format_discrepancy(d)}")
+    return 0
+
+
+def format_discrepancy(d: Discrepancy) -> str:
+    """One line: the headline distances."""
+    show = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+    return (
+        f"gain W1 {show(d.gain_w1)}, blend drop W1 {show(d.blend_drop_w1)}, "
+        f"static curve MAE {show(d.curve_mae)}, final accuracy W1 {show(d.final_accuracy_w1)}, "
+        f"helped {d.helped_share[0]:.2f} real vs {d.helped_share[1]:.2f}"
+    )

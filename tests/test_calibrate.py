@@ -1,0 +1,218 @@
+"""Simulator calibration: trace summaries, the fit, the TOML it writes, and `esperd train --sim-config`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from contracts import (
+    AckStatus,
+    AdaptationCommand,
+    Blueprint,
+    CommandAck,
+    Op,
+    SeedSlotState,
+    SeedStage,
+    SystemStatePacket,
+    TopologyNode,
+    TopologyPacket,
+)
+from esperd.cli import build_parser
+from esperd.cli import main as cli_main
+from esperd.sim.calibrate import (
+    curve_fit,
+    discrepancy,
+    fit,
+    load_sim_config,
+    read_summaries,
+    simulate,
+    summarize,
+    to_toml,
+)
+from esperd.sim.config import SimConfig
+from esperd.sim.dynamics import HostBatch
+from esperd.train import spec_from_args
+from esperd.traces import TraceWriter
+
+S = SeedStage
+
+
+def state(
+    epoch: int, acc: float, stage: SeedStage = S.DORMANT, cf: float = 0.0, params: int = 0
+) -> SystemStatePacket:
+    seed = SeedSlotState(layer_id=1, stage=stage, counterfactual=cf, params=params)
+    return SystemStatePacket(epoch=epoch, val_accuracy=acc, seeds=[seed], total_epochs=10, val_samples=400)
+
+
+def seed_messages() -> list[tuple[str, object]]:
+    """A run whose MLP seed on a linear layer blends with one bad epoch, helps by 0.03, is fossilized."""
+    topology = TopologyPacket(
+        nodes=[
+            TopologyNode(layer_id=i, layer_type=t, params=p)
+            for i, (t, p) in enumerate([("conv", 90), ("linear", 200)])
+        ]
+    )
+    germinate = AdaptationCommand(
+        command_id="g", run_id="r", layer_id=1, op=Op.GERMINATE, blueprint=Blueprint.MLP, policy="heuristic"
+    )
+    fossilize = AdaptationCommand(command_id="f", run_id="r", layer_id=1, op=Op.FOSSILIZE, policy="heuristic")
+    accs = [0.5, 0.6, 0.65, 0.66, 0.62, 0.7, 0.72, 0.73]
+    stages = [
+        S.DORMANT,
+        S.DORMANT,
+        S.TRAINING,
+        S.BLENDING,
+        S.BLENDING,
+        S.BLENDING,
+        S.PROBATIONARY,
+        S.FOSSILIZED,
+    ]
+    out: list[tuple[str, object]] = [
+        ("topology", topology),
+        ("state", state(0, accs[0])),
+        ("state", state(1, accs[1])),
+    ]
+    out += [("command", germinate), ("ack", CommandAck(command_id="g", status=AckStatus.APPLIED))]
+    for epoch in range(2, 8):
+        cf = 0.03 if stages[epoch] is S.PROBATIONARY else 0.0
+        out.append(("state", state(epoch, accs[epoch], stages[epoch], cf, params=120)))
+        if stages[epoch] is S.PROBATIONARY:
+            out += [("command", fossilize), ("ack", CommandAck(command_id="f", status=AckStatus.APPLIED))]
+    return out
+
+
+def test_summarize_follows_a_seed_from_germination_to_its_fate() -> None:
+    summary = summarize("r", seed_messages())
+    assert summary is not None
+    assert summary.controller == "heuristic" and summary.kinds == ["conv", "linear"]
+    assert summary.accuracy[0] == 0.5 and len(summary.accuracy) == 8
+    assert summary.total_epochs == 10 and summary.val_samples == 400
+    (seed,) = summary.seeds
+    assert (seed.kind, seed.blueprint, seed.germinated_epoch, seed.fate) == ("linear", "mlp", 1, "fossilized")
+    assert seed.gain == pytest.approx(0.03) and seed.seed_params == 120 and seed.layer_params == 200
+    assert seed.blend_drop == pytest.approx(0.04)  # 0.66 -> 0.62 while blending
+
+
+def test_summaries_read_back_from_trace_files(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path)
+    for channel, message in seed_messages():
+        writer.write("r", channel, message)  # type: ignore[arg-type]
+    writer.close()
+    (summary,) = read_summaries(tmp_path)
+    assert summary == summarize("r", seed_messages())
+
+
+def test_curve_fit_recovers_a_known_learning_curve() -> None:
+    e = np.arange(20)
+    acc = 0.9 - (0.9 - 0.2) * (1 - 0.3) ** e
+    a0, c, r, sd = curve_fit(acc.tolist())
+    assert (a0, c, r) == pytest.approx((0.2, 0.9, 0.3), abs=0.01) and sd < 1e-3
+
+
+def test_a_calibrated_config_loads_and_drives_the_simulator(tmp_path: Path) -> None:
+    config = SimConfig(
+        epochs=8,
+        architectures=("mlp",),
+        deficit_prob={"linear": 0.5},
+        affinity={"linear": {"mlp": 0.9, "attention": 0.1}},
+        param_ratio={"mlp": 1.5},
+        kind_params={"linear": (100, 300)},
+        min_seed_reference=50,
+        spike_scale=0.5,
+    )
+    path = tmp_path / "sim.toml"
+    path.write_text(to_toml(config, ["a header"]))
+    loaded = load_sim_config(path)
+    assert loaded == config
+    hosts = HostBatch(4, loaded, np.random.default_rng(0))
+    hosts.reset(np.arange(4))
+    assert set(hosts.kind[hosts.valid].tolist()) == {5}  # linear only
+    assert ((hosts.layer_params[hosts.valid] >= 100) & (hosts.layer_params[hosts.valid] <= 300)).all()
+    assert hosts.deficit[hosts.valid].any()  # linear layers can now have deficits
+    with pytest.raises(ValueError, match="unknown layer kinds"):
+        SimConfig(deficit_prob={"lstm": 0.1})
+    (tmp_path / "bad.toml").write_text("epochs = 1\n")
+    with pytest.raises(ValueError, match="bad.toml"):
+        load_sim_config(tmp_path / "bad.toml")
+
+
+def test_calibration_moves_the_simulator_toward_the_runs_it_was_fitted_to() -> None:
+    # "Real" runs from a simulator with other dynamics than the default; fit on some, judge on others.
+    truth = SimConfig(
+        epochs=16,
+        architectures=("mlp",),
+        min_layers=4,
+        max_layers=5,
+        deficit_prob={"linear": 0.6},
+        affinity={"linear": {bp.value: 0.8 for bp in Blueprint if bp.family.value == "transformer"}},
+        deficit_low=0.04,
+        deficit_high=0.08,
+        ceiling_low=0.6,
+        ceiling_high=0.7,
+        rate_low=0.3,
+        rate_high=0.4,
+        initial_low=0.3,
+        initial_high=0.4,
+        onset_fraction=0.0,
+        degrade_epochs=1,
+        val_samples=500,
+    )
+    runs = lambda seed: [  # noqa: E731
+        *simulate(truth, "static", 12, seed=seed),
+        *simulate(truth, "manual", 24, seed=seed + 1),
+    ]
+    fitted, report = fit(runs(0), search=False)
+    assert report.static_runs == 12 and report.seeds_with_gain > 10
+    assert fitted.architectures == ("mlp",) and fitted.epochs == 16
+    held = runs(100)
+    before = discrepancy(held, runs_like(SimConfig(), seed=7))
+    after = discrepancy(held, runs_like(fitted, seed=7))
+    assert after.gain_w1 is not None and before.gain_w1 is not None
+    assert after.gain_w1 < before.gain_w1
+    assert after.curve_mae is not None and before.curve_mae is not None and after.curve_mae < before.curve_mae
+    assert after.final_accuracy_w1 < before.final_accuracy_w1  # type: ignore[operator]
+    assert not math.isnan(after.helped_share[1])
+
+
+def runs_like(config: SimConfig, seed: int) -> list:
+    return [*simulate(config, "static", 12, seed=seed), *simulate(config, "manual", 24, seed=seed + 1)]
+
+
+def test_cli_calibrates_traces_into_a_toml_that_train_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    traces = tmp_path / "traces"
+    writer = TraceWriter(traces)
+    config = SimConfig(epochs=14, val_samples=300)
+    for summary_seed, controller in ((0, "static"), (1, "manual")):
+        from esperd.sim.env import SimEnv
+        from esperd.sim.policies import FixedPlanPolicy, WaitPolicy
+
+        policy = WaitPolicy() if controller == "static" else FixedPlanPolicy(seed=summary_seed)
+        env = SimEnv(
+            4,
+            config,
+            seed=summary_seed,
+            observer=lambda run, ch, m, c=controller: writer.write(f"{c}-{run}", ch, m),
+        )
+        obs = env.reset()
+        for _ in range(config.epochs):
+            obs, *_ = env.step(policy.act(obs))
+    writer.close()
+    out = tmp_path / "sim.toml"
+    assert cli_main(["sim", "calibrate", "--traces", str(traces), "--out", str(out), "--no-search"]) == 0
+    calibrated = load_sim_config(out)
+    assert calibrated.epochs == 14 and calibrated.val_samples == 300
+    printed = capsys.readouterr().out
+    assert "8 runs" in printed and "0 seeds judged" not in printed
+    # Bad input: a clear error and exit 2.
+    assert cli_main(["sim", "calibrate", "--traces", str(tmp_path / "none"), "--out", str(out)]) == 2
+    args = build_parser().parse_args(
+        ["train", "--algo", "ppo", "--sim", "--sim-config", str(out), "--out", str(tmp_path / "t")]
+    )
+    spec = spec_from_args(args, None)
+    assert spec.sim_config is not None and spec.sim_config.epochs == 14
+    assert spec.sim_config.deficit_prob == calibrated.deficit_prob

@@ -204,7 +204,9 @@ async def record_controller(
     out: Path,
     concurrency: int,
 ) -> None:
-    run_id = lambda seed: f"{task}-w{width}-{controller}-s{seed}"
+    def run_id(seed: int) -> str:
+        return f"{task}-w{width}-{controller}-s{seed}"
+
     todo = [s for s in seeds if not (out / _split(s, holdout) / f"{run_id(s)}.jsonl").exists()]
     if not todo:
         return

@@ -20,8 +20,7 @@ from contracts import (
     TopologyNode,
     TopologyPacket,
 )
-from esperd.cli import build_parser
-from esperd.cli import main as cli_main
+from esperd.cli import build_parser, main as cli_main
 from esperd.sim.calibrate import (
     curve_fit,
     discrepancy,
@@ -34,8 +33,8 @@ from esperd.sim.calibrate import (
 )
 from esperd.sim.config import SimConfig
 from esperd.sim.dynamics import HostBatch
-from esperd.train import spec_from_args
 from esperd.traces import TraceWriter
+from esperd.train import spec_from_args
 
 S = SeedStage
 

@@ -89,10 +89,7 @@ def counterfactual_se(mean: float, spread: float, samples: int, val_samples: int
     contribution moves from epoch to epoch (`spread`, the sample standard deviation), which does
     average out. Without the validation size, `default` stands for the first part.
     """
-    if val_samples > 0:
-        finite = math.sqrt(max(abs(mean), 1.0 / val_samples) / val_samples)
-    else:
-        finite = default
+    finite = math.sqrt(max(abs(mean), 1.0 / val_samples) / val_samples) if val_samples > 0 else default
     return math.sqrt(finite * finite + (spread * spread / samples if samples > 1 else 0.0))
 
 

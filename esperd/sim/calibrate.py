@@ -401,12 +401,40 @@ def fit(
         raise CalibrationError("no runs with a state packet in the traces")
     base = base or SimConfig()
     notes: list[str] = []
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = _fit_shape(real, base)
+    plateau = _fit_curve(real, values, notes)
+    gains = _gains(real)
+    values["param_ratio"] = _param_ratios(real)
+    if gains:
+        lift = _fit_seeds(real, gains, base, values)
+    else:
+        notes.append("no seed reached probation: deficits, affinity and interference keep the base values")
+        lift = 0.5 * (base.min_deficits + base.max_deficits) * 0.5 * (base.deficit_low + base.deficit_high)
+    # The sim's host converges to its ceiling less its deficits: the real plateau plus what seeds repair.
+    values["ceiling_low"] = float(np.clip(plateau[0] + lift, 0.0, 1.0))
+    values["ceiling_high"] = float(np.clip(max(plateau[1] + lift, values["ceiling_low"]), 0.0, 1.0))
+    noise = _counterfactual_noise(real)
+    if noise is not None:
+        values["counterfactual_noise"] = noise
+    config = msgspec.structs.replace(base, **values)
+    if search:
+        config = _fit_blends(config, real, seed)
+    report = FitReport(
+        runs=len(real),
+        static_runs=sum(r.controller == "static" for r in real),
+        seeds=sum(len(r.seeds) for r in real),
+        seeds_with_gain=len(gains),
+        notes=notes,
+    )
+    return config, report
 
-    # Run shape: length, layer counts, architectures, sizes, validation size.
+
+def _fit_shape(real: Sequence[RunSummary], base: SimConfig) -> dict[str, Any]:
+    """Run length, layer counts, architecture families, layer sizes, validation size."""
+    values: dict[str, Any] = {}
     lengths = [r.total_epochs for r in real if r.total_epochs >= 2]
-    epochs = max(int(np.median(lengths)) - 1, 2) if lengths else base.epochs
-    values["epochs"] = epochs
+    # The sim's first packet comes before training and its last is `epochs`: epochs + 1 packets.
+    values["epochs"] = max(int(np.median(lengths)) - 1, 2) if lengths else base.epochs
     counts = [len(r.kinds) for r in real if r.kinds]
     if counts:
         values["min_layers"] = max(4, min(counts))
@@ -424,93 +452,83 @@ def fit(
     if nonzero:
         values["min_seed_reference"] = int(np.percentile(nonzero, 10))
     val_sizes = [r.val_samples for r in real if r.val_samples > 0]
-    val_samples = int(np.median(val_sizes)) if val_sizes else 0
-    values["val_samples"] = val_samples
+    values["val_samples"] = int(np.median(val_sizes)) if val_sizes else 0
     values["onset_fraction"] = 0.0  # a model too small is too small from the start
     values["degrade_epochs"] = 1
+    return values
 
-    # Host curve, from runs without seeds (or the epochs before the first germination).
+
+def _fit_curve(real: Sequence[RunSummary], values: dict[str, Any], notes: list[str]) -> tuple[float, float]:
+    """Host learning curve from runs without seeds (else the epochs before each run's first seed);
+    sets the initial accuracy, rate and noise, and returns the plateau's (low, high) range."""
     curves = [r.accuracy for r in real if r.controller == "static" and len(r.accuracy) >= 4]
     if not curves:
-        curves = [
+        early = [
             r.accuracy[: min(s.germinated_epoch for s in r.seeds) + 1] if r.seeds else r.accuracy
             for r in real
         ]
-        curves = [c for c in curves if len(c) >= 4]
+        curves = [c for c in early if len(c) >= 4]
         notes.append("no static runs: the host curve comes from the epochs before each run's first seed")
     if not curves:
         raise CalibrationError("no run has 4 or more epochs without a seed to fit the host's learning curve")
     fits = np.array([curve_fit(c) for c in curves])
-    first = np.array([c[0] for c in curves])
-    values["initial_low"], values["initial_high"] = _range(first, 0.0, 1.0)
+    values["initial_low"], values["initial_high"] = _range(np.array([c[0] for c in curves]), 0.0, 1.0)
     values["rate_low"], values["rate_high"] = _range(fits[:, 2], 0.01, 1.0)
-    plateau_low, plateau_high = _range(fits[:, 1], 0.0, 1.0)
     values["accuracy_noise"] = float(np.clip(np.median(fits[:, 3]), 0.0, 0.2))
+    return _range(fits[:, 1], 0.0, 1.0)
 
-    # Seeds: who helped, by how much, where; interference; sizes; counterfactual noise.
-    gains = _gains(real)
+
+def _param_ratios(real: Sequence[RunSummary]) -> dict[str, float]:
+    """Median seed / layer parameter ratio per blueprint."""
     ratios: dict[str, list[float]] = {}
     for r in real:
         for s in r.seeds:
             if s.layer_params > 0 and s.seed_params > 0:
                 ratios.setdefault(s.blueprint, []).append(s.seed_params / s.layer_params)
-    values["param_ratio"] = {bp: float(np.clip(np.median(v), 0.0, 100.0)) for bp, v in ratios.items()}
-    maturity = 1.0 - (1.0 - 0.35) ** _GROWTH_EPOCHS
-    if gains:
-        good = [s.gain for s, n in gains if helped(s, n)]
-        bad = [s.gain for s, n in gains if not helped(s, n)]
-        by_kind: dict[str, list[tuple[SeedEpisode, int]]] = {}
-        for s, n in gains:
-            by_kind.setdefault(s.kind, []).append((s, n))
-        overall = len(good) / len(gains)
-        prob = {  # shrunk toward the overall share by one pseudo-seed
-            kind: (sum(helped(s, n) for s, n in group) + overall) / (len(group) + 1.0)
-            for kind, group in by_kind.items()
-            if kind in C.KIND_INDEX
-        }
-        if good:
-            low, high = np.percentile(good, [10, 90])
-            scale = _BEST_QUALITY * maturity
-            values["deficit_low"] = float(np.clip(low / scale, 0.0, 1.0))
-            values["deficit_high"] = float(np.clip(max(high / scale, low / scale), 0.0, 1.0))
-        mean_deficit = 0.5 * (
-            values.get("deficit_low", base.deficit_low) + values.get("deficit_high", base.deficit_high)
-        )
-        values["affinity"] = _affinity(by_kind, prob, maturity * mean_deficit)
-        # A kind where no seed ever helped gets no deficits (none a seed could repair).
-        values["deficit_prob"] = {
-            k: float(np.clip(p, 0.0, 1.0))
-            if max(values["affinity"].get(k, {}).values(), default=0.0) > 0
-            else 0.0
-            for k, p in prob.items()
-        }
-        values["interference"] = float(np.clip(-np.median(bad), -0.2, 0.2)) if bad else base.interference
-        values["interference_per_ratio"] = 0.0
-        # Expected repairable accuracy of a typical real host: the ceiling sits that far above its plateau.
-        typical = [
-            sum(values["deficit_prob"].get(k, 0.0) for k in r.kinds) * mean_deficit for r in real if r.kinds
-        ]
-        lift = float(np.mean(typical)) if typical else 0.0
-    else:
-        notes.append("no seed reached probation: deficits, affinity and interference keep the base values")
-        lift = 0.5 * (base.min_deficits + base.max_deficits) * 0.5 * (base.deficit_low + base.deficit_high)
-    values["ceiling_low"] = float(np.clip(plateau_low + lift, 0.0, 1.0))
-    values["ceiling_high"] = float(np.clip(max(plateau_high + lift, values["ceiling_low"]), 0.0, 1.0))
-    noise = _counterfactual_noise(real)
-    if noise is not None:
-        values["counterfactual_noise"] = noise
-    config = msgspec.structs.replace(base, **values)
+    return {bp: float(np.clip(np.median(v), 0.0, 100.0)) for bp, v in ratios.items()}
 
-    if search:
-        config = _fit_blends(config, real, seed)
-    report = FitReport(
-        runs=len(real),
-        static_runs=sum(r.controller == "static" for r in real),
-        seeds=sum(len(r.seeds) for r in real),
-        seeds_with_gain=len(gains),
-        notes=notes,
+
+def _fit_seeds(
+    real: Sequence[RunSummary],
+    gains: Sequence[tuple[SeedEpisode, int]],
+    base: SimConfig,
+    values: dict[str, Any],
+) -> float:
+    """Deficits per kind, their size, blueprint qualities and interference; returns the accuracy a
+    typical real host's deficits hold back (what the sim's ceiling adds to the real plateau)."""
+    maturity = 1.0 - (1.0 - 0.35) ** _GROWTH_EPOCHS
+    good = [s.gain for s, n in gains if helped(s, n)]
+    bad = [s.gain for s, n in gains if not helped(s, n)]
+    by_kind: dict[str, list[tuple[SeedEpisode, int]]] = {}
+    for s, n in gains:
+        by_kind.setdefault(s.kind, []).append((s, n))
+    overall = len(good) / len(gains)
+    prob = {  # shrunk toward the overall share by one pseudo-seed
+        kind: (sum(helped(s, n) for s, n in group) + overall) / (len(group) + 1.0)
+        for kind, group in by_kind.items()
+        if kind in C.KIND_INDEX
+    }
+    if good:
+        low, high = np.percentile(good, [10, 90])
+        scale = _BEST_QUALITY * maturity
+        values["deficit_low"] = float(np.clip(low / scale, 0.0, 1.0))
+        values["deficit_high"] = float(np.clip(max(high, low) / scale, 0.0, 1.0))
+    mean_deficit = 0.5 * (
+        values.get("deficit_low", base.deficit_low) + values.get("deficit_high", base.deficit_high)
     )
-    return config, report
+    affinity = _affinity(by_kind, prob, maturity * mean_deficit)
+    values["affinity"] = affinity
+    # A kind where no seed ever helped gets no deficits (none a seed could repair).
+    values["deficit_prob"] = {
+        k: float(np.clip(p, 0.0, 1.0)) if max(affinity.get(k, {}).values(), default=0.0) > 0 else 0.0
+        for k, p in prob.items()
+    }
+    values["interference"] = float(np.clip(-np.median(bad), -0.2, 0.2)) if bad else base.interference
+    values["interference_per_ratio"] = 0.0
+    typical = [
+        sum(values["deficit_prob"].get(k, 0.0) for k in r.kinds) * mean_deficit for r in real if r.kinds
+    ]
+    return float(np.mean(typical)) if typical else 0.0
 
 
 def _range(values: np.ndarray, lo: float, hi: float) -> tuple[float, float]:

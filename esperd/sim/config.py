@@ -7,8 +7,8 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from esperd.learn.rewards import RewardConfig
 from contracts import Blueprint
+from esperd.learn.rewards import RewardConfig
 from esperd.sim.catalog import ARCHITECTURES, KINDS
 
 Prob = Annotated[float, Meta(ge=0.0, le=1.0)]

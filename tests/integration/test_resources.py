@@ -119,12 +119,13 @@ async def test_max_runs_caps_the_run_table_and_counts_the_refused(
     async with running_daemon(config):
         for i in range(50):
             await nats_client.publish(f"esper.crowd-{i:02d}.health", health)
-        full = await wait_for_status(nats_client, lambda s: s["accepted_total"] == 50)
+        full = await wait_for_status(nats_client, lambda s: s["accepted_total"] + s["rejected_total"] == 50)
         emptied = await wait_for_status(nats_client, lambda s: s["runs"] == 0, timeout=5.0)
         await nats_client.publish("esper.latecomer.health", health)
-        after = await wait_for_status(nats_client, lambda s: s["accepted_total"] == 51)
+        after = await wait_for_status(nats_client, lambda s: s["accepted_total"] == 21)
     assert full["runs"] == 20
     assert full["rejected_by_reason"] == {"too_many_runs": 30}
+    assert full["accepted_total"] == 20  # each message counted once: the refused are not accepted too
     assert emptied["runs"] == 0 and emptied["evicted_runs"] == 20
     assert after["runs"] == 1 and after["rejected_total"] == 30  # room again once the idle runs are gone
 

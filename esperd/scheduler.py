@@ -3,7 +3,8 @@
 Pure bookkeeping (no NATS, no torch): the service feeds it events and asks it for
 the next micro-batch. A run becomes due on each state packet and on a material
 health change, never more often than `min_interval_s`; a layer that received a
-command is left alone for `cooldown_s` unless the command was rejected or timed out.
+command is left alone for `cooldown_s` unless the command was rejected or timed out,
+and in any case until the host has answered it (or it timed out).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Scheduler:
         self._last_decided: dict[str, float] = {}
         self._cooldowns: dict[str, dict[int, float]] = {}  # run -> layer -> until
         self.pending: dict[str, PendingCommand] = {}  # command id -> command
+        self._pending_layers: dict[str, dict[int, int]] = {}  # run -> layer -> commands awaiting an ack
         self.overflow = 0
         self.stale = 0
 
@@ -110,6 +112,7 @@ class Scheduler:
         self._due_at.pop(run_id, None)
         self._last_decided.pop(run_id, None)
         self._cooldowns.pop(run_id, None)
+        self._pending_layers.pop(run_id, None)
         for command_id in [c for c, p in self.pending.items() if p.run_id == run_id]:
             del self.pending[command_id]
 
@@ -137,6 +140,8 @@ class Scheduler:
         now = self._clock() if now is None else now
         self._cooldowns.setdefault(run_id, {})[layer_id] = now + self.config.cooldown_s
         self.pending[command_id] = PendingCommand(run_id, layer_id, now, op, blueprint)
+        layers = self._pending_layers.setdefault(run_id, {})
+        layers[layer_id] = layers.get(layer_id, 0) + 1
 
     def note_ack(self, run_id: str, command_id: str, applied: bool) -> PendingCommand | None:
         """The host of `run_id` answered. A rejection frees the layer at once. None when this run has
@@ -145,6 +150,7 @@ class Scheduler:
         if command is None or command.run_id != run_id:
             return None
         del self.pending[command_id]
+        self._settled(command)
         if not applied:
             self._release(command)
         return command
@@ -160,18 +166,33 @@ class Scheduler:
         expired = [(cid, p) for cid, p in self.pending.items() if p.issued_at <= limit]
         for command_id, command in expired:
             del self.pending[command_id]
+            self._settled(command)
             self._release(command)
         return expired
 
     def cooling_layers(self, run_id: str, now: float | None = None) -> set[int]:
-        """Layers of a run that must not be targeted right now."""
+        """Layers of a run that must not be targeted right now: cooling down, or waiting for the ack
+        of a command (a second command before the host answered the first could be applied twice)."""
+        awaiting = self._pending_layers.get(run_id)
         layers = self._cooldowns.get(run_id)
         if not layers:
-            return set()
+            return set(awaiting) if awaiting else set()
         now = self._clock() if now is None else now
         for layer_id in [lid for lid, until in layers.items() if until <= now]:
             del layers[layer_id]
-        return set(layers)
+        return set(layers).union(awaiting) if awaiting else set(layers)
+
+    def _settled(self, command: PendingCommand) -> None:
+        layers = self._pending_layers.get(command.run_id)
+        if layers is None:
+            return
+        left = layers.get(command.layer_id, 0) - 1
+        if left > 0:
+            layers[command.layer_id] = left
+        else:
+            layers.pop(command.layer_id, None)
+            if not layers:
+                del self._pending_layers[command.run_id]
 
     def _release(self, command: PendingCommand) -> None:
         layers = self._cooldowns.get(command.run_id, {})

@@ -152,9 +152,30 @@ def test_note_command_cools_the_layer_for_cooldown_s() -> None:
     assert sched.cooling_layers("a") == {3}
     assert sched.cooling_layers("b") == set()  # per run
     assert sched.pending["c1"] == PendingCommand("a", 3, 1000.0, "germinate")
+    sched.note_ack("a", "c1", applied=True)
     clock.advance(29.9)
     assert sched.cooling_layers("a") == {3}
     clock.advance(0.2)
+    assert sched.cooling_layers("a") == set()
+
+
+def test_a_layer_waits_for_its_commands_ack_whatever_the_cooldown() -> None:
+    # A second command sent before the host answered the first could be applied twice (two
+    # ADVANCEs: TRAINING -> BLENDING -> PROBATIONARY at once): the layer waits for the ack.
+    sched, clock = make(cooldown_s=0.0, ack_timeout_s=60.0)
+    sched.note_command("c1", "a", 3, "advance")
+    sched.note_command("c2", "a", 4, "advance")
+    clock.advance(5.0)
+    assert sched.cooling_layers("a") == {3, 4}
+    sched.note_ack("a", "c1", applied=True)
+    assert sched.cooling_layers("a") == {4}
+    sched.note_ack("b", "c2", applied=True)  # another run's ack frees nothing
+    assert sched.cooling_layers("a") == {4}
+    clock.advance(60.0)
+    assert [cid for cid, _ in sched.expire_pending()] == ["c2"]
+    assert sched.cooling_layers("a") == set()
+    sched.note_command("c3", "a", 4, "prune")
+    sched.forget_run("a")
     assert sched.cooling_layers("a") == set()
 
 
@@ -226,8 +247,8 @@ def test_an_older_commands_timeout_or_rejection_does_not_free_a_newer_commands_c
     sched, clock = make(cooldown_s=30.0, ack_timeout_s=60.0)
     sched.note_command("old", "a", 1, "germinate")  # never acked
     clock.advance(31.0)
-    assert sched.cooling_layers("a") == set()  # its cooldown ran out
-    sched.note_command("new", "a", 1, "advance")  # cools layer 1 until t=1061
+    assert sched.cooling_layers("a") == {1}  # its cooldown ran out, but it still awaits its ack
+    sched.note_command("new", "a", 1, "advance")  # (a policy that ignored the mask) cools until t=1061
     clock.advance(29.5)  # t=1060.5: "old" times out
     assert [cid for cid, _ in sched.expire_pending()] == ["old"]
     assert sched.cooling_layers("a") == {1}  # still "new"'s cooldown

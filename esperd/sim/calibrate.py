@@ -11,9 +11,9 @@ drop* (the largest one-epoch fall of validation accuracy while it blended).
 
 `fit` estimates the simulator's parameters from those summaries by matching moments:
 
-  host curve     per run without seeds, acc(e) = c - (c - a0) (1 - r)^e by least squares:
-                 the ranges of r, a0, c (the ceiling plus the deficits the seeds can repair),
-                 and the residual spread (accuracy noise);
+  host curve     per run that germinated nothing, acc(e) = c - (c - a0) (1 - r)^e by least
+                 squares: the ranges of r, a0, c (the ceiling less the deficits seeds can
+                 repair), and the epoch-to-epoch jitter late in training (accuracy noise);
   deficits       a seed "helped" when its gain is more than two standard errors above 0 (the
                  analyzer's rule); per layer kind, the share that helped is the chance a layer
                  of that kind has a deficit; the helped gains' range sets the deficits' size;
@@ -33,6 +33,7 @@ per-kind gains, and the mean learning curve of runs without seeds.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -193,8 +194,14 @@ def _seed_episode(
     return episode
 
 
+#: `benchmarks/record_traces.py` names runs <task>-w<width>-<controller>-s<seed>.
+_RECORDED_RUN = re.compile(r"-(static|heuristic|random|manual)-s\d+$")
+
+
 def read_summaries(directory: str | Path) -> list[RunSummary]:
-    """Summaries of every trace file under `directory` (runs without a state packet are skipped)."""
+    """Summaries of every trace file under `directory` (runs with fewer than two state packets are
+    skipped). The controller is the one the run id names (the trace recorder's convention), else
+    the policy named by the run's commands ("static" when it got none)."""
     summaries = []
     for path in trace_files(directory):
         messages = []
@@ -206,7 +213,8 @@ def read_summaries(directory: str | Path) -> list[RunSummary]:
                 messages.append((record.channel, msgspec.convert(record.msg, kind)))
             except msgspec.ValidationError:
                 continue
-        summary = summarize(path.stem, messages)
+        named = _RECORDED_RUN.search(path.stem)
+        summary = summarize(path.stem, messages, controller=named.group(1) if named else "")
         if summary is not None:
             summaries.append(summary)
     return summaries
@@ -459,22 +467,29 @@ def _fit_shape(real: Sequence[RunSummary], base: SimConfig) -> dict[str, Any]:
 
 
 def _fit_curve(real: Sequence[RunSummary], values: dict[str, Any], notes: list[str]) -> tuple[float, float]:
-    """Host learning curve from runs without seeds (else the epochs before each run's first seed);
+    """Host learning curve from runs that germinated nothing (else the epochs before each run's first seed);
     sets the initial accuracy, rate and noise, and returns the plateau's (low, high) range."""
-    curves = [r.accuracy for r in real if r.controller == "static" and len(r.accuracy) >= 4]
+    curves = [r.accuracy for r in real if not r.seeds and len(r.accuracy) >= 4]
     if not curves:
         early = [
             r.accuracy[: min(s.germinated_epoch for s in r.seeds) + 1] if r.seeds else r.accuracy
             for r in real
         ]
         curves = [c for c in early if len(c) >= 4]
-        notes.append("no static runs: the host curve comes from the epochs before each run's first seed")
+        notes.append(
+            "no run without seeds: the host curve comes from the epochs before each run's first seed"
+        )
     if not curves:
         raise CalibrationError("no run has 4 or more epochs without a seed to fit the host's learning curve")
     fits = np.array([curve_fit(c) for c in curves])
     values["initial_low"], values["initial_high"] = _range(np.array([c[0] for c in curves]), 0.0, 1.0)
     values["rate_low"], values["rate_high"] = _range(fits[:, 2], 0.01, 1.0)
-    values["accuracy_noise"] = float(np.clip(np.median(fits[:, 3]), 0.0, 0.2))
+    # Epoch-to-epoch jitter late in training (differences of the second half, / sqrt 2), which the
+    # curve's shape does not inflate the way the fit's residuals can.
+    jitter = [float(np.std(np.diff(c[len(c) // 2 :]))) / math.sqrt(2.0) for c in curves if len(c) >= 6]
+    values["accuracy_noise"] = float(
+        np.clip(np.median(jitter) if jitter else np.median(fits[:, 3]), 0.0, 0.2)
+    )
     return _range(fits[:, 1], 0.0, 1.0)
 
 

@@ -153,9 +153,20 @@ def families(snapshot: Snapshot) -> list[Any]:
         )
         f.counters_by(
             "esperd_runs_evicted",
-            "Runs dropped, by reason (idle, done, handover, reused, refused)",
+            "Runs dropped, by reason (idle, done, handover, reused)",
             "reason",
             s.run_table.dropped_by_reason,
+        )
+        f.counter("esperd_runs_reused", "Run ids that started a new episode after done", s.run_table.reused)
+        f.gauge(
+            "esperd_runs_memory_used_bytes",
+            "Estimated memory of every tracked run's state",
+            s.run_table.memory_used_bytes,
+        )
+        f.gauge(
+            "esperd_runs_memory_budget_bytes",
+            "The limit on that estimate (analyzer.memory_budget_mb)",
+            s.run_table.memory_budget_bytes,
         )
     else:
         f.counter("esperd_runs_evicted", "Runs dropped", s.evicted_runs)

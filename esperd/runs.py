@@ -14,6 +14,12 @@ messages (a health signal, a repeated `done`) are accepted and not ingested. Rec
 finished ids are remembered (ids and final epochs only, at most `max_runs` of them) so that a
 reuse after the grace is counted too.
 
+Memory: what each run costs is estimated from its node and edge counts (`estimated_bytes`),
+and the table keeps the sum over every tracked run within `memory_budget_bytes`. The budget is
+checked when a run is admitted (its base cost) and whenever its graph grows (the analyzer asks
+`resize` first, for a topology and for layers inferred from signals); what does not fit is
+refused with reason `memory_budget`, once finished runs have given up their grace.
+
 Pure bookkeeping: no NATS, no torch. The event loop owns it (not thread-safe).
 """
 
@@ -33,6 +39,19 @@ from contracts import HealthBatch, HealthSignal, SystemStatePacket, TopologyPack
 log = structlog.get_logger("esperd.runs")
 
 RunMessage = TopologyPacket | HealthSignal | HealthBatch | SystemStatePacket
+
+MIB = 1 << 20
+# Upper bounds of one run's memory, over every serving policy, as benchmarks/bench_run_memory.py
+# measures it (RSS per run: analyzer tables and windows, the policy's per-run caches, the
+# recorder's open step). Edges get their own term: a run may declare 16 edges per layer.
+RUN_BASE_BYTES = 48 * 1024
+NODE_BYTES = 4 * 1024
+EDGE_BYTES = 256
+
+
+def estimated_bytes(nodes: int, edges: int) -> int:
+    """What a run with this graph costs in memory, by the table's estimate."""
+    return RUN_BASE_BYTES + NODE_BYTES * nodes + EDGE_BYTES * edges
 
 
 class DropReason(enum.StrEnum):
@@ -69,6 +88,10 @@ class RunTableStatus(msgspec.Struct, kw_only=True):
     admitted: int  # admissions since start (a reused id counts again)
     reused: int  # run ids that started a new episode after `done`
     dropped_by_reason: dict[str, int]
+    nodes: int  # across every tracked run
+    edges: int
+    memory_budget_bytes: int
+    memory_used_bytes: int  # estimated (see esperd.runs.estimated_bytes)
 
 
 @dataclass(slots=True)
@@ -76,6 +99,9 @@ class _Run:
     last_seen: float
     done_at: float | None = None
     final_epoch: int = 0
+    nodes: int = 0
+    edges: int = 0
+    bytes: int = RUN_BASE_BYTES
 
 
 Forget = Callable[[str, DropReason], None]
@@ -99,6 +125,7 @@ class RunTable:
         max_runs: int,
         idle_ttl_s: float,
         done_grace_s: float,
+        memory_budget_bytes: int = 1 << 62,
         forget: Forget | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -107,12 +134,16 @@ class RunTable:
         self.max_runs = max_runs
         self.idle_ttl_s = idle_ttl_s
         self.done_grace_s = done_grace_s
+        self.memory_budget_bytes = memory_budget_bytes
         self._forget = forget
         self._clock = clock
         # Activity order: each tracked message moves its run to the end, so idle runs gather at the front.
         self._runs: OrderedDict[str, _Run] = OrderedDict()
         self._finishing: OrderedDict[str, float] = OrderedDict()  # run -> when it said done, oldest first
         self._finished: OrderedDict[str, int] = OrderedDict()  # dropped finished ids -> final epoch
+        self.used_bytes = 0
+        self.nodes = 0
+        self.edges = 0
         self.admitted = 0
         self.reused = 0
         self.dropped_by_reason: Counter[str] = Counter()
@@ -140,16 +171,37 @@ class RunTable:
             reused_after = self._finished.get(run_id)
             if reused_after is not None and not starts_new_episode(message, reused_after):
                 reused_after = None  # a straggler from the finished job: a plain new run
-        refusal = self._make_room()
-        if refusal is not None:
-            return refusal
+        if not self._release_finished(runs=1, bytes_=RUN_BASE_BYTES):
+            if len(self._runs) >= self.max_runs:
+                detail = f"already tracking {self.max_runs} runs"
+                return Admission(Verdict.REFUSE, reason="too_many_runs", detail=detail)
+            return Admission(Verdict.REFUSE, reason="memory_budget", detail=self._over_budget(RUN_BASE_BYTES))
         self._runs[run_id] = _Run(last_seen=now)
+        self.used_bytes += RUN_BASE_BYTES
         self.admitted += 1
         if reused_after is not None:
             self._finished.pop(run_id, None)
             self.reused += 1
             log.info("run id reused after done: new episode", run_id=run_id, final_epoch=reused_after)
         return Admission(Verdict.TRACK, new=True)
+
+    def resize(self, run_id: str, nodes: int, edges: int) -> str:
+        """A run's graph is about to become `nodes` x `edges`: "" if it fits the budget, else why not.
+
+        Growth beyond the budget is refused (the run keeps its current graph); shrinking always fits.
+        """
+        run = self._runs.get(run_id)
+        if run is None:
+            return ""  # not a run of the table's: nothing to account
+        cost = estimated_bytes(nodes, edges)
+        growth = cost - run.bytes
+        if growth > 0 and not self._release_finished(runs=0, bytes_=growth):
+            return f"run {run_id} at {nodes} layers and {edges} edges: {self._over_budget(growth)}"
+        self.used_bytes += growth
+        self.nodes += nodes - run.nodes
+        self.edges += edges - run.edges
+        run.nodes, run.edges, run.bytes = nodes, edges, cost
+        return ""
 
     def cancel(self, run_id: str) -> None:
         """Undo the admission of a run whose first message was refused downstream."""
@@ -173,6 +225,9 @@ class RunTable:
         if run is None:
             return False
         self._finishing.pop(run_id, None)
+        self.used_bytes -= run.bytes
+        self.nodes -= run.nodes
+        self.edges -= run.edges
         if run.done_at is not None and reason is not DropReason.REUSED:
             self._remember_finished(run_id, run.final_epoch)
         if reason is not DropReason.REFUSED:
@@ -236,19 +291,33 @@ class RunTable:
             admitted=self.admitted,
             reused=self.reused,
             dropped_by_reason=dict(self.dropped_by_reason),
+            nodes=self.nodes,
+            edges=self.edges,
+            memory_budget_bytes=self.memory_budget_bytes,
+            memory_used_bytes=self.used_bytes,
         )
 
     # ------------------------------------------------------------ internals
 
-    def _make_room(self) -> Admission | None:
-        """Room for one more run, releasing finished runs early if need be; a refusal if there is none."""
-        while len(self._runs) >= self.max_runs and self._finishing:
-            self.drop(next(iter(self._finishing)), DropReason.DONE)
-        if len(self._runs) >= self.max_runs:
-            return Admission(
-                Verdict.REFUSE, reason="too_many_runs", detail=f"already tracking {self.max_runs} runs"
+    def _release_finished(self, runs: int, bytes_: int) -> bool:
+        """Whether there is room for `runs` more runs and `bytes_` more bytes, after dropping finished
+        runs (oldest first) before their grace is over if that is what it takes."""
+
+        def short() -> bool:
+            return (
+                len(self._runs) + runs > self.max_runs or self.used_bytes + bytes_ > self.memory_budget_bytes
             )
-        return None
+
+        while short() and self._finishing:
+            self.drop(next(iter(self._finishing)), DropReason.DONE)
+        return not short()
+
+    def _over_budget(self, more: int) -> str:
+        budget, used = self.memory_budget_bytes / MIB, self.used_bytes / MIB
+        return (
+            f"~{more / MIB:.2f} MiB more would exceed the memory budget of {budget:g} MiB "
+            f"(~{used:.1f} MiB in use by {len(self._runs)} runs)"
+        )
 
     def _remember_finished(self, run_id: str, final_epoch: int) -> None:
         self._finished[run_id] = final_epoch

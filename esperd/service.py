@@ -49,7 +49,7 @@ from esperd.natsserver import NatsServer
 from esperd.notify import SystemdNotifier
 from esperd.policy import PolicyBundle, create_policy
 from esperd.policy.checkpoint import build_serving_policy
-from esperd.runs import DropReason, RunTable, RunTableStatus, Verdict
+from esperd.runs import MIB, DropReason, RunTable, RunTableStatus, Verdict
 from esperd.scheduler import Scheduler
 
 log = structlog.get_logger("esperd.service")
@@ -122,10 +122,11 @@ class Service:
             max_runs=config.analyzer.max_runs,
             idle_ttl_s=config.analyzer.idle_ttl_s,
             done_grace_s=config.analyzer.done_grace_s,
+            memory_budget_bytes=int(config.analyzer.memory_budget_mb * MIB),
             forget=self._forget_run,
         )
         self.notifier = SystemdNotifier(os.environ if env is None else env)
-        self.analyzer = Analyzer(config.analyzer)
+        self.analyzer = Analyzer(config.analyzer, size_gate=self.runs.resize)
         self.scheduler = Scheduler(config.scheduler)
         configure_torch_threads(config.service.torch_threads)
         sys.setswitchinterval(config.service.gil_switch_interval_ms / 1e3)

@@ -739,6 +739,30 @@ def test_runs_are_created_on_demand_and_forgotten_on_remove():
     assert a.run_ids() == ["a"] and "b" not in a
 
 
+def test_the_size_gate_is_asked_before_a_graph_grows_and_a_refusal_changes_nothing():
+    asked: list[tuple[str, int, int]] = []
+
+    def gate(run_id: str, nodes: int, edges: int) -> str:
+        asked.append((run_id, nodes, edges))
+        return "over budget" if nodes > 3 else ""
+
+    a = Analyzer(AnalyzerConfig(), clock=FakeClock(), size_gate=gate)
+    assert a.ingest_topology("r", topology([0, 1, 2], [(0, 1), (1, 2), (0, 2)]))
+    with pytest.raises(AnalyzerError) as info:
+        a.ingest_topology("r", topology([0, 1, 2, 3], [(0, 1)]))
+    assert info.value.reason == "memory_budget" and "over budget" in info.value.detail
+    assert a.observe("r").layer_ids.tolist() == [0, 1, 2]  # the refused topology was not adopted
+    feed(a, "s", 0, [0.9])  # an inferred graph: a chain, asked layer by layer as it grows
+    a.ingest_health("s", HealthBatch(signals=[signal(1, 0.5), signal(2, 0.5)]))
+    with pytest.raises(AnalyzerError) as info:
+        a.ingest_health("s", HealthBatch(signals=[signal(3, 0.1), signal(0, 0.1)]))
+    assert info.value.reason == "memory_budget"
+    obs = a.observe("s")
+    assert obs.layer_ids.tolist() == [0, 1, 2]
+    assert obs.node_features[0, F["health"]] == pytest.approx(0.9)  # nothing of the refused batch applied
+    assert asked == [("r", 3, 3), ("r", 4, 1), ("s", 1, 0), ("s", 3, 2), ("s", 4, 3)]
+
+
 def test_max_nodes_per_run_bounds_inferred_growth_atomically():
     a = Analyzer(AnalyzerConfig(max_nodes_per_run=3), clock=FakeClock())
     feed(a, "r", 0, [0.9])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from contracts import HealthSignal, SystemStatePacket, TopologyNode, TopologyPacket
-from esperd.runs import DropReason, RunTable, Verdict, starts_new_episode
+from esperd.runs import RUN_BASE_BYTES, DropReason, RunTable, Verdict, estimated_bytes, starts_new_episode
 
 HEALTH = HealthSignal(layer_id=0, health_score=0.5)
 TOPOLOGY = TopologyPacket(nodes=[TopologyNode(layer_id=0)])
@@ -170,3 +170,54 @@ def test_which_messages_restart_a_finished_run() -> None:
     assert starts_new_episode(state(3, done=True), 5)  # the epoch went backwards
     assert not starts_new_episode(state(5, done=True), 5)  # a repeated final packet
     assert not starts_new_episode(HEALTH, 5)
+
+
+# ------------------------------------------------------------------ memory budget
+
+
+def budget_table(budget: int, max_runs: int = 100) -> Table:
+    t = Table(max_runs=max_runs)
+    t.table.memory_budget_bytes = budget
+    return t
+
+
+def test_admission_needs_room_for_a_runs_base_cost() -> None:
+    t = budget_table(2 * RUN_BASE_BYTES)
+    assert t.table.admit("a", HEALTH).new and t.table.admit("b", HEALTH).new
+    refused = t.table.admit("c", HEALTH)
+    assert refused.verdict is Verdict.REFUSE and refused.reason == "memory_budget"
+    assert "memory budget" in refused.detail
+    assert t.table.status().memory_used_bytes == 2 * RUN_BASE_BYTES
+    t.table.drop("a", DropReason.IDLE)
+    assert t.table.admit("c", HEALTH).new  # the dropped run's memory is free again
+
+
+def test_a_graph_grows_within_the_budget_and_no_further() -> None:
+    t = budget_table(estimated_bytes(100, 99) + RUN_BASE_BYTES)
+    t.table.admit("a", TOPOLOGY)
+    t.table.admit("b", TOPOLOGY)
+    assert t.table.resize("a", 100, 99) == ""
+    status = t.table.status()
+    assert (status.nodes, status.edges) == (100, 99)
+    assert status.memory_used_bytes == estimated_bytes(100, 99) + RUN_BASE_BYTES == status.memory_budget_bytes
+    refusal = t.table.resize("b", 1, 0)
+    assert "run b at 1 layers and 0 edges" in refusal and "memory budget" in refusal
+    assert t.table.status().nodes == 100  # a refused growth changes nothing
+    assert t.table.resize("a", 50, 10) == ""  # shrinking always fits ...
+    assert t.table.resize("b", 50, 89) == ""  # ... and frees room for others
+    assert t.table.status().memory_used_bytes == estimated_bytes(50, 10) + estimated_bytes(50, 89)
+    t.table.drop("a", DropReason.IDLE)
+    status = t.table.status()
+    assert (status.nodes, status.edges, status.memory_used_bytes) == (50, 89, estimated_bytes(50, 89))
+    assert t.table.resize("unknown", 10**9, 0) == ""  # not the table's run: not accounted
+
+
+def test_growth_releases_finished_runs_before_it_is_refused() -> None:
+    t = budget_table(estimated_bytes(100, 0) + estimated_bytes(10, 0), max_runs=10)
+    t.table.admit("old", TOPOLOGY)
+    t.table.resize("old", 100, 0)
+    t.table.finish("old", epoch=3)
+    t.table.admit("new", TOPOLOGY)
+    assert t.table.resize("new", 100, 0) == ""  # old's grace is cut short for it
+    assert t.forgotten == [("old", DropReason.DONE)]
+    assert "memory budget" in t.table.resize("new", 200, 0)

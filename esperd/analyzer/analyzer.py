@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -15,6 +16,9 @@ from esperd.analyzer.observation import Observation
 from esperd.analyzer.run import RunState, RunSummary, TrendFactory
 from esperd.analyzer.window import SlidingTrend
 
+# (run, nodes, edges) -> "" to let a run's graph grow to that size, or why not.
+SizeGate = Callable[[str, int, int], str]
+
 
 class AnalyzerSummary(msgspec.Struct, kw_only=True):
     """Read-only status view: run count and one summary per run (most recently active last)."""
@@ -26,7 +30,9 @@ class AnalyzerSummary(msgspec.Struct, kw_only=True):
 
 class Analyzer:
     """Keeps one RunState per run id. Which runs exist is the run table's call (esperd.runs):
-    the analyzer creates a run on its first message and forgets it on `remove_run`.
+    the analyzer creates a run on its first message and forgets it on `remove_run`. A
+    `size_gate` is asked before any run's graph grows (a topology, or layers inferred from
+    signals), and can refuse it (AnalyzerError "memory_budget").
 
     Every `ingest_*` returns whether the run changed materially since it was last observed
     (a problematic / needs-attention flag flipped, health moved more than
@@ -42,10 +48,12 @@ class Analyzer:
         *,
         clock: Callable[[], float] = time.monotonic,
         trend_factory: TrendFactory = SlidingTrend,
+        size_gate: SizeGate | None = None,
     ) -> None:
         self.config = config or AnalyzerConfig()
         self._clock = clock
         self._trend_factory = trend_factory
+        self._size_gate = size_gate
         # Activity order (each ingest moves its run to the end): the summary lists runs that way.
         self._runs: OrderedDict[str, RunState] = OrderedDict()
 
@@ -56,6 +64,7 @@ class Analyzer:
         graph = Graph.from_topology(
             packet, max_nodes=self.config.max_nodes_per_run, max_edges=self.config.max_edges_per_run
         )
+        self._check_size(run_id, graph.num_nodes, graph.num_edges)
         run = self._touch(run_id, now)
         run.host_topology_version = packet.topology_version
         return run.adopt(graph)
@@ -155,6 +164,14 @@ class Analyzer:
     def _now(self, now: float | None) -> float:
         return self._clock() if now is None else now
 
+    def _check_size(self, run_id: str, nodes: int, edges: int) -> None:
+        """Ask the size gate (the run table's memory budget) before a run's graph grows."""
+        if self._size_gate is None:
+            return
+        refusal = self._size_gate(run_id, nodes, edges)
+        if refusal:
+            raise AnalyzerError("memory_budget", refusal)
+
     def _run(self, run_id: str) -> RunState:
         run = self._runs.get(run_id)
         if run is None:
@@ -166,7 +183,8 @@ class Analyzer:
         t = self._now(now)
         run = self._runs.get(run_id)
         if run is None:
-            run = self._runs[run_id] = RunState(run_id, self.config, self._trend_factory, t)
+            check = functools.partial(self._check_size, run_id) if self._size_gate is not None else None
+            run = self._runs[run_id] = RunState(run_id, self.config, self._trend_factory, t, check)
         else:
             self._runs.move_to_end(run_id)
         run.last_seen = t

@@ -57,6 +57,9 @@ class AnalyzerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     idle_ttl_s: Annotated[float, Meta(gt=0.0)] = 600.0
     # A run that said `done` keeps its slot this long for late acks, then is dropped.
     done_grace_s: Annotated[float, Meta(ge=0.0)] = 5.0
+    # Estimated memory for every run's state together (esperd.runs.estimated_bytes: per run, per
+    # layer, per edge). A new run, or a graph that grows, beyond it is refused (memory_budget).
+    memory_budget_mb: Annotated[float, Meta(gt=0.0)] = 1024.0
 
     def __post_init__(self) -> None:
         if self.window_size < 2:
@@ -69,3 +72,5 @@ class AnalyzerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("idle_ttl_s must be > 0")
         if self.done_grace_s < 0.0:
             raise ValueError("done_grace_s must be >= 0")
+        if self.memory_budget_mb <= 0.0:
+            raise ValueError("memory_budget_mb must be > 0")

@@ -49,6 +49,8 @@ class Trend(Protocol):
 
 
 TrendFactory = Callable[[int, float], Trend]
+# Called with a run's node and edge counts before its graph grows to them; raises AnalyzerError to refuse.
+SizeCheck = Callable[[int, int], None]
 
 
 class TrainingState(msgspec.Struct, kw_only=True):
@@ -128,7 +130,14 @@ def _match_rows(old_ids: np.ndarray, new_ids: np.ndarray) -> np.ndarray:
 class RunState:
     """All the analyzer keeps about one run. Single-threaded: owned by the event loop."""
 
-    def __init__(self, run_id: str, config: AnalyzerConfig, trend_factory: TrendFactory, now: float) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        config: AnalyzerConfig,
+        trend_factory: TrendFactory,
+        now: float,
+        size_check: SizeCheck | None = None,
+    ) -> None:
         self.run_id = run_id
         self.config = config
         self.graph: Graph | None = None
@@ -139,6 +148,7 @@ class RunState:
         self.dropped_signals = 0  # signals for layers outside a host-declared topology
         self.gcn_builds = 0  # how often the GCN adjacency was computed (it is cached per version)
         self._new_trend = lambda: trend_factory(config.window_size, config.ewma_alpha)
+        self._size_check = size_check
         self._table = NodeTable(config.default_health)
         self._row_of: dict[int, int] = {}
         self._trends: list[Trend] = []
@@ -185,6 +195,8 @@ class RunState:
         if self._table.n + len(layer_ids) > cap:
             raise AnalyzerError("too_many_nodes", f"run {self.run_id} would exceed {cap} layers")
         first = self._table.n
+        if self._size_check is not None:
+            self._size_check(first + len(layer_ids), first + len(layer_ids) - 1)  # the chain's edges
         for offset, layer_id in enumerate(layer_ids):
             self._row_of[layer_id] = first + offset
         self._trends.extend(self._new_trend() for _ in layer_ids)

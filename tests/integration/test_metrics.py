@@ -96,6 +96,9 @@ async def test_a_scrape_shows_the_counters_moving(
     assert value(after, "esperd_commands_total", op="germinate") == 2
     assert value(after, "esperd_acks_total", status="applied") == 1
     assert value(after, "esperd_runs") == 2
+    assert value(after, "esperd_runs_memory_budget_bytes") == 1024 * 2**20
+    assert 0 < value(after, "esperd_runs_memory_used_bytes") < value(after, "esperd_runs_memory_budget_bytes")
+    assert value(after, "esperd_runs_reused_total") == 0
     assert value(after, "esperd_decisions_total") >= 2
     latency_count = value(after, "esperd_decision_latency_seconds_count")
     assert latency_count == 2 and value(after, "esperd_decision_latency_seconds_sum") > 0

@@ -31,6 +31,7 @@ from contracts import (
     TopologyPacket,
 )
 from esperd.natsserver import NatsServer
+from esperd.runs import MIB, estimated_bytes
 from tests.integration.helpers import daemon_config, running_daemon, status, wait_for_status
 
 CODEC = Codec()
@@ -163,3 +164,50 @@ async def test_a_run_id_reused_after_done_gets_decisions_again(
     assert second.run_id == first.run_id == "job" and second.command_id != first.command_id
     assert st["run_table"]["reused"] == 1
     assert st["runs"] == 1 and st["rejected_total"] == 0
+
+
+# ------------------------------------------------------------------ the memory budget
+
+
+def chain(layers: int) -> bytes:
+    nodes = [TopologyNode(layer_id=i, layer_type="conv") for i in range(layers)]
+    return CODEC.encode(TopologyPacket(nodes=nodes, edges=[(i, i + 1) for i in range(layers - 1)]))
+
+
+async def test_the_memory_budget_refuses_runs_and_growth_beyond_it(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
+    """On the old code nothing bounded the sum: any publisher could make esperd hold max_runs x ~8 MB."""
+    budget_mb = 1.3
+    budget = int(budget_mb * MIB)
+    big, small, grown = estimated_bytes(200, 199), estimated_bytes(10, 9), estimated_bytes(50, 49)
+    assert big + small + grown <= budget < big + small + estimated_bytes(100, 99)  # the scenario's premise
+    assert 2 * big + small > budget
+    config = lifecycle_config(
+        nats_server.url, tmp_path, memory_budget_mb=budget_mb, idle_ttl_s=600.0, done_grace_s=0.2
+    )
+    async with running_daemon(config):
+        await nats_client.publish("esper.big.topology", chain(200))
+        await nats_client.publish("esper.rival.topology", chain(200))  # does not fit beside big
+        await nats_client.publish("esper.small.topology", chain(10))  # does
+        # A run that grows its inferred graph one batch at a time hits the budget too.
+        for first in range(0, 200, 50):
+            signals = [HealthSignal(layer_id=i, health_score=0.5) for i in range(first, first + 50)]
+            await nats_client.publish("esper.grower.health", CODEC.encode(HealthBatch(signals=signals)))
+        full = await wait_for_status(nats_client, lambda s: s["accepted_total"] + s["rejected_total"] >= 7)
+        await asyncio.sleep(0.2)
+        full = await status(nats_client)
+        await publish_done(nats_client, "big", epoch=1)  # big finishes: after its grace, rival fits
+        await wait_for_status(nats_client, lambda s: s["run_table"]["dropped_by_reason"].get("done") == 1)
+        await nats_client.publish("esper.rival.topology", chain(200))
+        after = await wait_for_status(nats_client, lambda s: s["accepted_by_kind"].get("topology", 0) >= 3)
+    table = full["run_table"]
+    # rival's topology, and grower's batches after its first: each one refused, nothing else.
+    assert full["rejected_by_reason"] == {"memory_budget": 4}, full["rejected_by_reason"]
+    assert full["accepted_total"] == 3
+    assert full["runs"] == 3  # big, small and grower; rival was never admitted
+    assert table["memory_budget_bytes"] == budget
+    assert table["memory_used_bytes"] == big + small + grown
+    assert table["nodes"] == 200 + 10 + 50, table  # grower kept the layers that fitted (its first batch)
+    assert after["rejected_total"] == 4 and after["runs"] == 3
+    assert after["run_table"]["nodes"] == 10 + 50 + 200

@@ -439,9 +439,8 @@ class Service:
         return None
 
     def _observe(self, run_id: str) -> Observation | None:
-        run = self.analyzer.get_run(run_id)
-        if run is None or run.training.done:
-            return None
+        if not self.runs.is_active(run_id) or run_id not in self.analyzer:
+            return None  # dropped, or finished: no more decisions
         return self.analyzer.observe(run_id)
 
     async def _report(self, rejection: Rejection) -> None:

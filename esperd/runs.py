@@ -126,7 +126,7 @@ class RunTable:
         idle_ttl_s: float,
         done_grace_s: float,
         memory_budget_bytes: int = 1 << 62,
-        forget: Forget | None = None,
+        forget: Forget | None = None,  # told of every drop (the service fans it out to every owner)
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_runs < 1:
@@ -147,10 +147,6 @@ class RunTable:
         self.admitted = 0
         self.reused = 0
         self.dropped_by_reason: Counter[str] = Counter()
-
-    def set_forget(self, forget: Forget) -> None:
-        """Who is told when a run is dropped (the service fans it out to every per-run owner)."""
-        self._forget = forget
 
     # ------------------------------------------------------------ admission
 

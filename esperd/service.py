@@ -263,15 +263,19 @@ class Service:
         if self.learner is not None:
             await self._save_learner()
             self.learner.close()  # its worker process, now that the optimizer state is saved
-        if self._embedded is not None:
-            self._embedded.stop()
-        if self._metrics is not None:
-            await asyncio.to_thread(self._metrics.stop)
+        await self._stop_listeners()
         log.info(
             "esperd stopped",
             accepted_total=self.intake.accepted_total,
             rejected_total=self.intake.rejected_total,
         )
+
+    async def _stop_listeners(self) -> None:
+        """Last: the embedded broker, then the metrics listener (scrapes work until the end)."""
+        if self._embedded is not None:
+            self._embedded.stop()
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.stop)
 
     async def _save_learner(self) -> None:
         """Close open steps (truncated: bootstrapped on resume) and checkpoint policy and buffer."""

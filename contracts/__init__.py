@@ -34,6 +34,7 @@ from contracts.messages import (
     SystemStatePacket,
     TopologyNode,
     TopologyPacket,
+    kind_of,
 )
 from contracts.subjects import (
     DEFAULT_PREFIX,
@@ -83,6 +84,7 @@ __all__ = [
     "family_for_layer_type",
     "is_json",
     "is_legal",
+    "kind_of",
     "next_stage",
     "parse_subject",
     "run_subject",

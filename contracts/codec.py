@@ -9,7 +9,8 @@ always instances of the classes in `contracts.messages`, whichever form arrived.
 from __future__ import annotations
 
 import re
-from typing import Any, Union
+from collections.abc import Callable
+from typing import Any, Literal, Union, overload
 
 import msgspec
 
@@ -20,8 +21,10 @@ from contracts.messages import (
     CommandAck,
     HealthBatch,
     HealthSignal,
+    Inbound,
     SystemStatePacket,
     TopologyPacket,
+    kind_of,
 )
 
 MSGPACK = "application/msgpack"
@@ -38,14 +41,16 @@ class CodecError(ValueError):
         self.detail = detail
 
 
-def _positional_twin(cls: type) -> type:
+def _positional_twin(cls: type[msgspec.Struct]) -> type[msgspec.Struct]:
     """A subclass of `cls` that msgpack encodes as a tagged array; isinstance(twin, cls) holds."""
     tag = cls.__struct_config__.tag
     return type(cls.__name__, (cls,), {"__module__": cls.__module__}, array_like=True, tag=tag)
 
 
-_TWINS: dict[type, type] = {cls: _positional_twin(cls) for cls in MESSAGE_TYPES}
-_ORIGINALS: dict[type, type] = {twin: cls for cls, twin in _TWINS.items()}
+_TWINS: dict[type[msgspec.Struct], type[msgspec.Struct]] = {
+    cls: _positional_twin(cls) for cls in MESSAGE_TYPES
+}
+_ORIGINALS: dict[type[msgspec.Struct], type[msgspec.Struct]] = {twin: cls for cls, twin in _TWINS.items()}
 _INBOUND = (TopologyPacket, HealthSignal, HealthBatch, SystemStatePacket, CommandAck)
 
 
@@ -62,10 +67,14 @@ class Codec:
         self._json_encoder = msgspec.json.Encoder()
         inbound, every = _union(_INBOUND), _union(MESSAGE_TYPES)
         self._inbound_type, self._every_type = inbound, every
-        self._mp_inbound = msgspec.msgpack.Decoder(_union(tuple(_TWINS[c] for c in _INBOUND)))
-        self._mp_any = msgspec.msgpack.Decoder(_union(tuple(_TWINS.values())))
-        self._json_inbound = msgspec.json.Decoder(inbound)
-        self._json_any = msgspec.json.Decoder(every)
+        # (JSON?, inbound only?) -> decode. The msgpack twins subclass the messages, so what
+        # each returns is an AnyMessage (an Inbound where inbound only).
+        self._decoders: dict[tuple[bool, bool], Callable[[bytes], AnyMessage]] = {
+            (False, True): msgspec.msgpack.Decoder(_union(tuple(_TWINS[c] for c in _INBOUND))).decode,
+            (False, False): msgspec.msgpack.Decoder(_union(tuple(_TWINS.values()))).decode,
+            (True, True): msgspec.json.Decoder(inbound).decode,
+            (True, False): msgspec.json.Decoder(every).decode,
+        }
 
     # ---------------------------------------------------------------- encode
 
@@ -77,12 +86,20 @@ class Codec:
     def encode_json(self, msg: AnyMessage) -> bytes:
         """JSON bytes of a message (keyed form)."""
         original = _ORIGINALS.get(type(msg))
-        if original is not None:
-            # Decoded from msgpack: the twin is array_like and would encode as a JSON array.
-            msg = original(**msgspec.structs.asdict(msg))
-        return self._json_encoder.encode(msg)
+        if original is None:
+            return self._json_encoder.encode(msg)
+        # Decoded from msgpack: the twin is array_like and would encode as a JSON array.
+        return self._json_encoder.encode(original(**msgspec.structs.asdict(msg)))
 
     # ---------------------------------------------------------------- decode
+
+    @overload
+    def decode(
+        self, data: bytes, content_type: str | None = None, *, inbound_only: Literal[True] = True
+    ) -> Inbound: ...
+
+    @overload
+    def decode(self, data: bytes, content_type: str | None = None, *, inbound_only: bool) -> AnyMessage: ...
 
     def decode(
         self, data: bytes, content_type: str | None = None, *, inbound_only: bool = True
@@ -91,12 +108,8 @@ class Codec:
         if len(data) > self.max_payload_bytes:
             raise CodecError("too_large", f"{len(data)} bytes > {self.max_payload_bytes}")
         as_json = is_json(data, content_type)
-        if as_json:
-            decoder = self._json_inbound if inbound_only else self._json_any
-        else:
-            decoder = self._mp_inbound if inbound_only else self._mp_any
         try:
-            return decoder.decode(data)
+            return self._decoders[as_json, inbound_only](data)
         except msgspec.ValidationError as exc:
             if as_json and _INT_GOT_FLOAT.search(str(exc)):
                 return self._decode_json_integral_floats(data, inbound_only)
@@ -116,7 +129,8 @@ class Codec:
         """
         target = self._inbound_type if inbound_only else self._every_type
         try:
-            return msgspec.convert(_integral_floats_as_ints(msgspec.json.decode(data)), target)
+            message: AnyMessage = msgspec.convert(_integral_floats_as_ints(msgspec.json.decode(data)), target)
+            return message
         except msgspec.ValidationError as exc:
             raise CodecError(_validation_reason(str(exc)), str(exc)) from None
         except (msgspec.DecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
@@ -126,7 +140,7 @@ class Codec:
         """Decode a command (the host side of the wire)."""
         msg = self.decode(data, content_type, inbound_only=False)
         if not isinstance(msg, AdaptationCommand):
-            raise CodecError("wrong_kind", f"expected command, got {msg.__struct_config__.tag}")
+            raise CodecError("wrong_kind", f"expected command, got {kind_of(msg)}")
         return msg
 
 

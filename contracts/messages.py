@@ -205,6 +205,15 @@ Inbound = TopologyPacket | HealthSignal | HealthBatch | SystemStatePacket | Comm
 #: Every wire message.
 AnyMessage = TopologyPacket | HealthSignal | HealthBatch | SystemStatePacket | AdaptationCommand | CommandAck
 
+
+def kind_of(message: msgspec.Struct | type[msgspec.Struct]) -> str:
+    """The `kind` tag a message (or message class) carries on the wire, e.g. "health"."""
+    tag = message.__struct_config__.tag
+    if not isinstance(tag, str):
+        raise TypeError(f"{message!r} has no string tag")
+    return tag
+
+
 MESSAGE_TYPES: tuple[type[_Message], ...] = (
     TopologyPacket,
     HealthSignal,

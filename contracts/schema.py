@@ -19,18 +19,10 @@ from typing import Any
 
 import msgspec
 
-from contracts.messages import MESSAGE_TYPES
+from contracts.messages import MESSAGE_TYPES, kind_of
 
 SCHEMA_DIR = Path(__file__).with_name("schema")
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
-
-
-def kind_of(cls: type[msgspec.Struct]) -> str:
-    """The `kind` tag a message class carries on the wire."""
-    tag = cls.__struct_config__.tag
-    if not isinstance(tag, str):
-        raise TypeError(f"{cls.__name__} has no string tag")
-    return tag
 
 
 def schema_for(cls: type[msgspec.Struct]) -> dict[str, Any]:
@@ -51,7 +43,8 @@ def schema_for(cls: type[msgspec.Struct]) -> dict[str, Any]:
     # msgspec returns {"$ref": ..., "$defs": ...}; merge so the file is one self-contained document.
     doc.update(msgspec.json.schema(cls))
     _nested_tags_optional(doc, cls.__name__)
-    return canonical(doc)
+    rendered: dict[str, Any] = canonical(doc)
+    return rendered
 
 
 def _nested_tags_optional(doc: dict[str, Any], top: str) -> None:
@@ -81,7 +74,7 @@ def canonical(node: Any) -> Any:
     What the schema accepts is unchanged.
     """
     if isinstance(node, dict):
-        out = {}
+        out: dict[str, Any] = {}
         for key, value in node.items():
             if key == "description" and isinstance(value, str):
                 out[key] = " ".join(value.split())
@@ -133,7 +126,7 @@ def means_the_same(path: Path, text: str) -> bool:
         on_disk = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         return False
-    return canonical(on_disk) == canonical(json.loads(text))
+    return bool(canonical(on_disk) == canonical(json.loads(text)))
 
 
 def drifted(directory: Path = SCHEMA_DIR) -> list[str]:

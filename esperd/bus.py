@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats
 import structlog
@@ -37,9 +38,11 @@ def tls_context(config: NatsConfig) -> ssl.SSLContext | None:
     return context
 
 
-def connect_options(config: NatsConfig) -> dict[str, object]:
+def connect_options(config: NatsConfig) -> dict[str, Any]:
     """nats.connect keyword arguments for this config (callbacks excluded)."""
-    options: dict[str, object] = {
+    # Any, not a TypedDict: nats-py annotates its timeouts `int`, and ours are floats (which it
+    # hands to asyncio, where they work).
+    options: dict[str, Any] = {
         "servers": list(config.servers),
         "name": config.name,
         "connect_timeout": config.connect_timeout_s,

@@ -32,10 +32,10 @@ Port = Annotated[int, Meta(ge=0, le=65535)]
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    pass
+    """A config section. Subclasses say frozen=True again: mypy does not inherit it."""
 
 
-class TlsConfig(_Section):
+class TlsConfig(_Section, frozen=True):
     """TLS to the broker. `ca_file` verifies the server; `cert_file` + `key_file` identify us."""
 
     ca_file: str = ""
@@ -48,7 +48,7 @@ class TlsConfig(_Section):
         return bool(self.ca_file or self.cert_file)
 
 
-class NatsConfig(_Section):
+class NatsConfig(_Section, frozen=True):
     """How to reach NATS, or run an embedded server."""
 
     servers: Annotated[tuple[str, ...], Meta(min_length=1)] = ("nats://127.0.0.1:4222",)
@@ -73,7 +73,7 @@ class NatsConfig(_Section):
     command_encoding: Literal["auto", "msgpack", "json"] = "auto"
 
 
-class LimitsConfig(_Section):
+class LimitsConfig(_Section, frozen=True):
     """Bounds on one message. Generous by default; anything beyond is rejected.
 
     Bounds on the state esperd keeps (runs, nodes per run) are in `[analyzer]`.
@@ -89,7 +89,7 @@ class LimitsConfig(_Section):
     reject_log_interval_s: PositiveFloat = 10.0  # at most one log line per reason per window
 
 
-class ServiceConfig(_Section):
+class ServiceConfig(_Section, frozen=True):
     """The process itself."""
 
     state_dir: str = "./state"
@@ -110,14 +110,14 @@ class ServiceConfig(_Section):
     status_interval_s: PositiveFloat = 60.0  # how often a summary line is logged
 
 
-class MetricsConfig(_Section):
+class MetricsConfig(_Section, frozen=True):
     """Prometheus exposition over HTTP (`GET /metrics`)."""
 
     # host:port to listen on ("[::1]:9464" for IPv6); empty = no listener.
     listen: Annotated[str, Meta(pattern=r"^$|^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")] = ""
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     """The whole esperd configuration."""
 
     nats: NatsConfig = NatsConfig()

@@ -23,6 +23,7 @@ from contracts import (
     SystemStatePacket,
     TopologyPacket,
     is_json,
+    kind_of,
     parse_subject,
 )
 from esperd.config import LimitsConfig
@@ -100,7 +101,7 @@ class Intake:
         except CodecError as exc:
             return self._reject(exc.reason, exc.detail, subject, run_id, data)
         if not isinstance(message, _CHANNEL_KINDS[channel]):
-            kind = message.__struct_config__.tag
+            kind = kind_of(message)
             return self._reject("wrong_channel", f"{kind} sent on {channel.value}", subject, run_id, data)
         problem = self._over_limit(message)
         if problem:
@@ -110,7 +111,7 @@ class Intake:
     def count_accepted(self, accepted: Accepted) -> None:
         """Count a checked message the daemon took."""
         self.accepted_total += 1
-        self.accepted_by_kind[accepted.message.__struct_config__.tag] += 1
+        self.accepted_by_kind[kind_of(accepted.message)] += 1
 
     def reject(
         self, reason: str, detail: str, subject: str, run_id: str = "", data: bytes = b""

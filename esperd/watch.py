@@ -26,6 +26,7 @@ from contracts import (
     CodecError,
     CommandAck,
     SubjectError,
+    kind_of,
     parse_subject,
 )
 from contracts.codec import CONTENT_TYPE_HEADER
@@ -111,7 +112,7 @@ class Watcher:
         except CodecError as exc:
             return f"{run_id}: undecodable {channel.value} ({exc.reason}: {exc.detail[:120]})"
         if not isinstance(message, CommandAck):
-            return f"{run_id}: a {message.__struct_config__.tag} message on the ack subject"
+            return f"{run_id}: a {kind_of(message)} message on the ack subject"
         return ack_line(run_id, message, self._commands.get(message.command_id))
 
     def emit(self, line: str) -> None:

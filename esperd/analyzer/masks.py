@@ -29,6 +29,6 @@ DORMANT = STAGE_INDEX[SeedStage.DORMANT]
 
 def op_mask(stages: np.ndarray, can_germinate: np.ndarray) -> np.ndarray:
     """Legal ops per node: by the slot's stage, and GERMINATE only where the layer has a seed slot."""
-    mask = STAGE_OP_MASK[stages]  # fancy indexing copies, so the table stays intact
+    mask: np.ndarray = STAGE_OP_MASK[stages]  # fancy indexing copies, so the table stays intact
     mask[:, GERMINATE] &= can_germinate
     return mask

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -147,7 +148,9 @@ class RunState:
         self.last_seen = now
         self.dropped_signals = 0  # signals for layers outside a host-declared topology
         self.gcn_builds = 0  # how often the GCN adjacency was computed (it is cached per version)
-        self._new_trend = lambda: trend_factory(config.window_size, config.ewma_alpha)
+        self._new_trend: Callable[[], Trend] = functools.partial(
+            trend_factory, config.window_size, config.ewma_alpha
+        )
         self._size_check = size_check
         self._table = NodeTable(config.default_health)
         self._row_of: dict[int, int] = {}
@@ -294,7 +297,7 @@ class RunState:
             *slot,
         )
         aux[row, : T.STAGE + 1] = (now, max(total, 1), slot_ts, new_stage)
-        return (
+        return bool(
             new_stage != stage
             or abs(h - seen_h) > cfg.material_health_delta
             or problematic != (seen_p > 0.5)
@@ -433,7 +436,8 @@ class RunState:
 
     def _problematic(self) -> np.ndarray:
         """is_problematic per node, in node order."""
-        return self._table.feat[self._rows(), T.PROBLEMATIC] > 0.5
+        problematic: np.ndarray = self._table.feat[self._rows(), T.PROBLEMATIC] > 0.5
+        return problematic
 
     def _cluster_state(self) -> tuple[list[np.ndarray], np.ndarray]:
         """Problem clusters (node indices) and in-cluster flags, recomputed only after a flag flip."""

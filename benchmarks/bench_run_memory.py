@@ -124,7 +124,8 @@ def main() -> int:
         print(json.dumps(asyncio.run(measure(policy, int(layers), int(edges), int(runs)))))
         return 0
     print(
-        "| policy | layers | edges | runs | RSS KiB/run | traced KiB/run | estimate KiB/run | estimate / RSS |"
+        "| policy | layers | edges | runs | RSS KiB/run | traced KiB/run | estimate KiB/run | estimate / RSS "
+        "|"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     under = []
@@ -139,14 +140,16 @@ def main() -> int:
             m = json.loads(out.strip().splitlines()[-1])
             ratio = m["estimate"] / max(m["rss"], 1.0)
             print(
-                f"| {policy} | {layers} | {edges} | {runs} | {m['rss'] / 1024:.1f} | {m['traced'] / 1024:.1f} | "
+                f"| {policy} | {layers} | {edges} | {runs} | {m['rss'] / 1024:.1f} | "
+                f"{m['traced'] / 1024:.1f} | "
                 f"{m['estimate'] / 1024:.1f} | {ratio:.2f} |",
                 flush=True,
             )
             if ratio < 1.0:
                 under.append(f"{policy} {layers}x{edges}")
     print(
-        f"{'FAIL' if under else 'PASS'}: the estimate bounds the measured RSS per run{': ' + ', '.join(under) if under else ''}"
+        f"{'FAIL' if under else 'PASS'}: the estimate bounds the measured RSS per "
+        f"run{': ' + ', '.join(under) if under else ''}"
     )
     return 1 if under and args.strict else 0
 

@@ -62,9 +62,16 @@ def report(
     after: Discrepancy,
     seconds: float,
 ) -> str:
-    counts = lambda runs: ", ".join(f"{c} {n}" for c, n in sorted(Counter(r.controller for r in runs).items()))  # noqa: E731
-    seeds = lambda runs: sum(len(r.seeds) for r in runs)  # noqa: E731
-    judged = lambda runs: sum(s.gain is not None for r in runs for s in r.seeds)  # noqa: E731
+
+    def counts(runs: list[RunSummary]) -> str:
+        return ", ".join(f"{c} {n}" for c, n in sorted(Counter(r.controller for r in runs).items()))
+
+    def seeds(runs: list[RunSummary]) -> int:
+        return sum(len(r.seeds) for r in runs)
+
+    def judged(runs: list[RunSummary]) -> int:
+        return sum(s.gain is not None for r in runs for s in r.seeds)
+
     lines = [
         "# Simulator calibration: sim vs real on held-out runs",
         "",
@@ -87,9 +94,11 @@ def report(
         "",
         "| statistic | default simulator | calibrated | calibrated / default |",
         "|---|---|---|---|",
-        f"| accuracy gain per judged germination, Wasserstein-1 | {fmt(before.gain_w1)} | {fmt(after.gain_w1)} "
+        f"| accuracy gain per judged germination, Wasserstein-1 | {fmt(before.gain_w1)} | "
+        f"{fmt(after.gain_w1)} "
         f"| {ratio(before.gain_w1, after.gain_w1)} |",
-        f"| blend drop per blended seed, Wasserstein-1 | {fmt(before.blend_drop_w1)} | {fmt(after.blend_drop_w1)} "
+        f"| blend drop per blended seed, Wasserstein-1 | {fmt(before.blend_drop_w1)} | "
+        f"{fmt(after.blend_drop_w1)} "
         f"| {ratio(before.blend_drop_w1, after.blend_drop_w1)} |",
         f"| learning curve of runs without seeds, mean abs. difference (11 points) | {fmt(before.curve_mae)} "
         f"| {fmt(after.curve_mae)} | {ratio(before.curve_mae, after.curve_mae)} |",
@@ -120,7 +129,8 @@ def report(
         "",
         "| | real (held out) | default simulator | calibrated |",
         "|---|---|---|---|",
-        f"| blend drop | {cell(after.blend_drop[0])} | {cell(before.blend_drop[1])} | {cell(after.blend_drop[1])} |",
+        f"| blend drop | {cell(after.blend_drop[0])} | {cell(before.blend_drop[1])} | "
+        f"{cell(after.blend_drop[1])} |",
         "",
         "## What the fit chose",
         "",
@@ -139,7 +149,9 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--traces", default="benchmarks/traces")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-search", action="store_true", help="skip the blend grid search")
@@ -160,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "sim_calibrated.toml").write_text(to_toml(fitted, header), encoding="utf-8")
     before = discrepancy(held, simulate_like(SimConfig(), held, seed=args.seed + 7))
     after = discrepancy(held, simulate_like(fitted, held, seed=args.seed + 7))
-    text = report(args, fitted, fit_report.notes, fit_runs, held, before, after, time.perf_counter() - started)
+    text = report(
+        args, fitted, fit_report.notes, fit_runs, held, before, after, time.perf_counter() - started
+    )
     (RESULTS / "calibration.md").write_text(text, encoding="utf-8")
     print(text)
     return 0

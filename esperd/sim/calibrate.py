@@ -14,6 +14,10 @@ drop* (the largest one-epoch fall of validation accuracy while it blended).
   host curve     per run that germinated nothing, acc(e) = c - (c - a0) (1 - r)^e by least
                  squares: the ranges of r, a0, c (the ceiling less the deficits seeds can
                  repair), and the epoch-to-epoch jitter late in training (accuracy noise);
+  reliance       runs paired with a static twin (same task and seed, no seeds) show what the
+                 fossilized seeds really added to final accuracy; the counterfactuals' excess
+                 over that is the host's reliance on any blended seed (`dependence`), and is
+                 taken off every gain below;
   deficits       a seed "helped" when its gain is more than two standard errors above 0 (the
                  analyzer's rule); per layer kind, the share that helped is the chance a layer
                  of that kind has a deficit; the helped gains' range sets the deficits' size;
@@ -27,7 +31,8 @@ drop* (the largest one-epoch fall of validation accuracy while it blended).
 
 `discrepancy` compares two sets of summaries (e.g. held-out real runs and simulated runs with
 the same controllers): Wasserstein-1 distances of the gain and blend-drop distributions,
-per-kind gains, and the mean learning curve of runs without seeds.
+per-kind gains, the mean learning curve of runs without seeds, and each controller's final
+accuracy over its static twin's.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ class RunSummary(msgspec.Struct, kw_only=True):
     run: str
     controller: str
     accuracy: list[float]  # validation accuracy per state packet, in epoch order
+    pair: str = ""  # runs of different controllers on the same host and seed share this
     total_epochs: int = 0
     val_samples: int = 0
     kinds: list[str] = []  # per layer, in layer-id order
@@ -104,7 +110,9 @@ class RunSummary(msgspec.Struct, kw_only=True):
     seeds: list[SeedEpisode] = []
 
 
-def summarize(run: str, messages: Iterable[tuple[str, Any]], controller: str = "") -> RunSummary | None:
+def summarize(
+    run: str, messages: Iterable[tuple[str, Any]], controller: str = "", pair: str = ""
+) -> RunSummary | None:
     """Summarize one run's messages (channel, contract Struct) in arrival order; None with fewer than
     two state packets (nothing to learn from)."""
     topology: TopologyPacket | None = None
@@ -137,6 +145,7 @@ def summarize(run: str, messages: Iterable[tuple[str, Any]], controller: str = "
     last = ordered[-1][1]
     return RunSummary(
         run=run,
+        pair=pair or run,
         controller=controller or (policies[0] if policies else "static"),
         accuracy=[s.val_accuracy for _, s in ordered],
         total_epochs=last.total_epochs or len(ordered),
@@ -214,7 +223,9 @@ def read_summaries(directory: str | Path) -> list[RunSummary]:
             except msgspec.ValidationError:
                 continue
         named = _RECORDED_RUN.search(path.stem)
-        summary = summarize(path.stem, messages, controller=named.group(1) if named else "")
+        controller = named.group(1) if named else ""
+        pair = path.stem.replace(f"-{controller}-", "-") if named else path.stem
+        summary = summarize(path.stem, messages, controller=controller, pair=pair)
         if summary is not None:
             summaries.append(summary)
     return summaries
@@ -275,15 +286,17 @@ def _controller(controller: Any, seed: int) -> Any:
 def simulate_like(
     config: SimConfig, real: Sequence[RunSummary], seed: int = 0, min_episodes: int = 16
 ) -> list[RunSummary]:
-    """Simulated runs with the same controllers as `real`, at least `min_episodes` (or 2x) each."""
+    """Simulated runs with the same controllers as `real` on the same simulated hosts, at least
+    `min_episodes` (or twice the most runs of any real controller) each."""
     counts: dict[str, int] = {}
     for summary in real:
         counts[summary.controller] = counts.get(summary.controller, 0) + 1
+    episodes = max(min_episodes, 2 * max(counts.values(), default=0))
     out: list[RunSummary] = []
-    for i, (controller, n) in enumerate(sorted(counts.items())):
-        if controller not in ("static", "heuristic", "random", "manual"):
-            continue
-        out += simulate(config, controller, max(min_episodes, 2 * n), seed=seed + 1000 * i)
+    # One seed for every controller: the same simulated hosts, so runs pair up as real ones do.
+    for controller in sorted(counts):
+        if controller in ("static", "heuristic", "random", "manual"):
+            out += simulate(config, controller, episodes, seed=seed)
     return out
 
 
@@ -308,11 +321,39 @@ def curve_fit(accuracy: Sequence[float]) -> tuple[float, float, float, float]:
     return a0, c, r, sd
 
 
-def helped(episode: SeedEpisode, val_samples: int, default_se: float = 0.005) -> bool:
-    """Whether a seed's gain is more than two standard errors above 0 (the heuristic's rule)."""
+def paired_effects(runs: Sequence[RunSummary], controller: str) -> list[tuple[RunSummary, float]]:
+    """(run, final accuracy minus its static twin's) for each run of `controller` with a static twin."""
+    static = {r.pair: r for r in runs if r.controller == "static"}
+    return [
+        (r, r.accuracy[-1] - static[r.pair].accuracy[-1])
+        for r in runs
+        if r.controller == controller and r.pair in static
+    ]
+
+
+def dependence(runs: Sequence[RunSummary]) -> float | None:
+    """How much more a seed's counterfactual says than it adds: over runs with a static twin whose
+    fossilized seeds were all judged, (sum of their counterfactuals - the runs' accuracy over their
+    twins) / number of such seeds. None without such runs."""
+    total_cf, total_effect, seeds = 0.0, 0.0, 0
+    for controller in {r.controller for r in runs} - {"static"}:
+        for run, effect in paired_effects(runs, controller):
+            kept = [s for s in run.seeds if s.fate == "fossilized"]
+            if not kept or any(s.gain is None for s in kept):
+                continue
+            total_cf += sum(s.gain for s in kept if s.gain is not None)
+            total_effect += effect
+            seeds += len(kept)
+    return None if seeds == 0 else max(0.0, (total_cf - total_effect) / seeds)
+
+
+def helped(episode: SeedEpisode, val_samples: int, default_se: float = 0.005, reliance: float = 0.0) -> bool:
+    """Whether a seed's gain, less the host's `reliance` on any seed, is more than two standard errors
+    above 0 (the heuristic's rule)."""
     if episode.gain is None:
         return False
-    return episode.gain > 2.0 * counterfactual_se(episode.gain, 0.0, 1, val_samples, default_se)
+    gain = episode.gain - reliance
+    return gain > 2.0 * counterfactual_se(gain, 0.0, 1, val_samples, default_se)
 
 
 def _gains(summaries: Iterable[RunSummary]) -> list[tuple[SeedEpisode, int]]:
@@ -345,6 +386,8 @@ class Discrepancy(msgspec.Struct, kw_only=True):
     gain_by_kind: dict[str, tuple[tuple[float, float, int], tuple[float, float, int]]]
     gain_by_blueprint: dict[str, tuple[tuple[float, float, int], tuple[float, float, int]]]
     blend_drop: tuple[tuple[float, float, int], tuple[float, float, int]]
+    # Per controller: its runs' final accuracy minus their static twins' (real, other).
+    effect_vs_static: dict[str, tuple[tuple[float, float, int], tuple[float, float, int]]] = {}
 
 
 def discrepancy(real: Sequence[RunSummary], other: Sequence[RunSummary]) -> Discrepancy:
@@ -372,6 +415,13 @@ def discrepancy(real: Sequence[RunSummary], other: Sequence[RunSummary]) -> Disc
         gain_by_kind=grouped("kind"),
         gain_by_blueprint=grouped("blueprint"),
         blend_drop=(_mean_sd(drops(real)), _mean_sd(drops(other))),
+        effect_vs_static={
+            c: (
+                _mean_sd([e for _, e in paired_effects(real, c)]),
+                _mean_sd([e for _, e in paired_effects(other, c)]),
+            )
+            for c in sorted({r.controller for r in real} - {"static"})
+        },
     )
 
 
@@ -512,6 +562,11 @@ def _fit_seeds(
     """Deficits per kind, their size, blueprint qualities and interference; returns the accuracy a
     typical real host's deficits hold back (what the sim's ceiling adds to the real plateau)."""
     maturity = 1.0 - (1.0 - 0.35) ** _GROWTH_EPOCHS
+    # The counterfactual = what the seed adds + how much the host has come to rely on it; the
+    # reliance comes from runs paired with a static twin, and the rest is the seed's contribution.
+    reliance = dependence(real) or 0.0
+    values["dependence"] = float(np.clip(reliance / maturity, 0.0, 1.0))
+    gains = [(msgspec.structs.replace(s, gain=(s.gain or 0.0) - reliance), n) for s, n in gains]
     good = [s.gain for s, n in gains if helped(s, n)]
     bad = [s.gain for s, n in gains if not helped(s, n)]
     by_kind: dict[str, list[tuple[SeedEpisode, int]]] = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gzip
 import contextlib
 import time
 from collections.abc import Callable, Iterator
@@ -225,10 +226,12 @@ async def record(
 
 
 def read_trace(path: str | Path) -> list[TraceRecord]:
-    """All records of one trace file, in file order. A truncated last line (a killed tap) is skipped."""
+    """All records of one trace file (`.jsonl`, or gzipped `.jsonl.gz`), in file order. A truncated
+    last line (a killed tap) is skipped."""
     decoder = msgspec.json.Decoder(TraceRecord)
     records = []
-    with open(path, "rb") as handle:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as handle:
         for line in handle:
             if not line.strip():
                 continue
@@ -240,5 +243,12 @@ def read_trace(path: str | Path) -> list[TraceRecord]:
 
 
 def trace_files(directory: str | Path) -> Iterator[Path]:
-    """The trace files in a directory (recursively), sorted by name."""
-    yield from sorted(Path(directory).rglob(f"*{TRACE_SUFFIX}"))
+    """The trace files in a directory (recursively; `.jsonl` and `.jsonl.gz`), sorted by name."""
+    root = Path(directory)
+    yield from sorted([*root.rglob(f"*{TRACE_SUFFIX}"), *root.rglob(f"*{TRACE_SUFFIX}.gz")])
+
+
+def run_of(path: Path) -> str:
+    """The run id a trace file is named after."""
+    name = path.name
+    return name[: -len(TRACE_SUFFIX + ".gz")] if name.endswith(".gz") else name[: -len(TRACE_SUFFIX)]

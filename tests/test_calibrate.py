@@ -102,6 +102,13 @@ def test_summaries_read_back_from_trace_files(tmp_path: Path) -> None:
     writer.close()
     (summary,) = read_summaries(tmp_path)
     assert summary == summarize("r", seed_messages())
+    # Gzipped traces (as committed under benchmarks/traces) read the same.
+    import gzip
+
+    path = tmp_path / "r.jsonl"
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "r.jsonl.gz").write_bytes(gzip.compress(path.read_bytes()))
+    assert read_summaries(tmp_path / "gz") == [summary]
 
 
 def test_curve_fit_recovers_a_known_learning_curve() -> None:

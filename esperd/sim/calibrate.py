@@ -20,10 +20,14 @@ drop* (the largest one-epoch fall of validation accuracy while it blended).
                  taken off every gain below;
   deficits       a seed "helped" when its gain is more than two standard errors above 0 (the
                  analyzer's rule); per layer kind, the share that helped is the chance a layer
-                 of that kind has a deficit; the helped gains' range sets the deficits' size;
+                 of that kind has a deficit; the deficits' size is the range of what fossilized
+                 seeds added over their static twins, when they added anything (else of the
+                 helped gains);
   affinity       per (kind, blueprint), E[max(gain, 0)] = P(deficit) * quality * maturity *
                  E[deficit], solved for quality and shrunk toward the kind's mean;
-  interference   the median loss of the seeds that did not help;
+  interference   what a seed costs where no deficit is: set so that a fossilized seed adds, on
+                 average, what real ones added to final accuracy over their static twins (else
+                 the median loss of the seeds that did not help);
   sizes          seed / layer parameter ratios per blueprint, layer sizes per kind, run length,
                  layer counts and architecture families, validation size;
   blends         instability rate and drop size by a small grid search that matches the
@@ -60,7 +64,7 @@ from esperd.analyzer.observation import layer_kind
 from esperd.analyzer.run import counterfactual_se
 from esperd.sim import catalog as C
 from esperd.sim.config import SimConfig
-from esperd.traces import read_trace, trace_files
+from esperd.traces import read_trace, run_of, trace_files
 
 #: Epochs a seed grows (TRAINING + BLENDING) before it is judged, for the maturity factor.
 _GROWTH_EPOCHS = 7
@@ -222,10 +226,11 @@ def read_summaries(directory: str | Path) -> list[RunSummary]:
                 messages.append((record.channel, msgspec.convert(record.msg, kind)))
             except msgspec.ValidationError:
                 continue
-        named = _RECORDED_RUN.search(path.stem)
+        run = run_of(path)
+        named = _RECORDED_RUN.search(run)
         controller = named.group(1) if named else ""
-        pair = path.stem.replace(f"-{controller}-", "-") if named else path.stem
-        summary = summarize(path.stem, messages, controller=controller, pair=pair)
+        pair = run.replace(f"-{controller}-", "-") if named else run
+        summary = summarize(run, messages, controller=controller, pair=pair)
         if summary is not None:
             summaries.append(summary)
     return summaries
@@ -304,17 +309,26 @@ def simulate_like(
 
 
 def curve_fit(accuracy: Sequence[float]) -> tuple[float, float, float, float]:
-    """(a0, c, r, residual sd) of acc(e) = c - (c - a0)(1 - r)^e, by least squares over a grid of r."""
+    """(a0, c, r, residual sd) of acc(e) = c - (c - a0)(1 - r)^e, by least squares over a grid of r.
+
+    The plateau c is capped at the best accuracy seen + 0.05: a run stopped while still climbing
+    (or slowed by its learning-rate decay) says little about how high it would have gone.
+    """
     y = np.asarray(accuracy, dtype=np.float64)
     e = np.arange(y.size, dtype=np.float64)
+    cap = min(1.0, float(y.max()) + 0.05)
     best = (float(y[0]), float(y[-1]), 0.0, float("inf"))
     for r in np.linspace(0.02, 0.95, 94):
-        basis = np.stack([np.ones_like(e), -((1.0 - r) ** e)], axis=1)
+        decay = (1.0 - r) ** e
+        basis = np.stack([np.ones_like(e), -decay], axis=1)
         coef, *_ = np.linalg.lstsq(basis, y, rcond=None)
-        residual = y - basis @ coef
+        c, b = float(coef[0]), float(coef[1])
+        if c > cap:  # refit b with the plateau held at the cap
+            c = cap
+            b = float(((c - y) @ decay) / (decay @ decay))
+        residual = y - (c - b * decay)
         sse = float(residual @ residual)
         if sse < best[3]:
-            c, b = float(coef[0]), float(coef[1])
             best = (c - b, c, float(r), sse)
     a0, c, r, sse = best
     sd = math.sqrt(sse / max(y.size - 3, 1))
@@ -578,8 +592,12 @@ def _fit_seeds(
         for kind, group in by_kind.items()
         if kind in C.KIND_INDEX
     }
-    if good:
-        low, high = np.percentile(good, [10, 90])
+    # The deficits' size: what fossilized seeds added over static twins when they added anything
+    # (the ground truth of a contribution), else the helped seeds' gains.
+    added = [e for e in _effects_per_kept_seed(real) if e > 0]
+    sizes = added if len(added) >= 3 else good
+    if sizes:
+        low, high = np.percentile(sizes, [10, 90])
         scale = _BEST_QUALITY * maturity
         values["deficit_low"] = float(np.clip(low / scale, 0.0, 1.0))
         values["deficit_high"] = float(np.clip(max(high, low) / scale, 0.0, 1.0))
@@ -593,12 +611,47 @@ def _fit_seeds(
         k: float(np.clip(p, 0.0, 1.0)) if max(affinity.get(k, {}).values(), default=0.0) > 0 else 0.0
         for k, p in prob.items()
     }
-    values["interference"] = float(np.clip(-np.median(bad), -0.2, 0.2)) if bad else base.interference
+    values["interference"] = _interference(real, values, prob, maturity * mean_deficit, bad, base)
     values["interference_per_ratio"] = 0.0
     typical = [
         sum(values["deficit_prob"].get(k, 0.0) for k in r.kinds) * mean_deficit for r in real if r.kinds
     ]
     return float(np.mean(typical)) if typical else 0.0
+
+
+def _effects_per_kept_seed(real: Sequence[RunSummary]) -> list[float]:
+    """Per fossilized seed of a run paired with a static twin: the run's final accuracy over the
+    twin's, shared evenly among its fossilized seeds."""
+    effects: list[float] = []
+    for controller in {r.controller for r in real} - {"static"}:
+        for run, effect in paired_effects(real, controller):
+            kept = [s for s in run.seeds if s.fate == "fossilized"]
+            if kept:
+                effects += [effect / len(kept)] * len(kept)
+    return effects
+
+
+def _interference(
+    real: Sequence[RunSummary],
+    values: Mapping[str, Any],
+    prob: Mapping[str, float],
+    unit: float,
+    bad: Sequence[float],
+    base: SimConfig,
+) -> float:
+    """What a seed costs where there is no deficit. With runs paired to a static twin: chosen so that
+    a fossilized seed adds, on average, what the real ones added to final accuracy (deficit repairs
+    minus interference elsewhere); without: the median gain of the seeds that did not help."""
+    effects = _effects_per_kept_seed(real)
+    kept = [s for r in real for s in r.seeds if s.fate == "fossilized" and s.kind in prob]
+    if not effects or not kept:
+        return float(np.clip(-np.median(bad), -0.2, 0.2)) if bad else base.interference
+    affinity = values["affinity"]
+    p = np.mean([prob[s.kind] for s in kept])
+    repair = np.mean([prob[s.kind] * affinity.get(s.kind, {}).get(s.blueprint, 0.0) * unit for s in kept])
+    if p >= 1.0:
+        return base.interference
+    return float(np.clip((repair - float(np.mean(effects))) / (1.0 - p), -0.2, 0.2))
 
 
 def _range(values: np.ndarray, lo: float, hi: float) -> tuple[float, float]:

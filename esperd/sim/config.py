@@ -57,8 +57,9 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     interference: Annotated[float, Meta(ge=-1.0, le=1.0)] = 0.006
     interference_per_ratio: Annotated[float, Meta(ge=-1.0, le=1.0)] = 0.02
     # Once blended in, a host relies on its seed: switching the seed off then costs this much
-    # accuracy (at alpha 1, mature) beyond what the seed adds over never having had it. Real hosts
-    # co-adapt, so the counterfactual they report measures reliance, not only contribution.
+    # accuracy on average (drawn per layer in [0, 2x]; at alpha 1, mature) beyond what the seed
+    # adds over never having had it. Real hosts co-adapt, so the counterfactual they report
+    # measures reliance, not only contribution.
     dependence: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
     # Blend instability: the catalog's chances scaled by spike_scale; an instability's accuracy
     # drop drawn in [spike_drop_low, spike_drop_high] before the seed-size factor.

@@ -92,6 +92,7 @@ class HostBatch:
         self.kind, self.layer_params = i(), i()
         self.base_health, self.deficit, self.onset = f(), f(), f()
         self.quality_noise = np.zeros((E, L, B))
+        self.reliance = f()  # per layer: how much its host will rely on a blended seed there (hidden)
         self.ceiling, self.rate = np.zeros(E), np.zeros(E)
         self.host_params = np.zeros(E, dtype=np.int64)
         self.edges: list[list[tuple[int, int]]] = [[] for _ in range(E)]
@@ -173,6 +174,9 @@ class HostBatch:
         self.deficit[e, :n], self.onset[e, :n] = deficit, onset
         self.quality_noise[e] = 0.0
         self.quality_noise[e, :n] = rng.normal(0.0, cfg.quality_noise, (n, len(BLUEPRINTS)))
+        self.reliance[e] = 0.0
+        if cfg.dependence > 0:  # drawn only when used, so uncalibrated episodes keep their draws
+            self.reliance[e, :n] = rng.uniform(0.0, 2.0 * cfg.dependence, n)
         self.host_params[e] = int(params.sum())
         self.ceiling[e] = rng.uniform(cfg.ceiling_low, cfg.ceiling_high)
         self.rate[e] = rng.uniform(cfg.rate_low, cfg.rate_high)

@@ -65,7 +65,7 @@ def telemetry(hosts: HostBatch) -> Telemetry:
     seed_ratio = np.where(learning, 0.05 + 0.5 * fit + 0.08 * noise[..., 5], 0.0)
     latency = (hosts.layer_params + hosts.seed_params) / 100.0 + 20.0
     contributing = has_seed & (hosts.alpha > 0)
-    reliance = cfg.dependence * hosts.alpha * hosts.maturity
+    reliance = hosts.reliance * hosts.alpha * hosts.maturity
     counterfactual = np.where(
         contributing, hosts.contrib + reliance + cfg.counterfactual_noise * noise[..., 1], 0.0
     )

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gzip
 import contextlib
+import gzip
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path

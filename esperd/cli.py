@@ -1,21 +1,41 @@
-"""`esperd` command line: run the daemon, check a config, export schemas, train a policy offline."""
+"""`esperd` command line: run the daemon, check a config, export schemas, train a policy offline.
+
+Exit codes (README "Operations", systemd/README.md): see `ExitCode`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import enum
 import os
 import signal
 import sys
-from collections.abc import Sequence
-
-import structlog
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import esperd
 from contracts import DEFAULT_PREFIX
 from contracts.subjects import RUN_ID_PATTERN
-from esperd.config import Config, ConfigError, load_config
-from esperd.logs import configure_logging
+from esperd.signals import Signals
+
+# Everything else is imported once the signals are ours: importing torch takes seconds, and a
+# SIGTERM meanwhile must stop esperd cleanly, not kill it.
+if TYPE_CHECKING:
+    from esperd.config import Config
+    from esperd.logs import LogLevel
+
+
+class ExitCode(enum.IntEnum):
+    """Why esperd exited (sysexits.h numbers where one fits)."""
+
+    OK = 0  # a clean stop: SIGTERM/SIGINT at any time, before READY included
+    ERROR = 1  # an unexpected error (its traceback is in the log)
+    CONFIG = 2  # the config file is unreadable or invalid (check-config says why)
+    UNAVAILABLE = 69  # a port esperd must listen on is taken, or the embedded nats-server cannot start
+    TASK_FAILED = 70  # a background task kept failing past its restart budget
+    STATE_DIR = 73  # state_dir cannot be created or written
+
 
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
 
@@ -102,7 +122,11 @@ def add_server_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    signals = Signals()
+    signals.install()
     args = build_parser().parse_args(argv)
+    if args.command != "run" and args.command is not None:
+        signals.restore()
     if args.command == "check-config":
         return check_config(args.file)
     if args.command == "schema":
@@ -121,24 +145,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         from esperd.train import main as train_main
 
         return train_main(args, getattr(args, "train_config", None) or args.config)
+    from esperd.config import ConfigError, load_config
+
     path = getattr(args, "run_config", None) or args.config
     try:
         config = load_config(path)
     except ConfigError as exc:
         print(f"esperd: {exc}", file=sys.stderr)
-        return 2
-    return run(config)
+        return ExitCode.CONFIG
+    if signals.stop_requested:
+        return ExitCode.OK  # stopped while starting up: nothing was started yet
+    try:
+        return run(config, signals, reload_config=lambda: load_config(path))
+    finally:
+        signals.ignore_from_now_on()
 
 
 def check_config(path: str) -> int:
-    """Print the resolved config (secrets masked) or the error; exit 0 or 2."""
+    """Print the resolved config (secrets masked) or the error; exit 0, 2 (invalid) or 73 (state_dir)."""
     import msgspec
+
+    from esperd.config import ConfigError, load_config
+    from esperd.statedir import StateDirError, check_state_dir
 
     try:
         config = load_config(path)
     except ConfigError as exc:
         print(f"esperd: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
+    try:
+        check_state_dir(config.service.state_dir)
+    except StateDirError as exc:
+        print(f"esperd: {path}: {exc}", file=sys.stderr)
+        return ExitCode.STATE_DIR
     shown = msgspec.to_builtins(config)
     for key in ("password", "token"):
         if shown["nats"].get(key):
@@ -148,17 +187,20 @@ def check_config(path: str) -> int:
     return 0
 
 
-def run(config: Config) -> int:
-    """Run the daemon until SIGTERM/SIGINT; exit 0 on a clean stop."""
-    configure_logging(config.service.log_level, config.service.log_format)
+def run(config: Config, signals: Signals, reload_config: Callable[[], Config] | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT; the exit code says how it ended (`ExitCode`)."""
+    from esperd.logs import configure_logging
+
+    log_level = configure_logging(config.service.log_level, config.service.log_format)
+    serve = _serve(config, signals, log_level, reload_config)
     if config.service.use_uvloop:
         try:
             import uvloop
         except ImportError:
             pass
         else:
-            return uvloop.run(_serve(config))
-    return asyncio.run(_serve(config))
+            return uvloop.run(serve)
+    return asyncio.run(serve)
 
 
 def _sim_calibrate(args: argparse.Namespace) -> int:
@@ -252,20 +294,43 @@ async def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(config: Config) -> int:
-    from esperd.metrics import MetricsListenError
-    from esperd.service import Service
+async def _serve(
+    config: Config, signals: Signals, log_level: LogLevel, reload_config: Callable[[], Config] | None
+) -> int:
+    import structlog
 
-    service = Service(config)
+    from esperd.metrics import MetricsListenError
+    from esperd.natsserver import NatsServerError
+    from esperd.service import Service
+    from esperd.statedir import StateDirError
+
+    log = structlog.get_logger("esperd")
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, service.request_stop)
+    signals.attach(loop)
     try:
-        await service.run()
-    except (ConnectionError, MetricsListenError) as exc:
-        structlog.get_logger("esperd").error("could not start", error=str(exc))
-        return 1
-    return 0
+        if signals.stop_requested:
+            return ExitCode.OK
+        try:
+            service = Service(config, reload_config=reload_config, log_level=log_level)
+        except StateDirError as exc:
+            log.error("could not start", error=str(exc), exit_code=int(ExitCode.STATE_DIR))
+            return ExitCode.STATE_DIR
+        signals.route(service.request_stop, service.request_reload)
+        try:
+            await service.run()
+        except (NatsServerError, MetricsListenError) as exc:  # a port taken, or the broker would not start
+            log.error("could not start", error=str(exc), exit_code=int(ExitCode.UNAVAILABLE))
+            return ExitCode.UNAVAILABLE
+        if service.failed_tasks:
+            log.critical(
+                "esperd exits non-zero: background tasks kept failing",
+                tasks=service.failed_tasks,
+                exit_code=int(ExitCode.TASK_FAILED),
+            )
+            return ExitCode.TASK_FAILED
+        return ExitCode.OK
+    finally:
+        signals.detach(loop)
 
 
 if __name__ == "__main__":

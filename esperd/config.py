@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -178,9 +179,57 @@ def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     """Validate a raw mapping into a Config, naming the bad key and value on error."""
     try:
-        return msgspec.convert(raw, Config)
+        config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(_describe(exc, raw, source)) from None
+    for url in config.nats.servers:
+        problem = server_url_problem(url)
+        if problem:
+            raise ConfigError(f"{source}: bad value for `nats.servers` = {_mask_password(url)!r}: {problem}")
+    websocket = {url.startswith(("ws://", "wss://")) for url in config.nats.servers}
+    if len(websocket) > 1:
+        raise ConfigError(f"{source}: `nats.servers` mixes websocket (ws, wss) and NATS (nats, tls) URLs")
+    return config
+
+
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def server_url_problem(url: str) -> str | None:
+    """Why nats-py could not use `url` as a server address, or None if it can.
+
+    Accepted: `scheme://[user[:password]@]host[:port]` (scheme nats, tls, ws or wss) and, as
+    nats-py allows, a bare `host[:port]`.
+    """
+    if not url or any(c.isspace() for c in url):
+        return "empty, or contains whitespace"
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        if scheme not in NATS_SCHEMES:
+            return f"scheme {scheme!r} is not one of {', '.join(NATS_SCHEMES)}"
+        parts = urlsplit(url)
+    elif "/" in url:
+        return "not a server URL (want e.g. nats://127.0.0.1:4222)"
+    else:
+        parts = urlsplit(f"nats://{url}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "the port is not a number in 1-65535"
+    if not parts.hostname:
+        return "no host"
+    if parts.scheme not in ("ws", "wss") and (parts.path not in ("", "/") or parts.query or parts.fragment):
+        return "a NATS server URL has no path, query or fragment"
+    return None
+
+
+def _mask_password(url: str) -> str:
+    parts = urlsplit(url) if "://" in url else None
+    if parts is None or parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
 
 
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")

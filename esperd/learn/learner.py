@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
 import math
 import pickle
 import re
@@ -116,6 +117,10 @@ class LearnerStatus(msgspec.Struct):
     worker_pid: int = 0
     worker_deaths: int = 0  # times the worker process died and was restarted
     last_worker_error: str = ""
+    checkpoint_failures: int = 0  # periodic checkpoints that failed (each retried with backoff)
+    last_checkpoint_error: str = ""
+    last_checkpoint_error_at: str = ""  # UTC, ISO 8601
+    checkpoint_retry_in_s: float = 0.0  # after a failure: when the next attempt is due (0: none failing)
 
 
 class Learner:
@@ -182,7 +187,11 @@ class Learner:
         window = config.breaker.reward_window
         self._good_rewards: collections.deque[float] = collections.deque(maxlen=window)
         self._recent_rewards: collections.deque[float] = collections.deque(maxlen=window)
-        self._last_checkpoint = clock()
+        self._next_checkpoint = clock() + config.checkpoint_interval_s
+        self._checkpoint_failures_in_a_row = 0
+        # Bumped whenever the weights an update started from stop being the ones to train on (a
+        # breaker trip, a checkpoint adopted on reload): that update's result is void.
+        self._lineage = 0
         self._started = clock()
 
     @property
@@ -204,6 +213,7 @@ class Learner:
     def close(self) -> None:
         """Stop the worker process (after the final checkpoint, which needs its optimizer state)."""
         self._stopping = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
         self.worker.close()
 
     # -------------------------------------------------------------- intake
@@ -227,34 +237,40 @@ class Learner:
     # -------------------------------------------------------------- the loop
 
     async def run(self) -> None:
-        """Update whenever enough fresh experience is in, forever (until cancelled)."""
-        try:
-            while not self._stopping:
-                await self._wait_for_work()
-                if self._stopping:
-                    break
-                if self._held_back and self._swap_due():
-                    await self._serve_latest()  # held-back weights whose turn came with no update
-                if self.paused:
-                    await asyncio.sleep(self._paused_until - self._clock())
-                    self._wake.set()  # look again after the pause, even if no new step arrives
-                    continue
-                if self._has_enough():
-                    await self.update_once()
-                    if self._has_enough() and self.replay is not None:
-                        self._wake.set()  # IMPALA: keep learning while data is plentiful
-                if self._clock() - self._last_checkpoint >= self.config.checkpoint_interval_s:
-                    await self.checkpoint()
-        finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        """Update whenever enough fresh experience is in, until quiesced or cancelled.
+
+        It may be run again after it raised (the service's supervisor restarts it); the
+        executor stays open until `close`.
+        """
+        while not self._stopping:
+            await self._wait_for_work()
+            if self._stopping:
+                break
+            if self._held_back and self._swap_due():
+                await self._serve_latest()  # held-back weights whose turn came with no update
+            if self.paused:
+                await asyncio.sleep(self._paused_until - self._clock())
+                self._wake.set()  # look again after the pause, even if no new step arrives
+                continue
+            if self._has_enough():
+                await self.update_once()
+                if self._has_enough() and self.replay is not None:
+                    self._wake.set()  # IMPALA: keep learning while data is plentiful
+            if self._clock() >= self._next_checkpoint:
+                await self.checkpoint()
 
     async def _wait_for_work(self) -> None:
-        """Until woken, or until held-back weights are due to swap in."""
+        """Until woken, or until held-back weights are due to swap in, or a failed checkpoint's retry."""
         timer = None
+        deadlines = []
         if self._held_back:
+            deadlines.append(self._last_swap + self.config.swap_min_interval_s)
+        if self._checkpoint_failures_in_a_row:
+            deadlines.append(self._next_checkpoint)  # retried even if no new experience comes in
+        if deadlines:
             # A timer that sets the event, not asyncio.wait_for: in 3.11 that can swallow a
             # cancellation that lands as the wait ends, and the learner would not stop.
-            delay = max(self._last_swap + self.config.swap_min_interval_s - self._clock(), 0.0)
+            delay = max(min(deadlines) - self._clock(), 0.0)
             timer = asyncio.get_running_loop().call_later(delay, self._wake.set)
         try:
             await self._wake.wait()
@@ -285,7 +301,7 @@ class Learner:
         batch, indices, stamps, weights = self._take_batch()
         if not batch:
             return False
-        trips = self.status.trips
+        lineage = self._lineage
         self._updating = True
         try:
             slots = None if indices is None else (indices, stamps)
@@ -301,9 +317,10 @@ class Learner:
             return False
         finally:
             self._updating = False
-        if self.status.trips != trips:
-            # The breaker tripped while this update ran (a reward drop): its result is void, and
-            # the trainee, which the worker was still changing, goes back to the good weights now.
+        if self._lineage != lineage:
+            # The breaker tripped (a reward drop) or new weights were adopted while this update ran:
+            # its result is void, and the trainee, which the worker was still changing, goes back
+            # to the good weights now.
             self._reset_trainee()
             return False
         if self.replay is not None and indices is not None and stats.td_errors:
@@ -374,14 +391,14 @@ class Learner:
 
     async def _serve_latest(self) -> None:
         """Swap in held-back weights (their interval passed and no update brought newer ones)."""
-        trips = self.status.trips
+        lineage = self._lineage
         loop = asyncio.get_running_loop()
         try:
             candidate = await loop.run_in_executor(self._executor, self._build_from_worker)
         except (WorkerDied, WorkerError) as exc:
             self._worker_failed(exc)
             return
-        if self.status.trips == trips and self._held_back:  # not voided by a trip meanwhile
+        if self._lineage == lineage and self._held_back:  # not voided by a trip or an adoption meanwhile
             self._serve_new(candidate)
 
     def _build_from_worker(self) -> PolicyBundle:
@@ -407,6 +424,23 @@ class Learner:
         self.status.serving_version = candidate.version
         log.info("policy swapped", version=candidate.version, pause_us=round(pause_us, 1))
         self._retire(previous)
+
+    def adopt(self, bundle: PolicyBundle) -> None:
+        """Serve weights from outside (a checkpoint reloaded on SIGHUP) as the next version.
+
+        They become the good weights and the trainee's (fresh optimizer moments); an update in
+        flight, trained from the old weights, is void; PPO's rollout restarts on them.
+        """
+        bundle.version = self.serving.version + 1
+        self._lineage += 1
+        self._held_back = False
+        self._good = clone_state(bundle.state_dict())
+        self._good_version = bundle.version
+        self._good_rewards.clear()
+        self._recent_rewards.clear()
+        self._serve(bundle)
+        if not self._updating:
+            self._reset_trainee()  # else update_once does it when the void update returns
 
     def _worker_failed(self, exc: Exception) -> None:
         """The worker process died or failed: restart it on the last good weights; never crash.
@@ -444,6 +478,7 @@ class Learner:
         """
         self.status.trips += 1
         self.status.last_trip = why
+        self._lineage += 1
         self.status.breaker = "open"
         self._paused_until = self._clock() + self.config.breaker.recovery_s
         self._held_back = False  # held-back weights came from the rejected trajectory
@@ -524,11 +559,39 @@ class Learner:
     def buffered(self) -> int:
         return len(self.rollout) if self.rollout is not None else len(self.replay or ())
 
-    async def checkpoint(self) -> None:
-        """Save policy, optimizer, counters and buffer into the state directory (off the loop)."""
-        self._last_checkpoint = self._clock()
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.save_checkpoint)
+    async def checkpoint(self) -> bool:
+        """Save policy, optimizer, counters and buffer into the state directory (off the loop).
+
+        A failed save (a full disk, an unwritable directory) is logged, counted in status and
+        retried after 1 s, 2 s, 4 s ... (at most `checkpoint_interval_s`); learning goes on.
+        """
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.save_checkpoint)
+        except Exception as exc:  # noqa: BLE001 - OSError mostly, but torch and safetensors raise others
+            self._checkpoint_failed(exc)
+            return False
+        self._checkpoint_failures_in_a_row = 0
+        self._next_checkpoint = self._clock() + self.config.checkpoint_interval_s
         self.status.checkpoints += 1
+        self.status.checkpoint_retry_in_s = 0.0
+        return True
+
+    def _checkpoint_failed(self, exc: Exception) -> None:
+        self._checkpoint_failures_in_a_row += 1
+        retry_s = min(2.0 ** (self._checkpoint_failures_in_a_row - 1), self.config.checkpoint_interval_s)
+        self._next_checkpoint = self._clock() + retry_s
+        self.status.checkpoint_failures += 1
+        self.status.last_checkpoint_error = f"{type(exc).__name__}: {exc}"
+        self.status.last_checkpoint_error_at = datetime.datetime.now(datetime.UTC).isoformat(
+            timespec="seconds"
+        )
+        self.status.checkpoint_retry_in_s = retry_s
+        log.error(
+            "learner checkpoint failed; learning goes on, retrying",
+            error=self.status.last_checkpoint_error,
+            failures_in_a_row=self._checkpoint_failures_in_a_row,
+            retry_in_s=retry_s,
+        )
 
     def save_checkpoint(self) -> None:
         """Write policy, optimizer and counters, and buffer (any thread; one save at a time)."""

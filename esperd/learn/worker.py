@@ -11,8 +11,8 @@ serving policy; it sends a batch and gets back the update's stats and the new we
 The child:
   - is `python -c BOOTSTRAP` (not multiprocessing): it imports nothing of the parent's
     `__main__`, needs no resource tracker, and sets its signals before importing torch;
-  - ignores SIGINT and SIGTERM (the parent drives shutdown: a SIGTERM to the whole process
-    group or cgroup must not kill an update the final checkpoint waits for);
+  - ignores SIGINT, SIGTERM and SIGHUP (the parent drives shutdown and reloads: a SIGTERM to the
+    whole process group or cgroup must not kill an update the final checkpoint waits for);
   - dies with the parent: PR_SET_PDEATHSIG (Linux; tied to the spawning thread, so spawn from
     the event loop's thread, which lives as long as the daemon) and EOF on its socket;
   - talks over a private socketpair with multiprocessing.connection framing. Pickle is used on
@@ -218,6 +218,7 @@ BOOTSTRAP = """\
 import os, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
 parent = int(sys.argv[2])
 if sys.platform.startswith("linux"):
     import ctypes

@@ -8,6 +8,7 @@ CheckpointError, as is a missing, truncated or corrupt file, or non-finite weigh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -164,6 +165,21 @@ def _check_compatible(
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"checkpoint {path} has non-finite values in {key}")
+
+
+def checkpoint_digest(path: str | os.PathLike[str] | None) -> str:
+    """The SHA-256 of a checkpoint file's bytes ("" for no path or an unreadable file): a reload
+    compares it to tell a replaced file from an unchanged one."""
+    if not path:
+        return ""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return ""
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

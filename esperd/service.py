@@ -23,9 +23,7 @@ import msgspec
 import structlog
 from nats.micro import add_service
 from nats.micro.request import Request
-from nats.micro.service import EndpointConfig
-from nats.micro.service import Service as MicroService
-from nats.micro.service import ServiceConfig as MicroConfig
+from nats.micro.service import EndpointConfig, Service as MicroService, ServiceConfig as MicroConfig
 
 import esperd
 from contracts import (

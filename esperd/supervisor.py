@@ -98,8 +98,10 @@ class Supervisor:
         while True:
             started = self._clock()
             state.running = True
-            error = await self._run_once(name, factory)
-            state.running = False
+            try:
+                error = await self._run_once(name, factory)
+            finally:
+                state.running = False
             if self._stopping:  # ending is what it was asked to do (an error is logged already)
                 return
             now = self._clock()

@@ -388,3 +388,47 @@ def test_command_encoding_takes_three_values(tmp_path: Path) -> None:
         assert config_from_dict({"nats": {"command_encoding": mode}}).nats.command_encoding == mode
     message = error_of(tmp_path, "[nats]\ncommand_encoding = 'xml'\n")
     assert "nats.command_encoding" in message and "'xml'" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("nats//localhost:4222", "not a server URL"),
+        ("http://127.0.0.1:4222", "scheme 'http'"),
+        ("nats://127.0.0.1:port", "port is not a number"),
+        ("nats://127.0.0.1:70000", "port is not a number"),
+        ("nats://127.0.0.1:0", "port is not a number"),
+        ("nats://:4222", "no host"),
+        ("nats://127.0.0.1:4222/esper", "no path"),
+        ("nats://127.0.0.1 :4222", "whitespace"),
+        ("", "empty"),
+    ],
+)
+def test_a_malformed_server_url_is_refused(tmp_path: Path, url: str, why: str) -> None:
+    message = error_of(tmp_path, f"[nats]\nservers = [{url!r}]\n".replace("'", '"'))
+    assert "`nats.servers`" in message and why in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://127.0.0.1:4222",
+        "tls://nats.example.com:4443",
+        "nats://u:p@h:1",
+        "127.0.0.1:4222",
+        "localhost",
+        "nats://[::1]:4222",
+    ],
+)
+def test_server_urls_nats_py_takes_are_accepted(url: str) -> None:
+    assert config_from_dict({"nats": {"servers": [url]}}).nats.servers == (url,)
+
+
+def test_a_malformed_url_from_the_environment_is_refused_without_its_password(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "", env={"ESPERD_NATS_URL": "nats://bob:hunter2@broker:42x2"})
+    assert "`nats.servers`" in message and "hunter2" not in message and "bob:***@broker" in message
+
+
+def test_websocket_and_nats_urls_cannot_mix() -> None:
+    with pytest.raises(ConfigError, match="mixes websocket"):
+        config_from_dict({"nats": {"servers": ["ws://a:80", "nats://b:4222"]}})

@@ -239,3 +239,7 @@ def test_systemd_analyze_security(tmp_path: Path) -> None:
         pytest.skip(f"systemd-analyze security --offline unsupported here (systemd < 250?): {proc.stderr}")
     # 2.0 when written; the scale is 0 (locked down) to 10 (unprotected).
     assert float(match.group(1)) <= 3.0, proc.stdout
+
+
+def test_reload_sends_sighup_to_esperd_alone(unit: Unit) -> None:
+    assert unit["Service"]["ExecReload"] == ["/bin/kill -HUP $MAINPID"]

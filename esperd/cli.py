@@ -125,8 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals = Signals()
     signals.install()
     args = build_parser().parse_args(argv)
-    if args.command != "run" and args.command is not None:
-        signals.restore()
+    if args.command in (None, "run"):
+        return run_daemon(args, signals)
+    signals.restore()  # the other commands keep Python's defaults (Ctrl-C stops a training run)
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Every command but the daemon itself."""
     if args.command == "check-config":
         return check_config(args.file)
     if args.command == "schema":
@@ -141,10 +147,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_watch(args))
     if args.command == "status":
         return asyncio.run(_status(args))
-    if args.command == "train":
-        from esperd.train import main as train_main
+    from esperd.train import main as train_main
 
-        return train_main(args, getattr(args, "train_config", None) or args.config)
+    return train_main(args, getattr(args, "train_config", None) or args.config)
+
+
+def run_daemon(args: argparse.Namespace, signals: Signals) -> int:
+    """`esperd [run] --config FILE`: load the config and serve until a stop signal."""
     from esperd.config import ConfigError, load_config
 
     path = getattr(args, "run_config", None) or args.config

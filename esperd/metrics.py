@@ -201,6 +201,20 @@ def families(snapshot: Snapshot) -> list[Any]:
             "Learner worker processes that died and were restarted",
             le.worker_deaths,
         )
+        f.counter(
+            "esperd_learner_checkpoint_failures",
+            "Periodic learner checkpoints that failed (each retried with backoff)",
+            le.checkpoint_failures,
+        )
+    # Supervision and reloads.
+    f.counters_by(
+        "esperd_task_restarts",
+        "Background tasks restarted after ending unexpectedly, by task",
+        "task",
+        {name: task.restarts for name, task in s.tasks.items()},
+    )
+    f.counter("esperd_reloads", "SIGHUP reloads applied", s.reload.reloads)
+    f.counter("esperd_reloads_refused", "SIGHUP reloads refused (nothing changed)", s.reload.refused)
     if s.cluster is not None:
         f.gauge("esperd_cluster_members", "Live esperd instances sharing the runs", len(s.cluster.members))
         f.counter(

@@ -14,6 +14,8 @@ from esperd.config import Config
 
 #: Dotted keys (or section prefixes ending in ".") a running daemon takes over on reload.
 LIVE_KEYS = ("service.log_level", "policy.checkpoint", "scheduler.", "limits.")
+#: Exceptions: the embedded broker's max_payload is derived from this one when it starts.
+RESTART_KEYS = ("limits.max_payload_bytes",)
 
 
 class ReloadPlan(msgspec.Struct, frozen=True):
@@ -36,6 +38,8 @@ class ReloadStatus(msgspec.Struct):
 
 def is_live(key: str) -> bool:
     """Whether a reload applies this dotted key."""
+    if key in RESTART_KEYS:
+        return False
     return any(key == live or (live.endswith(".") and key.startswith(live)) for live in LIVE_KEYS)
 
 

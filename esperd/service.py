@@ -289,6 +289,20 @@ class Service:
         self.supervisor.stopping()  # tasks that end from here on were asked to
         self.notifier.stopping()
         log.info("esperd stopping", drain_timeout_s=self.config.service.drain_timeout_s)
+        await self._drain()
+        await self._stop_tasks()
+        if self.learner is not None:
+            await self._save_learner()
+            self.learner.close()  # its worker process, now that the optimizer state is saved
+        await self._stop_listeners()
+        log.info(
+            "esperd stopped",
+            accepted_total=self.intake.accepted_total,
+            rejected_total=self.intake.rejected_total,
+        )
+
+    async def _drain(self) -> None:
+        """Stop taking work, let the batch in flight publish, drain NATS: within drain_timeout_s."""
         timeout = self.config.service.drain_timeout_s
         with anyio.move_on_after(timeout) as scope:
             if self.bus.nc is not None:
@@ -302,6 +316,9 @@ class Service:
                 await self.bus.close(timeout)
         if scope.cancelled_caught:
             log.warning("drain timed out; exiting anyway")
+
+    async def _stop_tasks(self) -> None:
+        """End the learner's updates, a reload in progress and every supervised task."""
         if self.learner is not None:
             await self.learner.quiesce()  # the final checkpoint must not race an optimizer step
         if self._reload_task is not None:
@@ -309,15 +326,6 @@ class Service:
             await asyncio.gather(self._reload_task, return_exceptions=True)
         await self.supervisor.stop()
         self.decisions.close()
-        if self.learner is not None:
-            await self._save_learner()
-            self.learner.close()  # its worker process, now that the optimizer state is saved
-        await self._stop_listeners()
-        log.info(
-            "esperd stopped",
-            accepted_total=self.intake.accepted_total,
-            rejected_total=self.intake.rejected_total,
-        )
 
     async def _stop_listeners(self) -> None:
         """Last: the embedded broker, then the metrics listener (scrapes work until the end)."""
@@ -353,7 +361,8 @@ class Service:
             self.request_reload()
 
     async def reload(self) -> bool:
-        """Apply the config file as it is now: log level, `[scheduler]`, `[limits]`, and a new
+        """Apply the config file as it is now: log level, `[scheduler]`, `[limits]` (see
+        esperd.reload for the exceptions), and a new
         `[policy] checkpoint` (a new path, or the same file with new contents), swapped in as the
         next version. Other changes are reported as needing a restart. An unreadable or invalid
         config, or an unusable checkpoint, is refused as a whole: nothing changes. True if applied."""
@@ -366,47 +375,60 @@ class Service:
             self._reload_refused(str(exc))
             return False
         plan = plan_reload(self.config, new)
-        applied = list(plan.live)
-        needs_restart = list(plan.restart)
-        swapped: tuple[PolicyBundle, str] | None = None
-        if new.policy.checkpoint:
-            try:
-                swapped = await asyncio.to_thread(self._changed_checkpoint, new.policy.checkpoint)
-            except CheckpointError as exc:
-                self._reload_refused(f"checkpoint refused, the serving policy stays: {exc}")
-                return False
-        if swapped is not None:
-            refusal = self._swap_in_checkpoint(swapped[0])
-            if refusal:
-                self._reload_refused(refusal)
-                return False
-            self._checkpoint_digest = swapped[1]
-            if "policy.checkpoint" not in applied:
-                applied.append("policy.checkpoint")  # same path, new contents
+        applied, needs_restart = list(plan.live), list(plan.restart)
+        try:
+            swapped = await self._reload_checkpoint(new.policy.checkpoint)
+        except CheckpointError as exc:
+            self._reload_refused(str(exc))
+            return False
+        if swapped:
+            applied.append("policy.checkpoint")  # also when only the file's contents changed
             if self.learner is None and self.config.learner.algorithm != "off":
                 needs_restart.append("learner.algorithm")  # the configured policy serves again
+        self._apply_live(new)
+        self._reloaded(sorted(set(applied)), sorted(needs_restart))
+        return True
+
+    async def _reload_checkpoint(self, path: str | None) -> bool:
+        """Swap in the checkpoint at `path` if it is not the one loaded already; True if swapped.
+        CheckpointError (nothing changed) if it is unusable or cannot serve here."""
+        if not path:
+            return False
+        try:
+            loaded = await asyncio.to_thread(self._changed_checkpoint, path)
+        except CheckpointError as exc:
+            raise CheckpointError(f"checkpoint refused, the serving policy stays: {exc}") from None
+        if loaded is None:
+            return False
+        bundle, digest = loaded
+        self._swap_in_checkpoint(bundle)
+        self._checkpoint_digest = digest
+        return True
+
+    def _apply_live(self, new: Config) -> None:
         if self._log_level is not None:
             self._log_level.set(new.service.log_level)
         self.scheduler.config = new.scheduler
         self.intake.set_limits(new.limits)
         self.config = apply_live(self.config, new)
         self.decisions.wake()  # a shorter interval may make runs due now
+
+    def _reloaded(self, applied: list[str], needs_restart: list[str]) -> None:
         status = self.reload_status
         status.reloads += 1
         status.last_at = _utc_now()
         status.last_error = ""
-        status.applied = sorted(applied)
-        status.needs_restart = sorted(needs_restart)
+        status.applied = applied
+        status.needs_restart = needs_restart
         log.info(
             "config reloaded",
-            applied=status.applied,
-            needs_restart=status.needs_restart,
+            applied=applied,
+            needs_restart=needs_restart,
             policy=self.decisions.policy.name,
             policy_version=self.decisions.policy.version,
         )
         if needs_restart:
-            log.warning("config changes need a restart to apply", keys=status.needs_restart)
-        return True
+            log.warning("config changes need a restart to apply", keys=needs_restart)
 
     def _changed_checkpoint(self, path: str) -> tuple[PolicyBundle, str] | None:
         """Worker thread: the checkpoint at `path` loaded into a new bundle of the configured
@@ -419,13 +441,13 @@ class Service:
         load_policy_checkpoint(path, bundle)
         return bundle, digest
 
-    def _swap_in_checkpoint(self, bundle: PolicyBundle) -> str:
+    def _swap_in_checkpoint(self, bundle: PolicyBundle) -> None:
         """Serve `bundle` as the next version (through the learner, which trains on it from now
-        on); the reason it cannot be, or ""."""
+        on); CheckpointError if it cannot serve here."""
         serving = self.decisions.policy
         if self.learner is not None:
             if serving.name != bundle.name:
-                return (
+                raise CheckpointError(
                     f"the {serving.name} fallback serves and learns; serving the {bundle.name} "
                     "checkpoint needs a restart"
                 )
@@ -435,7 +457,6 @@ class Service:
             self.decisions.swap_policy(bundle)
         self.policy_fallback_reason = ""
         log.info("policy checkpoint swapped in", policy=bundle.name, version=bundle.version)
-        return ""
 
     def _reload_refused(self, why: str) -> None:
         status = self.reload_status

@@ -126,8 +126,11 @@ async def test_adopt_voids_an_update_in_flight(tmp_path: Path) -> None:
     for t in sim_transitions(learner.serving, 40):
         learner.add(t)
     update = asyncio.create_task(learner.update_once())
-    while not learner._updating:  # wait until it really is on the worker
+    for _ in range(100_000):  # until it really is on the worker
+        if learner._updating:
+            break
         await asyncio.sleep(0)
+    assert learner._updating
     outside = make_policy(init_seed=7)
     learner.adopt(outside)
     assert await update is False  # trained from the old weights: not served

@@ -80,3 +80,21 @@ def test_listen_addresses(tmp_path: Path) -> None:
     for bad in ("9464", "127.0.0.1", "http://127.0.0.1:9464", "host:port"):
         with pytest.raises(ConfigError, match="metrics.listen"):
             config_from_dict({"metrics": {"listen": bad}})
+
+
+def test_task_restarts_checkpoint_failures_and_reloads_become_metrics(status) -> None:  # noqa: ANN001
+    from esperd.reload import ReloadStatus
+    from esperd.supervisor import TaskStatus
+
+    tasks = {"decisions": TaskStatus(running=True), "housekeeping": TaskStatus(running=True, restarts=3)}
+    learner = LearnerStatus(algorithm="ppo", checkpoint_failures=4)
+    changed = msgspec.structs.replace(
+        status, tasks=tasks, learner=learner, reload=ReloadStatus(reloads=2, refused=1)
+    )
+    samples = exposed(Snapshot(changed, LatencyHistogram().cumulative(), 0.0, "b"))
+    me = ("esperd_instance", "b")
+    assert samples[("esperd_task_restarts_total", frozenset({me, ("task", "housekeeping")}))] == 3
+    assert samples[("esperd_task_restarts_total", frozenset({me, ("task", "decisions")}))] == 0
+    assert samples[("esperd_learner_checkpoint_failures_total", frozenset({me}))] == 4
+    assert samples[("esperd_reloads_total", frozenset({me}))] == 2
+    assert samples[("esperd_reloads_refused_total", frozenset({me}))] == 1

@@ -66,6 +66,7 @@ def test_apply_live_takes_live_keys_only() -> None:
 
 
 def test_is_live() -> None:
-    assert is_live("scheduler.max_batch") and is_live("limits.max_payload_bytes")
+    assert is_live("scheduler.max_batch") and is_live("limits.max_nodes")
+    assert not is_live("limits.max_payload_bytes")  # the embedded broker's max_payload follows it
     assert is_live("service.log_level") and is_live("policy.checkpoint")
     assert not is_live("service.log_format") and not is_live("policy.name") and not is_live("schedulerx.y")

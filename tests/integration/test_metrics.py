@@ -146,7 +146,7 @@ def test_a_taken_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
             cwd=ROOT,
         )
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 1, output
+    assert proc.returncode == 69, output  # ExitCode.UNAVAILABLE: a port esperd listens on is taken
     assert "could not start" in output and f"metrics.listen = '127.0.0.1:{port}'" in output
     assert "Address already in use" in output
     assert "Traceback" not in output

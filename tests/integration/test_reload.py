@@ -55,14 +55,18 @@ def topology(nodes: int) -> bytes:
     ).encode()
 
 
-async def reload_with(
-    nc: Client, daemon: Esperd, config: Path, raw: dict[str, Any] | str, count: str, at_least: int
-) -> dict[str, Any]:
-    """Write the config (a dict, or raw text), SIGHUP, and wait until status counts the reload."""
+def rewrite(config: Path, raw: dict[str, Any] | str) -> None:
     if isinstance(raw, str):
         config.write_text(raw, encoding="utf-8")
     else:
         write_config(config, raw)
+
+
+async def reload_with(
+    nc: Client, daemon: Esperd, config: Path, raw: dict[str, Any] | str, count: str, at_least: int
+) -> dict[str, Any]:
+    """Write the config (a dict, or raw text), SIGHUP, and wait until status counts the reload."""
+    rewrite(config, raw)
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGHUP)
     return await wait_status(

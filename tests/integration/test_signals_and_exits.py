@@ -140,7 +140,7 @@ def test_sigterm_during_the_learners_start_exits_zero(nats_server: NatsServer, t
     assert daemon.finish() == 0, daemon.output()
 
 
-# ------------------------------------------------------------------ unusable resources: one line, a documented code
+# ------------------------------------------------------------------ unusable resources: one line, a code
 
 
 def test_embedded_port_taken_by_another_process_exits_69(tmp_path: Path) -> None:

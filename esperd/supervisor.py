@@ -128,9 +128,12 @@ class Supervisor:
             )
             await asyncio.sleep(delay)
             delay = min(max(delay * 2, self.config.backoff_s), self.config.backoff_max_s)
-            if self._stopping:
+            if self._shutting_down():  # asked while it slept
                 return
             state.restarts += 1
+
+    def _shutting_down(self) -> bool:
+        return self._stopping
 
     async def _run_once(self, name: str, factory: TaskFactory) -> str:
         """Run the task once; why it ended. Cancelling the supervising task cancels it for good."""

@@ -33,12 +33,11 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from policy_helpers import make_observation, random_stages
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support (not installed)
 from esperd.analyzer.observation import Observation
 from esperd.learn.buffers import ReplayBuffer, RolloutBuffer
 from esperd.learn.experience import Transition
+from tests.support.observations import make_observation, random_stages
 
 MEMORY_BUDGET_BYTES = 1 << 30  # 100k transitions of 20-node graphs must fit in 1 GiB
 SAMPLE_BUDGET_US = 2000.0  # prioritized sample(256) median

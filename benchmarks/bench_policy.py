@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from policy_helpers import make_observation, random_stages
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support (not installed)
 from esperd.analyzer.observation import Observation
 from esperd.policy import PolicyConfig, create_policy
 from esperd.policy.batch import collate
+from tests.support.observations import make_observation, random_stages
 
 POLICIES = ("gnn", "lstm", "heuristic")
 NODES = (12, 64)
@@ -133,7 +132,7 @@ def main() -> int:
     print(
         f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}, "
         f"{torch.get_num_threads()} threads; median of {args.reps} reps; default PolicyConfig "
-        "(hidden 128, 3 GCN layers, LSTM 128); synthetic observations (tests/policy_helpers.py)"
+        "(hidden 128, 3 GCN layers, LSTM 128); synthetic observations (tests/support/observations.py)"
     )
     for nodes in NODES:
         ours, pyg = bench_collate(observations(nodes, 64), args.reps)

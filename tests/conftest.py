@@ -1,4 +1,8 @@
-"""Shared fixtures: a real nats-server on a free loopback port, and a client for it."""
+"""Shared fixtures: a real nats-server on a free loopback port, and a client for it.
+
+Everything under tests/integration/ is marked `integration` here (see pyproject.toml's markers),
+so `make test-fast` can leave it out. No torch import: the fast tier must not pay for it.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,26 @@ from pathlib import Path
 
 import nats
 import pytest
-import torch
 from nats.aio.client import Client
 
 from esperd.natsserver import NatsServer
 
-#: The torch devices this machine has: tests that take the `device` fixture run on each.
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+INTEGRATION = Path(__file__).parent / "integration"
 
 
-@pytest.fixture(params=DEVICES)
-def device(request: pytest.FixtureRequest) -> str:
-    """A torch device: "cpu" everywhere, and "cuda" too on a machine with a GPU."""
-    return str(request.param)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(INTEGRATION):
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that takes `device` runs on every torch device this machine has: "cpu" everywhere,
+    and "cuda" too where there is a GPU. torch is imported only for such tests."""
+    if "device" in metafunc.fixturenames:
+        import torch
+
+        metafunc.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from contracts import (
     Blueprint,
     BlueprintFamily,
     HealthBatch,
-    HealthSignal,
     Op,
     SeedSlotState,
     SeedStage,
@@ -40,17 +39,11 @@ from esperd.analyzer.observation import (
     STAGE_INDEX,
     STAGES,
 )
+from tests.support.packets import health
+from tests.support.timing import FakeClock
 
 F = NODE_FEATURE_INDEX
 G = GLOBAL_FEATURE_INDEX
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def topology(nodes: list[int] | list[TopologyNode], edges: list[tuple[int, int]]) -> TopologyPacket:
@@ -59,14 +52,10 @@ def topology(nodes: list[int] | list[TopologyNode], edges: list[tuple[int, int]]
     )
 
 
-def signal(layer: int, health: float, **kw: object) -> HealthSignal:
-    return HealthSignal(layer_id=layer, health_score=health, **kw)
-
-
 def feed(analyzer: Analyzer, run: str, layer: int, values: list[float], **kw: object) -> bool:
     changed = False
     for v in values:
-        changed |= analyzer.ingest_health(run, signal(layer, v, **kw))
+        changed |= analyzer.ingest_health(run, health(layer, v, **kw))
     return changed
 
 
@@ -143,7 +132,7 @@ def test_inferred_chain_then_replaced_by_topology():
     a = Analyzer(AnalyzerConfig(window_size=4), clock=clock)
     feed(a, "r", 5, [0.9])
     feed(a, "r", 1, [0.8, 0.7, 0.6])
-    a.ingest_health("r", HealthBatch(signals=[signal(3, 0.5), signal(3, 0.4)]))
+    a.ingest_health("r", HealthBatch(signals=[health(3, 0.5), health(3, 0.4)]))
     obs = a.observe("r")
     assert obs.layer_ids.tolist() == [1, 3, 5]
     assert edges_as_layer_pairs(obs) == {(1, 3), (3, 5)}
@@ -306,8 +295,8 @@ def _skip_graph_analyzer(with_skip: bool) -> Analyzer:
     a = Analyzer(clock=FakeClock())
     edges = [(0, 1), (1, 2), (2, 3), (3, 4)] + ([(1, 3)] if with_skip else [])
     a.ingest_topology("r", topology([0, 1, 2, 3, 4], edges))
-    for layer, health in [(0, 0.9), (1, 0.1), (2, 0.9), (3, 0.2), (4, 0.25)]:
-        feed(a, "r", layer, [health])
+    for layer, score in [(0, 0.9), (1, 0.1), (2, 0.9), (3, 0.2), (4, 0.25)]:
+        feed(a, "r", layer, [score])
     return a
 
 
@@ -532,7 +521,7 @@ def test_batch_timestamp_applies_to_signals_without_their_own():
     a.ingest_state(
         "r", SystemStatePacket(timestamp=10.0, seeds=[SeedSlotState(layer_id=0, stage=SeedStage.TRAINING)])
     )
-    stale = HealthBatch(timestamp=5.0, signals=[signal(0, 0.9, seed_stage=SeedStage.DORMANT, total_seeds=1)])
+    stale = HealthBatch(timestamp=5.0, signals=[health(0, 0.9, seed_stage=SeedStage.DORMANT, total_seeds=1)])
     a.ingest_health("r", stale)
     assert a.observe("r").stages.tolist() == [STAGE_INDEX[SeedStage.TRAINING]]
 
@@ -612,12 +601,12 @@ def test_feature_values_are_finite_and_in_range():
     )
     stages = list(SeedStage)
     for step in range(31):  # the last step (30) reports every layer, so staleness is uniform
-        clock.t += 1.0
+        clock.now += 1.0
         a.ingest_health(
             "r",
             HealthBatch(
                 signals=[
-                    signal(
+                    health(
                         i,
                         float(rng.random()),
                         activation_variance=float(rng.random() * 50),
@@ -651,7 +640,7 @@ def test_feature_values_are_finite_and_in_range():
             seeds=[SeedSlotState(layer_id=i, counterfactual=5.0, total_improvement=-7.0) for i in range(3)],
         ),
     )
-    clock.t += 30.0
+    clock.now += 30.0
     obs = a.observe("r")
     x, g = obs.node_features, obs.global_features
     assert x.shape == (n, len(NODE_FEATURES)) and x.dtype == np.float32
@@ -720,10 +709,10 @@ def test_material_change_from_state_and_topology():
 
 def test_batch_reports_material_if_any_signal_is():
     a = Analyzer(clock=FakeClock())
-    batch = HealthBatch(signals=[signal(0, 0.9), signal(1, 0.1), signal(2, 0.95)])
+    batch = HealthBatch(signals=[health(0, 0.9), health(1, 0.1), health(2, 0.95)])
     assert a.ingest_health("r", batch) is True
     a.observe("r")
-    assert a.ingest_health("r", HealthBatch(signals=[signal(0, 0.9), signal(2, 0.95)])) is False
+    assert a.ingest_health("r", HealthBatch(signals=[health(0, 0.9), health(2, 0.95)])) is False
 
 
 # ----------------------------------------------------------------- bounds
@@ -753,9 +742,9 @@ def test_the_size_gate_is_asked_before_a_graph_grows_and_a_refusal_changes_nothi
     assert info.value.reason == "memory_budget" and "over budget" in info.value.detail
     assert a.observe("r").layer_ids.tolist() == [0, 1, 2]  # the refused topology was not adopted
     feed(a, "s", 0, [0.9])  # an inferred graph: a chain, asked layer by layer as it grows
-    a.ingest_health("s", HealthBatch(signals=[signal(1, 0.5), signal(2, 0.5)]))
+    a.ingest_health("s", HealthBatch(signals=[health(1, 0.5), health(2, 0.5)]))
     with pytest.raises(AnalyzerError) as info:
-        a.ingest_health("s", HealthBatch(signals=[signal(3, 0.1), signal(0, 0.1)]))
+        a.ingest_health("s", HealthBatch(signals=[health(3, 0.1), health(0, 0.1)]))
     assert info.value.reason == "memory_budget"
     obs = a.observe("s")
     assert obs.layer_ids.tolist() == [0, 1, 2]
@@ -767,12 +756,12 @@ def test_max_nodes_per_run_bounds_inferred_growth_atomically():
     a = Analyzer(AnalyzerConfig(max_nodes_per_run=3), clock=FakeClock())
     feed(a, "r", 0, [0.9])
     with pytest.raises(AnalyzerError) as info:
-        a.ingest_health("r", HealthBatch(signals=[signal(1, 0.5), signal(2, 0.5), signal(3, 0.5)]))
+        a.ingest_health("r", HealthBatch(signals=[health(1, 0.5), health(2, 0.5), health(3, 0.5)]))
     assert info.value.reason == "too_many_nodes"
     obs = a.observe("r")
     assert obs.layer_ids.tolist() == [0]  # nothing from the refused batch was applied
     assert obs.node_features[0, F["health"]] == pytest.approx(0.9)
-    a.ingest_health("r", HealthBatch(signals=[signal(1, 0.5), signal(2, 0.5), signal(1, 0.4)]))
+    a.ingest_health("r", HealthBatch(signals=[health(1, 0.5), health(2, 0.5), health(1, 0.4)]))
     assert a.observe("r").layer_ids.tolist() == [0, 1, 2]
     with pytest.raises(AnalyzerError) as info:
         a.ingest_state("r", SystemStatePacket(seeds=[SeedSlotState(layer_id=9)]))
@@ -788,7 +777,7 @@ def test_summary_reports_every_run():
     a.ingest_topology("a", topology([0, 1, 2], [(0, 1), (1, 2)]))
     feed(a, "a", 0, [0.1])
     feed(a, "a", 1, [0.2])
-    clock.t = 5.0
+    clock.now = 5.0
     feed(a, "b", 3, [0.9])
     summary = a.summary(now=7.0)
     assert summary.runs == 2 and summary.max_runs == 1024
@@ -803,7 +792,7 @@ def test_summary_reports_every_run():
 def test_ingest_dispatches_by_message_type():
     a = Analyzer(clock=FakeClock())
     a.ingest("r", topology([0, 1], [(0, 1)]))
-    a.ingest("r", signal(0, 0.2))
+    a.ingest("r", health(0, 0.2))
     a.ingest("r", SystemStatePacket(epoch=4))
     obs = a.observe("r")
     assert obs.node_features[0, F["health"]] == pytest.approx(0.2) and obs.epoch == 4

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import pickle
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -21,9 +20,7 @@ from esperd.learn import persist
 from esperd.learn.buffers import BufferFileError, ReplayBuffer, RolloutBuffer
 from esperd.learn.experience import Transition
 from esperd.learn.sumtree import SumTree
-
-sys.path.insert(0, str(Path(__file__).parent))
-from policy_helpers import make_observation, random_stages
+from tests.support.observations import make_observation, random_stages
 
 # Chi-square critical values at p = 0.001 (a fixed rng makes the tests deterministic anyway).
 CHI2_CRIT = {3: 16.27, 4: 18.47, 7: 24.32, 9: 27.88}

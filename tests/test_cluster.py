@@ -5,19 +5,12 @@ from __future__ import annotations
 from collections import Counter
 
 from esperd.cluster import Membership
+from tests.support.timing import FakeClock
 
 RUNS = [f"run-{i}" for i in range(400)]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def cluster(names: list[str], clock: Clock) -> dict[str, Membership]:
+def cluster(names: list[str], clock: FakeClock) -> dict[str, Membership]:
     views = {name: Membership(name, dead_after_s=3.0, clock=clock) for name in names}
     for view in views.values():
         for other in names:
@@ -32,7 +25,7 @@ def test_alone_owns_everything() -> None:
 
 
 def test_every_run_has_exactly_one_owner_and_all_agree() -> None:
-    views = cluster(["a", "b", "c"], Clock())
+    views = cluster(["a", "b", "c"], FakeClock())
     for run in RUNS:
         owners = [name for name, view in views.items() if view.owns(run)]
         assert len(owners) == 1
@@ -42,12 +35,12 @@ def test_every_run_has_exactly_one_owner_and_all_agree() -> None:
 
 
 def test_a_dead_member_loses_only_its_own_runs() -> None:
-    clock = Clock()
+    clock = FakeClock()
     views = cluster(["a", "b", "c"], clock)
     before = {r: views["a"].owner(r) for r in RUNS}
-    clock.t += 2.0
+    clock.now += 2.0
     views["a"].heard("b")  # c falls silent
-    clock.t += 2.0
+    clock.now += 2.0
     assert views["a"].expire() is True
     assert views["a"].members == ("a", "b")
     after = {r: views["a"].owner(r) for r in RUNS}
@@ -57,7 +50,7 @@ def test_a_dead_member_loses_only_its_own_runs() -> None:
 
 
 def test_leaving_is_immediate_and_rejoining_restores_ownership() -> None:
-    views = cluster(["a", "b"], Clock())
+    views = cluster(["a", "b"], FakeClock())
     original = {r: views["a"].owner(r) for r in RUNS}
     assert views["a"].heard("b", leaving=True) is True
     assert all(views["a"].owns(r) for r in RUNS)
@@ -66,5 +59,5 @@ def test_leaving_is_immediate_and_rejoining_restores_ownership() -> None:
 
 
 def test_heartbeat_from_known_member_is_not_a_change() -> None:
-    views = cluster(["a", "b"], Clock())
+    views = cluster(["a", "b"], FakeClock())
     assert views["a"].heard("b") is False

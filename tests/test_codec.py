@@ -406,6 +406,7 @@ def test_fuzz_random_bytes(data: bytes, content_type: str | None) -> None:
     _check_decode(Codec(), data, content_type)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(value=_values, content_type=_content_types)
 def test_fuzz_random_json_values(value: Any, content_type: str | None) -> None:
@@ -414,6 +415,7 @@ def test_fuzz_random_json_values(value: Any, content_type: str | None) -> None:
     _check_decode(codec, _msgpack(value), content_type)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(value=_kind_dicts)
 def test_fuzz_dicts_with_valid_kind(value: dict[str, Any]) -> None:
@@ -422,6 +424,7 @@ def test_fuzz_dicts_with_valid_kind(value: dict[str, Any]) -> None:
     _check_decode(codec, _msgpack(value), None)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(value=_kind_arrays)
 def test_fuzz_positional_arrays_with_valid_kind(value: list[Any]) -> None:

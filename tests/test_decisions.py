@@ -28,8 +28,6 @@ from contracts import (
     SeedStage,
     SystemStatePacket,
     Tempo,
-    TopologyNode,
-    TopologyPacket,
 )
 from esperd.analyzer import Analyzer, Observation
 from esperd.decisions import DecisionLoop, describe, percentile, to_command
@@ -43,6 +41,8 @@ from esperd.policy import (
     create_policy,
 )
 from esperd.scheduler import Scheduler, SchedulerConfig
+from tests.support.packets import chain_topology
+from tests.support.timing import FakeClock, until
 
 CNN_KINDS = ("conv", "conv", "conv", "conv")
 TF_KINDS = ("linear", "attention", "mlp", "linear")
@@ -52,9 +52,7 @@ TF_KINDS = ("linear", "attention", "mlp", "linear")
 
 
 def topology(analyzer: Analyzer, run_id: str, kinds: Sequence[str]) -> None:
-    nodes = [TopologyNode(layer_id=i, name=f"layer{i}", layer_type=kind) for i, kind in enumerate(kinds)]
-    edges = [(i, i + 1) for i in range(len(kinds) - 1)]
-    analyzer.ingest(run_id, TopologyPacket(nodes=nodes, edges=edges))
+    analyzer.ingest(run_id, chain_topology(kinds, name_prefix="layer"))
 
 
 def sick_run(
@@ -153,13 +151,6 @@ class Harness:
         return {c.run_id: c for c in self.published}
 
 
-async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
-
-
 # ------------------------------------------------------------------ batching
 
 
@@ -196,7 +187,7 @@ async def test_run_loop_micro_batches_runs_that_become_due_together() -> None:
         h.due(*runs[:3])
         await asyncio.sleep(0.01)  # within max_wait_ms: the rest join the same batch
         h.due(*runs[3:])
-        await wait_until(lambda: len(h.published) == 8)
+        await until(lambda: len(h.published) == 8)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -338,7 +329,7 @@ async def test_slow_policy_does_not_block_the_event_loop() -> None:
     ticking = asyncio.create_task(ticker())
     deciding = asyncio.create_task(h.loop.decide_once())
     try:
-        await wait_until(spy.started.is_set)
+        await until(spy.started.is_set)
         # Ingestion from the loop goes on while the forward runs on the worker thread.
         ingested_during_act = 0
         for i in range(20):
@@ -365,10 +356,10 @@ async def test_failing_policy_counts_a_failure_and_the_loop_goes_on() -> None:
     task = asyncio.create_task(h.loop.run())
     try:
         h.due("a")
-        await wait_until(lambda: h.loop.stats.failures == 1)
+        await until(lambda: h.loop.stats.failures == 1)
         assert h.published == []
         h.due("b")
-        await wait_until(lambda: len(h.published) == 1)
+        await until(lambda: len(h.published) == 1)
         assert not task.done()
     finally:
         task.cancel()
@@ -387,7 +378,7 @@ async def test_swap_during_an_in_flight_batch_keeps_the_old_version_for_that_bat
     sick_run(h.analyzer, "second")
     h.due("first")
     deciding = asyncio.create_task(h.loop.decide_once())
-    await wait_until(old.started.is_set)
+    await until(old.started.is_set)
     h.loop.swap_policy(new)
     assert h.loop.policy is new
     assert await deciding == 1
@@ -402,16 +393,10 @@ async def test_swap_during_an_in_flight_batch_keeps_the_old_version_for_that_bat
 
 
 async def test_stats_update_with_deterministic_latency() -> None:
-    class Clock:
-        t = 100.0
-
-        def __call__(self) -> float:
-            return self.t
-
-    clock = Clock()
+    clock = FakeClock(100.0)
 
     def forward_takes_4ms() -> None:
-        clock.t += 0.004
+        clock.now += 0.004
 
     spy = Spy(heuristic(), on_act=forward_takes_4ms)
     h = Harness(spy, clock=clock, decision_deadline_ms=3.0)
@@ -432,7 +417,7 @@ async def test_stats_update_with_deterministic_latency() -> None:
 
     healthy_run(h.analyzer, "w2")
     h.due("w2")
-    clock.t += 1.0
+    clock.now += 1.0
     assert await h.loop.decide_once() == 0
     stats = h.loop.stats  # percentiles and the mean are brought up to date on read
     assert (stats.batches, stats.last_batch_size, stats.batch_size_max) == (2, 1, 4)

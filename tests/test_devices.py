@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from policy_helpers import make_observation
 
 from esperd.analyzer.observation import Observation
 from esperd.learn.impala import ImpalaConfig, ImpalaLearner
@@ -23,7 +22,9 @@ from esperd.learn.learner import Learner
 from esperd.learn.ppo import PPOConfig, PPOLearner
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy
 from esperd.policy.checkpoint import load_policy_checkpoint, save_policy_checkpoint
-from tests.test_learner import FakeClock, feed, learner_config, sim_transitions, weights
+from tests.support.observations import make_observation
+from tests.support.timing import FakeClock
+from tests.test_learner import feed, learner_config, sim_transitions, weights
 from tests.test_ppo import assert_finite_stats, synthetic_transitions
 
 torch.set_num_threads(1)
@@ -106,6 +107,7 @@ def test_impala_update_on_the_device(device: str) -> None:
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["ppo", "impala"])
 async def test_learner_child_process_trains_on_the_device_and_swaps_into_it(
     device: str, algorithm: str, tmp_path: Path

@@ -27,25 +27,13 @@ from contracts import (
 from examples.host.blending import BlendSchedule
 from examples.host.lifecycle import IllegalTransition, SeedLifecycle
 from examples.host.slot import SeedSlot
+from tests.support.packets import command
 
 torch.set_num_threads(1)
 
 S = SeedStage
 STEPS_PER_EPOCH = 4
 WIDTH = 4
-
-
-def command(op: Op, **fields: object) -> AdaptationCommand:
-    if op is Op.GERMINATE:
-        fields = {
-            "blueprint": Blueprint.CONV_LIGHT,
-            "blend": BlendAlgorithm.LINEAR,
-            "tempo": Tempo.FAST,
-            **fields,
-        }
-    if op is Op.SET_ALPHA_TARGET:
-        fields = {"alpha_target": 0.5, **fields}
-    return AdaptationCommand(command_id="c1", run_id="r1", layer_id=0, op=op, **fields)  # type: ignore[arg-type]
 
 
 def cnn_slot(cooldown: int = 2) -> SeedSlot:

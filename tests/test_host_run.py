@@ -17,11 +17,11 @@ from contracts import (
     Op,
     SeedStage,
     SystemStatePacket,
-    Tempo,
     TopologyPacket,
 )
 from examples.host.__main__ import main as cli_main
 from examples.host.train import HostConfig, HostRun
+from tests.support.packets import command
 
 torch.set_num_threads(1)
 
@@ -44,8 +44,8 @@ class MemoryLink:
 
     def send_state(self, packet: SystemStatePacket) -> None:
         self.sent.append(packet)
-        for command in self.after_epoch.pop(packet.epoch, []):  # esperd "answering" the state packet
-            self.commands.put_nowait(command)
+        for answer in self.after_epoch.pop(packet.epoch, []):  # esperd "answering" the state packet
+            self.commands.put_nowait(answer)
 
     def ack(self, command: AdaptationCommand, applied: bool, reason: str = "") -> None:
         self.acks.append((command.command_id, applied, reason))
@@ -59,13 +59,6 @@ class MemoryLink:
         return [m for m in self.sent if isinstance(m, kind)]
 
 
-def cmd(command_id: str, layer_id: int, op: Op, run_id: str = "r1", **fields: object) -> AdaptationCommand:
-    return AdaptationCommand(command_id=command_id, run_id=run_id, layer_id=layer_id, op=op, **fields)  # type: ignore[arg-type]
-
-
-GERMINATE = {"blueprint": Blueprint.CONV_LIGHT, "blend": BlendAlgorithm.LINEAR, "tempo": Tempo.FAST}
-
-
 def run_with(commands: dict[int, list[AdaptationCommand]], **config: object) -> tuple[HostRun, MemoryLink]:
     link = MemoryLink()
     link.after_epoch = commands
@@ -74,13 +67,14 @@ def run_with(commands: dict[int, list[AdaptationCommand]], **config: object) -> 
     return run, link
 
 
+@pytest.mark.slow
 def test_a_seed_goes_through_its_lifecycle_driven_by_commands() -> None:
     run, link = run_with(
         {
-            0: [cmd("g", 2, Op.GERMINATE, **GERMINATE)],
-            1: [cmd("a", 2, Op.ADVANCE)],
-            4: [cmd("a2", 2, Op.ADVANCE)],
-            5: [cmd("f", 2, Op.FOSSILIZE)],
+            0: [command(Op.GERMINATE, 2, command_id="g")],
+            1: [command(Op.ADVANCE, 2, command_id="a")],
+            4: [command(Op.ADVANCE, 2, command_id="a2")],
+            5: [command(Op.FOSSILIZE, 2, command_id="f")],
         },
         epochs=7,
         batch_size=128,
@@ -110,7 +104,7 @@ def test_seed_parameters_enter_and_leave_the_optimizer() -> None:
     def optimized() -> set[int]:
         return {id(p) for group in run.optimizer.param_groups for p in group["params"]}
 
-    run.handle(cmd("g", 1, Op.GERMINATE, lr_multiplier=2.0, **GERMINATE))
+    run.handle(command(Op.GERMINATE, 1, command_id="g", lr_multiplier=2.0))
     seed_ids = {id(p) for p in slot.seed_parameters()}
     assert seed_ids and not seed_ids & optimized()  # GERMINATED: not training yet
     slot.end_epoch(0.5)
@@ -118,19 +112,19 @@ def test_seed_parameters_enter_and_leave_the_optimizer() -> None:
     assert seed_ids <= optimized()
     group = next(g for g in run.optimizer.param_groups if id(g["params"][0]) in seed_ids)
     assert group["base_lr"] == pytest.approx(2.0 * run.config.lr)
-    assert run.handle(cmd("p", 1, Op.PRUNE)) is None
+    assert run.handle(command(Op.PRUNE, 1, command_id="p")) is None
     assert not seed_ids & optimized() and slot.seed is None
 
 
 def test_several_seeds_train_and_leave_independently() -> None:
     run = HostRun(HostConfig(epochs=1, width=4), link=MemoryLink())
     for layer_id in (1, 2, 4):  # conv_light seeds: same number of parameters in blocks 1 and 2
-        assert run.handle(cmd(f"g{layer_id}", layer_id, Op.GERMINATE, **GERMINATE)) is None
+        assert run.handle(command(Op.GERMINATE, layer_id, command_id=f"g{layer_id}")) is None
     for slot in run.model.slots:
         slot.end_epoch(0.5)
     run._sync_optimizer()
     assert len(run.optimizer.param_groups) == 4  # host + three seeds
-    assert run.handle(cmd("p2", 2, Op.PRUNE)) is None  # the later of two look-alike groups
+    assert run.handle(command(Op.PRUNE, 2, command_id="p2")) is None  # the later of two look-alike groups
     remaining = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
     slots = {slot.layer_id: slot for slot in run.model.slots}
     assert {id(p) for p in slots[1].seed_parameters()} <= remaining
@@ -140,27 +134,28 @@ def test_several_seeds_train_and_leave_independently() -> None:
 
 
 @pytest.mark.parametrize(
-    ("command", "needle"),
+    ("sent", "needle"),
     [
-        (cmd("x", 9, Op.GERMINATE, **GERMINATE), "unknown layer 9"),
-        (cmd("x", 3, Op.GERMINATE, **GERMINATE), "layer 3 (pool) has no seed slot"),
-        (cmd("x", 1, Op.GERMINATE, run_id="r2", **GERMINATE), "command for run r2"),
-        (cmd("x", 1, Op.ADVANCE), "advance is illegal from dormant"),
-        (cmd("x", 1, Op.GERMINATE, blueprint=Blueprint.MLP), "transformer-family"),
-        (cmd("x", 5, Op.GERMINATE, blueprint=Blueprint.DEPTHWISE), "cnn-family"),
-        (cmd("x", 1, Op.GERMINATE, blueprint=Blueprint.DILATED), "dilated is not implemented"),
+        (command(Op.GERMINATE, 9, command_id="x"), "unknown layer 9"),
+        (command(Op.GERMINATE, 3, command_id="x"), "layer 3 (pool) has no seed slot"),
+        (command(Op.GERMINATE, 1, command_id="x", run_id="r2"), "command for run r2"),
+        (command(Op.ADVANCE, 1, command_id="x"), "advance is illegal from dormant"),
+        (command(Op.GERMINATE, 1, command_id="x", blueprint=Blueprint.MLP), "transformer-family"),
+        (command(Op.GERMINATE, 5, command_id="x", blueprint=Blueprint.DEPTHWISE), "cnn-family"),
+        (command(Op.GERMINATE, 1, command_id="x", blueprint=Blueprint.DILATED), "dilated is not implemented"),
     ],
 )
-def test_rejections_are_acked_with_a_reason(command: AdaptationCommand, needle: str) -> None:
+def test_rejections_are_acked_with_a_reason(sent: AdaptationCommand, needle: str) -> None:
     link = MemoryLink()
     run = HostRun(HostConfig(epochs=1, blueprints=(Blueprint.CONV_LIGHT, Blueprint.MLP)), link=link)
     before = run.model.total_param_count()
-    run.handle(command)
+    run.handle(sent)
     assert link.acks == [("x", False, link.acks[0][2])] and needle in link.acks[0][2]
     assert run.model.total_param_count() == before
     assert run.report.rejected == 1 and run.report.applied == 0
 
 
+@pytest.mark.slow
 def test_packets_topology_first_health_every_k_steps_state_per_epoch_done_last() -> None:
     run, link = run_with({})
     assert isinstance(link.sent[0], TopologyPacket)
@@ -174,11 +169,13 @@ def test_packets_topology_first_health_every_k_steps_state_per_epoch_done_last()
     assert all(len(batch.signals) == len(run.model.layers) for batch in link.of(HealthBatch))
 
 
+@pytest.mark.slow
 def test_commands_after_the_end_are_rejected_not_left_hanging() -> None:
-    _, link = run_with({2: [cmd("late", 1, Op.GERMINATE, **GERMINATE)]}, epochs=3)
+    _, link = run_with({2: [command(Op.GERMINATE, 1, command_id="late")]}, epochs=3)
     assert link.acks == [("late", False, "the run has finished")]
 
 
+@pytest.mark.slow
 def test_instrumentation_does_not_change_the_training() -> None:
     plain = asyncio.run(HostRun(HostConfig(epochs=2, telemetry=False)).run())
     probed = run_with({}, epochs=2, health_every=1)[0].report  # hooks on every step
@@ -186,9 +183,13 @@ def test_instrumentation_does_not_change_the_training() -> None:
     assert [e.val_accuracy for e in plain.epochs] == [e.val_accuracy for e in probed.epochs]
 
 
+@pytest.mark.slow
 def test_transformer_task_trains_and_takes_transformer_seeds() -> None:
+    gated = command(
+        Op.GERMINATE, 2, command_id="g", blueprint=Blueprint.GATED_MLP, blend=BlendAlgorithm.GATED
+    )
     run, link = run_with(
-        {0: [cmd("g", 2, Op.GERMINATE, blueprint=Blueprint.GATED_MLP, blend=BlendAlgorithm.GATED)]},
+        {0: [gated]},
         task="sequence",
         epochs=2,
     )

@@ -67,6 +67,7 @@ def test_returns_are_discounted_to_the_end_of_each_episode() -> None:
     assert returns[3] == pytest.approx(r[3]) and complete.tolist() == [True, True, True, False]
 
 
+@pytest.mark.slow
 def test_a_short_fit_makes_the_policy_agree_with_the_reference(demonstrations: list[Transition]) -> None:
     train, held = split_runs(demonstrations)
     assert held and train and not {t.run_id for t in held} & {t.run_id for t in train}
@@ -110,6 +111,7 @@ def _blend_probability(policy: object, steps: list[Transition]) -> float:
         return float(dist.blend_logp[rows].gather(1, actions[:, BLEND : BLEND + 1]).exp().mean())
 
 
+@pytest.mark.slow
 def test_lever_smoothing_keeps_the_levers_greedy_choice_but_not_certain(
     demonstrations: list[Transition],
 ) -> None:

@@ -33,6 +33,7 @@ from esperd.learn.recorder import Recorder
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy
 from esperd.scheduler import Scheduler, SchedulerConfig
 from esperd.sim import SimConfig, SimEnv
+from tests.support.timing import FakeClock
 
 torch.set_num_threads(1)
 
@@ -47,14 +48,6 @@ def policy_config(init_seed: int = 0) -> PolicyConfig:
 
 def make_policy(init_seed: int = 0) -> PolicyBundle:
     return create_policy("gnn", policy_config(init_seed), "cpu")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def learner_config(algorithm: str, **overrides: object) -> LearnerConfig:

@@ -32,8 +32,8 @@ from esperd.learn.persist import decode_experience, encode_experience
 from esperd.learn.ppo import PPOConfig
 from esperd.learn.worker import ProcessWorker, ThreadWorker, TrainerSpec, WorkerError
 from esperd.policy import PolicyBundle, create_policy
+from tests.support.timing import FakeClock
 from tests.test_learner import (
-    FakeClock,
     feed,
     learner_config,
     policy_config,
@@ -41,6 +41,9 @@ from tests.test_learner import (
     sim_transitions,
     weights,
 )
+
+# Most tests here start the learner's child process (a cold torch import each).
+pytestmark = pytest.mark.slow
 
 torch.set_num_threads(1)
 

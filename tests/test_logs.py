@@ -11,15 +11,7 @@ import pytest
 import structlog
 
 from esperd.logs import RateLimiter, configure_logging
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
+from tests.support.timing import FakeClock
 
 # ------------------------------------------------------------------ RateLimiter
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from policy_helpers import mixed_batch
 from safetensors.torch import save_file
 from structlog.testing import capture_logs
 
@@ -21,6 +20,7 @@ from esperd.policy import (
     load_policy_checkpoint,
     save_policy_checkpoint,
 )
+from tests.support.observations import mixed_batch
 
 
 def gnn(**overrides: object):

@@ -7,7 +7,6 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from policy_helpers import chain_edges, make_observation, mixed_batch, random_stages
 from torch_geometric.data import Batch, Data
 
 from contracts import BlueprintFamily, Op, SeedStage
@@ -15,6 +14,7 @@ from esperd.analyzer.observation import BLENDS, BLUEPRINTS, OP_INDEX, OPS, TEMPO
 from esperd.policy import GNNPolicy, PolicyBundle, PolicyConfig, create_policy
 from esperd.policy.batch import collate
 from esperd.policy.heads import FactoredDistribution, sample_actions
+from tests.support.observations import chain_edges, make_observation, mixed_batch, random_stages
 
 GERMINATE = OP_INDEX[Op.GERMINATE]
 WAIT = OP_INDEX[Op.WAIT]

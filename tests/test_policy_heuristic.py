@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from policy_helpers import make_observation, mixed_batch
 
 from contracts import BlendAlgorithm, Blueprint, BlueprintFamily, Op, SeedStage, Tempo
 from esperd.analyzer.observation import LAYER_KINDS, OP_INDEX, Observation
 from esperd.policy import HeuristicConfig, HeuristicPolicy, PolicyBundle, PolicyConfig, create_policy
+from tests.support.observations import make_observation, mixed_batch
 
 S = SeedStage
 CNN, TF = BlueprintFamily.CNN, BlueprintFamily.TRANSFORMER

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from policy_helpers import make_observation, mixed_batch
 
 from contracts import Op
 from esperd.analyzer.observation import OP_INDEX
 from esperd.policy import LSTMPolicy, PolicyBundle, PolicyConfig, create_policy
 from esperd.policy.batch import collate
+from tests.support.observations import make_observation, mixed_batch
 
 GERMINATE = OP_INDEX[Op.GERMINATE]
 

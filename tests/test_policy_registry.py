@@ -5,7 +5,6 @@ from __future__ import annotations
 import msgspec
 import pytest
 import torch
-from policy_helpers import mixed_batch
 
 from esperd.policy import (
     GNNPolicy,
@@ -20,6 +19,7 @@ from esperd.policy import (
     registered_policies,
 )
 from esperd.policy.registry import _REGISTRY
+from tests.support.observations import mixed_batch
 
 
 def test_builtin_policies_are_registered() -> None:
@@ -85,6 +85,7 @@ def test_compile_wraps_the_inner_network_not_the_bundle() -> None:
     assert heuristic.network is None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_compiled_forward_matches_eager() -> None:
     # Slow on CPU (~30 s cold: inductor compiles C++), but it is the only proof that the

@@ -12,7 +12,6 @@ import msgspec
 import numpy as np
 import pytest
 import torch
-from policy_helpers import make_observation
 
 from esperd.learn.experience import Transition
 from esperd.learn.gae import compute_gae
@@ -26,6 +25,7 @@ from esperd.learn.ppo import (
     split_sequences,
 )
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy
+from tests.support.observations import make_observation
 
 torch.set_num_threads(1)
 

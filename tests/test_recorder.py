@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from contracts import Op, SeedSlotState, SystemStatePacket, TopologyNode, TopologyPacket
+from contracts import Op, SeedSlotState, SystemStatePacket
 from esperd.analyzer import Analyzer
 from esperd.analyzer.observation import OP_INDEX, Observation
 from esperd.learn.buffers import ReplayBuffer, RolloutBuffer
@@ -17,14 +17,8 @@ from esperd.learn.recorder import Recorder
 from esperd.learn.rewards import RewardConfig, RewardTracker
 from esperd.policy import PolicyConfig, create_policy
 from esperd.policy.base import ActResult, build_decisions
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from tests.support.packets import chain_topology
+from tests.support.timing import FakeClock
 
 
 def state(
@@ -54,13 +48,9 @@ class Host:
 
     def __init__(self, runs: Sequence[str] = ("run-a",), layers: int = 4) -> None:
         self.analyzer = Analyzer(clock=FakeClock())
-        nodes = [
-            TopologyNode(layer_id=10 + i, layer_type="conv2d" if i % 2 == 0 else "attention", params=250)
-            for i in range(layers)
-        ]
-        edges = [(10 + i, 11 + i) for i in range(layers - 1)]
+        kinds = ["conv2d" if i % 2 == 0 else "attention" for i in range(layers)]
         for run in runs:
-            self.analyzer.ingest_topology(run, TopologyPacket(nodes=nodes, edges=edges))
+            self.analyzer.ingest_topology(run, chain_topology(kinds, first_id=10, params=250))
 
     def observe(self, run: str, packet: SystemStatePacket | None = None) -> Observation:
         if packet is not None:

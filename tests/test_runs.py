@@ -6,27 +6,25 @@ import pytest
 
 from contracts import HealthSignal, SystemStatePacket, TopologyNode, TopologyPacket
 from esperd.runs import RUN_BASE_BYTES, DropReason, RunTable, Verdict, estimated_bytes, starts_new_episode
+from tests.support.packets import state
+from tests.support.timing import FakeClock
 
 HEALTH = HealthSignal(layer_id=0, health_score=0.5)
 TOPOLOGY = TopologyPacket(nodes=[TopologyNode(layer_id=0)])
-
-
-def state(epoch: int, done: bool = False) -> SystemStatePacket:
-    return SystemStatePacket(epoch=epoch, done=done)
 
 
 class Table:
     """A RunTable on a hand-moved clock that records what it was told to forget."""
 
     def __init__(self, max_runs: int = 3, idle_ttl_s: float = 100.0, done_grace_s: float = 5.0) -> None:
-        self.t = 0.0
+        self.clock = FakeClock(0.0)
         self.forgotten: list[tuple[str, DropReason]] = []
         self.table = RunTable(
             max_runs=max_runs,
             idle_ttl_s=idle_ttl_s,
             done_grace_s=done_grace_s,
             forget=lambda run_id, reason: self.forgotten.append((run_id, reason)),
-            clock=lambda: self.t,
+            clock=self.clock,
         )
 
 
@@ -47,11 +45,11 @@ def test_admits_within_max_runs_and_refuses_beyond() -> None:
 def test_idle_runs_are_dropped_after_the_ttl_least_recent_first() -> None:
     t = Table(idle_ttl_s=100.0)
     t.table.admit("a", HEALTH)
-    t.t = 10.0
+    t.clock.now = 10.0
     t.table.admit("b", HEALTH)
-    t.t = 20.0
+    t.clock.now = 20.0
     t.table.admit("c", HEALTH)
-    t.t = 50.0
+    t.clock.now = 50.0
     t.table.admit("a", HEALTH)  # a is active again: b is now the least recent
     assert t.table.expire(109.0) == []
     assert t.table.expire(110.0) == [("b", DropReason.IDLE)]
@@ -68,9 +66,9 @@ def test_a_done_run_keeps_its_slot_for_the_grace_only() -> None:
     t.table.finish("a", epoch=3)
     assert "a" in t.table and not t.table.is_active("a")
     assert t.table.status().finishing == 1
-    t.t = 4.9
+    t.clock.now = 4.9
     assert t.table.expire() == []
-    t.t = 5.0
+    t.clock.now = 5.0
     assert t.table.expire() == [("a", DropReason.DONE)]
     assert t.forgotten == [("a", DropReason.DONE)] and len(t.table) == 0
     t.table.finish("a", epoch=3)  # not tracked any more: nothing happens
@@ -119,7 +117,7 @@ def test_a_reuse_after_the_grace_is_counted_too() -> None:
     t = Table(done_grace_s=1.0)
     t.table.admit("a", state(7))
     t.table.finish("a", epoch=7)
-    t.t = 2.0
+    t.clock.now = 2.0
     t.table.expire()
     assert "a" not in t.table
     assert t.table.admit("a", TOPOLOGY).new
@@ -127,7 +125,7 @@ def test_a_reuse_after_the_grace_is_counted_too() -> None:
     # A straggler from a finished job (a health signal) is a plain new run, not a reuse.
     t.table.admit("b", state(1))
     t.table.finish("b", epoch=1)
-    t.t = 4.0
+    t.clock.now = 4.0
     t.table.expire()
     assert t.table.admit("b", HEALTH).new
     assert t.table.reused == 1

@@ -21,21 +21,11 @@ from contracts import (
 from esperd.analyzer import Analyzer, Observation
 from esperd.analyzer.observation import OP_INDEX, OPS
 from esperd.scheduler import PendingCommand, Scheduler, SchedulerConfig, mask_cooling
+from tests.support.timing import FakeClock
 
 
-class Clock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
-
-
-def make(clock: Clock | None = None, **overrides: float) -> tuple[Scheduler, Clock]:
-    clock = clock or Clock()
+def make(clock: FakeClock | None = None, **overrides: float) -> tuple[Scheduler, FakeClock]:
+    clock = clock or FakeClock()
     values = {
         "min_interval_s": 1.0,
         "cooldown_s": 30.0,

@@ -338,6 +338,7 @@ def test_pruning_a_helpful_seed_hurts() -> None:
 # ---------------------------------------------------------------- policies
 
 
+@pytest.mark.slow
 def test_random_is_worse_than_the_heuristic_which_is_beatable() -> None:
     """Fixed seeds, same hosts for every policy: random < wait-ish heuristic < scripted rules."""
     config = SimConfig()

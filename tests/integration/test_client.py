@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
@@ -30,6 +30,7 @@ from esperd.client import HostClient
 from esperd.natsserver import NatsServer
 from esperd.service import Service
 from tests.integration.helpers import daemon_config, running_daemon, wait_for_status
+from tests.support.timing import until
 
 CODEC = Codec()
 
@@ -98,15 +99,6 @@ async def connect(server: NatsServer, run_id: str, **kwargs: object) -> HostClie
     client = await HostClient.connect(server.url, run_id, **kwargs)
     await settle(client.nc)
     return client
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll until `predicate` holds or `timeout` passes (the caller asserts what it needs)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() >= deadline:
-            return
-        await asyncio.sleep(0.01)
 
 
 # ------------------------------------------------------------------ telemetry

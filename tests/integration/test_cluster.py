@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from nats.aio.client import Client
 
 from esperd.natsserver import NatsServer
 from tests.integration.helpers import daemon_config, running_daemon
+from tests.support.timing import until
 
 RUNS = [f"c{i}" for i in range(24)]
 
@@ -18,15 +18,6 @@ async def publish_health(nc: Client, layer: int) -> None:
     for run in RUNS:
         await nc.publish(f"esper.{run}.health", b'{"kind":"health","layer_id":%d,"health_score":0.8}' % layer)
     await nc.flush()
-
-
-async def until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return predicate()
 
 
 async def test_two_instances_split_runs_and_take_over(
@@ -49,9 +40,9 @@ async def test_two_instances_split_runs_and_take_over(
         bravo_ctx = running_daemon(config("bravo"))
         bravo = await bravo_ctx.__aenter__()
         try:
-            assert await until(lambda: alpha.cluster.membership.members == ("alpha", "bravo"))
+            await until(lambda: alpha.cluster.membership.members == ("alpha", "bravo"))
             await publish_health(nats_client, 0)
-            assert await until(lambda: len(alpha.analyzer) + len(bravo.analyzer) == len(RUNS))
+            await until(lambda: len(alpha.analyzer) + len(bravo.analyzer) == len(RUNS))
             owned_a, owned_b = set(alpha.analyzer.run_ids()), set(bravo.analyzer.run_ids())
             assert owned_a and owned_b and not owned_a & owned_b
             assert owned_a | owned_b == set(RUNS)
@@ -60,9 +51,9 @@ async def test_two_instances_split_runs_and_take_over(
             with contextlib.suppress(Exception):
                 await bravo_ctx.__aexit__(None, None, None)
         # bravo left cleanly: alpha owns everything at once and takes bravo's runs from their next packets.
-        assert await until(lambda: alpha.cluster.membership.members == ("alpha",))
+        await until(lambda: alpha.cluster.membership.members == ("alpha",))
         await publish_health(nats_client, 1)
-        assert await until(lambda: len(alpha.analyzer) == len(RUNS))
+        await until(lambda: len(alpha.analyzer) == len(RUNS))
         status = alpha.status()
         assert status.cluster is not None and status.cluster.members == ["alpha"]
 
@@ -85,9 +76,9 @@ async def test_a_silent_instance_is_declared_dead(
         # A peer that announces itself once and then dies without saying goodbye (as SIGKILL would).
         await nats_client.publish("esperd.cluster.heartbeat", b'{"instance_id":"ghost","started_at":0}')
         await nats_client.flush()
-        assert await until(lambda: "ghost" in solo.cluster.membership.members, 3)
+        await until(lambda: "ghost" in solo.cluster.membership.members, 3)
         ghost_runs = [r for r in RUNS if not solo.cluster.membership.owns(r)]
         assert ghost_runs
-        assert await until(lambda: solo.cluster.membership.members == ("solo",), 5)
+        await until(lambda: solo.cluster.membership.members == ("solo",), 5)
         await publish_health(nats_client, 0)
-        assert await until(lambda: len(solo.analyzer) == len(RUNS))
+        await until(lambda: len(solo.analyzer) == len(RUNS))

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -32,6 +31,8 @@ from contracts import (
 from esperd.client import HostClient
 from esperd.natsserver import NatsServer
 from tests.integration.helpers import daemon_config, running_daemon, status, wait_for_status
+from tests.support.packets import seed, state
+from tests.support.timing import until
 
 CODEC = Codec()
 DEADLINE_S = 5.0
@@ -111,16 +112,11 @@ async def next_command(host: HostClient, timeout: float = DEADLINE_S) -> Adaptat
     return await asyncio.wait_for(host.commands.get(), timeout)
 
 
-async def until(predicate: Any, timeout: float = DEADLINE_S) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 def training_state(epoch: int, layer: int, epochs_in_stage: int = 3) -> SystemStatePacket:
-    seeds = [SeedSlotState(layer_id=layer, stage=SeedStage.TRAINING, epochs_in_stage=epochs_in_stage)]
-    return SystemStatePacket(epoch=epoch, val_accuracy=0.7, seeds=seeds)
+    """A state packet whose seed on `layer` has trained `epochs_in_stage` epochs."""
+    return state(
+        epoch, val_accuracy=0.7, seeds=[seed(layer, SeedStage.TRAINING, epochs_in_stage=epochs_in_stage)]
+    )
 
 
 # ------------------------------------------------------------------ three runs, each its own commands

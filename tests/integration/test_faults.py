@@ -49,6 +49,7 @@ from esperd.policy.checkpoint import read_policy_checkpoint, save_policy_checkpo
 from esperd.sim import SimConfig
 from esperd.sim.host import SimHosts
 from tests.integration.helpers import status
+from tests.support.timing import until
 
 REPO = Path(__file__).resolve().parents[2]
 CODEC = Codec()
@@ -229,14 +230,6 @@ async def wait_status(
     )
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 def ready(s: dict[str, Any]) -> bool:
     return "version" in s and not s.get("stopping", True)
 
@@ -388,7 +381,7 @@ async def test_broker_sigkill_mid_stream_reconnects_keeps_state_and_commands_res
                     90,
                     "commands and a learned version before the outage",
                 )
-                await wait_until(lambda: len(tap.seen) >= 5, 20, "tapped commands before the outage")
+                await until(lambda: len(tap.seen) >= 5, 20, "tapped commands before the outage")
                 runs_before = set(hosts.run_ids)
                 assert {r for _, r, *_ in tap.seen} <= runs_before
 
@@ -406,7 +399,7 @@ async def test_broker_sigkill_mid_stream_reconnects_keeps_state_and_commands_res
                 )
                 restarted_at = time.monotonic()
                 commands_at_reconnect = after["commands_total"]
-                await wait_until(
+                await until(
                     lambda: sum(1 for t, r, *_ in tap.seen if t > restarted_at and r in runs_before) >= 5,
                     60,
                     "commands after the broker restart",
@@ -492,9 +485,7 @@ async def test_sigterm_mid_update_saves_checkpoint_and_restart_resumes_version_a
     async with esperd_process(config, tmp_path / "first.log", probed(tmp_path)) as daemon:
         await wait_status(nats_client, daemon, ready, START_TIMEOUT_S, "esperd ready")
         async with sim_hosts(nats_server.url, 6, epoch_s=0.05):
-            await wait_until(
-                lambda: in_update(daemon) or not daemon.alive(), 90, "a learner update in flight"
-            )
+            await until(lambda: in_update(daemon) or not daemon.alive(), 90, "a learner update in flight")
             code = daemon.sigterm()  # hosts still publishing, an update running on the worker
     first = daemon
 
@@ -576,7 +567,7 @@ async def killed(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFacto
         async with esperd_process(config, root / "esperd.log") as daemon:
             await wait_status(nc, daemon, ready, START_TIMEOUT_S, "esperd ready")
             async with sim_hosts(nats_server.url, 6, epoch_s=0.05):
-                await wait_until(
+                await until(
                     lambda: (
                         any(
                             e["version"] >= 1 and e["buffered"] > 0
@@ -832,9 +823,7 @@ async def test_diverging_learner_under_load_trips_breaker_and_never_serves_non_f
                 30,
                 "commands after the second trip",
             )
-            await wait_until(
-                lambda: len(tap.seen) >= tapped_at_trip + 15, 20, "tapped commands after the trips"
-            )
+            await until(lambda: len(tap.seen) >= tapped_at_trip + 15, 20, "tapped commands after the trips")
         code = daemon.sigterm()
     assert code == 0, daemon.tail()
 

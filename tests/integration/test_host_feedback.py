@@ -16,21 +16,15 @@ from contracts import (
     SeedSlotState,
     SeedStage,
     SystemStatePacket,
-    TopologyNode,
-    TopologyPacket,
 )
 from esperd.analyzer.observation import STAGES
 from esperd.client import HostClient
 from esperd.natsserver import NatsServer
 from tests.integration.helpers import daemon_config, running_daemon, wait_for_status
+from tests.support.packets import chain_topology
 
 SCHEDULER = {"min_interval_s": 0.05, "cooldown_s": 60.0, "max_wait_ms": 2.0}
 POLICY = {"name": "heuristic", "heuristic": {"min_epoch": 3}}
-
-
-def linear_topology(n: int) -> TopologyPacket:
-    nodes = [TopologyNode(layer_id=i, name=f"fc{i}", layer_type="linear", params=500) for i in range(n)]
-    return TopologyPacket(nodes=nodes, edges=[(i, i + 1) for i in range(n - 1)])
 
 
 async def test_a_rejected_blueprint_is_not_sent_again_to_that_layer(
@@ -40,7 +34,7 @@ async def test_a_rejected_blueprint_is_not_sent_again_to_that_layer(
     async with running_daemon(config):
         host = await HostClient.connect(nats_server.url, "picky")
         try:
-            host.send_topology(linear_topology(3))
+            host.send_topology(chain_topology(3, name_prefix="fc", params=500))
             await wait_for_status(nats_client, lambda s: s["accepted_by_kind"].get("topology", 0) >= 1)
             for health in (0.5, 0.4, 0.3, 0.2):  # layer 1 unhealthy and declining
                 host.send_health(
@@ -74,7 +68,7 @@ async def test_an_applied_ack_moves_esperds_view_of_the_slot_before_the_next_pac
     async with running_daemon(config) as service:
         host = await HostClient.connect(nats_server.url, "eager")
         try:
-            host.send_topology(linear_topology(3))
+            host.send_topology(chain_topology(3, name_prefix="fc", params=500))
             await wait_for_status(nats_client, lambda s: s["accepted_by_kind"].get("topology", 0) >= 1)
             training = SeedSlotState(layer_id=2, stage=SeedStage.TRAINING, epochs_in_stage=3)
             host.send_state(SystemStatePacket(epoch=8, val_accuracy=0.7, seeds=[training]))
@@ -97,7 +91,7 @@ async def test_no_seed_is_started_that_the_runs_budget_cannot_finish(
         late = await HostClient.connect(nats_server.url, "late", total_epochs=48)
         try:
             for host in (early, late):
-                host.send_topology(linear_topology(3))
+                host.send_topology(chain_topology(3, name_prefix="fc", params=500))
             await wait_for_status(nats_client, lambda s: s["accepted_by_kind"].get("topology", 0) >= 2)
             for host in (early, late):
                 for health in (0.5, 0.4, 0.3, 0.2):  # layer 1 unhealthy and declining in both
@@ -136,7 +130,7 @@ async def test_fossilize_or_prune_is_not_decided_on_a_few_validation_samples(
         clear = await HostClient.connect(nats_server.url, "clear", val_samples=1000)
         try:
             for host in (noisy, clear):
-                host.send_topology(linear_topology(3))
+                host.send_topology(chain_topology(3, name_prefix="fc", params=500))
             await wait_for_status(nats_client, lambda s: s["accepted_by_kind"].get("topology", 0) >= 2)
             noisy.send_state(probation(10, 1, 0.003))  # 3 of 1000 validation samples: noise
             clear.send_state(probation(10, 1, 0.03))  # 30 of 1000: a real contribution

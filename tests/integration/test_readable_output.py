@@ -33,8 +33,8 @@ from tests.integration.test_decisions_e2e import (
     hosts,
     layered_topology,
     next_command,
-    until,
 )
+from tests.support.timing import until
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMAND_SCHEMA = json.loads((ROOT / "contracts" / "schema" / "command.json").read_text(encoding="utf-8"))

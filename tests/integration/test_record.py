@@ -23,14 +23,7 @@ from contracts import (
 from esperd.client import HostClient
 from esperd.natsserver import NatsServer
 from esperd.traces import TraceTap, read_trace, trace_files
-
-
-async def _wait_for(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("condition not met")
-        await asyncio.sleep(0.02)
+from tests.support.timing import until
 
 
 async def test_tap_writes_one_decoded_trace_per_run(
@@ -46,13 +39,13 @@ async def test_tap_writes_one_decoded_trace_per_run(
         command = AdaptationCommand(command_id="c1", run_id="run-a", layer_id=0, op=Op.PRUNE)
         await nats_client.publish("tr1.run-a.command", codec.encode(command))
         # Two connections: wait for the command to be recorded so that the ack comes after it.
-        await _wait_for(lambda: tap.writer.stats.by_channel.get("command", 0) >= 1)
+        await until(lambda: tap.writer.stats.by_channel.get("command", 0) >= 1)
         host.ack(command, applied=False, reason="no slot")
         await nats_client.publish("tr1.run-b.state", b'{"kind":"state","epoch":1,"val_accuracy":0.25}')
         await nats_client.publish("tr1.run-b.health", b"\xc1 not msgpack")  # undecodable: kept, flagged
         await nats_client.publish("tr1.run-a.bogus", b"{}")  # no such channel: not written
         await host.flush()
-        await _wait_for(lambda: tap.writer.stats.messages >= 7)
+        await until(lambda: tap.writer.stats.messages >= 7)
     await host.close()
     stats = tap.writer.stats
     assert stats.runs == 2 and stats.undecodable == 1

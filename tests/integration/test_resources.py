@@ -25,12 +25,11 @@ from contracts import (
     SeedSlotState,
     SeedStage,
     SystemStatePacket,
-    TopologyNode,
-    TopologyPacket,
 )
 from esperd.natsserver import NatsServer
 from esperd.service import Service
 from tests.integration.helpers import daemon_config, running_daemon, status, wait_for_status
+from tests.support.packets import chain_topology
 
 CODEC = Codec()
 MIB = 2**20
@@ -40,11 +39,7 @@ POLICY = {"name": "heuristic", "heuristic": {"min_epoch": 0, "train_dwell_epochs
 
 async def publish_short_run(nc: Client, run_id: str, layers: int, done: bool) -> None:
     """A whole (short) training run: topology, health, a state packet that earns a command, maybe `done`."""
-    nodes = [TopologyNode(layer_id=i, layer_type="conv") for i in range(layers)]
-    await nc.publish(
-        f"esper.{run_id}.topology",
-        CODEC.encode(TopologyPacket(nodes=nodes, edges=[(i, i + 1) for i in range(layers - 1)])),
-    )
+    await nc.publish(f"esper.{run_id}.topology", CODEC.encode(chain_topology(layers, layer_type="conv")))
     signals = [HealthSignal(layer_id=i, health_score=0.8) for i in range(layers)]
     await nc.publish(f"esper.{run_id}.health", CODEC.encode(HealthBatch(signals=signals)))
     seeds = [SeedSlotState(layer_id=1, stage=SeedStage.TRAINING, epochs_in_stage=3)]

@@ -27,12 +27,11 @@ from contracts import (
     SeedSlotState,
     SeedStage,
     SystemStatePacket,
-    TopologyNode,
-    TopologyPacket,
 )
 from esperd.natsserver import NatsServer
 from esperd.runs import MIB, estimated_bytes
 from tests.integration.helpers import daemon_config, running_daemon, status, wait_for_status
+from tests.support.packets import chain_topology
 
 CODEC = Codec()
 SCHEDULER = {"min_interval_s": 0.05, "cooldown_s": 0.0, "max_wait_ms": 2.0}
@@ -56,9 +55,7 @@ async def commands_of(nc: Client, run_id: str) -> AsyncIterator[asyncio.Queue[Ad
 
 
 async def publish_topology(nc: Client, run_id: str) -> None:
-    nodes = [TopologyNode(layer_id=i, layer_type="conv") for i in range(LAYERS)]
-    edges = [(i, i + 1) for i in range(LAYERS - 1)]
-    await nc.publish(f"esper.{run_id}.topology", CODEC.encode(TopologyPacket(nodes=nodes, edges=edges)))
+    await nc.publish(f"esper.{run_id}.topology", CODEC.encode(chain_topology(LAYERS, layer_type="conv")))
 
 
 async def publish_training(nc: Client, run_id: str, epoch: int) -> None:
@@ -170,8 +167,7 @@ async def test_a_run_id_reused_after_done_gets_decisions_again(
 
 
 def chain(layers: int) -> bytes:
-    nodes = [TopologyNode(layer_id=i, layer_type="conv") for i in range(layers)]
-    return CODEC.encode(TopologyPacket(nodes=nodes, edges=[(i, i + 1) for i in range(layers - 1)]))
+    return CODEC.encode(chain_topology(layers, layer_type="conv"))
 
 
 async def test_the_memory_budget_refuses_runs_and_growth_beyond_it(

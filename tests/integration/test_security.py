@@ -47,6 +47,7 @@ from esperd.config import Config
 from esperd.natsserver import NatsServer
 from esperd.service import Service
 from tests.integration.helpers import daemon_config, running_daemon, wait_for_status
+from tests.support.timing import until
 
 REPO = Path(__file__).resolve().parents[2]
 CODEC = Codec()
@@ -85,13 +86,6 @@ def broker(tmp_path: Path) -> Iterator[Callable[[str], Broker]]:
     yield start
     for server in started:
         server.stop()
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def client(url: str, **kwargs: Any) -> Client:

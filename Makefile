@@ -1,4 +1,5 @@
-# Entry points (see README): `make run` and `make test`. Both install first, from the lock.
+# Entry points (see README): `make run`, `make check` (lint, format, types, fast tests) and
+# `make test` (everything). All install first, from the lock.
 PYTHON ?= python3
 VENV   ?= .venv
 # The CPU build pinned here is the one this project's machines have on disk; on your
@@ -14,7 +15,7 @@ PIN    := $(if $(LOCK),-c $(LOCK))
 LATEST ?= .venv-latest
 LOCKVENV := .venv-lock
 
-.PHONY: install run test test-latest lock bench clean
+.PHONY: install run check lint test-fast test test-latest lock bench clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +30,18 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 run: install
 	$(BIN)/python -m examples.demo --config examples/esperd.toml
+
+# What CI runs before the full suite: the cheap checks first, so a lint slip fails in seconds.
+check: lint test-fast
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Neither `integration` nor `slow` (markers in pyproject.toml): under a minute.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -36,7 +36,7 @@
              the serving version whenever the learner drained it; no KL stop, so every update
              runs all 4 epochs (the most CPU a PPO update takes).
    Measuring starts once the learner has swapped in its first update (a process worker's
-   child imports torch first, ~2-4 s). The breaker's KL and reward-drop trips are disabled
+   child imports torch first). The breaker's KL and reward-drop trips are disabled
    (recycled data would trip them, and a tripped learner pauses, which would measure an idle
    learner).
    Target: decision p99 with the learner running <= 1.2x idle. `--latency-device cuda` puts the
@@ -47,8 +47,7 @@ single-threaded intra-op kernels (this machine has 2 cores) instead of OpenMP wo
 on the learner's. Knobs: `--learner-nice N` (the child's nice value; with `--worker thread` the
 learner thread's, which Linux schedules by its own), `--swap-min-interval-s` (IMPALA swap
 coalescing; 0 swaps after every update) and `--switch-interval-ms` (Python's GIL switch
-interval; default the daemon's, `[service] gil_switch_interval_ms` = 0.5 ms; 0 keeps Python's
-5 ms).
+interval; default the daemon's `[service] gil_switch_interval_ms`; 0 keeps Python's 5 ms).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ median (`--strict` exits 1 on a FAIL). Absolute numbers are for this machine onl
 
 One intra-op thread by default: on a small shared machine, torch's default (one
 thread per core) makes OpenMP workers wait on descheduled peers and single
-decisions swing from 1 ms to 50+ ms; pass --threads 0 to see torch's default.
+decisions swing widely (benchmarks/RESULTS.md); pass --threads 0 to see torch's default.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ A warm-started variant first plays the reference policy (heuristic or scripted) 
 steps on hosts of its own (sim seed 30,000 + seed) and fits the GNN to its decisions and returns
 (--imitation-steps optimizer steps); its RL budget is the same as from scratch.
 Training reward: `shaped` (PPO_REWARD, IMPALA_REWARD below). Every evaluation and the table use
-the `basic` reward, the one the baselines' figures in benchmarks/README.md use.
+the `basic` reward, the one the baselines' figures in benchmarks/RESULTS.md use.
 
 Curve: every ~--eval-every-steps env steps (and before training: the fresh or the cloned policy)
 the sampling policy plays --eval-episodes episodes on the seed's validation hosts (sim seed 10,000
@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Hyper-parameters found by a short search (see benchmarks/README.md); everything not named here is
+# Hyper-parameters found by a short search (see benchmarks/RESULTS.md); everything not named here is
 # the seed documents' default.
 HIDDEN = 64
 ENVS = 8
@@ -59,7 +59,7 @@ PPO = {
     "warmup_updates": 0,
 }
 PPO_REWARD = {"mode": "shaped", "shaping_weight": 0.2}
-IMPALA = {"lr": 3e-4, "batch_size": 64}  # the figures in benchmarks/README.md were measured at 64
+IMPALA = {"lr": 3e-4, "batch_size": 64}  # the figures in benchmarks/RESULTS.md were measured at 64
 IMPALA_REPLAY = {"replay_capacity": 2048, "prioritized": False}  # recent experience, uniform
 IMPALA_REPLAY_RATIO = 2.0
 IMPALA_UNROLL = 8
@@ -68,10 +68,10 @@ IMPALA_REWARD = {"mode": "shaped", "shaping_weight": 0.1}
 
 # Warm-started runs (`esperd train --warm-start REFERENCE`): behaviour cloning of the reference over
 # --warm-steps simulator steps of its own hosts (--imitation-steps optimizer steps, IMITATION), then
-# RL with the settings below (see benchmarks/README.md for how they were chosen).
+# RL with the settings below (see benchmarks/RESULTS.md for how they were chosen).
 IMITATION: dict[str, Any] = {}  # ImitationConfig defaults (batch 256, LR 1e-3, value coef 0.5)
-# Gentler than from scratch: LR 1e-3 / KL 0.05 undoes the clone within ~8 updates on some seeds
-# (validation 5.1 -> 4.7 on seed 1 of the search), LR 3e-4 / KL 0.02 refines it.
+# Gentler than from scratch: LR 1e-3 / KL 0.05 undid the clone within a few updates on one seed of
+# the search (benchmarks/RESULTS.md, learning curves), LR 3e-4 / KL 0.02 refines it.
 PPO_WARM = {**PPO, "lr": 3e-4, "target_kl": 0.02}
 # IMPALA after a warm start: LR 3e-4 drifts below the clone more often than 1e-4 (search, seed 1).
 IMPALA_WARM = {**IMPALA, "lr": 1e-4}

@@ -102,7 +102,8 @@ class ServiceConfig(_Section, frozen=True):
     # policy worker waits for it while the event loop ingests or the learner's daemon side
     # (batch encoding, swaps) runs, and it waits again after every torch op that released it; a
     # shorter interval bounds each wait at a small cost in throughput. 0.2 ms kept decision p99
-    # with a learner running within 1.2x idle where 0.5 ms did not (benchmarks/README.md).
+    # with a learner running within its target (1.2x idle) where 0.5 ms did not (figures in
+    # benchmarks/RESULTS.md, learner).
     gil_switch_interval_ms: Annotated[float, Meta(gt=0.0, le=100.0)] = 0.2
     drain_timeout_s: PositiveFloat = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -266,7 +266,8 @@ class Service:
         if self.learner is not None:
             self.supervisor.spawn("learner", self.learner.run)
         # Everything built so far (torch, the policy, config) lives as long as the process: keep it
-        # out of the collector, or every full collection walks it (50-300 ms with torch loaded).
+        # out of the collector, or every full collection walks it (slow with torch loaded; figures
+        # in benchmarks/RESULTS.md, "Measurements quoted in the code").
         # Collect first, so that only live objects are frozen.
         gc.collect()
         gc.freeze()

@@ -256,7 +256,7 @@ class RunState:
             or s.error_count > cfg.problematic_errors
         )
         attention = h < cfg.attention_health and slope < cfg.attention_trend
-        # One read and one write per table: numpy per-element access costs ~0.1-0.5 µs each.
+        # One read and one write per table: each numpy per-element access has a fixed cost.
         feat, aux = self._table.feat, self._table.aux
         old = feat[row, : T.SIGNAL_END].tolist()
         _, _, slot_ts, stage, seen_h, seen_p, seen_a = aux[row].tolist()

@@ -237,7 +237,7 @@ class ReplayBuffer:
         self._priority = np.zeros(self.capacity, dtype=np.float64)
         self._tree = SumTree(self.capacity)
         # Successor / predecessor slot of the same run, -1 for none. Python lists: the add path
-        # touches single items, where a list is 3x faster than numpy.
+        # touches single items, where a list is faster than numpy.
         self._next: list[int] = [-1] * self.capacity
         self._prev: list[int] = [-1] * self.capacity
         # A number per fill, unique for this object's life (load and clear do not reset it):

@@ -76,7 +76,7 @@ class ImpalaConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     gamma: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.99
     # Transitions per update (sampled by the caller): the seed documents' IMPALA batch size. In
     # the daemon each update is a round trip to the learner's child process, and at 64 the
-    # round trips, not the learning, were what slowed decisions (benchmarks/README.md).
+    # round trips, not the learning, were what slowed decisions (benchmarks/RESULTS.md).
     batch_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 128
 
     def __post_init__(self) -> None:

@@ -371,8 +371,8 @@ class Learner:
 
     def _reusable(self) -> PolicyBundle | None:
         """A retired serving bundle that nothing references any more: no batch in flight on it,
-        no caller keeping it. Loading weights into it takes ~0.2 ms; building a bundle takes
-        ~4 ms of Python, holding the GIL that the decision thread then waits for."""
+        no caller keeping it. Loading weights into it is far cheaper than building a bundle,
+        whose Python holds the GIL that the decision thread then waits for."""
         with self._retired_lock:
             for i in range(len(self._retired)):
                 # Three references when unused: the list's, `bundle`'s and getrefcount's argument. A recurrent

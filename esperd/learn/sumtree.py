@@ -53,9 +53,9 @@ class SumTree:
     def set(self, index: int, priority: float) -> None:
         """Set one leaf now; its ancestors are summed lazily, for all pending leaves at once.
 
-        The add path calls this once per transition: a Python loop up the tree costs ~10 us per
-        call, while recording the leaf costs ~0.2 us and the next `total`/`find`/`update` fixes
-        every pending ancestor in one numpy pass per level.
+        The add path calls this once per transition: a Python loop up the tree would cost it a
+        step per level, while recording the leaf is one assignment and the next
+        `total`/`find`/`update` fixes every pending ancestor in one numpy pass per level.
         """
         node = self._leaf0 + index
         self._tree[node] = priority

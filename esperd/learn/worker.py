@@ -3,7 +3,8 @@
 Why a process: an update is not only torch kernels. Collating observations for `evaluate`, the
 optimizer loop and the V-trace/GAE bookkeeping are Python, and on a worker thread all of it
 holds the daemon's GIL, so the decision thread and the event loop queue behind it (decision p99
-1.4-1.7x idle with the learner on a thread, benchmarks/README.md). In a child process the
+well over its 1.2x-idle target with the learner on a thread: benchmarks/RESULTS.md). In a
+child process the
 learner's Python has its own interpreter and GIL, runs one torch thread, and its nice value
 lets the OS scheduler favour the daemon. The parent keeps the buffers, the breaker and the
 serving policy; it sends a batch and gets back the update's stats and the new weights.
@@ -298,10 +299,11 @@ class ProcessWorker:
         slots: Slots | None = None,
     ) -> tuple[UpdateStats, State | None]:
         # New transitions go as the experience file encodes them: a dozen flat arrays, each
-        # observation and topology once. Pickling the transitions' own ~25 small arrays a step
-        # held the daemon's GIL for 4-9 ms per 256-step rollout; this takes well under 1 ms.
-        # Transitions the child already holds go as their replay slot alone: a replay batch is
-        # mostly transitions sampled before, and encoding them again cost ~0.8 ms a batch.
+        # observation and topology once: pickling the transitions' own small arrays (a couple of
+        # dozen a step) held the daemon's GIL many times longer. Transitions the child already
+        # holds go as their replay slot alone: a replay batch is mostly transitions sampled
+        # before, and encoding them again was the bulk of a batch's cost (figures in
+        # benchmarks/RESULTS.md, "Measurements quoted in the code").
         where = None if slots is None else _checked_slots(slots, len(batch))
         new = list(range(len(batch))) if where is None else self._held.missing(where)
         encoded = encode_experience([batch[i] for i in new], kind="batch")

@@ -45,9 +45,9 @@ HEAD_SIZES: tuple[int, ...] = (1, len(OPS), len(BLUEPRINTS), len(BLENDS), len(TE
 NODE_HEAD_DIM = sum(HEAD_SIZES)
 
 #: Up to this many nodes in a batch the adjacency is a dense [N, N] matrix, beyond it CSR.
-#: A dense product costs N^2 * H, a CSR one about nnz * H plus a fixed ~10 µs; measured on
-#: CPU with H = 128, dense wins below ~50 nodes (6 vs 12 µs per GCN layer at 20 nodes) and
-#: loses badly above (47 vs 15 µs at 128, 5.3 ms vs 0.13 ms at 1280).
+#: A dense product costs N^2 * H, a CSR one about nnz * H plus a fixed overhead; measured on
+#: CPU with H = 128, dense wins at a few tens of nodes and loses badly above (figures in
+#: benchmarks/RESULTS.md, "Measurements quoted in the code").
 DENSE_ADJACENCY_MAX_NODES = 48
 
 #: Distinct op masks (stage patterns) a TopologyCache keeps per run.
@@ -235,8 +235,8 @@ class TopologyCache:
 
     def _store(self, obs: Observation, sources: tuple[np.ndarray, ...]) -> _Topology:
         """Cache the run's topology part, built for one graph: no offsets or concatenation,
-        so a run's first decision (or first after a topology change) costs ~2x a cached one
-        instead of ~10x (a full collate)."""
+        so a run's first decision (or first after a topology change) costs a fraction of a full
+        collate."""
         n = _checked_num_nodes(obs)
         blueprint_mask, any_blueprint = _effective_blueprint_mask(obs.blueprint_mask)
         edge_index = obs.gcn_edge_index.astype(np.int64)  # copies: writable, for from_numpy
@@ -282,7 +282,8 @@ def _tensor(array: np.ndarray, device: torch.device, dtype: type | None = None) 
 
 def _float_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """_tensor(array, device, np.float32) for the common case, a writable float32 array, in one
-    call (the general path's numpy checks cost ~3x as much when their code is not cached)."""
+    call (the general path's numpy checks cost several times as much when their code is not
+    in cache)."""
     if array.dtype == np.float32 and array.flags.writeable and device.type == "cpu":
         return torch.from_numpy(array)
     return _tensor(array, device, np.float32)

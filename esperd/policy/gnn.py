@@ -9,7 +9,7 @@ one disjoint-union graph and one forward pass.
 Message passing: in eager mode a GCN layer is one matrix product with the
 adjacency that collate built (A @ (h W^T) + b, one addmm): a dense matrix for small
 batches, which beats any sparse kernel at 20 nodes, and CSR beyond (one SpMM per
-layer, ~3x faster than edge_index message passing on a 64-run x 64-layer batch).
+layer, faster than edge_index message passing on a 64-run x 64-layer batch).
 The GCNConv modules hold the weights (state-dict keys unchanged) but are only
 called on the torch.compile'd path, which gets the plain edge_index / edge_weight
 (dynamo does not trace sparse tensors). At batch 1 the forward is ~25 small ops and
@@ -109,7 +109,7 @@ class GNNNetwork(nn.Module):
 
     def _gather_weights(self) -> None:
         """Build the inference weights once (at batch 1, fetching the parameters through
-        nn.Module lookups costs ~30 µs of a ~130 µs forward, and the views ~10 more). They
+        nn.Module lookups and making the views were a large share of the forward). They
         are views made without autograd, so they share the parameters' storage: optimizers
         and load_state_dict update parameters in place, which the views see. `_apply` (to(),
         float(), ...) and loads with assign=True may give parameters new storage, so both
@@ -177,8 +177,8 @@ class GNNNetwork(nn.Module):
                 h += out
             else:
                 h = h + out
-        if num_graphs == 1:  # the mean as a [1, N] x [N, H] product: PyG's scatter costs 4x as
-            # much for one graph, and h.mean's reduction kernel ~2x (it is rarely warm in cache
+        if num_graphs == 1:  # the mean as a [1, N] x [N, H] product: PyG's scatter and h.mean's
+            # reduction kernel both cost more for one graph (the kernel is rarely warm in cache
             # when a decision comes, where the matrix product shares the layers' BLAS code).
             pooled = torch.mm(h.new_full((1, h.shape[0]), 1.0 / h.shape[0]), h)
         else:

@@ -81,8 +81,8 @@ def _sample(logits: list[float], uniform: float | None) -> tuple[int, float]:
 
 def _log_exponential(shape: tuple[int, int]) -> torch.Tensor:
     """log E, E ~ Exp(1): argmax(log p - log E) samples p (the Gumbel-max trick; -log E is
-    Gumbel noise). One draw serves any number of categoricals, where torch.multinomial costs
-    ~30 µs a call at B = 1. Drawn by torch's CPU generator (torch.manual_seed applies), and
+    Gumbel noise). One draw serves any number of categoricals, where torch.multinomial
+    validates its input on every call. Drawn by torch's CPU generator (torch.manual_seed applies), and
     E is clamped away from 0 so the noise is finite (at most 87.4): a masked log-prob (near
     the float32 minimum) minus log E can never win the argmax.
     """
@@ -214,9 +214,10 @@ def sample_actions(batch: GraphBatch, node_out: torch.Tensor, deterministic: boo
     """The serving path's sampler (call it outside inference_mode).
 
     Batches of up to _SMALL_BATCH graphs are sampled in Python floats (`_sample_small`),
-    larger ones with FactoredDistribution.sample_scored's batched tensor ops: ~8 µs + ~9 µs
-    a graph against ~155 µs + ~7 µs a graph (CPU, 20-node graphs, warm caches; the two
-    meet near 64 graphs).
+    larger ones with FactoredDistribution.sample_scored's batched tensor ops: the Python path
+    costs little per call and a little more per graph, the tensor path much more per call and
+    a little less per graph, so they meet at a few tens of graphs (figures in
+    benchmarks/RESULTS.md, "Measurements quoted in the code").
     """
     if batch.num_graphs <= _SMALL_BATCH:
         return _sample_small(batch, node_out, deterministic)

@@ -61,7 +61,8 @@ from esperd.policy.registry import register_policy
 
 _N = NODE_FEATURE_INDEX
 _G = GLOBAL_FEATURE_INDEX
-# Stage index -> counts as an active seed (a lookup table: np.isin costs ~50 µs on 20 nodes).
+# Stage index -> counts as an active seed (a lookup table: np.isin is far slower on a handful of
+# nodes; benchmarks/RESULTS.md, "Measurements quoted in the code").
 _ACTIVE_STAGE = np.zeros(max(STAGE_INDEX.values()) + 1, dtype=bool)
 _ACTIVE_STAGE[
     [

@@ -57,7 +57,7 @@ class Link(Protocol):
 
 @dataclass(slots=True)
 class HostConfig:
-    """One run's settings. Defaults give a ~37k-parameter CNN at ~97% on digits in 10 epochs."""
+    """One run's settings. Defaults: a ~37k-parameter CNN on digits for 10 epochs."""
 
     task: str = "digits"  # digits (CNN) | sequence (transformer)
     width: int = 8  # the CNN's stem channels (blocks have 2x and 4x)
@@ -156,8 +156,9 @@ class HostRun:
         for slot in self.model.slots:
             slot.steps_per_epoch, slot.device = self.steps_per_epoch, self.device
         # SGD, not Adam: a TRAINING seed's straight-through gradient never feels its own
-        # output, and Adam's normalised steps grow such a seed without bound (1.5x the host's
-        # activations in 4 epochs, wrecking the blend); SGD steps shrink with the gradient.
+        # output, and Adam's normalised steps grow such a seed without bound (it outgrew the
+        # host's activations within a few epochs, wrecking the blend); SGD steps shrink with
+        # the gradient.
         self.optimizer = torch.optim.SGD(
             [{"params": self.model.host_parameters(), "base_lr": config.lr}], lr=config.lr, momentum=0.9
         )

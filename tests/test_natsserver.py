@@ -16,6 +16,8 @@ import pytest
 
 from esperd.natsserver import NatsServer, NatsServerError, find_nats_server, free_port
 
+pytestmark = pytest.mark.integration  # every test here runs a real nats-server
+
 
 def answers_info(port: int, host: str = "127.0.0.1") -> bool:
     try:

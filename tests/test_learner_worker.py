@@ -242,26 +242,26 @@ PARENT = textwrap.dedent(
 
 
 def test_sigkill_of_the_parent_leaves_no_orphan(tmp_path: Path) -> None:
-    parent = subprocess.Popen(
+    with subprocess.Popen(  # the with closes its stdout pipe
         [sys.executable, "-c", PARENT, str(tmp_path)], stdout=subprocess.PIPE, cwd=Path(__file__).parents[1]
-    )
-    try:
-        assert parent.stdout is not None
-        line = b""
-        while not line.startswith(b"child "):  # past the parent's log lines
-            line = parent.stdout.readline()
-            assert line, "the parent exited early"
-        child = int(line.split()[1])
-        assert alive(child)
-        parent.kill()
-        parent.wait()
-        deadline = time.monotonic() + 5.0
-        while alive(child):
-            assert time.monotonic() < deadline, f"the learner's child {child} outlived its SIGKILLed parent"
-            time.sleep(0.05)
-    finally:
-        if parent.poll() is None:
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            line = b""
+            while not line.startswith(b"child "):  # past the parent's log lines
+                line = parent.stdout.readline()
+                assert line, "the parent exited early"
+            child = int(line.split()[1])
+            assert alive(child)
             parent.kill()
+            parent.wait()
+            deadline = time.monotonic() + 5.0
+            while alive(child):
+                assert time.monotonic() < deadline, f"child {child} outlived its SIGKILLed parent"
+                time.sleep(0.05)
+        finally:
+            if parent.poll() is None:
+                parent.kill()
 
 
 # ---------------------------------------------------------------- swap coalescing

@@ -179,6 +179,7 @@ def test_generated_packets_are_valid_both_ways(kind: str, data: st.DataObject) -
     assert assert_agreement(kind, doc), f"the schema refuses what it generated: {doc}"
 
 
+@pytest.mark.slow  # 200 examples a kind; the other two tests here keep the fast tier honest
 @pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())

@@ -58,6 +58,9 @@ class Scheduler:
         self._cooldowns: dict[str, dict[int, float]] = {}  # run -> layer -> until
         self.pending: dict[str, PendingCommand] = {}  # command id -> command
         self._pending_layers: dict[str, dict[int, int]] = {}  # run -> layer -> commands awaiting an ack
+        # Runs whose last decision was made with a layer held back only because its command was
+        # unanswered: the answer makes them due again, so a late ack costs a decision, not a state packet.
+        self._held_for_ack: set[str] = set()
         self.overflow = 0
         self.stale = 0
 
@@ -113,8 +116,13 @@ class Scheduler:
         self._last_decided.pop(run_id, None)
         self._cooldowns.pop(run_id, None)
         self._pending_layers.pop(run_id, None)
+        self._held_for_ack.discard(run_id)
         for command_id in [c for c, p in self.pending.items() if p.run_id == run_id]:
             del self.pending[command_id]
+
+    def is_queued(self, run_id: str) -> bool:
+        """Whether a run waits for a decision."""
+        return run_id in self._due_at
 
     @property
     def queued(self) -> int:
@@ -145,7 +153,10 @@ class Scheduler:
 
     def note_ack(self, run_id: str, command_id: str, applied: bool) -> PendingCommand | None:
         """The host of `run_id` answered. A rejection frees the layer at once. None when this run has
-        no such command pending: unknown, late, duplicated, or another run's (which stays pending)."""
+        no such command pending: unknown, late, duplicated, or another run's (which stays pending).
+
+        When the answer frees the last layer that held back the run's previous decision, the run is
+        due again (see `mark_due`; the per-run interval still applies)."""
         command = self.pending.get(command_id)
         if command is None or command.run_id != run_id:
             return None
@@ -153,6 +164,9 @@ class Scheduler:
         self._settled(command)
         if not applied:
             self._release(command)
+        if run_id in self._held_for_ack and run_id not in self._pending_layers:
+            self._held_for_ack.discard(run_id)
+            self.mark_due(run_id)
         return command
 
     def is_pending(self, command_id: str) -> bool:
@@ -175,12 +189,16 @@ class Scheduler:
         of a command (a second command before the host answered the first could be applied twice)."""
         awaiting = self._pending_layers.get(run_id)
         layers = self._cooldowns.get(run_id)
-        if not layers:
-            return set(awaiting) if awaiting else set()
-        now = self._clock() if now is None else now
-        for layer_id in [lid for lid, until in layers.items() if until <= now]:
-            del layers[layer_id]
-        return set(layers).union(awaiting) if awaiting else set(layers)
+        if layers:
+            now = self._clock() if now is None else now
+            for layer_id in [lid for lid, until in layers.items() if until <= now]:
+                del layers[layer_id]
+        cooling = set(layers) if layers else set()
+        if awaiting and not cooling.issuperset(awaiting):
+            self._held_for_ack.add(run_id)  # some layer is held back by an unanswered command alone
+        else:
+            self._held_for_ack.discard(run_id)
+        return cooling.union(awaiting) if awaiting else cooling
 
     def _settled(self, command: PendingCommand) -> None:
         layers = self._pending_layers.get(command.run_id)

@@ -609,6 +609,8 @@ class Service:
                 return self.intake.reject("ack_run_mismatch", detail, subject, run_id)
             self.unknown_acks += 1  # late (after the timeout), duplicated, or never ours
             return None
+        if self.scheduler.is_queued(run_id):  # the answer freed a decision the run was held back from
+            self.decisions.wake()
         self.acks_by_status[ack.status.value] = self.acks_by_status.get(ack.status.value, 0) + 1
         applied = ack.status is AckStatus.APPLIED
         self.recorder.on_ack(run_id, ack.command_id, applied=applied)

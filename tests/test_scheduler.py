@@ -248,6 +248,31 @@ def test_an_older_commands_timeout_or_rejection_does_not_free_a_newer_commands_c
     assert sched.cooling_layers("a") == {2}
 
 
+def test_an_answer_that_frees_a_layer_held_back_only_for_it_makes_the_run_due_again() -> None:
+    sched, clock = make(cooldown_s=0.0, min_interval_s=0.0)
+    sched.mark_due("a")
+    assert sched.take_batch() == [("a", clock.t)]
+    sched.note_command("c1", "a", 5, "advance")
+    sched.mark_due("a")  # the next state packet arrives before the ack
+    sched.take_batch()
+    assert sched.cooling_layers("a") == {5}  # held back by the unanswered command alone
+    assert not sched.is_queued("a")
+    assert sched.note_ack("a", "c1", applied=True) is not None
+    assert sched.is_queued("a")  # decided again now, not at the next state packet
+    assert sched.cooling_layers("a") == set()
+
+
+def test_an_answer_does_not_make_the_run_due_when_nothing_was_held_back_for_it() -> None:
+    sched, clock = make(cooldown_s=30.0, min_interval_s=0.0)
+    sched.note_command("c1", "a", 5, "advance")
+    assert sched.cooling_layers("a") == {5}  # cooling down anyway: the ack frees nothing
+    sched.note_ack("a", "c1", applied=True)
+    assert not sched.is_queued("a")
+    sched.note_command("c2", "b", 1, "advance")  # no decision was made while it was pending
+    sched.note_ack("b", "c2", applied=True)
+    assert not sched.is_queued("b")
+
+
 def test_forget_run_clears_everything_about_it() -> None:
     sched, clock = make(min_interval_s=10.0)
     sched.mark_due("a")

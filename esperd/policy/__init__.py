@@ -1,4 +1,4 @@
-"""Tamiyo's policies behind one PolicyBundle interface: heuristic, gnn, lstm.
+"""Tamiyo's policies behind one PolicyBundle interface: heuristic, gnn, lstm, random.
 
     from esperd.policy import PolicyConfig, create_policy
     policy = create_policy("gnn", PolicyConfig(name="gnn"), "cpu")

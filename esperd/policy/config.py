@@ -83,7 +83,7 @@ class HeuristicConfig(_Config):
 class PolicyConfig(_Config):
     """Which policy serves, how its network is shaped, where its weights come from."""
 
-    name: str = "heuristic"  # registered policy name: heuristic | gnn | lstm
+    name: str = "heuristic"  # registered policy name: heuristic | gnn | lstm | random
     hidden_size: Annotated[int, Meta(ge=64, le=256)] = 128
     gnn_layers: Annotated[int, Meta(ge=1, le=8)] = 3
     dropout: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.1

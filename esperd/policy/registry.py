@@ -28,7 +28,12 @@ __all__ = [
 
 #: name -> bundle class; a class is called as cls(config, device).
 _REGISTRY: dict[str, type] = {}
-_BUILTIN_MODULES = ("esperd.policy.heuristic", "esperd.policy.gnn", "esperd.policy.lstm")
+_BUILTIN_MODULES = (
+    "esperd.policy.heuristic",
+    "esperd.policy.gnn",
+    "esperd.policy.lstm",
+    "esperd.policy.random",
+)
 
 T = TypeVar("T", bound=type)
 

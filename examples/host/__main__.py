@@ -17,6 +17,7 @@ import sys
 import torch
 
 from contracts import Blueprint
+from examples.host.data import TASKS
 from examples.host.train import HostConfig, HostRun, RunReport
 
 
@@ -26,10 +27,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL of the broker esperd listens on")
     p.add_argument("--run", default="host-1", help="run id ([A-Za-z0-9_-]{1,64})")
     p.add_argument("--no-esperd", action="store_true", help="train alone: no NATS, no telemetry")
-    p.add_argument("--task", choices=("digits", "sequence"), default=d.task)
+    p.add_argument("--task", choices=TASKS, default=d.task)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--width", type=int, default=d.width, help="the CNN's stem channels")
+    p.add_argument(
+        "--width", type=float, default=d.width, help="the CNN's stem channels (fractional: rounded per layer)"
+    )
+    p.add_argument(
+        "--depth", type=int, default=None, help="transformer blocks (sort) / hidden layers (teacher)"
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (cosine-decayed to 10%%)")
     p.add_argument("--device", default=d.device)
@@ -61,6 +67,7 @@ def config_from_args(args: argparse.Namespace) -> HostConfig:
     return HostConfig(
         task=args.task,
         width=args.width,
+        depth=args.depth,
         epochs=args.epochs,
         seed=args.seed,
         batch_size=args.batch_size,

@@ -1,14 +1,19 @@
-"""The reference host's two tasks, both in memory and download-free.
+"""The reference host's tasks, all in memory and download-free.
 
 digits     scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes),
            a stratified 80/20 train/validation split, standardised with train statistics.
 sequence   synthetic "majority token" classification: sequences of 12 tokens from a
            vocabulary of 8; the label is the most frequent token (ties: the smallest id).
+sort       synthetic sorting: sequences of 8 tokens from a vocabulary of 10; the label at
+           every position is the sorted sequence's token there (per-position accuracy).
+teacher    a random teacher network labels Gaussian feature vectors (8 features, 5
+           classes): argmax of a fixed tanh MLP with two hidden layers of 32 units.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -66,7 +71,46 @@ def majority_sequences(
     return Split(tokens[:n_train], labels[:n_train], tokens[n_train:], labels[n_train:], classes=vocab)
 
 
-@functools.lru_cache(maxsize=4)
+def sorted_sequences(
+    data_seed: int = 0, n_train: int = 4000, n_val: int = 1000, vocab: int = 10, length: int = 8
+) -> Split:
+    """Token sequences [N, length]; labels [N, length] are the same tokens sorted ascending."""
+    g = torch.Generator().manual_seed(20_000 + data_seed)
+    tokens = torch.randint(vocab, (n_train + n_val, length), generator=g)
+    labels = tokens.sort(dim=1).values
+    return Split(tokens[:n_train], labels[:n_train], tokens[n_train:], labels[n_train:], classes=vocab)
+
+
+def teacher_labels(
+    data_seed: int = 0,
+    n_train: int = 20_000,
+    n_val: int = 2000,
+    features: int = 8,
+    classes: int = 5,
+    hidden: int = 32,
+) -> Split:
+    """Gaussian features [N, features] labelled by a random wide tanh teacher (argmax of its logits).
+
+    The teacher's logits are centred per class over the data, so every class occurs.
+    """
+    g = torch.Generator().manual_seed(30_000 + data_seed)
+    n = n_train + n_val
+    x = torch.randn(n, features, generator=g)
+    sizes = [features, hidden, hidden, classes]
+    h = x
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        weight = torch.randn(fan_in, fan_out, generator=g) * (2.0 / fan_in) ** 0.5
+        h = h @ weight
+        if i < len(sizes) - 2:
+            h = torch.tanh(h)
+    labels = (h - h.mean(dim=0)).argmax(dim=1)
+    return Split(x[:n_train], labels[:n_train], x[n_train:], labels[n_train:], classes=classes)
+
+
+TASKS = ("digits", "sequence", "sort", "teacher")
+
+
+@functools.lru_cache(maxsize=8)
 def load_task(task: str) -> Split:
     """The task's data. Fixed across run seeds, so runs differ only in init and batch order.
 
@@ -76,7 +120,11 @@ def load_task(task: str) -> Split:
         return digits()
     if task == "sequence":
         return majority_sequences()
-    raise ValueError(f"unknown task {task!r} (digits | sequence)")
+    if task == "sort":
+        return sorted_sequences()
+    if task == "teacher":
+        return teacher_labels()
+    raise ValueError(f"unknown task {task!r} ({' | '.join(TASKS)})")
 
 
 def batches(

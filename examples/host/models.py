@@ -4,7 +4,10 @@
                       -> fc -> head; seed slots on stem, block1, block2, block3 (CNN family)
                       and fc (a linear layer: transformer-family seeds fit it).
     TinyTransformer   embed -> [x + attn1(x)] -> [x + mlp1(x)] -> [x + attn2(x)] -> [x + mlp2(x)]
-                      -> head; pre-norm residual branches, seed slots on the four branches.
+                      -> head; pre-norm residual branches, seed slots on the branches (any
+                      number of blocks; a mean-pooled or a per-position head).
+    StudentMLP        fc1 -> fc2 -> ... -> head on feature vectors; seed slots on the hidden
+                      layers (linear: transformer-family seeds fit them).
 
 Residual adds sit outside the Blocks on purpose, so the torch.fx topology shows the
 skip connections as edges.
@@ -12,7 +15,7 @@ skip connections as edges.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,25 +122,36 @@ def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 
 
 class DigitsCNN(HostModel):
-    """A small residual CNN for 8x8 digits (~37k parameters)."""
+    """A small residual CNN for 8x8 digits (~37k parameters at width 16, ~9.7k at 8).
+
+    `width` is the stem's channel count; block1 and block2 have twice, block3 and fc four
+    times as many. A fractional width rounds each layer's channels, so parameter counts
+    between two integer widths can be reached (`examples.host.tasks` solves for one).
+    """
 
     def __init__(
         self,
-        width: int = 16,
+        width: float = 16,
         classes: int = 10,
         *,
         registry: Mapping[Blueprint, SeedFactory] = ALL_SEEDS,
         cooldown_epochs: int = 2,
     ) -> None:
         super().__init__()
-        w, slot = width, lambda i, n, kind, c: _slot(i, n, kind, c, registry, cooldown_epochs)
-        self.stem = Block(_conv_bn_relu(1, w), slot(0, "stem", "conv", w))
-        self.block1 = Block(_conv_bn_relu(w, 2 * w), slot(1, "block1", "conv", 2 * w))
-        self.block2 = Block(_conv_bn_relu(2 * w, 2 * w), slot(2, "block2", "conv", 2 * w))
+        if width <= 0:
+            raise ValueError(f"width must be positive, got {width}")
+        w1, w2, w4 = (max(1, round(k * width)) for k in (1, 2, 4))
+
+        def slot(i: int, n: str, kind: str, c: int) -> SeedSlot:
+            return _slot(i, n, kind, c, registry, cooldown_epochs)
+
+        self.stem = Block(_conv_bn_relu(1, w1), slot(0, "stem", "conv", w1))
+        self.block1 = Block(_conv_bn_relu(w1, w2), slot(1, "block1", "conv", w2))
+        self.block2 = Block(_conv_bn_relu(w2, w2), slot(2, "block2", "conv", w2))
         self.pool = Block(nn.MaxPool2d(2))
-        self.block3 = Block(_conv_bn_relu(2 * w, 4 * w), slot(4, "block3", "conv", 4 * w))
-        self.fc = Block(nn.Sequential(nn.Linear(4 * w, 4 * w), nn.ReLU()), slot(5, "fc", "linear", 4 * w))
-        self.head = Block(nn.Linear(4 * w, classes))
+        self.block3 = Block(_conv_bn_relu(w2, w4), slot(4, "block3", "conv", w4))
+        self.fc = Block(nn.Sequential(nn.Linear(w4, w4), nn.ReLU()), slot(5, "fc", "linear", w4))
+        self.head = Block(nn.Linear(w4, classes))
         self._register_layers([
             ("stem", "conv", self.stem), ("block1", "conv", self.block1), ("block2", "conv", self.block2),
             ("pool", "pool", self.pool), ("block3", "conv", self.block3), ("fc", "linear", self.fc),
@@ -177,13 +191,12 @@ class AttentionBranch(nn.Module):
 
 
 class MlpBranch(nn.Module):
-    """Pre-norm MLP branch."""
+    """Pre-norm MLP branch (`hidden` units; 2x `dim` by default)."""
 
-    def __init__(self, dim: int, expansion: int = 2) -> None:
+    def __init__(self, dim: int, hidden: int | None = None) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, expansion * dim), nn.GELU(), nn.Linear(expansion * dim, dim)
-        )
+        hidden = hidden if hidden is not None else 2 * dim
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -202,7 +215,12 @@ class PoolHead(nn.Module):
 
 
 class TinyTransformer(HostModel):
-    """Two pre-norm transformer blocks over short token sequences (~20k parameters)."""
+    """Pre-norm transformer blocks over short token sequences (~20k parameters by default).
+
+    `blocks` attention + MLP pairs (layers attn1, mlp1, attn2, mlp2, ...), each a seed slot.
+    `per_token` classifies every position (logits [B, classes, T], the layout
+    `F.cross_entropy` takes) instead of the mean-pooled sequence ([B, classes]).
+    """
 
     def __init__(
         self,
@@ -211,33 +229,90 @@ class TinyTransformer(HostModel):
         dim: int = 32,
         classes: int = 8,
         *,
+        blocks: int = 2,
+        heads: int = 4,
+        mlp_hidden: int | None = None,
+        per_token: bool = False,
         registry: Mapping[Blueprint, SeedFactory] = ALL_SEEDS,
         cooldown_epochs: int = 2,
     ) -> None:
         super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        hidden = mlp_hidden if mlp_hidden is not None else 2 * dim
 
         def slot(i: int, n: str, kind: str) -> SeedSlot:
             return _slot(i, n, kind, dim, registry, cooldown_epochs)
 
+        self.per_token = per_token
         self.embed = Block(Embedding(vocab, length, dim))
-        self.attn1 = Block(AttentionBranch(dim), slot(1, "attn1", "attention"))
-        self.mlp1 = Block(MlpBranch(dim), slot(2, "mlp1", "mlp"))
-        self.attn2 = Block(AttentionBranch(dim), slot(3, "attn2", "attention"))
-        self.mlp2 = Block(MlpBranch(dim), slot(4, "mlp2", "mlp"))
-        self.head = Block(PoolHead(dim, classes))
-        self._register_layers([
-            ("embed", "embedding", self.embed),
-            ("attn1", "attention", self.attn1), ("mlp1", "mlp", self.mlp1),
-            ("attn2", "attention", self.attn2), ("mlp2", "mlp", self.mlp2),
-            ("head", "linear", self.head),
-        ])  # fmt: skip
+        specs: list[tuple[str, str, Block]] = [("embed", "embedding", self.embed)]
+        self.branches = nn.ModuleList()
+        for b in range(1, blocks + 1):
+            attn = Block(AttentionBranch(dim, heads), slot(len(specs), f"attn{b}", "attention"))
+            specs.append((f"attn{b}", "attention", attn))
+            mlp = Block(MlpBranch(dim, hidden=hidden), slot(len(specs), f"mlp{b}", "mlp"))
+            specs.append((f"mlp{b}", "mlp", mlp))
+            self.branches.extend([attn, mlp])
+        self.head = Block(TokenHead(dim, classes) if per_token else PoolHead(dim, classes))
+        specs.append(("head", "linear", self.head))
+        self._register_layers(specs)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
-        x = x + self.attn1(x)
-        x = x + self.mlp1(x)
-        x = x + self.attn2(x)
-        x = x + self.mlp2(x)
+        for branch in self.branches:
+            x = x + branch(x)
+        out = self.head(x)
+        return out.transpose(1, 2) if self.per_token else out
+
+
+class TokenHead(nn.Module):
+    """Final norm and a linear classifier at every position ([B, T, classes])."""
+
+    def __init__(self, dim: int, classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(x))
+
+
+class StudentMLP(HostModel):
+    """A plain ReLU MLP on feature vectors: fc1 .. fcN (seed slots, linear kind), then head.
+
+    `widths` are the hidden layers' sizes, so one layer can be made the narrow one.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        widths: Sequence[int],
+        classes: int,
+        *,
+        registry: Mapping[Blueprint, SeedFactory] = ALL_SEEDS,
+        cooldown_epochs: int = 2,
+    ) -> None:
+        super().__init__()
+        if not widths or min(widths) < 1:
+            raise ValueError(f"hidden widths must be positive, got {list(widths)}")
+        self.hidden = nn.ModuleList()
+        specs: list[tuple[str, str, Block]] = []
+        previous = features
+        for i, width in enumerate(widths):
+            name = f"fc{i + 1}"
+            layer = nn.Sequential(nn.Linear(previous, width), nn.ReLU())
+            block = Block(layer, _slot(i, name, "linear", width, registry, cooldown_epochs))
+            self.hidden.append(block)
+            specs.append((name, "linear", block))
+            previous = width
+        self.head = Block(nn.Linear(previous, classes))
+        specs.append(("head", "linear", self.head))
+        self._register_layers(specs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.hidden:
+            x = block(x)
         return self.head(x)
 
 
@@ -245,13 +320,39 @@ def build_model(
     task: str,
     classes: int,
     *,
-    width: int = 16,
+    width: float = 16,
+    depth: int | None = None,
     registry: Mapping[Blueprint, SeedFactory] = ALL_SEEDS,
     cooldown_epochs: int = 2,
 ) -> HostModel:
-    """The reference model for `task` (digits | sequence); `width` is the CNN's stem channels."""
+    """The reference model for `task`; `width` and `depth` mean, per task:
+
+    digits    DigitsCNN, `width` stem channels (fractional: rounded per layer); fixed depth.
+    sequence  TinyTransformer (d=32, two blocks) for majority tokens; width and depth ignored.
+    sort      TinyTransformer, per-position head: d = `width` rounded to a multiple of its two
+              heads, MLP hidden round(2 x width); `depth` blocks (default 2).
+    teacher   StudentMLP on 8 features: `depth` hidden layers (default 3) of round(width) units.
+    """
+    kw = {"registry": registry, "cooldown_epochs": cooldown_epochs}
     if task == "digits":
-        return DigitsCNN(width, classes, registry=registry, cooldown_epochs=cooldown_epochs)
+        return DigitsCNN(width, classes, **kw)
     if task == "sequence":
-        return TinyTransformer(classes=classes, registry=registry, cooldown_epochs=cooldown_epochs)
-    raise ValueError(f"unknown task {task!r} (digits | sequence)")
+        return TinyTransformer(classes=classes, **kw)
+    if task == "sort":
+        heads = 2
+        dim = heads * max(1, round(width / heads))
+        return TinyTransformer(
+            vocab=classes,
+            length=8,
+            dim=dim,
+            classes=classes,
+            blocks=depth if depth is not None else 2,
+            heads=heads,
+            mlp_hidden=max(1, round(2 * width)),
+            per_token=True,
+            **kw,
+        )
+    if task == "teacher":
+        layers = depth if depth is not None else 3
+        return StudentMLP(8, [max(1, round(width))] * layers, classes, **kw)
+    raise ValueError(f"unknown task {task!r} (digits | sequence | sort | teacher)")

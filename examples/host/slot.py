@@ -27,7 +27,7 @@ PRUNE removes the seed module at once; the slot returns to DORMANT after a coold
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -65,6 +65,7 @@ class SeedSlot(nn.Module):
         cooldown_epochs: int = 2,
         steps_per_epoch: int = 1,
         device: torch.device | str = "cpu",
+        output_decay: float = 0.1,
     ) -> None:
         super().__init__()
         self.layer_id = layer_id
@@ -84,6 +85,7 @@ class SeedSlot(nn.Module):
         self.steepness = 1.0
         self.isolation = IsolationMode.ISOLATED
         self.lr_multiplier = 1.0
+        self.output_decay = output_decay  # bounds a TRAINING seed's output (see _decayed)
         self.counterfactual = 0.0  # val accuracy with the seed minus with alpha forced to 0
         self.accuracy_at_germination = 0.0
         self.total_improvement = 0.0  # val accuracy now minus at germination
@@ -158,10 +160,25 @@ class SeedSlot(nn.Module):
             if not torch.is_grad_enabled():
                 return None  # evaluation: the seed adds exactly nothing, skip computing it
             s = seed(host.detach())
+            if s.requires_grad and self.output_decay > 0.0:
+                s.register_hook(self._decayed(s.detach()))
             return s - s.detach()  # zero in value; carries the loss gradient to the seed only
         isolated = stage is not SeedStage.FOSSILIZED and self.isolation is IsolationMode.ISOLATED
         x = host.detach() if isolated else host
         return self._effective_alpha(x) * seed(x)
+
+    def _decayed(self, output: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The straight-through gradient plus `output_decay` x the seed's own output (per position).
+
+        The loss never feels a TRAINING seed, so its gradient does not shrink as the seed
+        follows it: unchecked, the seed's output grows without bound (x1000 in three epochs on
+        the sort transformer) and the blend that follows wrecks the host. With the decay the
+        seed settles where its output is the loss's negative gradient / `output_decay`, a
+        bounded step in the direction that would lower the loss: what blending then adds.
+        """
+        channels = output.shape[1] if output.dim() == 4 else output.shape[-1]
+        decay = self.output_decay * channels / output.numel()  # per position: a mean over positions
+        return lambda grad: grad + decay * output
 
     def _effective_alpha(self, x: torch.Tensor) -> torch.Tensor | float:
         if self._forced_alpha is not None:

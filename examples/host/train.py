@@ -59,8 +59,9 @@ class Link(Protocol):
 class HostConfig:
     """One run's settings. Defaults: a ~37k-parameter CNN on digits for 10 epochs."""
 
-    task: str = "digits"  # digits (CNN) | sequence (transformer)
-    width: int = 8  # the CNN's stem channels (blocks have 2x and 4x)
+    task: str = "digits"  # digits (CNN) | sequence, sort (transformers) | teacher (MLP); see data.py
+    width: float = 8  # the model's width: the CNN's stem channels (blocks 2x, 4x); see models.build_model
+    depth: int | None = None  # blocks / hidden layers where the task's model has a variable depth
     epochs: int = 10
     seed: int = 0
     batch_size: int = 64
@@ -149,6 +150,7 @@ class HostRun:
             config.task,
             self.data.classes,
             width=config.width,
+            depth=config.depth,
             registry=registry,
             cooldown_epochs=config.cooldown_epochs,
         ).to(self.device)
@@ -226,7 +228,7 @@ class HostRun:
             self._inject_fault()
             capture = probe is not None and self.global_step % cfg.health_every == 0
             loss, correct = self.train_step(x, y, capture)
-            loss_sum += loss * y.shape[0]
+            loss_sum += loss * y.numel()
             hits += correct
             if capture:
                 self._send_health()
@@ -239,7 +241,7 @@ class HostRun:
         train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
         if probe is not None:
             accounted_ns += probe.cost_ns - probe_ns
-        n = self.data.x_train.shape[0]
+        n = self.data.y_train.numel()  # labels, not samples: per-position tasks label every token
         val_loss, self.val_accuracy = self.evaluate()
         if probe is not None:
             self.measure_counterfactuals()

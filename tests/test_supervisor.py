@@ -12,17 +12,11 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from esperd.supervisor import Supervisor, SupervisorConfig
+from tests.support.timing import until
 
 FAST = SupervisorConfig(
     max_restarts=3, window_s=60.0, backoff_s=0.01, backoff_max_s=0.04, healthy_after_s=60.0
 )
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 def failing_after(runs: list[int], fail_times: int, error: Exception) -> Callable[[], Awaitable[None]]:

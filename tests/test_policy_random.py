@@ -6,12 +6,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from policy_helpers import make_observation
 
 from contracts import Op, SeedStage
 from esperd.analyzer.observation import OP_INDEX, OPS
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy, registered_policies
 from esperd.policy.random import RandomLegalPolicy, random_legal_action
+from tests.support.observations import make_observation
 
 STAGES = [
     SeedStage.DORMANT,

@@ -251,7 +251,7 @@ def test_an_older_commands_timeout_or_rejection_does_not_free_a_newer_commands_c
 def test_an_answer_that_frees_a_layer_held_back_only_for_it_makes_the_run_due_again() -> None:
     sched, clock = make(cooldown_s=0.0, min_interval_s=0.0)
     sched.mark_due("a")
-    assert sched.take_batch() == [("a", clock.t)]
+    assert sched.take_batch() == [("a", clock.now)]
     sched.note_command("c1", "a", 5, "advance")
     sched.mark_due("a")  # the next state packet arrives before the ack
     sched.take_batch()

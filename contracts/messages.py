@@ -188,6 +188,10 @@ class AdaptationCommand(_Message, tag="command", kw_only=True):
     # SET_ALPHA_TARGET.
     alpha_target: Unit | None = None
     reason: Reason = ""
+    # Ownership epoch (a fencing token): which lease the sending instance held on the run when it
+    # decided. Epochs only grow; a host ignores a command older than the newest it has seen for its
+    # run (an instance that lost the run while frozen). 0: sent without a lease (a single instance).
+    epoch: Count = 0
 
 
 class CommandAck(_Message, tag="ack", kw_only=True):

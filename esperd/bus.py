@@ -25,6 +25,7 @@ from esperd.logs import RateLimiter
 log = structlog.get_logger("esperd.bus")
 
 RawHandler = Callable[[str, bytes, str | None], Awaitable[None]]
+INBOX_PREFIX = "_INBOX_esperd"
 
 
 def tls_context(config: NatsConfig) -> ssl.SSLContext | None:
@@ -54,6 +55,9 @@ def connect_options(config: NatsConfig) -> dict[str, Any]:
         # wildcard only to be skipped: at one command per state packet that is a quarter of the
         # inbound messages, parsed and dispatched for nothing.
         "no_echo": True,
+        # esperd's own requests (JetStream calls for cluster leases) get their replies here, so a
+        # locked-down broker can grant it `_INBOX_esperd.>` instead of every reply on `_INBOX.>`.
+        "inbox_prefix": INBOX_PREFIX,
     }
     if config.user:
         options["user"] = config.user

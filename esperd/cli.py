@@ -32,7 +32,9 @@ class ExitCode(enum.IntEnum):
     OK = 0  # a clean stop: SIGTERM/SIGINT at any time, before READY included
     ERROR = 1  # an unexpected error (its traceback is in the log)
     CONFIG = 2  # the config file is unreadable or invalid (check-config says why)
-    UNAVAILABLE = 69  # a port esperd must listen on is taken, or the embedded nats-server cannot start
+    # A port esperd must listen on is taken, the embedded nats-server cannot start, or (cluster mode)
+    # the broker has no JetStream for the leases or the members disagree on the partition count.
+    UNAVAILABLE = 69
     TASK_FAILED = 70  # a background task kept failing past its restart budget
     STATE_DIR = 73  # state_dir cannot be created or written
 
@@ -106,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration", type=float, default=0.0, metavar="S", help="stop after S seconds (0: until signalled)"
     )
     status = sub.add_parser(
-        "status", help="print a running esperd's status", description="Ask esperd.status and print it."
+        "status",
+        help="print every running esperd's status (a hung one is listed, not waited for)",
+        description="Find esperd instances ($SRV.PING.esperd) and ask each on esperd.status.<instance>; "
+        "members of a cluster that do not answer are listed. One instance: its whole status; several: "
+        "a line each. Exit 1 if no esperd answers or a cluster member does not.",
     )
     add_server_argument(status)
     status.add_argument("--json", action="store_true", help="print the raw JSON answer (indented)")
@@ -281,11 +287,14 @@ async def _watch(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    """`esperd status`: esperd.status, pretty-printed (or indented JSON)."""
+    """`esperd status`: every instance's status; one instance pretty-printed (or indented JSON)."""
     import json
 
+    import msgspec
+
     from esperd.cliconn import UnreachableError, connect_for_cli
-    from esperd.statusview import NoAnswerError, fetch_status, render_status
+    from esperd.statusquery import cluster_report, render
+    from esperd.statusview import render_status
 
     try:
         nc = await connect_for_cli(args.server, "esperd status", timeout_s=args.timeout)
@@ -293,14 +302,24 @@ async def _status(args: argparse.Namespace) -> int:
         print(f"esperd status: {exc}", file=sys.stderr)
         return 1
     try:
-        status = await fetch_status(nc, timeout_s=args.timeout)
-    except NoAnswerError as exc:
-        print(f"esperd status: {exc} at {args.server} (is esperd running?)", file=sys.stderr)
-        return 1
+        report = await cluster_report(nc, timeout_s=args.timeout)
     finally:
         await nc.close()
-    print(json.dumps(status, indent=2) if args.json else render_status(status), end="\n" if args.json else "")
-    return 0
+    if not report.answered:
+        print(
+            f"esperd status: no esperd answers on esperd.status at {args.server} (is esperd running?)",
+            file=sys.stderr,
+        )
+        return 1
+    if len(report.members) == 1:
+        status = report.members[0].status
+        print(
+            json.dumps(status, indent=2) if args.json else render_status(status or {}),
+            end="\n" if args.json else "",
+        )
+        return 0
+    print(json.dumps(msgspec.to_builtins(report), indent=2) if args.json else render(report))
+    return 1 if report.missing else 0
 
 
 async def _serve(
@@ -308,6 +327,7 @@ async def _serve(
 ) -> int:
     import structlog
 
+    from esperd.cluster import ClusterError
     from esperd.metrics import MetricsListenError
     from esperd.natsserver import NatsServerError
     from esperd.service import Service
@@ -327,7 +347,7 @@ async def _serve(
         signals.route(service.request_stop, service.request_reload)
         try:
             await service.run()
-        except (NatsServerError, MetricsListenError) as exc:  # a port taken, or the broker would not start
+        except (NatsServerError, MetricsListenError, ClusterError) as exc:  # see ExitCode.UNAVAILABLE
             log.error("could not start", error=str(exc), exit_code=int(ExitCode.UNAVAILABLE))
             return ExitCode.UNAVAILABLE
         if service.failed_tasks:

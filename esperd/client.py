@@ -67,6 +67,8 @@ class HostClient:
         self.dropped_commands = 0  # incoming commands that found the queue full
         self.published = 0
         self.bad_commands = 0
+        self.stale_commands = 0  # commands ignored: older than the newest ownership epoch seen
+        self.newest_epoch = 0  # of the commands received for this run (fencing, see AdaptationCommand.epoch)
         self.commands: asyncio.Queue[AdaptationCommand] = asyncio.Queue(maxsize=buffer)
         self._outbox: collections.deque[tuple[str, bytes]] = collections.deque()
         self._buffer = buffer
@@ -160,6 +162,18 @@ class HostClient:
             await asyncio.gather(self._pump, return_exceptions=True)
         await self.nc.close()
 
+    def accept_epoch(self, command: AdaptationCommand) -> bool:
+        """Whether `command` is as new as any seen, by ownership epoch; counts it if not.
+
+        An esperd instance that lost this run (frozen past its lease, say) may still send commands
+        under its old epoch; the instance that took over sends newer ones. Only the newest counts.
+        """
+        if command.epoch < self.newest_epoch:
+            self.stale_commands += 1
+            return False
+        self.newest_epoch = command.epoch
+        return True
+
     def _subject(self, channel: Channel) -> str:
         return run_subject(self.run_id, channel, self.prefix)
 
@@ -192,6 +206,8 @@ class HostClient:
             )
         except CodecError:
             self.bad_commands += 1
+            return
+        if not self.accept_epoch(command):
             return
         if self._on_command is not None:
             result = self._on_command(command)

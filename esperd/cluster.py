@@ -1,168 +1,485 @@
-"""Several esperd instances sharing the runs: each run is owned by exactly one live instance.
+"""Several esperd instances sharing the runs, with leases and fencing tokens from JetStream key-value.
 
-Instances announce themselves on `esperd.cluster.heartbeat` (core NATS, so it works the
-same on one broker or a NATS cluster) and each keeps the set of live members. A run's
-owner is chosen by rendezvous hashing over the live members: every instance computes the
-same owner from the same membership, and when an instance joins or dies only the runs
-it gains or held move. An instance drops messages for runs it does not own.
+The lease primitive is NATS's own: a JetStream key-value bucket whose entries expire after the
+bucket's TTL, written with revision checks (`create` succeeds only if the key is absent,
+`update(last=revision)` only if nobody wrote it since). The broker is the arbiter; no instance
+trusts another's clock or its own view of who is alive.
 
-The ownership logic (`Membership`) is pure; `ClusterAgent` is the NATS side.
+- `members.<instance>`: each instance re-puts its record every `heartbeat_s`; the key expires
+  `dead_after_s` after the last put, so the keys present are the live members.
+- `partitions.<p>`: the lease on partition `p` (runs hash to `partitions` partitions, see
+  `esperd.ownership`). The instance that rendezvous hashing assigns `p` to among the live members
+  creates the key; its revision then is the partition's *epoch*, the fencing token every command
+  for a run in `p` carries. Revisions are the bucket stream's sequence numbers, so a later lease
+  on the same partition always has a larger epoch. The holder renews with `update(last=…)`; if it
+  stops (frozen, dead, cut off) the key expires and the new assignee creates it afresh.
+
+`esperd.ownership.Leases` keeps a local deadline per lease and gives the partition up the moment
+it passes; the `ClusterAgent` here is the NATS side.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
 from typing import Annotated
 
 import msgspec
+import nats.errors
+import nats.js.errors
 import structlog
 from msgspec import Meta
 from nats.aio.client import Client
-from nats.aio.msg import Msg
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from esperd.logs import RateLimiter
+from esperd.ownership import Leases, OnLost, targets
 
 log = structlog.get_logger("esperd.cluster")
 
-HEARTBEAT_SUBJECT = "esperd.cluster.heartbeat"
-HELLO_SUBJECT = "esperd.cluster.hello"
+INSTANCE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+LEASE_MARGIN = 0.25  # of the bucket TTL: a lease is given up locally this long before it can expire
+STALE_AFTER_BEATS = 2.5  # a member whose record has not changed for this many heartbeats is stale
+GONE_KEPT_S = 60.0  # how long the view lists a member that has gone
 
 
 class ClusterConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`[cluster]` in the config file."""
 
     enabled: bool = False
-    instance_id: str = ""  # empty: <hostname>-<pid>
-    heartbeat_s: Annotated[float, Meta(gt=0.0)] = 1.0
-    dead_after_s: Annotated[float, Meta(gt=0.0)] = 3.5  # a member silent this long is gone
-    settle_s: Annotated[float, Meta(ge=0.0)] = 0.5  # listen this long for peers before serving
+    # Also names this instance's status subject, `esperd.status.<instance_id>`. Empty: <hostname>-<pid>.
+    instance_id: Annotated[str, Meta(pattern=r"^([A-Za-z0-9_-]{1,64})?$")] = ""
+    heartbeat_s: Annotated[float, Meta(gt=0.0)] = 1.0  # how often membership and leases are renewed
+    # The key-value bucket's TTL, set when the bucket is created: a member, and every lease it holds,
+    # expires this long after its last renewal. An existing bucket keeps its own TTL.
+    dead_after_s: Annotated[float, Meta(ge=0.5)] = 3.5
+    settle_s: Annotated[float, Meta(ge=0.0)] = (
+        0.5  # after announcing itself, wait this long before taking partitions
+    )
+    partitions: Annotated[int, Meta(ge=1, le=4096)] = 32  # units of ownership; runs hash to one
+    bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "esperd_cluster"
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_s * 3 > self.dead_after_s:
+            # At least two renewals must fit in the part of the TTL a lease is used for.
+            raise ValueError(
+                f"cluster.heartbeat_s ({self.heartbeat_s}) must be at most a third of "
+                f"cluster.dead_after_s ({self.dead_after_s})"
+            )
 
 
-class Heartbeat(msgspec.Struct):
-    instance_id: str
-    started_at: float
-    leaving: bool = False
+class ClusterError(RuntimeError):
+    """Cluster mode cannot work on this broker (no JetStream, an unusable bucket)."""
 
 
-class Membership:
-    """Live members (by last heartbeat) and who owns which run."""
+class MemberRecord(msgspec.Struct, kw_only=True):
+    """What an instance writes under `members.<instance>`."""
 
-    def __init__(self, me: str, dead_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.me = me
-        self.dead_after_s = dead_after_s
-        self._clock = clock
-        self._seen: dict[str, float] = {me: clock()}
-        self._members: tuple[str, ...] = (me,)
-
-    @property
-    def members(self) -> tuple[str, ...]:
-        return self._members
-
-    def heard(self, instance_id: str, leaving: bool = False) -> bool:
-        """Note a heartbeat; True if the membership changed."""
-        if leaving:
-            self._seen.pop(instance_id, None)
-        else:
-            self._seen[instance_id] = self._clock()
-        return self._refresh()
-
-    def expire(self) -> bool:
-        """Forget silent members; True if the membership changed."""
-        self._seen[self.me] = self._clock()
-        limit = self._clock() - self.dead_after_s
-        for member in [m for m, at in self._seen.items() if at < limit]:
-            del self._seen[member]
-        return self._refresh()
-
-    def owner(self, run_id: str) -> str:
-        """The live member that owns `run_id` (highest rendezvous score)."""
-        return max(self._members, key=lambda member: _score(member, run_id))
-
-    def owns(self, run_id: str) -> bool:
-        return len(self._members) == 1 or self.owner(run_id) == self.me
-
-    def _refresh(self) -> bool:
-        members = tuple(sorted(self._seen))
-        changed = members != self._members
-        self._members = members
-        return changed
+    instance: str
+    host: str = ""
+    pid: int = 0
+    started_at: float = 0.0  # unix time
+    partitions: dict[int, int] = {}  # partition -> epoch, as of the instance's last renewal
+    runs: int = 0
+    partition_count: int = 0  # its [cluster] partitions: every member must use the same
 
 
-def _score(member: str, run_id: str) -> int:
-    digest = hashlib.blake2b(f"{member}\x00{run_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
+class LeaseRecord(msgspec.Struct, kw_only=True):
+    """What a lease holder writes under `partitions.<p>`."""
+
+    owner: str
+    acquired_at: float = 0.0  # unix time
+
+
+class MemberView(msgspec.Struct):
+    """One member, as the instance answering sees it."""
+
+    instance: str
+    partitions: list[int]
+    epochs: dict[int, int]
+    runs: int
+    age_s: float  # since its record last changed, by this instance's clock
+    stale: bool  # no renewal seen for more than 2.5 heartbeats: frozen, cut off, or dying
+    host: str = ""
+    pid: int = 0
+
+
+class ClusterView(msgspec.Struct):
+    """Members, what each owns, who is stale, and which partitions nobody holds."""
+
+    members: list[MemberView]
+    gone: list[str]  # members whose record expired in the last minute: died, froze, or were cut off
+    left: list[str]  # members that stopped cleanly (removed their record) in the last minute
+    unowned_partitions: list[int]  # no live member claims them: their runs are not served now
+    age_s: float  # how old this view is (refreshed every heartbeat)
+
+
+def lease_clock() -> float:
+    """Seconds on a clock that keeps counting while the machine is suspended (Linux: CLOCK_BOOTTIME)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 def default_instance_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """`<hostname>-<pid>`, with anything a subject token cannot hold replaced by `_`."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:48] or "esperd"
+    return f"{host}-{os.getpid()}"
+
+
+def instance_status_subject(instance: str) -> str:
+    """The subject one instance answers its status on."""
+    return f"esperd.status.{instance}"
 
 
 class ClusterAgent:
-    """Heartbeats on NATS and keeps a Membership current; calls `on_change` when it changes."""
+    """Keeps this instance's membership record and partition leases in the bucket; see the module doc."""
 
     def __init__(
-        self, config: ClusterConfig, nc: Client, on_change: Callable[[tuple[str, ...]], None]
+        self,
+        config: ClusterConfig,
+        nc: Client,
+        instance: str,
+        *,
+        on_lost: OnLost,
+        on_acquired: Callable[[list[int]], None] | None = None,
+        runs: Callable[[], int] = lambda: 0,
+        clock: Callable[[], float] = lease_clock,
     ) -> None:
         self.config = config
         self.nc = nc
-        self.membership = Membership(config.instance_id or default_instance_id(), config.dead_after_s)
-        self._on_change = on_change
-        self._started_at = time.time()
+        self.me = instance
+        self.errors = 0  # failed ticks (broker away, JetStream timeouts)
+        self.acquisitions = 0
+        self.leases = Leases(
+            config.partitions, config.dead_after_s, LEASE_MARGIN * config.dead_after_s, on_lost, clock
+        )
+        self._on_acquired = on_acquired
+        self._runs = runs
+        self._clock = clock
+        self._record = MemberRecord(
+            instance=instance,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=time.time(),
+            partition_count=config.partitions,
+        )
+        # JetStream calls time out well within a lease: a slow broker must not stall a tick past it.
+        self._js = nc.jetstream(timeout=max(0.5, min(2.0, config.heartbeat_s)))
+        self._kv: KeyValue | None = None
+        self._stream = f"KV_{config.bucket}"
+        self._members: dict[str, MemberRecord] = {}
+        self._seen: dict[str, tuple[int, float]] = {}  # member -> (revision, when it last changed)
+        self._gone: dict[str, tuple[float, bool]] = {}  # member -> (when, whether it left cleanly)
+        self._view_at = clock()
+        self._wake = asyncio.Event()
+        self._error_log = RateLimiter(10.0)
         self._encoder = msgspec.json.Encoder()
-        self._decoder = msgspec.json.Decoder(Heartbeat)
-        self._subs: list[object] = []
+        self._member_decoder = msgspec.json.Decoder(MemberRecord)
+        self._lease_decoder = msgspec.json.Decoder(LeaseRecord)
 
-    @property
-    def me(self) -> str:
-        return self.membership.me
+    # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Subscribe, say hello (peers answer at once), and listen for `settle_s`."""
-        self._subs.append(await self.nc.subscribe(HEARTBEAT_SUBJECT, cb=self._on_heartbeat))
-        self._subs.append(await self.nc.subscribe(HELLO_SUBJECT, cb=self._on_hello))
-        await self.nc.flush()
-        await self.nc.flush()
-        await self.nc.publish(HELLO_SUBJECT, self._encoder.encode(self._heartbeat()))
+        """Bind the bucket, announce ourselves, settle, and take our partitions (one tick)."""
+        await self._bind()
+        await self._register()
         await asyncio.sleep(self.config.settle_s)
-        log.info("cluster joined", instance=self.me, members=list(self.membership.members))
+        await self._read_members()
+        self._check_agreement()
+        await self.tick()
+        log.info(
+            "cluster joined",
+            instance=self.me,
+            members=sorted(self._members),
+            partitions=len(self.leases.held),
+            lease_ttl_s=self.leases.ttl_s,
+        )
 
     async def run(self) -> None:
-        """Heartbeat and expire silent members forever (until cancelled)."""
+        """Renew and rebalance every `heartbeat_s` (or sooner when woken) until cancelled."""
         while True:
-            await self._beat()
-            if self.membership.expire():
-                self._changed()
-            await asyncio.sleep(self.config.heartbeat_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.heartbeat_s)
+            self._wake.clear()
+            await self.tick()
 
     async def leave(self) -> None:
-        """Tell peers we are going, so they take our runs over at once."""
-        if self.nc.is_connected:
-            await self.nc.publish(HEARTBEAT_SUBJECT, self._encoder.encode(self._heartbeat(leaving=True)))
-            await self.nc.flush()
-
-    def _heartbeat(self, leaving: bool = False) -> Heartbeat:
-        return Heartbeat(self.me, self._started_at, leaving)
-
-    async def _beat(self) -> None:
-        if self.nc.is_connected:
-            await self.nc.publish(HEARTBEAT_SUBJECT, self._encoder.encode(self._heartbeat()))
-
-    async def _on_hello(self, msg: Msg) -> None:
-        await self._on_heartbeat(msg)
-        await self._beat()  # answer a newcomer without waiting for our next beat
-
-    async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            beat = self._decoder.decode(msg.data)
-        except msgspec.DecodeError:
+        """Give every partition back and remove our record, so peers take over at their next tick."""
+        released = self.leases.release(list(self.leases.held), "leaving")
+        if self._kv is None or not self.nc.is_connected:
             return
-        if beat.instance_id != self.me and self.membership.heard(beat.instance_id, beat.leaving):
-            self._changed()
+        await asyncio.gather(
+            *(self._delete(self._partition_key(lease.partition), lease.revision) for lease in released),
+            self._delete(self._member_key(self.me), None),
+        )
 
-    def _changed(self) -> None:
-        members = self.membership.members
-        log.info("cluster membership changed", instance=self.me, members=list(members))
-        self._on_change(members)
+    # --------------------------------------------------------------------- tick
+
+    async def tick(self) -> None:
+        """Notice lapses, read the members, release, renew and acquire, then renew our record."""
+        self.leases.check()
+        if self._kv is None or not self.nc.is_connected:
+            return  # leases lapse on their own deadlines; nothing here can extend them
+        try:
+            await self._read_members()
+        except (TimeoutError, nats.errors.Error) as exc:
+            self._note_error("cluster membership read failed", exc)
+            return
+        count = self.config.partitions
+        # A member with another partition count refuses to start; it must not take our share meanwhile.
+        peers = [name for name, record in self._members.items() if record.partition_count == count]
+        wanted = targets(self.me, peers, count)
+        held = self.leases.held
+        handed = [p for p in held if p not in wanted]
+        if handed:
+            await self._release(handed, "handed over")
+        results = await asyncio.gather(
+            *(self._renew(p) for p in held if p in wanted),
+            *(self._acquire(p) for p in sorted(wanted - held.keys())),
+        )
+        gained = [p for p in results if p is not None]
+        if gained:
+            self.acquisitions += len(gained)
+            log.info("partitions acquired", instance=self.me, partitions=gained)
+            if self._on_acquired is not None:
+                self._on_acquired(gained)
+        try:
+            await self._register()  # after the lease work, so peers' views show what we hold now
+        except (TimeoutError, nats.errors.Error) as exc:
+            self._note_error("cluster membership renewal failed", exc)
+        self._view_at = self._clock()
+
+    def wake(self) -> None:
+        """Tick now rather than at the next heartbeat."""
+        self._wake.set()
+
+    # ---------------------------------------------------------------------- view
+
+    @property
+    def members(self) -> list[str]:
+        return sorted({self.me, *self._members})
+
+    def view(self) -> ClusterView:
+        """The cluster as of the last tick (our own entry is current)."""
+        now = self._clock()
+        stale_after = STALE_AFTER_BEATS * self.config.heartbeat_s
+        mine = {lease.partition: lease.epoch for lease in self.leases.held.values()}
+        views = [
+            MemberView(self.me, sorted(mine), mine, self._runs(), 0.0, False, self._record.host, os.getpid())
+        ]
+        for name in sorted(self._members):
+            if name == self.me:
+                continue
+            record = self._members[name]
+            age = now - self._seen.get(name, (0, now))[1]
+            views.append(
+                MemberView(
+                    name,
+                    sorted(record.partitions),
+                    dict(record.partitions),
+                    record.runs,
+                    round(age, 3),
+                    age > stale_after,
+                    record.host,
+                    record.pid,
+                )
+            )
+        claimed = {p for v in views if not v.stale for p in v.partitions}
+        return ClusterView(
+            members=views,
+            gone=sorted(n for n, (at, left) in self._gone.items() if now - at < GONE_KEPT_S and not left),
+            left=sorted(n for n, (at, left) in self._gone.items() if now - at < GONE_KEPT_S and left),
+            unowned_partitions=[p for p in range(self.config.partitions) if p not in claimed],
+            age_s=round(now - self._view_at, 3),
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _bind(self) -> None:
+        """Create (or find) the bucket; fail clearly when the broker has no JetStream."""
+        js = self.nc.jetstream(timeout=5.0)  # creating the bucket may take a while on a busy broker
+        try:
+            await js.account_info()
+        except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
+            raise ClusterError(
+                "cluster mode needs JetStream on the broker (nats-server -js, or a `jetstream {}` "
+                f"block in its config) for its leases: {type(exc).__name__}"
+            ) from None
+        except nats.js.errors.APIError as exc:
+            raise ClusterError(f"cluster mode needs JetStream on the broker: {exc.description}") from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise ClusterError(
+                "cluster mode needs JetStream on the broker: it did not answer in 5 s"
+            ) from None
+        config = KeyValueConfig(
+            bucket=self.config.bucket,
+            description="esperd membership and partition leases",
+            history=1,
+            ttl=self.config.dead_after_s,
+            storage=StorageType.FILE,  # revisions (the fencing epochs) must survive a broker restart
+            direct=True,  # reads by key take the direct-get API: cheap, and one permission to grant
+        )
+        try:
+            self._kv = await js.create_key_value(config)
+        except nats.js.errors.BadRequestError:  # exists with another TTL: keep its TTL, all must agree
+            self._kv = await js.key_value(self.config.bucket)
+        info = await js.stream_info(self._stream)
+        ttl = info.config.max_age or 0.0
+        if ttl <= 0:
+            raise ClusterError(f"bucket {self.config.bucket} has no TTL: its leases would never expire")
+        if abs(ttl - self.config.dead_after_s) > 1e-6:
+            log.warning(
+                "lease bucket keeps its own TTL",
+                bucket=self.config.bucket,
+                ttl_s=ttl,
+                dead_after_s=self.config.dead_after_s,
+                hint="delete the bucket while no instance runs to change it",
+            )
+            self.leases.set_ttl(ttl, LEASE_MARGIN * ttl)
+
+    def _check_agreement(self) -> None:
+        """Refuse to serve beside a member that hashes runs to another number of partitions.
+
+        Its partition 3 would not hold the runs ours does, so two instances could both own a run.
+        Each member registers before it reads the others, so of two started together at least one
+        sees the other.
+        """
+        count = self.config.partitions
+        odd = {
+            n: r.partition_count
+            for n, r in self._members.items()
+            if n != self.me and r.partition_count != count
+        }
+        if odd:
+            raise ClusterError(
+                f"cluster.partitions is {count} here but {odd} on live members of bucket "
+                f"{self.config.bucket}: every instance must use the same number"
+            )
+
+    def _member_key(self, instance: str) -> str:
+        return f"members.{instance}"
+
+    def _partition_key(self, partition: int) -> str:
+        return f"partitions.{partition}"
+
+    async def _register(self) -> None:
+        assert self._kv is not None
+        record = self._record
+        record.partitions = {lease.partition: lease.epoch for lease in self.leases.held.values()}
+        record.runs = self._runs()
+        await self._kv.put(self._member_key(self.me), self._encoder.encode(record))
+
+    async def _read_members(self) -> None:
+        """The members whose records have not expired, and when each record last changed."""
+        assert self._kv is not None
+        prefix = f"$KV.{self.config.bucket}."
+        info = await self._js.stream_info(self._stream, subjects_filter=f"{prefix}members.>")
+        keys = [subject[len(prefix) :] for subject in (info.state.subjects or {})]
+        entries = await asyncio.gather(*(self._get(key) for key in keys))
+        now = self._clock()
+        members: dict[str, MemberRecord] = {}
+        # A listed key with no value is a deletion marker: that member left cleanly. An expired
+        # record is not listed at all.
+        left = {
+            key.removeprefix("members.") for key, entry in zip(keys, entries, strict=True) if entry is None
+        }
+        for entry in entries:
+            if entry is None:
+                continue
+            try:
+                record = self._member_decoder.decode(entry.value)
+            except msgspec.DecodeError:
+                continue
+            members[record.instance] = record
+            revision, _ = self._seen.get(record.instance, (-1, now))
+            if revision != entry.revision:
+                self._seen[record.instance] = (entry.revision, now)
+        for name in set(self._members) - set(members):
+            self._gone[name] = (now, name in left)
+            self._seen.pop(name, None)
+        for name in set(members) & set(self._gone):
+            del self._gone[name]
+        self._members = members
+
+    async def _get(self, key: str) -> KeyValue.Entry | None:
+        assert self._kv is not None
+        try:
+            return await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:  # deleted (left) or expired since the listing
+            return None
+
+    async def _acquire(self, partition: int) -> int | None:
+        """Create the partition's lease; returns the partition if we now hold it."""
+        assert self._kv is not None
+        key = self._partition_key(partition)
+        value = self._encoder.encode(LeaseRecord(owner=self.me, acquired_at=time.time()))
+        sent_at = self._clock()
+        try:
+            revision = await self._kv.create(key, value)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            revision = await self._take_back(key, value)
+            if revision is None:
+                return None
+            sent_at, revision = revision
+        except (TimeoutError, nats.errors.Error) as exc:
+            self._note_error("lease acquisition failed", exc)
+            return None
+        return partition if self.leases.acquired(partition, revision, sent_at) else None
+
+    async def _take_back(self, key: str, value: bytes) -> tuple[float, int] | None:
+        """A lease still recorded under our own name (we lapsed, or restarted with this instance id).
+
+        Nobody else holds it, so we may overwrite it; the new revision is a new epoch, so anything
+        sent under the old one is fenced off.
+        """
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(key)
+            if self._lease_decoder.decode(entry.value).owner != self.me:
+                return None  # held by a peer: it hands it over, or it expires
+            sent_at = self._clock()
+            return sent_at, await self._kv.update(key, value, last=entry.revision)
+        except (TimeoutError, nats.errors.Error, msgspec.DecodeError):
+            return None
+
+    async def _renew(self, partition: int) -> None:
+        assert self._kv is not None
+        lease = self.leases.held.get(partition)
+        if lease is None:
+            return
+        value = self._encoder.encode(LeaseRecord(owner=self.me, acquired_at=time.time()))
+        sent_at = self._clock()
+        try:
+            revision = await self._kv.update(self._partition_key(partition), value, last=lease.revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            # Expired at the broker (and perhaps taken): whatever we thought, it is not ours.
+            self.leases.release([partition], "lease lost")
+            return
+        except (TimeoutError, nats.errors.Error) as exc:
+            self._note_error("lease renewal failed", exc)  # the local deadline decides from here
+            return
+        self.leases.renewed(partition, revision, sent_at)
+
+    async def _release(self, partitions: list[int], reason: str) -> None:
+        """Stop using the partitions first, then delete their leases so the assignee can take them."""
+        released = self.leases.release(partitions, reason)
+        await asyncio.gather(
+            *(self._delete(self._partition_key(lease.partition), lease.revision) for lease in released)
+        )
+
+    async def _delete(self, key: str, last: int | None) -> None:
+        assert self._kv is not None
+        with contextlib.suppress(TimeoutError, nats.errors.Error):  # it expires anyway
+            await self._kv.delete(key, last=last)
+
+    def _note_error(self, what: str, exc: BaseException) -> None:
+        self.errors += 1
+        allowed, suppressed = self._error_log.allow(what)
+        if allowed:
+            log.warning(what, instance=self.me, error=str(exc) or type(exc).__name__, suppressed=suppressed)

@@ -31,6 +31,13 @@ log = structlog.get_logger("esperd.decisions")
 Observe = Callable[[str], Observation | None]
 Publish = Callable[[AdaptationCommand], Awaitable[None]]
 OnDecided = Callable[[Sequence[Observation], ActResult, PolicyBundle], None]
+#: The ownership epoch under which this instance may command a run right now; None: it may not.
+EpochOf = Callable[[str], int | None]
+
+
+def unfenced(run_id: str) -> int:
+    """A single instance owns every run, under epoch 0."""
+    return 0
 
 
 class DecisionStats(msgspec.Struct):
@@ -42,6 +49,7 @@ class DecisionStats(msgspec.Struct):
     commands: int = 0
     commands_by_op: dict[str, int] = msgspec.field(default_factory=dict)
     failures: int = 0
+    fenced: int = 0  # decided, not sent: ownership of the run was lost before the command went out
     late: int = 0  # published later than `decision_deadline_ms` after the run became due
     last_batch_size: int = 0
     batch_size_mean: float = 0.0
@@ -75,6 +83,7 @@ class DecisionLoop:
         deterministic: bool = False,
         on_decided: OnDecided | None = None,
         observe_latency: Callable[[float], None] | None = None,
+        epoch_of: EpochOf = unfenced,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.scheduler = scheduler
@@ -84,6 +93,7 @@ class DecisionLoop:
         self.deterministic = deterministic
         self.on_decided = on_decided
         self.observe_latency = observe_latency  # seconds from due to published, per command (metrics)
+        self.epoch_of = epoch_of
         self._stats = DecisionStats()
         self._clock = clock
         self._wake = asyncio.Event()
@@ -157,6 +167,8 @@ class DecisionLoop:
     def _observations(self, runs: list[str], now: float) -> list[Observation]:
         observations = []
         for run_id in runs:
+            if self.epoch_of(run_id) is None:
+                continue  # no longer ours: whatever it was due for is another instance's to decide
             obs = self.observe(run_id)
             if obs is None or obs.num_nodes == 0:
                 continue  # unknown, finished, or no layers yet: nothing to decide
@@ -172,7 +184,13 @@ class DecisionLoop:
             if decision.op is Op.WAIT:
                 stats.waits += 1
                 continue
-            command = to_command(decision)
+            # Checked again now, after the forward pass: a freeze (or a lost lease) during it must
+            # not let a command out under an ownership this instance no longer has.
+            epoch = self.epoch_of(decision.run_id)
+            if epoch is None:
+                stats.fenced += 1
+                continue
+            command = to_command(decision, epoch)
             self.scheduler.note_command(
                 command.command_id,
                 command.run_id,
@@ -227,8 +245,8 @@ class DecisionLoop:
                 await self._wake.wait()
 
 
-def to_command(decision: Decision) -> AdaptationCommand:
-    """The wire command for a (non-WAIT) decision."""
+def to_command(decision: Decision, epoch: int = 0) -> AdaptationCommand:
+    """The wire command for a (non-WAIT) decision, under ownership `epoch`."""
     germinate = decision.op is Op.GERMINATE
     return AdaptationCommand(
         command_id=uuid.uuid4().hex,
@@ -247,6 +265,7 @@ def to_command(decision: Decision) -> AdaptationCommand:
         # ramps to the target over the rest of the tempo).
         alpha_target=1.0 if decision.op is Op.SET_ALPHA_TARGET else None,
         reason=decision.reason or describe(decision),
+        epoch=epoch,
     )
 
 

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from contracts import MESSAGE_TYPES, AckStatus, AdaptationCommand, Op
 
 if TYPE_CHECKING:
-    from esperd.service import Status
+    from esperd.service import ClusterStatus, Status
 
 #: The label every esperd metric carries: which instance it is (Prometheus's own `instance`
 #: label names the scrape target, so a label of that name would be renamed on ingestion).
@@ -120,6 +120,9 @@ def families(snapshot: Snapshot) -> list[Any]:
     f.counter("esperd_decision_waits", "Decisions that were WAIT (no command)", d.waits)
     f.counter("esperd_decision_failures", "Policy forwards that raised", d.failures)
     f.counter("esperd_decisions_late", "Commands published after decision_deadline_ms", d.late)
+    f.counter(
+        "esperd_decisions_fenced", "Commands not sent: ownership of the run lapsed while deciding", d.fenced
+    )
     f.counters_by("esperd_commands", "Commands published, by op", "op", d.commands_by_op, COMMAND_OPS)
     latency = HistogramMetricFamily(
         "esperd_decision_latency_seconds",
@@ -153,7 +156,7 @@ def families(snapshot: Snapshot) -> list[Any]:
         )
         f.counters_by(
             "esperd_runs_evicted",
-            "Runs dropped, by reason (idle, done, handover, reused)",
+            "Runs dropped, by reason (idle, done, handover, lease_lapsed, reused)",
             "reason",
             s.run_table.dropped_by_reason,
         )
@@ -216,14 +219,23 @@ def families(snapshot: Snapshot) -> list[Any]:
     f.counter("esperd_reloads", "SIGHUP reloads applied", s.reload.reloads)
     f.counter("esperd_reloads_refused", "SIGHUP reloads refused (nothing changed)", s.reload.refused)
     if s.cluster is not None:
-        f.gauge("esperd_cluster_members", "Live esperd instances sharing the runs", len(s.cluster.members))
-        f.counter(
-            "esperd_cluster_foreign_messages",
-            "Messages for runs another instance owns",
-            s.cluster.foreign_messages,
-        )
-        f.counter("esperd_cluster_handovers", "Runs given up on a membership change", s.cluster.handovers)
+        _cluster_families(f, s.cluster)
     return f.out
+
+
+def _cluster_families(f: _Families, c: ClusterStatus) -> None:
+    f.gauge("esperd_cluster_members", "Live esperd instances sharing the runs", len(c.members))
+    f.gauge("esperd_cluster_partitions", "Partitions this instance holds a lease on", len(c.partitions))
+    f.counter(
+        "esperd_cluster_foreign_messages", "Messages for runs this instance does not own", c.foreign_messages
+    )
+    f.counter("esperd_cluster_handovers", "Runs given up: partition handed over or lease lapsed", c.handovers)
+    f.counter(
+        "esperd_cluster_lease_lapses",
+        "Partitions given up because this instance missed its lease",
+        c.lease_lapses,
+    )
+    f.counter("esperd_cluster_errors", "Lease or membership renewals that failed", c.errors)
 
 
 class StatusCollector(Collector):

@@ -60,6 +60,7 @@ class DropReason(enum.StrEnum):
     IDLE = "idle"  # silent for idle_ttl_s
     DONE = "done"  # finished, and its grace for late acks is over (or its slot was needed)
     HANDOVER = "handover"  # another instance owns it now
+    LEASE_LAPSED = "lease_lapsed"  # this instance missed its own lease deadline (frozen, paused, cut off)
     REUSED = "reused"  # its id started a new episode after `done`
     REFUSED = "refused"  # the message that admitted it was refused: the admission is undone
 

@@ -39,7 +39,7 @@ from contracts import (
 )
 from esperd.analyzer import Analyzer, AnalyzerError, Observation
 from esperd.bus import Bus
-from esperd.cluster import ClusterAgent, default_instance_id
+from esperd.cluster import ClusterAgent, ClusterView, default_instance_id, instance_status_subject
 from esperd.config import MAX_NATS_PAYLOAD, Config, ConfigError, state_path
 from esperd.decisions import DecisionLoop, DecisionStats
 from esperd.intake import Accepted, Intake, Rejection
@@ -49,6 +49,7 @@ from esperd.logs import LogLevel
 from esperd.metrics import LatencyHistogram, MetricsServer, Snapshot, StatusCollector
 from esperd.natsserver import NatsServer
 from esperd.notify import SystemdNotifier
+from esperd.ownership import LAPSED, partition_of
 from esperd.policy import PolicyBundle, create_policy
 from esperd.policy.checkpoint import (
     CheckpointError,
@@ -93,8 +94,13 @@ class NatsStatus(msgspec.Struct):
 class ClusterStatus(msgspec.Struct):
     instance: str
     members: list[str]
-    foreign_messages: int  # messages for runs another instance owns (not processed here)
-    handovers: int  # runs given up because the membership changed
+    foreign_messages: int  # messages for runs this instance does not own now (not processed here)
+    handovers: int  # runs given up: their partition went to another member, or its lease lapsed
+    partitions: dict[int, int]  # partition -> epoch (the fencing token its commands carry), held now
+    lease_lapses: int  # partitions given up because this instance missed its own lease deadline
+    acquisitions: int  # partitions taken (at start, on a peer's death or departure, on handover)
+    errors: int  # lease or membership renewals that failed (broker away or slow)
+    view: ClusterView  # every member, what it owns, who is stale; unowned partitions
 
 
 class Status(msgspec.Struct):
@@ -121,6 +127,7 @@ class Status(msgspec.Struct):
     run_table: RunTableStatus | None = None
     tasks: dict[str, TaskStatus] = {}  # every supervised background task
     reload: ReloadStatus = msgspec.field(default_factory=ReloadStatus)  # SIGHUP reloads
+    instance: str = ""  # also answers on esperd.status.<instance>
 
 
 class Service:
@@ -161,7 +168,8 @@ class Service:
         serving = build_serving_policy(config.policy, device)
         self.policy_fallback_reason = str(serving.error) if serving.error else ""
         self._checkpoint_digest = checkpoint_digest(config.policy.checkpoint)  # what a reload compares to
-        self.instance_id = config.cluster.instance_id or default_instance_id()
+        # Names this instance: its status subject, its cluster membership, its metrics label.
+        self.instance = config.cluster.instance_id or default_instance_id()
         # Decision latencies for the Prometheus histogram, only when metrics are served.
         self.latency = LatencyHistogram() if config.metrics.listen else None
         self._metrics: MetricsServer | None = None
@@ -174,6 +182,7 @@ class Service:
             deterministic=config.policy.deterministic,
             on_decided=self.recorder.decision_hook,
             observe_latency=self.latency.observe if self.latency is not None else None,
+            epoch_of=self._epoch_of,
         )
         self.learner = self._build_learner(serving.policy, device)
         self.cluster: ClusterAgent | None = None
@@ -254,7 +263,13 @@ class Service:
         await self._start_micro()
         if self.config.cluster.enabled:
             assert self.bus.nc is not None
-            self.cluster = ClusterAgent(self.config.cluster, self.bus.nc, self._on_membership_change)
+            self.cluster = ClusterAgent(
+                self.config.cluster,
+                self.bus.nc,
+                self.instance,
+                on_lost=self._on_partitions_lost,
+                runs=lambda: len(self.analyzer),
+            )
             await self.cluster.start()
             self.supervisor.spawn("cluster", self.cluster.run)
         await self.bus.subscribe_inbound(self._on_raw)
@@ -308,9 +323,9 @@ class Service:
         with anyio.move_on_after(timeout) as scope:
             if self.bus.nc is not None:
                 await self.bus.unsubscribe_inbound()
+                await self.decisions.finish_in_flight()  # its commands still go out before the drain
                 if self.cluster is not None:
                     await self.cluster.leave()  # peers take our runs over now, not after a timeout
-                await self.decisions.finish_in_flight()  # its commands still go out before the drain
                 if self._micro is not None:
                     with contextlib.suppress(Exception):
                         await self._micro.stop()
@@ -484,7 +499,7 @@ class Service:
     def _metrics_snapshot(self) -> Snapshot:
         """One scrape's view (called on the event loop's thread)."""
         assert self.latency is not None
-        return Snapshot(self.status(), self.latency.cumulative(), self.latency.sum, self.instance_id)
+        return Snapshot(self.status(), self.latency.cumulative(), self.latency.sum, self.instance)
 
     async def _start_embedded(self) -> None:
         nats_cfg = self.config.nats
@@ -514,10 +529,20 @@ class Service:
                 name="esperd",
                 version=esperd.__version__,
                 description="Tamiyo: strategic controller for Esper morphogenetic training",
+                metadata={"instance": self.instance},
             ),
         )
+        # The shared subject reaches one instance at random (a queue group): fine alone, but with
+        # several a hung one makes some requests time out, so each also answers on its own subject.
         await self._micro.add_endpoint(
             EndpointConfig(name="status", subject=STATUS_SUBJECT, handler=self._on_status)
+        )
+        await self._micro.add_endpoint(
+            EndpointConfig(
+                name="instance-status",
+                subject=instance_status_subject(self.instance),
+                handler=self._on_status,
+            )
         )
 
     # --------------------------------------------------------------- intake
@@ -583,22 +608,32 @@ class Service:
         log.debug("run dropped", run_id=run_id, reason=reason.value)
 
     def _mine(self, subject: str) -> bool:
-        """Whether this instance owns the subject's run (bad subjects are ours to reject)."""
+        """Whether this instance owns the subject's run now (bad subjects are ours to reject).
+
+        Asked per message, so a lease that lapsed while the process was frozen is noticed (and the
+        partition's runs dropped) before the first packet buffered during the freeze is used.
+        """
         assert self.cluster is not None
         try:
             run_id, _ = parse_subject(subject, self.config.nats.subject_prefix)
         except SubjectError:
             return True
-        return self.cluster.membership.owns(run_id)
+        return self.cluster.leases.owns(run_id)
 
-    def _on_membership_change(self, members: tuple[str, ...]) -> None:
-        """Give up the runs another member now owns (it rebuilds them from their next packets)."""
+    def _epoch_of(self, run_id: str) -> int | None:
+        """The fencing token for a command to `run_id` now; None if this instance must not send one."""
+        return 0 if self.cluster is None else self.cluster.leases.epoch_for(run_id)
+
+    def _on_partitions_lost(self, partitions: list[int], reason: str) -> None:
+        """Drop every run of partitions we no longer hold (their new owner rebuilds them from packets)."""
         assert self.cluster is not None
-        membership = self.cluster.membership
-        lost = self.runs.drop_where(lambda run_id: not membership.owns(run_id), DropReason.HANDOVER)
+        gone = set(partitions)
+        count = self.config.cluster.partitions
+        why = DropReason.LEASE_LAPSED if reason == LAPSED else DropReason.HANDOVER
+        lost = self.runs.drop_where(lambda run_id: partition_of(run_id, count) in gone, why)
         if lost:
             self.handovers += len(lost)
-            log.info("runs handed over", runs=len(lost), members=list(members))
+        log.info("partitions given up", reason=reason, partitions=sorted(gone), runs=len(lost))
 
     def _on_ack(self, run_id: str, ack: CommandAck, subject: str) -> Rejection | None:
         """Settle the command an ack answers, matched on (run, command id)."""
@@ -687,13 +722,23 @@ class Service:
             run_table=self.runs.status(),
             tasks=self.supervisor.status(),
             reload=msgspec.structs.replace(self.reload_status),
+            instance=self.instance,
         )
 
     def _cluster_status(self) -> ClusterStatus | None:
-        if self.cluster is None:
+        cluster = self.cluster
+        if cluster is None:
             return None
         return ClusterStatus(
-            self.cluster.me, list(self.cluster.membership.members), self.foreign_messages, self.handovers
+            instance=cluster.me,
+            members=cluster.members,
+            foreign_messages=self.foreign_messages,
+            handovers=self.handovers,
+            partitions={p: lease.epoch for p, lease in sorted(cluster.leases.held.items())},
+            lease_lapses=cluster.leases.lapses,
+            acquisitions=cluster.acquisitions,
+            errors=cluster.errors,
+            view=cluster.view(),
         )
 
     def _learner_status(self) -> LearnerStatus | None:

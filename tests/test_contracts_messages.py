@@ -125,6 +125,7 @@ FULL: dict[type[msgspec.Struct], msgspec.Struct] = {
         steepness=8.0,
         alpha_target=0.75,
         reason="layer 3 health 0.2 < 0.3",
+        epoch=41,
         v=2,
     ),
     CommandAck: CommandAck(

@@ -151,6 +151,30 @@ class Harness:
         return {c.run_id: c for c in self.published}
 
 
+# ------------------------------------------------------------------ fencing
+
+
+async def test_a_run_whose_ownership_lapses_during_the_forward_pass_gets_no_command() -> None:
+    """A freeze (or a lost lease) while the policy runs must not let a command out afterwards."""
+    owned = {"kept": 41, "lost": 42, "never": None}
+
+    def lapse_during_act() -> None:
+        owned["lost"] = None  # the lease lapsed while the batch was being decided
+
+    spy = Spy(heuristic(), on_act=lapse_during_act)
+    h = Harness(spy)
+    h.loop.epoch_of = owned.get
+    for run_id in owned:
+        sick_run(h.analyzer, run_id)
+    h.due(*owned)
+    sent = await h.loop.decide_once()
+    assert sent == 1
+    assert [(c.run_id, c.epoch) for c in h.published] == [("kept", 41)]
+    assert spy.calls[0][2] == 2  # "never" was not even observed
+    assert h.loop.stats.fenced == 1 and h.loop.stats.commands == 1
+    assert {pending.run_id for pending in h.scheduler.pending.values()} == {"kept"}
+
+
 # ------------------------------------------------------------------ batching
 
 

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from esperd.cluster import ClusterView
 from esperd.config import ConfigError, config_from_dict
 from esperd.learn.learner import LearnerStatus
 from esperd.metrics import LatencyHistogram, Snapshot, families, parse_listen
@@ -38,7 +39,18 @@ def status(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a servic
     state = tmp_path_factory.mktemp("state")
     service = Service(config_from_dict({"service": {"state_dir": str(state), "use_uvloop": False}}), env={})
     learner = LearnerStatus(algorithm="ppo", updates=12, trips=2, worker_deaths=1, swaps=5, breaker="open")
-    cluster = ClusterStatus("b", ["a", "b", "c"], foreign_messages=40, handovers=3)
+    view = ClusterView(members=[], gone=[], left=[], unowned_partitions=[], age_s=0.0)
+    cluster = ClusterStatus(
+        "b",
+        ["a", "b", "c"],
+        foreign_messages=40,
+        handovers=3,
+        partitions={1: 17, 4: 18},
+        lease_lapses=2,
+        acquisitions=5,
+        errors=1,
+        view=view,
+    )
     return msgspec.structs.replace(service.status(), learner=learner, cluster=cluster)
 
 
@@ -54,6 +66,10 @@ def test_learner_and_cluster_sections_become_metrics(status) -> None:  # noqa: A
     assert samples[("esperd_cluster_members", frozenset({me}))] == 3
     assert samples[("esperd_cluster_foreign_messages_total", frozenset({me}))] == 40
     assert samples[("esperd_cluster_handovers_total", frozenset({me}))] == 3
+    assert samples[("esperd_cluster_partitions", frozenset({me}))] == 2
+    assert samples[("esperd_cluster_lease_lapses_total", frozenset({me}))] == 2
+    assert samples[("esperd_cluster_errors_total", frozenset({me}))] == 1
+    assert samples[("esperd_decisions_fenced_total", frozenset({me}))] == 0
     assert all(dict(labels).get("esperd_instance") == "b" for _, labels in samples)
 
 

@@ -95,6 +95,7 @@ def summary(report: RunReport) -> dict[str, object]:
         "total_params": final.total_params,
         "commands_applied": report.applied,
         "commands_rejected": report.rejected,
+        "commands_stale": report.stale_commands,
         "health_batches": report.health_batches,
         "seeds": {str(s.layer_id): s.stage.value for s in final.seeds},
     }

@@ -109,6 +109,7 @@ class RunReport:
     epochs: list[EpochReport] = field(default_factory=list)
     commands: list[CommandRecord] = field(default_factory=list)
     health_batches: int = 0
+    stale_commands: int = 0  # ignored: sent under an older ownership epoch than one already seen
 
     @property
     def final(self) -> EpochReport:
@@ -172,6 +173,7 @@ class HostRun:
         self.global_step = 0
         self.val_accuracy = 0.0
         self.finished = False
+        self.newest_epoch = 0  # newest ownership epoch among the commands received (fencing)
         self._fault = self.model.layer_named(config.degrade).block if config.degrade else None
 
     # ------------------------------------------------------------------ run
@@ -314,7 +316,22 @@ class HostRun:
             self.handle(queue.get_nowait())
 
     def handle(self, command: AdaptationCommand) -> str | None:
-        """Apply one command if it is legal; returns the rejection reason or None. Acks it."""
+        """Apply one command if it is legal; returns the rejection reason or None. Acks it.
+
+        A command older than the newest ownership epoch seen comes from an esperd instance that has
+        lost this run (it was frozen, say, while another took over): it is ignored, not acked, since
+        the instance that would read the ack no longer tracks the command.
+        """
+        if command.epoch < self.newest_epoch:
+            self.report.stale_commands += 1
+            reason = f"stale epoch {command.epoch} < {self.newest_epoch}"
+            if self.config.log is not None:
+                self.config.log(
+                    f"{self.run_id} step {self.global_step:5d}  {command.op.value} layer {command.layer_id} "
+                    f"ignored: {reason} (from an esperd instance that lost this run)"
+                )
+            return reason
+        self.newest_epoch = command.epoch
         reason = self._target_problem(command)
         if reason is None:
             slot = self.model.layers[command.layer_id].slot

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -327,6 +328,25 @@ async def test_garbage_command_is_counted_and_later_commands_still_arrive(
             await client.close()
     assert got.command_id == "good"
     assert client.bad_commands == 3
+    assert client.commands.empty()
+
+
+async def test_a_command_older_than_the_newest_epoch_is_ignored(
+    nats_server: NatsServer, nats_client: Client
+) -> None:
+    """Fencing: an instance that lost the run (frozen past its lease) may still send under its old epoch."""
+    client = await connect(nats_server, "host-fence")
+    try:
+        for command_id, epoch in (("old-1", 7), ("new-1", 12), ("stale", 7), ("new-2", 12), ("newer", 15)):
+            fenced = msgspec.structs.replace(command("host-fence", command_id), epoch=epoch)
+            await nats_client.publish("esper.host-fence.command", CODEC.encode(fenced))
+        await nats_client.flush()
+        got = [await asyncio.wait_for(client.commands.get(), 5) for _ in range(4)]
+        await asyncio.sleep(0.1)
+    finally:
+        await client.close()
+    assert [c.command_id for c in got] == ["old-1", "new-1", "new-2", "newer"]
+    assert client.stale_commands == 1 and client.newest_epoch == 15
     assert client.commands.empty()
 
 

@@ -579,6 +579,7 @@ async def test_documented_permissions_hold_end_to_end(
 ) -> None:
     for name, value in PASSWORDS.items():  # the documented config reads them from the broker's environment
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("NATS_JETSTREAM_DIR", str(tmp_path / "jetstream"))
     url = broker(documented_server_config()).url()
     config = daemon_config(
         url,
@@ -635,6 +636,7 @@ async def test_documented_permissions_hold_end_to_end(
                 ops_nc, lambda s: s["acks_by_status"].get("applied", 0) >= 2 and s["rejected_total"] >= 1
             )
             ping = json.loads((await ops_nc.request("$SRV.PING.esperd", b"", timeout=2)).data)
+            own = json.loads((await ops_nc.request(f"esperd.status.{service.instance}", b"", timeout=2)).data)
             await until(lambda: bool(rejected.msgs) and seen1.violated("publish", "esper.r2.ack"), timeout=5)
             assert service.bus.errors == 0, "esperd itself hit a permissions violation"
         finally:
@@ -649,7 +651,9 @@ async def test_documented_permissions_hold_end_to_end(
     assert st["scheduler"]["unknown_acks"] == 0
     assert st["rejected_by_reason"] == {"malformed": 1}
     assert st["nats"]["errors"] == 0
-    assert st["cluster"]["members"] == [st["cluster"]["instance"]]  # heartbeats allowed both ways
+    assert st["cluster"]["members"] == [st["cluster"]["instance"]]  # its lease calls were allowed
+    assert len(st["cluster"]["partitions"]) == len(st["cluster"]["view"]["members"][0]["partitions"]) > 0
+    assert own["instance"] == st["cluster"]["instance"]  # the per-instance status subject is allowed
     assert ping["name"] == "esperd"  # the micro service answers under these permissions
     assert json.loads(rejected.msgs[0].data)["subject"] == "esper.r1.health"
     assert snooped.msgs == []
@@ -667,6 +671,7 @@ async def test_a_narrower_esperd_grant_silences_it(
     """Why the docs grant esperd `esper.*.*`: with only the four channels its one subscription is refused."""
     for name, value in PASSWORDS.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("NATS_JETSTREAM_DIR", str(tmp_path / "jetstream"))
     documented = documented_server_config()
     assert documented.count('"esper.*.*"') == 1
     narrower = documented.replace(

@@ -158,14 +158,18 @@ def test_rejections_are_acked_with_a_reason(sent: AdaptationCommand, needle: str
 def test_a_command_from_an_older_ownership_epoch_is_ignored_not_acked() -> None:
     link = MemoryLink()
     run = HostRun(HostConfig(epochs=1), link=link)
-    assert run.handle(cmd("new", 1, Op.GERMINATE, epoch=12, **GERMINATE)) is None
+    assert run.handle(command(Op.GERMINATE, 1, command_id="new", epoch=12)) is None
     before = run.model.total_param_count()
-    reason = run.handle(cmd("stale", 2, Op.GERMINATE, epoch=7, **GERMINATE))  # the instance that lost the run
+    reason = run.handle(
+        command(Op.GERMINATE, 2, command_id="stale", epoch=7)
+    )  # the instance that lost the run
     assert reason is not None and "stale epoch 7 < 12" in reason
     assert link.acks == [("new", True, "")]  # nobody waits for an ack of the stale one
     assert run.report.stale_commands == 1 and run.report.rejected == 0
     assert run.model.total_param_count() == before
-    run.handle(cmd("same", 1, Op.PRUNE, epoch=12))  # the current epoch still counts: handled and acked
+    run.handle(
+        command(Op.PRUNE, 1, command_id="same", epoch=12)
+    )  # the current epoch still counts: handled and acked
     assert [ack[0] for ack in link.acks] == ["new", "same"] and run.report.stale_commands == 1
 
 

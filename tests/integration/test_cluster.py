@@ -217,7 +217,7 @@ async def send_germination_bait(nc: Client, run: str) -> None:
     await nc.flush()
 
 
-def test_the_process_exits_1_with_one_line_when_the_broker_has_no_jetstream(tmp_path: Path) -> None:
+def test_the_process_exits_69_with_one_line_when_the_broker_has_no_jetstream(tmp_path: Path) -> None:
     with NatsServer(work_dir=tmp_path / "plain") as plain:
         config = tmp_path / "esperd.toml"
         config.write_text(
@@ -231,7 +231,7 @@ def test_the_process_exits_1_with_one_line_when_the_broker_has_no_jetstream(tmp_
             text=True,
             timeout=60,
         )
-    assert done.returncode == 1
+    assert done.returncode == 69  # ExitCode.UNAVAILABLE: it will not fix itself
     errors = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     failures = [e for e in errors if e["level"] == "error"]
     assert [e["event"] for e in failures] == ["could not start"]

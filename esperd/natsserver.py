@@ -91,6 +91,15 @@ class NatsServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def exit_reason(self) -> str:
+        """How the process ended ("" while it runs or before it started)."""
+        code = None if self._proc is None else self._proc.poll()
+        if code is None:
+            return ""
+        if code < 0:
+            return f"nats-server was killed by {signal.Signals(-code).name}"
+        return f"nats-server exited with {code}"
+
     def start(self, timeout: float = 10.0) -> None:
         """Start the process and wait until its port answers with the NATS INFO line."""
         if self.running:

@@ -47,7 +47,7 @@ from esperd.learn.learner import Learner, LearnerStatus
 from esperd.learn.recorder import Recorder, RecorderStats
 from esperd.logs import LogLevel
 from esperd.metrics import LatencyHistogram, MetricsServer, Snapshot, StatusCollector
-from esperd.natsserver import NatsServer
+from esperd.natsserver import NatsServer, NatsServerError
 from esperd.notify import SystemdNotifier
 from esperd.ownership import LAPSED, partition_of
 from esperd.policy import PolicyBundle, create_policy
@@ -275,6 +275,8 @@ class Service:
         await self.bus.subscribe_inbound(self._on_raw)
         if self.notifier.enabled and self.notifier.watchdog_interval() is not None:
             self.supervisor.spawn("watchdog", self.notifier.run_watchdog)
+        if self._embedded is not None:
+            self.supervisor.spawn("embedded-broker", self._keep_embedded_broker)
         self.supervisor.spawn("status-log", self._status_log_loop)
         self.supervisor.spawn("decisions", self.decisions.run)
         self.supervisor.spawn("housekeeping", self._housekeeping_loop)
@@ -520,6 +522,19 @@ class Service:
             jetstream=bool(store),
             max_payload=self._embedded.max_payload,
         )
+
+    async def _keep_embedded_broker(self) -> None:
+        """Watch the embedded nats-server; when it has died, raise (the supervisor logs, counts
+        and backs off), and on the next run start it again on its port and store. The client
+        reconnects to it by itself."""
+        broker = self._embedded
+        assert broker is not None
+        if not broker.running:
+            broker.start()  # on the loop thread, as at start-up (its parent-death signal)
+            log.warning("embedded nats-server restarted", url=broker.url)
+        while broker.running:  # noqa: ASYNC110 - a child process has nothing to await on the loop
+            await asyncio.sleep(1.0)
+        raise NatsServerError(broker.exit_reason())
 
     async def _start_micro(self) -> None:
         assert self.bus.nc is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.test_learner import FakeClock, build_learner, make_policy, sim_transitions
@@ -53,6 +54,7 @@ async def test_a_failed_checkpoint_is_counted_retried_with_backoff_and_learning_
     learner.close()
 
 
+@pytest.mark.slow
 async def test_the_run_loop_retries_a_failed_checkpoint_and_keeps_updating(tmp_path: Path) -> None:
     learner, swapped = build_learner(
         tmp_path, "ppo", clock=asyncio.get_running_loop().time, checkpoint_interval_s=0.2

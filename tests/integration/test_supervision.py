@@ -7,22 +7,30 @@
 2. A background task that keeps failing (a bug injected into the housekeeping pass, the one
    fault here that cannot be caused from outside) is restarted with backoff and shown in status
    (`tasks`), then given up on: esperd stops cleanly and exits 70 so that systemd restarts it.
+3. The embedded nats-server, SIGKILLed under esperd: started again on its port, the daemon
+   reconnects by itself and serves; status says what happened (`tasks.embedded-broker`).
+   (Before: esperd retried a dead broker forever.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 from nats.aio.client import Client
 
-from esperd.natsserver import NatsServer
+from esperd.natsserver import NatsServer, free_port
 from tests.integration.test_faults import (
     GNN,
     PPO_FAST,
     START_TIMEOUT_S,
+    Esperd,
     config_dict,
     esperd_process,
     ready,
@@ -149,3 +157,63 @@ async def test_a_task_that_keeps_failing_is_restarted_shown_then_esperd_exits_70
     assert names.index("esperd stopping") < names.index("esperd stopped")  # a clean stop first
     assert daemon.events("esperd exits non-zero: background tasks kept failing")[0]["exit_code"] == 70
     assert "Traceback" in daemon.text()  # the bug's own traceback is logged, once per failure
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def is_nats_server(pid: int) -> bool:
+    try:
+        return b"nats-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+async def connect_when_up(url: str, daemon: Esperd) -> Client:
+    """A client that reconnects forever, once esperd's embedded broker first answers."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_TIMEOUT_S
+    while True:
+        try:
+            return await nats.connect(
+                url, allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.2
+            )
+        except Exception:  # noqa: BLE001 - not up yet
+            assert loop.time() < deadline and daemon.alive(), daemon.tail()
+            await asyncio.sleep(0.2)
+
+
+async def test_embedded_broker_killed_is_started_again_and_esperd_serves_on(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    raw = config_dict(url, tmp_path / "state", nats={"embedded": True, "embedded_port": port})
+    config = write_config(tmp_path / "esperd.toml", raw)
+    async with esperd_process(config, tmp_path / "esperd.log") as daemon:
+        nc = await connect_when_up(url, daemon)
+        try:
+            await wait_status(nc, daemon, ready, START_TIMEOUT_S, "esperd ready")
+            brokers = [p for p in child_pids(daemon.pid) if is_nats_server(p)]
+            assert len(brokers) == 1, brokers
+            os.kill(brokers[0], signal.SIGKILL)
+            after = await wait_status(
+                nc,
+                daemon,
+                lambda s: (
+                    s["tasks"].get("embedded-broker", {}).get("restarts", 0) >= 1
+                    and s["tasks"]["embedded-broker"]["running"]
+                    and s["nats"]["connected"]
+                ),
+                60,
+                "the embedded broker restarted and esperd reconnected",
+            )
+            again = [p for p in child_pids(daemon.pid) if is_nats_server(p)]
+            assert len(again) == 1 and again != brokers
+        finally:
+            await nc.close()
+        code = daemon.sigterm()
+    assert code == 0, daemon.tail()
+    task = after["tasks"]["embedded-broker"]
+    assert task["last_error"] == "NatsServerError: nats-server was killed by SIGKILL", task
+    assert after["nats"]["reconnects"] >= 1
+    assert daemon.events("embedded nats-server restarted")

@@ -170,6 +170,7 @@ def test_embedded_port_taken_by_another_process_exits_69(tmp_path: Path) -> None
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()  # type: ignore[union-attr]
     assert_one_line_error(daemon, 69, f"127.0.0.1:{port}", "already in use")
 
 

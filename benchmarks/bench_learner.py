@@ -69,16 +69,17 @@ import msgspec
 import numpy as np
 import torch
 
-from esperd.config import ServiceConfig
+from esperd.config import SchedulerConfig, ServiceConfig
 from esperd.decisions import DecisionLoop, percentile
 from esperd.learn.buffers import ReplayBuffer
+from esperd.learn.config import BreakerConfig, ImpalaConfig, LearnerConfig, PPOConfig
 from esperd.learn.experience import Transition
-from esperd.learn.impala import ImpalaConfig, ImpalaLearner
-from esperd.learn.learner import BreakerConfig, Learner, LearnerConfig
-from esperd.learn.ppo import PPOConfig, PPOLearner
+from esperd.learn.impala import ImpalaLearner
+from esperd.learn.learner import Learner
+from esperd.learn.ppo import PPOLearner
 from esperd.logs import configure_logging
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy
-from esperd.scheduler import Scheduler, SchedulerConfig
+from esperd.scheduler import Scheduler
 from esperd.sim import SimConfig, SimEnv
 from esperd.train import collect
 

@@ -130,8 +130,7 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
     _setup_worker()
     import msgspec
 
-    from esperd.learn import ImpalaConfig, LearnerConfig, PPOConfig, RewardConfig
-    from esperd.learn.imitation import ImitationConfig
+    from esperd.learn.config import ImitationConfig, ImpalaConfig, LearnerConfig, PPOConfig, RewardConfig
     from esperd.policy import create_policy, load_policy_checkpoint
     from esperd.train import TrainSpec, train
 

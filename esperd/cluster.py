@@ -27,17 +27,16 @@ import re
 import socket
 import time
 from collections.abc import Callable
-from typing import Annotated
 
 import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
-from msgspec import Meta
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
+from esperd.config import ClusterConfig
 from esperd.logs import RateLimiter
 from esperd.ownership import Leases, OnLost, targets
 
@@ -47,31 +46,6 @@ INSTANCE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 LEASE_MARGIN = 0.25  # of the bucket TTL: a lease is given up locally this long before it can expire
 STALE_AFTER_BEATS = 2.5  # a member whose record has not changed for this many heartbeats is stale
 GONE_KEPT_S = 60.0  # how long the view lists a member that has gone
-
-
-class ClusterConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """`[cluster]` in the config file."""
-
-    enabled: bool = False
-    # Also names this instance's status subject, `esperd.status.<instance_id>`. Empty: <hostname>-<pid>.
-    instance_id: Annotated[str, Meta(pattern=r"^([A-Za-z0-9_-]{1,64})?$")] = ""
-    heartbeat_s: Annotated[float, Meta(gt=0.0)] = 1.0  # how often membership and leases are renewed
-    # The key-value bucket's TTL, set when the bucket is created: a member, and every lease it holds,
-    # expires this long after its last renewal. An existing bucket keeps its own TTL.
-    dead_after_s: Annotated[float, Meta(ge=0.5)] = 3.5
-    settle_s: Annotated[float, Meta(ge=0.0)] = (
-        0.5  # after announcing itself, wait this long before taking partitions
-    )
-    partitions: Annotated[int, Meta(ge=1, le=4096)] = 32  # units of ownership; runs hash to one
-    bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "esperd_cluster"
-
-    def __post_init__(self) -> None:
-        if self.heartbeat_s * 3 > self.dead_after_s:
-            # At least two renewals must fit in the part of the TTL a lease is used for.
-            raise ValueError(
-                f"cluster.heartbeat_s ({self.heartbeat_s}) must be at most a third of "
-                f"cluster.dead_after_s ({self.dead_after_s})"
-            )
 
 
 class ClusterError(RuntimeError):

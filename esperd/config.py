@@ -20,23 +20,16 @@ import msgspec
 from msgspec import Meta
 
 from contracts import DEFAULT_PREFIX
-from esperd.analyzer import AnalyzerConfig
-from esperd.cluster import ClusterConfig
-from esperd.learn.learner import LearnerConfig
+from esperd.analyzer.config import AnalyzerConfig
+from esperd.learn.config import LearnerConfig
 from esperd.policy.config import PolicyConfig
-from esperd.scheduler import SchedulerConfig
+from esperd.section import PositiveFloat, PositiveInt, Section
 
 MAX_NATS_PAYLOAD = 64 * 1024 * 1024  # nats-server refuses a larger max_payload
-PositiveFloat = Annotated[float, Meta(gt=0.0)]
-PositiveInt = Annotated[int, Meta(gt=0)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
 
 
-class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """A config section. Subclasses say frozen=True again: mypy does not inherit it."""
-
-
-class TlsConfig(_Section, frozen=True):
+class TlsConfig(Section, frozen=True):
     """TLS to the broker. `ca_file` verifies the server; `cert_file` + `key_file` identify us."""
 
     ca_file: str = ""
@@ -49,7 +42,7 @@ class TlsConfig(_Section, frozen=True):
         return bool(self.ca_file or self.cert_file)
 
 
-class NatsConfig(_Section, frozen=True):
+class NatsConfig(Section, frozen=True):
     """How to reach NATS, or run an embedded server."""
 
     servers: Annotated[tuple[str, ...], Meta(min_length=1)] = ("nats://127.0.0.1:4222",)
@@ -74,7 +67,7 @@ class NatsConfig(_Section, frozen=True):
     command_encoding: Literal["auto", "msgpack", "json"] = "auto"
 
 
-class LimitsConfig(_Section, frozen=True):
+class LimitsConfig(Section, frozen=True):
     """Bounds on one message. Generous by default; anything beyond is rejected.
 
     Bounds on the state esperd keeps (runs, nodes per run) are in `[analyzer]`.
@@ -90,7 +83,7 @@ class LimitsConfig(_Section, frozen=True):
     reject_log_interval_s: PositiveFloat = 10.0  # at most one log line per reason per window
 
 
-class ServiceConfig(_Section, frozen=True):
+class ServiceConfig(Section, frozen=True):
     """The process itself."""
 
     state_dir: str = "./state"
@@ -112,14 +105,51 @@ class ServiceConfig(_Section, frozen=True):
     status_interval_s: PositiveFloat = 60.0  # how often a summary line is logged
 
 
-class MetricsConfig(_Section, frozen=True):
+class MetricsConfig(Section, frozen=True):
     """Prometheus exposition over HTTP (`GET /metrics`)."""
 
     # host:port to listen on ("[::1]:9464" for IPv6); empty = no listener.
     listen: Annotated[str, Meta(pattern=r"^$|^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")] = ""
 
 
-class Config(_Section, frozen=True):
+class SchedulerConfig(Section, frozen=True):
+    """`[scheduler]` in the config file."""
+
+    min_interval_s: Annotated[float, Meta(ge=0.0)] = 1.0  # per run, between two decisions
+    cooldown_s: Annotated[float, Meta(ge=0.0)] = 30.0  # per layer, after a command
+    ack_timeout_s: Annotated[float, Meta(gt=0.0)] = 60.0  # an unacked command frees its layer after this
+    max_batch: Annotated[int, Meta(ge=1, le=4096)] = 64  # runs decided in one forward pass
+    max_wait_ms: Annotated[float, Meta(ge=0.0, le=10_000.0)] = 1.0  # how long a due run waits for company
+    max_pending: Annotated[int, Meta(ge=1)] = 4096  # due runs queued; beyond this, new ones are dropped
+    decision_deadline_ms: Annotated[float, Meta(gt=0.0)] = 1_000.0  # a decision older than this is stale
+
+
+class ClusterConfig(Section, frozen=True):
+    """`[cluster]` in the config file."""
+
+    enabled: bool = False
+    # Also names this instance's status subject, `esperd.status.<instance_id>`. Empty: <hostname>-<pid>.
+    instance_id: Annotated[str, Meta(pattern=r"^([A-Za-z0-9_-]{1,64})?$")] = ""
+    heartbeat_s: Annotated[float, Meta(gt=0.0)] = 1.0  # how often membership and leases are renewed
+    # The key-value bucket's TTL, set when the bucket is created: a member, and every lease it holds,
+    # expires this long after its last renewal. An existing bucket keeps its own TTL.
+    dead_after_s: Annotated[float, Meta(ge=0.5)] = 3.5
+    settle_s: Annotated[float, Meta(ge=0.0)] = (
+        0.5  # after announcing itself, wait this long before taking partitions
+    )
+    partitions: Annotated[int, Meta(ge=1, le=4096)] = 32  # units of ownership; runs hash to one
+    bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "esperd_cluster"
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_s * 3 > self.dead_after_s:
+            # At least two renewals must fit in the part of the TTL a lease is used for.
+            raise ValueError(
+                f"cluster.heartbeat_s ({self.heartbeat_s}) must be at most a third of "
+                f"cluster.dead_after_s ({self.dead_after_s})"
+            )
+
+
+class Config(Section, frozen=True):
     """The whole esperd configuration."""
 
     nats: NatsConfig = NatsConfig()

@@ -22,9 +22,10 @@ import msgspec
 import structlog
 
 from contracts import AdaptationCommand, Op
+from esperd.analyzer.masks import mask_cooling
 from esperd.analyzer.observation import Observation
 from esperd.policy.base import ActResult, Decision, PolicyBundle
-from esperd.scheduler import Scheduler, mask_cooling
+from esperd.scheduler import Scheduler
 
 log = structlog.get_logger("esperd.decisions")
 

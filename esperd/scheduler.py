@@ -11,29 +11,11 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable, Iterable
-from typing import Annotated
+from collections.abc import Callable
 
 import msgspec
-import numpy as np
-from msgspec import Meta
 
-from contracts import Op
-from esperd.analyzer.observation import OPS, Observation
-
-_WAIT = OPS.index(Op.WAIT)
-
-
-class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """`[scheduler]` in the config file."""
-
-    min_interval_s: Annotated[float, Meta(ge=0.0)] = 1.0  # per run, between two decisions
-    cooldown_s: Annotated[float, Meta(ge=0.0)] = 30.0  # per layer, after a command
-    ack_timeout_s: Annotated[float, Meta(gt=0.0)] = 60.0  # an unacked command frees its layer after this
-    max_batch: Annotated[int, Meta(ge=1, le=4096)] = 64  # runs decided in one forward pass
-    max_wait_ms: Annotated[float, Meta(ge=0.0, le=10_000.0)] = 1.0  # how long a due run waits for company
-    max_pending: Annotated[int, Meta(ge=1)] = 4096  # due runs queued; beyond this, new ones are dropped
-    decision_deadline_ms: Annotated[float, Meta(gt=0.0)] = 1_000.0  # a decision older than this is stale
+from esperd.config import SchedulerConfig
 
 
 class PendingCommand(msgspec.Struct, frozen=True):
@@ -217,17 +199,3 @@ class Scheduler:
         # Only this command's own cooldown: a newer command on the same layer keeps its own.
         if layers.get(command.layer_id) == command.issued_at + self.config.cooldown_s:
             del layers[command.layer_id]
-
-
-def mask_cooling(observation: Observation, layers: Iterable[int]) -> Observation:
-    """The observation with every op but WAIT masked out on the given layers."""
-    layer_set = set(layers)
-    if not layer_set:
-        return observation
-    rows = np.isin(observation.layer_ids, list(layer_set))
-    if not rows.any():
-        return observation
-    op_mask = observation.op_mask.copy()
-    op_mask[rows] = False
-    op_mask[rows, _WAIT] = True
-    return msgspec.structs.replace(observation, op_mask=op_mask)

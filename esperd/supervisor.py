@@ -21,13 +21,15 @@ import msgspec
 import structlog
 from msgspec import Meta
 
+from esperd.section import Section
+
 log = structlog.get_logger("esperd.supervisor")
 
 TaskFactory = Callable[[], Awaitable[None]]
 GiveUp = Callable[[str, str], None]  # (task name, its last error)
 
 
-class SupervisorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class SupervisorConfig(Section, frozen=True):
     """How hard to try before giving a task up."""
 
     max_restarts: Annotated[int, Meta(ge=0)] = 5  # ends within window_s before the daemon gives up

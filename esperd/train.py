@@ -77,13 +77,12 @@ import torch
 
 from esperd.analyzer.observation import Observation
 from esperd.learn.buffers import ReplayBuffer
+from esperd.learn.config import ImitationConfig, LearnerConfig, RewardConfig
 from esperd.learn.experience import Transition
-from esperd.learn.imitation import DemonstrationAnchor, ImitationConfig, ImitationStats, discounted_returns
+from esperd.learn.imitation import DemonstrationAnchor, ImitationStats, discounted_returns
 from esperd.learn.impala import ImpalaLearner
-from esperd.learn.learner import LearnerConfig
 from esperd.learn.persist import load_experience
 from esperd.learn.ppo import NonFiniteError, PPOLearner, UpdateStats, stack_hidden
-from esperd.learn.rewards import RewardConfig
 from esperd.policy.base import PolicyBundle
 from esperd.policy.checkpoint import load_policy_checkpoint, save_policy_checkpoint
 from esperd.policy.config import PolicyConfig

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from esperd.analyzer.observation import Observation
+from esperd.learn.config import ImitationConfig
 from esperd.learn.experience import Transition
-from esperd.learn.imitation import ImitationConfig, ImitationStats, fit_imitation
+from esperd.learn.imitation import ImitationStats, fit_imitation
 from esperd.policy.base import PolicyBundle
 from esperd.policy.config import PolicyConfig
 from esperd.policy.registry import create_policy

@@ -7,8 +7,8 @@ from collections import Counter
 import msgspec
 import pytest
 
-from esperd.cluster import ClusterConfig, default_instance_id
-from esperd.config import ConfigError, config_from_dict
+from esperd.cluster import default_instance_id
+from esperd.config import ClusterConfig, ConfigError, config_from_dict
 from esperd.ownership import Leases, assign, fnv1a_32, partition_of, targets
 from tests.support.timing import FakeClock
 

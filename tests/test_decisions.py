@@ -30,6 +30,7 @@ from contracts import (
     Tempo,
 )
 from esperd.analyzer import Analyzer, Observation
+from esperd.config import SchedulerConfig
 from esperd.decisions import DecisionLoop, describe, percentile, to_command
 from esperd.policy import (
     Action,
@@ -40,7 +41,7 @@ from esperd.policy import (
     PolicyConfig,
     create_policy,
 )
-from esperd.scheduler import Scheduler, SchedulerConfig
+from esperd.scheduler import Scheduler
 from tests.support.packets import chain_topology
 from tests.support.timing import FakeClock, until
 

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from esperd.analyzer.observation import Observation
-from esperd.learn.impala import ImpalaConfig, ImpalaLearner
+from esperd.learn.config import ImpalaConfig, PPOConfig
+from esperd.learn.impala import ImpalaLearner
 from esperd.learn.learner import Learner
-from esperd.learn.ppo import PPOConfig, PPOLearner
+from esperd.learn.ppo import PPOLearner
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy
 from esperd.policy.checkpoint import load_policy_checkpoint, save_policy_checkpoint
 from tests.support.observations import make_observation

@@ -11,10 +11,10 @@ import torch
 
 from contracts import Op
 from esperd.analyzer.observation import OP_INDEX
+from esperd.learn.config import ImitationConfig
 from esperd.learn.experience import Transition
 from esperd.learn.imitation import (
     DemonstrationAnchor,
-    ImitationConfig,
     agreement,
     discounted_returns,
     fit_imitation,
@@ -141,7 +141,8 @@ def test_anchor_decays_to_nothing_and_its_loss_has_gradients(demonstrations: lis
 
 
 def test_ppo_adds_the_anchor_while_it_lasts(demonstrations: list[Transition]) -> None:
-    from esperd.learn import PPOConfig, PPOLearner
+    from esperd.learn import PPOLearner
+    from esperd.learn.config import PPOConfig
 
     policy = create_policy("gnn", POLICY, "cpu")
     calls: list[int] = []

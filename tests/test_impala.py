@@ -20,8 +20,9 @@ from test_ppo import (
     synthetic_transitions,
 )
 
+from esperd.learn.config import ImpalaConfig
 from esperd.learn.experience import Transition
-from esperd.learn.impala import ImpalaConfig, ImpalaLearner
+from esperd.learn.impala import ImpalaLearner
 from esperd.learn.ppo import NonFiniteError, split_sequences
 from esperd.learn.vtrace import from_importance_weights
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy

@@ -24,14 +24,14 @@ import pytest
 import torch
 
 from contracts import AdaptationCommand
+from esperd.config import SchedulerConfig
 from esperd.decisions import DecisionLoop
+from esperd.learn.config import BreakerConfig, ImpalaConfig, LearnerConfig, PPOConfig
 from esperd.learn.experience import Transition
-from esperd.learn.impala import ImpalaConfig
-from esperd.learn.learner import BreakerConfig, Learner, LearnerConfig
-from esperd.learn.ppo import PPOConfig
+from esperd.learn.learner import Learner
 from esperd.learn.recorder import Recorder
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy
-from esperd.scheduler import Scheduler, SchedulerConfig
+from esperd.scheduler import Scheduler
 from esperd.sim import SimConfig, SimEnv
 from tests.support.timing import FakeClock
 

@@ -26,10 +26,9 @@ import pytest
 import torch
 
 from esperd.learn.buffers import ReplayBuffer
-from esperd.learn.impala import ImpalaConfig
-from esperd.learn.learner import Learner, LearnerConfig
+from esperd.learn.config import ImpalaConfig, LearnerConfig, PPOConfig
+from esperd.learn.learner import Learner
 from esperd.learn.persist import decode_experience, encode_experience
-from esperd.learn.ppo import PPOConfig
 from esperd.learn.worker import ProcessWorker, ThreadWorker, TrainerSpec, WorkerError
 from esperd.policy import PolicyBundle, create_policy
 from tests.support.timing import FakeClock
@@ -229,7 +228,8 @@ PARENT = textwrap.dedent(
     """
     import functools, sys, time
     from pathlib import Path
-    from esperd.learn.learner import Learner, LearnerConfig
+    from esperd.learn.learner import Learner
+    from esperd.learn.config import LearnerConfig
     from esperd.policy import PolicyConfig, create_policy
     config = PolicyConfig(name="gnn", hidden_size=64, gnn_layers=2)
     make = functools.partial(create_policy, "gnn", config, "cpu")

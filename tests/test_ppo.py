@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from esperd.learn.config import PPOConfig
 from esperd.learn.experience import Transition
 from esperd.learn.gae import compute_gae
 from esperd.learn.ppo import (
     NonFiniteError,
-    PPOConfig,
     PPOLearner,
     UpdateStats,
     bootstrap_values,

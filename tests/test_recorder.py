@@ -12,9 +12,10 @@ from contracts import Op, SeedSlotState, SystemStatePacket
 from esperd.analyzer import Analyzer
 from esperd.analyzer.observation import OP_INDEX, Observation
 from esperd.learn.buffers import ReplayBuffer, RolloutBuffer
+from esperd.learn.config import RewardConfig
 from esperd.learn.experience import Transition
 from esperd.learn.recorder import Recorder
-from esperd.learn.rewards import RewardConfig, RewardTracker
+from esperd.learn.rewards import RewardTracker
 from esperd.policy import PolicyConfig, create_policy
 from esperd.policy.base import ActResult, build_decisions
 from tests.support.packets import chain_topology

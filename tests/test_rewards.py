@@ -8,9 +8,9 @@ import msgspec
 import pytest
 
 from contracts import Op, SeedSlotState, SeedStage, SystemStatePacket
+from esperd.learn.config import RewardConfig
 from esperd.learn.rewards import (
     LossGovernor,
-    RewardConfig,
     RewardStep,
     RewardTracker,
     discount,

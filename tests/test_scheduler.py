@@ -19,8 +19,10 @@ from contracts import (
     TopologyPacket,
 )
 from esperd.analyzer import Analyzer, Observation
+from esperd.analyzer.masks import mask_cooling
 from esperd.analyzer.observation import OP_INDEX, OPS
-from esperd.scheduler import PendingCommand, Scheduler, SchedulerConfig, mask_cooling
+from esperd.config import SchedulerConfig
+from esperd.scheduler import PendingCommand, Scheduler
 from tests.support.timing import FakeClock
 
 

@@ -19,7 +19,7 @@ from esperd.analyzer.observation import (
     STAGE_INDEX,
     TEMPO_INDEX,
 )
-from esperd.learn import RewardConfig
+from esperd.learn.config import RewardConfig
 from esperd.policy import PolicyConfig, create_policy
 from esperd.sim import (
     Command,

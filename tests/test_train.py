@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from esperd.cli import main as cli_main
-from esperd.learn import ImpalaConfig, LearnerConfig, PPOConfig, ReplayBuffer, RolloutBuffer
+from esperd.learn import ReplayBuffer, RolloutBuffer
+from esperd.learn.config import ImpalaConfig, LearnerConfig, PPOConfig
 from esperd.learn.experience import Transition
 from esperd.policy import PolicyConfig, build_serving_policy, create_policy, load_policy_checkpoint
 from esperd.sim import SimConfig, SimEnv

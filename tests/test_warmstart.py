@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from esperd.cli import main as cli_main
-from esperd.learn import LearnerConfig, PPOConfig
-from esperd.learn.imitation import ImitationConfig
+from esperd.learn.config import ImitationConfig, LearnerConfig, PPOConfig
 from esperd.policy import PolicyConfig, create_policy, load_policy_checkpoint
 from esperd.sim import ScriptedPolicy, SimConfig, SimEnv
 from esperd.train import TrainError, TrainSpec, train

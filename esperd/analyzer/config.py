@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import msgspec
 from msgspec import Meta
+
+from esperd.section import Section
 
 
 class AnalyzerError(ValueError):
@@ -17,7 +18,7 @@ class AnalyzerError(ValueError):
         self.detail = detail
 
 
-class AnalyzerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class AnalyzerConfig(Section, frozen=True):
     """Thresholds, window and bounds. Defaults follow the Tamiyo seed document.
 
     The Meta bounds are checked when the config is decoded (msgspec.convert from TOML);

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import msgspec
 import numpy as np
 
 from contracts import LEGAL_OPS, BlueprintFamily, Op, SeedStage
-from esperd.analyzer.observation import BLUEPRINTS, OP_INDEX, OPS, STAGE_INDEX, STAGES
+from esperd.analyzer.observation import BLUEPRINTS, OP_INDEX, OPS, STAGE_INDEX, STAGES, Observation
 
 #: [stage index, op index] -> legal. WAIT is legal from every stage (LEGAL_OPS says so).
 STAGE_OP_MASK: np.ndarray = np.array([[op in LEGAL_OPS[stage] for op in OPS] for stage in STAGES], dtype=bool)
@@ -24,6 +27,7 @@ _LIVE = (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage
 LIVE_STAGE: np.ndarray = np.array([stage in _LIVE for stage in STAGES], dtype=bool)
 
 GERMINATE = OP_INDEX[Op.GERMINATE]
+WAIT = OP_INDEX[Op.WAIT]
 DORMANT = STAGE_INDEX[SeedStage.DORMANT]
 
 
@@ -32,3 +36,17 @@ def op_mask(stages: np.ndarray, can_germinate: np.ndarray) -> np.ndarray:
     mask: np.ndarray = STAGE_OP_MASK[stages]  # fancy indexing copies, so the table stays intact
     mask[:, GERMINATE] &= can_germinate
     return mask
+
+
+def mask_cooling(observation: Observation, layers: Iterable[int]) -> Observation:
+    """The observation with every op but WAIT masked out on the given layers."""
+    layer_set = set(layers)
+    if not layer_set:
+        return observation
+    rows = np.isin(observation.layer_ids, list(layer_set))
+    if not rows.any():
+        return observation
+    ops = observation.op_mask.copy()
+    ops[rows] = False
+    ops[rows, WAIT] = True
+    return msgspec.structs.replace(observation, op_mask=ops)

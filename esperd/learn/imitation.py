@@ -32,16 +32,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Annotated
 
 import msgspec
 import numpy as np
 import torch
-from msgspec import Meta
 from torch import nn
 
 from contracts import Op
 from esperd.analyzer.observation import OP_INDEX
+from esperd.learn.config import ImitationConfig
 from esperd.learn.experience import Transition
 from esperd.learn.ppo import check_finite, split_sequences, stack_actions
 from esperd.policy.base import BLEND, BLUEPRINT, NODE, OP, TEMPO, PolicyBundle
@@ -60,19 +59,6 @@ __all__ = [
 _WAIT = OP_INDEX[Op.WAIT]
 _GERMINATE = OP_INDEX[Op.GERMINATE]
 _MIN = torch.finfo(torch.float32).min
-
-
-class ImitationConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Behaviour-cloning hyper-parameters (defaults: what the learning-curves benchmark uses)."""
-
-    steps: Annotated[int, Meta(ge=1, le=1_000_000)] = 1500  # optimizer steps
-    batch_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 256
-    lr: Annotated[float, Meta(gt=0.0, le=1.0)] = 1e-3
-    value_coef: Annotated[float, Meta(ge=0.0, le=1e3)] = 0.5
-    max_grad_norm: Annotated[float, Meta(gt=0.0)] = 1.0
-    gamma: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.99  # of the value targets: the RL algorithm's
-    lever_smoothing: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.3  # label smoothing of the levers
-    seed: int = 0  # minibatch order
 
 
 class ImitationStats(msgspec.Struct, kw_only=True):

@@ -32,12 +32,12 @@ import time
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-import msgspec
 import numpy as np
 import torch
 from msgspec import Meta
 from torch import nn
 
+from esperd.learn.config import ImpalaConfig
 from esperd.learn.experience import Transition
 from esperd.learn.ppo import (
     NonFiniteError,
@@ -57,44 +57,6 @@ __all__ = ["ImpalaConfig", "ImpalaLearner", "NonFiniteError", "UpdateStats"]
 
 Threshold = Annotated[float, Meta(gt=0.0)]
 Coef = Annotated[float, Meta(ge=0.0, le=1e3)]
-
-
-class ImpalaConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """IMPALA hyper-parameters; defaults from the seed documents (03.2, IMPALA_TRAINING_CONFIG)."""
-
-    rho_bar: Threshold | None = 1.0  # clip of the importance weights in the V-trace targets (None: off)
-    c_bar: Threshold | None = 1.0  # clip of the trace-cutting coefficients c_s
-    pg_rho_bar: Threshold | None = 1.0  # clip of the importance weights in the policy gradient
-    baseline_coef: Coef = 0.5
-    entropy_coef: Coef = 0.001
-    lr: Annotated[float, Meta(gt=0.0, le=1.0)] = 1e-4
-    # torch's RMSprop adds eps outside the square root (TF's reference adds it inside).
-    rmsprop_eps: Annotated[float, Meta(gt=0.0)] = 0.1
-    rmsprop_alpha: Annotated[float, Meta(gt=0.0, lt=1.0)] = 0.99  # decay of the squared-gradient average
-    rmsprop_momentum: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.0
-    max_grad_norm: Threshold = 40.0
-    gamma: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.99
-    # Transitions per update (sampled by the caller): the seed documents' IMPALA batch size. In
-    # the daemon each update is a round trip to the learner's child process, and at 64 the
-    # round trips, not the learning, were what slowed decisions (benchmarks/RESULTS.md).
-    batch_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 128
-
-    def __post_init__(self) -> None:
-        # Meta constraints are checked when decoding; this catches direct construction too.
-        checks = {
-            "rho_bar": self.rho_bar is None or self.rho_bar > 0.0,
-            "c_bar": self.c_bar is None or self.c_bar > 0.0,
-            "pg_rho_bar": self.pg_rho_bar is None or self.pg_rho_bar > 0.0,
-            "lr": 0.0 < self.lr <= 1.0,
-            "rmsprop_eps": self.rmsprop_eps > 0.0,
-            "rmsprop_alpha": 0.0 < self.rmsprop_alpha < 1.0,
-            "max_grad_norm": self.max_grad_norm > 0.0,
-            "gamma": 0.0 <= self.gamma <= 1.0,
-            "batch_size": self.batch_size >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"impala config: invalid {', '.join(bad)}")
 
 
 class ImpalaLearner:

@@ -30,19 +30,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Literal
 
 import msgspec
 import numpy as np
 import structlog
 import torch
-from msgspec import Meta
 
 from esperd.learn.buffers import ReplayBuffer, RolloutBuffer
+from esperd.learn.config import LearnerConfig
 from esperd.learn.experience import Transition
-from esperd.learn.impala import ImpalaConfig, ImpalaLearner
-from esperd.learn.ppo import NonFiniteError, PPOConfig, PPOLearner, UpdateStats
-from esperd.learn.rewards import RewardConfig
+from esperd.learn.impala import ImpalaLearner
+from esperd.learn.ppo import NonFiniteError, PPOLearner, UpdateStats
 from esperd.learn.worker import (
     Slots,
     State,
@@ -61,39 +59,6 @@ log = structlog.get_logger("esperd.learn")
 
 PolicyFactory = Callable[[], PolicyBundle]
 Swap = Callable[[PolicyBundle], None]
-
-
-class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """When to roll back and pause learning."""
-
-    kl_limit_ppo: Annotated[float, Meta(gt=0.0)] = 0.15  # trip when a PPO update's approx KL exceeds this
-    # Replay batches are off-policy by design, so their KL runs higher without any fault.
-    kl_limit_impala: Annotated[float, Meta(gt=0.0)] = 2.0
-    reward_window: Annotated[int, Meta(ge=2)] = 256  # transitions per version before comparing rewards
-    # Trip when the mean reward falls by more than this and by more than 3 standard errors.
-    reward_drop: Annotated[float, Meta(ge=0.0)] = 0.05
-    recovery_s: Annotated[float, Meta(ge=0.0)] = 300.0  # learning pauses this long after a trip
-
-
-class LearnerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """`[learner]` in the config file."""
-
-    algorithm: Literal["off", "ppo", "impala"] = "off"
-    rewards: RewardConfig = RewardConfig()
-    ppo: PPOConfig = PPOConfig()
-    impala: ImpalaConfig = ImpalaConfig()
-    replay_capacity: Annotated[int, Meta(ge=1_000)] = 100_000
-    prioritized: bool = True
-    min_replay: Annotated[int, Meta(ge=1)] = 512  # IMPALA waits for this much experience
-    checkpoint_interval_s: Annotated[float, Meta(gt=0.0)] = 300.0
-    # Where updates run: "process" (a child process: its Python never holds the daemon's GIL)
-    # or "thread" (in the daemon's process; for tests and debugging).
-    worker: Literal["process", "thread"] = "process"
-    worker_nice: Annotated[int, Meta(ge=0, le=19)] = 10  # the child's nice value (process worker)
-    # IMPALA: swap in the newest weights at most this often (each swap builds a serving bundle
-    # on the daemon's side); 0 swaps after every update. PPO swaps after every update.
-    swap_min_interval_s: Annotated[float, Meta(ge=0.0)] = 0.25
-    breaker: BreakerConfig = BreakerConfig()
 
 
 class LearnerStatus(msgspec.Struct):

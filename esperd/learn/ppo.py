@@ -35,6 +35,7 @@ from torch import nn
 
 from contracts import Op
 from esperd.analyzer.observation import OP_INDEX, Observation
+from esperd.learn.config import PPOConfig
 from esperd.learn.experience import Transition
 from esperd.learn.gae import compute_gae
 from esperd.policy.base import PolicyBundle
@@ -68,50 +69,6 @@ class UpdateStats(msgspec.Struct, kw_only=True):
     explained_variance: float  # 1 - Var(target - V) / Var(target); 1 is perfect, <= 0 is useless
     seconds: float
     td_errors: list[float] = []  # IMPALA: |v_s - V(x_s)| per input transition (replay priorities)
-
-
-class PPOConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """PPO hyper-parameters; defaults from the seed documents (03.2, PPO_TRAINING_CONFIG)."""
-
-    clip_ratio: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.2
-    target_kl: Annotated[float, Meta(gt=0.0)] | None = 0.01  # None: never stop early
-    value_coef: Coef = 0.5
-    entropy_coef: Coef = 0.01
-    max_grad_norm: PositiveFloat = 0.5
-    epochs: Annotated[int, Meta(ge=1, le=1000)] = 4
-    minibatch_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 32
-    lr: Annotated[float, Meta(gt=0.0, le=1.0)] = 3e-4
-    adam_eps: PositiveFloat = 1e-5
-    gamma: Discount = 0.99
-    gae_lambda: Discount = 0.95
-    clip_value: bool = False  # clip the value loss like the policy (off: it rarely helps)
-    normalize_advantages: bool = True  # per minibatch, as CleanRL does
-    # LR schedule, per update: linear warmup to lr, then linear decay to final_lr_ratio * lr.
-    warmup_updates: Annotated[int, Meta(ge=0)] = 10
-    total_updates: Annotated[int, Meta(ge=0)] = 10_000  # decay horizon; 0 = constant after warmup
-    final_lr_ratio: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.1
-    rollout_size: Annotated[int, Meta(ge=1, le=10_000_000)] = 256  # transitions per update
-    seed: int | None = 0  # minibatch shuffling (None: nondeterministic)
-
-    def __post_init__(self) -> None:
-        # Meta constraints are checked when decoding; this catches direct construction too.
-        checks = {
-            "clip_ratio": 0.0 < self.clip_ratio <= 1.0,
-            "target_kl": self.target_kl is None or self.target_kl > 0.0,
-            "max_grad_norm": self.max_grad_norm > 0.0,
-            "epochs": self.epochs >= 1,
-            "minibatch_size": self.minibatch_size >= 1,
-            "lr": 0.0 < self.lr <= 1.0,
-            "gamma": 0.0 <= self.gamma <= 1.0,
-            "gae_lambda": 0.0 <= self.gae_lambda <= 1.0,
-            "warmup_updates": self.warmup_updates >= 0,
-            "total_updates": self.total_updates >= 0,
-            "final_lr_ratio": 0.0 <= self.final_lr_ratio <= 1.0,
-            "rollout_size": self.rollout_size >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"ppo config: invalid {', '.join(bad)}")
 
 
 def lr_factor(update: int, warmup: int, total: int, final_ratio: float) -> float:

@@ -33,8 +33,9 @@ import structlog
 
 from contracts import SystemStatePacket
 from esperd.analyzer.observation import Observation
+from esperd.learn.config import RewardConfig
 from esperd.learn.experience import Transition
-from esperd.learn.rewards import RewardConfig, RewardStep, RewardTracker
+from esperd.learn.rewards import RewardStep, RewardTracker
 from esperd.policy.base import ActResult, PolicyBundle
 
 log = structlog.get_logger("esperd.learn.recorder")

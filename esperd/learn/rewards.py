@@ -24,32 +24,16 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Literal
 
 import msgspec
-from msgspec import Meta
 
 from contracts import Op, SeedSlotState, SeedStage, SystemStatePacket
-
-RewardMode = Literal["basic", "sparse", "shaped"]
-
-Weight = Annotated[float, Meta(ge=0.0, le=1e6)]
+from esperd.learn.config import RewardConfig
 
 #: Stages in which a seed exists but is not yet permanent.
 LIVE_STAGES = frozenset(
     {SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY}
 )
-
-#: Default lifecycle potentials: progress toward a kept seed is worth more.
-DEFAULT_STAGE_POTENTIALS: dict[SeedStage, float] = {
-    SeedStage.DORMANT: 0.0,
-    SeedStage.GERMINATED: 1.0,
-    SeedStage.TRAINING: 2.0,
-    SeedStage.BLENDING: 3.0,
-    SeedStage.PROBATIONARY: 4.0,
-    SeedStage.FOSSILIZED: 5.0,
-    SeedStage.PRUNED: 0.0,
-}
 
 #: Names of the reward terms a RewardStep may carry (0.0 when a term does not apply).
 TERMS: tuple[str, ...] = (
@@ -63,46 +47,6 @@ TERMS: tuple[str, ...] = (
     "rejected",
     "governor",
 )
-
-
-class RewardConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Reward mode and the weight of every term (`[learner.reward]`-style table)."""
-
-    mode: RewardMode = "basic"
-    # Accuracy is in [0, 1]; scaled so one accuracy point (0.01) is worth 0.1.
-    accuracy_weight: Weight = 10.0
-    # basic / shaped: per step, times log(1 + added_params / host_params).
-    rent_weight: Weight = 0.25
-    # sparse: once, at the terminal step, times log(1 + added_params / host_params).
-    param_cost_weight: Weight = 5.0
-    # shaped
-    gamma: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.99
-    shaping_weight: Weight = 0.05
-    stage_potentials: dict[SeedStage, float] = msgspec.field(
-        default_factory=lambda: dict(DEFAULT_STAGE_POTENTIALS)
-    )
-    intervention_cost: Weight = 0.01
-    fossilize_min_improvement: float = 0.0
-    min_prune_age: Annotated[int, Meta(ge=0, le=10_000)] = 3
-    prune_young_penalty: Weight = 0.2
-    # all modes
-    rejected_penalty: Weight = 0.1
-    governor_penalty: Weight = 0.2
-    governor_window: Annotated[int, Meta(ge=2, le=10_000)] = 10
-    governor_sigmas: Annotated[float, Meta(gt=0.0, le=100.0)] = 3.0
-    governor_min_history: Annotated[int, Meta(ge=2, le=10_000)] = 5
-    # Floor of sigma: max(min_std, min_relative_std * |mean|), so a smooth, slowly drifting loss
-    # (tiny sigma) does not read as a blow-up.
-    governor_min_std: Annotated[float, Meta(ge=0.0, le=1e6)] = 0.01
-    governor_min_relative_std: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.05
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("basic", "sparse", "shaped"):
-            raise ValueError(f"reward mode must be basic, sparse or shaped, not {self.mode!r}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError("reward gamma must be in [0, 1]")
-        if self.governor_min_history > self.governor_window:
-            raise ValueError("governor_min_history must not exceed governor_window")
 
 
 class RewardStep(msgspec.Struct, kw_only=True):

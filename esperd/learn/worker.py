@@ -47,10 +47,11 @@ import numpy as np
 import structlog
 import torch
 
+from esperd.learn.config import ImpalaConfig, PPOConfig
 from esperd.learn.experience import Transition
-from esperd.learn.impala import ImpalaConfig, ImpalaLearner
+from esperd.learn.impala import ImpalaLearner
 from esperd.learn.persist import decode_experience, encode_experience
-from esperd.learn.ppo import NonFiniteError, PPOConfig, PPOLearner, UpdateStats
+from esperd.learn.ppo import NonFiniteError, PPOLearner, UpdateStats
 from esperd.policy.base import PolicyBundle
 
 log = structlog.get_logger("esperd.learn")

@@ -10,10 +10,10 @@ import hashlib
 import json
 from typing import Annotated, Any, Literal
 
-import msgspec
 from msgspec import Meta
 
 from contracts import BlendAlgorithm, Tempo
+from esperd.section import Section
 
 Epochs = Annotated[int, Meta(ge=0, le=10_000)]
 #: The observation reports epochs in stage scaled by 1/12 and clipped, so 12 is the most it can tell.
@@ -26,11 +26,7 @@ def _check_range(field: str, value: float, lo: float, hi: float) -> None:
         raise ValueError(f"policy config: {field}={value!r} is outside [{lo}, {hi}]")
 
 
-class _Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    pass
-
-
-class HeuristicConfig(_Config):
+class HeuristicConfig(Section, frozen=True):
     """Thresholds of the rule-based policy. Epoch counts are host epochs."""
 
     # When germination is allowed at all.
@@ -80,7 +76,7 @@ class HeuristicConfig(_Config):
         _check_range("heuristic.probation_max_epochs", self.probation_max_epochs, self.probation_epochs, 12)
 
 
-class PolicyConfig(_Config):
+class PolicyConfig(Section, frozen=True):
     """Which policy serves, how its network is shaped, where its weights come from."""
 
     name: str = "heuristic"  # registered policy name: heuristic | gnn | lstm | random

@@ -12,9 +12,8 @@ import numpy as np
 
 from contracts import BlendAlgorithm, Blueprint, BlueprintFamily, Tempo, family_for_layer_type
 from esperd.analyzer.observation import BLENDS, BLUEPRINTS, TEMPOS
+from esperd.sim.config import ARCHITECTURES, KINDS
 
-#: Layer kinds the simulator builds (wire `layer_type`s).
-KINDS: tuple[str, ...] = ("conv", "pool", "attention", "mlp", "embedding", "linear")
 KIND_INDEX = {kind: i for i, kind in enumerate(KINDS)}
 CONV, POOL, ATTENTION, MLP, EMBEDDING, LINEAR = range(len(KINDS))
 
@@ -125,8 +124,6 @@ def blend_alpha(blend: np.ndarray, progress: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- architectures
-
-ARCHITECTURES: tuple[str, ...] = ("cnn", "transformer", "hybrid", "mlp")
 
 
 def build_architecture(

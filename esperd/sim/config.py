@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import msgspec
 from msgspec import Meta
 
 from contracts import Blueprint
-from esperd.learn.rewards import RewardConfig
-from esperd.sim.catalog import ARCHITECTURES, KINDS
+from esperd.learn.config import RewardConfig
+from esperd.section import Section
 
 Prob = Annotated[float, Meta(ge=0.0, le=1.0)]
 Epochs = Annotated[int, Meta(ge=0, le=10_000)]
 
 
-class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+#: Layer kinds the simulator builds (wire `layer_type`s); esperd.sim.catalog indexes its tables by them.
+KINDS: tuple[str, ...] = ("conv", "pool", "attention", "mlp", "embedding", "linear")
+#: Host architectures the simulator can build (esperd.sim.catalog.build_architecture).
+ARCHITECTURES: tuple[str, ...] = ("cnn", "transformer", "hybrid", "mlp")
+
+
+class SimConfig(Section, frozen=True):
     """One simulated host per env; every episode draws a fresh host from these ranges."""
 
     epochs: Annotated[int, Meta(ge=2, le=10_000)] = 40  # episode length; one decision per epoch

@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from contracts import JSON, MSGPACK, AdaptationCommand, Channel, Codec, run_subject
+from contracts.status import NatsStatus
 from esperd.config import NatsConfig
 from esperd.logs import RateLimiter
 
@@ -222,6 +223,19 @@ class Bus:
                 await (sub.drain() if self.connected else sub.unsubscribe())
             except nats.errors.Error as exc:
                 log.warning("drain of subscription failed", subject=sub.subject, error=str(exc))
+
+    def status(self) -> NatsStatus:
+        """The `nats` section of `esperd.status`."""
+        return NatsStatus(
+            connected=self.connected,
+            reconnects=self.reconnects,
+            disconnects=self.disconnects,
+            errors=self.errors,
+            dropped_publishes=self.dropped_publishes,
+            slow_consumer_drops=self.slow_consumer_drops,
+            max_payload=self.server_max_payload,
+            max_payload_warning=self.max_payload_warning,
+        )
 
     def note_encoding(self, run_id: str, json: bool) -> None:
         """Remember how a run's hosts speak (from an accepted message), for its commands."""

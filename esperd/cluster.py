@@ -36,6 +36,7 @@ from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
+from contracts.status import ClusterStatus, ClusterView, MemberView
 from esperd.config import ClusterConfig
 from esperd.logs import RateLimiter
 from esperd.ownership import Leases, OnLost, targets
@@ -69,29 +70,6 @@ class LeaseRecord(msgspec.Struct, kw_only=True):
 
     owner: str
     acquired_at: float = 0.0  # unix time
-
-
-class MemberView(msgspec.Struct):
-    """One member, as the instance answering sees it."""
-
-    instance: str
-    partitions: list[int]
-    epochs: dict[int, int]
-    runs: int
-    age_s: float  # since its record last changed, by this instance's clock
-    stale: bool  # no renewal seen for more than 2.5 heartbeats: frozen, cut off, or dying
-    host: str = ""
-    pid: int = 0
-
-
-class ClusterView(msgspec.Struct):
-    """Members, what each owns, who is stale, and which partitions nobody holds."""
-
-    members: list[MemberView]
-    gone: list[str]  # members whose record expired in the last minute: died, froze, or were cut off
-    left: list[str]  # members that stopped cleanly (removed their record) in the last minute
-    unowned_partitions: list[int]  # no live member claims them: their runs are not served now
-    age_s: float  # how old this view is (refreshed every heartbeat)
 
 
 def lease_clock() -> float:
@@ -156,8 +134,24 @@ class ClusterAgent:
         self._encoder = msgspec.json.Encoder()
         self._member_decoder = msgspec.json.Decoder(MemberRecord)
         self._lease_decoder = msgspec.json.Decoder(LeaseRecord)
+        self.foreign_messages = 0  # messages for runs this instance does not own now (not processed)
+        self.handovers = 0  # runs given up: their partition went to another member, or its lease lapsed
 
     # ---------------------------------------------------------------- lifecycle
+
+    def status(self) -> ClusterStatus:
+        """The `cluster` section of `esperd.status`."""
+        return ClusterStatus(
+            instance=self.me,
+            members=self.members,
+            foreign_messages=self.foreign_messages,
+            handovers=self.handovers,
+            partitions={p: lease.epoch for p, lease in sorted(self.leases.held.items())},
+            lease_lapses=self.leases.lapses,
+            acquisitions=self.acquisitions,
+            errors=self.errors,
+            view=self.view(),
+        )
 
     async def start(self) -> None:
         """Bind the bucket, announce ourselves, settle, and take our partitions (one tick)."""

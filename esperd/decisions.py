@@ -18,10 +18,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import msgspec
 import structlog
 
 from contracts import AdaptationCommand, Op
+from contracts.status import DecisionStats
 from esperd.analyzer.masks import mask_cooling
 from esperd.analyzer.observation import Observation
 from esperd.policy.base import ActResult, Decision, PolicyBundle
@@ -39,26 +39,6 @@ EpochOf = Callable[[str], int | None]
 def unfenced(run_id: str) -> int:
     """A single instance owns every run, under epoch 0."""
     return 0
-
-
-class DecisionStats(msgspec.Struct):
-    """What the loop has done, for `esperd.status`. Percentiles cover the last 1024 samples."""
-
-    batches: int = 0
-    decisions: int = 0
-    waits: int = 0
-    commands: int = 0
-    commands_by_op: dict[str, int] = msgspec.field(default_factory=dict)
-    failures: int = 0
-    fenced: int = 0  # decided, not sent: ownership of the run was lost before the command went out
-    late: int = 0  # published later than `decision_deadline_ms` after the run became due
-    last_batch_size: int = 0
-    batch_size_mean: float = 0.0
-    batch_size_max: int = 0
-    forward_ms_p50: float = 0.0
-    forward_ms_p99: float = 0.0
-    latency_ms_p50: float = 0.0  # run due (signal in) -> command published
-    latency_ms_p99: float = 0.0
 
 
 def percentile(samples: Sequence[float], q: float) -> float:

@@ -14,7 +14,7 @@ import bisect
 import concurrent.futures
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import (
@@ -26,9 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from contracts import MESSAGE_TYPES, AckStatus, AdaptationCommand, Op
-
-if TYPE_CHECKING:
-    from esperd.service import ClusterStatus, Status
+from contracts.status import ClusterStatus, Status
 
 #: The label every esperd metric carries: which instance it is (Prometheus's own `instance`
 #: label names the scrape target, so a label of that name would be renamed on ingestion).

@@ -25,17 +25,6 @@ class ReloadPlan(msgspec.Struct, frozen=True):
     restart: tuple[str, ...] = ()
 
 
-class ReloadStatus(msgspec.Struct):
-    """The `reload` section of `esperd.status`."""
-
-    reloads: int = 0  # SIGHUPs that applied a config
-    refused: int = 0  # SIGHUPs whose config (or checkpoint) was unusable: nothing changed
-    last_at: str = ""  # UTC, ISO 8601, of the last attempt
-    last_error: str = ""  # why the last attempt was refused ("" if it was applied)
-    applied: list[str] = []  # the keys the last applied reload changed
-    needs_restart: list[str] = []  # keys the config file changes that only a restart applies
-
-
 def is_live(key: str) -> bool:
     """Whether a reload applies this dotted key."""
     if key in RESTART_KEYS:

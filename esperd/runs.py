@@ -35,6 +35,7 @@ import msgspec
 import structlog
 
 from contracts import HealthBatch, HealthSignal, SystemStatePacket, TopologyPacket
+from contracts.status import RunTableStatus
 
 log = structlog.get_logger("esperd.runs")
 
@@ -78,21 +79,6 @@ class Admission(msgspec.Struct, frozen=True):
     new: bool = False  # this message admitted the run (`cancel` undoes that if it is refused)
     reason: str = ""
     detail: str = ""
-
-
-class RunTableStatus(msgspec.Struct, kw_only=True):
-    """The run table in `esperd.status`."""
-
-    tracked: int  # runs holding a slot (finishing ones included)
-    finishing: int  # said `done`, kept for done_grace_s for late acks
-    max_runs: int
-    admitted: int  # admissions since start (a reused id counts again)
-    reused: int  # run ids that started a new episode after `done`
-    dropped_by_reason: dict[str, int]
-    nodes: int  # across every tracked run
-    edges: int
-    memory_budget_bytes: int
-    memory_used_bytes: int  # estimated (see esperd.runs.estimated_bytes)
 
 
 @dataclass(slots=True)

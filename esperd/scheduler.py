@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import msgspec
 
+from contracts import AckStatus
+from contracts.status import SchedulerStatus
 from esperd.config import SchedulerConfig
 
 
@@ -45,6 +47,9 @@ class Scheduler:
         self._held_for_ack: set[str] = set()
         self.overflow = 0
         self.stale = 0
+        self.expired = 0  # commands never answered within ack_timeout_s
+        self.unknown_acks = 0  # acks for no pending command: late, duplicated, or never ours
+        self.acks_by_status: dict[str, int] = {}  # applied, rejected, timed_out (a key appears when counted)
 
     # --------------------------------------------------------------- due runs
 
@@ -140,9 +145,13 @@ class Scheduler:
         When the answer frees the last layer that held back the run's previous decision, the run is
         due again (see `mark_due`; the per-run interval still applies)."""
         command = self.pending.get(command_id)
-        if command is None or command.run_id != run_id:
+        if command is None:
+            self.unknown_acks += 1
             return None
+        if command.run_id != run_id:
+            return None  # pending for another run: the caller refuses this ack (it is not counted here)
         del self.pending[command_id]
+        self._count((AckStatus.APPLIED if applied else AckStatus.REJECTED).value)
         self._settled(command)
         if not applied:
             self._release(command)
@@ -164,7 +173,23 @@ class Scheduler:
             del self.pending[command_id]
             self._settled(command)
             self._release(command)
+        if expired:
+            self.expired += len(expired)
+            self._count("timed_out", len(expired))
         return expired
+
+    def _count(self, outcome: str, n: int = 1) -> None:
+        self.acks_by_status[outcome] = self.acks_by_status.get(outcome, 0) + n
+
+    def status(self) -> SchedulerStatus:
+        """The `scheduler` section of `esperd.status`."""
+        return SchedulerStatus(
+            queued=self.queued,
+            overflow=self.overflow,
+            pending_commands=len(self.pending),
+            expired_commands=self.expired,
+            unknown_acks=self.unknown_acks,
+        )
 
     def cooling_layers(self, run_id: str, now: float | None = None) -> set[int]:
         """Layers of a run that must not be targeted right now: cooling down, or waiting for the ack

@@ -37,14 +37,17 @@ from contracts import (
     SystemStatePacket,
     parse_subject,
 )
-from esperd.analyzer import Analyzer, AnalyzerError, Observation
+from contracts.status import LearnerStatus, PolicyStatus, ReloadStatus, Status
+from esperd.analyzer.analyzer import Analyzer
+from esperd.analyzer.config import AnalyzerError
+from esperd.analyzer.observation import Observation
 from esperd.bus import Bus
-from esperd.cluster import ClusterAgent, ClusterView, default_instance_id, instance_status_subject
+from esperd.cluster import ClusterAgent, default_instance_id, instance_status_subject
 from esperd.config import MAX_NATS_PAYLOAD, Config, ConfigError, state_path
-from esperd.decisions import DecisionLoop, DecisionStats
+from esperd.decisions import DecisionLoop
 from esperd.intake import Accepted, Intake, Rejection
-from esperd.learn.learner import Learner, LearnerStatus
-from esperd.learn.recorder import Recorder, RecorderStats
+from esperd.learn.learner import Learner
+from esperd.learn.recorder import Recorder
 from esperd.logs import LogLevel
 from esperd.metrics import LatencyHistogram, MetricsServer, Snapshot, StatusCollector
 from esperd.natsserver import NatsServer, NatsServerError
@@ -57,77 +60,13 @@ from esperd.policy.checkpoint import (
     checkpoint_digest,
     load_policy_checkpoint,
 )
-from esperd.reload import ReloadStatus, apply_live, plan_reload
-from esperd.runs import MIB, DropReason, RunTable, RunTableStatus, Verdict
+from esperd.reload import apply_live, plan_reload
+from esperd.runs import MIB, DropReason, RunTable, Verdict
 from esperd.scheduler import Scheduler
 from esperd.statedir import prepare_state_dir
-from esperd.supervisor import Supervisor, TaskStatus
+from esperd.supervisor import Supervisor
 
 log = structlog.get_logger("esperd.service")
-
-
-class PolicyStatus(msgspec.Struct):
-    name: str
-    version: int
-    fallback_reason: str = ""  # why the configured policy is not the one serving
-
-
-class SchedulerStatus(msgspec.Struct):
-    queued: int
-    overflow: int
-    pending_commands: int
-    expired_commands: int
-    unknown_acks: int
-
-
-class NatsStatus(msgspec.Struct):
-    connected: bool
-    reconnects: int
-    disconnects: int
-    errors: int
-    dropped_publishes: int
-    slow_consumer_drops: int = 0  # inbound messages dropped: esperd fell behind by nats.max_pending_bytes
-    max_payload: int = 0  # the broker's max_payload (from its INFO), headers included
-    max_payload_warning: str = ""  # set when that is below limits.max_payload_bytes
-
-
-class ClusterStatus(msgspec.Struct):
-    instance: str
-    members: list[str]
-    foreign_messages: int  # messages for runs this instance does not own now (not processed here)
-    handovers: int  # runs given up: their partition went to another member, or its lease lapsed
-    partitions: dict[int, int]  # partition -> epoch (the fencing token its commands carry), held now
-    lease_lapses: int  # partitions given up because this instance missed its own lease deadline
-    acquisitions: int  # partitions taken (at start, on a peer's death or departure, on handover)
-    errors: int  # lease or membership renewals that failed (broker away or slow)
-    view: ClusterView  # every member, what it owns, who is stale; unowned partitions
-
-
-class Status(msgspec.Struct):
-    """What `esperd.status` answers."""
-
-    version: str
-    uptime_s: float
-    runs: int
-    accepted_total: int
-    rejected_total: int
-    rejected_by_reason: dict[str, int]
-    accepted_by_kind: dict[str, int]
-    commands_total: int
-    acks_by_status: dict[str, int]
-    policy: PolicyStatus
-    decisions: DecisionStats
-    scheduler: SchedulerStatus
-    nats: NatsStatus
-    evicted_runs: int  # runs dropped for any reason (run_table.dropped_by_reason has the split)
-    experience: RecorderStats
-    stopping: bool
-    learner: LearnerStatus | None = None
-    cluster: ClusterStatus | None = None
-    run_table: RunTableStatus | None = None
-    tasks: dict[str, TaskStatus] = {}  # every supervised background task
-    reload: ReloadStatus = msgspec.field(default_factory=ReloadStatus)  # SIGHUP reloads
-    instance: str = ""  # also answers on esperd.status.<instance>
 
 
 class Service:
@@ -186,11 +125,6 @@ class Service:
         )
         self.learner = self._build_learner(serving.policy, device)
         self.cluster: ClusterAgent | None = None
-        self.foreign_messages = 0
-        self.handovers = 0
-        self.acks_by_status: dict[str, int] = {}
-        self.expired_commands = 0
-        self.unknown_acks = 0
         self.started_at = time.monotonic()
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -564,7 +498,7 @@ class Service:
 
     async def _on_raw(self, subject: str, data: bytes, content_type: str | None) -> None:
         if self.cluster is not None and not self._mine(subject):
-            self.foreign_messages += 1
+            self.cluster.foreign_messages += 1
             return
         try:
             outcome = self.intake.check(subject, data, content_type)
@@ -647,7 +581,7 @@ class Service:
         why = DropReason.LEASE_LAPSED if reason == LAPSED else DropReason.HANDOVER
         lost = self.runs.drop_where(lambda run_id: partition_of(run_id, count) in gone, why)
         if lost:
-            self.handovers += len(lost)
+            self.cluster.handovers += len(lost)
         log.info("partitions given up", reason=reason, partitions=sorted(gone), runs=len(lost))
 
     def _on_ack(self, run_id: str, ack: CommandAck, subject: str) -> Rejection | None:
@@ -657,11 +591,9 @@ class Service:
             if self.scheduler.is_pending(ack.command_id):  # pending for another run: never settled from here
                 detail = f"command {ack.command_id!r} was not sent to run {run_id!r}"
                 return self.intake.reject("ack_run_mismatch", detail, subject, run_id)
-            self.unknown_acks += 1  # late (after the timeout), duplicated, or never ours
-            return None
+            return None  # late (after the timeout), duplicated, or never ours: the scheduler counted it
         if self.scheduler.is_queued(run_id):  # the answer freed a decision the run was held back from
             self.decisions.wake()
-        self.acks_by_status[ack.status.value] = self.acks_by_status.get(ack.status.value, 0) + 1
         applied = ack.status is AckStatus.APPLIED
         self.recorder.on_ack(run_id, ack.command_id, applied=applied)
         self.analyzer.note_ack(
@@ -695,8 +627,8 @@ class Service:
     # --------------------------------------------------------------- status
 
     def status(self) -> Status:
-        """A snapshot of counters and health."""
-        intake, bus = self.intake, self.bus
+        """A snapshot of counters and health: each part reports its own section."""
+        intake = self.intake
         decisions = self.decisions.stats
         return Status(
             version=esperd.__version__,
@@ -707,64 +639,26 @@ class Service:
             rejected_by_reason=dict(intake.rejected_by_reason),
             accepted_by_kind=dict(intake.accepted_by_kind),
             commands_total=decisions.commands,
-            acks_by_status=dict(self.acks_by_status),
+            acks_by_status=dict(self.scheduler.acks_by_status),
             policy=PolicyStatus(
                 self.decisions.policy.name, self.decisions.policy.version, self.policy_fallback_reason
             ),
             decisions=decisions,
-            scheduler=SchedulerStatus(
-                self.scheduler.queued,
-                self.scheduler.overflow,
-                len(self.scheduler.pending),
-                self.expired_commands,
-                self.unknown_acks,
-            ),
-            nats=NatsStatus(
-                bus.connected,
-                bus.reconnects,
-                bus.disconnects,
-                bus.errors,
-                bus.dropped_publishes,
-                bus.slow_consumer_drops,
-                bus.server_max_payload,
-                bus.max_payload_warning,
-            ),
+            scheduler=self.scheduler.status(),
+            nats=self.bus.status(),
             evicted_runs=self.runs.dropped_total,
             experience=self.recorder.stats(),
             stopping=self._stopping,
             learner=self._learner_status(),
-            cluster=self._cluster_status(),
+            cluster=self.cluster.status() if self.cluster is not None else None,
             run_table=self.runs.status(),
             tasks=self.supervisor.status(),
             reload=msgspec.structs.replace(self.reload_status),
             instance=self.instance,
         )
 
-    def _cluster_status(self) -> ClusterStatus | None:
-        cluster = self.cluster
-        if cluster is None:
-            return None
-        return ClusterStatus(
-            instance=cluster.me,
-            members=cluster.members,
-            foreign_messages=self.foreign_messages,
-            handovers=self.handovers,
-            partitions={p: lease.epoch for p, lease in sorted(cluster.leases.held.items())},
-            lease_lapses=cluster.leases.lapses,
-            acquisitions=cluster.acquisitions,
-            errors=cluster.errors,
-            view=cluster.view(),
-        )
-
     def _learner_status(self) -> LearnerStatus | None:
-        if self.learner is None:
-            return None
-        status = self.learner.status
-        status.buffered = self.learner.buffered()
-        status.serving_version = self.decisions.policy.version
-        if status.breaker == "open" and not self.learner.paused:
-            status.breaker = "closed"
-        return status
+        return self.learner.status if self.learner is not None else None
 
     async def _on_status(self, request: Request) -> None:
         await request.respond(self._json.encode(self.status()), headers={"Content-Type": "application/json"})
@@ -776,10 +670,7 @@ class Service:
             self.housekeeping()
 
     def housekeeping(self) -> None:
-        expired = self.scheduler.expire_pending()
-        if expired:
-            self.expired_commands += len(expired)
-            self.acks_by_status["timed_out"] = self.acks_by_status.get("timed_out", 0) + len(expired)
+        self.scheduler.expire_pending()
         dropped = self.runs.expire()
         if dropped:
             by_reason = Counter(reason.value for _, reason in dropped)

@@ -21,6 +21,7 @@ import msgspec
 import structlog
 from msgspec import Meta
 
+from contracts.status import TaskStatus
 from esperd.section import Section
 
 log = structlog.get_logger("esperd.supervisor")
@@ -37,16 +38,6 @@ class SupervisorConfig(Section, frozen=True):
     backoff_s: Annotated[float, Meta(ge=0.0)] = 1.0  # before the first restart; doubles
     backoff_max_s: Annotated[float, Meta(ge=0.0)] = 30.0
     healthy_after_s: Annotated[float, Meta(ge=0.0)] = 60.0  # a run this long resets the backoff
-
-
-class TaskStatus(msgspec.Struct):
-    """One supervised task, as status shows it."""
-
-    running: bool = False
-    restarts: int = 0  # times it was started again after ending unexpectedly
-    last_error: str = ""  # why it last ended ("" if it never did)
-    last_error_at: str = ""  # when (UTC, ISO 8601)
-    gave_up: bool = False  # it ended too often: the daemon is stopping with a non-zero exit
 
 
 class Supervisor:

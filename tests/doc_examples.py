@@ -18,7 +18,7 @@ import jsonschema
 import referencing
 
 from contracts import MESSAGE_TYPES, Channel, Codec, CodecError
-from contracts.schema import SCHEMA_DIR
+from contracts.schema import SCHEMA_DIR, STATUS_FILE
 from esperd.config import LimitsConfig
 from esperd.intake import Accepted, Intake
 
@@ -122,8 +122,13 @@ def _parse_nats_pub(line: str, where: str, heading: str, meant_valid: bool) -> D
 
 
 def load_schemas() -> dict[str, dict[str, Any]]:
-    """kind -> its published JSON Schema, read from contracts/schema/."""
-    return {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(SCHEMA_DIR.glob("*.json"))}
+    """Message kind -> its published JSON Schema, read from contracts/schema/ (the status reply's
+    schema is there too, but it is no message)."""
+    return {
+        p.stem: json.loads(p.read_text(encoding="utf-8"))
+        for p in sorted(SCHEMA_DIR.glob("*.json"))
+        if p.name != STATUS_FILE
+    }
 
 
 class SchemaJudge:

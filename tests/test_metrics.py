@@ -10,11 +10,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from esperd.cluster import ClusterView
+from contracts.status import ClusterStatus, ClusterView, LearnerStatus, ReloadStatus, TaskStatus
 from esperd.config import ConfigError, config_from_dict
-from esperd.learn.learner import LearnerStatus
 from esperd.metrics import LatencyHistogram, Snapshot, families, parse_listen
-from esperd.service import ClusterStatus, Service
+from esperd.service import Service
 
 
 def exposed(snapshot: Snapshot) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -99,8 +98,6 @@ def test_listen_addresses(tmp_path: Path) -> None:
 
 
 def test_task_restarts_checkpoint_failures_and_reloads_become_metrics(status) -> None:  # noqa: ANN001
-    from esperd.reload import ReloadStatus
-    from esperd.supervisor import TaskStatus
 
     tasks = {"decisions": TaskStatus(running=True), "housekeeping": TaskStatus(running=True, restarts=3)}
     learner = LearnerStatus(algorithm="ppo", checkpoint_failures=4)

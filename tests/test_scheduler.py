@@ -18,6 +18,7 @@ from contracts import (
     TopologyNode,
     TopologyPacket,
 )
+from contracts.status import SchedulerStatus
 from esperd.analyzer import Analyzer, Observation
 from esperd.analyzer.masks import mask_cooling
 from esperd.analyzer.observation import OP_INDEX, OPS
@@ -335,3 +336,19 @@ def test_mask_cooling_without_matching_layers_returns_the_observation() -> None:
     assert mask_cooling(obs, set()) is obs
     assert mask_cooling(obs, [999]) is obs
     assert len(OPS) == obs.op_mask.shape[1]
+
+
+def test_the_scheduler_counts_what_became_of_its_commands_and_reports_its_section() -> None:
+    sched, clock = make(ack_timeout_s=60.0)
+    for command_id, layer in (("c1", 1), ("c2", 2), ("c3", 3)):
+        sched.note_command(command_id, "a", layer, "germinate")
+    sched.note_ack("a", "c1", applied=True)
+    sched.note_ack("a", "c2", applied=False)
+    sched.note_ack("a", "c1", applied=True)  # a duplicate: unknown now
+    sched.note_ack("b", "c3", applied=True)  # another run's: refused by the caller, not counted here
+    clock.advance(61.0)
+    sched.expire_pending()
+    assert sched.acks_by_status == {"applied": 1, "rejected": 1, "timed_out": 1}
+    assert sched.status() == SchedulerStatus(
+        queued=0, overflow=0, pending_commands=0, expired_commands=1, unknown_acks=1
+    )

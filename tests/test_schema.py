@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from contracts import MESSAGE_TYPES, schema as schema_mod
+from contracts.status import Status
 
 KINDS = [cls.__struct_config__.tag for cls in MESSAGE_TYPES]
 
@@ -65,10 +66,21 @@ def test_generated_descriptions_are_single_spaced() -> None:
                 assert "\\n" not in line and "  " not in line.split('"description": ', 1)[1], line
 
 
-def test_one_file_per_kind() -> None:
-    assert sorted(schema_mod.generate()) == sorted(f"{kind}.json" for kind in KINDS)
+def test_one_file_per_kind_and_one_for_the_status() -> None:
+    assert sorted(schema_mod.generate()) == sorted([*(f"{kind}.json" for kind in KINDS), "status.json"])
     design_kinds = {"health", "health_batch", "state", "topology", "command", "ack"}
-    assert set(schema_mod.generate()) == {f"{kind}.json" for kind in design_kinds}
+    assert set(schema_mod.generate()) == {f"{kind}.json" for kind in design_kinds} | {"status.json"}
+
+
+def test_status_schema_describes_every_section() -> None:
+    doc = json.loads(schema_mod.generate()["status.json"])
+    assert doc["$schema"] == schema_mod.JSON_SCHEMA_DIALECT and doc["$ref"] == "#/$defs/Status"
+    body = doc["$defs"]["Status"]
+    assert set(body["properties"]) == set(Status.__struct_fields__)
+    for section in ("scheduler", "nats", "learner", "cluster", "run_table", "tasks", "reload", "decisions"):
+        assert section in body["properties"]
+    # A section's own fields are in its definition: the learner's breaker state among them.
+    assert "breaker" in doc["$defs"]["LearnerStatus"]["properties"]
 
 
 def test_generation_is_deterministic() -> None:

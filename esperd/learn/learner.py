@@ -36,6 +36,7 @@ import numpy as np
 import structlog
 import torch
 
+from contracts.status import LearnerStatus
 from esperd.learn.buffers import ReplayBuffer, RolloutBuffer
 from esperd.learn.config import LearnerConfig
 from esperd.learn.experience import Transition
@@ -59,33 +60,6 @@ log = structlog.get_logger("esperd.learn")
 
 PolicyFactory = Callable[[], PolicyBundle]
 Swap = Callable[[PolicyBundle], None]
-
-
-class LearnerStatus(msgspec.Struct):
-    """The `learner` section of `esperd.status`."""
-
-    algorithm: str
-    updates: int = 0
-    samples: int = 0
-    samples_per_s: float = 0.0
-    serving_version: int = 0
-    buffered: int = 0
-    last: dict[str, float] = {}
-    breaker: str = "closed"  # closed | open (paused until recovery)
-    trips: int = 0
-    last_trip: str = ""
-    swaps: int = 0
-    swap_pause_us_max: float = 0.0  # the longest hand-over of a new bundle to the decision loop
-    bundles_reused: int = 0  # swaps that loaded a retired serving bundle instead of building one
-    checkpoints: int = 0
-    worker: str = "process"  # process | thread
-    worker_pid: int = 0
-    worker_deaths: int = 0  # times the worker process died and was restarted
-    last_worker_error: str = ""
-    checkpoint_failures: int = 0  # periodic checkpoints that failed (each retried with backoff)
-    last_checkpoint_error: str = ""
-    last_checkpoint_error_at: str = ""  # UTC, ISO 8601
-    checkpoint_retry_in_s: float = 0.0  # after a failure: when the next attempt is due (0: none failing)
 
 
 class Learner:
@@ -127,7 +101,7 @@ class Learner:
         else:
             self.rollout = None
             self.replay = ReplayBuffer(capacity=config.replay_capacity, prioritized=config.prioritized)
-        self.status = LearnerStatus(
+        self._counters = LearnerStatus(
             algorithm=config.algorithm,
             serving_version=serving.version,
             worker=self.worker.mode,
@@ -158,6 +132,14 @@ class Learner:
         # breaker trip, a checkpoint adopted on reload): that update's result is void.
         self._lineage = 0
         self._started = clock()
+
+    @property
+    def status(self) -> LearnerStatus:
+        """The `learner` section of `esperd.status`: counters, buffer, serving version, breaker."""
+        breaker = "open" if self._counters.breaker == "open" and self.paused else "closed"
+        return msgspec.structs.replace(
+            self._counters, buffered=self.buffered(), serving_version=self.serving.version, breaker=breaker
+        )
 
     @property
     def trainee(self) -> PolicyBundle:
@@ -345,7 +327,7 @@ class Learner:
                 # every run from zeros, a reused one would resume states two versions old.
                 bundle = self._retired[i]
                 if sys.getrefcount(bundle) <= 3 and not _holds_run_memory(bundle):
-                    self.status.bundles_reused += 1
+                    self._counters.bundles_reused += 1
                     return self._retired.pop(i)
         return None
 
@@ -384,9 +366,9 @@ class Learner:
         if self.rollout is not None:
             self.rollout.set_min_version(candidate.version)  # PPO is on-policy: older steps are stale
         self._last_swap = self._clock()
-        self.status.swaps += 1
-        self.status.swap_pause_us_max = round(max(self.status.swap_pause_us_max, pause_us), 1)
-        self.status.serving_version = candidate.version
+        self._counters.swaps += 1
+        self._counters.swap_pause_us_max = round(max(self._counters.swap_pause_us_max, pause_us), 1)
+        self._counters.serving_version = candidate.version
         log.info("policy swapped", version=candidate.version, pause_us=round(pause_us, 1))
         self._retire(previous)
 
@@ -415,8 +397,8 @@ class Learner:
         cannot live does not respawn in a loop.
         """
         self._failures_in_a_row += 1
-        self.status.worker_deaths += 1
-        self.status.last_worker_error = str(exc)
+        self._counters.worker_deaths += 1
+        self._counters.last_worker_error = str(exc)
         self._held_back = False
         pause_s = min(2.0 ** (self._failures_in_a_row - 1), max(self.config.breaker.recovery_s, 1.0))
         self._paused_until = max(self._paused_until, self._clock() + pause_s)
@@ -431,7 +413,7 @@ class Learner:
             self.worker.restart(self._good, self.serving.version)
         except OSError as err:  # e.g. out of processes: the next failure tries again
             log.error("learner worker restart failed", error=str(err))
-        self.status.worker_pid = self.worker.pid
+        self._counters.worker_pid = self.worker.pid
 
     # -------------------------------------------------------------- breaker
 
@@ -441,10 +423,10 @@ class Learner:
         Synchronous, on the loop thread: a later step judged in the same batch sees the trip done.
         While an update runs on the worker, the trainee is left to `update_once`, which voids it.
         """
-        self.status.trips += 1
-        self.status.last_trip = why
+        self._counters.trips += 1
+        self._counters.last_trip = why
         self._lineage += 1
-        self.status.breaker = "open"
+        self._counters.breaker = "open"
         self._paused_until = self._clock() + self.config.breaker.recovery_s
         self._held_back = False  # held-back weights came from the rejected trajectory
         if not self._updating:
@@ -499,8 +481,8 @@ class Learner:
         self._good_version = self.serving.version
         self._good_rewards = collections.deque(recent, maxlen=window)
         self._recent_rewards = collections.deque(maxlen=window)
-        if self.status.breaker == "open" and not self.paused:
-            self.status.breaker = "closed"
+        if self._counters.breaker == "open" and not self.paused:
+            self._counters.breaker = "closed"
 
     def _kl_limit(self) -> float:
         breaker = self.config.breaker
@@ -509,17 +491,17 @@ class Learner:
     # -------------------------------------------------------------- stats, checkpoints
 
     def _note_stats(self, stats: UpdateStats, samples: int) -> None:
-        self.status.updates += 1
-        self.status.samples += samples
+        self._counters.updates += 1
+        self._counters.samples += samples
         elapsed = max(self._clock() - self._started, 1e-9)
-        self.status.samples_per_s = round(self.status.samples / elapsed, 2)
-        self.status.last = {
+        self._counters.samples_per_s = round(self._counters.samples / elapsed, 2)
+        self._counters.last = {
             k: round(float(v), 6)
             for k, v in msgspec.structs.asdict(stats).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
-        if self.status.breaker == "open" and not self.paused:
-            self.status.breaker = "closed"
+        if self._counters.breaker == "open" and not self.paused:
+            self._counters.breaker = "closed"
 
     def buffered(self) -> int:
         return len(self.rollout) if self.rollout is not None else len(self.replay or ())
@@ -537,23 +519,23 @@ class Learner:
             return False
         self._checkpoint_failures_in_a_row = 0
         self._next_checkpoint = self._clock() + self.config.checkpoint_interval_s
-        self.status.checkpoints += 1
-        self.status.checkpoint_retry_in_s = 0.0
+        self._counters.checkpoints += 1
+        self._counters.checkpoint_retry_in_s = 0.0
         return True
 
     def _checkpoint_failed(self, exc: Exception) -> None:
         self._checkpoint_failures_in_a_row += 1
         retry_s = min(2.0 ** (self._checkpoint_failures_in_a_row - 1), self.config.checkpoint_interval_s)
         self._next_checkpoint = self._clock() + retry_s
-        self.status.checkpoint_failures += 1
-        self.status.last_checkpoint_error = f"{type(exc).__name__}: {exc}"
-        self.status.last_checkpoint_error_at = datetime.datetime.now(datetime.UTC).isoformat(
+        self._counters.checkpoint_failures += 1
+        self._counters.last_checkpoint_error = f"{type(exc).__name__}: {exc}"
+        self._counters.last_checkpoint_error_at = datetime.datetime.now(datetime.UTC).isoformat(
             timespec="seconds"
         )
-        self.status.checkpoint_retry_in_s = retry_s
+        self._counters.checkpoint_retry_in_s = retry_s
         log.error(
             "learner checkpoint failed; learning goes on, retrying",
-            error=self.status.last_checkpoint_error,
+            error=self._counters.last_checkpoint_error,
             failures_in_a_row=self._checkpoint_failures_in_a_row,
             retry_in_s=retry_s,
         )
@@ -570,7 +552,7 @@ class Learner:
         algo = self._export_algo()
         if algo is not None:
             tmp = directory / "learner.pt.tmp"
-            torch.save({"algo": algo, "status": msgspec.to_builtins(self.status)}, tmp)
+            torch.save({"algo": algo, "status": msgspec.to_builtins(self._counters)}, tmp)
             tmp.replace(directory / "learner.pt")
         buffer = self.rollout if self.rollout is not None else self.replay
         if buffer is not None:
@@ -637,9 +619,9 @@ class Learner:
         self._good, self._good_version = clone_state(restored.state_dict()), restored.version
         self.serving = restored
         self._swap(restored)
-        self.status.serving_version = restored.version
-        self.status.updates = updates
-        self.status.samples = samples
+        self._counters.serving_version = restored.version
+        self._counters.updates = updates
+        self._counters.samples = samples
         log.info("learner resumed", version=restored.version, buffered=self.buffered())
         return True
 

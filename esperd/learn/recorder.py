@@ -27,11 +27,11 @@ import collections
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import msgspec
 import numpy as np
 import structlog
 
 from contracts import SystemStatePacket
+from contracts.status import RecorderStats
 from esperd.analyzer.observation import Observation
 from esperd.learn.config import RewardConfig
 from esperd.learn.experience import Transition
@@ -41,24 +41,6 @@ from esperd.policy.base import ActResult, PolicyBundle
 log = structlog.get_logger("esperd.learn.recorder")
 
 Sink = Callable[[Transition], object]
-
-
-class RecorderStats(msgspec.Struct, kw_only=True):
-    """Counters for status."""
-
-    runs: int
-    open_steps: int
-    decisions: int  # steps opened (WAIT included)
-    transitions_closed: int
-    terminal: int  # closed by a done packet
-    truncated: int  # closed by eviction (idle, max_runs, shutdown)
-    episodes_closed: int  # episodes that ended with at least one transition
-    rejections: int
-    runs_dropped: int  # pushed out by max_runs
-    unattributed_reward: float  # reward earned while no step was open (before the first decision)
-    sink_errors: int
-    version_mismatches: int  # decisions whose stamped version differed from the hook's policy version
-    mean_episode_return: float  # over the last `returns_window` episodes
 
 
 @dataclass(slots=True)

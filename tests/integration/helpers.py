@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 from nats.aio.client import Client
 
+from contracts.schema import SCHEMA_DIR, STATUS_FILE
 from esperd.config import Config, config_from_dict
 from esperd.service import Service
 
@@ -45,10 +47,22 @@ async def running_daemon(config: Config) -> AsyncIterator[Service]:
         await asyncio.wait_for(task, 20)
 
 
+#: The published schema of the status reply: every answer a test reads is checked against it by
+#: the `jsonschema` package (not by esperd's own decoder).
+STATUS_SCHEMA = json.loads((SCHEMA_DIR / STATUS_FILE).read_text(encoding="utf-8"))
+_STATUS_VALIDATOR = jsonschema.validators.validator_for(STATUS_SCHEMA)(STATUS_SCHEMA)
+
+
 async def status(nc: Client, timeout: float = 2.0) -> dict[str, Any]:
-    """The daemon's `esperd.status` answer."""
+    """The daemon's `esperd.status` answer, valid under contracts/schema/status.json."""
     reply = await nc.request("esperd.status", b"", timeout=timeout)
-    return json.loads(reply.data)
+    answer: dict[str, Any] = json.loads(reply.data)
+    error = jsonschema.exceptions.best_match(_STATUS_VALIDATOR.iter_errors(answer))
+    if error is not None:
+        raise AssertionError(
+            f"esperd.status answer does not match status.json: {error.message} at {error.json_path}"
+        )
+    return answer
 
 
 async def wait_for_status(
@@ -60,6 +74,8 @@ async def wait_for_status(
     while asyncio.get_running_loop().time() < deadline:
         try:
             last = await status(nc, timeout=1.0)
+        except AssertionError:
+            raise  # an answer that breaks the schema is a failure, not a daemon still starting
         except Exception:  # noqa: BLE001 - not answering yet (e.g. mid-reconnect)
             await asyncio.sleep(0.1)
             continue

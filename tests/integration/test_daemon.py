@@ -164,10 +164,33 @@ async def test_survives_broker_restart(tmp_path: Path) -> None:
         server.stop()
 
 
+async def test_every_section_of_a_real_status_reply_matches_the_published_schema(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
+    """A daemon with every optional section present (learner, cluster): its reply validates against
+    contracts/schema/status.json with the `jsonschema` package (helpers.status checks it), and the
+    learner reports its own breaker state."""
+    config = daemon_config(
+        nats_server.url,
+        tmp_path,
+        policy={"name": "gnn", "hidden_size": 64, "gnn_layers": 1},
+        learner={"algorithm": "ppo", "worker": "thread"},
+        cluster={"enabled": True, "instance_id": "solo", "settle_s": 0.0},
+    )
+    async with running_daemon(config):
+        for subject, data in HAND_TYPED:
+            await nats_client.publish(subject, data)
+        st = await wait_for_status(nats_client, lambda s: s["accepted_total"] >= len(HAND_TYPED))
+    assert st["learner"]["algorithm"] == "ppo" and st["learner"]["breaker"] == "closed"
+    assert st["cluster"]["instance"] == "solo" and st["cluster"]["members"] == ["solo"]
+    assert st["run_table"]["tracked"] == 1 and set(st["tasks"]) >= {"decisions", "learner", "cluster"}
+    assert st["scheduler"]["unknown_acks"] == 1  # the hand-typed ack answers no command
+
+
 async def test_status_round_trips_through_msgspec(
     nats_server: NatsServer, nats_client: Client, tmp_path: Path
 ) -> None:
-    from esperd.service import Status
+    from contracts.status import Status
 
     async with running_daemon(daemon_config(nats_server.url, tmp_path)):
         reply = await nats_client.request("esperd.status", b"", timeout=2)

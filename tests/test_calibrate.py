@@ -145,6 +145,7 @@ def test_a_calibrated_config_loads_and_drives_the_simulator(tmp_path: Path) -> N
         load_sim_config(tmp_path / "bad.toml")
 
 
+@pytest.mark.slow
 def test_calibration_moves_the_simulator_toward_the_runs_it_was_fitted_to() -> None:
     # "Real" runs from a simulator with other dynamics than the default; fit on some, judge on others.
     truth = SimConfig(

@@ -96,6 +96,7 @@ def test_a_seed_goes_through_its_lifecycle_driven_by_commands() -> None:
     assert 0.0 < alphas[2] < alphas[3] < 1.0 and alphas[4] == alphas[6] == 1.0
 
 
+@pytest.mark.slow
 def test_seed_parameters_enter_and_leave_the_optimizer() -> None:
     run = HostRun(HostConfig(epochs=1), link=MemoryLink())
     slot = run.model.layers[1].slot

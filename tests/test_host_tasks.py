@@ -55,6 +55,7 @@ def test_per_position_training_reports_accuracy_and_loss_per_label() -> None:
     assert final.train_loss == pytest.approx(final.val_loss, rel=0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BENCHMARK_TASKS))
 def test_static_variants_small_large_and_matched(name: str) -> None:
     spec = BENCHMARK_TASKS[name]
@@ -90,6 +91,7 @@ def test_fixed_schedule_puts_one_seed_on_every_slot_of_its_family() -> None:
         FixedSchedule([Germination("fc", Blueprint.MLP), Germination("fc", Blueprint.LORA)])
 
 
+@pytest.mark.slow
 def test_a_scheduled_seed_goes_from_germination_to_fossilized_without_esperd() -> None:
     plan = Germination("block3", Blueprint.CONV_LIGHT, epoch=1, train_epochs=1, tempo=Tempo.FAST)
     config = HostConfig(epochs=7, width=2, seed=0, telemetry=False)
@@ -132,6 +134,7 @@ def _train_seed_against_a_constant_gradient(output_decay: float, steps: int = 30
     return rms if exact else float("inf")  # a non-finite seed made even the host's value NaN
 
 
+@pytest.mark.slow
 def test_a_training_seed_stays_bounded_under_a_constant_straight_through_gradient() -> None:
     # Without the output decay the seed follows the gradient forever: its output grows without
     # bound (the sort transformer's attention seeds reached 700x the host's scale and turned the

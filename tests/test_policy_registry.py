@@ -73,6 +73,7 @@ def test_same_init_seed_gives_same_weights() -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.slow  # imports torch.compile's dynamo and inductor
 def test_compile_wraps_the_inner_network_not_the_bundle() -> None:
     policy = create_policy("gnn", PolicyConfig(name="gnn", compile=True))
     assert isinstance(policy, GNNPolicy)  # the bundle is untouched

@@ -14,6 +14,10 @@ import pytest
 from doc_examples import CHANNEL_KINDS, EsperdJudge, SchemaJudge, load_schemas
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
+# Hypothesis runs of hundreds of packets per kind: the full suite, not the fast tier
+# (test_schema.py and test_doc_examples.py check the schemas there).
+pytestmark = pytest.mark.slow
+
 SCHEMAS = load_schemas()
 KIND_CHANNEL = {kind: channel for channel, kinds in CHANNEL_KINDS.items() for kind in kinds}
 #: What a mutation puts in place of a part: wrong types, out-of-range and borderline values.
@@ -179,7 +183,6 @@ def test_generated_packets_are_valid_both_ways(kind: str, data: st.DataObject) -
     assert assert_agreement(kind, doc), f"the schema refuses what it generated: {doc}"
 
 
-@pytest.mark.slow  # 200 examples a kind; the other two tests here keep the fast tier honest
 @pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())

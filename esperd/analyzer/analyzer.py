@@ -12,9 +12,10 @@ import msgspec
 from contracts import Blueprint, HealthBatch, HealthSignal, Op, SystemStatePacket, TopologyPacket
 from esperd.analyzer.config import AnalyzerConfig, AnalyzerError
 from esperd.analyzer.graph import Graph
+from esperd.analyzer.ingest import QueuedHealth, apply_health
 from esperd.analyzer.observation import Observation
-from esperd.analyzer.run import RunState, RunSummary, TrendFactory
-from esperd.analyzer.window import SlidingTrend
+from esperd.analyzer.run import RunState, RunSummary
+from esperd.analyzer.table import NodeArena
 
 # (run, nodes, edges) -> "" to let a run's graph grow to that size, or why not.
 SizeGate = Callable[[str, int, int], str]
@@ -39,6 +40,10 @@ class Analyzer:
     `material_health_delta`, a seed changed stage, a new topology was adopted, or the run
     finished),
     which is the scheduler's cue to decide again. `now` defaults to the injected clock.
+
+    Health can also be queued (`queue_health`) and applied later, many messages of many runs in one
+    vectorized pass (`flush`, which names the runs that changed materially). Whatever reads or
+    changes a run otherwise applies the queue first, so a queued message is never seen out of order.
     Not thread-safe: the event loop owns it.
     """
 
@@ -47,13 +52,15 @@ class Analyzer:
         config: AnalyzerConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
-        trend_factory: TrendFactory = SlidingTrend,
         size_gate: SizeGate | None = None,
     ) -> None:
         self.config = config or AnalyzerConfig()
         self._clock = clock
-        self._trend_factory = trend_factory
         self._size_gate = size_gate
+        self._arena = NodeArena(self.config.default_health, self.config.window_size)
+        self._queue: list[QueuedHealth] = []
+        self._queued_runs: list[RunState] = []
+        self._changed: set[str] = set()  # runs a flush found changed, not yet handed out
         # Activity order (each ingest moves its run to the end): the summary lists runs that way.
         self._runs: OrderedDict[str, RunState] = OrderedDict()
 
@@ -64,6 +71,7 @@ class Analyzer:
         graph = Graph.from_topology(
             packet, max_nodes=self.config.max_nodes_per_run, max_edges=self.config.max_edges_per_run
         )
+        self._apply_queue()
         self._check_size(run_id, graph.num_nodes, graph.num_edges)
         run = self._touch(run_id, now)
         run.host_topology_version = packet.topology_version
@@ -72,14 +80,41 @@ class Analyzer:
     def ingest_health(
         self, run_id: str, message: HealthSignal | HealthBatch, now: float | None = None
     ) -> bool:
-        """Apply one signal or a batch of them; each signal costs O(1)."""
+        """Apply one signal or a batch of them now; each signal costs O(1)."""
+        self.queue_health(run_id, message, now)
+        self._apply_queue()
+        changed = run_id in self._changed
+        self._changed.discard(run_id)
+        return changed
+
+    def queue_health(
+        self, run_id: str, message: HealthSignal | HealthBatch, now: float | None = None
+    ) -> None:
+        """Queue one signal or a batch of them, to be applied by `flush` (or by whatever touches the
+        analyzer next). A layer first seen here is added now: AnalyzerError if the run may not grow."""
         run = self._touch(run_id, now)
         if isinstance(message, HealthBatch):
-            return run.ingest_signals(message.signals, message.timestamp, run.last_seen)
-        return run.ingest_signals((message,), 0.0, run.last_seen)
+            entry = run.queue_signals(message.signals, message.timestamp, run.last_seen)
+        else:
+            entry = run.queue_signals((message,), 0.0, run.last_seen)
+        self._queue.append(entry)
+        self._queued_runs.append(run)
+
+    def flush(self) -> set[str]:
+        """Apply the queued health; the runs changed materially since the last flush (by queued
+        health applied here or earlier on the way to another operation)."""
+        self._apply_queue()
+        changed, self._changed = self._changed, set()
+        return changed
+
+    @property
+    def queued(self) -> int:
+        """Messages queued and not yet applied."""
+        return len(self._queue)
 
     def ingest_state(self, run_id: str, packet: SystemStatePacket, now: float | None = None) -> bool:
         """Apply a state packet: training numbers and seed slot states."""
+        self._apply_queue()
         run = self._touch(run_id, now)
         return run.ingest_state(packet, run.last_seen)
 
@@ -111,6 +146,7 @@ class Analyzer:
         """A host's answer to a command. Applied: the slot's stage moves at once (the next packet
         reconciles it). Rejected GERMINATE: its blueprint is masked on that layer. False for a run
         the analyzer does not know (or an applied op our view did not allow)."""
+        self._apply_queue()
         run = self._runs.get(run_id)
         if run is None:
             return False
@@ -123,16 +159,20 @@ class Analyzer:
 
     def observe(self, run_id: str, now: float | None = None) -> Observation:
         """The run's current Observation for the policy."""
+        self._apply_queue()
         return self._run(run_id).observe(self._now(now))
 
     def clusters(self, run_id: str) -> list[list[int]]:
         """The run's problem clusters as lists of layer ids."""
+        self._apply_queue()
         return self._run(run_id).clusters()
 
     def run_summary(self, run_id: str, now: float | None = None) -> RunSummary:
+        self._apply_queue()
         return self._run(run_id).summary(self._now(now))
 
     def summary(self, now: float | None = None) -> AnalyzerSummary:
+        self._apply_queue()
         t = self._now(now)
         return AnalyzerSummary(
             runs=len(self._runs),
@@ -151,15 +191,36 @@ class Analyzer:
 
     def get_run(self, run_id: str) -> RunState | None:
         """The run's state, for read-only inspection (tests, debugging)."""
+        self._apply_queue()
         return self._runs.get(run_id)
 
     # -------------------------------------------------------------- lifecycle
 
     def remove_run(self, run_id: str) -> bool:
         """Forget a run now (e.g. once its episode is closed). False if it was not known."""
-        return self._runs.pop(run_id, None) is not None
+        self._apply_queue()
+        self._changed.discard(run_id)
+        run = self._runs.pop(run_id, None)
+        if run is None:
+            return False
+        run.release()
+        return True
 
     # ---------------------------------------------------------------- helpers
+
+    def _apply_queue(self) -> None:
+        """Apply every queued message (one vectorized pass); note the runs that changed."""
+        if not self._queue:
+            return
+        queue, runs = self._queue, self._queued_runs
+        self._queue, self._queued_runs = [], []
+        applied = apply_health(self._arena, queue, self.config)
+        for run, material, flipped in zip(
+            runs, applied.material.tolist(), applied.flipped.tolist(), strict=True
+        ):
+            run.applied(flipped)
+            if material:
+                self._changed.add(run.run_id)
 
     def _now(self, now: float | None) -> float:
         return self._clock() if now is None else now
@@ -184,7 +245,7 @@ class Analyzer:
         run = self._runs.get(run_id)
         if run is None:
             check = functools.partial(self._check_size, run_id) if self._size_gate is not None else None
-            run = self._runs[run_id] = RunState(run_id, self.config, self._trend_factory, t, check)
+            run = self._runs[run_id] = RunState(run_id, self.config, self._arena, t, check)
         else:
             self._runs.move_to_end(run_id)
         run.last_seen = t

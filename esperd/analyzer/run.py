@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import math
+import operator
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import msgspec
 import numpy as np
@@ -14,6 +13,7 @@ from contracts import Blueprint, HealthSignal, Op, SeedSlotState, SeedStage, Sys
 from esperd.analyzer import table as T
 from esperd.analyzer.config import AnalyzerConfig, AnalyzerError
 from esperd.analyzer.graph import Graph, components, gcn_normalize
+from esperd.analyzer.ingest import QueuedHealth
 from esperd.analyzer.masks import LIVE_STAGE, STAGE_ONE_HOT, op_mask
 from esperd.analyzer.observation import (
     BLUEPRINT_INDEX,
@@ -28,7 +28,7 @@ from esperd.analyzer.observation import (
     STAGES,
     Observation,
 )
-from esperd.analyzer.table import NodeTable
+from esperd.analyzer.table import NodeArena, NodeTable
 
 _STAGE_SLICE = slice(T.STAGE_FIRST, T.STAGE_FIRST + STAGE_ONE_HOT.shape[0])
 _FLAG_COLUMNS = [T.HEALTH, T.PROBLEMATIC, T.ATTENTION]
@@ -37,19 +37,9 @@ _KIND_ONE_HOT = np.eye(len(LAYER_KINDS), dtype=np.float32)
 #: Ops after which a slot's seed has no blend weight (any other op leaves alpha as the host reported it).
 _ALPHA_RESET = frozenset({Op.GERMINATE, Op.PRUNE})
 _EPOCHS_IN_STAGE_SCALE = 12.0  # the longest blend tempo (glacial)
+_LAYER_ID = operator.attrgetter("layer_id")
 
 
-class Trend(Protocol):
-    """What the analyzer needs from a per-layer window (SlidingTrend implements it)."""
-
-    def push(self, y: float) -> None: ...
-    @property
-    def slope(self) -> float: ...
-    @property
-    def ewma(self) -> float: ...
-
-
-TrendFactory = Callable[[int, float], Trend]
 # Called with a run's node and edge counts before its graph grows to them; raises AnalyzerError to refuse.
 SizeCheck = Callable[[int, int], None]
 
@@ -135,7 +125,7 @@ class RunState:
         self,
         run_id: str,
         config: AnalyzerConfig,
-        trend_factory: TrendFactory,
+        arena: NodeArena,
         now: float,
         size_check: SizeCheck | None = None,
     ) -> None:
@@ -148,13 +138,9 @@ class RunState:
         self.last_seen = now
         self.dropped_signals = 0  # signals for layers outside a host-declared topology
         self.gcn_builds = 0  # how often the GCN adjacency was computed (it is cached per version)
-        self._new_trend: Callable[[], Trend] = functools.partial(
-            trend_factory, config.window_size, config.ewma_alpha
-        )
         self._size_check = size_check
-        self._table = NodeTable(config.default_health)
+        self._table = NodeTable(arena)
         self._row_of: dict[int, int] = {}
-        self._trends: list[Trend] = []
         self._node_rows: np.ndarray | None = None  # node index -> table row, per graph version
         self._gcn: tuple[np.ndarray, np.ndarray] | None = None
         self._clusters: list[np.ndarray] | None = None  # None: flags or graph changed since computed
@@ -180,8 +166,7 @@ class RunState:
         if graph.same_as(self.graph):
             return False
         table = self._table
-        old_rows = _match_rows(table.layer[: table.n], graph.layer_ids)
-        self._trends = [self._trends[row] if row >= 0 else self._new_trend() for row in old_rows.tolist()]
+        old_rows = _match_rows(table.layer, graph.layer_ids)
         table.reorder(old_rows, graph.layer_ids)
         table.feat[:, T.LOG_PARAMS] = np.log10(graph.params + 1.0) / 10.0
         table.feat[:, T.FAMILY_CNN] = graph.family_cnn
@@ -202,7 +187,6 @@ class RunState:
             self._size_check(first + len(layer_ids), first + len(layer_ids) - 1)  # the chain's edges
         for offset, layer_id in enumerate(layer_ids):
             self._row_of[layer_id] = first + offset
-        self._trends.extend(self._new_trend() for _ in layer_ids)
         self._table.append(layer_ids)
         self._set_graph(Graph.chain(self._table.layer[: self._table.n]))
 
@@ -229,80 +213,34 @@ class RunState:
 
     # ---------------------------------------------------------------- signals
 
-    def ingest_signals(self, signals: Sequence[HealthSignal], batch_ts: float, now: float) -> bool:
-        """Apply health signals in order; True if any changed the run materially."""
-        new = [s.layer_id for s in signals if s.layer_id not in self._row_of]
-        if new:
-            self._grow_inferred(list(dict.fromkeys(new)))  # all at once: one graph rebuild per batch
-        material = False
-        for signal in signals:
-            material |= self._apply_signal(signal, signal.timestamp or batch_ts, now)
-        self.last_seen = now
-        return material
+    def queue_signals(self, signals: Sequence[HealthSignal], batch_ts: float, now: float) -> QueuedHealth:
+        """The signals as a queue entry for esperd.analyzer.ingest (which applies them, in order).
 
-    def _apply_signal(self, s: HealthSignal, ts: float, now: float) -> bool:
-        row = self._row_of.get(s.layer_id)
-        if row is None:  # a layer the host's own topology does not declare
-            self.dropped_signals += 1
-            return False
-        cfg = self.config
-        trend = self._trends[row]
-        h = s.health_score
-        trend.push(h)
-        slope = trend.slope
-        problematic = (
-            h < cfg.problematic_health
-            or slope < cfg.problematic_trend
-            or s.error_count > cfg.problematic_errors
-        )
-        attention = h < cfg.attention_health and slope < cfg.attention_trend
-        # One read and one write per table: each numpy per-element access has a fixed cost.
-        feat, aux = self._table.feat, self._table.aux
-        old = feat[row, : T.SIGNAL_END].tolist()
-        _, _, slot_ts, stage, seen_h, seen_p, seen_a = aux[row].tolist()
-        if problematic != (old[T.PROBLEMATIC] > 0.5):
-            self._clusters = None  # a flag flipped: problem clusters must be recomputed
-        # A signal whose seed fields are all defaults (a hand-typed one) says nothing about the slot;
-        # one older than the slot information we hold (by host timestamp) must not undo it.
-        total = s.total_seeds
-        seed_aware = (
-            total or s.active_seeds or s.seed_stage is not SeedStage.DORMANT or s.alpha or s.epochs_in_stage
-        )
-        if seed_aware and s.seed_id == 0 and (ts == 0.0 or ts >= slot_ts):
-            new_stage = STAGE_INDEX[s.seed_stage]
-            slot = (
-                s.alpha,
-                min(s.epochs_in_stage / _EPOCHS_IN_STAGE_SCALE, 1.0),
-                _clip(s.blending_velocity, -1.0, 1.0),
-            )
-            slot_ts = max(ts, slot_ts)
-        else:
-            new_stage = stage
-            slot = old[T.ALPHA : T.SIGNAL_END]
-        feat[row, : T.SIGNAL_END] = (
-            h,
-            trend.ewma,
-            _clip(slope, -1.0, 1.0),
-            math.log1p(s.activation_variance),
-            s.dead_neuron_ratio,
-            s.avg_correlation,
-            math.log1p(s.execution_latency_us / 1000.0),
-            min(s.error_count / 10.0, 1.0),
-            min(s.active_seeds / max(total, 1), 1.0),
-            1.0 if problematic else 0.0,  # floats, not bools: numpy converts them faster
-            1.0 if attention else 0.0,
-            0.0,  # in_cluster lives in the cluster cache; observe() fills it
-            math.log1p(s.gradient_norm),
-            min(s.seed_gradient_ratio, 1.0),
-            *slot,
-        )
-        aux[row, : T.STAGE + 1] = (now, max(total, 1), slot_ts, new_stage)
-        return bool(
-            new_stage != stage
-            or abs(h - seen_h) > cfg.material_health_delta
-            or problematic != (seen_p > 0.5)
-            or attention != (seen_a > 0.5)
-        )
+        Layers first seen here are added now (an inferred graph grows; AnalyzerError if it may not),
+        and signals for layers a host-declared topology lacks are dropped and counted.
+        """
+        row_of = self._row_of
+        rows: list[int | None] = list(map(row_of.get, map(_LAYER_ID, signals)))
+        if None in rows:
+            new = [s.layer_id for s, row in zip(signals, rows, strict=True) if row is None]
+            self._grow_inferred(list(dict.fromkeys(new)))  # all at once: one graph rebuild per batch
+            rows = list(map(row_of.get, map(_LAYER_ID, signals)))
+            if None in rows:  # layers the host's own topology does not declare
+                kept = [(s, row) for s, row in zip(signals, rows, strict=True) if row is not None]
+                self.dropped_signals += len(rows) - len(kept)
+                signals = [s for s, _ in kept]
+                rows = [row for _, row in kept]
+        self.last_seen = now
+        return QueuedHealth(self._table, rows, signals, batch_ts, now)  # type: ignore[arg-type]  # no None left
+
+    def applied(self, flipped: bool) -> None:
+        """Queued signals were applied; `flipped`: some layer's problematic flag changed."""
+        if flipped:
+            self._clusters = None  # problem clusters must be recomputed
+
+    def release(self) -> None:
+        """Give the run's rows back to the arena (the run is forgotten)."""
+        self._table.release()
 
     # ------------------------------------------------------------------ state
 

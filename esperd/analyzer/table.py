@@ -1,4 +1,10 @@
-"""Column storage for one run's layers: one numpy row per layer, written in place per signal."""
+"""Column storage for every run's layers: one numpy row per layer, all runs in shared arrays.
+
+The rows of every run live in one `NodeArena` (struct of arrays: the feature table, the
+bookkeeping columns and each layer's trend window), each run in a block of its own, so that
+health signals from many runs are applied in one vectorized pass (esperd.analyzer.ingest) and
+a run's own code reads and writes its rows through plain numpy views (`NodeTable`).
+"""
 
 from __future__ import annotations
 
@@ -58,46 +64,165 @@ STAGE = 3  # index into STAGES of the slot's stage
 SEEN_HEALTH = 4  # health / flags as of the run's last observation, for "material change"
 SEEN_PROBLEMATIC = 5
 SEEN_ATTENTION = 6
-AUX_COLUMNS = 7
+# The layer's trend window (see esperd.analyzer.window.SlidingTrend, its one-row reference; the
+# values themselves are in NodeArena.win, a ring buffer): how many it holds, the slot of the
+# oldest once full, pushes since the running sums were last recomputed (counts, exact as floats),
+# the running sums sum(y_k) and sum(k * y_k) (k = 0 is the oldest), and the EWMA. Kept with the
+# bookkeeping so that one gather and one scatter per pass read and write all of a row's state.
+W_COUNT = 7
+W_HEAD = 8
+W_SINCE_SYNC = 9
+W_SUM_Y = 10
+W_SUM_XY = 11
+W_EWMA = 12
+AUX_COLUMNS = 13
+
+MIN_BLOCK = 16
 
 
-class NodeTable:
-    """One row per layer. Rows stay where they are while layers are added; `reorder` compacts."""
+def block_size(rows: int) -> int:
+    """The block a run of `rows` layers gets: a power of two, at least MIN_BLOCK, with room to grow."""
+    size = MIN_BLOCK
+    while size < rows:
+        size *= 2
+    return size
 
-    def __init__(self, default_health: float) -> None:
-        self._default_feat = np.zeros(len(NODE_FEATURES), dtype=np.float32)
-        self._default_feat[[HEALTH, EWMA]] = default_health
-        self._default_aux = np.array([-np.inf, 1.0, 0.0, DORMANT, default_health, 0.0, 0.0])
-        self.n = 0
+
+class NodeArena:
+    """Every run's node rows. A run owns a block [start, start + size); freed blocks are reused by
+    size, and the arrays double when no free block fits (so a view is only good until the next
+    `allocate`: take them afresh, as NodeTable does)."""
+
+    def __init__(self, default_health: float, window: int) -> None:
+        self.window = window
+        self.default_feat = np.zeros(len(NODE_FEATURES), dtype=np.float32)
+        self.default_feat[[HEALTH, EWMA]] = default_health
+        self.default_aux = np.array(
+            [-np.inf, 1.0, 0.0, DORMANT, default_health, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        )
+        self.capacity = 0
+        self.top = 0  # rows below this were handed out at some point
+        self._free: dict[int, list[int]] = {}  # block size -> starts of free blocks
         self.feat = np.empty((0, len(NODE_FEATURES)), dtype=np.float32)
         self.aux = np.empty((0, AUX_COLUMNS), dtype=np.float64)
         self.layer = np.empty(0, dtype=np.int64)  # layer id of each row
+        self.win = np.empty((0, window), dtype=np.float64)  # each row's window values, a ring buffer
+        # Running sums drift by rounding over millions of pushes; each row's are recomputed from its
+        # window every so many pushes (amortized far below O(1) per push).
+        self.sync_every = max(1024, 16 * window)
+
+    _COLUMNS = ("feat", "aux", "layer", "win")
+
+    @property
+    def rows_in_use(self) -> int:
+        return self.top - sum(size * len(starts) for size, starts in self._free.items())
+
+    def allocate(self, size: int) -> int:
+        """The start of a free block of `size` rows (a block_size)."""
+        free = self._free.get(size)
+        if free:
+            return free.pop()
+        if self.top + size > self.capacity:
+            self._grow(max(2 * self.capacity, self.top + size, 64))
+        start = self.top
+        self.top += size
+        return start
+
+    def release(self, start: int, size: int) -> None:
+        self._free.setdefault(size, []).append(start)
+
+    def reset(self, rows: slice | np.ndarray) -> None:
+        """Default rows: features, bookkeeping and an empty trend window."""
+        self.feat[rows] = self.default_feat
+        self.aux[rows] = self.default_aux
+
+    def copy_rows(self, source: np.ndarray | slice, target: np.ndarray | slice) -> None:
+        """Rows `source` copied to rows `target` (every column; the two must not overlap)."""
+        for name in self._COLUMNS:
+            column = getattr(self, name)
+            column[target] = column[source]
+
+    def window_values(self, row: int) -> list[float]:
+        """A row's trend window, oldest first (for tests and debugging)."""
+        count, head = int(self.aux[row, W_COUNT]), int(self.aux[row, W_HEAD])
+        values: list[float] = self.win[row].tolist()
+        if count < self.window:
+            return values[:count]
+        return values[head:] + values[:head]
+
+    def _grow(self, capacity: int) -> None:
+        for name in self._COLUMNS:
+            old = getattr(self, name)
+            new = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+            new[: self.top] = old[: self.top]
+            setattr(self, name, new)
+        self.capacity = capacity
+
+
+class NodeTable:
+    """One run's rows in the arena: rows 0..n-1 of its block, addressed relative to the block.
+
+    Rows stay where they are while layers are added; `reorder` rebuilds them in a new order.
+    The views (`feat`, `aux`, `layer`) are taken afresh on each access: another run's growth
+    may move the arena's arrays.
+    """
+
+    def __init__(self, arena: NodeArena) -> None:
+        self.arena = arena
+        self.n = 0
+        self.start = 0
+        self.size = 0  # block size; 0 = no block yet
+
+    @property
+    def feat(self) -> np.ndarray:
+        return self.arena.feat[self.start : self.start + self.n]
+
+    @property
+    def aux(self) -> np.ndarray:
+        return self.arena.aux[self.start : self.start + self.n]
+
+    @property
+    def layer(self) -> np.ndarray:
+        return self.arena.layer[self.start : self.start + self.n]
 
     def append(self, layer_ids: Sequence[int]) -> None:
         """Add default rows for new layers at the end (amortized O(1) per row)."""
         k = len(layer_ids)
-        if self.n + k > self.layer.shape[0]:
-            self._resize(max(16, 2 * (self.n + k)))
-        rows = slice(self.n, self.n + k)
-        self.feat[rows] = self._default_feat
-        self.aux[rows] = self._default_aux
-        self.layer[rows] = layer_ids
+        if self.n + k > self.size:
+            self._move(block_size(2 * (self.n + k)))
+        arena = self.arena
+        rows = slice(self.start + self.n, self.start + self.n + k)
+        arena.reset(rows)
+        arena.layer[rows] = layer_ids
         self.n += k
 
     def reorder(self, old_rows: np.ndarray, layer_ids: np.ndarray) -> None:
         """Rebuild so that new row i is old row old_rows[i], or a default row where that is -1."""
         n = layer_ids.shape[0]
-        keep = old_rows >= 0
-        feat = np.tile(self._default_feat, (n, 1))
-        aux = np.tile(self._default_aux, (n, 1))
-        feat[keep] = self.feat[old_rows[keep]]
-        aux[keep] = self.aux[old_rows[keep]]
-        self.feat, self.aux, self.layer, self.n = feat, aux, layer_ids.astype(np.int64, copy=True), n
+        arena = self.arena
+        size = block_size(n)
+        start = arena.allocate(size)  # may grow the arena: every index below is taken after it
+        keep = np.flatnonzero(old_rows >= 0)
+        target = start + np.arange(n)
+        arena.reset(target)
+        arena.copy_rows(self.start + old_rows[keep], target[keep])
+        arena.layer[start : start + n] = layer_ids
+        self._release()
+        self.start, self.size, self.n = start, size, n
 
-    def _resize(self, capacity: int) -> None:
-        n = self.n
-        feat = np.empty((capacity, self.feat.shape[1]), dtype=np.float32)
-        aux = np.empty((capacity, AUX_COLUMNS), dtype=np.float64)
-        layer = np.empty(capacity, dtype=np.int64)
-        feat[:n], aux[:n], layer[:n] = self.feat[:n], self.aux[:n], self.layer[:n]
-        self.feat, self.aux, self.layer = feat, aux, layer
+    def release(self) -> None:
+        """Give the rows back (the run is forgotten)."""
+        self._release()
+        self.n = 0
+
+    def _release(self) -> None:
+        if self.size:
+            self.arena.release(self.start, self.size)
+        self.size = 0
+
+    def _move(self, size: int) -> None:
+        start = self.arena.allocate(size)
+        if self.n:
+            self.arena.copy_rows(slice(self.start, self.start + self.n), slice(start, start + self.n))
+        self._release()
+        self.start, self.size = start, size

@@ -143,9 +143,10 @@ class SimEnv:
         dones = hosts.done()
         rewards = np.zeros(self.num_envs)
         infos: list[StepInfo] = []
+        for e, run_id in enumerate(self.run_ids):  # every run's health in one pass (at the first state)
+            self.analyzer.queue_health(run_id, health_batch(hosts, tel, e, self._time))
         for e, run_id in enumerate(self.run_ids):
             done = bool(dones[e])
-            self.analyzer.ingest_health(run_id, health_batch(hosts, tel, e, self._time))
             state = state_packet(hosts, tel, e, self._time, done)
             self.analyzer.ingest_state(run_id, state)
             if self.observer is not None:

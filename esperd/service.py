@@ -32,6 +32,8 @@ from contracts import (
     AckStatus,
     Blueprint,
     CommandAck,
+    HealthBatch,
+    HealthSignal,
     Op,
     SubjectError,
     SystemStatePacket,
@@ -137,6 +139,9 @@ class Service:
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_again = False
         self._json = msgspec.json.Encoder()
+        self._yield_at = 0.0  # perf_counter time by which the message handler lets the loop run
+        self._unyielded_bytes = 0  # payload bytes handled since the handler last let the loop run
+        self._apply_at = 0.0  # perf_counter time by which queued health is applied while messages wait
 
     def _build_learner(self, serving: PolicyBundle, device: str) -> Learner | None:
         config = self.config
@@ -512,14 +517,41 @@ class Service:
         except Exception:  # a bug must cost one message, never the subscription
             log.exception("handler failed", subject=subject)
             await self._report(self.intake.reject("internal_error", "handler raised", subject, data=data))
-        # Let the event loop run between two messages. nats-py's reader task moves data from the
-        # socket into the subscription's pending queue; this handler otherwise never suspends, so it
-        # would drain the whole queue before the reader reads again. The reader then fell behind
-        # a flood, the broker buffered for us until its max_pending and cut the connection
-        # (every run's messages lost, uncounted, status unanswered until the reconnect), and
-        # nats.max_pending_bytes never applied. With the yield, a flood overflows the pending queue
-        # instead: dropped by the client and counted in status (nats.slow_consumer_drops).
-        await asyncio.sleep(0)
+        if not self.bus.inbound_pending():
+            self._apply_health()  # nothing is waiting: the loop runs (and may decide) next
+            self._unyielded_bytes = 0
+            return
+        # Let the event loop run now and then. nats-py's reader task moves data from the socket into
+        # the subscription's pending queue; this handler otherwise never suspends, so it would drain
+        # the whole queue before the reader reads again. The reader then fell behind a flood, the
+        # broker buffered for us until its max_pending and cut the connection (every run's messages
+        # lost, uncounted, status unanswered until the reconnect), and nats.max_pending_bytes never
+        # applied. Yielding after each read's worth of bytes (or a millisecond) keeps the reader
+        # ahead of the handler: a flood overflows the pending queue instead, dropped by the client
+        # and counted in status (nats.slow_consumer_drops). A yield per message did that too, at
+        # the cost of a loop turn per message.
+        self._unyielded_bytes += len(data)
+        now = time.perf_counter()
+        if self._unyielded_bytes >= YIELD_EVERY_BYTES or now >= self._yield_at:
+            if now >= self._apply_at:  # queued health waits a little longer: larger passes cost less
+                self._apply_health()
+                self._apply_at = now + APPLY_EVERY_S
+            await asyncio.sleep(0)
+            self._unyielded_bytes = 0
+            self._yield_at = time.perf_counter() + YIELD_EVERY_S
+
+    def _apply_health(self) -> None:
+        """Apply the health queued since the last call (one vectorized pass over every run) and make
+        the runs it changed materially due: when no message is waiting, and every APPLY_EVERY_S
+        while they keep coming. (Whatever reads a run in the meantime, an observation for a
+        decision say, gets the queue applied first by the analyzer itself.)"""
+        if not self.analyzer.queued:
+            return
+        due = False
+        for run_id in self.analyzer.flush():
+            due |= self.scheduler.mark_due(run_id)
+        if due:
+            self.decisions.wake()
 
     def _dispatch(self, accepted: Accepted, subject: str) -> Rejection | None:
         """Hand a checked message to the parts that use it; a refusal (counted) if one of them refuses it."""
@@ -532,7 +564,11 @@ class Service:
         if admission.verdict is Verdict.LATE:
             return None  # the run said done; a restarted job announces itself (see esperd.runs)
         try:
-            changed = self.analyzer.ingest(run_id, message)
+            if isinstance(message, (HealthSignal, HealthBatch)):
+                self.analyzer.queue_health(run_id, message)  # applied by _apply_health, for many at once
+                changed = False
+            else:
+                changed = self.analyzer.ingest(run_id, message)
         except AnalyzerError as exc:
             if admission.new:
                 self.runs.cancel(run_id)  # a run whose first message is refused never existed
@@ -689,6 +725,13 @@ class Service:
                 connected=s.nats.connected,
             )
 
+
+# How much the message handler may take in before it lets the event loop (and nats-py's reader)
+# run: nats-py's read size in bytes, or a millisecond (see _on_raw).
+YIELD_EVERY_BYTES = 32 * 1024
+YIELD_EVERY_S = 0.001
+# How long queued health may wait while messages keep coming (see _apply_health).
+APPLY_EVERY_S = 0.002
 
 # NATS counts headers in max_payload, esperd's limit counts the payload alone: room for the
 # Content-Type header (and a few more), so a payload just over the limit still reaches esperd

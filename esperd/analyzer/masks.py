@@ -43,8 +43,9 @@ def mask_cooling(observation: Observation, layers: Iterable[int]) -> Observation
     layer_set = set(layers)
     if not layer_set:
         return observation
-    rows = np.isin(observation.layer_ids, list(layer_set))
-    if not rows.any():
+    # A few layers against a few dozen ids: a Python pass costs a tenth of np.isin's set-up.
+    rows = [i for i, layer_id in enumerate(observation.layer_ids.tolist()) if layer_id in layer_set]
+    if not rows:
         return observation
     ops = observation.op_mask.copy()
     ops[rows] = False

@@ -8,6 +8,8 @@ from __future__ import annotations
 from contracts.codec import JSON, MSGPACK, Codec, CodecError, is_json
 from contracts.enums import (
     AckStatus,
+    AlphaCurve,
+    AlphaSpeed,
     BlendAlgorithm,
     Blueprint,
     BlueprintFamily,
@@ -59,6 +61,8 @@ __all__ = [
     "TRANSITIONS",
     "AckStatus",
     "AdaptationCommand",
+    "AlphaCurve",
+    "AlphaSpeed",
     "AnyMessage",
     "BlendAlgorithm",
     "Blueprint",

@@ -100,10 +100,38 @@ _TEMPO_EPOCHS = {Tempo.FAST: 3, Tempo.STANDARD: 5, Tempo.SLOW: 8, Tempo.GLACIAL:
 
 
 class IsolationMode(enum.Enum):
-    """Whether the host receives gradient through the seed path."""
+    """Whether the host receives gradient through the seed path while the seed blends.
+
+    Absent from a command (None), the host picks by topology: ISOLATED for CNN layers, SHARED
+    (co-adaptation) for transformer layers, as the seed documents' default."""
 
     ISOLATED = "isolated"
     SHARED = "shared"
+
+
+class AlphaSpeed(enum.Enum):
+    """How fast SET_ALPHA_TARGET moves alpha to its target; `epochs` is how many epochs the move
+    takes (0: at once, on the next step)."""
+
+    INSTANT = "instant"
+    FAST = "fast"
+    STANDARD = "standard"
+    SLOW = "slow"
+
+    @property
+    def epochs(self) -> int:
+        return _ALPHA_SPEED_EPOCHS[self]
+
+
+_ALPHA_SPEED_EPOCHS = {AlphaSpeed.INSTANT: 0, AlphaSpeed.FAST: 1, AlphaSpeed.STANDARD: 3, AlphaSpeed.SLOW: 5}
+
+
+class AlphaCurve(enum.Enum):
+    """The shape of SET_ALPHA_TARGET's move from the alpha in force to the target."""
+
+    LINEAR = "linear"
+    COSINE = "cosine"
+    SIGMOID = "sigmoid"
 
 
 class AckStatus(enum.Enum):

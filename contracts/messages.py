@@ -13,7 +13,17 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from contracts.enums import AckStatus, BlendAlgorithm, Blueprint, IsolationMode, Op, SeedStage, Tempo
+from contracts.enums import (
+    AckStatus,
+    AlphaCurve,
+    AlphaSpeed,
+    BlendAlgorithm,
+    Blueprint,
+    IsolationMode,
+    Op,
+    SeedStage,
+    Tempo,
+)
 
 SCHEMA_VERSION = 1
 
@@ -177,7 +187,10 @@ class AdaptationCommand(_Message, tag="command", kw_only=True):
     policy_version: Count = 0
     issued_at: NonNeg = 0.0
     seed_id: Id = 0
-    # GERMINATE levers.
+    # GERMINATE levers (absent: the host's default). `dwell_epochs`: epochs in TRAINING after
+    # which the host starts blending by itself (absent: it waits for ADVANCE); `isolation`: see
+    # IsolationMode; `lr_multiplier`: the seed's LR relative to the host's; `steepness`: of the
+    # sigmoid blend (and of a sigmoid alpha curve later), only meaningful with blend "sigmoid".
     blueprint: Blueprint | None = None
     blend: BlendAlgorithm | None = None
     tempo: Tempo | None = None
@@ -185,13 +198,17 @@ class AdaptationCommand(_Message, tag="command", kw_only=True):
     isolation: IsolationMode | None = None
     lr_multiplier: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
     steepness: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
-    # SET_ALPHA_TARGET.
+    # SET_ALPHA_TARGET: where alpha goes (required), and how: `alpha_speed` and `alpha_curve`
+    # (appended below; absent: over the rest of the blend's tempo, linearly).
     alpha_target: Unit | None = None
     reason: Reason = ""
     # Ownership epoch (a fencing token): which lease the sending instance held on the run when it
     # decided. Epochs only grow; a host ignores a command older than the newest it has seen for its
     # run (an instance that lost the run while frozen). 0: sent without a lease (a single instance).
     epoch: Count = 0
+    # SET_ALPHA_TARGET levers, appended (see alpha_target above).
+    alpha_speed: AlphaSpeed | None = None
+    alpha_curve: AlphaCurve | None = None
 
 
 class CommandAck(_Message, tag="ack", kw_only=True):

@@ -229,6 +229,7 @@ class DecisionLoop:
 def to_command(decision: Decision, epoch: int = 0) -> AdaptationCommand:
     """The wire command for a (non-WAIT) decision, under ownership `epoch`."""
     germinate = decision.op is Op.GERMINATE
+    alpha = decision.op is Op.SET_ALPHA_TARGET
     return AdaptationCommand(
         command_id=uuid.uuid4().hex,
         run_id=decision.run_id,
@@ -242,12 +243,36 @@ def to_command(decision: Decision, epoch: int = 0) -> AdaptationCommand:
         blueprint=decision.blueprint if germinate else None,
         blend=decision.blend if germinate else None,
         tempo=decision.tempo if germinate else None,
-        # The policy has no alpha head yet: SET_ALPHA_TARGET asks for a full blend (the host
-        # ramps to the target over the rest of the tempo).
-        alpha_target=1.0 if decision.op is Op.SET_ALPHA_TARGET else None,
+        dwell_epochs=decision.dwell_epochs if germinate else None,
+        isolation=decision.isolation if germinate else None,
+        lr_multiplier=decision.lr_multiplier if germinate else None,
+        steepness=decision.steepness if germinate else None,
+        # A host needs a target: without one from the policy, a full blend (the host ramps to it
+        # over the rest of the tempo, or as alpha_speed and alpha_curve say).
+        alpha_target=(1.0 if decision.alpha_target is None else decision.alpha_target) if alpha else None,
+        alpha_speed=decision.alpha_speed if alpha else None,
+        alpha_curve=decision.alpha_curve if alpha else None,
         reason=decision.reason or describe(decision),
         epoch=epoch,
     )
+
+
+def _optional_levers(decision: Decision) -> str:
+    """The optional levers a decision sets, as ", dwell 3, shared, lr x2" (empty when none)."""
+    parts = []
+    if decision.dwell_epochs is not None:
+        parts.append(f"dwell {decision.dwell_epochs}")
+    if decision.isolation is not None:
+        parts.append(decision.isolation.value)
+    if decision.lr_multiplier is not None:
+        parts.append(f"lr x{decision.lr_multiplier:g}")
+    if decision.steepness is not None:
+        parts.append(f"steepness {decision.steepness:g}")
+    if decision.alpha_speed is not None:
+        parts.append(f"{decision.alpha_speed.value} speed")
+    if decision.alpha_curve is not None:
+        parts.append(f"{decision.alpha_curve.value} curve")
+    return "".join(f", {p}" for p in parts)
 
 
 def published_unit(value: float) -> float:
@@ -264,7 +289,10 @@ def describe(decision: Decision) -> str:
     if decision.op is Op.GERMINATE and decision.blueprint is not None:
         blend = decision.blend.value if decision.blend else "-"
         tempo = decision.tempo.value if decision.tempo else "-"
-        levers = f" with {decision.blueprint.value} ({blend}, {tempo})"
+        levers = f" with {decision.blueprint.value} ({blend}, {tempo}{_optional_levers(decision)})"
+    elif decision.op is Op.SET_ALPHA_TARGET:
+        target = 1.0 if decision.alpha_target is None else decision.alpha_target
+        levers = f" to {target:g}{_optional_levers(decision)}"
     return (
         f"{decision.op.value} layer {decision.layer_id}{levers}: "
         f"{decision.policy} v{decision.policy_version}, "

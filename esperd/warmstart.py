@@ -51,7 +51,7 @@ def reference_policy(name: str) -> Actor:
 
 
 def _action_rows(result: Any) -> np.ndarray:
-    """int64 [B, 5] from an ActResult (the heuristic) or action rows (esperd.sim policies)."""
+    """int64 [B, ACTION_WIDTH] from an ActResult (the heuristic) or action rows (esperd.sim policies)."""
     actions = getattr(result, "actions", result)
     return np.asarray(actions.numpy() if hasattr(actions, "numpy") else actions, dtype=np.int64)
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from esperd.analyzer.observation import Observation
+from esperd.analyzer.observation import ACTION_WIDTH, Observation
 from esperd.learn import persist
 from esperd.learn.buffers import BufferFileError, ReplayBuffer, RolloutBuffer
 from esperd.learn.experience import Transition
@@ -64,7 +64,7 @@ def episodes(
             out.append(
                 Transition(
                     obs=chains[r][e],
-                    action=rng.integers(0, 4, 5).astype(np.int64),
+                    action=rng.integers(0, 4, ACTION_WIDTH).astype(np.int64),
                     log_prob=float(-rng.random()),
                     value=float(rng.normal()),
                     policy_version=e // 2,
@@ -406,7 +406,14 @@ def test_topology_versions_are_stored_once_each(tmp_path: Path):
     v1_copy = make_observation("r", 6)
     steps = [step_obs(v1, rng, 0), step_obs(v1_copy, rng, 1), step_obs(v2, rng, 2), step_obs(v2, rng, 3)]
     data = [
-        Transition(obs=o, action=np.zeros(5, np.int64), log_prob=0.0, value=0.0, policy_version=0, next_obs=n)
+        Transition(
+            obs=o,
+            action=np.zeros(ACTION_WIDTH, np.int64),
+            log_prob=0.0,
+            value=0.0,
+            policy_version=0,
+            next_obs=n,
+        )
         for o, n in zip(steps, steps[1:] + [None], strict=True)
     ]
     path = tmp_path / "b.safetensors"
@@ -581,7 +588,7 @@ def test_twenty_node_transitions_are_compact():
             buf.add(
                 Transition(
                     obs=obs,
-                    action=np.zeros(5, np.int64),
+                    action=np.zeros(ACTION_WIDTH, np.int64),
                     log_prob=-float(i),
                     value=float(i),
                     policy_version=1,

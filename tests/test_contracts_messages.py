@@ -10,6 +10,8 @@ from contracts import (
     SCHEMA_VERSION,
     AckStatus,
     AdaptationCommand,
+    AlphaCurve,
+    AlphaSpeed,
     BlendAlgorithm,
     Blueprint,
     Codec,
@@ -126,6 +128,8 @@ FULL: dict[type[msgspec.Struct], msgspec.Struct] = {
         alpha_target=0.75,
         reason="layer 3 health 0.2 < 0.3",
         epoch=41,
+        alpha_speed=AlphaSpeed.SLOW,
+        alpha_curve=AlphaCurve.COSINE,
         v=2,
     ),
     CommandAck: CommandAck(

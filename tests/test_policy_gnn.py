@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
 from torch_geometric.data import Batch, Data
 
 from contracts import BlueprintFamily, Op, SeedStage
-from esperd.analyzer.observation import BLENDS, BLUEPRINTS, OP_INDEX, OPS, TEMPOS
+from esperd.analyzer.observation import ACTION_WIDTH, OP_INDEX, OPS
 from esperd.policy import GNNPolicy, PolicyBundle, PolicyConfig, create_policy
 from esperd.policy.batch import collate
 from esperd.policy.heads import FactoredDistribution, sample_actions
+from tests.support.actions import every_action, legality_problem, row
 from tests.support.observations import chain_edges, make_observation, mixed_batch, random_stages
 
 GERMINATE = OP_INDEX[Op.GERMINATE]
@@ -26,16 +25,9 @@ def policy() -> GNNPolicy:
 
 
 def assert_legal(observations, actions: torch.Tensor) -> None:
-    for obs, (node, op, bp, _blend, _tempo) in zip(observations, actions.tolist(), strict=True):
-        assert 0 <= node < obs.num_nodes
-        assert obs.op_mask[node, op], f"illegal op {OPS[op]} at stage {obs.stages[node]}"
-        if op == GERMINATE:
-            assert obs.blueprint_mask[node, bp]
-        actionable = obs.op_mask[:, 1:].any(axis=1)
-        if actionable.any():
-            assert actionable[node], "chose a node with nothing but WAIT while others could act"
-        else:
-            assert (node, op) == (0, WAIT)
+    for obs, action in zip(observations, actions.tolist(), strict=True):
+        problem = legality_problem(obs, action, choosable=True)
+        assert problem is None, problem
 
 
 def test_is_a_policy_bundle(policy: GNNPolicy) -> None:
@@ -113,7 +105,7 @@ def test_germinate_masked_when_no_blueprint_fits(policy: GNNPolicy) -> None:
 def test_nothing_legal_means_wait_on_node_zero(policy: GNNPolicy) -> None:
     obs = make_observation("r", 4, stages=[SeedStage.FOSSILIZED] * 4)
     result = policy.act([obs])
-    assert result.actions[0].tolist() == [0, WAIT, 0, 0, 0]
+    assert result.actions[0].tolist() == row(0, WAIT)
     assert result.log_probs[0].item() == pytest.approx(0.0, abs=1e-6)
     assert result.confidences[0].item() == pytest.approx(1.0)
     assert result.decisions[0].op is Op.WAIT and result.decisions[0].layer_id == int(obs.layer_ids[0])
@@ -155,13 +147,11 @@ def test_gradients_flow_through_evaluate(policy: GNNPolicy) -> None:
 
 def test_entropy_equals_brute_force_enumeration(policy: GNNPolicy) -> None:
     obs = make_observation("r", 3, stages=[SeedStage.DORMANT, SeedStage.BLENDING, SeedStage.FOSSILIZED])
-    actions = []
-    for node, op in itertools.product(range(3), range(len(OPS))):
-        if op == GERMINATE:
-            levers = itertools.product(range(len(BLUEPRINTS)), range(len(BLENDS)), range(len(TEMPOS)))
-            actions += [[node, op, *lv] for lv in levers]
-        else:
-            actions.append([node, op, 0, 0, 0])
+    # Every row with nonzero probability: each legal op of each node, with every combination of
+    # the levers that op samples (steepness only with a sigmoid blend, alpha levers with
+    # SET_ALPHA_TARGET); its probabilities must sum to 1 and give the analytic entropy.
+    actions = list(every_action(obs, range(3)))
+    assert any(a[1] == OP_INDEX[Op.SET_ALPHA_TARGET] for a in actions)
     result = policy.evaluate([obs] * len(actions), torch.tensor(actions))
     log_p = result.log_probs.detach().double()
     p = log_p.exp()
@@ -216,7 +206,7 @@ def test_architecture_options(hidden: int, layers: int, residual: bool) -> None:
     assert policy.base_network.encoder[0].out_features == hidden
     observations = mixed_batch([4, 9], seed=8)
     result = policy.act(observations)
-    assert result.actions.shape == (2, 5) and torch.isfinite(result.values).all()
+    assert result.actions.shape == (2, ACTION_WIDTH) and torch.isfinite(result.values).all()
 
 
 def test_collate_matches_torch_geometric_batch() -> None:

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from contracts import BlendAlgorithm, Blueprint, BlueprintFamily, Op, SeedStage, Tempo
-from esperd.analyzer.observation import LAYER_KINDS, OP_INDEX, Observation
+from esperd.analyzer.observation import ACTION_WIDTH, LAYER_KINDS, OP_INDEX, Observation
 from esperd.policy import HeuristicConfig, HeuristicPolicy, PolicyBundle, PolicyConfig, create_policy
+from tests.support.actions import legality_problem, row
 from tests.support.observations import make_observation, mixed_batch
 
 S = SeedStage
@@ -260,12 +261,9 @@ def test_obeys_masks() -> None:
         observations = mixed_batch([3, 6, 10], seed=seed)
         for ob in observations:
             ob.global_features[:] = 0.0  # stabilized host
-        for ob, (node, op, bp, _, _) in zip(
-            observations, policy.act(observations).actions.tolist(), strict=True
-        ):
-            assert ob.op_mask[node, op]
-            if op == OP_INDEX[Op.GERMINATE]:
-                assert ob.blueprint_mask[node, bp]
+        for ob, action in zip(observations, policy.act(observations).actions.tolist(), strict=True):
+            problem = legality_problem(ob, action)
+            assert problem is None, problem
 
 
 def test_many_runs_at_once_equal_one_at_a_time() -> None:
@@ -304,10 +302,10 @@ def test_run_memory_is_bounded() -> None:
 
 def test_actions_tensor_matches_decisions() -> None:
     result = make_policy(tempo=Tempo.GLACIAL).act([scene("a", sick=1), scene("b")])
-    assert result.actions.dtype == torch.int64 and result.actions.shape == (2, 5)
+    assert result.actions.dtype == torch.int64 and result.actions.shape == (2, ACTION_WIDTH)
     germ, wait = result.decisions
     assert germ.action.as_list() == result.actions[0].tolist()
-    assert result.actions[1].tolist() == [0, OP_INDEX[Op.WAIT], 0, 0, 0] and wait.op is Op.WAIT
+    assert result.actions[1].tolist() == row(0, OP_INDEX[Op.WAIT]) and wait.op is Op.WAIT
     assert np.isclose(result.confidences[0].item(), germ.confidence)
 
 

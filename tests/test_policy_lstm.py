@@ -9,6 +9,7 @@ from contracts import Op
 from esperd.analyzer.observation import OP_INDEX
 from esperd.policy import LSTMPolicy, PolicyBundle, PolicyConfig, create_policy
 from esperd.policy.batch import collate
+from tests.support.actions import legality_problem
 from tests.support.observations import make_observation, mixed_batch
 
 GERMINATE = OP_INDEX[Op.GERMINATE]
@@ -68,10 +69,9 @@ def test_sampled_actions_are_always_legal() -> None:
     torch.manual_seed(0)
     for _ in range(40):
         result = policy.act(observations)
-        for obs, (node, op, bp, _, _) in zip(observations, result.actions.tolist(), strict=True):
-            assert obs.op_mask[node, op]
-            if op == GERMINATE:
-                assert obs.blueprint_mask[node, bp]
+        for obs, action in zip(observations, result.actions.tolist(), strict=True):
+            problem = legality_problem(obs, action)
+            assert problem is None, problem
     dist = policy.distribution(observations)
     assert torch.all(dist.op_probs()[~collate(observations, policy.device).op_mask] == 0.0)
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from contracts import Op, SeedStage
-from esperd.analyzer.observation import OP_INDEX, OPS
+from esperd.analyzer.observation import ACTION_WIDTH, OP_INDEX, OPS
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy, registered_policies
 from esperd.policy.random import RandomLegalPolicy, random_legal_action
+from tests.support.actions import legality_problem
 from tests.support.observations import make_observation
 
 STAGES = [
@@ -29,7 +30,7 @@ def test_random_is_a_registered_bundle() -> None:
     assert isinstance(policy, RandomLegalPolicy) and isinstance(policy, PolicyBundle)
     assert not policy.is_learnable and policy.state_dict() == {}
     with pytest.raises(NotImplementedError):
-        policy.evaluate([], np.zeros((0, 5)))  # type: ignore[arg-type]
+        policy.evaluate([], np.zeros((0, ACTION_WIDTH)))  # type: ignore[arg-type]
 
 
 def test_every_action_is_legal_and_every_legal_action_is_drawn_about_equally() -> None:
@@ -38,10 +39,10 @@ def test_every_action_is_legal_and_every_legal_action_is_drawn_about_equally() -
     draws = [random_legal_action(obs, rng) for _ in range(6000)]
     legal_pairs = {(int(n), int(o)) for n, o in zip(*np.nonzero(obs.op_mask), strict=True) if o != 0}
     counts: Counter[tuple[int, int]] = Counter()
-    for node, op, blueprint, _, _ in draws:
-        assert obs.op_mask[node, op], f"illegal op {OPS[op]} on node {node} ({STAGES[node]})"
-        if OPS[op] is Op.GERMINATE:
-            assert obs.blueprint_mask[node, blueprint], "a blueprint that does not fit the layer"
+    for action in draws:
+        problem = legality_problem(obs, action)
+        assert problem is None, problem
+        node, op = action[:2]
         counts[(node, op) if OPS[op] is not Op.WAIT else (-1, 0)] += 1
     assert set(counts) == legal_pairs | {(-1, 0)}  # every legal pair and WAIT occur, nothing else
     expected = len(draws) / len(counts)

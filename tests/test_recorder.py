@@ -10,7 +10,7 @@ import torch
 
 from contracts import Op, SeedSlotState, SystemStatePacket
 from esperd.analyzer import Analyzer
-from esperd.analyzer.observation import OP_INDEX, Observation
+from esperd.analyzer.observation import ACTION_WIDTH, OP_INDEX, Observation
 from esperd.learn.buffers import ReplayBuffer, RolloutBuffer
 from esperd.learn.config import RewardConfig
 from esperd.learn.experience import Transition
@@ -18,6 +18,7 @@ from esperd.learn.recorder import Recorder
 from esperd.learn.rewards import RewardTracker
 from esperd.policy import PolicyConfig, create_policy
 from esperd.policy.base import ActResult, build_decisions
+from tests.support.actions import row
 from tests.support.packets import chain_topology
 from tests.support.timing import FakeClock
 
@@ -70,7 +71,7 @@ def act(
     if isinstance(ops, Op):
         ops = [ops] * len(observations)
     b = len(observations)
-    actions = torch.tensor([[1, OP_INDEX[op], 0, 0, 0] for op in ops], dtype=torch.int64).reshape(b, 5)
+    actions = torch.tensor([row(1, OP_INDEX[op]) for op in ops], dtype=torch.int64).reshape(b, ACTION_WIDTH)
     log_probs = -torch.arange(1, b + 1, dtype=torch.float32) / 4
     values = torch.arange(b, dtype=torch.float32) / 8 + 0.5
     ones = torch.ones(b)
@@ -138,7 +139,7 @@ def test_rewards_of_several_packets_accumulate_and_next_obs_is_the_next_decision
     assert t.reward == pytest.approx(c.accuracy_weight * 0.10 - 2 * c.rent_weight * np.log1p(0.1))
     assert t.obs is obs0 and t.next_obs is obs1
     assert not t.done and not t.truncated
-    assert t.action.tolist() == [1, OP_INDEX[Op.GERMINATE], 0, 0, 0]
+    assert t.action.tolist() == row(1, OP_INDEX[Op.GERMINATE])
     assert t.log_prob == pytest.approx(-0.25) and t.value == pytest.approx(0.5)
     assert t.policy_version == 3 and t.hidden is None
     # The topology arrays are the analyzer's, shared between the two steps (same version).
@@ -337,8 +338,8 @@ def test_real_gnn_policy_through_the_decision_hook():
     rec.decision_hook(obs, result, policy)
     rec.truncate_all()
     assert len(out) == 2
-    for t, row, lp, v in zip(out, result.actions, result.log_probs, result.values, strict=True):
-        assert t.action.dtype == np.int64 and t.action.tolist() == row.tolist()
+    for t, action, lp, v in zip(out, result.actions, result.log_probs, result.values, strict=True):
+        assert t.action.dtype == np.int64 and t.action.tolist() == action.tolist()
         assert t.log_prob == pytest.approx(float(lp)) and t.value == pytest.approx(float(v))
         assert t.policy_version == 5
 

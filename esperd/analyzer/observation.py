@@ -7,28 +7,84 @@ the policy turns them into tensors without copying (`torch.from_numpy`).
 Action space (factored, one decision per run per step):
   node      which layer's seed slot (index into the node arrays), chosen by priority;
   op        an `Op` for that node (WAIT means publish nothing);
-  blueprint / blend / tempo   levers, only meaningful when op is GERMINATE.
+  levers    indices into the choice tuples below (LEVERS names them, in action-row order):
+            blueprint, blend, tempo, dwell, isolation, lr multiplier with GERMINATE, and
+            steepness with GERMINATE and a sigmoid blend; alpha target, speed and curve with
+            SET_ALPHA_TARGET. A lever means nothing with any other op: it is 0 in the action row,
+            and its log-probability is not counted.
 One actionable seed slot per layer (seed_id 0) in wire contract v1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 import numpy as np
 
-from contracts import BlendAlgorithm, Blueprint, Op, SeedStage, Tempo
+from contracts import AlphaCurve, AlphaSpeed, BlendAlgorithm, Blueprint, IsolationMode, Op, SeedStage, Tempo
 
 OPS: tuple[Op, ...] = tuple(Op)
 BLUEPRINTS: tuple[Blueprint, ...] = tuple(Blueprint)
 BLENDS: tuple[BlendAlgorithm, ...] = tuple(BlendAlgorithm)
 TEMPOS: tuple[Tempo, ...] = tuple(Tempo)
 STAGES: tuple[SeedStage, ...] = tuple(SeedStage)
+#: The GERMINATE levers the seed documents add (004), as the wire values each index stands for.
+DWELLS: tuple[int, ...] = (1, 2, 3, 5)  # epochs in TRAINING before the host blends by itself
+# None: the host's default (by the layer's family, see IsolationMode).
+ISOLATIONS: tuple[IsolationMode | None, ...] = (None, IsolationMode.ISOLATED, IsolationMode.SHARED)
+LR_MULTIPLIERS: tuple[float, ...] = (0.5, 1.0, 2.0)
+STEEPNESSES: tuple[float, ...] = (0.5, 1.0, 2.0)  # of the sigmoid blend
+#: SET_ALPHA_TARGET's levers (003's alpha heads).
+ALPHA_TARGETS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+ALPHA_SPEEDS: tuple[AlphaSpeed, ...] = tuple(AlphaSpeed)
+ALPHA_CURVES: tuple[AlphaCurve, ...] = tuple(AlphaCurve)
+
+#: Every lever of the action row after node and op: (name, its choices), in action-row order.
+LEVERS: tuple[tuple[str, tuple[object, ...]], ...] = (
+    ("blueprint", BLUEPRINTS),
+    ("blend", BLENDS),
+    ("tempo", TEMPOS),
+    ("dwell", DWELLS),
+    ("isolation", ISOLATIONS),
+    ("lr_multiplier", LR_MULTIPLIERS),
+    ("steepness", STEEPNESSES),
+    ("alpha_target", ALPHA_TARGETS),
+    ("alpha_speed", ALPHA_SPEEDS),
+    ("alpha_curve", ALPHA_CURVES),
+)
+#: Levers sampled with GERMINATE; STEEPNESS only when the blend is also sigmoid.
+GERMINATE_LEVERS: tuple[str, ...] = ("blueprint", "blend", "tempo", "dwell", "isolation", "lr_multiplier")
+SIGMOID_LEVERS: tuple[str, ...] = ("steepness",)
+#: Levers sampled with SET_ALPHA_TARGET.
+ALPHA_LEVERS: tuple[str, ...] = ("alpha_target", "alpha_speed", "alpha_curve")
+#: The levers issue 16 added: a policy may leave any of them to the host (PolicyConfig.levers).
+OPTIONAL_LEVERS: tuple[str, ...] = (
+    "dwell",
+    "isolation",
+    "lr_multiplier",
+    "steepness",
+    "alpha_target",
+    "alpha_speed",
+    "alpha_curve",
+)
 
 OP_INDEX = {op: i for i, op in enumerate(OPS)}
 BLUEPRINT_INDEX = {bp: i for i, bp in enumerate(BLUEPRINTS)}
 BLEND_INDEX = {b: i for i, b in enumerate(BLENDS)}
 TEMPO_INDEX = {t: i for i, t in enumerate(TEMPOS)}
 STAGE_INDEX = {s: i for i, s in enumerate(STAGES)}
+#: Columns of an action row: node, op, then each lever's choice index.
+ACTION_FIELDS: tuple[str, ...] = ("node", "op", *(name for name, _ in LEVERS))
+ACTION_WIDTH = len(ACTION_FIELDS)
+LEVER_COLUMN = {name: 2 + i for i, (name, _) in enumerate(LEVERS)}  # in an action row, after node and op
+DWELL_INDEX = {d: i for i, d in enumerate(DWELLS)}
+ISOLATION_INDEX = {m: i for i, m in enumerate(ISOLATIONS)}
+LR_INDEX = {m: i for i, m in enumerate(LR_MULTIPLIERS)}
+STEEPNESS_INDEX = {k: i for i, k in enumerate(STEEPNESSES)}
+ALPHA_TARGET_INDEX = {a: i for i, a in enumerate(ALPHA_TARGETS)}
+ALPHA_SPEED_INDEX = {a: i for i, a in enumerate(ALPHA_SPEEDS)}
+ALPHA_CURVE_INDEX = {a: i for i, a in enumerate(ALPHA_CURVES)}
 
 #: Layer kinds the observation tells apart (one-hot node features), from the wire's free-form
 #: `layer_type`; see `layer_kind`.
@@ -141,3 +197,46 @@ class Observation(msgspec.Struct, frozen=True):
     @property
     def num_nodes(self) -> int:
         return int(self.layer_ids.shape[0])
+
+
+def counted_levers(op: Op, blend: int) -> tuple[str, ...]:
+    """The levers an action with `op` (and blend index `blend`) samples: the only ones whose
+    choice means anything, is sent, and counts in its log-probability."""
+    if op is Op.GERMINATE:
+        sigmoid = blend == BLEND_INDEX[BlendAlgorithm.SIGMOID]
+        return GERMINATE_LEVERS + SIGMOID_LEVERS if sigmoid else GERMINATE_LEVERS
+    if op is Op.SET_ALPHA_TARGET:
+        return ALPHA_LEVERS
+    return ()
+
+
+def lever_values(op: Op, row: Sequence[int], levers: frozenset[str] | None = None) -> dict[str, object]:
+    """The wire fields (AdaptationCommand names) an action row with `op` carries: the levers the
+    op samples, at the choices the row's indices name. `levers`: the optional levers the policy
+    sets (None: all); the others are left out (the host's default), but for SET_ALPHA_TARGET's
+    target, which a host needs: without the lever it is 1.0, a full blend."""
+    on = OPTIONAL_LEVERS if levers is None else levers
+    col = LEVER_COLUMN
+    if op is Op.GERMINATE:
+        out: dict[str, object] = {
+            "blueprint": BLUEPRINTS[row[col["blueprint"]]],
+            "blend": BLENDS[row[col["blend"]]],
+            "tempo": TEMPOS[row[col["tempo"]]],
+        }
+        if "dwell" in on:
+            out["dwell_epochs"] = DWELLS[row[col["dwell"]]]
+        if "isolation" in on:
+            out["isolation"] = ISOLATIONS[row[col["isolation"]]]
+        if "lr_multiplier" in on:
+            out["lr_multiplier"] = LR_MULTIPLIERS[row[col["lr_multiplier"]]]
+        if "steepness" in on and "steepness" in counted_levers(op, row[col["blend"]]):
+            out["steepness"] = STEEPNESSES[row[col["steepness"]]]
+        return out
+    if op is Op.SET_ALPHA_TARGET:
+        out = {"alpha_target": ALPHA_TARGETS[row[col["alpha_target"]]] if "alpha_target" in on else 1.0}
+        if "alpha_speed" in on:
+            out["alpha_speed"] = ALPHA_SPEEDS[row[col["alpha_speed"]]]
+        if "alpha_curve" in on:
+            out["alpha_curve"] = ALPHA_CURVES[row[col["alpha_curve"]]]
+        return out
+    return {}

@@ -24,7 +24,7 @@ class Transition(msgspec.Struct, kw_only=True, gc=False):
     all of them."""
 
     obs: Observation  # what the policy saw (cooldown masks applied)
-    action: np.ndarray  # int64 [5]: node, op, blueprint, blend, tempo (esperd.policy.ACTION_FIELDS)
+    action: np.ndarray  # int64 [ACTION_WIDTH]: node, op, then each lever (observation.ACTION_FIELDS)
     log_prob: float  # behaviour log-probability at decision time
     value: float  # behaviour value estimate at decision time
     policy_version: int

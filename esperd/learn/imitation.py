@@ -39,12 +39,13 @@ import torch
 from torch import nn
 
 from contracts import Op
-from esperd.analyzer.observation import OP_INDEX
+from esperd.analyzer.observation import LEVERS, OP_INDEX
 from esperd.learn.config import ImitationConfig
 from esperd.learn.experience import Transition
 from esperd.learn.ppo import check_finite, split_sequences, stack_actions
-from esperd.policy.base import BLEND, BLUEPRINT, NODE, OP, TEMPO, PolicyBundle
-from esperd.policy.heads import FactoredDistribution
+from esperd.policy.base import ACTION_COLUMN, NODE, OP, PolicyBundle
+from esperd.policy.batch import LEVER_COLUMNS
+from esperd.policy.heads import FactoredDistribution, counted_lever_mask
 
 __all__ = [
     "DemonstrationAnchor",
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 _WAIT = OP_INDEX[Op.WAIT]
-_GERMINATE = OP_INDEX[Op.GERMINATE]
 _MIN = torch.finfo(torch.float32).min
 
 
@@ -110,27 +110,27 @@ def reference_log_likelihood(dist: FactoredDistribution, actions: torch.Tensor) 
 
 
 def lever_smoothing_term(dist: FactoredDistribution, actions: torch.Tensor) -> torch.Tensor:
-    """Per graph, [B]: sum over the three levers of (mean log p over the legal choices - log p of
-    the reference's choice) at the chosen node, for GERMINATE rows (0 elsewhere). Adding eps times
-    its negative to the log-likelihood gives label-smoothed cross-entropy on the levers."""
+    """Per graph, [B]: sum over the levers the row's op samples (GERMINATE's, SET_ALPHA_TARGET's)
+    of (mean log p over the legal choices - log p of the reference's choice) at the chosen node
+    (0 for other rows). Adding eps times its negative to the log-likelihood gives label-smoothed
+    cross-entropy on the levers."""
+    counted = counted_lever_mask(actions)  # [B, levers]
     term = torch.zeros(actions.shape[0], device=actions.device)
-    germinate = torch.nonzero(actions[:, OP] == _GERMINATE).squeeze(1)
-    if germinate.numel() == 0:
+    acting = torch.nonzero(counted.any(-1)).squeeze(1)
+    if acting.numel() == 0:
         return term
-    chosen_actions = actions[germinate]
-    rows = dist.batch.ptr[:-1][germinate] + chosen_actions[:, NODE]
-    heads = (
-        (dist.blueprint_logp, BLUEPRINT, dist.batch.blueprint_mask),
-        (dist.blend_logp, BLEND, None),
-        (dist.tempo_logp, TEMPO, None),
-    )
-    smoothing = torch.zeros(germinate.numel(), device=actions.device)
-    for logp, column, mask in heads:
-        options = logp[rows]  # [G, choices]
-        legal = torch.ones_like(options, dtype=torch.bool) if mask is None else mask[rows]
+    chosen_actions = actions[acting]
+    rows = dist.batch.ptr[:-1][acting] + chosen_actions[:, NODE]
+    legal_logits = ~dist.batch.illegal_logits[rows]  # [G, NODE_HEAD_DIM]
+    smoothing = torch.zeros(acting.numel(), device=actions.device)
+    for i, (name, _) in enumerate(LEVERS):
+        options = dist.lever_logp(name)[rows]  # [G, choices]
+        legal = legal_logits[:, LEVER_COLUMNS[name]]
         uniform = torch.where(legal, options, 0.0).sum(-1) / legal.sum(-1).clamp_min(1)
-        smoothing = smoothing + uniform - options.gather(1, chosen_actions[:, column : column + 1]).squeeze(1)
-    return term.index_put((germinate,), smoothing)
+        column = ACTION_COLUMN[name]
+        gap = uniform - options.gather(1, chosen_actions[:, column : column + 1]).squeeze(1)
+        smoothing = smoothing + torch.where(counted[acting, i], gap, 0.0)
+    return term.index_put((acting,), smoothing)
 
 
 def _greedy_agrees(dist: FactoredDistribution, actions: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import msgspec
 import numpy as np
 
 from esperd.analyzer.observation import (
+    ACTION_WIDTH,
     BLUEPRINTS,
     GLOBAL_FEATURES,
     NODE_FEATURES,
@@ -40,9 +41,10 @@ from esperd.analyzer.observation import (
 from esperd.learn.experience import Transition
 
 FORMAT = "esperd.experience"
-FORMAT_VERSION = 1
+# 2: action rows carry every lever (issue 16), 12 columns instead of 5. A version 1 file is refused:
+# its log-probabilities were recorded without the new levers' terms.
+FORMAT_VERSION = 2
 _META_KEY = "esperd"
-ACTION_WIDTH = 5
 
 
 class BufferFileError(ValueError):

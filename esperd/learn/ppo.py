@@ -34,7 +34,7 @@ from msgspec import Meta
 from torch import nn
 
 from contracts import Op
-from esperd.analyzer.observation import OP_INDEX, Observation
+from esperd.analyzer.observation import ACTION_WIDTH, OP_INDEX, Observation
 from esperd.learn.config import PPOConfig
 from esperd.learn.experience import Transition
 from esperd.learn.gae import compute_gae
@@ -149,7 +149,7 @@ class SequenceLayout:
 
 
 def stack_actions(transitions: Sequence[Transition], device: torch.device) -> torch.Tensor:
-    """int64 [n, 5] action rows."""
+    """int64 [n, ACTION_WIDTH] action rows."""
     return torch.from_numpy(np.stack([np.asarray(t.action, dtype=np.int64) for t in transitions])).to(device)
 
 
@@ -194,7 +194,7 @@ def bootstrap_values(
     if wanted:
         observations = [obs for _, obs in wanted]
         # evaluate needs actions; WAIT on node 0 is always representable, and only values are used.
-        actions = torch.zeros(len(observations), 5, dtype=torch.int64, device=device)
+        actions = torch.zeros(len(observations), ACTION_WIDTH, dtype=torch.int64, device=device)
         actions[:, 1] = OP_INDEX[Op.WAIT]
         values = policy.evaluate(observations, actions).values.float()
         out[torch.tensor([j for j, _ in wanted], device=device)] = values.to(device)

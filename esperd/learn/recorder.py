@@ -32,7 +32,7 @@ import structlog
 
 from contracts import SystemStatePacket
 from contracts.status import RecorderStats
-from esperd.analyzer.observation import Observation
+from esperd.analyzer.observation import ACTION_WIDTH, Observation
 from esperd.learn.config import RewardConfig
 from esperd.learn.experience import Transition
 from esperd.learn.rewards import RewardStep, RewardTracker
@@ -119,7 +119,7 @@ class Recorder:
         """
         batch = len(observations)
         actions = result.actions.detach().cpu().numpy()
-        if actions.shape != (batch, 5) or len(result.decisions) != batch:
+        if actions.shape != (batch, ACTION_WIDTH) or len(result.decisions) != batch:
             raise ValueError(
                 f"{batch} observations but actions {tuple(actions.shape)} and "
                 f"{len(result.decisions)} decisions"

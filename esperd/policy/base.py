@@ -2,7 +2,8 @@
 
 A bundle wraps one policy (rules or an nn.Module) behind one interface used by
 both the serving path (`act`) and the learner (`evaluate`). Decisions are
-factored: per run one node (layer), one op, and for GERMINATE three levers.
+factored: per run one node (layer), one op, and the levers that op carries
+(observation.LEVERS: GERMINATE's, SET_ALPHA_TARGET's).
 """
 
 from __future__ import annotations
@@ -15,29 +16,75 @@ import msgspec
 import torch
 from torch import nn
 
-from contracts import BlendAlgorithm, Blueprint, Op, Tempo
-from esperd.analyzer.observation import BLENDS, BLUEPRINTS, OPS, TEMPOS, Observation
+from contracts import AlphaCurve, AlphaSpeed, BlendAlgorithm, Blueprint, IsolationMode, Op, Tempo
+from esperd.analyzer.observation import (
+    ACTION_FIELDS,
+    ACTION_WIDTH,
+    OPS,
+    OPTIONAL_LEVERS,
+    Observation,
+    counted_levers,
+    lever_values as observation_lever_values,
+)
 
-#: Columns of an action tensor [B, 5]: indices into OPS / BLUEPRINTS / BLENDS / TEMPOS.
-ACTION_FIELDS: tuple[str, ...] = ("node", "op", "blueprint", "blend", "tempo")
-NODE, OP, BLUEPRINT, BLEND, TEMPO = range(len(ACTION_FIELDS))
+(
+    NODE,
+    OP,
+    BLUEPRINT,
+    BLEND,
+    TEMPO,
+    DWELL,
+    ISOLATION,
+    LR_MULTIPLIER,
+    STEEPNESS,
+    ALPHA_TARGET,
+    ALPHA_SPEED,
+    ALPHA_CURVE,
+) = range(ACTION_WIDTH)
+ACTION_COLUMN = {name: i for i, name in enumerate(ACTION_FIELDS)}
+#: Every optional lever on (the default of PolicyConfig.levers).
+ALL_LEVERS: frozenset[str] = frozenset(OPTIONAL_LEVERS)
+
+
+def pad_action(row: Sequence[int]) -> list[int]:
+    """An action row with its missing trailing levers set to 0 ([node, op, blueprint] and the like
+    from rule-based code), checked to fit ACTION_WIDTH."""
+    if len(row) > ACTION_WIDTH:
+        raise ValueError(f"an action row has at most {ACTION_WIDTH} columns, got {len(row)}")
+    return [int(x) for x in row] + [0] * (ACTION_WIDTH - len(row))
+
+
+def legal_action_row(row: Sequence[int]) -> list[int]:
+    """The row with every lever its op does not sample set to 0 (see counted_levers)."""
+    out = pad_action(row)
+    keep = {ACTION_COLUMN[name] for name in counted_levers(OPS[out[OP]], out[BLEND])}
+    return [v if i <= OP or i in keep else 0 for i, v in enumerate(out)]
 
 
 class Action(msgspec.Struct, frozen=True, array_like=True):
-    """One run's factored action as indices. Levers are 0 (and ignored) unless op is GERMINATE."""
+    """One run's factored action as indices (observation.LEVERS). A lever its op does not sample
+    is 0 and ignored (see counted_levers)."""
 
     node: int  # index into the observation's node arrays
     op: int  # index into observation.OPS
     blueprint: int = 0  # index into observation.BLUEPRINTS
     blend: int = 0  # index into observation.BLENDS
     tempo: int = 0  # index into observation.TEMPOS
+    dwell: int = 0  # index into observation.DWELLS
+    isolation: int = 0  # index into observation.ISOLATIONS
+    lr_multiplier: int = 0  # index into observation.LR_MULTIPLIERS
+    steepness: int = 0  # index into observation.STEEPNESSES
+    alpha_target: int = 0  # index into observation.ALPHA_TARGETS
+    alpha_speed: int = 0  # index into observation.ALPHA_SPEEDS
+    alpha_curve: int = 0  # index into observation.ALPHA_CURVES
 
     def as_list(self) -> list[int]:
-        return [self.node, self.op, self.blueprint, self.blend, self.tempo]
+        return list(msgspec.structs.astuple(self))
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
-    """One run's decision in wire terms. op WAIT means: publish nothing."""
+    """One run's decision in wire terms. op WAIT means: publish nothing. A lever is None when its op
+    does not carry it, or when the policy leaves it to the host (PolicyConfig.levers)."""
 
     run_id: str
     layer_id: int
@@ -53,6 +100,13 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     policy: str = ""
     policy_version: int = 0
     reason: str = ""  # why, in words, when the policy can say (the heuristic can)
+    dwell_epochs: int | None = None
+    isolation: IsolationMode | None = None
+    lr_multiplier: float | None = None
+    steepness: float | None = None
+    alpha_target: float | None = None
+    alpha_speed: AlphaSpeed | None = None
+    alpha_curve: AlphaCurve | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -63,7 +117,7 @@ class ActResult:
     for recurrent policies only; pass it back to `evaluate` to reproduce log-probs.
     """
 
-    actions: torch.Tensor  # int64 [B, 5], columns ACTION_FIELDS
+    actions: torch.Tensor  # int64 [B, ACTION_WIDTH], columns ACTION_FIELDS
     log_probs: torch.Tensor  # float32 [B]
     values: torch.Tensor  # float32 [B]
     confidences: torch.Tensor  # float32 [B]
@@ -144,6 +198,7 @@ def build_decisions(
     values: torch.Tensor,
     policy: str,
     version: int,
+    levers: frozenset[str] = ALL_LEVERS,
 ) -> list[Decision]:
     """Wire-level Decisions from CPU action tensors (one `.tolist()` each, no per-item tensor ops)."""
     return decisions_from_lists(
@@ -155,6 +210,7 @@ def build_decisions(
         values=values.tolist(),
         policy=policy,
         version=version,
+        levers=levers,
     )
 
 
@@ -168,29 +224,36 @@ def decisions_from_lists(
     values: Sequence[float],
     policy: str,
     version: int,
+    levers: frozenset[str] = ALL_LEVERS,
 ) -> list[Decision]:
-    """build_decisions from Python rows and floats (what the neural policies' sampler yields)."""
+    """build_decisions from Python rows and floats (what the neural policies' sampler yields).
+
+    `levers`: the optional levers the policy sets; the others are left to the host (None), but
+    for SET_ALPHA_TARGET's target, which a host needs: without the lever it is 1.0, a full blend.
+    """
     columns = zip(confidences, urgencies, log_probs, values, strict=True)
     decisions = []
     for obs, row, (conf, urg, logp, value) in zip(observations, actions, columns, strict=True):
         action = Action(*row)
         op = OPS[action.op]
-        germinate = op is Op.GERMINATE
         decisions.append(
             Decision(
                 run_id=obs.run_id,
                 layer_id=int(obs.layer_ids[action.node]),
                 op=op,
                 action=action,
-                blueprint=BLUEPRINTS[action.blueprint] if germinate else None,
-                blend=BLENDS[action.blend] if germinate else None,
-                tempo=TEMPOS[action.tempo] if germinate else None,
                 confidence=min(max(conf, 0.0), 1.0),
                 urgency=min(max(urg, 0.0), 1.0),
                 log_prob=logp,
                 value=value,
                 policy=policy,
                 policy_version=version,
+                **lever_values(op, action, levers),
             )
         )
     return decisions
+
+
+def lever_values(op: Op, action: Action, levers: frozenset[str] = ALL_LEVERS) -> dict[str, object]:
+    """The Decision (and wire) fields an action's op carries (observation.lever_values)."""
+    return observation_lever_values(op, action.as_list(), levers)

@@ -24,13 +24,13 @@ import torch
 
 from contracts import Op
 from esperd.analyzer.observation import (
-    BLENDS,
-    BLUEPRINTS,
+    ALPHA_TARGET_INDEX,
     GLOBAL_FEATURES,
+    LEVERS,
     NODE_FEATURES,
     OP_INDEX,
     OPS,
-    TEMPOS,
+    OPTIONAL_LEVERS,
     Observation,
 )
 
@@ -38,11 +38,36 @@ _GERMINATE = OP_INDEX[Op.GERMINATE]
 _WAIT = OP_INDEX[Op.WAIT]
 _ACTIONABLE_OPS = [i for i in range(len(OPS)) if i != _WAIT]
 
-#: Per-node output columns of the policy heads: priority, op logits, blueprint logits, blend
-#: logits, tempo logits. Defined here (re-exported by heads.py) because collate precomputes
-#: one mask in this layout.
-HEAD_SIZES: tuple[int, ...] = (1, len(OPS), len(BLUEPRINTS), len(BLENDS), len(TEMPOS))
+#: Per-node output columns of the policy heads: priority, op logits, then each lever's logits
+#: (observation.LEVERS order: blueprint, blend, tempo, dwell, isolation, LR multiplier,
+#: steepness, alpha target, alpha speed, alpha curve). Defined here (re-exported by heads.py)
+#: because collate precomputes one mask in this layout.
+HEAD_SIZES: tuple[int, ...] = (1, len(OPS), *(len(choices) for _, choices in LEVERS))
 NODE_HEAD_DIM = sum(HEAD_SIZES)
+#: Each lever's logit columns in that layout.
+LEVER_COLUMNS: dict[str, slice] = {
+    name: slice(sum(HEAD_SIZES[: 2 + i]), sum(HEAD_SIZES[: 3 + i])) for i, (name, _) in enumerate(LEVERS)
+}
+#: The one choice a lever the policy leaves to the host is held at (its log-probability is then 0):
+#: alpha target 1.0, what a SET_ALPHA_TARGET without the lever sends; else the first.
+_HELD_CHOICE = {"alpha_target": ALPHA_TARGET_INDEX[1.0]}
+
+
+def lever_logits_mask(levers: frozenset[str]) -> np.ndarray:
+    """bool [NODE_HEAD_DIM], True where a logit is masked because the policy does not set that
+    optional lever (PolicyConfig.levers): all its choices but one."""
+    unknown = set(levers) - set(OPTIONAL_LEVERS)
+    if unknown:
+        raise ValueError(f"unknown levers {sorted(unknown)}; known: {', '.join(OPTIONAL_LEVERS)}")
+    mask = np.zeros(NODE_HEAD_DIM, dtype=bool)
+    for name in OPTIONAL_LEVERS:
+        if name not in levers:
+            columns = LEVER_COLUMNS[name]
+            mask[columns] = True
+            mask[columns.start + _HELD_CHOICE.get(name, 0)] = False
+    mask.flags.writeable = False
+    return mask
+
 
 #: Up to this many nodes in a batch the adjacency is a dense [N, N] matrix, beyond it CSR.
 #: A dense product costs N^2 * H, a CSR one about nnz * H plus a fixed overhead; measured on
@@ -54,7 +79,7 @@ DENSE_ADJACENCY_MAX_NODES = 48
 _MASKS_PER_RUN = 16
 
 _OP_COLUMNS = slice(HEAD_SIZES[0], HEAD_SIZES[0] + HEAD_SIZES[1])
-_BLUEPRINT_COLUMNS = slice(_OP_COLUMNS.stop, _OP_COLUMNS.stop + HEAD_SIZES[2])
+_BLUEPRINT_COLUMNS = LEVER_COLUMNS["blueprint"]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -93,12 +118,14 @@ def collate(
     *,
     adjacency: bool = True,
     cache: TopologyCache | None = None,
+    lever_mask: np.ndarray | None = None,
 ) -> GraphBatch:
     """One GraphBatch for `observations` (in order), on `device`.
 
     `adjacency=False` skips the adjacency matrix (for policies that do not pass messages).
     With a `cache`, a single observation of an already seen topology is collated from
-    its features and op mask alone (see TopologyCache).
+    its features and op mask alone (see TopologyCache), with the cache's lever mask.
+    `lever_mask` (lever_logits_mask) masks the levers a policy leaves to the host.
     """
     if not observations:
         raise ValueError("cannot collate an empty batch of observations")
@@ -121,7 +148,7 @@ def collate(
         np.concatenate([o.blueprint_mask for o in observations])
     )
     op_mask = _effective_op_mask(np.concatenate([o.op_mask for o in observations]), any_blueprint)
-    illegal_logits = _illegal_logits(_blueprint_logits_mask(blueprint_mask), op_mask, ptr)
+    illegal_logits = _illegal_logits(_blueprint_logits_mask(blueprint_mask, lever_mask), op_mask, ptr)
     return GraphBatch(
         x=_tensor(np.concatenate([o.node_features for o in observations]), device, np.float32),
         global_x=_tensor(np.stack([o.global_features for o in observations]), device, np.float32),
@@ -176,9 +203,17 @@ class TopologyCache:
     lock).
     """
 
-    def __init__(self, device: torch.device, *, adjacency: bool, max_runs: int = 1024) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        adjacency: bool,
+        max_runs: int = 1024,
+        lever_mask: np.ndarray | None = None,
+    ) -> None:
         self.device = device
         self.adjacency = adjacency
+        self.lever_mask = lever_mask
         self.max_runs = max_runs
         self._runs: OrderedDict[str, _Topology] = OrderedDict()
 
@@ -197,7 +232,7 @@ class TopologyCache:
         ):
             sources = (obs.gcn_edge_index, obs.gcn_edge_weight, obs.blueprint_mask)
             if any(a.flags.writeable for a in sources):
-                return collate([obs], self.device, adjacency=self.adjacency)
+                return collate([obs], self.device, adjacency=self.adjacency, lever_mask=self.lever_mask)
             topology = self._store(obs, sources)
         else:
             self._runs.move_to_end(obs.run_id)
@@ -256,7 +291,7 @@ class TopologyCache:
             adjacency=_adjacency(edge_index, edge_weight, n, device) if self.adjacency else None,
             ptr_array=ptr,
             any_blueprint=any_blueprint,
-            blueprint_logits_mask=_blueprint_logits_mask(blueprint_mask),
+            blueprint_logits_mask=_blueprint_logits_mask(blueprint_mask, self.lever_mask),
             masks={},
         )
         self._runs[obs.run_id] = topology
@@ -322,11 +357,15 @@ def _effective_op_mask(op_mask: np.ndarray, any_blueprint: np.ndarray) -> np.nda
     return op_mask
 
 
-def _blueprint_logits_mask(blueprint_mask: np.ndarray) -> np.ndarray:
+def _blueprint_logits_mask(blueprint_mask: np.ndarray, lever_mask: np.ndarray | None = None) -> np.ndarray:
     """The topology-only part of the head logits mask (HEAD_SIZES layout, True = masked out):
-    unfitting blueprints; priority and op columns are left to `_illegal_logits`; blend and
-    tempo are never masked."""
-    mask = np.zeros((blueprint_mask.shape[0], NODE_HEAD_DIM), dtype=bool)
+    unfitting blueprints, and the choices of levers the policy leaves to the host (`lever_mask`);
+    priority and op columns are left to `_illegal_logits`. Which levers an op samples is not a
+    mask: the distribution only counts them where they mean something (heads.py)."""
+    if lever_mask is None:
+        mask = np.zeros((blueprint_mask.shape[0], NODE_HEAD_DIM), dtype=bool)
+    else:
+        mask = np.repeat(lever_mask[None], blueprint_mask.shape[0], axis=0)
     np.logical_not(blueprint_mask, out=mask[:, _BLUEPRINT_COLUMNS])
     return mask
 

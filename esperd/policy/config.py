@@ -16,6 +16,19 @@ from contracts import BlendAlgorithm, Tempo
 from esperd.section import Section
 
 Epochs = Annotated[int, Meta(ge=0, le=10_000)]
+#: The optional levers a learned policy may set (esperd.analyzer.observation.OPTIONAL_LEVERS).
+Lever = Literal[
+    "dwell", "isolation", "lr_multiplier", "steepness", "alpha_target", "alpha_speed", "alpha_curve"
+]
+ALL_OPTIONAL_LEVERS: tuple[Lever, ...] = (
+    "dwell",
+    "isolation",
+    "lr_multiplier",
+    "steepness",
+    "alpha_target",
+    "alpha_speed",
+    "alpha_curve",
+)
 #: The observation reports epochs in stage scaled by 1/12 and clipped, so 12 is the most it can tell.
 StageEpochs = Annotated[int, Meta(ge=0, le=12)]
 Unit = Annotated[float, Meta(ge=0.0, le=1.0)]
@@ -58,9 +71,15 @@ class HeuristicConfig(Section, frozen=True):
     # preference; the prior counts as this many seeds.
     blueprint_prior_strength: Annotated[float, Meta(gt=0.0, le=1000.0)] = 2.0
     max_tracked_runs: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
-    # Levers chosen at GERMINATE.
+    # Levers chosen at GERMINATE. The dwell is train_dwell_epochs (a host that honours it blends on
+    # its own then; ADVANCE after the dwell covers one that does not). Isolation "family": the
+    # seed documents' rule, isolated on CNN-family layers, shared (co-adaptation) on transformer
+    # ones. Steepness is sent with a sigmoid blend only.
     blend: BlendAlgorithm = BlendAlgorithm.SIGMOID
     tempo: Tempo = Tempo.STANDARD
+    isolation: Literal["family", "isolated", "shared"] = "family"
+    lr_multiplier: Annotated[float, Meta(gt=0.0, le=100.0)] = 1.0
+    steepness: Annotated[float, Meta(gt=0.0, le=100.0)] = 1.0
     # Act only when both are reached.
     confidence_threshold: Unit = 0.7
     urgency_threshold: Unit = 0.5
@@ -90,6 +109,10 @@ class PolicyConfig(Section, frozen=True):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     init_seed: int | None = 0  # seeds weight init (None: torch's global RNG)
     deterministic: bool = False  # serve argmax actions instead of samples
+    # The optional levers a learned policy sets (the random policy draws them); the others it leaves
+    # to the host (not sent), with their heads held at one choice. Blueprint, blend and tempo are
+    # always set.
+    levers: tuple[Lever, ...] = ALL_OPTIONAL_LEVERS
     checkpoint: str | None = None  # safetensors file to load at start
     fallback: str = "heuristic"  # served when the checkpoint cannot be loaded
     heuristic: HeuristicConfig = HeuristicConfig()

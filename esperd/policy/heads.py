@@ -1,18 +1,24 @@
 """The factored, masked action distribution shared by the neural policies.
 
 Per node the network emits one row of NODE_HEAD_DIM logits, split as
-(priority | op | blueprint | blend | tempo). Per run (graph):
+(priority | op | blueprint | blend | tempo | dwell | isolation | lr | steepness |
+alpha target | alpha speed | alpha curve). Per run (graph):
 
   node      ~ softmax over the priorities of nodes that have a legal non-WAIT op
               (if none has, node 0 only: the decision is then WAIT on node 0);
   op        ~ softmax over that node's op logits, illegal ops masked out;
-  levers    ~ that node's blueprint (masked) / blend / tempo logits, used only for GERMINATE.
+  levers    ~ that node's lever logits (blueprint masked to those that fit), each counted only
+              where it means something (base.counted_levers): blueprint, blend, tempo, dwell,
+              isolation and LR multiplier with GERMINATE, steepness with GERMINATE and a
+              sigmoid blend, alpha target / speed / curve with SET_ALPHA_TARGET. An uncounted
+              lever is 0 in the action row and adds nothing to its log-probability, in
+              sampling and in `log_prob` alike, so PPO and V-trace ratios see the same terms.
 
-log p(a) = log p(node) + log p(op|node)
-         + [op = GERMINATE] * (log p(bp|node) + log p(blend|node) + log p(tempo|node))
+log p(a) = log p(node) + log p(op|node) + sum over the counted levers l of log p(l|node)
 
 Entropy is the exact entropy of that joint distribution:
-  H = H(node) + sum_n p(n) * (H(op|n) + p(GERMINATE|n) * (H(bp|n) + H(blend|n) + H(tempo|n))).
+  H = H(node) + sum_n p(n) * (H(op|n) + p(GERMINATE|n) * (sum_germinate H(l|n) + p(sigmoid|n) H(steep|n))
+                              + p(SET_ALPHA_TARGET|n) * sum_alpha H(l|n)).
 
 Masked logits are set to the most negative finite float rather than -inf: their
 probability is still exactly 0 (exp underflows), but 0 * log 0 stays finite in the
@@ -20,7 +26,7 @@ forward and backward pass, so entropy gradients never turn into NaN.
 
 At 20 nodes every torch op costs microseconds of dispatch for nanoseconds of math,
 so the code keeps the op count low: one masked_fill for all heads (the mask comes
-precomputed from collate), the per-node conditional log-probs in one [N, 29] table
+precomputed from collate), the per-node conditional log-probs in one [N, 53] table
 so a chosen node's row is one gather, one Gumbel noise draw for all heads, and
 `sample_scored` returns log-prob, confidence and urgency from the rows it sampled.
 The serving path (`sample_actions`) goes further for batches of a few graphs: it
@@ -39,28 +45,57 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from contracts import Op
-from esperd.analyzer.observation import OP_INDEX
-from esperd.policy.base import ACTION_FIELDS, NODE, OP
+from contracts import BlendAlgorithm, Op
+from esperd.analyzer.observation import (
+    ALPHA_LEVERS,
+    BLEND_INDEX,
+    GERMINATE_LEVERS,
+    LEVERS,
+    OP_INDEX,
+    SIGMOID_LEVERS,
+)
+from esperd.policy.base import ACTION_WIDTH, BLEND, NODE, OP
 from esperd.policy.batch import HEAD_SIZES, NODE_HEAD_DIM, GraphBatch
 
 __all__ = ["HEAD_SIZES", "NODE_HEAD_DIM", "FactoredDistribution", "SampledActions", "sample_actions"]
 
 _GERMINATE = OP_INDEX[Op.GERMINATE]
+_SET_ALPHA = OP_INDEX[Op.SET_ALPHA_TARGET]
+_SIGMOID = BLEND_INDEX[BlendAlgorithm.SIGMOID]
 _MIN = torch.finfo(torch.float32).min
 _TINY = torch.finfo(torch.float32).tiny
-#: Column sizes of the per-node table of conditional log-probs: op, blueprint, blend, tempo,
-#: and where each starts (a chosen op / lever's column is its index plus its head's offset).
+#: Column sizes of the per-node table of conditional log-probs: op, then each lever, and where
+#: each starts (a chosen op / lever's column is its index plus its head's offset).
 _TABLE_SIZES = HEAD_SIZES[1:]
 _TABLE_STARTS = [sum(_TABLE_SIZES[:i]) for i in range(len(_TABLE_SIZES))]
 _TABLE_SLICES = tuple(
     slice(start, start + size) for start, size in zip(_TABLE_STARTS, _TABLE_SIZES, strict=True)
 )
 _TABLE_OFFSETS = torch.tensor(_TABLE_STARTS)
-#: The op column range of a node's logits (after its priority), then blueprint, blend, tempo.
+_LEVER_NAMES = tuple(name for name, _ in LEVERS)
+_LEVER_SLICE = {name: _TABLE_SLICES[1 + i] for i, name in enumerate(_LEVER_NAMES)}
+#: Which levers (columns after op) GERMINATE, a sigmoid GERMINATE and SET_ALPHA_TARGET count.
+_GERMINATE_COUNTS = torch.tensor([name in GERMINATE_LEVERS for name in _LEVER_NAMES])
+_SIGMOID_COUNTS = torch.tensor([name in SIGMOID_LEVERS for name in _LEVER_NAMES])
+_ALPHA_COUNTS = torch.tensor([name in ALPHA_LEVERS for name in _LEVER_NAMES])
+#: The op column range of a node's logits (after its priority), then each lever's.
 _OP_COLUMNS, *_LEVER_COLUMNS = (slice(1 + h.start, 1 + h.stop) for h in _TABLE_SLICES)
+_GERMINATE_HEADS = [i for i, name in enumerate(_LEVER_NAMES) if name in GERMINATE_LEVERS]
+_SIGMOID_HEADS = [i for i, name in enumerate(_LEVER_NAMES) if name in SIGMOID_LEVERS]
+_ALPHA_HEADS = [i for i, name in enumerate(_LEVER_NAMES) if name in ALPHA_LEVERS]
+_BLEND_HEAD = _LEVER_NAMES.index("blend")
 #: Up to this many graphs, sample_actions samples in Python floats (see there).
 _SMALL_BATCH = 32
+
+
+def counted_lever_mask(actions: torch.Tensor) -> torch.Tensor:
+    """bool [B, levers]: which of each action row's levers its op samples (base.counted_levers)."""
+    device = actions.device
+    germinate = (actions[:, OP] == _GERMINATE).unsqueeze(1)
+    sigmoid = (actions[:, BLEND] == _SIGMOID).unsqueeze(1)
+    alpha = (actions[:, OP] == _SET_ALPHA).unsqueeze(1)
+    germinate_counts = _GERMINATE_COUNTS.to(device) | (_SIGMOID_COUNTS.to(device) & sigmoid)
+    return (germinate & germinate_counts) | (alpha & _ALPHA_COUNTS.to(device))
 
 
 def _entropy(log_probs: torch.Tensor) -> torch.Tensor:
@@ -96,8 +131,8 @@ class FactoredDistribution:
         self.batch = batch
         self.priority = node_out[:, 0]  # raw logits [N_total], for urgency
         priority, *heads = node_out.masked_fill(batch.illegal_logits, _MIN).split(HEAD_SIZES, dim=-1)
-        # log p(op | node), log p(bp | node), log p(blend | node), log p(tempo | node) side by
-        # side, [N_total, 6 + 16 + 3 + 4]: a chosen node's conditionals are then one row.
+        # log p(op | node) and log p(lever | node) for every lever side by side, [N_total, 53]:
+        # a chosen node's conditionals are then one row.
         self.table = torch.cat([F.log_softmax(head, dim=-1) for head in heads], dim=-1)
         self.node_logp = F.log_softmax(self._dense(priority.view(-1)), dim=-1)  # [B, max_nodes]
 
@@ -105,17 +140,21 @@ class FactoredDistribution:
     def op_logp(self) -> torch.Tensor:  # [N_total, OPS]
         return self.table[:, _TABLE_SLICES[0]]
 
+    def lever_logp(self, name: str) -> torch.Tensor:
+        """log p(choice | node) of one lever (observation.LEVERS), [N_total, choices]."""
+        return self.table[:, _LEVER_SLICE[name]]
+
     @property
     def blueprint_logp(self) -> torch.Tensor:  # [N_total, BLUEPRINTS]
-        return self.table[:, _TABLE_SLICES[1]]
+        return self.lever_logp("blueprint")
 
     @property
     def blend_logp(self) -> torch.Tensor:  # [N_total, BLENDS]
-        return self.table[:, _TABLE_SLICES[2]]
+        return self.lever_logp("blend")
 
     @property
     def tempo_logp(self) -> torch.Tensor:  # [N_total, TEMPOS]
-        return self.table[:, _TABLE_SLICES[3]]
+        return self.lever_logp("tempo")
 
     def _dense(self, per_node: torch.Tensor) -> torch.Tensor:
         """[N_total] -> [B, max_nodes], padding at the float32 minimum (probability 0)."""
@@ -126,44 +165,43 @@ class FactoredDistribution:
         return dense.index_put((b.node_slot,), per_node).view(b.num_graphs, b.max_nodes)
 
     def _rows(self, node: torch.Tensor) -> torch.Tensor:
-        """The table rows of each graph's chosen node, [B, 29]."""
+        """The table rows of each graph's chosen node, [B, 53]."""
         return self.table[self.batch.ptr[:-1] + node]
 
     def _scores(self, actions: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(actions), log p(op | node)), given the chosen nodes' table rows."""
-        columns = actions[:, OP:] + _TABLE_OFFSETS.to(actions.device)  # [B, 4] table columns
-        chosen = rows.gather(1, columns)  # [B, 4]: log p of the op, blueprint, blend, tempo
+        columns = actions[:, OP:] + _TABLE_OFFSETS.to(actions.device)  # [B, 11] table columns
+        chosen = rows.gather(1, columns)  # [B, 11]: log p of the op and of each lever's choice
         node_lp = self.node_logp.gather(1, actions[:, NODE : NODE + 1]).squeeze(1)
         op_lp = chosen[:, 0]
-        germinate = actions[:, OP] == _GERMINATE
         # where, not multiply: a masked blueprint's log-prob times 0 could be NaN.
-        lever_lp = torch.where(germinate, chosen[:, 1:].sum(-1), 0.0)
+        lever_lp = torch.where(counted_lever_mask(actions), chosen[:, 1:], 0.0).sum(-1)
         return node_lp + op_lp + lever_lp, op_lp
 
     def sample(self, deterministic: bool = False) -> torch.Tensor:
-        """Actions int64 [B, 5]; levers are zeroed unless op is GERMINATE."""
+        """Actions int64 [B, ACTION_WIDTH]; levers are zeroed where their op does not sample them."""
         return self.sample_scored(deterministic)[0]
 
     def sample_scored(
         self, deterministic: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(actions [B, 5], log p(actions), confidence, urgency) in one pass of batched tensor
-        ops: Gumbel-max sampling (argmax, if `deterministic`), then `log_prob`'s own formula
-        on the rows it sampled from. Masked entries have probability exactly 0: they sit at
-        the float32 minimum, beyond any noise, and never come out."""
+        """(actions [B, ACTION_WIDTH], log p(actions), confidence, urgency) in one pass of batched
+        tensor ops: Gumbel-max sampling (argmax, if `deterministic`), then `log_prob`'s own
+        formula on the rows it sampled from. Masked entries have probability exactly 0: they sit
+        at the float32 minimum, beyond any noise, and never come out."""
         b = self.batch
         width = self.table.shape[1]
         if deterministic:
             node = self.node_logp.argmax(-1)
             rows = scores = self._rows(node)
-        else:  # one noise draw for the node and the four per-node heads
+        else:  # one noise draw for the node and every per-node head
             log_exp = _log_exponential((b.num_graphs, b.max_nodes + width)).to(self.table.device)
             node = (self.node_logp - log_exp[:, : b.max_nodes]).argmax(-1)
             rows = self._rows(node)
             scores = rows - log_exp[:, b.max_nodes :]
         picks = [scores[:, head].argmax(-1) for head in _TABLE_SLICES]
         actions = torch.stack([node, *picks], dim=-1)
-        actions[:, OP + 1 :] *= actions[:, OP : OP + 1] == _GERMINATE  # levers only for GERMINATE
+        actions[:, OP + 1 :] *= counted_lever_mask(actions)  # levers only where they mean something
         log_prob, op_lp = self._scores(actions, rows)
         urgency = torch.sigmoid(self.priority[self.batch.ptr[:-1] + node])
         return actions, log_prob, op_lp.exp(), urgency
@@ -175,8 +213,16 @@ class FactoredDistribution:
     def entropy(self) -> torch.Tensor:
         """Exact entropy of the joint factored distribution, [B]."""
         b = self.batch
-        lever_h = _entropy(self.blueprint_logp) + _entropy(self.blend_logp) + _entropy(self.tempo_logp)
-        per_node = _entropy(self.op_logp) + self.op_logp[:, _GERMINATE].exp() * lever_h  # [N_total]
+        lever_h = torch.stack([_entropy(self.table[:, head]) for head in _TABLE_SLICES[1:]])
+        germinate_h = lever_h[_GERMINATE_HEADS].sum(0) + self.blend_logp[:, _SIGMOID].exp() * lever_h[
+            _SIGMOID_HEADS
+        ].sum(0)
+        op_p = self.op_logp.exp()
+        per_node = (
+            _entropy(self.op_logp)
+            + op_p[:, _GERMINATE] * germinate_h
+            + op_p[:, _SET_ALPHA] * lever_h[_ALPHA_HEADS].sum(0)
+        )  # [N_total]
         node_p = self.node_logp.exp().view(-1)
         if b.is_padded:
             node_p = node_p[b.node_slot]
@@ -204,7 +250,7 @@ class SampledActions(NamedTuple):
     """What the serving path samples for B graphs, as Python values: `act` turns them into its
     tensors and Decisions without a round trip through per-item tensor ops."""
 
-    actions: list[list[int]]  # [B][5], columns ACTION_FIELDS
+    actions: list[list[int]]  # [B][ACTION_WIDTH], columns base.ACTION_FIELDS
     log_probs: list[float]  # log p(action)
     confidences: list[float]  # p(chosen op | chosen node)
     urgencies: list[float]  # sigmoid of the chosen node's priority logit
@@ -235,15 +281,15 @@ def _sample_small(batch: GraphBatch, node_out: torch.Tensor, deterministic: bool
     dominates, and grows when other work has evicted their code from the CPU caches.
 
     Each categorical is sampled by inverting its CDF at one uniform draw (`_sample`): the
-    same distribution as the batched path's Gumbel-max, from 5 random numbers per graph
-    instead of 55 and no tensor op to turn them into noise. Masked choices have
+    same distribution as the batched path's Gumbel-max, from one random number per head
+    instead of one per choice, and no tensor op to turn them into noise. Masked choices have
     probability exactly 0 and never come out.
     """
     logits = node_out.masked_fill(batch.illegal_logits, _MIN)
     if deterministic:
-        uniforms: list[list[float | None]] = [[None] * len(ACTION_FIELDS)] * batch.num_graphs
+        uniforms: list[list[float | None]] = [[None] * ACTION_WIDTH] * batch.num_graphs
     else:  # drawn by torch's CPU generator, so torch.manual_seed applies
-        uniforms = torch.rand((batch.num_graphs, len(ACTION_FIELDS))).tolist()
+        uniforms = torch.rand((batch.num_graphs, ACTION_WIDTH)).tolist()
     bounds = batch.ptr.tolist()
     priorities = logits[:, 0].tolist()
     sampled = SampledActions([], [], [], [])
@@ -252,9 +298,13 @@ def _sample_small(batch: GraphBatch, node_out: torch.Tensor, deterministic: bool
         row = logits[first + node].tolist()
         op, op_lp = _sample(row[_OP_COLUMNS], uniform[OP])
         levers, levers_lp = [0] * len(_LEVER_COLUMNS), 0.0
-        if op == _GERMINATE:  # the levers only count for GERMINATE
-            for i, head in enumerate(_LEVER_COLUMNS):
-                levers[i], lever_lp = _sample(row[head], uniform[OP + 1 + i])
+        heads = _GERMINATE_HEADS if op == _GERMINATE else _ALPHA_HEADS if op == _SET_ALPHA else []
+        for i in heads:  # a lever only counts where its op samples it
+            levers[i], lever_lp = _sample(row[_LEVER_COLUMNS[i]], uniform[OP + 1 + i])
+            levers_lp += lever_lp
+        if op == _GERMINATE and levers[_BLEND_HEAD] == _SIGMOID:
+            for i in _SIGMOID_HEADS:
+                levers[i], lever_lp = _sample(row[_LEVER_COLUMNS[i]], uniform[OP + 1 + i])
                 levers_lp += lever_lp
         sampled.actions.append([node, op, *levers])
         sampled.log_probs.append(node_lp + op_lp + levers_lp)

@@ -22,6 +22,11 @@ both the confidence and the urgency threshold (else WAIT):
     `blueprint_penalty_decay` per epoch: after a prune the next germination rotates), then
     the best fossilization record on this kind of layer across runs, then the kind's prior
     order (BLUEPRINT_PREFERENCE: an MLP seed for a dense layer, a light conv for a conv).
+  levers, by rule: the configured blend and tempo; dwell = `train_dwell_epochs` (a host that
+    honours it starts blending by itself then, one that does not gets the ADVANCE above);
+    isolation by the layer's family (isolated for CNN layers, co-adapting for transformer
+    ones) unless configured; the configured LR multiplier and, with a sigmoid blend, steepness.
+    It never issues SET_ALPHA_TARGET (a blend runs its tempo, then ADVANCE).
 
 Small per-run memory (what it germinated where, embargoes, penalties) is kept keyed
 by run id in a bounded LRU; `forget(run_ids)` drops it. The blueprint record spans runs
@@ -36,26 +41,46 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 import torch
 from torch import nn
 
-from contracts import Blueprint, BlueprintFamily, Op, SeedStage, Tempo
+from contracts import BlendAlgorithm, Blueprint, BlueprintFamily, IsolationMode, Op, SeedStage, Tempo
 from esperd.analyzer.observation import (
     BLEND_INDEX,
     BLUEPRINT_INDEX,
     BLUEPRINTS,
     COUNTERFACTUAL_Z_SCALE,
+    DWELLS,
     EPOCHS_REMAINING_SCALE,
     GLOBAL_FEATURE_INDEX,
+    ISOLATION_INDEX,
     LAYER_KINDS,
+    LR_MULTIPLIERS,
     NODE_FEATURE_INDEX,
     OP_INDEX,
     STAGE_INDEX,
+    STEEPNESSES,
     TEMPO_INDEX,
     Observation,
 )
-from esperd.policy.base import ActResult, EvalResult, build_decisions
+from esperd.policy.base import (
+    ACTION_WIDTH,
+    BLEND,
+    BLUEPRINT,
+    DWELL,
+    ISOLATION,
+    LR_MULTIPLIER,
+    STEEPNESS,
+    TEMPO,
+    ActResult,
+    Decision,
+    EvalResult,
+    build_decisions,
+    legal_action_row,
+    pad_action,
+)
 from esperd.policy.config import HeuristicConfig, PolicyConfig
 from esperd.policy.registry import register_policy
 
@@ -184,6 +209,11 @@ class _Candidate:
 _WAIT = _Candidate(node=0, op=Op.WAIT, confidence=1.0, urgency=0.0)
 
 
+def _nearest(choices: Sequence[float], value: float) -> int:
+    """Index of the choice closest to `value` (the first on a tie)."""
+    return min(range(len(choices)), key=lambda i: abs(choices[i] - value))
+
+
 def _layer_kind(obs: Observation, node: int) -> str:
     """The node's LAYER_KINDS entry from its one-hot features ("other" when none is set)."""
     row = obs.node_features[node, _KIND_COLUMNS]
@@ -228,7 +258,8 @@ class HeuristicPolicy:
         """One rule-based decision per observation (`deterministic`, `hidden` are ignored)."""
         with self._lock:
             choices = [self._decide(obs, self._run_memory(obs.run_id)) for obs in observations]
-        actions = torch.tensor([self._action_row(c) for c in choices], dtype=torch.int64).reshape(-1, 5)
+        rows = [self._action_row(obs, c) for obs, c in zip(observations, choices, strict=True)]
+        actions = torch.tensor(rows, dtype=torch.int64).reshape(-1, ACTION_WIDTH)
         confidences = torch.tensor([c.confidence for c in choices], dtype=torch.float32)
         urgencies = torch.tensor([c.urgency for c in choices], dtype=torch.float32)
         zeros = torch.zeros(len(choices))
@@ -238,28 +269,58 @@ class HeuristicPolicy:
             values=zeros.clone(),
             confidences=confidences,
             urgencies=urgencies,
-            decisions=build_decisions(
-                observations,
-                actions,
-                confidences=confidences,
-                urgencies=urgencies,
-                log_probs=zeros,
-                values=zeros,
-                policy=self.name,
-                version=self._version,
-            ),
+            decisions=[
+                self._exact_levers(d)
+                for d in build_decisions(
+                    observations,
+                    actions,
+                    confidences=confidences,
+                    urgencies=urgencies,
+                    log_probs=zeros,
+                    values=zeros,
+                    policy=self.name,
+                    version=self._version,
+                )
+            ],
         )
 
-    def _action_row(self, choice: _Candidate) -> list[int]:
+    def _action_row(self, obs: Observation, choice: _Candidate) -> list[int]:
+        """The choice as an action row: its levers by rule, each at the nearest choice the action
+        space has (the Decision carries the rule's exact values, see `_exact_levers`)."""
+        row = pad_action([choice.node, OP_INDEX[choice.op]])
         if choice.op is not Op.GERMINATE:
-            return [choice.node, OP_INDEX[choice.op], 0, 0, 0]
+            return row
         assert choice.blueprint is not None
-        levers = [
-            BLUEPRINT_INDEX[choice.blueprint],
-            BLEND_INDEX[self.rules.blend],
-            TEMPO_INDEX[self.rules.tempo],
-        ]
-        return [choice.node, OP_INDEX[choice.op], *levers]
+        rules = self.rules
+        row[BLUEPRINT] = BLUEPRINT_INDEX[choice.blueprint]
+        row[BLEND] = BLEND_INDEX[rules.blend]
+        row[TEMPO] = TEMPO_INDEX[rules.tempo]
+        row[DWELL] = _nearest(DWELLS, rules.train_dwell_epochs)
+        row[ISOLATION] = ISOLATION_INDEX[self._isolation(obs, choice.node)]
+        row[LR_MULTIPLIER] = _nearest(LR_MULTIPLIERS, rules.lr_multiplier)
+        row[STEEPNESS] = _nearest(STEEPNESSES, rules.steepness)
+        return legal_action_row(row)
+
+    def _isolation(self, obs: Observation, node: int) -> IsolationMode:
+        """The isolation rule: the configured mode, or by the layer's family (the seed documents')."""
+        if self.rules.isolation != "family":
+            return IsolationMode(self.rules.isolation)
+        cnn = obs.node_features[node, _N["family_cnn"]] >= 0.5
+        return IsolationMode.ISOLATED if cnn else IsolationMode.SHARED
+
+    def _exact_levers(self, decision: Decision) -> Decision:
+        """A GERMINATE with the rules' own dwell, LR multiplier and steepness (the action row holds
+        the nearest choices)."""
+        if decision.op is not Op.GERMINATE:
+            return decision
+        rules = self.rules
+        steepness = rules.steepness if decision.blend is BlendAlgorithm.SIGMOID else None
+        return msgspec.structs.replace(
+            decision,
+            dwell_epochs=rules.train_dwell_epochs,
+            lr_multiplier=rules.lr_multiplier,
+            steepness=steepness,
+        )
 
     def _run_memory(self, run_id: str) -> _RunMemory:
         memory = self._memory.get(run_id)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from esperd.analyzer.observation import Observation
-from esperd.policy.base import ActResult, EvalResult, decisions_from_lists
-from esperd.policy.batch import GraphBatch, TopologyCache, collate
+from esperd.policy.base import ACTION_WIDTH, ActResult, EvalResult, decisions_from_lists
+from esperd.policy.batch import GraphBatch, TopologyCache, collate, lever_logits_mask
 from esperd.policy.config import PolicyConfig
 from esperd.policy.heads import FactoredDistribution, SampledActions, sample_actions
 
@@ -73,8 +73,12 @@ class NeuralPolicyBundle:
             network = self._build_network(config)
         self._network: nn.Module = network.to(self.device).eval()
         self._base_network = self._network  # the network setter only accepts wrappers of it
+        self.levers = frozenset(config.levers)
+        self._lever_mask = lever_logits_mask(self.levers)
         # act's single-run batches reuse what collate derives from a run's topology.
-        self._topologies = TopologyCache(self.device, adjacency=self.uses_adjacency)
+        self._topologies = TopologyCache(
+            self.device, adjacency=self.uses_adjacency, lever_mask=self._lever_mask
+        )
 
     # ------------------------------------------------------------ subclass API
 
@@ -135,7 +139,13 @@ class NeuralPolicyBundle:
         """One decision per observation, from one forward pass over the whole batch."""
         with self._lock:
             version = self._version
-            batch = collate(observations, self.device, adjacency=self.uses_adjacency, cache=self._topologies)
+            batch = collate(
+                observations,
+                self.device,
+                adjacency=self.uses_adjacency,
+                cache=self._topologies,
+                lever_mask=self._lever_mask,
+            )
             with _EvalMode(self.base_network), torch.inference_mode():
                 hidden_in = self._hidden_for_act(observations, hidden)
                 node_out, values, hidden_out = self._forward(batch, hidden_in)
@@ -176,6 +186,7 @@ class NeuralPolicyBundle:
                 values=value_list,
                 policy=self.name,
                 version=version,
+                levers=self.levers,
             ),
             hidden=None if hidden_in is None else hidden_in.to("cpu", copy=True),
         )
@@ -189,10 +200,12 @@ class NeuralPolicyBundle:
         hidden: torch.Tensor | None = None,
     ) -> EvalResult:
         """log p(actions), values and entropy, with gradients, in the network's current mode."""
-        batch = collate(observations, self.device, adjacency=self.uses_adjacency)
+        batch = self._collate(observations)
         actions = actions.to(self.device, torch.int64)
-        if actions.shape != (len(observations), 5):
-            raise ValueError(f"actions must be [B, 5] for B={len(observations)}, got {tuple(actions.shape)}")
+        if actions.shape != (len(observations), ACTION_WIDTH):
+            raise ValueError(
+                f"actions must be [B, {ACTION_WIDTH}] for B={len(observations)}, got {tuple(actions.shape)}"
+            )
         with self._lock:
             hidden_in = self._hidden_for_evaluate(len(observations), hidden)
             node_out, values, _ = self._forward(batch, hidden_in)
@@ -203,10 +216,13 @@ class NeuralPolicyBundle:
         self, observations: Sequence[Observation], hidden: torch.Tensor | None = None
     ) -> FactoredDistribution:
         """The action distribution for a batch, without sampling or touching recurrent state."""
-        batch = collate(observations, self.device, adjacency=self.uses_adjacency)
+        batch = self._collate(observations)
         with self._lock:
             node_out, _, _ = self._forward(batch, self._hidden_for_evaluate(len(observations), hidden))
         return FactoredDistribution(batch, node_out)
+
+    def _collate(self, observations: Sequence[Observation]) -> GraphBatch:
+        return collate(observations, self.device, adjacency=self.uses_adjacency, lever_mask=self._lever_mask)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """A detached snapshot of the weights (uncompiled key names)."""

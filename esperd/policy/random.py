@@ -2,9 +2,10 @@
 
 Per run and decision it draws uniformly among WAIT (counted once) and every legal (layer, op)
 pair of the observation; a GERMINATE draws its blueprint uniformly among those that fit the
-layer and its blend and tempo uniformly. Masks make every command it sends legal for the
-stage esperd last saw. It is the "random legal controller" of the evidence rules: a learned
-policy or the heuristic that does not beat it has learned nothing about where or when.
+layer and its other levers uniformly, a SET_ALPHA_TARGET its alpha levers. Masks make every
+command it sends legal for the stage esperd last saw. It is the "random legal controller" of
+the evidence rules: a learned policy or the heuristic that does not beat it has learned nothing
+about where or when.
 
 `[policy] init_seed` seeds its generator (None: fresh entropy), so a benchmark can replay it.
 Not learnable: log_prob and value are 0, and `evaluate` raises NotImplementedError.
@@ -20,8 +21,17 @@ import torch
 from torch import nn
 
 from contracts import Op
-from esperd.analyzer.observation import BLENDS, OP_INDEX, TEMPOS, Observation
-from esperd.policy.base import ActResult, EvalResult, build_decisions
+from esperd.analyzer.observation import LEVERS, OP_INDEX, Observation
+from esperd.policy.base import (
+    ACTION_COLUMN,
+    ACTION_WIDTH,
+    BLUEPRINT,
+    ActResult,
+    EvalResult,
+    build_decisions,
+    legal_action_row,
+    pad_action,
+)
 from esperd.policy.config import PolicyConfig
 from esperd.policy.registry import register_policy
 
@@ -30,26 +40,25 @@ _GERMINATE = OP_INDEX[Op.GERMINATE]
 
 
 def random_legal_action(obs: Observation, rng: np.random.Generator) -> list[int]:
-    """One uniformly drawn legal action row [node, op, blueprint, blend, tempo] for `obs`."""
+    """One uniformly drawn legal action row (base.ACTION_FIELDS) for `obs`: WAIT counted once, each
+    legal (node, op) pair once, then each lever that op samples uniformly (blueprints among those
+    that fit the layer); the others are 0."""
     mask = obs.op_mask.copy()
     mask[:, _WAIT] = False
     nodes, ops = np.nonzero(mask)
     choice = int(rng.integers(nodes.size + 1))
     if choice == nodes.size:  # the one WAIT action
-        return [0, _WAIT, 0, 0, 0]
+        return pad_action([0, _WAIT])
     node, op = int(nodes[choice]), int(ops[choice])
-    if op != _GERMINATE:
-        return [node, op, 0, 0, 0]
-    blueprints = np.flatnonzero(obs.blueprint_mask[node])
-    if blueprints.size == 0:  # nothing fits this layer: a germination here could only be rejected
-        return [0, _WAIT, 0, 0, 0]
-    return [
-        node,
-        op,
-        int(rng.choice(blueprints)),
-        int(rng.integers(len(BLENDS))),
-        int(rng.integers(len(TEMPOS))),
-    ]
+    row = pad_action([node, op])
+    if op == _GERMINATE:
+        blueprints = np.flatnonzero(obs.blueprint_mask[node])
+        if blueprints.size == 0:  # nothing fits this layer: a germination here could only be rejected
+            return pad_action([0, _WAIT])
+        row[BLUEPRINT] = int(rng.choice(blueprints))
+    for name, choices in LEVERS[1:]:  # uniform; legal_action_row keeps those the op samples
+        row[ACTION_COLUMN[name]] = int(rng.integers(len(choices)))
+    return legal_action_row(row)
 
 
 @register_policy("random")
@@ -85,7 +94,7 @@ class RandomLegalPolicy:
         """One uniformly drawn legal action per observation (`deterministic`, `hidden` are ignored)."""
         with self._lock:
             rows = [random_legal_action(obs, self._rng) for obs in observations]
-        actions = torch.tensor(rows, dtype=torch.int64).reshape(-1, 5)
+        actions = torch.tensor(rows, dtype=torch.int64).reshape(-1, ACTION_WIDTH)
         ones, zeros = torch.ones(len(rows)), torch.zeros(len(rows))
         return ActResult(
             actions=actions,
@@ -102,6 +111,7 @@ class RandomLegalPolicy:
                 values=zeros,
                 policy=self.name,
                 version=self._version,
+                levers=frozenset(self.config.levers),
             ),
         )
 

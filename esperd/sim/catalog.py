@@ -109,18 +109,46 @@ def size_factor(ratio: np.ndarray) -> np.ndarray:
     return np.clip(ratio / SPIKE_SIZE_REFERENCE, 0.25, 3.0)
 
 
-def blend_alpha(blend: np.ndarray, progress: np.ndarray) -> np.ndarray:
+def sigmoid_shape(progress: np.ndarray, steepness: np.ndarray | float = 1.0) -> np.ndarray:
+    """The host's S-curve with steepness k (examples/host/blending.py), rescaled to hit 0 and 1."""
+    p = np.clip(progress, 0.0, 1.0)
+    k = np.asarray(steepness, dtype=float)
+    s = 1.0 / (1.0 + np.exp(-(p - 0.5) * 12.0 * k))
+    s0, s1 = 1.0 / (1.0 + np.exp(6.0 * k)), 1.0 / (1.0 + np.exp(-6.0 * k))
+    return np.asarray((s - s0) / (s1 - s0))
+
+
+def blend_alpha(blend: np.ndarray, progress: np.ndarray, steepness: np.ndarray | float = 1.0) -> np.ndarray:
     """Alpha after `progress` (epochs in blend / tempo epochs, in [0, 1]) of each blend schedule.
 
-    linear ramps evenly; sigmoid follows the host's S-curve (steepness 1), rescaled to hit
-    0 and 1 exactly; gated behaves like a smoothstep (the gate opens as the seed proves itself).
+    linear ramps evenly; sigmoid follows the host's S-curve (steepness k, 1 by default), rescaled
+    to hit 0 and 1 exactly; gated behaves like a smoothstep (the gate opens as the seed proves
+    itself).
     """
     p = np.clip(progress, 0.0, 1.0)
-    s = 1.0 / (1.0 + np.exp(-(p - 0.5) * 12.0))
-    s0, s1 = 1.0 / (1.0 + np.exp(6.0)), 1.0 / (1.0 + np.exp(-6.0))
-    sigmoid = (s - s0) / (s1 - s0)
+    sigmoid = sigmoid_shape(p, steepness)
     smooth = p * p * (3.0 - 2.0 * p)
     return np.where(blend == SIGMOID_BLEND, sigmoid, np.where(blend == GATED_BLEND, smooth, p))
+
+
+def peak_slope(steepness: np.ndarray | float) -> np.ndarray:
+    """The sigmoid shape's steepest slope (at progress 1/2): 12k/4 over the rescaling span."""
+    k = np.asarray(steepness, dtype=float)
+    return np.asarray(3.0 * k / (1.0 / (1.0 + np.exp(-6.0 * k)) - 1.0 / (1.0 + np.exp(6.0 * k))))
+
+
+#: SET_ALPHA_TARGET curves (observation.ALPHA_CURVES order: linear, cosine, sigmoid).
+LINEAR_CURVE, COSINE_CURVE, SIGMOID_CURVE = range(3)
+
+
+def alpha_curve(curve: np.ndarray, progress: np.ndarray, steepness: np.ndarray | float = 1.0) -> np.ndarray:
+    """Fraction of a SET_ALPHA_TARGET move done after `progress` of it: linear, cosine
+    ((1 - cos(pi p)) / 2) or the sigmoid shape at the seed's steepness (the host's curves)."""
+    p = np.clip(progress, 0.0, 1.0)
+    cosine = (1.0 - np.cos(np.pi * p)) / 2.0
+    return np.where(
+        curve == SIGMOID_CURVE, sigmoid_shape(p, steepness), np.where(curve == COSINE_CURVE, cosine, p)
+    )
 
 
 # ---------------------------------------------------------------- architectures

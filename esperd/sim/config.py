@@ -71,6 +71,21 @@ class SimConfig(Section, frozen=True):
     spike_scale: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0
     spike_drop_low: Prob = 0.02
     spike_drop_high: Prob = 0.04
+    # --- What the optional levers do (issue 16). Each is neutral at the host's default (no dwell,
+    # the family's isolation, LR multiplier 1, steepness 1), so a calibration from runs that used
+    # the defaults stays valid; see esperd/sim/dynamics.py for the model.
+    # Co-adaptation (isolation "shared"), relative to an isolated seed: its repair of a deficit is
+    # (1 + coadapt_repair) times larger, its interference elsewhere (1 + coadapt_interference)
+    # times, its blend instability (1 + coadapt_risk) times.
+    coadapt_repair: Annotated[float, Meta(ge=-1.0, le=10.0)] = 0.15
+    coadapt_interference: Annotated[float, Meta(ge=-1.0, le=10.0)] = 1.0
+    coadapt_risk: Annotated[float, Meta(ge=-1.0, le=10.0)] = 0.3
+    # The seed's LR multiplier m: it matures as if m epochs passed per epoch, and its blend
+    # instability is m ** lr_risk_exponent times as likely.
+    lr_risk_exponent: Annotated[float, Meta(ge=0.0, le=10.0)] = 1.0
+    # A sigmoid blend of steepness k is (peak slope(k) / peak slope(1)) ** steepness_shock times as
+    # likely to destabilize (a steeper S moves alpha faster in its middle).
+    steepness_shock: Annotated[float, Meta(ge=0.0, le=10.0)] = 0.5
     # Lifecycle timing the host enforces on its own.
     prune_cooldown: Epochs = 3  # PRUNED -> DORMANT after this many epochs
     probation_timeout: Epochs = 6  # PROBATIONARY this long without a verdict -> pruned (0 = never)

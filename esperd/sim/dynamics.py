@@ -13,9 +13,26 @@ The model, per run (hidden from the policy unless the wire carries it):
               ADVANCE / SET_ALPHA_TARGET) may destabilize: a loss spike, a temporary accuracy
               drop, and lasting damage to the seed's quality. Faster tempos, bigger and less
               mature seeds, and linear blends are riskier.
-  lifecycle   GERMINATED -> TRAINING after an epoch; BLENDING -> PROBATIONARY when the tempo's
-              epochs are done; PROBATIONARY too long -> pruned; PRUNED -> DORMANT after a cooldown.
+  lifecycle   GERMINATED -> TRAINING after an epoch; TRAINING -> BLENDING after the dwell when the
+              GERMINATE set one (else on ADVANCE); BLENDING -> PROBATIONARY when the tempo's
+              epochs (and any SET_ALPHA_TARGET move) are done; PROBATIONARY too long -> pruned;
+              PRUNED -> DORMANT after a cooldown.
   distractors any layer may dip for a few epochs and recover by itself; a seed cannot help it.
+
+The optional levers (issue 16; each neutral at the host's default, see SimConfig):
+  dwell       time for readiness: a seed matures in TRAINING, so a longer dwell starts the blend
+              later with a more mature seed (less unstable, and it repairs more at once).
+  isolation   a co-adapting (shared) seed repairs more where it can (the host adapts around it),
+              interferes more where it cannot, and destabilizes the blend more; isolated is the
+              other way round. Effects are relative to the layer family's default (isolated for
+              CNN layers, shared for transformer ones).
+  LR mult. m  matures as if m epochs passed per epoch; blend instability x m ** lr_risk_exponent.
+  steepness k a sigmoid blend follows the host's S-curve of steepness k; its instability scales
+              with the curve's peak slope (blend shock in the middle).
+  alpha       SET_ALPHA_TARGET moves alpha to its target over alpha_speed's epochs (the rest of
+              the tempo without one; at once for instant), along alpha_curve; an epoch's step
+              beyond the tempo's even pace is a jump (instant: the whole move), and jumps
+              destabilize. The blend ends at the target (probation keeps that alpha).
 
 Randomness is drawn in fixed shapes every epoch, so a run's host and noise do not depend on
 what the policy does: two policies on the same seed face the same hosts.
@@ -28,8 +45,21 @@ from collections.abc import Sequence
 import msgspec
 import numpy as np
 
-from contracts import BlendAlgorithm, Blueprint, BlueprintFamily, Op, SeedStage, Tempo, is_legal, next_stage
+from contracts import (
+    AlphaCurve,
+    AlphaSpeed,
+    BlendAlgorithm,
+    Blueprint,
+    BlueprintFamily,
+    IsolationMode,
+    Op,
+    SeedStage,
+    Tempo,
+    is_legal,
+    next_stage,
+)
 from esperd.analyzer.observation import (
+    ALPHA_CURVE_INDEX,
     BLEND_INDEX,
     BLUEPRINT_INDEX,
     BLUEPRINTS,
@@ -70,6 +100,28 @@ class Command(msgspec.Struct, frozen=True):
     blend: BlendAlgorithm | None = None
     tempo: Tempo | None = None
     alpha_target: float | None = None
+    dwell_epochs: int | None = None
+    isolation: IsolationMode | None = None
+    lr_multiplier: float | None = None
+    steepness: float | None = None
+    alpha_speed: AlphaSpeed | None = None
+    alpha_curve: AlphaCurve | None = None
+
+    @classmethod
+    def of(cls, wire: object) -> Command:
+        """The command an AdaptationCommand (or a policy Decision) stands for."""
+        return cls(**{name: getattr(wire, name, None) for name in cls.__struct_fields__})
+
+
+def _lever_reject_reason(command: Command) -> str:
+    """Why a GERMINATE's optional levers are out of the wire's ranges ("" when they are not)."""
+    for name in ("lr_multiplier", "steepness"):
+        value = getattr(command, name)
+        if value is not None and not 0 < value <= 100:
+            return f"{name} must be in (0, 100]"
+    if command.dwell_epochs is not None and command.dwell_epochs < 0:
+        return "dwell_epochs must be >= 0"
+    return ""
 
 
 class HostBatch:
@@ -103,6 +155,14 @@ class HostBatch:
         self.alpha, self.prev_alpha, self.hold = f(), f(), i(-1).astype(float)
         self.quality, self.maturity, self.interference = f(), f(), f()
         self.seed_params = i()
+        # Levers of each seed (issue 16): dwell (-1: none, wait for ADVANCE), LR multiplier,
+        # steepness, the isolation mode's factors (1 at the family's default), and the alpha move
+        # a SET_ALPHA_TARGET started (from, to, epochs, epochs done, curve index).
+        self.dwell = i(-1)
+        self.lr, self.steep = f() + 1.0, f() + 1.0
+        self.iso_repair, self.iso_interference, self.iso_risk = f() + 1.0, f() + 1.0, f() + 1.0
+        self.move_from, self.move_to = f(), f()
+        self.move_len, self.move_age, self.move_curve = i(), i(), i()
         self.contrib, self.harm, self.jump = f(), f(), f()  # harm: the seed's transient drops, decaying
         # Run-level.
         self.epoch = np.zeros(E, dtype=np.int64)
@@ -197,6 +257,11 @@ class HostBatch:
         """Remove the seeds at (e, layers): no params, no contribution, no blueprint."""
         self.blueprint[e, layers] = NO_SEED
         self.blend[e, layers] = self.tempo[e, layers] = 0
+        self.dwell[e, layers] = -1
+        for array in (self.lr, self.steep, self.iso_repair, self.iso_interference, self.iso_risk):
+            array[e, layers] = 1.0
+        self.move_len[e, layers] = self.move_age[e, layers] = self.move_curve[e, layers] = 0
+        self.move_from[e, layers] = self.move_to[e, layers] = 0.0
         for array in (
             self.alpha,
             self.prev_alpha,
@@ -234,9 +299,7 @@ class HostBatch:
         elif op is Op.ADVANCE and stage is SeedStage.BLENDING:
             self._jump_alpha(e, layer, 1.0)
         elif op is Op.SET_ALPHA_TARGET:
-            target = 1.0 if command.alpha_target is None else float(command.alpha_target)
-            self._jump_alpha(e, layer, target)
-            self.hold[e, layer] = target
+            self._set_alpha_target(e, layer, command)
         elif op is Op.FOSSILIZE:
             self.counts["fossilized"][e] += 1
         elif op is Op.PRUNE:
@@ -263,7 +326,7 @@ class HostBatch:
             and not 0 <= command.alpha_target <= 1
         ):
             return "alpha_target must be in [0, 1]"
-        return ""
+        return _lever_reject_reason(command) if op is Op.GERMINATE else ""
 
     def _germinate(self, e: int, layer: int, command: Command) -> None:
         assert command.blueprint is not None
@@ -284,9 +347,47 @@ class HostBatch:
         gate = C.GATE_PARAM_RATIO if blend == C.GATED_BLEND else 0.0
         self.seed_params[e, layer] = int(round((ratio + gate) * reference))
         self.counts["germinated"][e] += 1
+        self._germinate_levers(e, layer, command)
+
+    def _germinate_levers(self, e: int, layer: int, command: Command) -> None:
+        """The optional levers a GERMINATE set, as the seed's own dynamics parameters."""
+        cfg = self.config
+        self.dwell[e, layer] = -1 if command.dwell_epochs is None else int(command.dwell_epochs)
+        self.lr[e, layer] = 1.0 if command.lr_multiplier is None else float(command.lr_multiplier)
+        self.steep[e, layer] = 1.0 if command.steepness is None else float(command.steepness)
+        cnn = bool(C.KIND_FAMILY_CNN[self.kind[e, layer]])
+        default = IsolationMode.ISOLATED if cnn else IsolationMode.SHARED
+        mode = command.isolation or default
+        if mode is not default:  # the factors are relative to the family's default
+            sign = 1.0 if mode is IsolationMode.SHARED else -1.0
+            for array, gain in (
+                (self.iso_repair, cfg.coadapt_repair),
+                (self.iso_interference, cfg.coadapt_interference),
+                (self.iso_risk, cfg.coadapt_risk),
+            ):
+                array[e, layer] = (1.0 + gain) ** sign
+
+    def _set_alpha_target(self, e: int, layer: int, command: Command) -> None:
+        """Start moving alpha to the target: over alpha_speed's epochs (the rest of the tempo without
+        one), along alpha_curve; an instant move (0 epochs) is a jump now. The blend then ends at
+        the target."""
+        target = 1.0 if command.alpha_target is None else float(command.alpha_target)
+        if command.alpha_speed is None:
+            epochs = max(int(C.TEMPO_EPOCHS[self.tempo[e, layer]]) - int(self.eis[e, layer]), 0)
+        else:
+            epochs = command.alpha_speed.epochs
+        self.hold[e, layer] = target
+        if epochs == 0:
+            self._jump_alpha(e, layer, target)
+            self.move_len[e, layer] = self.move_age[e, layer] = 0
+            return
+        self.move_from[e, layer], self.move_to[e, layer] = self.alpha[e, layer], target
+        self.move_len[e, layer], self.move_age[e, layer] = epochs, 0
+        curve = command.alpha_curve or AlphaCurve.LINEAR
+        self.move_curve[e, layer] = ALPHA_CURVE_INDEX[curve]
 
     def _jump_alpha(self, e: int, layer: int, target: float) -> None:
-        self.jump[e, layer] += max(0.0, target - self.alpha[e, layer])
+        self.jump[e, layer] += abs(target - self.alpha[e, layer])
         self.alpha[e, layer] = target
 
     def _prune(self, e: np.ndarray, layers: np.ndarray) -> None:
@@ -327,9 +428,9 @@ class HostBatch:
         self.eis += valid
         stage = self.stage
         growing = (stage == TRAINING) | (stage == BLENDING)
-        self.maturity = np.where(
-            growing, self.maturity + (1.0 - self.maturity) * MATURING_RATE, self.maturity
-        )
+        # An LR multiplier m matures the seed as m epochs would: the gap shrinks by (1 - rate) ** m.
+        rate = 1.0 - (1.0 - MATURING_RATE) ** self.lr
+        self.maturity = np.where(growing, self.maturity + (1.0 - self.maturity) * rate, self.maturity)
         blending = self._blend_step()
         self._instability(blending, u_spike, spike_size, loss_jump)
         self._probation_timeouts()
@@ -353,31 +454,44 @@ class HostBatch:
         self.epoch = epoch
 
     def seed_target(self) -> np.ndarray:
-        """Each seed's target accuracy contribution now: repair on deficit layers, else interference."""
+        """Each seed's target accuracy contribution now: repair on deficit layers, else interference
+        (both scaled by the seed's isolation mode)."""
         has_seed = self.blueprint != NO_SEED
-        gain = np.where(self.deficit > 0, self.quality * self.maturity * self.severity, -self.interference)
+        repair = self.quality * self.maturity * self.severity * self.iso_repair
+        gain = np.where(self.deficit > 0, repair, -self.interference * self.iso_interference)
         return np.where(has_seed, self.alpha * gain, 0.0)
 
     def _automatic_transitions(self) -> None:
         stage, eis = self.stage, self.eis
         started = (stage == GERMINATED) & (eis >= 1)
+        dwelt = (stage == TRAINING) & (self.dwell >= 0) & (eis >= self.dwell)
         recovered = (stage == PRUNED) & (eis >= self.config.prune_cooldown)
         stage[started] = TRAINING
+        stage[dwelt] = BLENDING
         stage[recovered] = DORMANT
-        eis[started | recovered] = 0
+        eis[started | dwelt | recovered] = 0
 
     def _blend_step(self) -> np.ndarray:
-        """Move alphas along their schedules; finished blends go on probation. Returns who blended."""
+        """Move alphas along their schedules (or a SET_ALPHA_TARGET move); finished blends go on
+        probation at their target (1 unless one was set). Returns who blended."""
         blending = self.stage == BLENDING
         if not blending.any():
             return blending
         epochs = C.TEMPO_EPOCHS[self.tempo]
-        scheduled = C.blend_alpha(self.blend, self.eis / epochs)
-        self.alpha = np.where(blending, np.where(self.hold >= 0, self.hold, scheduled), self.alpha)
-        finished = blending & (self.eis >= epochs)
+        scheduled = C.blend_alpha(self.blend, self.eis / epochs, self.steep)
+        moving = blending & (self.move_age < self.move_len)
+        self.move_age += moving
+        done_part = C.alpha_curve(self.move_curve, self.move_age / np.maximum(self.move_len, 1), self.steep)
+        moved = self.move_from + (self.move_to - self.move_from) * done_part
+        # A move's step beyond the tempo's even pace shocks the host like a jump of that size.
+        self.jump += np.where(moving, np.maximum(np.abs(moved - self.alpha) - 1.0 / epochs, 0.0), 0.0)
+        held = np.where(moving, moved, np.where(self.hold >= 0, self.hold, scheduled))
+        self.alpha = np.where(blending, held, self.alpha)
+        finished = blending & (self.eis >= epochs) & (self.move_age >= self.move_len)
         if finished.any():
-            self.jump += np.where(finished, 1.0 - self.alpha, 0.0)
-            self.alpha[finished] = 1.0
+            final = np.where(self.hold >= 0, self.hold, 1.0)
+            self.jump += np.where(finished, np.maximum(final - self.alpha, 0.0), 0.0)
+            self.alpha = np.where(finished, final, self.alpha)
             self.stage[finished] = PROBATIONARY
             self.eis[finished] = 0
             self.hold[finished] = -1.0
@@ -388,7 +502,12 @@ class HostBatch:
     ) -> None:
         has_seed = self.blueprint != NO_SEED
         ratio = self.param_ratio[np.maximum(self.blueprint, 0)]
-        risk = C.size_factor(ratio) * (1.5 - self.maturity)
+        cfg = self.config
+        # The seed's levers: its LR multiplier, its isolation mode, a sigmoid's steepness.
+        levers = self.lr**cfg.lr_risk_exponent * self.iso_risk
+        shock = (C.peak_slope(self.steep) / C.peak_slope(1.0)) ** cfg.steepness_shock
+        levers = levers * np.where(self.blend == C.SIGMOID_BLEND, shock, 1.0)
+        risk = C.size_factor(ratio) * (1.5 - self.maturity) * levers
         p_blend = np.where(blending, self.spike_rate[self.tempo] * C.BLEND_RISK[self.blend] * risk, 0.0)
         p_jump = np.clip(C.JUMP_SPIKE_RATE * self.jump * risk, 0.0, 1.0)
         p = 1.0 - (1.0 - p_blend) * (1.0 - p_jump)

@@ -9,7 +9,7 @@ sees in the daemon. Actions go through the lifecycle table; rewards come from
     env = SimEnv(8, SimConfig(), seed=0)
     obs = env.reset()
     result = policy.act(obs)
-    obs, rewards, dones, infos = env.step(result)   # ActResult, [Decision], or [B, 5] action rows
+    obs, rewards, dones, infos = env.step(result)   # ActResult, [Decision], or action rows
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from contracts import AckStatus, AdaptationCommand, BlendAlgorithm, Blueprint, CommandAck, Op, Tempo
+from contracts import AckStatus, AdaptationCommand, CommandAck, Op
 from esperd.analyzer import Analyzer, AnalyzerConfig, Observation
-from esperd.analyzer.observation import BLENDS, BLUEPRINTS, OPS, TEMPOS
+from esperd.analyzer.observation import ACTION_WIDTH, LEVER_COLUMN, OPS, OPTIONAL_LEVERS, lever_values
 from esperd.learn.rewards import RewardTracker
 from esperd.sim.config import SimConfig
 from esperd.sim.dynamics import Command, HostBatch
@@ -128,8 +128,10 @@ class SimEnv:
     def step(self, actions: Any) -> tuple[list[Observation], np.ndarray, np.ndarray, list[StepInfo]]:
         """Apply one decision per env, run one epoch; (observations, rewards, dones, infos).
 
-        `actions`: an ActResult, a list of Decisions (run ids must match), or [num_envs, 5]
-        action rows (node, op, blueprint, blend, tempo indices; a tensor, array or list).
+        `actions`: an ActResult, a list of Decisions (run ids must match), or [num_envs, W]
+        action rows (observation.ACTION_FIELDS indices; a tensor, array or list; a row shorter
+        than ACTION_WIDTH leaves the optional levers it lacks to the host, as a wire command
+        without them would).
         Finished envs are reset at once; see StepInfo for what they report.
         """
         if not self.observations:
@@ -223,11 +225,8 @@ class SimEnv:
             run_id=run_id,
             layer_id=max(command.layer_id, 0),
             op=command.op,
-            blueprint=command.blueprint,
-            blend=command.blend,
-            tempo=command.tempo,
-            alpha_target=command.alpha_target,
             issued_at=self._time,
+            **{name: getattr(command, name) for name in _WIRE_LEVERS},
         )
         self.observer(run_id, "command", wire)
         status = AckStatus.APPLIED if applied else AckStatus.REJECTED
@@ -252,25 +251,22 @@ class SimEnv:
         for run_id, d in zip(self.run_ids, decisions, strict=True):
             if d.run_id != run_id:
                 raise ValueError(f"decision for run {d.run_id!r} given where run {run_id!r} is current")
-            commands.append(_command(d.layer_id, d.op, d.blueprint, d.blend, d.tempo))
+            commands.append(None if d.op is Op.WAIT else _with_target(Command.of(d)))
         return commands
 
     @staticmethod
     def _from_row(obs: Observation, row: Sequence[int]) -> Command | None:
-        node, op, bp, blend, tempo = (int(x) for x in row)
+        if len(row) > ACTION_WIDTH:
+            raise ValueError(f"an action row has at most {ACTION_WIDTH} columns, got {len(row)}")
+        values = [int(x) for x in row] + [0] * (ACTION_WIDTH - len(row))
+        given = frozenset(name for name in OPTIONAL_LEVERS if LEVER_COLUMN[name] < len(row))
+        node, op = values[0], values[1]
         if not 0 <= op < len(OPS):
             raise ValueError(f"op index {op} is outside [0, {len(OPS)})")
         if OPS[op] is Op.WAIT:
             return None
         layer = int(obs.layer_ids[node]) if 0 <= node < obs.num_nodes else -1  # -1: the host rejects it
-        germinate = OPS[op] is Op.GERMINATE
-        return _command(
-            layer,
-            OPS[op],
-            BLUEPRINTS[bp] if germinate else None,
-            BLENDS[blend] if germinate else None,
-            TEMPOS[tempo] if germinate else None,
-        )
+        return Command(layer_id=layer, op=OPS[op], **lever_values(OPS[op], values, given))  # type: ignore[arg-type]
 
     def _episode_result(self, e: int, final_accuracy: float) -> EpisodeResult:
         hosts, tracker = self.hosts, self.trackers[e]
@@ -297,12 +293,12 @@ def _row(action: Any) -> list[int]:
     return action.as_list() if hasattr(action, "as_list") else [int(x) for x in action]
 
 
-def _command(
-    layer: int, op: Op, blueprint: Blueprint | None, blend: BlendAlgorithm | None, tempo: Tempo | None
-) -> Command | None:
-    if op is Op.WAIT:
-        return None
-    # The daemon sends SET_ALPHA_TARGET as "finish the blend now" (alpha_target 1.0).
-    return Command(
-        layer, op, blueprint, blend, tempo, alpha_target=1.0 if op is Op.SET_ALPHA_TARGET else None
-    )
+#: The lever fields a sim Command shares with the wire's AdaptationCommand.
+_WIRE_LEVERS = tuple(name for name in Command.__struct_fields__ if name not in ("layer_id", "op"))
+
+
+def _with_target(command: Command) -> Command:
+    """A SET_ALPHA_TARGET always has a target, as the daemon sends it (1.0 without the lever)."""
+    if command.op is Op.SET_ALPHA_TARGET and command.alpha_target is None:
+        return msgspec.structs.replace(command, alpha_target=1.0)
+    return command

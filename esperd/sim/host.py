@@ -159,17 +159,7 @@ class SimHosts:
         if command.run_id != self.run_ids[e]:
             self.stats.foreign += 1
             return
-        applied, reason = self.hosts.apply(
-            e,
-            Command(
-                layer_id=command.layer_id,
-                op=command.op,
-                blueprint=command.blueprint,
-                blend=command.blend,
-                tempo=command.tempo,
-                alpha_target=command.alpha_target,
-            ),
-        )
+        applied, reason = self.hosts.apply(e, Command.of(command))
         client.ack(command, applied, reason)
         stats = self.stats
         stats.commands += 1

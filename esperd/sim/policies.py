@@ -9,7 +9,10 @@
                   planned (layer, blueprint) pairs at one epoch, advance on a timetable,
                   fossilize whatever they did -- manual germinations, no telemetry consulted.
 
-Each has `act(observations) -> int64 [B, 5]` action rows, which `SimEnv.step` accepts.
+Each has `act(observations) -> int64 [B, ACTION_WIDTH]` action rows, which `SimEnv.step` accepts.
+The rule-based ones germinate with the neutral optional levers (the host's default isolation,
+LR multiplier 1, steepness 1) and a dwell no shorter than their own ADVANCE timing, so a host
+that honours the dwell behaves as one that waits for their ADVANCE.
 """
 
 from __future__ import annotations
@@ -20,22 +23,52 @@ import numpy as np
 
 from contracts import BlendAlgorithm, Blueprint, Op, SeedStage, Tempo
 from esperd.analyzer.observation import (
+    ACTION_WIDTH,
     BLEND_INDEX,
-    BLENDS,
     BLUEPRINT_INDEX,
     BLUEPRINTS,
+    DWELLS,
+    ISOLATION_INDEX,
+    LEVER_COLUMN,
+    LEVERS,
+    LR_INDEX,
     NODE_FEATURE_INDEX,
     OP_INDEX,
     STAGE_INDEX,
+    STEEPNESS_INDEX,
     TEMPO_INDEX,
-    TEMPOS,
     Observation,
+    counted_levers,
 )
 
 _WAIT = OP_INDEX[Op.WAIT]
 _GERMINATE = OP_INDEX[Op.GERMINATE]
 _N = NODE_FEATURE_INDEX
 _EPOCHS_IN_STAGE_SCALE = 12.0  # observation.NODE_FEATURES: epochs_in_stage is / 12
+
+
+def row(node: int, op: int, **levers: int) -> list[int]:
+    """An action row: node, op, the given levers' indices (by observation.LEVERS name), else 0."""
+    out = [node, op] + [0] * (ACTION_WIDTH - 2)
+    for name, index in levers.items():
+        out[LEVER_COLUMN[name]] = index
+    return out
+
+
+def germinate_row(node: int, blueprint: int, blend: int, tempo: int, dwell_at_least: int) -> list[int]:
+    """A GERMINATE row with the neutral optional levers and the shortest dwell of at least
+    `dwell_at_least` epochs (the longest there is when none is that long)."""
+    dwell = next((i for i, d in enumerate(DWELLS) if d >= dwell_at_least), len(DWELLS) - 1)
+    levers = {
+        "blueprint": blueprint,
+        "blend": blend,
+        "tempo": tempo,
+        "dwell": dwell,
+        "isolation": ISOLATION_INDEX[None],
+        "lr_multiplier": LR_INDEX[1.0],
+        "steepness": STEEPNESS_INDEX[1.0] if blend == BLEND_INDEX[BlendAlgorithm.SIGMOID] else 0,
+    }
+    return row(node, _GERMINATE, **levers)
 
 
 class RandomPolicy:
@@ -47,7 +80,7 @@ class RandomPolicy:
         self.rng = np.random.default_rng(seed)
 
     def act(self, observations: Sequence[Observation], deterministic: bool = False) -> np.ndarray:
-        rows = np.zeros((len(observations), 5), dtype=np.int64)
+        rows = np.zeros((len(observations), ACTION_WIDTH), dtype=np.int64)
         for i, obs in enumerate(observations):
             rows[i] = self._one(obs)
         return rows
@@ -58,18 +91,15 @@ class RandomPolicy:
         nodes, ops = np.nonzero(mask)
         choice = int(self.rng.integers(nodes.size + 1))
         if choice == nodes.size:  # the one WAIT action
-            return [0, _WAIT, 0, 0, 0]
+            return row(0, _WAIT)
         node, op = int(nodes[choice]), int(ops[choice])
-        if op != _GERMINATE:
-            return [node, op, 0, 0, 0]
-        blueprints = np.flatnonzero(obs.blueprint_mask[node])
-        return [
-            node,
-            op,
-            int(self.rng.choice(blueprints)),
-            int(self.rng.integers(len(BLENDS))),
-            int(self.rng.integers(len(TEMPOS))),
-        ]
+        if op != _GERMINATE and op != OP_INDEX[Op.SET_ALPHA_TARGET]:
+            return row(node, op)
+        drawn = {name: int(self.rng.integers(len(choices))) for name, choices in LEVERS[1:]}
+        if op == _GERMINATE:
+            drawn["blueprint"] = int(self.rng.choice(np.flatnonzero(obs.blueprint_mask[node])))
+        counted = counted_levers(Op.GERMINATE if op == _GERMINATE else Op.SET_ALPHA_TARGET, drawn["blend"])
+        return row(node, op, **{name: drawn[name] for name in counted})
 
     def forget(self, run_ids: Sequence[str]) -> None:
         del run_ids
@@ -81,7 +111,7 @@ class WaitPolicy:
     name = "wait"
 
     def act(self, observations: Sequence[Observation], deterministic: bool = False) -> np.ndarray:
-        rows = np.zeros((len(observations), 5), dtype=np.int64)
+        rows = np.zeros((len(observations), ACTION_WIDTH), dtype=np.int64)
         rows[:, 1] = _WAIT
         return rows
 
@@ -127,7 +157,7 @@ class ScriptedPolicy:
         self.last_germination = last_germination
 
     def act(self, observations: Sequence[Observation], deterministic: bool = False) -> np.ndarray:
-        return np.array([self._one(obs) for obs in observations], dtype=np.int64).reshape(-1, 5)
+        return np.array([self._one(obs) for obs in observations], dtype=np.int64).reshape(-1, ACTION_WIDTH)
 
     def forget(self, run_ids: Sequence[str]) -> None:
         del run_ids
@@ -140,13 +170,13 @@ class ScriptedPolicy:
             good = f[node, _N["counterfactual"]] > 0.0 and f[node, _N["total_improvement"]] > 0.0
             op = Op.FOSSILIZE if good else Op.PRUNE
             if legal[node, OP_INDEX[op]]:
-                return [int(node), OP_INDEX[op], 0, 0, 0]
+                return row(int(node), OP_INDEX[op])
         for node in np.flatnonzero(stages == _S[SeedStage.TRAINING]):
             if eis[node] < self.train_epochs:
                 continue
             op = Op.ADVANCE if f[node, _N["seed_gradient_ratio"]] >= self.min_seed_ratio else Op.PRUNE
             if legal[node, OP_INDEX[op]]:
-                return [int(node), OP_INDEX[op], 0, 0, 0]
+                return row(int(node), OP_INDEX[op])
         active = int(
             np.isin(
                 stages,
@@ -162,19 +192,21 @@ class ScriptedPolicy:
             ).sum()
         )
         if active >= self.max_active or obs.epoch > self.episode_epochs - self.last_germination:
-            return [0, _WAIT, 0, 0, 0]
+            return row(0, _WAIT)
         lost = (
             (f[:, _N["dead_neuron_ratio"]] > self.dead_threshold)
             & (f[:, _N["health"]] < self.health_threshold)
             & legal[:, _GERMINATE]
         )
         if not lost.any():
-            return [0, _WAIT, 0, 0, 0]
+            return row(0, _WAIT)
         node = int(np.flatnonzero(lost)[np.argmax(f[lost, _N["dead_neuron_ratio"]])])
         blueprint = _CNN_BLUEPRINT if f[node, _N["family_cnn"]] >= 0.5 else _TF_BLUEPRINT
         if not obs.blueprint_mask[node, blueprint]:
-            return [0, _WAIT, 0, 0, 0]
-        return [node, _GERMINATE, blueprint, BLEND_INDEX[BlendAlgorithm.SIGMOID], TEMPO_INDEX[Tempo.STANDARD]]
+            return row(0, _WAIT)
+        # The longest dwell: this policy decides itself (ADVANCE or PRUNE) after train_epochs.
+        sigmoid, standard = BLEND_INDEX[BlendAlgorithm.SIGMOID], TEMPO_INDEX[Tempo.STANDARD]
+        return germinate_row(node, blueprint, sigmoid, standard, max(DWELLS))
 
 
 class FixedPlanPolicy:
@@ -207,7 +239,7 @@ class FixedPlanPolicy:
         self._germinated: set[tuple[str, int]] = set()
 
     def act(self, observations: Sequence[Observation], deterministic: bool = False) -> np.ndarray:
-        return np.array([self._one(obs) for obs in observations], dtype=np.int64).reshape(-1, 5)
+        return np.array([self._one(obs) for obs in observations], dtype=np.int64).reshape(-1, ACTION_WIDTH)
 
     def forget(self, run_ids: Sequence[str]) -> None:
         for run_id in run_ids:
@@ -238,13 +270,14 @@ class FixedPlanPolicy:
             if stage == _S[SeedStage.DORMANT] and key not in self._germinated and obs.epoch >= self.epoch:
                 if legal[_GERMINATE] and obs.blueprint_mask[node, BLUEPRINT_INDEX[blueprint]]:
                     self._germinated.add(key)
-                    return [node, _GERMINATE, BLUEPRINT_INDEX[blueprint], *self.levers]
+                    bp = BLUEPRINT_INDEX[blueprint]
+                    return germinate_row(node, bp, *self.levers, dwell_at_least=self.train_epochs)
             elif (
                 stage == _S[SeedStage.TRAINING]
                 and eis[node] >= self.train_epochs
                 and legal[OP_INDEX[Op.ADVANCE]]
             ):
-                return [node, OP_INDEX[Op.ADVANCE], 0, 0, 0]
+                return row(node, OP_INDEX[Op.ADVANCE])
             elif stage == _S[SeedStage.PROBATIONARY] and eis[node] >= 1 and legal[OP_INDEX[Op.FOSSILIZE]]:
-                return [node, OP_INDEX[Op.FOSSILIZE], 0, 0, 0]
-        return [0, _WAIT, 0, 0, 0]
+                return row(node, OP_INDEX[Op.FOSSILIZE])
+        return row(0, _WAIT)

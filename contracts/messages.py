@@ -199,7 +199,7 @@ class AdaptationCommand(_Message, tag="command", kw_only=True):
     lr_multiplier: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
     steepness: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
     # SET_ALPHA_TARGET: where alpha goes (required), and how: `alpha_speed` and `alpha_curve`
-    # (appended below; absent: over the rest of the blend's tempo, linearly).
+    # (appended below; absent: over the rest of the blend's tempo, along the blend's own shape).
     alpha_target: Unit | None = None
     reason: Reason = ""
     # Ownership epoch (a fencing token): which lease the sending instance held on the run when it

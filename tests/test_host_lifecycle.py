@@ -15,6 +15,8 @@ from contracts import (
     LEGAL_OPS,
     TRANSITIONS,
     AdaptationCommand,
+    AlphaCurve,
+    AlphaSpeed,
     BlendAlgorithm,
     Blueprint,
     BlueprintFamily,
@@ -24,7 +26,7 @@ from contracts import (
     Tempo,
     next_stage,
 )
-from examples.host.blending import BlendSchedule
+from examples.host.blending import BlendSchedule, curve_shape
 from examples.host.lifecycle import IllegalTransition, SeedLifecycle
 from examples.host.slot import SeedSlot
 from tests.support.packets import command
@@ -282,6 +284,54 @@ def test_set_alpha_target_ramps_from_the_current_alpha_to_the_target() -> None:
         assert slot.alpha == pytest.approx(expected, abs=1e-12)
         slot.step()
     assert slot.alpha == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("dwell", [1, 2, 5])
+def test_dwell_starts_the_blend_by_itself_after_that_many_epochs_in_training(dwell: int) -> None:
+    slot = drive_to(cnn_slot(), S.TRAINING, dwell_epochs=dwell, tempo=Tempo.FAST)
+    for _ in range(dwell - 1):
+        assert slot.end_epoch(0.5) is S.TRAINING
+    assert slot.end_epoch(0.5) is S.BLENDING
+    assert slot.schedule is not None and slot.alpha == 0.0  # blends as ADVANCE would
+    for _ in range(STEPS_PER_EPOCH):
+        slot.step()
+    assert slot.alpha == pytest.approx(1 / 3)  # fast: a third per epoch, linear
+
+
+def test_advance_before_the_dwell_still_starts_the_blend() -> None:
+    slot = drive_to(cnn_slot(), S.TRAINING, dwell_epochs=5)
+    apply_ok(slot, Op.ADVANCE)
+    assert slot.stage is S.BLENDING and slot.schedule is not None
+
+
+@pytest.mark.parametrize("speed", list(AlphaSpeed), ids=lambda s: s.value)
+@pytest.mark.parametrize("curve", list(AlphaCurve), ids=lambda c: c.value)
+def test_set_alpha_target_moves_at_its_speed_along_its_curve(speed: AlphaSpeed, curve: AlphaCurve) -> None:
+    slot = drive_to(cnn_slot(), S.BLENDING, tempo=Tempo.FAST, blend=BlendAlgorithm.LINEAR)
+    for _ in range(4):
+        slot.step()
+    before = slot.alpha
+    apply_ok(slot, Op.SET_ALPHA_TARGET, alpha_target=0.25, alpha_speed=speed, alpha_curve=curve)
+    steps = speed.epochs * STEPS_PER_EPOCH
+    for k in range(steps + 1):
+        expected = before + (0.25 - before) * curve_shape(curve, 1.0 if steps == 0 else k / steps)
+        assert slot.alpha == pytest.approx(expected, abs=1e-12), f"step {k}"
+        slot.step()
+    assert slot.alpha == pytest.approx(0.25)
+    # The blend completes once both its tempo and the move are done (a slow move extends it).
+    total = Tempo.FAST.epochs * STEPS_PER_EPOCH
+    while slot.schedule is not None and not slot.schedule.complete:
+        slot.step()
+    assert slot.schedule is not None and slot.schedule.step == max(total, 4 + steps)
+    assert slot.end_epoch(0.5) is S.PROBATIONARY and slot.alpha == pytest.approx(0.25)
+
+
+def test_a_cosine_move_is_slow_at_both_ends() -> None:
+    schedule = BlendSchedule(BlendAlgorithm.LINEAR, 40)
+    schedule.set_target(1.0, AlphaSpeed.SLOW, AlphaCurve.COSINE, steps_per_epoch=4)  # 20 steps
+    alphas = [schedule.alpha_at(k) for k in range(21)]
+    steps = [b - a for a, b in itertools.pairwise(alphas)]
+    assert steps[0] < steps[10] > steps[-1] and alphas[10] == pytest.approx(0.5)
 
 
 def test_blending_forward_is_host_plus_alpha_times_seed() -> None:

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 from structlog.testing import capture_logs
 
+from esperd.analyzer.observation import BLENDS, BLUEPRINTS, LEVERS, TEMPOS
 from esperd.policy import (
     CheckpointError,
     HeuristicPolicy,
@@ -20,6 +21,8 @@ from esperd.policy import (
     load_policy_checkpoint,
     save_policy_checkpoint,
 )
+from esperd.policy.checkpoint import observation_schema, read_policy_checkpoint
+from esperd.policy.config import stable_hash
 from tests.support.observations import mixed_batch
 
 
@@ -183,3 +186,45 @@ def test_serving_policy_falls_back_on_bad_checkpoint(saved: Path, tmp_path: Path
     warning = [entry for entry in logs if entry["event"] == "policy.checkpoint_rejected"]
     assert warning and warning[0]["log_level"] == "warning" and warning[0]["fallback"] == "heuristic"
     assert serving.policy.act(mixed_batch([3])).decisions[0].policy == "heuristic"
+
+
+@pytest.mark.parametrize("name", ["gnn", "lstm"])
+def test_a_checkpoint_with_the_old_head_layout_is_refused_clearly(tmp_path: Path, name: str) -> None:
+    # A checkpoint from before issue 16: five action columns (node, op, blueprint, blend, tempo),
+    # so a node head of 30 outputs and a schema without the new levers. Serving it would sample
+    # the new levers from weights that were never there; it must be refused, naming why.
+    policy = create_policy(name, PolicyConfig(name=name, hidden_size=64, init_seed=1))
+    path = save_policy_checkpoint(tmp_path / "new.safetensors", policy)
+    metadata, tensors = read_policy_checkpoint(path)
+    old_schema = {
+        "node_features": observation_schema()["node_features"],
+        "global_features": observation_schema()["global_features"],
+        "ops": observation_schema()["ops"],
+        "blueprints": [b.value for b in BLUEPRINTS],
+        "blends": [b.value for b in BLENDS],
+        "tempos": [t.value for t in TEMPOS],
+    }
+    head = "node_head.2"
+    tensors[f"{head}.weight"] = tensors[f"{head}.weight"][:30].clone()
+    tensors[f"{head}.bias"] = tensors[f"{head}.bias"][:30].clone()
+    metadata["schema_hash"] = stable_hash(old_schema)
+    metadata["shapes"] = {k: list(v.shape) for k, v in tensors.items()}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"esperd": json.dumps(metadata)})
+    target = create_policy(name, PolicyConfig(name=name, hidden_size=64, init_seed=2))
+    before = target.state_dict()
+    with pytest.raises(CheckpointError, match="head layout"):
+        load_policy_checkpoint(old, target)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # untouched
+    # Even with the new schema hash forged, the shapes do not fit.
+    metadata["schema_hash"] = stable_hash(observation_schema())
+    save_file(tensors, str(old), metadata={"esperd": json.dumps(metadata)})
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        load_policy_checkpoint(old, target)
+
+
+def test_the_schema_names_every_lever_choice() -> None:
+    levers = dict(observation_schema()["levers"])
+    assert list(levers) == [name for name, _ in LEVERS]
+    assert levers["isolation"] == ["default", "isolated", "shared"]
+    assert levers["alpha_speed"] == ["instant", "fast", "standard", "slow"]

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from esperd.analyzer.observation import BLENDS, BLUEPRINTS, GLOBAL_FEATURES, NODE_FEATURES, OPS, TEMPOS
+from esperd.analyzer.observation import GLOBAL_FEATURES, LEVERS, NODE_FEATURES, OPS
 from esperd.policy.base import PolicyBundle
 from esperd.policy.config import PolicyConfig, stable_hash
 from esperd.policy.registry import create_policy
@@ -38,15 +38,19 @@ class CheckpointError(Exception):
     """A checkpoint could not be used: missing, unreadable, corrupt, or for another policy."""
 
 
-def observation_schema() -> dict[str, list[str]]:
-    """The names a policy's weights are tied to (feature columns and action indices)."""
+def _choice_name(choice: object) -> str:
+    value = getattr(choice, "value", choice)
+    return "default" if value is None else str(value)
+
+
+def observation_schema() -> dict[str, Any]:
+    """The names a policy's weights are tied to: feature columns, and the action heads' layout
+    (ops, and every lever's choices in order)."""
     return {
         "node_features": list(NODE_FEATURES),
         "global_features": list(GLOBAL_FEATURES),
         "ops": [o.value for o in OPS],
-        "blueprints": [b.value for b in BLUEPRINTS],
-        "blends": [b.value for b in BLENDS],
-        "tempos": [t.value for t in TEMPOS],
+        "levers": [[name, [_choice_name(c) for c in choices]] for name, choices in LEVERS],
     }
 
 
@@ -147,7 +151,10 @@ def _check_compatible(
             f"checkpoint {path} is for policy {metadata.get('policy')!r}, not {policy.name!r}"
         )
     if metadata.get("schema_hash") != expected["schema_hash"]:
-        raise CheckpointError(f"checkpoint {path} was trained on a different observation schema")
+        raise CheckpointError(
+            f"checkpoint {path} was trained on a different observation schema or head layout "
+            "(feature columns, ops or levers changed since): it cannot be served, retrain it"
+        )
     if metadata.get("architecture_hash") != expected["architecture_hash"]:
         raise CheckpointError(
             f"checkpoint {path} architecture {metadata.get('architecture')} "

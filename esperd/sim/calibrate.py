@@ -98,6 +98,13 @@ class SeedEpisode(msgspec.Struct, kw_only=True):
     gain: float | None = None  # counterfactual on its last epoch of probation (None: never got there)
     blend_drop: float | None = None  # largest one-epoch validation-accuracy fall while blending
     fate: str = "live"  # fossilized | pruned | live
+    # The optional levers its GERMINATE set (wire names and values), e.g. {"lr_multiplier": 2.0}.
+    levers: dict[str, Any] = {}
+
+
+#: The GERMINATE levers whose effect the simulator models with parameters no trace fitted yet.
+_LEVER_FIELDS = ("dwell_epochs", "isolation", "lr_multiplier", "steepness")
+_LEVER_PARAMETERS = "coadapt_repair, coadapt_interference, coadapt_risk, lr_risk_exponent, steepness_shock"
 
 
 class RunSummary(msgspec.Struct, kw_only=True):
@@ -181,6 +188,11 @@ def _seed_episode(
         blueprint=command.blueprint.value,
         germinated_epoch=before[-1].epoch if before else 0,
         layer_params=params_of.get(layer, 0),
+        levers={
+            name: getattr(value, "value", value)
+            for name in _LEVER_FIELDS
+            if (value := getattr(command, name)) is not None
+        },
     )
     accuracy = {s.epoch: s.val_accuracy for _, s in ordered}
     drops = []
@@ -240,13 +252,21 @@ def read_summaries(directory: str | Path) -> list[RunSummary]:
 
 
 def simulate(
-    config: SimConfig, controller: str, episodes: int, seed: int = 0, envs: int = 8
+    config: SimConfig,
+    controller: str,
+    episodes: int,
+    seed: int = 0,
+    envs: int = 8,
+    *,
+    random_levers: bool = True,
 ) -> list[RunSummary]:
     """Run `episodes` simulated runs under a controller (static | heuristic | random | manual | a
-    PolicyBundle-like object) and summarize them exactly like real traces."""
+    PolicyBundle-like object) and summarize them exactly like real traces. `random_levers`: the
+    random controller draws the optional levers too (off: it leaves them to the host, as the
+    random controller of traces recorded before issue 16 did)."""
     from esperd.sim.env import SimEnv
 
-    policy = _controller(controller, seed)
+    policy = _controller(controller, seed, random_levers)
     logs: dict[str, list[tuple[str, Any]]] = {}
     env = SimEnv(
         envs,
@@ -270,7 +290,7 @@ def simulate(
     return [s for s in summaries if s is not None]
 
 
-def _controller(controller: Any, seed: int) -> Any:
+def _controller(controller: Any, seed: int, random_levers: bool = True) -> Any:
     if not isinstance(controller, str):
         return controller
     from esperd.sim import policies as P
@@ -278,7 +298,7 @@ def _controller(controller: Any, seed: int) -> Any:
     if controller == "static":
         return P.WaitPolicy()
     if controller == "random":
-        return P.RandomPolicy(seed)
+        return P.RandomPolicy(seed, levers=random_levers)
     if controller == "manual":
         return P.FixedPlanPolicy(seed=seed)
     if controller == "heuristic":
@@ -298,10 +318,12 @@ def simulate_like(
         counts[summary.controller] = counts.get(summary.controller, 0) + 1
     episodes = max(min_episodes, 2 * max(counts.values(), default=0))
     out: list[RunSummary] = []
+    # The random controller drew the optional levers only if the real one did.
+    random_levers = any(s.levers for r in real if r.controller == "random" for s in r.seeds)
     # One seed for every controller: the same simulated hosts, so runs pair up as real ones do.
     for controller in sorted(counts):
         if controller in ("static", "heuristic", "random", "manual"):
-            out += simulate(config, controller, episodes, seed=seed)
+            out += simulate(config, controller, episodes, seed=seed, random_levers=random_levers)
     return out
 
 
@@ -472,7 +494,7 @@ def fit(
     if not real:
         raise CalibrationError("no runs with a state packet in the traces")
     base = base or SimConfig()
-    notes: list[str] = []
+    notes: list[str] = [_lever_note(real)]
     values: dict[str, Any] = _fit_shape(real, base)
     plateau = _fit_curve(real, values, notes)
     gains = _gains(real)
@@ -726,6 +748,23 @@ def _fit_blends(config: SimConfig, real: Sequence[RunSummary], seed: int) -> Sim
             if score is not None and score < best_score:
                 best, best_score = candidate, score
     return best
+
+
+def _lever_note(real: Sequence[RunSummary]) -> str:
+    """What the traces say about the optional levers' parameters: nothing yet. They stay at their
+    priors (SimConfig), neutral at the default levers, so the fit above holds for runs that used
+    the defaults. Fitting them needs runs where one lever varies with the rest fixed: blend drops
+    and gains by isolation mode and LR multiplier, by steepness, by dwell (how gains and drops
+    change with the seed's time in TRAINING)."""
+    seeds = [s for r in real for s in r.seeds]
+    varied = {
+        name: sorted({str(s.levers[name]) for s in seeds if name in s.levers}) for name in _LEVER_FIELDS
+    }
+    seen = ", ".join(f"{name} {'/'.join(v)}" for name, v in varied.items() if v) or "none"
+    return (
+        f"Levers not fitted ({_LEVER_PARAMETERS} keep their priors): of {len(seeds)} seeds, "
+        f"the optional levers set were: {seen}; fitting needs runs that vary one lever at a time."
+    )
 
 
 # ---------------------------------------------------------------- TOML

@@ -83,6 +83,12 @@ DORMANT, GERMINATED, TRAINING, BLENDING, PROBATIONARY, FOSSILIZED, PRUNED = (
     )
 )
 NO_SEED = -1
+#: A SET_ALPHA_TARGET without a curve follows the blend's own shape (gated's smoothstep: cosine).
+_BLEND_CURVE = {
+    BLEND_INDEX[BlendAlgorithm.LINEAR]: AlphaCurve.LINEAR,
+    BLEND_INDEX[BlendAlgorithm.SIGMOID]: AlphaCurve.SIGMOID,
+    BLEND_INDEX[BlendAlgorithm.GATED]: AlphaCurve.COSINE,
+}
 MATURING_RATE = 0.35  # a seed's maturity closes this fraction of its gap per TRAINING/BLENDING epoch
 SPIKE_QUALITY_LOSS = 0.25  # lasting damage of one instability to the seed's quality
 PRUNE_SHOCK = 0.3  # removing a contributing seed also costs this fraction of its contribution, briefly
@@ -383,7 +389,7 @@ class HostBatch:
             return
         self.move_from[e, layer], self.move_to[e, layer] = self.alpha[e, layer], target
         self.move_len[e, layer], self.move_age[e, layer] = epochs, 0
-        curve = command.alpha_curve or AlphaCurve.LINEAR
+        curve = command.alpha_curve or _BLEND_CURVE[int(self.blend[e, layer])]
         self.move_curve[e, layer] = ALPHA_CURVE_INDEX[curve]
 
     def _jump_alpha(self, e: int, layer: int, target: float) -> None:

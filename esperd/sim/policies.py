@@ -25,6 +25,7 @@ from contracts import BlendAlgorithm, Blueprint, Op, SeedStage, Tempo
 from esperd.analyzer.observation import (
     ACTION_WIDTH,
     BLEND_INDEX,
+    BLENDS,
     BLUEPRINT_INDEX,
     BLUEPRINTS,
     DWELLS,
@@ -37,6 +38,7 @@ from esperd.analyzer.observation import (
     STAGE_INDEX,
     STEEPNESS_INDEX,
     TEMPO_INDEX,
+    TEMPOS,
     Observation,
     counted_levers,
 )
@@ -76,11 +78,14 @@ class RandomPolicy:
 
     name = "random"
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, *, levers: bool = True) -> None:
+        """`levers` False: draw only blueprint, blend and tempo and leave the optional levers to the
+        host (rows of 5 columns), as esperd's random controller did before issue 16."""
         self.rng = np.random.default_rng(seed)
+        self.levers = levers
 
     def act(self, observations: Sequence[Observation], deterministic: bool = False) -> np.ndarray:
-        rows = np.zeros((len(observations), ACTION_WIDTH), dtype=np.int64)
+        rows = np.zeros((len(observations), ACTION_WIDTH if self.levers else 5), dtype=np.int64)
         for i, obs in enumerate(observations):
             rows[i] = self._one(obs)
         return rows
@@ -91,8 +96,10 @@ class RandomPolicy:
         nodes, ops = np.nonzero(mask)
         choice = int(self.rng.integers(nodes.size + 1))
         if choice == nodes.size:  # the one WAIT action
-            return row(0, _WAIT)
+            return row(0, _WAIT)[: ACTION_WIDTH if self.levers else 5]
         node, op = int(nodes[choice]), int(ops[choice])
+        if not self.levers:
+            return self._without_optional_levers(obs, node, op)
         if op != _GERMINATE and op != OP_INDEX[Op.SET_ALPHA_TARGET]:
             return row(node, op)
         drawn = {name: int(self.rng.integers(len(choices))) for name, choices in LEVERS[1:]}
@@ -100,6 +107,13 @@ class RandomPolicy:
             drawn["blueprint"] = int(self.rng.choice(np.flatnonzero(obs.blueprint_mask[node])))
         counted = counted_levers(Op.GERMINATE if op == _GERMINATE else Op.SET_ALPHA_TARGET, drawn["blend"])
         return row(node, op, **{name: drawn[name] for name in counted})
+
+    def _without_optional_levers(self, obs: Observation, node: int, op: int) -> list[int]:
+        if op != _GERMINATE:
+            return [node, op, 0, 0, 0]
+        blueprints = np.flatnonzero(obs.blueprint_mask[node])
+        blend = self.rng.integers(len(BLENDS))
+        return [node, op, int(self.rng.choice(blueprints)), int(blend), int(self.rng.integers(len(TEMPOS)))]
 
     def forget(self, run_ids: Sequence[str]) -> None:
         del run_ids

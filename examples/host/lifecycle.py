@@ -5,6 +5,7 @@ No torch here: the legal ops and where they lead come from `contracts.TRANSITION
 Commands move a slot between stages; the epoch boundary moves it on its own:
 
     GERMINATED --(next epoch boundary)--> TRAINING
+    TRAINING   --(after the GERMINATE's dwell_epochs, at the epoch boundary)--> BLENDING
     BLENDING   --(blend complete, at the epoch boundary)--> PROBATIONARY
     PRUNED     --(after `cooldown_epochs` epoch boundaries)--> DORMANT
 """
@@ -44,11 +45,16 @@ class SeedLifecycle:
             self._enter(target)
         return self.stage
 
-    def end_epoch(self, *, blend_complete: bool = False) -> SeedStage:
-        """Count the epoch, then take the automatic transition due at this boundary, if any."""
+    def end_epoch(self, *, blend_complete: bool = False, dwell: int | None = None) -> SeedStage:
+        """Count the epoch, then take the automatic transition due at this boundary, if any.
+        `dwell`: epochs in TRAINING after which the seed starts blending by itself (None: it
+        waits for ADVANCE)."""
         self.epochs_in_stage += 1
         if self.stage is SeedStage.GERMINATED:
             self._enter(AUTOMATIC[SeedStage.GERMINATED])
+        elif self.stage is SeedStage.TRAINING and dwell is not None and self.epochs_in_stage >= dwell:
+            # Not in contracts.AUTOMATIC either: only when the GERMINATE asked for a dwell.
+            self._enter(next_stage(SeedStage.TRAINING, Op.ADVANCE))
         elif self.stage is SeedStage.PRUNED and self.epochs_in_stage >= self.cooldown_epochs:
             self._enter(AUTOMATIC[SeedStage.PRUNED])
         elif self.stage is SeedStage.BLENDING and blend_complete:

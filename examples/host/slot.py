@@ -6,7 +6,9 @@ What the forward pass does in each stage (the lifecycle lives in `lifecycle.py`)
 
     DORMANT, GERMINATED, PRUNED  out = host (no seed runs; a GERMINATED seed exists but
                                  waits for the epoch boundary before it trains)
-    TRAINING      gradient isolation and alpha 0: the seed reads host.detach(), and the
+    TRAINING      (for the GERMINATE's dwell_epochs, when it set one; then the slot starts
+                  blending by itself, else it waits for ADVANCE)
+                  gradient isolation and alpha 0: the seed reads host.detach(), and the
                   output is host + (s - s.detach()) -- exactly `host` in value, but the
                   seed receives the loss gradient as if it were fully blended in (a
                   straight-through estimator), so it learns what the host is missing
@@ -85,6 +87,7 @@ class SeedSlot(nn.Module):
         self.steepness = 1.0
         self.isolation = IsolationMode.ISOLATED
         self.lr_multiplier = 1.0
+        self.dwell: int | None = None  # epochs in TRAINING before blending by itself (None: on ADVANCE)
         self.output_decay = output_decay  # bounds a TRAINING seed's output (see _decayed)
         self.counterfactual = 0.0  # val accuracy with the seed minus with alpha forced to 0
         self.accuracy_at_germination = 0.0
@@ -245,7 +248,9 @@ class SeedSlot(nn.Module):
             self._start_blending()
         elif op is Op.SET_ALPHA_TARGET:
             assert self.schedule is not None and command.alpha_target is not None
-            self.schedule.set_target(command.alpha_target)
+            self.schedule.set_target(
+                command.alpha_target, command.alpha_speed, command.alpha_curve, self.steps_per_epoch
+            )
             return None  # stays BLENDING
         elif op is Op.FOSSILIZE:
             self._fossilize()
@@ -262,6 +267,7 @@ class SeedSlot(nn.Module):
         self.tempo = command.tempo or Tempo.STANDARD
         self.steepness = command.steepness or 1.0
         self.lr_multiplier = command.lr_multiplier or 1.0
+        self.dwell = command.dwell_epochs
         default = IsolationMode.ISOLATED if self.family is BlueprintFamily.CNN else IsolationMode.SHARED
         self.isolation = command.isolation or default
         self.gate = Gate(self.width).to(self.device) if self.blend is BlendAlgorithm.GATED else None
@@ -280,7 +286,7 @@ class SeedSlot(nn.Module):
 
     def _prune(self) -> None:
         self.seed = self.gate = self.schedule = None
-        self.blueprint = None
+        self.blueprint = self.dwell = None
         self.counterfactual = self.total_improvement = 0.0
 
     # ------------------------------------------------------------ time
@@ -295,7 +301,10 @@ class SeedSlot(nn.Module):
         if self.live:
             self.total_improvement = val_accuracy - self.accuracy_at_germination
         complete = self.schedule is not None and self.schedule.complete
-        stage = self.lifecycle.end_epoch(blend_complete=complete)
+        before = self.stage
+        stage = self.lifecycle.end_epoch(blend_complete=complete, dwell=self.dwell)
+        if before is SeedStage.TRAINING and stage is SeedStage.BLENDING:
+            self._start_blending()  # the dwell is over: blend as ADVANCE would
         if stage is SeedStage.FOSSILIZED or stage is SeedStage.PROBATIONARY:
             self.train(self.training)
         return stage

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import networkx as nx
 import pytest
 import torch
@@ -9,7 +10,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from contracts import (
     LEGAL_OPS,
+    AdaptationCommand,
+    BlendAlgorithm,
     Blueprint,
+    Codec,
     HealthSignal,
     Op,
     SeedSlotState,
@@ -20,7 +24,10 @@ from contracts import (
     family_for_layer_type,
 )
 from esperd.analyzer import Analyzer, AnalyzerConfig
+from esperd.decisions import to_command
 from esperd.policy import HeuristicConfig, PolicyBundle, PolicyConfig, create_policy
+from esperd.policy.base import ALL_LEVERS
+from tests.support.actions import legality_problem
 
 LAYER_TYPES = ["conv", "conv2d", "linear", "attention", "mlp", "layernorm", "pool"]
 
@@ -119,3 +126,94 @@ OPS_SEEN: set[Op] = set()
 def test_the_mask_property_saw_real_actions() -> None:
     # Runs after the property test (file order): it must have exercised more than WAIT.
     assert {Op.GERMINATE, Op.PRUNE} <= OPS_SEEN, OPS_SEEN
+
+
+GERMINATE_FIELDS = ("blueprint", "blend", "tempo", "dwell_epochs", "isolation", "lr_multiplier", "steepness")
+ALPHA_FIELDS = ("alpha_target", "alpha_speed", "alpha_curve")
+
+
+@pytest.fixture(scope="module")
+def lever_policies() -> dict[str, PolicyBundle]:
+    torch.set_num_threads(1)
+    config = PolicyConfig(
+        heuristic=HeuristicConfig(min_epoch=0, confidence_threshold=0.0, urgency_threshold=0.0)
+    )
+    policies = {name: create_policy(name, config, "cpu") for name in ("heuristic", "random", "gnn", "lstm")}
+    # A learned policy that leaves some levers to the host.
+    policies["gnn-some-levers"] = create_policy(
+        "gnn", PolicyConfig(name="gnn", levers=("dwell", "alpha_speed"))
+    )
+    return policies
+
+
+def command_problem(command: AdaptationCommand, levers: frozenset[str]) -> str | None:
+    """Why a published command carries a lever combination no host should see (None if it does not):
+    GERMINATE levers only with GERMINATE (blueprint, blend, tempo always), steepness only with a
+    sigmoid blend, alpha levers only with SET_ALPHA_TARGET (its target always), and an optional
+    lever only when the policy sets it."""
+    germinate, alpha = command.op is Op.GERMINATE, command.op is Op.SET_ALPHA_TARGET
+    for name in GERMINATE_FIELDS:
+        if getattr(command, name) is not None and not germinate:
+            return f"{name} on {command.op.value}"
+    for name in ALPHA_FIELDS:
+        if getattr(command, name) is not None and not alpha:
+            return f"{name} on {command.op.value}"
+    if germinate and None in (command.blueprint, command.blend, command.tempo):
+        return "germinate without blueprint, blend and tempo"
+    if command.steepness is not None and command.blend is not BlendAlgorithm.SIGMOID:
+        return f"steepness with a {command.blend} blend"
+    if alpha and command.alpha_target is None:
+        return "set_alpha_target without a target"
+    optional = {
+        "dwell": "dwell_epochs",
+        "isolation": "isolation",
+        "lr_multiplier": "lr_multiplier",
+        "steepness": "steepness",
+        "alpha_speed": "alpha_speed",
+        "alpha_curve": "alpha_curve",
+    }
+    for lever, field in optional.items():
+        if lever not in levers and getattr(command, field) is not None:
+            return f"{field} from a policy that leaves {lever} to the host"
+    return None
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(runs=st.lists(random_runs(), min_size=1, max_size=4), deterministic=st.booleans())
+def test_no_policy_emits_an_illegal_lever_combination(
+    lever_policies: dict[str, PolicyBundle],
+    runs: list[tuple[TopologyPacket, list[float], list[SeedStage]]],
+    deterministic: bool,
+) -> None:
+    analyzer = Analyzer(AnalyzerConfig())
+    for index, (topo, health, stages) in enumerate(runs):
+        load_run(analyzer, f"run{index}", topo, health, stages)
+    observations = [analyzer.observe(f"run{index}") for index in range(len(runs))]
+    codec = Codec()
+    for name, policy in lever_policies.items():
+        levers = frozenset(getattr(policy, "levers", ALL_LEVERS))
+        for _ in range(3):
+            result = policy.act(observations, deterministic=deterministic)
+            for obs, action, decision in zip(
+                observations, result.actions.tolist(), result.decisions, strict=True
+            ):
+                problem = legality_problem(obs, action)
+                assert problem is None, (name, problem, action)
+                if decision.op is Op.WAIT:
+                    continue
+                LEVER_OPS_SEEN.add(decision.op)
+                command = to_command(decision)
+                decoded = codec.decode_command(codec.encode(command))  # valid on the wire
+                assert msgspec.structs.astuple(decoded) == msgspec.structs.astuple(command)
+                problem = command_problem(command, levers)
+                assert problem is None, (name, problem, command)
+            if policy.is_learnable:  # the learner scores the same levers the sampler counted
+                evaluated = policy.evaluate(observations, result.actions, result.hidden)
+                torch.testing.assert_close(evaluated.log_probs.detach(), result.log_probs, atol=1e-4, rtol=0)
+
+
+LEVER_OPS_SEEN: set[Op] = set()
+
+
+def test_the_lever_property_saw_germinations_and_alpha_targets() -> None:
+    assert {Op.GERMINATE, Op.SET_ALPHA_TARGET} <= LEVER_OPS_SEEN, LEVER_OPS_SEEN

@@ -34,7 +34,7 @@ import msgspec
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support (not installed)
-from esperd.analyzer.observation import Observation
+from esperd.analyzer.observation import ACTION_WIDTH, Observation
 from esperd.learn.buffers import ReplayBuffer, RolloutBuffer
 from esperd.learn.experience import Transition
 from tests.support.observations import make_observation, random_stages
@@ -55,7 +55,7 @@ def generate(count: int, nodes: int, runs: int, seed: int = 0) -> Iterator[Trans
         current[r] = nxt
         yield Transition(
             obs=obs,
-            action=rng.integers(0, 4, 5).astype(np.int64),
+            action=rng.integers(0, 4, ACTION_WIDTH).astype(np.int64),
             log_prob=float(-rng.random()),
             value=float(rng.normal()),
             policy_version=i // 10_000,

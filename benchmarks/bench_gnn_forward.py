@@ -441,7 +441,8 @@ def naive_act(
     x, g, edge_index, op_mask, bp_mask, layer_mapping = prepare_graph_input(state, now)
     with torch.no_grad():
         node_out, value = net(x, g, edge_index)
-        priority, op_l, bp_l, blend_l, tempo_l = node_out.split(HEAD_SIZES, dim=-1)
+        # The seed documents' three levers only (the naive baseline predates the others).
+        priority, op_l, bp_l, blend_l, tempo_l, *_ = node_out.split(HEAD_SIZES, dim=-1)
         priority = priority.squeeze(-1)
         actionable = op_mask.clone()
         actionable[:, _WAIT] = False

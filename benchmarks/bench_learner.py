@@ -343,9 +343,9 @@ def _renice_this_thread(nice: int) -> None:
 
 def _wait_rows(n: int) -> np.ndarray:
     from contracts import Op
-    from esperd.analyzer.observation import OP_INDEX
+    from esperd.analyzer.observation import ACTION_WIDTH, OP_INDEX
 
-    rows = np.zeros((n, 5), dtype=np.int64)
+    rows = np.zeros((n, ACTION_WIDTH), dtype=np.int64)
     rows[:, 1] = OP_INDEX[Op.WAIT]
     return rows
 

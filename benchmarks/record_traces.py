@@ -40,8 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from contracts import Blueprint, Op
 from esperd.analyzer.observation import (
+    ACTION_WIDTH,
+    LEVER_COLUMN,
     NODE_FEATURE_INDEX,
     OP_INDEX,
+    OPTIONAL_LEVERS,
     Observation,
 )
 from esperd.client import HostClient
@@ -80,7 +83,12 @@ class _RowsBundle:
 
     def act(self, observations: Sequence[Observation], deterministic: bool = False, hidden=None) -> ActResult:  # type: ignore[no-untyped-def]
         del deterministic, hidden
-        actions = torch.as_tensor(self.rows(observations), dtype=torch.int64).reshape(-1, 5)
+        rows = np.asarray(self.rows(observations), dtype=np.int64).reshape(len(observations), -1)
+        # A row without the optional levers' columns leaves them to the host (not sent).
+        levers = frozenset(name for name in OPTIONAL_LEVERS if LEVER_COLUMN[name] < rows.shape[1])
+        padded = np.zeros((len(observations), ACTION_WIDTH), dtype=np.int64)
+        padded[:, : rows.shape[1]] = rows
+        actions = torch.from_numpy(padded)
         ones, zeros = torch.ones(len(observations)), torch.zeros(len(observations))
         decisions = build_decisions(
             observations,
@@ -91,6 +99,7 @@ class _RowsBundle:
             values=zeros,
             policy=self.name,
             version=self.version,
+            levers=levers,
         )
         return ActResult(actions, zeros, zeros, ones, ones, decisions)
 
@@ -109,15 +118,16 @@ class WaitBundle(_RowsBundle):
         super().__init__("static")
 
     def rows(self, observations: Sequence[Observation]) -> np.ndarray:
-        rows = np.zeros((len(observations), 5), dtype=np.int64)
+        rows = np.zeros((len(observations), 2), dtype=np.int64)
         rows[:, 1] = OP_INDEX[Op.WAIT]
         return rows
 
 
 class RandomBundle(_RowsBundle):
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, levers: bool = False) -> None:
         super().__init__("random")
-        self.policy = RandomPolicy(seed)
+        # Without levers, as the committed traces were recorded (esperd's random before issue 16).
+        self.policy = RandomPolicy(seed, levers=levers)
 
     def rows(self, observations: Sequence[Observation]) -> np.ndarray:
         return self.policy.act(observations)
@@ -157,11 +167,13 @@ def manual_plans(
     return plans
 
 
-def controller_bundle(name: str, plans: Mapping[str, Sequence[tuple[int, Blueprint]]], seed: int):  # type: ignore[no-untyped-def]
+def controller_bundle(  # type: ignore[no-untyped-def]
+    name: str, plans: Mapping[str, Sequence[tuple[int, Blueprint]]], seed: int, random_levers: bool = False
+):
     if name == "static":
         return WaitBundle()
     if name == "random":
-        return RandomBundle(seed)
+        return RandomBundle(seed, random_levers)
     if name == "manual":
         return PlanBundle(plans)
     return None  # heuristic: what esperd serves
@@ -204,6 +216,7 @@ async def record_controller(
     holdout: set[int],
     out: Path,
     concurrency: int,
+    random_levers: bool = False,
 ) -> None:
     def run_id(seed: int) -> str:
         return f"{task}-w{width}-{controller}-s{seed}"
@@ -220,7 +233,7 @@ async def record_controller(
         service = Service(daemon_config(url, Path(state)), env={})
         served = asyncio.create_task(service.run())
         await asyncio.wait_for(service.ready.wait(), 30)
-        bundle = controller_bundle(controller, plans, seed=min(todo))
+        bundle = controller_bundle(controller, plans, seed=min(todo), random_levers=random_levers)
         if bundle is not None:
             service.decisions.swap_policy(bundle)
         nc = await nats.connect(url)
@@ -277,6 +290,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=2, help="host runs at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--quick", action="store_true", help="one task, 2 seeds, 6 epochs: a smoke test")
+    p.add_argument(
+        "--random-levers",
+        action="store_true",
+        help="the random controller draws every optional lever too (traces to fit the levers from)",
+    )
     return p.parse_args(argv)
 
 
@@ -305,6 +323,7 @@ async def main_async(args: argparse.Namespace) -> int:
                         holdout,
                         args.out,
                         args.concurrency,
+                        args.random_levers,
                     )
         finally:
             server.stop()

@@ -203,3 +203,32 @@ def test_mutations_do_produce_invalid_packets(kind: str) -> None:
 
     collect()
     assert verdicts.count(False) >= 20, f"{kind}: only {verdicts.count(False)} of {len(verdicts)} invalid"
+
+
+#: Every lever a command can carry (issue 16), and a value of each that both must accept.
+LEVERS = {
+    "dwell_epochs": 3,
+    "isolation": "shared",
+    "lr_multiplier": 2.0,
+    "steepness": 0.5,
+    "alpha_target": 0.25,
+    "alpha_speed": "slow",
+    "alpha_curve": "cosine",
+}
+
+
+def test_the_command_schema_carries_every_lever() -> None:
+    properties = _resolve(SCHEMAS["command"], SCHEMAS["command"])["properties"]
+    assert set(LEVERS) <= set(properties)
+    command = {"kind": "command", "command_id": "c", "run_id": "r1", "layer_id": 1, "op": "germinate"}
+    assert assert_agreement("command", {**command, **LEVERS})
+    for lever, junk in [
+        ("alpha_speed", "warp"),
+        ("alpha_curve", "square"),
+        ("alpha_speed", 3),
+        ("isolation", "default"),
+        ("dwell_epochs", -1),
+        ("lr_multiplier", 0.0),
+        ("alpha_target", 1.5),
+    ]:
+        assert not assert_agreement("command", {**command, **LEVERS, lever: junk}), lever

@@ -18,6 +18,7 @@ One actionable seed slot per layer (seed_id 0) in wire contract v1.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict
 
 import msgspec
 import numpy as np
@@ -210,7 +211,22 @@ def counted_levers(op: Op, blend: int) -> tuple[str, ...]:
     return ()
 
 
-def lever_values(op: Op, row: Sequence[int], levers: frozenset[str] | None = None) -> dict[str, object]:
+class LeverFields(TypedDict, total=False):
+    """The lever fields of a command (AdaptationCommand's and Decision's names)."""
+
+    blueprint: Blueprint
+    blend: BlendAlgorithm
+    tempo: Tempo
+    dwell_epochs: int
+    isolation: IsolationMode | None
+    lr_multiplier: float
+    steepness: float
+    alpha_target: float
+    alpha_speed: AlphaSpeed
+    alpha_curve: AlphaCurve
+
+
+def lever_values(op: Op, row: Sequence[int], levers: frozenset[str] | None = None) -> LeverFields:
     """The wire fields (AdaptationCommand names) an action row with `op` carries: the levers the
     op samples, at the choices the row's indices name. `levers`: the optional levers the policy
     sets (None: all); the others are left out (the host's default), but for SET_ALPHA_TARGET's
@@ -218,7 +234,7 @@ def lever_values(op: Op, row: Sequence[int], levers: frozenset[str] | None = Non
     on = OPTIONAL_LEVERS if levers is None else levers
     col = LEVER_COLUMN
     if op is Op.GERMINATE:
-        out: dict[str, object] = {
+        out: LeverFields = {
             "blueprint": BLUEPRINTS[row[col["blueprint"]]],
             "blend": BLENDS[row[col["blend"]]],
             "tempo": TEMPOS[row[col["tempo"]]],

@@ -18,10 +18,11 @@ from torch import nn
 
 from contracts import AlphaCurve, AlphaSpeed, BlendAlgorithm, Blueprint, IsolationMode, Op, Tempo
 from esperd.analyzer.observation import (
-    ACTION_FIELDS,
-    ACTION_WIDTH,
+    ACTION_FIELDS as ACTION_FIELDS,  # re-exported: the action layout is the policy's too
+    ACTION_WIDTH as ACTION_WIDTH,
     OPS,
     OPTIONAL_LEVERS,
+    LeverFields,
     Observation,
     counted_levers,
     lever_values as observation_lever_values,
@@ -254,6 +255,6 @@ def decisions_from_lists(
     return decisions
 
 
-def lever_values(op: Op, action: Action, levers: frozenset[str] = ALL_LEVERS) -> dict[str, object]:
+def lever_values(op: Op, action: Action, levers: frozenset[str] = ALL_LEVERS) -> LeverFields:
     """The Decision (and wire) fields an action's op carries (observation.lever_values)."""
     return observation_lever_values(op, action.as_list(), levers)

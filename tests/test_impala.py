@@ -142,6 +142,17 @@ def test_recurrent_policy_update() -> None:
     assert not same_parameters(before, parameters_of(policy))
 
 
+def test_recurrent_policy_learns_through_time() -> None:
+    batch = synthetic_transitions(small_policy("lstm"), runs=2, steps=8)
+    after = {}
+    for length in (1, 8):
+        policy = small_policy("lstm")
+        stats = ImpalaLearner(policy, ImpalaConfig(bptt_length=length)).update(batch)
+        assert stats.approx_kl == pytest.approx(0.0, abs=1e-6)  # unrolled or replayed: on-policy
+        after[length] = parameters_of(policy)
+    assert not same_parameters(after[1], after[8])  # BPTT: other gradients
+
+
 def test_importance_weights_scale_the_loss() -> None:
     batch = isolated(synthetic_transitions(small_policy(), runs=4, steps=24))  # 32 one-step samples
     assert len(batch) == 32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import torch
 
@@ -130,3 +131,62 @@ def test_gradients_flow_through_evaluate_and_lstm() -> None:
     ):
         grad = grads[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def _played(policy: LSTMPolicy, runs: int = 3, steps: int = 6):  # type: ignore[no-untyped-def]
+    """Several runs acted on for several steps, interleaved as the daemon batches them:
+    (observations, actions, stored hidden, act log-probs, sequences by run)."""
+    observations, actions, hidden, log_probs = [], [], [], []
+    sequences: list[list[int]] = [[] for _ in range(runs)]
+    torch.manual_seed(4)
+    for step in range(steps):
+        batch = [make_observation(f"r{r}", 4 + r, seed=100 * r + step) for r in range(runs)]
+        result = policy.act(batch)
+        for r in range(runs):
+            sequences[r].append(len(observations))
+            observations.append(batch[r])
+        actions.append(result.actions)
+        hidden.append(result.hidden)
+        log_probs.append(result.log_probs)
+    return observations, torch.cat(actions), torch.cat(hidden), torch.cat(log_probs), sequences
+
+
+def test_unrolled_sequences_reproduce_act_and_backpropagate_through_time() -> None:
+    policy = make_policy(dropout=0.0)
+    observations, actions, hidden, log_probs, sequences = _played(policy)
+    unrolled = policy.evaluate(observations, actions, hidden, sequences=sequences)
+    # Same weights: unrolling from each run's first stored state reaches every later state again.
+    torch.testing.assert_close(unrolled.log_probs.detach(), log_probs, atol=1e-5, rtol=0)
+    single = policy.evaluate(observations, actions, hidden)
+    torch.testing.assert_close(single.log_probs.detach(), log_probs, atol=1e-5, rtol=0)
+
+    # What differs is the gradient: a late step's loss reaches the first step's input only
+    # through time. Perturb the first step of run 0 and see who notices.
+    first, last = sequences[0][0], sequences[0][-1]
+    changed = list(observations)
+    features = observations[first].node_features.copy()
+    features += 0.5
+    changed[first] = msgspec.structs.replace(observations[first], node_features=features)
+    moved = policy.evaluate(changed, actions, hidden, sequences=sequences).log_probs.detach()
+    assert moved[last] != pytest.approx(unrolled.log_probs[last].item(), abs=1e-6)
+    replayed = policy.evaluate(changed, actions, hidden).log_probs.detach()
+    assert replayed[last] == pytest.approx(single.log_probs[last].item(), abs=1e-6)  # no path through time
+    others = [i for seq in sequences[1:] for i in seq]
+    torch.testing.assert_close(moved[others], unrolled.log_probs.detach()[others])  # runs stay apart
+
+    policy.train()
+    loss = -policy.evaluate(observations, actions, hidden, sequences=sequences).log_probs[last]
+    loss.backward()
+    grads = dict(policy.base_network.named_parameters())
+    assert grads["cell.weight_hh"].grad is not None and grads["cell.weight_hh"].grad.abs().sum() > 0
+
+
+def test_sequences_must_name_each_step_once() -> None:
+    policy = make_policy()
+    observations, actions, hidden, _, sequences = _played(policy, runs=2, steps=2)
+    with pytest.raises(ValueError, match="at most once"):
+        policy.evaluate(observations, actions, hidden, sequences=[sequences[0], sequences[0]])
+    with pytest.raises(ValueError, match="at most once"):
+        policy.evaluate(observations, actions, hidden, sequences=[[0, 99]])
+    partial = policy.evaluate(observations, actions, hidden, sequences=[sequences[0]])  # the rest: one by one
+    assert partial.log_probs.shape == (len(observations),)

@@ -20,7 +20,9 @@ from esperd.learn.ppo import (
     NonFiniteError,
     PPOLearner,
     UpdateStats,
+    _minibatches,
     bootstrap_values,
+    bptt_chunks,
     lr_factor,
     split_sequences,
 )
@@ -266,6 +268,30 @@ def test_recurrent_policy_updates_from_recorded_states() -> None:
     stats = learner.update(batch)
     assert stats.approx_kl == pytest.approx(0.0, abs=1e-6)  # evaluate replays the recorded states
     assert not same_parameters(before, parameters_of(policy))
+
+
+def test_recurrent_policy_learns_through_time() -> None:
+    # The same batch, the same initial weights: unrolling pieces of 16 steps (BPTT) gives other
+    # gradients than replaying each step from its recorded state (bptt_length 1), and both start
+    # on-policy (the unroll reaches the recorded states again).
+    batch = synthetic_transitions(small_policy("lstm"), runs=4, steps=16)
+    after = {}
+    for length in (1, 16):
+        policy = small_policy("lstm")
+        learner = PPOLearner(
+            policy, PPOConfig(warmup_updates=0, epochs=1, minibatch_size=64, bptt_length=length)
+        )
+        stats = learner.update(batch)
+        assert stats.approx_kl == pytest.approx(0.0, abs=1e-6) and stats.steps == 1
+        after[length] = parameters_of(policy)
+    assert not same_parameters(after[1], after[16])
+
+
+def test_bptt_chunks_and_minibatches_keep_whole_pieces() -> None:
+    assert bptt_chunks([[0, 2, 4, 6, 8], [1, 3]], 2) == [[0, 2], [4, 6], [8], [1, 3]]
+    groups = _minibatches([[0, 2], [4, 6], [8], [1, 3]], 3)
+    assert groups == [[[0, 2], [4, 6]], [[8], [1, 3]]]  # a group closes once it has 3 steps
+    assert _minibatches([[i] for i in range(5)], 2) == [[[0], [1]], [[2], [3]], [[4]]]
 
 
 def test_kl_early_stop_with_a_huge_lr() -> None:

@@ -92,6 +92,9 @@ class PPOConfig(Section, frozen=True):
     final_lr_ratio: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.1
     rollout_size: Annotated[int, Meta(ge=1, le=10_000_000)] = 256  # transitions per update
     seed: int | None = 0  # minibatch shuffling (None: nondeterministic)
+    # Recurrent policies: minibatches are whole pieces of a run's consecutive steps, up to this
+    # many, each unrolled through time from the state recorded at its first step (truncated BPTT).
+    bptt_length: Annotated[int, Meta(ge=1, le=10_000)] = 16
 
     def __post_init__(self) -> None:
         # Meta constraints are checked when decoding; this catches direct construction too.
@@ -131,6 +134,9 @@ class ImpalaConfig(Section, frozen=True):
     # the daemon each update is a round trip to the learner's child process, and at 64 the
     # round trips, not the learning, were what slowed decisions (benchmarks/RESULTS.md).
     batch_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 128
+    # Recurrent policies: a batch's consecutive steps of one run (PPO's sequences) are unrolled
+    # through time in pieces of up to this many steps, each from the state recorded at its first.
+    bptt_length: Annotated[int, Meta(ge=1, le=10_000)] = 16
 
     def __post_init__(self) -> None:
         # Meta constraints are checked when decoding; this catches direct construction too.

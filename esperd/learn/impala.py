@@ -44,6 +44,7 @@ from esperd.learn.ppo import (
     SequenceLayout,
     UpdateStats,
     bootstrap_values,
+    bptt_chunks,
     check_finite,
     explained_variance,
     split_sequences,
@@ -109,16 +110,19 @@ class ImpalaLearner:
             raise ValueError(f"impala: weights must be [{n}], got {tuple(w.shape)}")
         check_finite("rewards, log-probs or weights in the batch", rewards, behaviour_log_probs, w)
 
-        # The target policy and baseline, with gradients, on the recorded actions.
+        # The target policy and baseline, with gradients, on the recorded actions; a recurrent
+        # policy unrolls each run's contiguous steps through time (pieces of bptt_length).
+        sequences = split_sequences(transitions)
+        hidden = stack_hidden(self.policy, transitions, device)
         result = self.policy.evaluate(
             [t.obs for t in transitions],
             stack_actions(transitions, device),
-            stack_hidden(self.policy, transitions, device),
+            hidden,
+            sequences=None if hidden is None else bptt_chunks(sequences, cfg.bptt_length),
         )
         target_log_probs, values = result.log_probs, result.values
 
         # V-trace over each run's contiguous sequences at once (right-aligned [T, S] grid).
-        sequences = split_sequences(transitions)
         layout = SequenceLayout(sequences, device)
         bootstrap = bootstrap_values(self.policy, transitions, sequences, values.detach())
         log_rhos = target_log_probs.detach() - behaviour_log_probs

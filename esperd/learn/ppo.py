@@ -148,6 +148,11 @@ class SequenceLayout:
         return out
 
 
+def bptt_chunks(sequences: Sequence[Sequence[int]], length: int) -> list[list[int]]:
+    """The sequences cut into pieces of at most `length` consecutive steps (truncated BPTT)."""
+    return [list(seq[i : i + length]) for seq in sequences for i in range(0, len(seq), length)]
+
+
 def stack_actions(transitions: Sequence[Transition], device: torch.device) -> torch.Tensor:
     """int64 [n, ACTION_WIDTH] action rows."""
     return torch.from_numpy(np.stack([np.asarray(t.action, dtype=np.int64) for t in transitions])).to(device)
@@ -233,6 +238,20 @@ def _restore(
 # ---------------------------------------------------------------- PPO
 
 
+def _minibatches(chunks: Sequence[Sequence[int]], size: int) -> list[list[Sequence[int]]]:
+    """Consecutive groups of chunks of about `size` steps each (a group closes once it reaches
+    `size`; single-step chunks give exactly `size`, the last group the rest)."""
+    groups: list[list[Sequence[int]]] = [[]]
+    count = 0
+    for chunk in chunks:
+        if count >= size:
+            groups.append([])
+            count = 0
+        groups[-1].append(chunk)
+        count += len(chunk)
+    return [g for g in groups if g]
+
+
 class PPOLearner:
     """Trains a learnable PolicyBundle in place with PPO. Not thread-safe: one caller at a time.
 
@@ -303,11 +322,13 @@ class PPOLearner:
         observations = [t.obs for t in transitions]
         actions = stack_actions(transitions, device)
         hidden = stack_hidden(self.policy, transitions, device)
+        # Recurrent policies learn through time over pieces of each run's steps; others step by step.
+        chunks = bptt_chunks(sequences, cfg.bptt_length) if hidden is not None else [[i] for i in range(n)]
         lr = self.optimizer.param_groups[0]["lr"]
         snapshot = _snapshot(self.policy, self.optimizer)
         try:
             totals, approx_kl, epochs_run, steps, stopped = self._optimize(
-                observations, actions, hidden, old_log_probs, old_values, advantages, returns
+                observations, actions, hidden, old_log_probs, old_values, advantages, returns, chunks
             )
         except NonFiniteError:
             _restore(self.policy, self.optimizer, snapshot)
@@ -344,22 +365,33 @@ class PPOLearner:
         old_values: torch.Tensor,
         advantages: torch.Tensor,
         returns: torch.Tensor,
+        chunks: Sequence[Sequence[int]],
     ) -> tuple[dict[str, float], float, int, int, bool]:
-        """Epochs x minibatches; (summed stats, last approx KL, epochs run, steps, early-stopped)."""
+        """Epochs x minibatches; (summed stats, last approx KL, epochs run, steps, early-stopped).
+
+        A minibatch is whole `chunks` (single steps, or a recurrent policy's pieces of a run's
+        consecutive steps, unrolled through time) in shuffled order, about minibatch_size steps."""
         cfg, n = self.config, len(observations)
         size = min(cfg.minibatch_size, n)
         totals = dict.fromkeys(("policy_loss", "value_loss", "entropy", "clip_fraction", "grad_norm"), 0.0)
         totals["minibatches"] = 0
         approx_kl, steps, epochs_run = 0.0, 0, 0
+        recurrent = any(len(chunk) > 1 for chunk in chunks)
         for _epoch in range(cfg.epochs):
             epochs_run += 1
-            perm = torch.randperm(n, generator=self.generator).to(self.device)
-            for begin in range(0, n, size):
-                idx = perm[begin : begin + size]
+            perm = torch.randperm(len(chunks), generator=self.generator).tolist()
+            for group in _minibatches([chunks[j] for j in perm], size):
+                flat = [i for chunk in group for i in chunk]
+                idx = torch.tensor(flat, dtype=torch.int64, device=self.device)
+                local, offset = [], 0
+                for chunk in group:  # positions of each chunk's steps within the minibatch
+                    local.append(list(range(offset, offset + len(chunk))))
+                    offset += len(chunk)
                 result = self.policy.evaluate(
-                    [observations[i] for i in idx.tolist()],
+                    [observations[i] for i in flat],
                     actions[idx],
                     None if hidden is None else hidden[idx],
+                    sequences=local if recurrent else None,
                 )
                 logratio = result.log_probs - old_log_probs[idx]
                 ratio = logratio.exp()

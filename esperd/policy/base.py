@@ -176,7 +176,11 @@ class PolicyBundle(Protocol):
         observations: Sequence[Observation],
         actions: torch.Tensor,
         hidden: torch.Tensor | None = None,
-    ) -> EvalResult: ...
+        sequences: Sequence[Sequence[int]] | None = None,
+    ) -> EvalResult:
+        """`sequences`: consecutive steps of one run each (indices into `observations`), which a
+        recurrent policy unrolls through time from the `hidden` of their first step."""
+        ...
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 

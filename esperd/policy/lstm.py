@@ -1,10 +1,17 @@
-"""LSTM policy: a factored recurrent actor-critic over fixed-size per-run features.
+"""LSTM policy: the seed documents' factored recurrent actor-critic (003) over per-run features.
 
 Each step, a run is summarised as [global features, mean over nodes, max over
 nodes] and fed through an LSTM cell; per-node heads read each node's features
 concatenated with the run's LSTM output, so the factored action space (node, op,
-levers) and masks are the same as the GNN's. The recurrent state lives inside
-the bundle, keyed by run id, in a bounded LRU (`lstm_max_runs`).
+every lever) and masks are the same as the GNN's (esperd.policy.heads); the value
+head reads the LSTM output. The recurrent state lives inside the bundle, keyed by
+run id, in a bounded LRU (`lstm_max_runs`).
+
+Learning is backpropagation through time over stored sequences: `evaluate(...,
+sequences=...)` unrolls each sequence of one run's consecutive steps from the state
+recorded at its first step, so the loss of a later step reaches the weights through
+every earlier step of its sequence (truncated at the sequence's start). Without
+sequences, each step replays from its own recorded state (one-step truncation).
 """
 
 from __future__ import annotations
@@ -42,15 +49,57 @@ class LSTMNetwork(nn.Module):
         )
         self.value_head = layer_init(nn.Linear(lstm_hidden, 1), std=1.0)
 
+    def encode(self, x: torch.Tensor, global_x: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """Each run's step as the LSTM's input, [B, hidden]."""
+        size = global_x.shape[0]
+        run = torch.cat([global_x, global_mean_pool(x, batch, size), global_max_pool(x, batch, size)], dim=-1)
+        encoded: torch.Tensor = self.run_encoder(run)
+        return encoded
+
+    def heads(
+        self, x: torch.Tensor, batch: torch.Tensor, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-node head logits [N, NODE_HEAD_DIM], value [B]) from each run's LSTM output h."""
+        node_out = self.node_head(torch.cat([x, h[batch]], dim=-1))
+        return node_out, self.value_head(h).squeeze(-1)
+
     def forward(
         self, x: torch.Tensor, global_x: torch.Tensor, batch: torch.Tensor, h: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(per-node head logits [N, NODE_HEAD_DIM], value [B], h' [B, H], c' [B, H])."""
-        size = global_x.shape[0]
-        run = torch.cat([global_x, global_mean_pool(x, batch, size), global_max_pool(x, batch, size)], dim=-1)
-        h, c = self.cell(self.run_encoder(run), (h, c))
-        node_out = self.node_head(torch.cat([x, h[batch]], dim=-1))
-        return node_out, self.value_head(h).squeeze(-1), h, c
+        h, c = self.cell(self.encode(x, global_x, batch), (h, c))
+        node_out, value = self.heads(x, batch, h)
+        return node_out, value, h, c
+
+    def unroll(
+        self,
+        x: torch.Tensor,
+        global_x: torch.Tensor,
+        batch: torch.Tensor,
+        start: torch.Tensor,
+        sequences: Sequence[Sequence[int]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-node head logits, value [B]) of B steps, each sequence of step indices unrolled in
+        order from `start` [B, 2, H] at its first step (the later steps' rows of `start` are not
+        read): a step's LSTM input state is the previous step's output, with its gradient.
+
+        One LSTMCell call per time step for all sequences alive at it: sorted longest first, the
+        alive ones are a prefix, so each step is a slice and a concatenation."""
+        inputs = self.encode(x, global_x, batch)
+        ordered = sorted(sequences, key=len, reverse=True)
+        firsts = torch.tensor([seq[0] for seq in ordered], device=start.device)
+        h, c = start[firsts, 0], start[firsts, 1]
+        indices, outputs = [], []
+        for t in range(len(ordered[0])):
+            alive = sum(1 for seq in ordered if len(seq) > t)
+            index = torch.tensor([seq[t] for seq in ordered[:alive]], device=start.device)
+            h_t, c_t = self.cell(inputs[index], (h[:alive], c[:alive]))
+            h, c = torch.cat([h_t, h[alive:]]), torch.cat([c_t, c[alive:]])
+            indices.append(index)
+            outputs.append(h_t)
+        size = (inputs.shape[0], self.lstm_hidden)
+        h_all = inputs.new_zeros(size).index_put((torch.cat(indices),), torch.cat(outputs))
+        return self.heads(x, batch, h_all)
 
 
 @register_policy("lstm")
@@ -59,7 +108,8 @@ class LSTMPolicy(NeuralPolicyBundle):
 
     `act` advances each run's state by one step. `ActResult.hidden` is the state the
     step started from; `evaluate(obs, actions, hidden)` replays single steps from
-    such stored states (None means a fresh episode: zeros).
+    such stored states (None means a fresh episode: zeros), and with `sequences`
+    unrolls each sequence through time from its first step's stored state (BPTT).
     """
 
     is_recurrent = True
@@ -116,6 +166,13 @@ class LSTMPolicy(NeuralPolicyBundle):
             batch.x, batch.global_x, batch.batch, hidden[:, 0], hidden[:, 1]
         )
         return node_out, values, torch.stack([h, c], dim=1)
+
+    def _forward_sequences(
+        self, batch: GraphBatch, hidden: torch.Tensor | None, sequences: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert hidden is not None
+        network: LSTMNetwork = self.base_network  # type: ignore[assignment]
+        return network.unroll(batch.x, batch.global_x, batch.batch, hidden, sequences)
 
     def hidden_state(self, run_id: str) -> torch.Tensor | None:
         """The run's current [2, H] state (None if unknown)."""

@@ -32,6 +32,23 @@ def layer_init(layer: nn.Linear, std: float = 2**0.5) -> nn.Linear:
     return layer
 
 
+def covering_sequences(sequences: Sequence[Sequence[int]], count: int) -> list[list[int]]:
+    """`sequences` (checked: indices in range, each at most once), plus every index of
+    range(count) they leave out as a sequence of its own."""
+    seen = [False] * count
+    out = []
+    for seq in sequences:
+        if not seq:
+            continue
+        for i in seq:
+            if not 0 <= i < count or seen[i]:
+                raise ValueError(f"sequences must name each step in [0, {count}) at most once; got {i}")
+            seen[i] = True
+        out.append([int(i) for i in seq])
+    out += [[i] for i, taken in enumerate(seen) if not taken]
+    return out
+
+
 class _EvalMode:
     """Eval mode for the block; nothing to do (no module walk) when already in eval mode.
     A class rather than a contextlib generator: it is entered on every act."""
@@ -90,6 +107,14 @@ class NeuralPolicyBundle:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(node head outputs [N_total, NODE_HEAD_DIM], values [B], new hidden or None)."""
         raise NotImplementedError
+
+    def _forward_sequences(
+        self, batch: GraphBatch, hidden: torch.Tensor | None, sequences: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(node head outputs, values) of steps unrolled along `sequences` (recurrent policies; a
+        feed-forward one has nothing to unroll: each step on its own)."""
+        node_out, values, _ = self._forward(batch, hidden)
+        return node_out, values
 
     def _hidden_for_act(
         self, observations: Sequence[Observation], hidden: torch.Tensor | None
@@ -198,8 +223,13 @@ class NeuralPolicyBundle:
         observations: Sequence[Observation],
         actions: torch.Tensor,
         hidden: torch.Tensor | None = None,
+        sequences: Sequence[Sequence[int]] | None = None,
     ) -> EvalResult:
-        """log p(actions), values and entropy, with gradients, in the network's current mode."""
+        """log p(actions), values and entropy, with gradients, in the network's current mode.
+
+        `sequences` (recurrent policies): lists of indices into `observations` that are
+        consecutive steps of one run, in order; each is unrolled from the `hidden` of its first
+        step (backpropagation through time), and a step in none of them replays on its own."""
         batch = self._collate(observations)
         actions = actions.to(self.device, torch.int64)
         if actions.shape != (len(observations), ACTION_WIDTH):
@@ -208,7 +238,12 @@ class NeuralPolicyBundle:
             )
         with self._lock:
             hidden_in = self._hidden_for_evaluate(len(observations), hidden)
-            node_out, values, _ = self._forward(batch, hidden_in)
+            if sequences is None or not self.is_recurrent:
+                node_out, values, _ = self._forward(batch, hidden_in)
+            else:
+                node_out, values = self._forward_sequences(
+                    batch, hidden_in, covering_sequences(sequences, len(observations))
+                )
         dist = FactoredDistribution(batch, node_out)
         return EvalResult(log_probs=dist.log_prob(actions), values=values, entropy=dist.entropy())
 

@@ -120,6 +120,7 @@ class RandomLegalPolicy:
         observations: Sequence[Observation],
         actions: torch.Tensor,
         hidden: torch.Tensor | None = None,
+        sequences: Sequence[Sequence[int]] | None = None,
     ) -> EvalResult:
         """Not learnable: a learner must check `is_learnable` first."""
         raise NotImplementedError("the random policy is not learnable; it has no log-probs to evaluate")

@@ -46,6 +46,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.hoststats import bootstrap_mean  # noqa: E402
+
 # Hyper-parameters found by a short search (see benchmarks/RESULTS.md); everything not named here is
 # the seed documents' default.
 HIDDEN = 64
@@ -84,6 +88,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ppo-heuristic": {"algo": "ppo", "warm_start": "heuristic", "ppo": PPO_WARM},
     "impala-heuristic": {"algo": "impala", "warm_start": "heuristic", "impala": IMPALA_WARM},
     "ppo-scripted": {"algo": "ppo", "warm_start": "scripted", "ppo": PPO_WARM},
+    # The action space before issue 16: blueprint, blend and tempo only; every other lever left to
+    # the host (its head held at one choice, nothing sent). Against ppo-heuristic: what the
+    # levers add or cost.
+    "ppo-heuristic-no-levers": {"algo": "ppo", "warm_start": "heuristic", "ppo": PPO_WARM, "levers": ()},
 }
 LABELS = {
     "ppo": "PPO from scratch",
@@ -91,6 +99,7 @@ LABELS = {
     "ppo-heuristic": "PPO warm-started (heuristic)",
     "impala-heuristic": "IMPALA warm-started (heuristic)",
     "ppo-scripted": "PPO warm-started (scripted)",
+    "ppo-heuristic-no-levers": "PPO warm-started (heuristic), without the optional levers",
 }
 
 VALIDATION_SEED = 10_000  # + seed (what esperd.train evaluates on)
@@ -105,10 +114,14 @@ def _setup_worker() -> None:
     torch.set_num_threads(1)
 
 
-def policy_config(seed: int) -> Any:
+def policy_config(seed: int, levers: tuple[str, ...] | None = None) -> Any:
+    """The GNN's config; `levers`: the optional levers it sets (None: all)."""
+    import msgspec
+
     from esperd.policy import PolicyConfig
 
-    return PolicyConfig(name="gnn", hidden_size=HIDDEN, init_seed=seed)
+    config = PolicyConfig(name="gnn", hidden_size=HIDDEN, init_seed=seed)
+    return config if levers is None else msgspec.structs.replace(config, levers=levers)
 
 
 def play(policy: Any, episodes: int, host_seed: int, deterministic: bool, torch_seed: int) -> float:
@@ -136,7 +149,7 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
 
     variant, seed, steps = VARIANTS[job["variant"]], job["seed"], job["steps"]
     algo = variant["algo"]
-    pc = policy_config(seed)
+    pc = policy_config(seed, variant.get("levers"))
     learner = LearnerConfig(
         ppo=PPOConfig(**variant.get("ppo", PPO)),  # type: ignore[arg-type]  (esperd.train decays the LR)
         impala=ImpalaConfig(**variant.get("impala", IMPALA)),  # type: ignore[arg-type]
@@ -275,6 +288,39 @@ def table_rows(runs: list[dict[str, Any]], bases: list[dict[str, Any]]) -> list[
     return rows
 
 
+def lever_comparison(rows: dict[str, list[float]]) -> list[str]:
+    """What the optional levers add or cost: the warm-started PPO GNN with every lever minus the
+    same without them, paired by seed, per checkpoint and mode (when both ran)."""
+    with_levers, without = LABELS["ppo-heuristic"], LABELS["ppo-heuristic-no-levers"]
+    pairs = [
+        (label, rows[f"{with_levers}, {label}"], rows[f"{without}, {label}"])
+        for label in (
+            "best checkpoint, greedy",
+            "best checkpoint, sampling",
+            "last weights, greedy",
+            "last weights, sampling",
+        )
+        if f"{with_levers}, {label}" in rows and f"{without}, {label}" in rows
+    ]
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "What the optional levers (dwell, isolation, LR multiplier, steepness, alpha target / speed / "
+        "curve) add or cost: PPO warm-started (heuristic) with every lever minus the same without them "
+        "(the action space before issue 16), paired by seed.",
+        "",
+        "| checkpoint | with minus without (mean) | 95% bootstrap interval | seeds with > without |",
+        "|---|---|---|---|",
+    ]
+    for label, a, b in pairs:
+        diffs = [x - y for x, y in zip(a, b, strict=True)]
+        interval = bootstrap_mean(diffs)
+        wins = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+        lines.append(f"| {label} | {interval.mean:+.3f} | {interval.format(scale=1.0, digits=3)} | {wins} |")
+    return lines
+
+
 def report(
     runs: list[dict[str, Any]], bases: list[dict[str, Any]], args: argparse.Namespace, wall: float
 ) -> str:
@@ -321,15 +367,19 @@ def report(
             "the policy beat the heuristic. Greedy = `[policy] deterministic = true`."
         ),
         "",
-        "| policy | return (mean ± sd over seeds) | minus heuristic (paired) | beats heuristic |",
-        "|---|---|---|---|",
+        "| policy | return (mean ± sd over seeds) | minus heuristic (paired) | 95% bootstrap interval "
+        "| beats heuristic |",
+        "|---|---|---|---|---|",
     ]
-    for name, values in table_rows(runs, bases):
+    rows = table_rows(runs, bases)
+    for name, values in rows:
         mean, sd = mean_sd(values)
         diffs = [v - h for v, h in zip(values, heuristic, strict=True)]
         dmean, dsd = mean_sd(diffs)
         wins = "" if name == "heuristic" else f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
-        lines.append(f"| {name} | {mean:+.3f} ± {sd:.3f} | {dmean:+.3f} ± {dsd:.3f} | {wins} |")
+        ci = "" if name == "heuristic" else bootstrap_mean(diffs).format(scale=1.0, digits=3)
+        lines.append(f"| {name} | {mean:+.3f} ± {sd:.3f} | {dmean:+.3f} ± {dsd:.3f} | {ci} | {wins} |")
+    lines += lever_comparison(dict(rows))
     lines += [
         "",
         "Training runs (clone: greedy agreement with the reference on held-out demonstration runs):",

@@ -4,13 +4,15 @@ reference policy's decisions makes the greedy policy agree with it and fits the 
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 import numpy as np
 import pytest
 import torch
 
 from contracts import Op
-from esperd.analyzer.observation import OP_INDEX
+from esperd.analyzer.observation import LEVER_COLUMN, OP_INDEX
 from esperd.learn.config import ImitationConfig
 from esperd.learn.experience import Transition
 from esperd.learn.imitation import (
@@ -165,3 +167,18 @@ def test_ppo_adds_the_anchor_while_it_lasts(demonstrations: list[Transition]) ->
     learner.update(steps)
     learner.update(steps)
     assert calls and set(calls) == {0, 1}
+
+
+def test_a_policy_that_leaves_levers_to_the_host_clones_the_rest(demonstrations: list[Transition]) -> None:
+    # The scripted reference sets a dwell, LR and the like; a policy without those levers holds
+    # their heads at one choice, so the reference's choices are mapped there (else log 0).
+    train, held = split_runs(demonstrations)
+    policy = create_policy("gnn", msgspec.structs.replace(POLICY, levers=()), "cpu")
+    stats = fit_imitation(
+        policy, train, ImitationConfig(steps=50, batch_size=64, lr=3e-3, seed=0), holdout=held
+    )
+    assert math.isfinite(stats.nll_after) and stats.nll_after < stats.nll_before
+    germinations = [t for t in train if int(t.action[1]) == OP_INDEX[Op.GERMINATE]]
+    assert germinations and any(int(t.action[LEVER_COLUMN["dwell"]]) != 0 for t in germinations)
+    result = policy.act([t.obs for t in germinations], deterministic=True)
+    assert all(d.dwell_epochs is None and d.lr_multiplier is None for d in result.decisions)

@@ -101,6 +101,16 @@ def _wait_log_prob(dist: FactoredDistribution) -> torch.Tensor:
     return torch.logsumexp(dense.view(b.num_graphs, b.max_nodes), dim=-1)
 
 
+def reference_actions(
+    policy: PolicyBundle, transitions: Sequence[Transition], device: torch.device
+) -> torch.Tensor:
+    """The reference's action rows as the policy can take them: a lever the policy leaves to the
+    host (`[policy] levers`) at the one choice it holds that lever at, whatever the reference set."""
+    actions = stack_actions(transitions, device)
+    hold = getattr(policy, "held_levers", None)
+    return actions if hold is None else hold(actions)
+
+
 def reference_log_likelihood(dist: FactoredDistribution, actions: torch.Tensor) -> torch.Tensor:
     """log p(reference decision) per graph, [B]; WAIT marginalized over nodes (module doc)."""
     is_wait = actions[:, OP] == _WAIT
@@ -156,7 +166,7 @@ def _scores(
     agree, nll = 0, 0.0
     for begin in range(0, len(transitions), batch_size):
         chunk = transitions[begin : begin + batch_size]
-        actions = stack_actions(chunk, device)
+        actions = reference_actions(policy, chunk, device)
         dist = policy.distribution([t.obs for t in chunk])  # type: ignore[attr-defined]
         agree += int(_greedy_agrees(dist, actions).sum())
         nll -= float(reference_log_likelihood(dist, actions).double().sum())
@@ -173,7 +183,7 @@ def _value_mse(
     total = 0.0
     for begin in range(0, len(transitions), batch_size):
         chunk = transitions[begin : begin + batch_size]
-        values = policy.evaluate([t.obs for t in chunk], stack_actions(chunk, device)).values
+        values = policy.evaluate([t.obs for t in chunk], reference_actions(policy, chunk, device)).values
         target = torch.from_numpy(returns[begin : begin + len(chunk)]).to(values.device)
         total += float(((values.float() - target) ** 2).sum())
     return total / len(transitions)
@@ -202,7 +212,7 @@ def fit_imitation(
     returns, complete = discounted_returns(transitions, config.gamma)
     value_steps = [t for t, ok in zip(transitions, complete, strict=True) if ok]
     value_mse_before = _value_mse(policy, value_steps, returns[complete])
-    actions = stack_actions(transitions, device)
+    actions = reference_actions(policy, transitions, device)
     targets = torch.from_numpy(returns).to(device)
     value_mask = torch.from_numpy(complete).to(device)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -287,7 +297,7 @@ class DemonstrationAnchor:
             raise ValueError("anchor: coef must be >= 0, decay_updates and batch_size >= 1")
         self.policy = policy
         self.transitions = list(transitions)
-        self.actions = stack_actions(self.transitions, torch.device(policy.device))
+        self.actions = reference_actions(policy, self.transitions, torch.device(policy.device))
         self.coef = coef
         self.decay_updates = decay_updates
         self.batch_size = min(batch_size, len(self.transitions))

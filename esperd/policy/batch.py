@@ -26,6 +26,7 @@ from contracts import Op
 from esperd.analyzer.observation import (
     ALPHA_TARGET_INDEX,
     GLOBAL_FEATURES,
+    LEVER_COLUMN,
     LEVERS,
     NODE_FEATURES,
     OP_INDEX,
@@ -51,6 +52,12 @@ LEVER_COLUMNS: dict[str, slice] = {
 #: The one choice a lever the policy leaves to the host is held at (its log-probability is then 0):
 #: alpha target 1.0, what a SET_ALPHA_TARGET without the lever sends; else the first.
 _HELD_CHOICE = {"alpha_target": ALPHA_TARGET_INDEX[1.0]}
+
+
+def lever_held_choices(levers: frozenset[str]) -> dict[int, int]:
+    """Action-row column -> the choice index its head is held at, for each optional lever not in
+    `levers` (see lever_logits_mask)."""
+    return {LEVER_COLUMN[name]: _HELD_CHOICE.get(name, 0) for name in OPTIONAL_LEVERS if name not in levers}
 
 
 def lever_logits_mask(levers: frozenset[str]) -> np.ndarray:

@@ -15,9 +15,9 @@ from torch import nn
 
 from esperd.analyzer.observation import Observation
 from esperd.policy.base import ACTION_WIDTH, ActResult, EvalResult, decisions_from_lists
-from esperd.policy.batch import GraphBatch, TopologyCache, collate, lever_logits_mask
+from esperd.policy.batch import GraphBatch, TopologyCache, collate, lever_held_choices, lever_logits_mask
 from esperd.policy.config import PolicyConfig
-from esperd.policy.heads import FactoredDistribution, SampledActions, sample_actions
+from esperd.policy.heads import FactoredDistribution, SampledActions, counted_lever_mask, sample_actions
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -255,6 +255,19 @@ class NeuralPolicyBundle:
         with self._lock:
             node_out, _, _ = self._forward(batch, self._hidden_for_evaluate(len(observations), hidden))
         return FactoredDistribution(batch, node_out)
+
+    def held_levers(self, actions: torch.Tensor) -> torch.Tensor:
+        """Action rows with every lever this policy leaves to the host set to the choice its head
+        is held at, where the row's op samples it (another policy's actions, made learnable)."""
+        held = lever_held_choices(self.levers)
+        if not held:
+            return actions
+        out = actions.clone()
+        counted = counted_lever_mask(out)
+        for column, choice in held.items():
+            lever = column - 2  # levers follow node and op
+            out[:, column] = torch.where(counted[:, lever], choice, out[:, column])
+        return out
 
     def _collate(self, observations: Sequence[Observation]) -> GraphBatch:
         return collate(observations, self.device, adjacency=self.uses_adjacency, lever_mask=self._lever_mask)

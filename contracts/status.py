@@ -157,6 +157,7 @@ class ClusterStatus(msgspec.Struct):
     acquisitions: int  # partitions taken (at start, on a peer's death or departure, on handover)
     errors: int  # lease or membership renewals that failed (broker away or slow)
     view: ClusterView  # every member, what it owns, who is stale; unowned partitions
+    subscribed: list[int] = []  # partitions subscribed to (with mapped_prefix; otherwise every message comes)
 
 
 class TaskStatus(msgspec.Struct):

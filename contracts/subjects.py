@@ -41,3 +41,15 @@ def parse_subject(subject: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, Chan
         return run_id, Channel(channel)
     except ValueError:
         raise SubjectError(f"subject {subject!r} has unknown channel {channel!r}") from None
+
+
+def partition_wildcard(mapped_prefix: str, partition: int) -> str:
+    """The subject matching every run of one partition, as a broker partition mapping publishes it."""
+    return f"{mapped_prefix}.{partition}.*.*"
+
+
+def unmapped_subject(subject: str, mapped_prefix: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """`<mapped_prefix>.<partition>.<run>.<channel>` as the host published it, `<prefix>.<run>.<channel>`."""
+    rest = subject[len(mapped_prefix) + 1 :]
+    _, _, run_and_channel = rest.partition(".")
+    return f"{prefix}.{run_and_channel}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import nats
@@ -20,6 +20,7 @@ from nats.aio.subscription import Subscription
 
 from contracts import JSON, MSGPACK, AdaptationCommand, Channel, Codec, run_subject
 from contracts.status import NatsStatus
+from contracts.subjects import partition_wildcard, unmapped_subject
 from esperd.config import NatsConfig
 from esperd.logs import RateLimiter
 
@@ -128,6 +129,7 @@ class Bus:
         )
         self.dropped_publishes = 0
         self._subs: list[Subscription] = []
+        self._partition_subs: dict[int, Subscription] = {}
         self._json_runs: set[str] = set()  # runs whose hosts last spoke JSON (command_encoding auto)
         self._drop_log = RateLimiter(10.0)
 
@@ -246,9 +248,59 @@ class Bus:
         await nc.flush()
         await nc.flush()
 
+    async def side_connection(self) -> Client:
+        """A second, short-lived connection with the same credentials (its own publishes come back to it).
+
+        The main connection is `no_echo`, so a message it publishes never reaches its own
+        subscriptions; a check of the broker's subject mapping needs one that does.
+        """
+        options = {**connect_options(self.config), "no_echo": False, "name": f"{self.config.name}-probe"}
+        options["max_reconnect_attempts"] = 0
+        options["allow_reconnect"] = False
+        return await nats.connect(**options)
+
+    async def subscribe_partition(
+        self, partition: int, mapped_prefix: str, partitions: int, handler: RawHandler
+    ) -> None:
+        """Subscribe to one partition of a broker-side partition mapping (see `esperd.subjectmap`).
+
+        The handler sees each subject as its host published it. A run's messages all land in
+        one partition, so one subscription per partition keeps each run's messages in order.
+        Each takes an equal share of `max_pending_bytes`, so the bound on buffered input holds
+        however many partitions this instance holds.
+        """
+        if partition in self._partition_subs:
+            return
+        nc = self._require()
+
+        async def on_message(msg: Msg) -> None:
+            content_type = msg.headers.get("Content-Type") if msg.headers else None
+            await handler(unmapped_subject(msg.subject, mapped_prefix, self.prefix), msg.data, content_type)
+
+        share = max(64 * 1024, self.config.max_pending_bytes // partitions)
+        subject = partition_wildcard(mapped_prefix, partition)
+        self._partition_subs[partition] = await nc.subscribe(
+            subject, cb=on_message, pending_bytes_limit=share
+        )
+
+    async def unsubscribe_partitions(self, partitions: Iterable[int]) -> None:
+        """Stop the deliveries of these partitions (messages already delivered are still handled)."""
+        for partition in partitions:
+            sub = self._partition_subs.pop(partition, None)
+            if sub is not None and self.connected:
+                try:
+                    await sub.unsubscribe()
+                except nats.errors.Error as exc:
+                    log.warning("unsubscribe failed", subject=sub.subject, error=str(exc))
+
+    @property
+    def partition_subscriptions(self) -> list[int]:
+        return sorted(self._partition_subs)
+
     async def unsubscribe_inbound(self) -> None:
         """Stop taking new messages; those already delivered are still handled."""
-        subs, self._subs = self._subs, []
+        subs, self._subs = [*self._subs, *self._partition_subs.values()], []
+        self._partition_subs = {}
         for sub in subs:
             try:
                 # Draining needs the broker; without it, just stop the delivery.

@@ -26,7 +26,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import nats.errors
@@ -99,7 +99,7 @@ class ClusterAgent:
         instance: str,
         *,
         on_lost: OnLost,
-        on_acquired: Callable[[list[int]], None] | None = None,
+        on_acquired: Callable[[list[int]], Awaitable[None]] | None = None,
         runs: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = lease_clock,
     ) -> None:
@@ -216,7 +216,7 @@ class ClusterAgent:
             self.acquisitions += len(gained)
             log.info("partitions acquired", instance=self.me, partitions=gained)
             if self._on_acquired is not None:
-                self._on_acquired(gained)
+                await self._on_acquired(gained)
         try:
             await self._register()  # after the lease work, so peers' views show what we hold now
         except (TimeoutError, nats.errors.Error) as exc:

@@ -139,8 +139,13 @@ class ClusterConfig(Section, frozen=True):
     )
     partitions: Annotated[int, Meta(ge=1, le=4096)] = 32  # units of ownership; runs hash to one
     bucket: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "esperd_cluster"
+    # With the broker's partition mapping (README, "Splitting the traffic"): subscribe only to the
+    # partitions held, on <mapped_prefix>.<partition>.<run>.<channel>. Empty: take every message.
+    mapped_prefix: Annotated[str, Meta(pattern=r"^([A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)?$")] = ""
 
     def __post_init__(self) -> None:
+        if self.mapped_prefix and not self.enabled:
+            raise ValueError("cluster.mapped_prefix needs cluster.enabled: partitions are what instances own")
         if self.heartbeat_s * 3 > self.dead_after_s:
             # At least two renewals must fit in the part of the TTL a lease is used for.
             raise ValueError(

@@ -39,7 +39,7 @@ from contracts import (
     SystemStatePacket,
     parse_subject,
 )
-from contracts.status import LearnerStatus, PolicyStatus, ReloadStatus, Status
+from contracts.status import ClusterStatus, LearnerStatus, PolicyStatus, ReloadStatus, Status
 from esperd.analyzer.analyzer import Analyzer
 from esperd.analyzer.config import AnalyzerError
 from esperd.analyzer.observation import Observation
@@ -66,6 +66,7 @@ from esperd.reload import apply_live, plan_reload
 from esperd.runs import MIB, DropReason, RunTable, Verdict
 from esperd.scheduler import Scheduler
 from esperd.statedir import prepare_state_dir
+from esperd.subjectmap import verify_mapping
 from esperd.supervisor import Supervisor
 
 log = structlog.get_logger("esperd.service")
@@ -127,6 +128,7 @@ class Service:
         )
         self.learner = self._build_learner(serving.policy, device)
         self.cluster: ClusterAgent | None = None
+        self._background: set[asyncio.Task[None]] = set()  # short one-off tasks (unsubscribing)
         self.started_at = time.monotonic()
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -200,18 +202,7 @@ class Service:
                 return
             raise
         await self._start_micro()
-        if self.config.cluster.enabled:
-            assert self.bus.nc is not None
-            self.cluster = ClusterAgent(
-                self.config.cluster,
-                self.bus.nc,
-                self.instance,
-                on_lost=self._on_partitions_lost,
-                runs=lambda: len(self.analyzer),
-            )
-            await self.cluster.start()
-            self.supervisor.spawn("cluster", self.cluster.run)
-        await self.bus.subscribe_inbound(self._on_raw)
+        await self._start_intake()
         if self.notifier.enabled and self.notifier.watchdog_interval() is not None:
             self.supervisor.spawn("watchdog", self.notifier.run_watchdog)
         if self._embedded is not None:
@@ -237,6 +228,33 @@ class Service:
         )
         if self._reload_again:  # a SIGHUP came while starting
             self.request_reload()
+
+    async def _start_intake(self) -> None:
+        """Join the cluster (if any) and subscribe: to every run, or (partition mapping) per partition held."""
+        if self.config.cluster.enabled:
+            await self._start_cluster()
+        if not self.config.cluster.mapped_prefix:
+            await self.bus.subscribe_inbound(self._on_raw)
+
+    async def _start_cluster(self) -> None:
+        """Check the broker's partition mapping (if configured), join, take our partitions."""
+        assert self.bus.nc is not None
+        if self.config.cluster.mapped_prefix:
+            probe = await self.bus.side_connection()
+            try:
+                await verify_mapping(probe, self.config.cluster.partitions)
+            finally:
+                await probe.close()
+        self.cluster = ClusterAgent(
+            self.config.cluster,
+            self.bus.nc,
+            self.instance,
+            on_lost=self._on_partitions_lost,
+            on_acquired=self._on_partitions_acquired,
+            runs=lambda: len(self.analyzer),
+        )
+        await self.cluster.start()
+        self.supervisor.spawn("cluster", self.cluster.run)
 
     async def stop(self) -> None:
         """Stop taking work, finish what is in flight, drain NATS, stop the embedded broker."""
@@ -618,7 +636,35 @@ class Service:
         lost = self.runs.drop_where(lambda run_id: partition_of(run_id, count) in gone, why)
         if lost:
             self.cluster.handovers += len(lost)
+        if self.config.cluster.mapped_prefix:
+            # Called from synchronous code (a lapse can be noticed mid-message): unsubscribe soon;
+            # until then their messages are dropped as not ours.
+            task = asyncio.get_running_loop().create_task(self.bus.unsubscribe_partitions(gone))
+            self._background.add(task)
+            task.add_done_callback(self._one_off_done)
         log.info("partitions given up", reason=reason, partitions=sorted(gone), runs=len(lost))
+
+    def _one_off_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background step failed", task=task.get_name(), error=repr(task.exception()))
+
+    def _cluster_status(self) -> ClusterStatus | None:
+        if self.cluster is None:
+            return None
+        return msgspec.structs.replace(self.cluster.status(), subscribed=self.bus.partition_subscriptions)
+
+    async def _on_partitions_acquired(self, partitions: list[int]) -> None:
+        """With the broker's partition mapping, start taking the new partitions' messages."""
+        cluster = self.config.cluster
+        if not cluster.mapped_prefix:
+            return
+        for partition in partitions:
+            await self.bus.subscribe_partition(
+                partition, cluster.mapped_prefix, cluster.partitions, self._on_raw
+            )
+        if self.bus.nc is not None:
+            await self.bus.nc.flush()
 
     def _on_ack(self, run_id: str, ack: CommandAck, subject: str) -> Rejection | None:
         """Settle the command an ack answers, matched on (run, command id)."""
@@ -686,7 +732,7 @@ class Service:
             experience=self.recorder.stats(),
             stopping=self._stopping,
             learner=self._learner_status(),
-            cluster=self.cluster.status() if self.cluster is not None else None,
+            cluster=self._cluster_status(),
             run_table=self.runs.status(),
             tasks=self.supervisor.status(),
             reload=msgspec.structs.replace(self.reload_status),

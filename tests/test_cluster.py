@@ -137,3 +137,10 @@ def test_the_default_instance_id_is_a_subject_token() -> None:
     name = default_instance_id()
     msgspec.convert({"instance_id": name}, ClusterConfig)  # passes the configured pattern
     assert "." not in name and " " not in name
+
+
+def test_a_mapped_prefix_needs_cluster_mode() -> None:
+    with pytest.raises(ConfigError, match="mapped_prefix needs cluster.enabled"):
+        config_from_dict({"cluster": {"mapped_prefix": "esperd.in"}})
+    ok = config_from_dict({"cluster": {"enabled": True, "mapped_prefix": "esperd.in"}})
+    assert ok.cluster.mapped_prefix == "esperd.in"

@@ -110,3 +110,11 @@ def test_wildcard_subject(channel: Channel) -> None:
     assert wildcard_subject(channel, "acme.esper") == f"acme.esper.*.{channel.value}"
     # The wildcard has the same token count as the subjects it should match.
     assert wildcard_subject(channel).count(".") == run_subject("r1", channel).count(".")
+
+
+def test_partition_subjects_round_trip() -> None:
+    from contracts.subjects import partition_wildcard, unmapped_subject
+
+    assert partition_wildcard("esperd.in", 7) == "esperd.in.7.*.*"
+    assert unmapped_subject("esperd.in.7.run-1.health", "esperd.in") == "esper.run-1.health"
+    assert unmapped_subject("m.31.r.ack", "m", prefix="my.prefix") == "my.prefix.r.ack"

@@ -48,6 +48,7 @@ def status(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a servic
         lease_lapses=2,
         acquisitions=5,
         errors=1,
+        subscribed=[],
         view=view,
     )
     return msgspec.structs.replace(service.status(), learner=learner, cluster=cluster)

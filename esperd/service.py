@@ -230,7 +230,7 @@ class Service:
             self.request_reload()
 
     async def _start_intake(self) -> None:
-        """Join the cluster (if any) and subscribe: to every run, or (partition mapping) per partition held."""
+        """Join the cluster (if any); subscribe to every run, or (partition mapping) per partition held."""
         if self.config.cluster.enabled:
             await self._start_cluster()
         if not self.config.cluster.mapped_prefix:

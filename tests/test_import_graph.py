@@ -50,6 +50,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "esperd.cluster",
             "esperd.ownership",
+            "esperd.subjectmap",
             "esperd.metrics",
             "esperd.natsserver",
             "esperd.notify",

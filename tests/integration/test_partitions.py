@@ -70,7 +70,8 @@ def held(service: Service) -> set[int]:
 
 def received(service: Service) -> int:
     """Every inbound message this instance's handler saw."""
-    return service.intake.accepted_total + service.intake.rejected_total + service.foreign_messages
+    assert service.cluster is not None
+    return service.intake.accepted_total + service.intake.rejected_total + service.cluster.foreign_messages
 
 
 async def publish_round(nc: Client, layer: int) -> None:

@@ -135,7 +135,8 @@ async def test_two_instances_each_receive_only_their_partitions_and_take_over(
                 await until(lambda: received(a) + received(b) == len(RUNS), what="every message, once")
                 a_runs, b_runs = set(a.analyzer.run_ids()), set(b.analyzer.run_ids())
                 # Nothing arrived twice or at the wrong instance: the broker sent each its own share.
-                assert a.foreign_messages == 0 and b.foreign_messages == 0
+                assert a.cluster is not None and b.cluster is not None
+                assert a.cluster.foreign_messages == 0 and b.cluster.foreign_messages == 0
                 assert a_runs == {r for r in RUNS if partition_of(r, P) in held(a)}
                 assert b_runs == {r for r in RUNS if partition_of(r, P) in held(b)}
                 assert a_runs and b_runs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import TextIO
+from typing import TextIO, cast
 
 import structlog
 
@@ -15,7 +15,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
 
     Returns the level's control: `set` changes it while running (a SIGHUP reload does).
     """
-    stream = stream or sys.stderr
+    stream = stream if stream is not None else cast(TextIO, _CurrentStderr())
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
@@ -38,6 +38,21 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     )
     logging.basicConfig(level=threshold.numeric, stream=stream, format="%(levelname)s %(name)s: %(message)s")
     return threshold
+
+
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is at the time of the write. A logger bound to the object
+    that was stderr at configuration time would write into a closed file once that object is
+    replaced and closed (an embedding program's capture, a test runner's)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 class LogLevel:

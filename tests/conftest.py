@@ -6,11 +6,13 @@ so `make test-fast` can leave it out. No torch import: the fast tier must not pa
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import nats
 import pytest
+import structlog
 from nats.aio.client import Client
 
 from esperd.natsserver import NatsServer
@@ -31,6 +33,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         import torch
 
         metafunc.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging_config() -> Iterator[None]:
+    """A test that runs a command in-process (a benchmark's main, esperd's CLI) configures
+    structlog and the root logger for the whole process: put both back after every test."""
+    config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.configure(**config)
+    structlog.contextvars.clear_contextvars()
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -80,21 +78,6 @@ class FakeTty(io.StringIO):
         return True
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """configure_logging changes process-wide state: put it back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    structlog.contextvars.clear_contextvars()
-    yield
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
 def _emit(event: str = "hello", **kw: object) -> None:
     # A fresh logger each time: module-level loggers may be cached under an older config.
     structlog.get_logger("test").info(event, **kw)
@@ -104,7 +87,6 @@ def _lines(stream: io.StringIO) -> list[str]:
     return [line for line in stream.getvalue().splitlines() if line.strip()]
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_non_tty_stream_gets_json_lines() -> None:
     stream = io.StringIO()
     assert not stream.isatty()
@@ -120,7 +102,6 @@ def test_non_tty_stream_gets_json_lines() -> None:
     assert second["subject"] == "esper.r1.health"
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_tty_stream_gets_console_output() -> None:
     stream = FakeTty()
     configure_logging("info", "auto", stream)
@@ -133,7 +114,6 @@ def test_tty_stream_gets_console_output() -> None:
             json.loads(line)
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_explicit_format_overrides_the_tty_check() -> None:
     tty = FakeTty()
     configure_logging("info", "json", tty)
@@ -148,7 +128,6 @@ def test_explicit_format_overrides_the_tty_check() -> None:
         json.loads(_lines(plain)[0])
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_bound_contextvars_appear_in_output() -> None:
     stream = io.StringIO()
     configure_logging("info", "json", stream)
@@ -160,7 +139,6 @@ def test_bound_contextvars_appear_in_output() -> None:
     assert "run_id" not in outside and "subject" not in outside
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_bound_contextvars_appear_in_console_output() -> None:
     stream = FakeTty()
     configure_logging("info", "auto", stream)
@@ -169,7 +147,6 @@ def test_bound_contextvars_appear_in_console_output() -> None:
     assert "run-console-7" in stream.getvalue()
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_level_filters_lower_levels() -> None:
     stream = io.StringIO()
     configure_logging("warning", "json", stream)
@@ -181,7 +158,6 @@ def test_level_filters_lower_levels() -> None:
     assert [json.loads(line)["event"] for line in _lines(stream)] == ["w", "e"]
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_exceptions_are_rendered_into_json() -> None:
     stream = io.StringIO()
     configure_logging("info", "json", stream)
@@ -195,7 +171,20 @@ def test_exceptions_are_rendered_into_json() -> None:
     assert "boom-123" in record["exception"]
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_unknown_level_is_refused() -> None:
     with pytest.raises(KeyError):
         configure_logging("chatty", "json", io.StringIO())
+
+
+def test_default_stream_follows_sys_stderr_after_it_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Configured without a stream, logging writes to the stderr of the moment: a stderr
+    replaced and closed since (a test runner's capture, an embedding program's) is not used."""
+    first = io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    configure_logging("info", "json")
+    _emit("to-first")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr("sys.stderr", second)
+    _emit("to-second")
+    assert [json.loads(line)["event"] for line in _lines(second)] == ["to-second"]

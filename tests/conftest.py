@@ -36,9 +36,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging_config() -> Iterator[None]:
+def _restore_logging_config(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A test that runs a command in-process (a benchmark's main, esperd's CLI) configures
-    structlog and the root logger for the whole process: put both back after every test."""
+    structlog and the root logger for the whole process: put both back after every test.
+
+    Such a configuration must not cache loggers either: a module-level logger first used under
+    it would keep its processors for the rest of the session, and a later test's
+    `capture_logs()` would see nothing."""
+    configure = structlog.configure
+    monkeypatch.setattr(
+        structlog, "configure", lambda **kw: configure(**{**kw, "cache_logger_on_first_use": False})
+    )
     config = structlog.get_config()
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level

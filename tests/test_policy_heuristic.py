@@ -114,12 +114,42 @@ def test_no_germination_while_host_is_still_improving_fast() -> None:
     assert decide(policy, plateau).op is Op.GERMINATE
 
 
-def test_plateau_germinates_least_healthy_layer() -> None:
+def test_plateau_germinates_least_healthy_layer_when_gradients_tie() -> None:
     policy = make_policy(plateau_patience=3, plateau_health_max=0.9)
     health = {"health": [0.85, 0.95, 0.6, 0.8]}
     assert decide(policy, scene("a", node=health, plateau_epochs=0.2)).op is Op.WAIT  # 2 < patience
     decision = decide(policy, scene("b", node=health, plateau_epochs=0.3))
     assert (decision.op, decision.layer_id) == (Op.GERMINATE, 102)
+
+
+def test_plateau_germinates_where_the_gradient_is_largest() -> None:
+    policy = make_policy(plateau_patience=3, plateau_health_max=0.9)
+    # Node 1 has the largest gradient but is healthy beyond plateau_health_max; of the rest node 3
+    # has the largest gradient, although node 2 is the least healthy.
+    node = {"health": [0.85, 0.95, 0.6, 0.8], "gradient_norm": [0.2, 0.9, 0.3, 0.5]}
+    decision = decide(policy, scene("a", node=node, plateau_epochs=0.3))
+    assert (decision.op, decision.layer_id) == (Op.GERMINATE, 103)
+
+
+@pytest.mark.parametrize(
+    ("train", "val", "grows"),
+    [
+        (0.60, 0.59, True),  # capacity-bound: train and val alike, far from perfect
+        (0.60, 0.65, True),  # validation above training: not overfitting either
+        (0.90, 0.70, False),  # a generalization gap: more capacity would not help
+        (0.99, 0.985, False),  # nearly perfect on training data
+        (0.00, 0.40, False),  # no training accuracy reported: unknown, so no
+    ],
+)
+def test_a_capacity_bound_host_grows_without_waiting_for_a_plateau(train: float, val: float, grows: bool) -> None:
+    policy = make_policy(underfit_gap=0.03, underfit_max_train_accuracy=0.98, stabilize_delta=0.01)
+    node = {"health": [0.85, 0.8, 0.8, 0.8], "gradient_norm": [0.1, 0.2, 0.6, 0.3]}
+    # Still improving fast and no plateau: only the capacity rule can let it grow.
+    obs = scene("a", node=node, val_accuracy_delta=0.05, train_accuracy=train, val_accuracy=val)
+    decision = decide(policy, obs)
+    assert (decision.op, decision.layer_id) == ((Op.GERMINATE, 102) if grows else (Op.WAIT, decision.layer_id))
+    off = scene("b", node=node, val_accuracy_delta=0.05, train_accuracy=0.6, val_accuracy=0.59)
+    assert decide(make_policy(underfit_gap=-1.0), off).op is Op.WAIT  # a negative gap turns the rule off
 
 
 def test_at_most_max_active_seeds() -> None:

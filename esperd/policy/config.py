@@ -47,6 +47,12 @@ class HeuristicConfig(Section, frozen=True):
     stabilize_delta: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.01  # |val acc change| below this = stabilized
     plateau_patience: Annotated[int, Meta(ge=1, le=10)] = 3  # epochs without val improvement = plateau
     max_active_seeds: Annotated[int, Meta(ge=1, le=4096)] = 1  # seeds in flight per run
+    # Capacity-bound: a host whose training accuracy is within `underfit_gap` of its validation
+    # accuracy (capacity, not data, limits it) and below `underfit_max_train_accuracy` grows as
+    # soon as `min_epoch` allows, without waiting for a plateau: early seeds have the most epochs
+    # to pay back (benchmarks/results/germination_sweep.md). A negative gap turns this off.
+    underfit_gap: Annotated[float, Meta(ge=-1.0, le=1.0)] = 0.03
+    underfit_max_train_accuracy: Unit = 0.98
     # Which layer: problematic, unhealthy and declining (or, on a plateau, the least healthy).
     unhealthy_threshold: Unit = 0.5  # health below this is unhealthy
     decline_threshold: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0  # trend below -this is declining

@@ -11,17 +11,20 @@ both the confidence and the urgency threshold (else WAIT):
                     counterfactual_z) and the run improved; PRUNE if it is as clearly harmful,
                     or still undecided after `probation_max_epochs`.
   germination (only from epoch `min_epoch`, once the host has stabilized -- |val acc
-  change| <= `stabilize_delta` or a validation plateau -- below `max_active_seeds`,
+  change| <= `stabilize_delta` or a validation plateau -- or is capacity-bound (train accuracy
+  within `underfit_gap` of val accuracy, below `underfit_max_train_accuracy`), below `max_active_seeds`,
   counting germinations issued but not yet applied by the host, for up to an epoch, and
   only while the run has epochs enough left to finish a lifecycle, when the host says)
     a DORMANT slot on a layer that is problematic, unhealthy and declining; or, on a
-    plateau of `plateau_patience` epochs, the least healthy layer below `plateau_health_max`.
+    plateau of `plateau_patience` epochs or capacity-bound, the layer below `plateau_health_max`
+    with the largest gradient norm (where the loss is most sensitive; health breaks near-ties).
     Never on a slot under embargo (`embargo_epochs` after it was pruned). The blueprint
     is legal for the layer (a blueprint the host rejected there is masked), has the lowest
     pruning penalty in this run (each prune adds `blueprint_penalty`, decaying by
     `blueprint_penalty_decay` per epoch: after a prune the next germination rotates), then
     the best fossilization record on this kind of layer across runs, then the kind's prior
-    order (BLUEPRINT_PREFERENCE: an MLP seed for a dense layer, a light conv for a conv).
+    order (BLUEPRINT_PREFERENCE: an MLP seed for a dense layer, a light conv for a conv, more
+    heads for an attention layer).
   levers, by rule: the configured blend and tempo; dwell = `train_dwell_epochs` (a host that
     honours it starts blending by itself then, one that does not gets the ADVANCE above);
     isolation by the layer's family (isolated for CNN layers, co-adapting for transformer
@@ -128,7 +131,7 @@ BLUEPRINT_PREFERENCE: dict[str, tuple[Blueprint, ...]] = {
         B.MLP, B.GATED_MLP, B.MLP_SMALL, B.LORA_LARGE, B.LORA, B.TF_NORM, B.ATTENTION, B.FLEX_ATTENTION
     ),
     "attention": (
-        B.LORA_LARGE, B.ATTENTION, B.LORA, B.FLEX_ATTENTION, B.MLP_SMALL, B.MLP, B.GATED_MLP, B.TF_NORM
+        B.ATTENTION, B.LORA_LARGE, B.LORA, B.FLEX_ATTENTION, B.MLP_SMALL, B.MLP, B.GATED_MLP, B.TF_NORM
     ),
     "embedding": (
         B.LORA, B.LORA_LARGE, B.MLP_SMALL, B.MLP, B.GATED_MLP, B.TF_NORM, B.ATTENTION, B.FLEX_ATTENTION
@@ -439,7 +442,9 @@ class HeuristicPolicy:
         g = obs.global_features
         plateau = self._plateau_epochs(obs)
         stabilized = (
-            plateau >= rules.plateau_patience or abs(g[_G["val_accuracy_delta"]]) <= rules.stabilize_delta
+            plateau >= rules.plateau_patience
+            or abs(g[_G["val_accuracy_delta"]]) <= rules.stabilize_delta
+            or self._underfitting(obs)
         )
         # Germinations we issued that the host has not applied yet count as active too.
         dormant = obs.layer_ids[obs.stages == STAGE_INDEX[SeedStage.DORMANT]].tolist()
@@ -451,6 +456,13 @@ class HeuristicPolicy:
             and active < rules.max_active_seeds
             and self._time_to_finish(obs)
         )
+
+    def _underfitting(self, obs: Observation) -> bool:
+        """Capacity-bound: the host reports a training accuracy, it is not near perfect, and it is
+        within `underfit_gap` of the validation accuracy (more capacity, not more data, would help)."""
+        g, rules = obs.global_features, self.rules
+        train, val = float(g[_G["train_accuracy"]]), float(g[_G["val_accuracy"]])
+        return 0.0 < train < rules.underfit_max_train_accuracy and train - val <= rules.underfit_gap
 
     def lifecycle_epochs(self) -> int:
         """Epochs a seed germinated now needs to be judged: germination, dwell, blend, probation."""
@@ -481,7 +493,13 @@ class HeuristicPolicy:
         on_plateau = plateau >= rules.plateau_patience
         dormant = (obs.stages == STAGE_INDEX[SeedStage.DORMANT]) & obs.op_mask[:, OP_INDEX[Op.GERMINATE]]
         declining = problematic & (health < rules.unhealthy_threshold) & (trend < -rules.decline_threshold)
-        wanted = declining | (on_plateau & (health < rules.plateau_health_max))
+        grow = on_plateau or self._underfitting(obs)
+        # Where the loss is most sensitive (largest gradient norm among the candidates) more capacity
+        # pays most; health alone picked the wrong layer on two of three real hosts (tuning seeds of
+        # benchmarks/real_hosts.py), so it only breaks near-ties.
+        gradient = f[:, _N["gradient_norm"]] * (dormant & ~declining)
+        sensitivity = gradient / max(float(gradient.max()), 1e-9)
+        wanted = declining | (grow & (health < rules.plateau_health_max))
         for node in np.flatnonzero(dormant & wanted):
             layer_id = int(obs.layer_ids[node])
             if memory.embargo_until.get(layer_id, obs.epoch) > obs.epoch:
@@ -497,9 +515,10 @@ class HeuristicPolicy:
                     + 1.0
                 ) / 3.0
                 confidence, urgency = 0.6 + 0.4 * float(severity), min(1.0, max(0.0, 1.0 - h))
-            else:  # plateau: the longer it lasts, the surer; the sicker the layer, the sooner
-                confidence = 0.7 + 0.3 * min(1.0, (plateau - rules.plateau_patience) / rules.plateau_patience)
-                urgency = 0.5 + 0.5 * min(1.0, max(0.0, 1.0 - h))
+            else:  # plateau or capacity-bound: the longer the plateau, the surer
+                stuck = max(plateau - rules.plateau_patience, 0) / rules.plateau_patience
+                confidence = 0.7 + 0.3 * min(1.0, stuck)
+                urgency = 0.5 + 0.45 * float(sensitivity[node]) + 0.05 * min(1.0, max(0.0, 1.0 - h))
             yield _Candidate(int(node), Op.GERMINATE, confidence, urgency, blueprint)
 
     def _choose_blueprint(self, obs: Observation, node: int, memory: _RunMemory) -> Blueprint | None:

@@ -141,13 +141,18 @@ def test_plateau_germinates_where_the_gradient_is_largest() -> None:
         (0.00, 0.40, False),  # no training accuracy reported: unknown, so no
     ],
 )
-def test_a_capacity_bound_host_grows_without_waiting_for_a_plateau(train: float, val: float, grows: bool) -> None:
+def test_a_capacity_bound_host_grows_without_waiting_for_a_plateau(
+    train: float, val: float, grows: bool
+) -> None:
     policy = make_policy(underfit_gap=0.03, underfit_max_train_accuracy=0.98, stabilize_delta=0.01)
     node = {"health": [0.85, 0.8, 0.8, 0.8], "gradient_norm": [0.1, 0.2, 0.6, 0.3]}
     # Still improving fast and no plateau: only the capacity rule can let it grow.
     obs = scene("a", node=node, val_accuracy_delta=0.05, train_accuracy=train, val_accuracy=val)
     decision = decide(policy, obs)
-    assert (decision.op, decision.layer_id) == ((Op.GERMINATE, 102) if grows else (Op.WAIT, decision.layer_id))
+    if grows:
+        assert (decision.op, decision.layer_id) == (Op.GERMINATE, 102)
+    else:
+        assert decision.op is Op.WAIT
     off = scene("b", node=node, val_accuracy_delta=0.05, train_accuracy=0.6, val_accuracy=0.59)
     assert decide(make_policy(underfit_gap=-1.0), off).op is Op.WAIT  # a negative gap turns the rule off
 

@@ -187,3 +187,20 @@ def test_importing_leaves_torch_unloaded(module: str) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", f"importing {module} loaded {out.stdout.strip()}"
+
+
+def documented_layers() -> list[tuple[str, tuple[str, ...]]]:
+    """The layer table of docs/ARCHITECTURE.md (between its `layers` markers), as LAYERS spells it."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    table = text.split("<!-- layers:", 1)[1].split("<!-- /layers -->", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # skip the header row
+    layers = []
+    for row in rows:
+        layer, modules = (cell.strip() for cell in row.strip("|").split("|"))
+        layers.append((layer, tuple(name.strip().strip("`") for name in modules.split(","))))
+    return layers
+
+
+def test_the_architecture_doc_shows_these_layers() -> None:
+    """docs/ARCHITECTURE.md is the map a newcomer reads: it must be the graph this test enforces."""
+    assert documented_layers() == LAYERS

@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	touch $@
 
 run: install
-	$(BIN)/python -m examples.demo --config examples/esperd.toml
+	$(BIN)/python -m esperd_examples.demo --config examples/esperd.toml
 
 # What CI runs before the full suite: the cheap checks first, so a lint slip fails in seconds.
 check: lint test-fast

@@ -21,8 +21,8 @@ from typing import Protocol
 
 import numpy as np
 
-from contracts import HealthBatch, HealthSignal, SeedStage, TopologyNode, TopologyPacket
 from esperd.analyzer import Analyzer, AnalyzerConfig, SlidingTrend
+from esperd_contracts import HealthBatch, HealthSignal, SeedStage, TopologyNode, TopologyPacket
 
 SIZES = (64, 1024)
 RUN = "bench"

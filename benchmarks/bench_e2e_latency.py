@@ -10,7 +10,7 @@ Set-up (all on this machine):
     policy, scheduler `min_interval_s = 0` and `cooldown_s = 0` so that no state packet is suppressed,
     other scheduler settings at their defaults (max_batch 64, max_wait_ms 1) unless overridden;
   * the synthetic hosts in a separate process (multiprocessing, spawn), one NATS connection, msgpack
-    via `contracts.Codec` with a Content-Type header, like `HostClient`.
+    via `esperd_contracts.Codec` with a Content-Type header, like `HostClient`.
 
 Each host is a 20-layer model (12 conv, 8 attention/mlp layers; a chain plus a skip over every
 other layer) with a seed in TRAINING past the heuristic's dwell time, so the heuristic answers every
@@ -59,7 +59,7 @@ from typing import Any
 import msgspec
 import nats
 
-from contracts import (
+from esperd_contracts import (
     MSGPACK,
     AckStatus,
     Channel,

@@ -50,20 +50,6 @@ import torch_geometric
 from torch import nn
 from torch_geometric.nn import GCNConv, global_mean_pool
 
-from contracts import (
-    LEGAL_OPS,
-    Blueprint,
-    BlueprintFamily,
-    HealthBatch,
-    HealthSignal,
-    Op,
-    SeedSlotState,
-    SeedStage,
-    SystemStatePacket,
-    TopologyNode,
-    TopologyPacket,
-    family_for_layer_type,
-)
 from esperd.analyzer import Analyzer, AnalyzerConfig, Observation
 from esperd.analyzer.observation import (
     BLENDS,
@@ -80,6 +66,20 @@ from esperd.policy import Action, Decision, PolicyConfig, create_policy
 from esperd.policy.batch import collate
 from esperd.policy.gnn import GNNPolicy
 from esperd.policy.heads import _SMALL_BATCH, HEAD_SIZES, NODE_HEAD_DIM, sample_actions
+from esperd_contracts import (
+    LEGAL_OPS,
+    Blueprint,
+    BlueprintFamily,
+    HealthBatch,
+    HealthSignal,
+    Op,
+    SeedSlotState,
+    SeedStage,
+    SystemStatePacket,
+    TopologyNode,
+    TopologyPacket,
+    family_for_layer_type,
+)
 
 B1_TARGET = 4.0  # naive / ours, batch-1 act
 B64_TARGET = 10.0  # naive per-graph loop / ours per graph at B = 64

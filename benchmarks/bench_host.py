@@ -41,10 +41,10 @@ from pathlib import Path
 import nats
 import torch
 
-from contracts import SeedStage
 from esperd.client import HostClient
 from esperd.natsserver import NatsServer
-from examples.host.train import EpochReport, HostConfig, HostRun, RunReport
+from esperd_contracts import SeedStage
+from esperd_examples.host.train import EpochReport, HostConfig, HostRun, RunReport
 
 ROOT = Path(__file__).resolve().parents[1]
 

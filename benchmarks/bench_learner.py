@@ -342,8 +342,8 @@ def _renice_this_thread(nice: int) -> None:
 
 
 def _wait_rows(n: int) -> np.ndarray:
-    from contracts import Op
     from esperd.analyzer.observation import ACTION_WIDTH, OP_INDEX
+    from esperd_contracts import Op
 
     rows = np.zeros((n, ACTION_WIDTH), dtype=np.int64)
     rows[:, 1] = OP_INDEX[Op.WAIT]

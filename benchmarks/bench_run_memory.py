@@ -41,7 +41,7 @@ def rss() -> int:
 
 def messages(layers: int, edges: int) -> list[tuple[str, bytes]]:
     """(channel, payload) for one run: topology, health over every layer, a state packet."""
-    from contracts import (
+    from esperd_contracts import (
         Codec,
         HealthBatch,
         HealthSignal,

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from contracts import (  # noqa: E402 - after the path set-up, so the script runs from anywhere
+from esperd_contracts import (  # noqa: E402 - after the path set-up, so the script runs from anywhere
     MSGPACK,
     Channel,
     Codec,

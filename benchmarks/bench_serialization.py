@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from contracts import Blueprint, Codec, SeedSlotState, SeedStage, SystemStatePacket
+from esperd_contracts import Blueprint, Codec, SeedSlotState, SeedStage, SystemStatePacket
 
 SIZE_BUDGET_BYTES = 300
 MSGPACK_BUDGET_US = 5.0

@@ -6,7 +6,7 @@
 For each task of `examples/host/tasks.py` and each run seed: the static small host, and the
 same host with one seed germinated by hand -- every slotted layer x every blueprint of its
 family (or --blueprints) -- at epoch --epoch, trained 2 epochs, blended over the standard
-tempo (sigmoid), fossilized at probation (`examples.host.schedule`, no esperd, no telemetry
+tempo (sigmoid), fossilized at probation (`esperd_examples.host.schedule`, no esperd, no telemetry
 decisions). Each germination is compared with the static host on the same seed: the paired
 mean difference in final validation accuracy and its bootstrap 95% interval. Per task the
 best layer is then compared, paired, with the best germination anywhere else: the claim
@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.hoststats import Interval, paired, parse_seeds  # noqa: E402
-from contracts import Blueprint, blueprints_for  # noqa: E402
-from examples.host.data import load_task  # noqa: E402
-from examples.host.models import build_model  # noqa: E402
-from examples.host.tasks import BENCHMARK_TASKS, TaskSpec, benchmark_task  # noqa: E402
+from esperd_contracts import Blueprint, blueprints_for  # noqa: E402
+from esperd_examples.host.data import load_task  # noqa: E402
+from esperd_examples.host.models import build_model  # noqa: E402
+from esperd_examples.host.tasks import BENCHMARK_TASKS, TaskSpec, benchmark_task  # noqa: E402
 
 NONE = "none"
 
@@ -59,8 +59,8 @@ def run_one(task: str, seed: int, layer: str, blueprint: str, epoch: int) -> dic
     """One run (in a worker process): the static host, or one manual germination."""
     import torch
 
-    from examples.host.schedule import FixedSchedule, Germination, run_scheduled
-    from examples.host.train import HostRun
+    from esperd_examples.host.schedule import FixedSchedule, Germination, run_scheduled
+    from esperd_examples.host.train import HostRun
 
     torch.set_num_threads(1)
     spec = benchmark_task(task)

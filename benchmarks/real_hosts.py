@@ -70,8 +70,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.hoststats import parse_seeds  # noqa: E402
 from benchmarks.real_hosts_report import GROWN, write_results  # noqa: E402
-from examples.host.schedule import Germination  # noqa: E402
-from examples.host.tasks import BENCHMARK_TASKS, benchmark_task  # noqa: E402
+from esperd_examples.host.schedule import Germination  # noqa: E402
+from esperd_examples.host.tasks import BENCHMARK_TASKS, benchmark_task  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_GNN = RESULTS / "gnn_calibrated.safetensors"
@@ -127,9 +127,9 @@ def run_job(job: Job) -> dict[str, Any]:
 
 async def _run_job(job: Job) -> dict[str, Any]:
     from esperd.client import HostClient
-    from examples.host.data import load_task
-    from examples.host.schedule import FixedSchedule
-    from examples.host.train import HostRun
+    from esperd_examples.host.data import load_task
+    from esperd_examples.host.schedule import FixedSchedule
+    from esperd_examples.host.train import HostRun
 
     spec = benchmark_task(job.task)
     config = spec.config(job.seed, width=job.width, epochs=job.epochs, epoch_pause_s=EPOCH_PAUSE_S, log=None)
@@ -156,7 +156,7 @@ async def _run_published_schedule(run: Any, client: Any, schedule: Any) -> Any:
     queue, so the host applies them at the epoch's first step (acks and all) -- the same
     path as an esperd command, recorded in the trace -- at a deterministic point.
     """
-    from contracts import Channel, Codec, run_subject
+    from esperd_contracts import Channel, Codec, run_subject
 
     codec, subject = Codec(), run_subject(run.run_id, Channel.COMMAND, client.prefix)
     run.start()
@@ -176,7 +176,7 @@ async def _run_published_schedule(run: Any, client: Any, schedule: Any) -> Any:
 
 def run_record(job: Job, report: Any, wall_s: float, small_params: int) -> dict[str, Any]:
     """What the benchmark keeps of one run."""
-    from contracts import Op
+    from esperd_contracts import Op
 
     final = report.final
     records = report.commands

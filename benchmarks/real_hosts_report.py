@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.hoststats import Interval, paired, spread
-from examples.host.tasks import benchmark_task
+from esperd_examples.host.tasks import benchmark_task
 
 #: The controllers that grow the host (the others are static controls).
 GROWN = ("fixed", "random", "heuristic", "gnn-sim", "gnn-online")

@@ -38,7 +38,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from contracts import Blueprint, Op
 from esperd.analyzer.observation import (
     ACTION_WIDTH,
     LEVER_COLUMN,
@@ -55,9 +54,10 @@ from esperd.policy.base import ActResult, build_decisions
 from esperd.service import Service
 from esperd.sim.policies import FixedPlanPolicy, RandomPolicy
 from esperd.traces import TraceTap
-from examples.host.data import load_task
-from examples.host.models import build_model
-from examples.host.train import HostConfig, HostRun
+from esperd_contracts import Blueprint, Op
+from esperd_examples.host.data import load_task
+from esperd_examples.host.models import build_model
+from esperd_examples.host.train import HostConfig, HostRun
 
 CONTROLLERS = ("static", "heuristic", "random", "manual")
 _EIS = NODE_FEATURE_INDEX["epochs_in_stage"]

@@ -5,8 +5,8 @@ Imports neither torch nor nats, so any training host can depend on it cheaply.
 
 from __future__ import annotations
 
-from contracts.codec import JSON, MSGPACK, Codec, CodecError, is_json
-from contracts.enums import (
+from esperd_contracts.codec import JSON, MSGPACK, Codec, CodecError, is_json
+from esperd_contracts.enums import (
     AckStatus,
     AlphaCurve,
     AlphaSpeed,
@@ -21,8 +21,8 @@ from contracts.enums import (
     blueprints_for,
     family_for_layer_type,
 )
-from contracts.lifecycle import AUTOMATIC, LEGAL_OPS, TRANSITIONS, is_legal, next_stage
-from contracts.messages import (
+from esperd_contracts.lifecycle import AUTOMATIC, LEGAL_OPS, TRANSITIONS, is_legal, next_stage
+from esperd_contracts.messages import (
     MESSAGE_TYPES,
     SCHEMA_VERSION,
     AdaptationCommand,
@@ -38,7 +38,7 @@ from contracts.messages import (
     TopologyPacket,
     kind_of,
 )
-from contracts.subjects import (
+from esperd_contracts.subjects import (
     DEFAULT_PREFIX,
     REJECTED_SUBJECT,
     STATUS_SUBJECT,

@@ -3,7 +3,7 @@
 msgpack on the wire is positional: each top-level message is an array whose first
 element is its `kind` tag, then its fields in declaration order. That keeps a state
 packet under 300 bytes. JSON is keyed, so a person can type it. Decoded messages are
-always instances of the classes in `contracts.messages`, whichever form arrived.
+always instances of the classes in `esperd_contracts.messages`, whichever form arrived.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Literal, Union, overload
 
 import msgspec
 
-from contracts.messages import (
+from esperd_contracts.messages import (
     MESSAGE_TYPES,
     AdaptationCommand,
     AnyMessage,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contracts.enums import Op, SeedStage
+from esperd_contracts.enums import Op, SeedStage
 
 S = SeedStage
 

@@ -13,7 +13,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from contracts.enums import (
+from esperd_contracts.enums import (
     AckStatus,
     AlphaCurve,
     AlphaSpeed,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from contracts.enums import Channel
+from esperd_contracts.enums import Channel
 
 DEFAULT_PREFIX = "esper"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -18,11 +18,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from contracts import JSON, MSGPACK, AdaptationCommand, Channel, Codec, run_subject
-from contracts.status import NatsStatus
-from contracts.subjects import partition_wildcard, unmapped_subject
 from esperd.config import NatsConfig
 from esperd.logs import RateLimiter
+from esperd_contracts import JSON, MSGPACK, AdaptationCommand, Channel, Codec, run_subject
+from esperd_contracts.status import NatsStatus
+from esperd_contracts.subjects import partition_wildcard, unmapped_subject
 
 log = structlog.get_logger("esperd.bus")
 

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import esperd
-from contracts import DEFAULT_PREFIX
-from contracts.subjects import RUN_ID_PATTERN
 from esperd.signals import Signals
+from esperd_contracts import DEFAULT_PREFIX
+from esperd_contracts.subjects import RUN_ID_PATTERN
 
 # Everything else is imported once the signals are ours: importing torch takes seconds, and a
 # SIGTERM meanwhile must stop esperd cleanly, not kill it.
@@ -142,7 +142,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "check-config":
         return check_config(args.file)
     if args.command == "schema":
-        from contracts.schema import main as schema_main
+        from esperd_contracts.schema import main as schema_main
 
         return schema_main(["--check"] if args.check else [])
     if args.command == "sim":

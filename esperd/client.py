@@ -19,7 +19,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from contracts import (
+from esperd_contracts import (
     DEFAULT_PREFIX,
     MSGPACK,
     AckStatus,

@@ -36,10 +36,10 @@ from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from contracts.status import ClusterStatus, ClusterView, MemberView
 from esperd.config import ClusterConfig
 from esperd.logs import RateLimiter
 from esperd.ownership import Leases, OnLost, targets
+from esperd_contracts.status import ClusterStatus, ClusterView, MemberView
 
 log = structlog.get_logger("esperd.cluster")
 

@@ -19,11 +19,11 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta
 
-from contracts import DEFAULT_PREFIX
 from esperd.analyzer.config import AnalyzerConfig
 from esperd.learn.config import LearnerConfig
 from esperd.policy.config import PolicyConfig
 from esperd.section import PositiveFloat, PositiveInt, Section
+from esperd_contracts import DEFAULT_PREFIX
 
 MAX_NATS_PAYLOAD = 64 * 1024 * 1024  # nats-server refuses a larger max_payload
 Port = Annotated[int, Meta(ge=0, le=65535)]

@@ -20,12 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
-from contracts import AdaptationCommand, Op
-from contracts.status import DecisionStats
 from esperd.analyzer.masks import mask_cooling
 from esperd.analyzer.observation import Observation
 from esperd.policy.base import ActResult, Decision, PolicyBundle
 from esperd.scheduler import Scheduler
+from esperd_contracts import AdaptationCommand, Op
+from esperd_contracts.status import DecisionStats
 
 log = structlog.get_logger("esperd.decisions")
 

@@ -11,7 +11,9 @@ from collections import Counter
 import msgspec
 import structlog
 
-from contracts import (
+from esperd.config import LimitsConfig
+from esperd.logs import RateLimiter
+from esperd_contracts import (
     Channel,
     Codec,
     CodecError,
@@ -26,8 +28,6 @@ from contracts import (
     kind_of,
     parse_subject,
 )
-from esperd.config import LimitsConfig
-from esperd.logs import RateLimiter
 
 log = structlog.get_logger("esperd.intake")
 

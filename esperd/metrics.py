@@ -25,8 +25,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from contracts import MESSAGE_TYPES, AckStatus, AdaptationCommand, Op
-from contracts.status import ClusterStatus, Status
+from esperd_contracts import MESSAGE_TYPES, AckStatus, AdaptationCommand, Op
+from esperd_contracts.status import ClusterStatus, Status
 
 #: The label every esperd metric carries: which instance it is (Prometheus's own `instance`
 #: label names the scrape target, so a label of that name would be renamed on ingestion).

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import msgspec
 import structlog
 
-from contracts import HealthBatch, HealthSignal, SystemStatePacket, TopologyPacket
-from contracts.status import RunTableStatus
+from esperd_contracts import HealthBatch, HealthSignal, SystemStatePacket, TopologyPacket
+from esperd_contracts.status import RunTableStatus
 
 log = structlog.get_logger("esperd.runs")
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import msgspec
 
-from contracts import AckStatus
-from contracts.status import SchedulerStatus
 from esperd.config import SchedulerConfig
+from esperd_contracts import AckStatus
+from esperd_contracts.status import SchedulerStatus
 
 
 class PendingCommand(msgspec.Struct, frozen=True):

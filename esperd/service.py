@@ -26,20 +26,6 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service as MicroService, ServiceConfig as MicroConfig
 
 import esperd
-from contracts import (
-    REJECTED_SUBJECT,
-    STATUS_SUBJECT,
-    AckStatus,
-    Blueprint,
-    CommandAck,
-    HealthBatch,
-    HealthSignal,
-    Op,
-    SubjectError,
-    SystemStatePacket,
-    parse_subject,
-)
-from contracts.status import ClusterStatus, LearnerStatus, PolicyStatus, ReloadStatus, Status
 from esperd.analyzer.analyzer import Analyzer
 from esperd.analyzer.config import AnalyzerError
 from esperd.analyzer.observation import Observation
@@ -68,6 +54,20 @@ from esperd.scheduler import Scheduler
 from esperd.statedir import prepare_state_dir
 from esperd.subjectmap import verify_mapping
 from esperd.supervisor import Supervisor
+from esperd_contracts import (
+    REJECTED_SUBJECT,
+    STATUS_SUBJECT,
+    AckStatus,
+    Blueprint,
+    CommandAck,
+    HealthBatch,
+    HealthSignal,
+    Op,
+    SubjectError,
+    SystemStatePacket,
+    parse_subject,
+)
+from esperd_contracts.status import ClusterStatus, LearnerStatus, PolicyStatus, ReloadStatus, Status
 
 log = structlog.get_logger("esperd.service")
 

@@ -18,8 +18,8 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 
-from contracts import STATUS_SUBJECT
 from esperd.statusview import headline
+from esperd_contracts import STATUS_SUBJECT
 
 PING_SUBJECT = "$SRV.PING.esperd"
 

@@ -14,7 +14,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 
-from contracts import STATUS_SUBJECT
+from esperd_contracts import STATUS_SUBJECT
 
 _KEY_WIDTH = 24
 

@@ -18,9 +18,9 @@ import uuid
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from contracts import Channel
 from esperd.cluster import ClusterError
 from esperd.ownership import partition_of
+from esperd_contracts import Channel
 
 #: Inbound channels the broker maps (commands stay where hosts listen).
 MAPPED_CHANNELS = (Channel.TOPOLOGY, Channel.HEALTH, Channel.STATE, Channel.ACK)

@@ -21,8 +21,8 @@ import msgspec
 import structlog
 from msgspec import Meta
 
-from contracts.status import TaskStatus
 from esperd.section import Section
+from esperd_contracts.status import TaskStatus
 
 log = structlog.get_logger("esperd.supervisor")
 

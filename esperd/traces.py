@@ -29,8 +29,8 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from contracts import DEFAULT_PREFIX, Codec, CodecError, SubjectError, parse_subject
-from contracts.codec import CONTENT_TYPE_HEADER
+from esperd_contracts import DEFAULT_PREFIX, Codec, CodecError, SubjectError, parse_subject
+from esperd_contracts.codec import CONTENT_TYPE_HEADER
 
 TRACE_SUFFIX = ".jsonl"
 

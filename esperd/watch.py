@@ -16,7 +16,8 @@ from typing import TextIO
 
 from nats.aio.msg import Msg
 
-from contracts import (
+from esperd.cliconn import connect_for_cli
+from esperd_contracts import (
     DEFAULT_PREFIX,
     REJECTED_SUBJECT,
     AckStatus,
@@ -29,8 +30,7 @@ from contracts import (
     kind_of,
     parse_subject,
 )
-from contracts.codec import CONTENT_TYPE_HEADER
-from esperd.cliconn import connect_for_cli
+from esperd_contracts.codec import CONTENT_TYPE_HEADER
 
 #: Commands remembered so that an ack can say what it answers.
 REMEMBERED_COMMANDS = 4096

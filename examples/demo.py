@@ -1,6 +1,6 @@
 """Quick-start demo: esperd with the example config (embedded NATS) and simulated hosts.
 
-    python -m examples.demo --config examples/esperd.toml [--runs 3] [--epoch-s 0.5] [--duration 0]
+    python -m esperd_examples.demo --config examples/esperd.toml [--runs 3] [--epoch-s 0.5] [--duration 0]
 
 Starts `esperd --config FILE` as a child process, then runs simulated training hosts
 (`esperd.sim.host`: layers that degrade and recover, seed slots with the real lifecycle)

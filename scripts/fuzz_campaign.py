@@ -59,7 +59,11 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from contracts import (
+from esperd.analyzer import AnalyzerError
+from esperd.analyzer.graph import Graph
+from esperd.config import LimitsConfig
+from esperd.intake import Accepted, Intake
+from esperd_contracts import (
     AckStatus,
     Codec,
     CommandAck,
@@ -73,10 +77,6 @@ from contracts import (
     TopologyNode,
     TopologyPacket,
 )
-from esperd.analyzer import AnalyzerError
-from esperd.analyzer.graph import Graph
-from esperd.config import LimitsConfig
-from esperd.intake import Accepted, Intake
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -39,7 +39,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from contracts import (
+from esperd_contracts import (
     AckStatus,
     Codec,
     CommandAck,

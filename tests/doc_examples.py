@@ -17,10 +17,10 @@ from typing import Any
 import jsonschema
 import referencing
 
-from contracts import MESSAGE_TYPES, Channel, Codec, CodecError
-from contracts.schema import SCHEMA_DIR, STATUS_FILE
 from esperd.config import LimitsConfig
 from esperd.intake import Accepted, Intake
+from esperd_contracts import MESSAGE_TYPES, Channel, Codec, CodecError
+from esperd_contracts.schema import SCHEMA_DIR, STATUS_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = sorted([ROOT / "README.md", *(ROOT / "examples").glob("*.md"), *(ROOT / "docs").glob("*.md")])

@@ -9,18 +9,6 @@ import msgspec
 import numpy as np
 import pytest
 
-from contracts import (
-    LEGAL_OPS,
-    Blueprint,
-    BlueprintFamily,
-    HealthBatch,
-    Op,
-    SeedSlotState,
-    SeedStage,
-    SystemStatePacket,
-    TopologyNode,
-    TopologyPacket,
-)
 from esperd.analyzer import (
     GLOBAL_FEATURES,
     NODE_FEATURES,
@@ -38,6 +26,18 @@ from esperd.analyzer.observation import (
     OPS,
     STAGE_INDEX,
     STAGES,
+)
+from esperd_contracts import (
+    LEGAL_OPS,
+    Blueprint,
+    BlueprintFamily,
+    HealthBatch,
+    Op,
+    SeedSlotState,
+    SeedStage,
+    SystemStatePacket,
+    TopologyNode,
+    TopologyPacket,
 )
 from tests.support.packets import health
 from tests.support.timing import FakeClock

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from contracts import HealthBatch, HealthSignal, SeedStage
 from esperd.analyzer import Analyzer, AnalyzerConfig, SlidingTrend, ingest, table as T
 from esperd.analyzer.observation import NODE_FEATURE_INDEX, STAGE_INDEX, STAGES
+from esperd_contracts import HealthBatch, HealthSignal, SeedStage
 from tests.support.timing import FakeClock
 
 F = NODE_FEATURE_INDEX
@@ -287,7 +287,7 @@ def test_runs_keep_their_rows_while_others_grow_and_are_forgotten(pass_kind: str
 
 
 def test_a_topology_keeps_the_windows_of_the_layers_it_keeps() -> None:
-    from contracts import TopologyNode, TopologyPacket
+    from esperd_contracts import TopologyNode, TopologyPacket
 
     analyzer = Analyzer(AnalyzerConfig(window_size=3), clock=FakeClock())
     for h in (0.9, 0.8, 0.7):
@@ -305,7 +305,7 @@ def test_a_topology_keeps_the_windows_of_the_layers_it_keeps() -> None:
 
 
 def test_signals_for_undeclared_layers_are_dropped_and_counted_when_queued() -> None:
-    from contracts import TopologyNode, TopologyPacket
+    from esperd_contracts import TopologyNode, TopologyPacket
 
     analyzer = Analyzer(clock=FakeClock())
     analyzer.ingest_topology("r", TopologyPacket(nodes=[TopologyNode(layer_id=0)]))

@@ -8,18 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from contracts import (
-    AckStatus,
-    AdaptationCommand,
-    Blueprint,
-    CommandAck,
-    Op,
-    SeedSlotState,
-    SeedStage,
-    SystemStatePacket,
-    TopologyNode,
-    TopologyPacket,
-)
 from esperd.cli import build_parser, main as cli_main
 from esperd.sim.calibrate import (
     curve_fit,
@@ -35,6 +23,18 @@ from esperd.sim.config import SimConfig
 from esperd.sim.dynamics import HostBatch
 from esperd.traces import TraceWriter
 from esperd.train import spec_from_args
+from esperd_contracts import (
+    AckStatus,
+    AdaptationCommand,
+    Blueprint,
+    CommandAck,
+    Op,
+    SeedSlotState,
+    SeedStage,
+    SystemStatePacket,
+    TopologyNode,
+    TopologyPacket,
+)
 
 S = SeedStage
 

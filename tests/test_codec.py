@@ -10,7 +10,7 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from contracts import (
+from esperd_contracts import (
     JSON,
     MESSAGE_TYPES,
     MSGPACK,
@@ -26,7 +26,7 @@ from contracts import (
     SeedStage,
     SystemStatePacket,
 )
-from contracts.messages import MAX_SIGNALS
+from esperd_contracts.messages import MAX_SIGNALS
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

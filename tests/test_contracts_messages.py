@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from contracts import (
+from esperd_contracts import (
     MESSAGE_TYPES,
     SCHEMA_VERSION,
     AckStatus,

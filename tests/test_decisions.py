@@ -16,19 +16,6 @@ from typing import Any
 import msgspec
 import pytest
 
-from contracts import (
-    AdaptationCommand,
-    BlendAlgorithm,
-    Blueprint,
-    BlueprintFamily,
-    Codec,
-    HealthSignal,
-    Op,
-    SeedSlotState,
-    SeedStage,
-    SystemStatePacket,
-    Tempo,
-)
 from esperd.analyzer import Analyzer, Observation
 from esperd.config import SchedulerConfig
 from esperd.decisions import DecisionLoop, describe, percentile, to_command
@@ -42,6 +29,19 @@ from esperd.policy import (
     create_policy,
 )
 from esperd.scheduler import Scheduler
+from esperd_contracts import (
+    AdaptationCommand,
+    BlendAlgorithm,
+    Blueprint,
+    BlueprintFamily,
+    Codec,
+    HealthSignal,
+    Op,
+    SeedSlotState,
+    SeedStage,
+    SystemStatePacket,
+    Tempo,
+)
 from tests.support.packets import chain_topology
 from tests.support.timing import FakeClock, until
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from contracts import (
+from esperd_contracts import (
     LEGAL_OPS,
     TRANSITIONS,
     AdaptationCommand,
@@ -26,9 +26,9 @@ from contracts import (
     Tempo,
     next_stage,
 )
-from examples.host.blending import BlendSchedule, curve_shape
-from examples.host.lifecycle import IllegalTransition, SeedLifecycle
-from examples.host.slot import SeedSlot
+from esperd_examples.host.blending import BlendSchedule, curve_shape
+from esperd_examples.host.lifecycle import IllegalTransition, SeedLifecycle
+from esperd_examples.host.slot import SeedSlot
 from tests.support.packets import command
 
 torch.set_num_threads(1)
@@ -193,7 +193,7 @@ def test_transformer_slot_rejects_cnn_blueprints() -> None:
 
 
 def test_unimplemented_blueprint_is_rejected() -> None:
-    from examples.host.blueprints import CNN_SEEDS
+    from esperd_examples.host.blueprints import CNN_SEEDS
 
     registry = {bp: f for bp, f in CNN_SEEDS.items() if bp is not Blueprint.DILATED}
     slot = SeedSlot(0, "block", WIDTH, BlueprintFamily.CNN, registry=registry)

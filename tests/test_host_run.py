@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from contracts import (
+from esperd_contracts import (
     AdaptationCommand,
     BlendAlgorithm,
     Blueprint,
@@ -19,8 +19,8 @@ from contracts import (
     SystemStatePacket,
     TopologyPacket,
 )
-from examples.host.__main__ import main as cli_main
-from examples.host.train import HostConfig, HostRun
+from esperd_examples.host.__main__ import main as cli_main
+from esperd_examples.host.train import HostConfig, HostRun
 from tests.support.packets import command
 
 torch.set_num_threads(1)
@@ -225,7 +225,7 @@ def test_cli_no_esperd_prints_a_summary(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_cli_defaults_are_the_configs() -> None:
-    from examples.host.__main__ import config_from_args, parse_args
+    from esperd_examples.host.__main__ import config_from_args, parse_args
 
     assert config_from_args(parse_args(["--quiet"])) == HostConfig()
     config = config_from_args(parse_args(["--quiet", "--width", "4", "--blueprints", "mlp,conv_light"]))

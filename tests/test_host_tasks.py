@@ -7,13 +7,21 @@ import asyncio
 import pytest
 import torch
 
-from contracts import AdaptationCommand, BlendAlgorithm, Blueprint, BlueprintFamily, Op, SeedStage, Tempo
-from examples.host.data import load_task, sorted_sequences, teacher_labels
-from examples.host.models import StudentMLP, TinyTransformer, build_model
-from examples.host.schedule import FixedSchedule, Germination, run_scheduled
-from examples.host.slot import SeedSlot
-from examples.host.tasks import BENCHMARK_TASKS, benchmark_task
-from examples.host.train import HostConfig, HostRun
+from esperd_contracts import (
+    AdaptationCommand,
+    BlendAlgorithm,
+    Blueprint,
+    BlueprintFamily,
+    Op,
+    SeedStage,
+    Tempo,
+)
+from esperd_examples.host.data import load_task, sorted_sequences, teacher_labels
+from esperd_examples.host.models import StudentMLP, TinyTransformer, build_model
+from esperd_examples.host.schedule import FixedSchedule, Germination, run_scheduled
+from esperd_examples.host.slot import SeedSlot
+from esperd_examples.host.tasks import BENCHMARK_TASKS, benchmark_task
+from esperd_examples.host.train import HostConfig, HostRun
 
 torch.set_num_threads(1)
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from contracts import AdaptationCommand, BlendAlgorithm, Blueprint, Codec, Op, SeedStage, Tempo
 from esperd.analyzer.graph import Graph
-from examples.host.models import DigitsCNN, TinyTransformer
-from examples.host.telemetry import activation_stats, health_score, layer_edges, topology
-from examples.host.train import HostConfig, HostRun
+from esperd_contracts import AdaptationCommand, BlendAlgorithm, Blueprint, Codec, Op, SeedStage, Tempo
+from esperd_examples.host.models import DigitsCNN, TinyTransformer
+from esperd_examples.host.telemetry import activation_stats, health_score, layer_edges, topology
+from esperd_examples.host.train import HostConfig, HostRun
 
 torch.set_num_threads(1)
 CODEC = Codec()

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from contracts import Op
 from esperd.analyzer.observation import LEVER_COLUMN, OP_INDEX
 from esperd.learn.config import ImitationConfig
 from esperd.learn.experience import Transition
@@ -25,6 +24,7 @@ from esperd.learn.imitation import (
 from esperd.policy import PolicyConfig, create_policy
 from esperd.sim import ScriptedPolicy, SimConfig, SimEnv
 from esperd.warmstart import record_demonstrations, split_runs
+from esperd_contracts import Op
 
 torch.set_num_threads(1)
 

@@ -20,13 +20,14 @@ import networkx as nx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("contracts", "esperd")
+#: Import name -> source directory (contracts/ installs as esperd_contracts: pyproject.toml).
+PACKAGES = {"esperd_contracts": "contracts", "esperd": "esperd"}
 
 #: Bottom to top. A name covers the module and everything under it, unless a longer name
 #: listed elsewhere claims a part (esperd.policy.config sits with the config, the rest of
 #: esperd.policy above the analyzer).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("wire contract", ("contracts",)),
+    ("wire contract", ("esperd_contracts",)),
     ("host side", ("esperd.client",)),
     ("foundation", ("esperd", "esperd.section", "esperd.lazy", "esperd.logs")),
     (
@@ -73,7 +74,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 #: Modules whose import must not load torch (nor the policy networks): the entrance of the data
 #: path and what every process reads first.
 TORCH_FREE = (
-    "contracts",
+    "esperd_contracts",
     "esperd.config",
     "esperd.intake",
     "esperd.bus",
@@ -87,8 +88,8 @@ TORCH_FREE = (
 )
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(package: str, path: Path) -> str:
+    parts = [package, *path.relative_to(ROOT / PACKAGES[package]).with_suffix("").parts]
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -97,7 +98,9 @@ def module_name(path: Path) -> str:
 def source_modules() -> dict[str, Path]:
     """Every module of the packages, by dotted name."""
     return {
-        module_name(path): path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))
+        module_name(package, path): path
+        for package, directory in PACKAGES.items()
+        for path in sorted((ROOT / directory).rglob("*.py"))
     }
 
 
@@ -113,7 +116,7 @@ def imported_names(tree: ast.AST) -> Iterator[tuple[str, str | None]]:
 
 
 def resolve(module: str, name: str | None, modules: dict[str, Path]) -> str | None:
-    """The esperd/contracts module an import really reaches (None: outside them).
+    """The esperd/esperd_contracts module an import really reaches (None: outside them).
 
     `from pkg import sub` reaches the submodule; `from pkg import Name` of a lazy package
     (esperd.lazy) reaches the submodule its export map names."""

@@ -10,7 +10,9 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from contracts import (
+from esperd.config import LimitsConfig
+from esperd.intake import FIRST_BYTES, Accepted, Intake, Rejection
+from esperd_contracts import (
     AckStatus,
     AdaptationCommand,
     Channel,
@@ -24,8 +26,6 @@ from contracts import (
     TopologyNode,
     TopologyPacket,
 )
-from esperd.config import LimitsConfig
-from esperd.intake import FIRST_BYTES, Accepted, Intake, Rejection
 
 CODEC = Codec()
 

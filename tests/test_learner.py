@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 
-from contracts import AdaptationCommand
 from esperd.config import SchedulerConfig
 from esperd.decisions import DecisionLoop
 from esperd.learn.config import BreakerConfig, ImpalaConfig, LearnerConfig, PPOConfig
@@ -33,6 +32,7 @@ from esperd.learn.recorder import Recorder
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy
 from esperd.scheduler import Scheduler
 from esperd.sim import SimConfig, SimEnv
+from esperd_contracts import AdaptationCommand
 from tests.support.timing import FakeClock
 
 torch.set_num_threads(1)

@@ -6,11 +6,11 @@ import itertools
 
 import pytest
 
-from contracts import AUTOMATIC, LEGAL_OPS, TRANSITIONS, Op, SeedStage, is_legal, next_stage
+from esperd_contracts import AUTOMATIC, LEGAL_OPS, TRANSITIONS, Op, SeedStage, is_legal, next_stage
 
 S = SeedStage
 
-# Written out from DESIGN.md's diagram, independently of contracts.lifecycle, so a change to the
+# Written out from DESIGN.md's diagram, independently of esperd_contracts.lifecycle, so a change to the
 # table there is a deliberate change here too. SET_ALPHA_TARGET retunes a seed while it blends.
 EXPECTED: dict[tuple[SeedStage, Op], SeedStage] = {
     (S.DORMANT, Op.GERMINATE): S.GERMINATED,

@@ -10,10 +10,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from contracts.status import ClusterStatus, ClusterView, LearnerStatus, ReloadStatus, TaskStatus
 from esperd.config import ConfigError, config_from_dict
 from esperd.metrics import LatencyHistogram, Snapshot, families, parse_listen
 from esperd.service import Service
+from esperd_contracts.status import ClusterStatus, ClusterView, LearnerStatus, ReloadStatus, TaskStatus
 
 
 def exposed(snapshot: Snapshot) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

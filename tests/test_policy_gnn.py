@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch_geometric.data import Batch, Data
 
-from contracts import BlueprintFamily, Op, SeedStage
 from esperd.analyzer.observation import ACTION_WIDTH, OP_INDEX, OPS
 from esperd.policy import GNNPolicy, PolicyBundle, PolicyConfig, create_policy
 from esperd.policy.batch import collate
 from esperd.policy.heads import FactoredDistribution, sample_actions
+from esperd_contracts import BlueprintFamily, Op, SeedStage
 from tests.support.actions import every_action, legality_problem, row
 from tests.support.observations import chain_edges, make_observation, mixed_batch, random_stages
 

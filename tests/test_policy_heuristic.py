@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from contracts import BlendAlgorithm, Blueprint, BlueprintFamily, Op, SeedStage, Tempo
 from esperd.analyzer.observation import ACTION_WIDTH, LAYER_KINDS, OP_INDEX, Observation
 from esperd.policy import HeuristicConfig, HeuristicPolicy, PolicyBundle, PolicyConfig, create_policy
+from esperd_contracts import BlendAlgorithm, Blueprint, BlueprintFamily, Op, SeedStage, Tempo
 from tests.support.actions import legality_problem, row
 from tests.support.observations import make_observation, mixed_batch
 

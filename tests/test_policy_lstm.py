@@ -6,10 +6,10 @@ import msgspec
 import pytest
 import torch
 
-from contracts import Op
 from esperd.analyzer.observation import OP_INDEX
 from esperd.policy import LSTMPolicy, PolicyBundle, PolicyConfig, create_policy
 from esperd.policy.batch import collate
+from esperd_contracts import Op
 from tests.support.actions import legality_problem
 from tests.support.observations import make_observation, mixed_batch
 

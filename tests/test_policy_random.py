@@ -7,10 +7,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from contracts import Op, SeedStage
 from esperd.analyzer.observation import ACTION_WIDTH, OP_INDEX, OPS
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy, registered_policies
 from esperd.policy.random import RandomLegalPolicy, random_legal_action
+from esperd_contracts import Op, SeedStage
 from tests.support.actions import legality_problem
 from tests.support.observations import make_observation
 

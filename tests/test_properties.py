@@ -8,7 +8,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from contracts import (
+from esperd.analyzer import Analyzer, AnalyzerConfig
+from esperd.decisions import to_command
+from esperd.policy import HeuristicConfig, PolicyBundle, PolicyConfig, create_policy
+from esperd.policy.base import ALL_LEVERS
+from esperd_contracts import (
     LEGAL_OPS,
     AdaptationCommand,
     BlendAlgorithm,
@@ -23,10 +27,6 @@ from contracts import (
     TopologyPacket,
     family_for_layer_type,
 )
-from esperd.analyzer import Analyzer, AnalyzerConfig
-from esperd.decisions import to_command
-from esperd.policy import HeuristicConfig, PolicyBundle, PolicyConfig, create_policy
-from esperd.policy.base import ALL_LEVERS
 from tests.support.actions import legality_problem
 
 LAYER_TYPES = ["conv", "conv2d", "linear", "attention", "mlp", "layernorm", "pool"]

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from contracts import Op, SeedSlotState, SystemStatePacket
 from esperd.analyzer import Analyzer
 from esperd.analyzer.observation import ACTION_WIDTH, OP_INDEX, Observation
 from esperd.learn.buffers import ReplayBuffer, RolloutBuffer
@@ -18,6 +17,7 @@ from esperd.learn.recorder import Recorder
 from esperd.learn.rewards import RewardTracker
 from esperd.policy import PolicyConfig, create_policy
 from esperd.policy.base import ActResult, build_decisions
+from esperd_contracts import Op, SeedSlotState, SystemStatePacket
 from tests.support.actions import row
 from tests.support.packets import chain_topology
 from tests.support.timing import FakeClock

@@ -7,7 +7,6 @@ import math
 import msgspec
 import pytest
 
-from contracts import Op, SeedSlotState, SeedStage, SystemStatePacket
 from esperd.learn.config import RewardConfig
 from esperd.learn.rewards import (
     LossGovernor,
@@ -18,6 +17,7 @@ from esperd.learn.rewards import (
     param_rent,
     stage_potential,
 )
+from esperd_contracts import Op, SeedSlotState, SeedStage, SystemStatePacket
 
 S = SeedStage
 HOST = 1_000_000

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from contracts import HealthSignal, SystemStatePacket, TopologyNode, TopologyPacket
 from esperd.runs import RUN_BASE_BYTES, DropReason, RunTable, Verdict, estimated_bytes, starts_new_episode
+from esperd_contracts import HealthSignal, SystemStatePacket, TopologyNode, TopologyPacket
 from tests.support.packets import state
 from tests.support.timing import FakeClock
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contracts import (
+from esperd.analyzer import Analyzer, Observation
+from esperd.analyzer.masks import mask_cooling
+from esperd.analyzer.observation import OP_INDEX, OPS
+from esperd.config import SchedulerConfig
+from esperd.scheduler import PendingCommand, Scheduler
+from esperd_contracts import (
     HealthSignal,
     Op,
     SeedSlotState,
@@ -18,12 +23,7 @@ from contracts import (
     TopologyNode,
     TopologyPacket,
 )
-from contracts.status import SchedulerStatus
-from esperd.analyzer import Analyzer, Observation
-from esperd.analyzer.masks import mask_cooling
-from esperd.analyzer.observation import OP_INDEX, OPS
-from esperd.config import SchedulerConfig
-from esperd.scheduler import PendingCommand, Scheduler
+from esperd_contracts.status import SchedulerStatus
 from tests.support.timing import FakeClock
 
 

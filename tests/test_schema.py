@@ -10,18 +10,18 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from contracts import MESSAGE_TYPES, schema as schema_mod
-from contracts.status import Status
+from esperd_contracts import MESSAGE_TYPES, schema as schema_mod
+from esperd_contracts.status import Status
 
 KINDS = [cls.__struct_config__.tag for cls in MESSAGE_TYPES]
 
 
 def test_checked_in_schemas_match_the_code() -> None:
-    # Fails when a message changes without `python -m contracts.schema` being rerun.
+    # Fails when a message changes without `python -m esperd_contracts.schema` being rerun.
     expected = schema_mod.generate()
     on_disk = sorted(p.name for p in schema_mod.SCHEMA_DIR.glob("*.json"))
     assert on_disk == sorted(expected), "schema files missing or stale"
-    assert schema_mod.drifted() == [], "run `python -m contracts.schema`"
+    assert schema_mod.drifted() == [], "run `python -m esperd_contracts.schema`"
 
 
 def _state_schema() -> dict:
@@ -141,7 +141,10 @@ def test_check_passes_on_fresh_files_and_names_drift(
 
 def test_module_entry_point_check() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "contracts.schema", "--check"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "esperd_contracts.schema", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert "up to date" in proc.stdout

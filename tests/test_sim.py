@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contracts import BlendAlgorithm, Blueprint, Codec, Op, SeedStage, Tempo
 from esperd.analyzer.masks import STAGE_OP_MASK
 from esperd.analyzer.observation import (
     BLEND_INDEX,
@@ -33,6 +32,7 @@ from esperd.sim import (
     run_episodes,
 )
 from esperd.sim.packets import health_batch, state_packet, telemetry, topology_packet
+from esperd_contracts import BlendAlgorithm, Blueprint, Codec, Op, SeedStage, Tempo
 
 SHORT = SimConfig(epochs=12, report_budget=False)
 WAIT_ROW = [0, OP_INDEX[Op.WAIT], 0, 0, 0]

@@ -9,10 +9,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contracts import AlphaCurve, AlphaSpeed, BlendAlgorithm, Blueprint, IsolationMode, Op, SeedStage, Tempo
 from esperd.analyzer.observation import BLUEPRINTS, STAGE_INDEX
 from esperd.sim import SimConfig, catalog as C
 from esperd.sim.dynamics import Command, HostBatch
+from esperd_contracts import (
+    AlphaCurve,
+    AlphaSpeed,
+    BlendAlgorithm,
+    Blueprint,
+    IsolationMode,
+    Op,
+    SeedStage,
+    Tempo,
+)
 
 ENVS = 300
 QUIET = SimConfig(onset_fraction=0.0, transient_rate=0.0)

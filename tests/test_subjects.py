@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from contracts import (
+from esperd_contracts import (
     DEFAULT_PREFIX,
     REJECTED_SUBJECT,
     STATUS_SUBJECT,
@@ -113,7 +113,7 @@ def test_wildcard_subject(channel: Channel) -> None:
 
 
 def test_partition_subjects_round_trip() -> None:
-    from contracts.subjects import partition_wildcard, unmapped_subject
+    from esperd_contracts.subjects import partition_wildcard, unmapped_subject
 
     assert partition_wildcard("esperd.in", 7) == "esperd.in.7.*.*"
     assert unmapped_subject("esperd.in.7.run-1.health", "esperd.in") == "esper.run-1.health"

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from contracts import AckStatus, AdaptationCommand, Blueprint, Codec, CommandAck, Op
 from esperd.cli import main
 from esperd.statusview import headline, render_status
 from esperd.watch import Watcher
+from esperd_contracts import AckStatus, AdaptationCommand, Blueprint, Codec, CommandAck, Op
 
 CODEC = Codec()
 COMMAND = AdaptationCommand(

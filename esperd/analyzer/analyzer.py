@@ -9,13 +9,13 @@ from collections.abc import Callable
 
 import msgspec
 
-from contracts import Blueprint, HealthBatch, HealthSignal, Op, SystemStatePacket, TopologyPacket
 from esperd.analyzer.config import AnalyzerConfig, AnalyzerError
 from esperd.analyzer.graph import Graph
 from esperd.analyzer.ingest import QueuedHealth, apply_health
 from esperd.analyzer.observation import Observation
 from esperd.analyzer.run import RunState, RunSummary
 from esperd.analyzer.table import NodeArena
+from esperd_contracts import Blueprint, HealthBatch, HealthSignal, Op, SystemStatePacket, TopologyPacket
 
 # (run, nodes, edges) -> "" to let a run's graph grow to that size, or why not.
 SizeGate = Callable[[str, int, int], str]

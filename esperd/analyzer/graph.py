@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from contracts import BlueprintFamily, TopologyPacket, family_for_layer_type
 from esperd.analyzer.config import AnalyzerError
 from esperd.analyzer.masks import FAMILY_BLUEPRINT_MASK
 from esperd.analyzer.observation import LAYER_KIND_INDEX, layer_kind
+from esperd_contracts import BlueprintFamily, TopologyPacket, family_for_layer_type
 
 #: Kind given to layers known only from their health signals (the wire default).
 INFERRED_LAYER_TYPE = "linear"

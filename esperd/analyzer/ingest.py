@@ -25,12 +25,12 @@ from typing import NamedTuple
 import msgspec
 import numpy as np
 
-from contracts import HealthSignal, SeedStage
 from esperd.analyzer import table as T
 from esperd.analyzer.config import AnalyzerConfig
 from esperd.analyzer.masks import DORMANT
 from esperd.analyzer.observation import NODE_FEATURE_INDEX, STAGE_INDEX
 from esperd.analyzer.table import NodeArena
+from esperd_contracts import HealthSignal, SeedStage
 
 _EPOCHS_IN_STAGE_SCALE = 12.0  # the longest blend tempo (glacial)
 _F = NODE_FEATURE_INDEX

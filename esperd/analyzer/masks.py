@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import msgspec
 import numpy as np
 
-from contracts import LEGAL_OPS, BlueprintFamily, Op, SeedStage
 from esperd.analyzer.observation import BLUEPRINTS, OP_INDEX, OPS, STAGE_INDEX, STAGES, Observation
+from esperd_contracts import LEGAL_OPS, BlueprintFamily, Op, SeedStage
 
 #: [stage index, op index] -> legal. WAIT is legal from every stage (LEGAL_OPS says so).
 STAGE_OP_MASK: np.ndarray = np.array([[op in LEGAL_OPS[stage] for op in OPS] for stage in STAGES], dtype=bool)

@@ -23,7 +23,16 @@ from typing import TypedDict
 import msgspec
 import numpy as np
 
-from contracts import AlphaCurve, AlphaSpeed, BlendAlgorithm, Blueprint, IsolationMode, Op, SeedStage, Tempo
+from esperd_contracts import (
+    AlphaCurve,
+    AlphaSpeed,
+    BlendAlgorithm,
+    Blueprint,
+    IsolationMode,
+    Op,
+    SeedStage,
+    Tempo,
+)
 
 OPS: tuple[Op, ...] = tuple(Op)
 BLUEPRINTS: tuple[Blueprint, ...] = tuple(Blueprint)

@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 import msgspec
 import numpy as np
 
-from contracts import Blueprint, HealthSignal, Op, SeedSlotState, SeedStage, SystemStatePacket, next_stage
 from esperd.analyzer import table as T
 from esperd.analyzer.config import AnalyzerConfig, AnalyzerError
 from esperd.analyzer.graph import Graph, components, gcn_normalize
@@ -29,6 +28,15 @@ from esperd.analyzer.observation import (
     Observation,
 )
 from esperd.analyzer.table import NodeArena, NodeTable
+from esperd_contracts import (
+    Blueprint,
+    HealthSignal,
+    Op,
+    SeedSlotState,
+    SeedStage,
+    SystemStatePacket,
+    next_stage,
+)
 
 _STAGE_SLICE = slice(T.STAGE_FIRST, T.STAGE_FIRST + STAGE_ONE_HOT.shape[0])
 _FLAG_COLUMNS = [T.HEALTH, T.PROBLEMATIC, T.ATTENTION]

@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from contracts import SeedStage
 from esperd.section import Coef, Discount, PositiveFloat, Section, check_fields
+from esperd_contracts import SeedStage
 
 RewardMode = Literal["basic", "sparse", "shaped"]
 Weight = Annotated[float, Meta(ge=0.0, le=1e6)]

@@ -38,7 +38,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from contracts import Op
 from esperd.analyzer.observation import LEVERS, OP_INDEX
 from esperd.learn.config import ImitationConfig
 from esperd.learn.experience import Transition
@@ -46,6 +45,7 @@ from esperd.learn.ppo import check_finite, split_sequences, stack_actions
 from esperd.policy.base import ACTION_COLUMN, NODE, OP, PolicyBundle
 from esperd.policy.batch import LEVER_COLUMNS
 from esperd.policy.heads import FactoredDistribution, counted_lever_mask
+from esperd_contracts import Op
 
 __all__ = [
     "DemonstrationAnchor",

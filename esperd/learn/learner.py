@@ -36,7 +36,6 @@ import numpy as np
 import structlog
 import torch
 
-from contracts.status import LearnerStatus
 from esperd.learn.buffers import ReplayBuffer, RolloutBuffer
 from esperd.learn.config import LearnerConfig
 from esperd.learn.experience import Transition
@@ -55,6 +54,7 @@ from esperd.learn.worker import (
 )
 from esperd.policy.base import PolicyBundle
 from esperd.policy.checkpoint import CheckpointError, load_policy_checkpoint, save_policy_checkpoint
+from esperd_contracts.status import LearnerStatus
 
 log = structlog.get_logger("esperd.learn")
 

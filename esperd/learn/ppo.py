@@ -33,12 +33,12 @@ import torch
 from msgspec import Meta
 from torch import nn
 
-from contracts import Op
 from esperd.analyzer.observation import ACTION_WIDTH, OP_INDEX, Observation
 from esperd.learn.config import PPOConfig
 from esperd.learn.experience import Transition
 from esperd.learn.gae import compute_gae
 from esperd.policy.base import PolicyBundle
+from esperd_contracts import Op
 
 PositiveFloat = Annotated[float, Meta(gt=0.0)]
 Coef = Annotated[float, Meta(ge=0.0, le=1e3)]

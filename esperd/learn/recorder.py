@@ -30,13 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
-from contracts import SystemStatePacket
-from contracts.status import RecorderStats
 from esperd.analyzer.observation import ACTION_WIDTH, Observation
 from esperd.learn.config import RewardConfig
 from esperd.learn.experience import Transition
 from esperd.learn.rewards import RewardStep, RewardTracker
 from esperd.policy.base import ActResult, PolicyBundle
+from esperd_contracts import SystemStatePacket
+from esperd_contracts.status import RecorderStats
 
 log = structlog.get_logger("esperd.learn.recorder")
 

@@ -27,8 +27,8 @@ from collections.abc import Iterable, Mapping
 
 import msgspec
 
-from contracts import Op, SeedSlotState, SeedStage, SystemStatePacket
 from esperd.learn.config import RewardConfig
+from esperd_contracts import Op, SeedSlotState, SeedStage, SystemStatePacket
 
 #: Stages in which a seed exists but is not yet permanent.
 LIVE_STAGES = frozenset(

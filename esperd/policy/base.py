@@ -16,7 +16,6 @@ import msgspec
 import torch
 from torch import nn
 
-from contracts import AlphaCurve, AlphaSpeed, BlendAlgorithm, Blueprint, IsolationMode, Op, Tempo
 from esperd.analyzer.observation import (
     ACTION_FIELDS as ACTION_FIELDS,  # re-exported: the action layout is the policy's too
     ACTION_WIDTH as ACTION_WIDTH,
@@ -27,6 +26,7 @@ from esperd.analyzer.observation import (
     counted_levers,
     lever_values as observation_lever_values,
 )
+from esperd_contracts import AlphaCurve, AlphaSpeed, BlendAlgorithm, Blueprint, IsolationMode, Op, Tempo
 
 (
     NODE,

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from contracts import Op
 from esperd.analyzer.observation import (
     ALPHA_TARGET_INDEX,
     GLOBAL_FEATURES,
@@ -34,6 +33,7 @@ from esperd.analyzer.observation import (
     OPTIONAL_LEVERS,
     Observation,
 )
+from esperd_contracts import Op
 
 _GERMINATE = OP_INDEX[Op.GERMINATE]
 _WAIT = OP_INDEX[Op.WAIT]

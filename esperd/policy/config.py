@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta
 
-from contracts import BlendAlgorithm, Tempo
 from esperd.section import Section
+from esperd_contracts import BlendAlgorithm, Tempo
 
 Epochs = Annotated[int, Meta(ge=0, le=10_000)]
 #: The optional levers a learned policy may set (esperd.analyzer.observation.OPTIONAL_LEVERS).

@@ -45,7 +45,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from contracts import BlendAlgorithm, Op
 from esperd.analyzer.observation import (
     ALPHA_LEVERS,
     BLEND_INDEX,
@@ -56,6 +55,7 @@ from esperd.analyzer.observation import (
 )
 from esperd.policy.base import ACTION_WIDTH, BLEND, NODE, OP
 from esperd.policy.batch import HEAD_SIZES, NODE_HEAD_DIM, GraphBatch
+from esperd_contracts import BlendAlgorithm, Op
 
 __all__ = ["HEAD_SIZES", "NODE_HEAD_DIM", "FactoredDistribution", "SampledActions", "sample_actions"]
 

@@ -49,7 +49,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from contracts import BlendAlgorithm, Blueprint, BlueprintFamily, IsolationMode, Op, SeedStage, Tempo
 from esperd.analyzer.observation import (
     BLEND_INDEX,
     BLUEPRINT_INDEX,
@@ -86,6 +85,7 @@ from esperd.policy.base import (
 )
 from esperd.policy.config import HeuristicConfig, PolicyConfig
 from esperd.policy.registry import register_policy
+from esperd_contracts import BlendAlgorithm, Blueprint, BlueprintFamily, IsolationMode, Op, SeedStage, Tempo
 
 _N = NODE_FEATURE_INDEX
 _G = GLOBAL_FEATURE_INDEX

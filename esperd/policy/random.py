@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from contracts import Op
 from esperd.analyzer.observation import LEVERS, OP_INDEX, Observation
 from esperd.policy.base import (
     ACTION_COLUMN,
@@ -34,6 +33,7 @@ from esperd.policy.base import (
 )
 from esperd.policy.config import PolicyConfig
 from esperd.policy.registry import register_policy
+from esperd_contracts import Op
 
 _WAIT = OP_INDEX[Op.WAIT]
 _GERMINATE = OP_INDEX[Op.GERMINATE]

@@ -14,9 +14,9 @@ import contextlib
 import signal
 import sys
 
-from contracts import DEFAULT_PREFIX
 from esperd.sim.config import SimConfig
 from esperd.sim.host import SimHosts, describe_command
+from esperd_contracts import DEFAULT_PREFIX
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

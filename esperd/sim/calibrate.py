@@ -50,7 +50,12 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from contracts import (
+from esperd.analyzer.observation import layer_kind
+from esperd.analyzer.run import counterfactual_se
+from esperd.sim import catalog as C
+from esperd.sim.config import SimConfig
+from esperd.traces import read_trace, run_of, trace_files
+from esperd_contracts import (
     AckStatus,
     AdaptationCommand,
     Blueprint,
@@ -60,11 +65,6 @@ from contracts import (
     SystemStatePacket,
     TopologyPacket,
 )
-from esperd.analyzer.observation import layer_kind
-from esperd.analyzer.run import counterfactual_se
-from esperd.sim import catalog as C
-from esperd.sim.config import SimConfig
-from esperd.traces import read_trace, run_of, trace_files
 
 #: Epochs a seed grows (TRAINING + BLENDING) before it is judged, for the maturity factor.
 _GROWTH_EPOCHS = 7

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from contracts import BlendAlgorithm, Blueprint, BlueprintFamily, Tempo, family_for_layer_type
 from esperd.analyzer.observation import BLENDS, BLUEPRINTS, TEMPOS
 from esperd.sim.config import ARCHITECTURES, KINDS
+from esperd_contracts import BlendAlgorithm, Blueprint, BlueprintFamily, Tempo, family_for_layer_type
 
 KIND_INDEX = {kind: i for i, kind in enumerate(KINDS)}
 CONV, POOL, ATTENTION, MLP, EMBEDDING, LINEAR = range(len(KINDS))

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from msgspec import Meta
 
-from contracts import Blueprint
 from esperd.learn.config import RewardConfig
 from esperd.section import Section
+from esperd_contracts import Blueprint
 
 Prob = Annotated[float, Meta(ge=0.0, le=1.0)]
 Epochs = Annotated[int, Meta(ge=0, le=10_000)]

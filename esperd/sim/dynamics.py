@@ -45,7 +45,18 @@ from collections.abc import Sequence
 import msgspec
 import numpy as np
 
-from contracts import (
+from esperd.analyzer.observation import (
+    ALPHA_CURVE_INDEX,
+    BLEND_INDEX,
+    BLUEPRINT_INDEX,
+    BLUEPRINTS,
+    STAGE_INDEX,
+    STAGES,
+    TEMPO_INDEX,
+)
+from esperd.sim import catalog as C
+from esperd.sim.config import SimConfig
+from esperd_contracts import (
     AlphaCurve,
     AlphaSpeed,
     BlendAlgorithm,
@@ -58,17 +69,6 @@ from contracts import (
     is_legal,
     next_stage,
 )
-from esperd.analyzer.observation import (
-    ALPHA_CURVE_INDEX,
-    BLEND_INDEX,
-    BLUEPRINT_INDEX,
-    BLUEPRINTS,
-    STAGE_INDEX,
-    STAGES,
-    TEMPO_INDEX,
-)
-from esperd.sim import catalog as C
-from esperd.sim.config import SimConfig
 
 DORMANT, GERMINATED, TRAINING, BLENDING, PROBATIONARY, FOSSILIZED, PRUNED = (
     STAGE_INDEX[s]

@@ -21,13 +21,13 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from contracts import AckStatus, AdaptationCommand, CommandAck, Op
 from esperd.analyzer import Analyzer, AnalyzerConfig, Observation
 from esperd.analyzer.observation import ACTION_WIDTH, LEVER_COLUMN, OPS, OPTIONAL_LEVERS, lever_values
 from esperd.learn.rewards import RewardTracker
 from esperd.sim.config import SimConfig
 from esperd.sim.dynamics import Command, HostBatch
 from esperd.sim.packets import health_batch, state_packet, telemetry, topology_packet
+from esperd_contracts import AckStatus, AdaptationCommand, CommandAck, Op
 
 
 class EpisodeResult(msgspec.Struct, kw_only=True):

@@ -23,11 +23,11 @@ import msgspec
 import nats
 import numpy as np
 
-from contracts import DEFAULT_PREFIX, AdaptationCommand
 from esperd.client import HostClient
 from esperd.sim.config import SimConfig
 from esperd.sim.dynamics import Command, HostBatch
 from esperd.sim.packets import health_batch, state_packet, telemetry, topology_packet
+from esperd_contracts import DEFAULT_PREFIX, AdaptationCommand
 
 #: Called for every command received: (run id, command, applied, reason if rejected).
 CommandObserver = Callable[[str, AdaptationCommand, bool, str], None]

@@ -10,7 +10,10 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 
-from contracts import (
+from esperd.analyzer.observation import BLUEPRINTS, STAGES
+from esperd.sim import catalog as C
+from esperd.sim.dynamics import BLENDING, FOSSILIZED, NO_SEED, PROBATIONARY, TRAINING, HostBatch
+from esperd_contracts import (
     HealthBatch,
     HealthSignal,
     SeedSlotState,
@@ -18,9 +21,6 @@ from contracts import (
     TopologyNode,
     TopologyPacket,
 )
-from esperd.analyzer.observation import BLUEPRINTS, STAGES
-from esperd.sim import catalog as C
-from esperd.sim.dynamics import BLENDING, FOSSILIZED, NO_SEED, PROBATIONARY, TRAINING, HostBatch
 
 _LIVE = (TRAINING, BLENDING, PROBATIONARY)
 

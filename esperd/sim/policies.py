@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from contracts import BlendAlgorithm, Blueprint, Op, SeedStage, Tempo
 from esperd.analyzer.observation import (
     ACTION_WIDTH,
     BLEND_INDEX,
@@ -42,6 +41,7 @@ from esperd.analyzer.observation import (
     Observation,
     counted_levers,
 )
+from esperd_contracts import BlendAlgorithm, Blueprint, Op, SeedStage, Tempo
 
 _WAIT = OP_INDEX[Op.WAIT]
 _GERMINATE = OP_INDEX[Op.GERMINATE]

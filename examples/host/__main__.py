@@ -1,7 +1,7 @@
 """Run one reference-host training run against esperd (or alone).
 
-    python -m examples.host --nats nats://127.0.0.1:4222 --run r1 --epochs 10 [--seed 0]
-    python -m examples.host --no-esperd --epochs 10
+    python -m esperd_examples.host --nats nats://127.0.0.1:4222 --run r1 --epochs 10 [--seed 0]
+    python -m esperd_examples.host --no-esperd --epochs 10
 
 Several can run at once against one esperd: give each its own --run.
 Prints one line per epoch and per command; the last line is a JSON summary.
@@ -16,14 +16,14 @@ import sys
 
 import torch
 
-from contracts import Blueprint
-from examples.host.data import TASKS
-from examples.host.train import HostConfig, HostRun, RunReport
+from esperd_contracts import Blueprint
+from esperd_examples.host.data import TASKS
+from esperd_examples.host.train import HostConfig, HostRun, RunReport
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = HostConfig()  # the CLI's defaults are the config's, so the two cannot drift apart
-    p = argparse.ArgumentParser(prog="python -m examples.host", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m esperd_examples.host", description=__doc__.split("\n\n")[0])
     p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL of the broker esperd listens on")
     p.add_argument("--run", default="host-1", help="run id ([A-Za-z0-9_-]{1,64})")
     p.add_argument("--no-esperd", action="store_true", help="train alone: no NATS, no telemetry")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from contracts import AlphaCurve, AlphaSpeed, BlendAlgorithm
+from esperd_contracts import AlphaCurve, AlphaSpeed, BlendAlgorithm
 
 
 def _sigmoid(x: float) -> float:

@@ -1,4 +1,4 @@
-"""Seed modules: one small nn.Module per `contracts.Blueprint`.
+"""Seed modules: one small nn.Module per `esperd_contracts.Blueprint`.
 
 A seed maps a host layer's output to a tensor of the same shape; the slot adds it as
 `host + alpha * seed(host)`. CNN-family seeds take [B, C, H, W]; transformer-family
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contracts import Blueprint
+from esperd_contracts import Blueprint
 
 SeedFactory = Callable[[int], nn.Module]
 

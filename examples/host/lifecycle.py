@@ -1,7 +1,7 @@
 """The seed lifecycle of one slot as a small stage machine, driven by the contracts' table.
 
-No torch here: the legal ops and where they lead come from `contracts.TRANSITIONS` /
-`contracts.LEGAL_OPS`, so the host and esperd's action masks can never disagree.
+No torch here: the legal ops and where they lead come from `esperd_contracts.TRANSITIONS` /
+`esperd_contracts.LEGAL_OPS`, so the host and esperd's action masks can never disagree.
 Commands move a slot between stages; the epoch boundary moves it on its own:
 
     GERMINATED --(next epoch boundary)--> TRAINING
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from contracts import AUTOMATIC, Op, SeedStage, is_legal, next_stage
+from esperd_contracts import AUTOMATIC, Op, SeedStage, is_legal, next_stage
 
 
 class IllegalTransition(ValueError):
@@ -53,12 +53,12 @@ class SeedLifecycle:
         if self.stage is SeedStage.GERMINATED:
             self._enter(AUTOMATIC[SeedStage.GERMINATED])
         elif self.stage is SeedStage.TRAINING and dwell is not None and self.epochs_in_stage >= dwell:
-            # Not in contracts.AUTOMATIC either: only when the GERMINATE asked for a dwell.
+            # Not in esperd_contracts.AUTOMATIC either: only when the GERMINATE asked for a dwell.
             self._enter(next_stage(SeedStage.TRAINING, Op.ADVANCE))
         elif self.stage is SeedStage.PRUNED and self.epochs_in_stage >= self.cooldown_epochs:
             self._enter(AUTOMATIC[SeedStage.PRUNED])
         elif self.stage is SeedStage.BLENDING and blend_complete:
-            # Not in contracts.AUTOMATIC: the host finishes a completed blend itself so a
+            # Not in esperd_contracts.AUTOMATIC: the host finishes a completed blend itself so a
             # seed does not sit at alpha 1 waiting for a command (ADVANCE does it earlier).
             self._enter(next_stage(SeedStage.BLENDING, Op.ADVANCE))
         return self.stage

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from contracts import Blueprint, family_for_layer_type
-from examples.host.blueprints import ALL_SEEDS, SeedFactory
-from examples.host.slot import SeedSlot
+from esperd_contracts import Blueprint, family_for_layer_type
+from esperd_examples.host.blueprints import ALL_SEEDS, SeedFactory
+from esperd_examples.host.slot import SeedSlot
 
 
 class Block(nn.Module):
@@ -126,7 +126,7 @@ class DigitsCNN(HostModel):
 
     `width` is the stem's channel count; block1 and block2 have twice, block3 and fc four
     times as many. A fractional width rounds each layer's channels, so parameter counts
-    between two integer widths can be reached (`examples.host.tasks` solves for one).
+    between two integer widths can be reached (`esperd_examples.host.tasks` solves for one).
     """
 
     def __init__(

@@ -17,8 +17,8 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from contracts import AdaptationCommand, BlendAlgorithm, Blueprint, Op, SeedStage, Tempo
-from examples.host.train import HostRun, RunReport
+from esperd_contracts import AdaptationCommand, BlendAlgorithm, Blueprint, Op, SeedStage, Tempo
+from esperd_examples.host.train import HostRun, RunReport
 
 
 @dataclass(frozen=True, slots=True)

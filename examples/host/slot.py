@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from contracts import (
+from esperd_contracts import (
     AdaptationCommand,
     BlendAlgorithm,
     Blueprint,
@@ -45,9 +45,9 @@ from contracts import (
     SeedStage,
     Tempo,
 )
-from examples.host.blending import BlendSchedule
-from examples.host.blueprints import ALL_SEEDS, Gate, SeedFactory, build_seed
-from examples.host.lifecycle import SeedLifecycle
+from esperd_examples.host.blending import BlendSchedule
+from esperd_examples.host.blueprints import ALL_SEEDS, Gate, SeedFactory, build_seed
+from esperd_examples.host.lifecycle import SeedLifecycle
 
 _SILENT = frozenset({SeedStage.DORMANT, SeedStage.GERMINATED, SeedStage.PRUNED})
 _LIVE = frozenset({SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY})

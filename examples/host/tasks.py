@@ -17,11 +17,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 
-from contracts import BlendAlgorithm, Blueprint, BlueprintFamily, Tempo
-from examples.host.data import load_task
-from examples.host.models import build_model
-from examples.host.schedule import Germination
-from examples.host.train import HostConfig
+from esperd_contracts import BlendAlgorithm, Blueprint, BlueprintFamily, Tempo
+from esperd_examples.host.data import load_task
+from esperd_examples.host.models import build_model
+from esperd_examples.host.schedule import Germination
+from esperd_examples.host.train import HostConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +29,7 @@ class TaskSpec:
     """One benchmark task: which host, how it trains, and its small and large widths."""
 
     name: str
-    task: str  # examples.host.data.TASKS
+    task: str  # esperd_examples.host.data.TASKS
     summary: str
     width: float  # static small: the host as it starts
     epochs: int

@@ -47,8 +47,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from contracts import HealthSignal, TopologyNode, TopologyPacket
-from examples.host.models import Block, HostModel, Layer
+from esperd_contracts import HealthSignal, TopologyNode, TopologyPacket
+from esperd_examples.host.models import Block, HostModel, Layer
 
 DEAD_EPS = 1e-6
 MAX_CORRELATED_UNITS = 16

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from contracts import (
+from esperd_contracts import (
     AdaptationCommand,
     Blueprint,
     HealthBatch,
@@ -33,10 +33,10 @@ from contracts import (
     SystemStatePacket,
     TopologyPacket,
 )
-from examples.host.blueprints import ALL_SEEDS
-from examples.host.data import Split, batches, load_task, steps_per_epoch
-from examples.host.models import HostModel, build_model
-from examples.host.telemetry import LayerProbe, topology
+from esperd_examples.host.blueprints import ALL_SEEDS
+from esperd_examples.host.data import Split, batches, load_task, steps_per_epoch
+from esperd_examples.host.models import HostModel, build_model
+from esperd_examples.host.telemetry import LayerProbe, topology
 
 _MEASURED = (SeedStage.BLENDING, SeedStage.PROBATIONARY)  # stages where alpha > 0 can be switched off
 

@@ -12,9 +12,9 @@ from typing import Any
 import jsonschema
 from nats.aio.client import Client
 
-from contracts.schema import SCHEMA_DIR, STATUS_FILE
 from esperd.config import Config, config_from_dict
 from esperd.service import Service
+from esperd_contracts.schema import SCHEMA_DIR, STATUS_FILE
 
 
 def daemon_config(url: str, state_dir: Path, **sections: dict[str, Any]) -> Config:

@@ -13,7 +13,10 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from contracts import (
+from esperd.client import HostClient
+from esperd.natsserver import NatsServer
+from esperd.service import Service
+from esperd_contracts import (
     AckStatus,
     AdaptationCommand,
     BlendAlgorithm,
@@ -27,9 +30,6 @@ from contracts import (
     TopologyNode,
     TopologyPacket,
 )
-from esperd.client import HostClient
-from esperd.natsserver import NatsServer
-from esperd.service import Service
 from tests.integration.helpers import daemon_config, running_daemon, wait_for_status
 from tests.support.timing import until
 

@@ -10,8 +10,8 @@ import msgspec
 import nats
 from nats.aio.client import Client
 
-from contracts import Codec, HealthBatch, HealthSignal, SeedSlotState, SeedStage, SystemStatePacket
 from esperd.natsserver import NatsServer
+from esperd_contracts import Codec, HealthBatch, HealthSignal, SeedSlotState, SeedStage, SystemStatePacket
 from tests.integration.helpers import daemon_config, running_daemon, status, wait_for_status
 
 # Exactly what `nats pub SUBJECT 'JSON'` sends: the typed bytes, no headers.
@@ -190,7 +190,7 @@ async def test_every_section_of_a_real_status_reply_matches_the_published_schema
 async def test_status_round_trips_through_msgspec(
     nats_server: NatsServer, nats_client: Client, tmp_path: Path
 ) -> None:
-    from contracts.status import Status
+    from esperd_contracts.status import Status
 
     async with running_daemon(daemon_config(nats_server.url, tmp_path)):
         reply = await nats_client.request("esperd.status", b"", timeout=2)

@@ -16,7 +16,9 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from contracts import (
+from esperd.client import HostClient
+from esperd.natsserver import NatsServer
+from esperd_contracts import (
     AdaptationCommand,
     BlueprintFamily,
     Codec,
@@ -28,8 +30,6 @@ from contracts import (
     TopologyNode,
     TopologyPacket,
 )
-from esperd.client import HostClient
-from esperd.natsserver import NatsServer
 from tests.integration.helpers import daemon_config, running_daemon, status, wait_for_status
 from tests.support.packets import seed, state
 from tests.support.timing import until

@@ -40,7 +40,6 @@ import torch
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from contracts import Codec
 from esperd.config import config_from_dict
 from esperd.learn.persist import load_experience
 from esperd.natsserver import NatsServer
@@ -48,6 +47,7 @@ from esperd.policy import create_policy
 from esperd.policy.checkpoint import read_policy_checkpoint, save_policy_checkpoint
 from esperd.sim import SimConfig
 from esperd.sim.host import SimHosts
+from esperd_contracts import Codec
 from tests.integration.helpers import status
 from tests.support.timing import until
 

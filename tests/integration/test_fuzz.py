@@ -14,8 +14,8 @@ from pathlib import Path
 
 import nats
 
-from contracts import Codec, SystemStatePacket
 from esperd.natsserver import NatsServer
+from esperd_contracts import Codec, SystemStatePacket
 from scripts.fuzz_campaign import (
     ANALYZER,
     FAMILIES,

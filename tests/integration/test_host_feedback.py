@@ -10,16 +10,16 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
-from contracts import (
+from esperd.analyzer.observation import STAGES
+from esperd.client import HostClient
+from esperd.natsserver import NatsServer
+from esperd_contracts import (
     HealthSignal,
     Op,
     SeedSlotState,
     SeedStage,
     SystemStatePacket,
 )
-from esperd.analyzer.observation import STAGES
-from esperd.client import HostClient
-from esperd.natsserver import NatsServer
 from tests.integration.helpers import daemon_config, running_daemon, wait_for_status
 from tests.support.packets import chain_topology
 

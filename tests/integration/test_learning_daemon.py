@@ -13,10 +13,10 @@ import torch
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from contracts import Codec
 from esperd.natsserver import NatsServer
 from esperd.sim import SimConfig
 from esperd.sim.host import SimHosts
+from esperd_contracts import Codec
 from tests.integration.helpers import daemon_config, running_daemon, status, wait_for_status
 
 torch.set_num_threads(1)

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import real_hosts
 from esperd.traces import read_trace
-from examples.host.tasks import benchmark_task
+from esperd_examples.host.tasks import benchmark_task
 
 CONTROLLERS = "static-small,heuristic,matched-heuristic,fixed,random,gnn-sim,gnn-online"
 

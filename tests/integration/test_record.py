@@ -11,7 +11,10 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
-from contracts import (
+from esperd.client import HostClient
+from esperd.natsserver import NatsServer
+from esperd.traces import TraceTap, read_trace, trace_files
+from esperd_contracts import (
     AdaptationCommand,
     Codec,
     HealthSignal,
@@ -20,9 +23,6 @@ from contracts import (
     TopologyNode,
     TopologyPacket,
 )
-from esperd.client import HostClient
-from esperd.natsserver import NatsServer
-from esperd.traces import TraceTap, read_trace, trace_files
 from tests.support.timing import until
 
 

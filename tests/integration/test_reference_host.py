@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from nats.aio.client import Client
 
-from contracts import Op, SeedStage
 from esperd.client import HostClient
 from esperd.natsserver import NatsServer
-from examples.host.train import HostConfig, HostRun, RunReport
+from esperd_contracts import Op, SeedStage
+from esperd_examples.host.train import HostConfig, HostRun, RunReport
 from tests.integration.helpers import daemon_config, running_daemon, wait_for_status
 
 torch.set_num_threads(1)

@@ -18,7 +18,9 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 
-from contracts import (
+from esperd.natsserver import NatsServer
+from esperd.service import Service
+from esperd_contracts import (
     Codec,
     HealthBatch,
     HealthSignal,
@@ -26,8 +28,6 @@ from contracts import (
     SeedStage,
     SystemStatePacket,
 )
-from esperd.natsserver import NatsServer
-from esperd.service import Service
 from tests.integration.helpers import daemon_config, running_daemon, status, wait_for_status
 from tests.support.packets import chain_topology
 

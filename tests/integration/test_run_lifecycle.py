@@ -17,7 +17,9 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from contracts import (
+from esperd.natsserver import NatsServer
+from esperd.runs import MIB, estimated_bytes
+from esperd_contracts import (
     AckStatus,
     AdaptationCommand,
     Codec,
@@ -28,8 +30,6 @@ from contracts import (
     SeedStage,
     SystemStatePacket,
 )
-from esperd.natsserver import NatsServer
-from esperd.runs import MIB, estimated_bytes
 from tests.integration.helpers import daemon_config, running_daemon, status, wait_for_status
 from tests.support.packets import chain_topology
 

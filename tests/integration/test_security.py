@@ -31,7 +31,11 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from contracts import (
+from esperd.client import HostClient
+from esperd.config import Config
+from esperd.natsserver import NatsServer
+from esperd.service import Service
+from esperd_contracts import (
     AckStatus,
     AdaptationCommand,
     Codec,
@@ -42,10 +46,6 @@ from contracts import (
     TopologyNode,
     TopologyPacket,
 )
-from esperd.client import HostClient
-from esperd.config import Config
-from esperd.natsserver import NatsServer
-from esperd.service import Service
 from tests.integration.helpers import daemon_config, running_daemon, wait_for_status
 from tests.support.timing import until
 

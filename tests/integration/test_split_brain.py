@@ -28,11 +28,11 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from contracts import AdaptationCommand, Codec
 from esperd.client import HostClient
 from esperd.natsserver import NatsServer
 from esperd.ownership import partition_of, targets
-from examples.host.train import HostConfig, HostRun
+from esperd_contracts import AdaptationCommand, Codec
+from esperd_examples.host.train import HostConfig, HostRun
 
 ESPERD = [sys.executable, "-m", "esperd.cli"]
 P = 16

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 
-from contracts import Op
 from esperd.analyzer.observation import (
     ACTION_WIDTH,
     LEVER_COLUMN,
@@ -15,6 +14,7 @@ from esperd.analyzer.observation import (
     Observation,
     counted_levers,
 )
+from esperd_contracts import Op
 
 WAIT = OP_INDEX[Op.WAIT]
 GERMINATE = OP_INDEX[Op.GERMINATE]

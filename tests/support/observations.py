@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from contracts import LEGAL_OPS, BlueprintFamily, SeedStage
 from esperd.analyzer.observation import (
     BLUEPRINTS,
     GLOBAL_FEATURE_INDEX,
@@ -18,6 +17,7 @@ from esperd.analyzer.observation import (
     STAGES,
     Observation,
 )
+from esperd_contracts import LEGAL_OPS, BlueprintFamily, SeedStage
 
 #: Neutral, healthy per-node defaults for rule tests (everything else 0).
 HEALTHY_NODE = {"health": 0.9, "health_ewma": 0.9, "family_cnn": 1.0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from contracts import (
+from esperd_contracts import (
     AdaptationCommand,
     BlendAlgorithm,
     Blueprint,

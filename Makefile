@@ -15,7 +15,7 @@ PIN    := $(if $(LOCK),-c $(LOCK))
 LATEST ?= .venv-latest
 LOCKVENV := .venv-lock
 
-.PHONY: install run check lint test-fast test test-latest lock bench clean
+.PHONY: install run check lint test-fast test test-latest lock bench host-wheel clean
 
 install: $(VENV)/.installed
 
@@ -75,8 +75,12 @@ lock:
 	mv $(LOCKFILE).new $(LOCKFILE)
 	rm -rf $(LOCKVENV)
 
+# The light host distribution (hostclient/: the contracts and HostClient, no torch) as a wheel in dist/.
+host-wheel: install
+	$(BIN)/python -m pip wheel --no-deps --no-build-isolation -w dist hostclient/
+
 bench: install
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(LATEST) $(LOCKVENV) state .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST) $(LOCKVENV) state .pytest_cache .hypothesis dist hostclient/build

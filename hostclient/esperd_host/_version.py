@@ -1,0 +1,1 @@
+../../esperd/__init__.py

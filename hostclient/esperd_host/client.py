@@ -1,0 +1,1 @@
+../../esperd/client.py

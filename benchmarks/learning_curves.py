@@ -145,7 +145,7 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
 
     from esperd.learn.config import ImitationConfig, ImpalaConfig, LearnerConfig, PPOConfig, RewardConfig
     from esperd.policy import create_policy, load_policy_checkpoint
-    from esperd.train import TrainSpec, train
+    from esperd.train import OfflineTrainingSpec, train
 
     variant, seed, steps = VARIANTS[job["variant"]], job["seed"], job["steps"]
     algo = variant["algo"]
@@ -168,7 +168,7 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         result = train(
-            TrainSpec(
+            OfflineTrainingSpec(
                 algo=algo,
                 policy="gnn",
                 sim=True,

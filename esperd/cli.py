@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     schema = sub.add_parser("schema", help="write the wire contracts' JSON Schemas")
     schema.add_argument("--check", action="store_true", help="exit 1 if the checked-in schemas drifted")
-    from esperd.train import add_arguments as add_train_arguments
+    from esperd.train.cli import add_arguments as add_train_arguments
 
     train = sub.add_parser(
         "train",
@@ -153,7 +153,7 @@ def run_command(args: argparse.Namespace) -> int:
         return asyncio.run(_watch(args))
     if args.command == "status":
         return asyncio.run(_status(args))
-    from esperd.train import main as train_main
+    from esperd.train.cli import main as train_main
 
     return train_main(args, getattr(args, "train_config", None) or args.config)
 

@@ -19,8 +19,8 @@ from esperd.learn.experience import Transition
 from esperd.policy import PolicyConfig, build_serving_policy, create_policy, load_policy_checkpoint
 from esperd.sim import SimConfig, SimEnv
 from esperd.train import (
+    OfflineTrainingSpec,
     TrainError,
-    TrainSpec,
     collect,
     evaluate_heldout,
     make_heldout,
@@ -40,7 +40,7 @@ LEARNER = LearnerConfig(
 )
 
 
-def spec(tmp_path: Path, **kw: object) -> TrainSpec:
+def spec(tmp_path: Path, **kw: object) -> OfflineTrainingSpec:
     base: dict[str, object] = {
         "envs": 4,
         "eval_every": 2,
@@ -53,7 +53,7 @@ def spec(tmp_path: Path, **kw: object) -> TrainSpec:
         "progress": False,
     }
     base.update(kw)
-    return TrainSpec(**base)  # type: ignore[arg-type]
+    return OfflineTrainingSpec(**base)  # type: ignore[arg-type]
 
 
 def metrics(out: Path) -> list[dict[str, object]]:
@@ -280,7 +280,29 @@ def test_cli_bad_experience_file_and_missing_cuda(tmp_path: Path, capsys: pytest
 
 def test_spec_validation() -> None:
     with pytest.raises(TrainError, match="--policy"):
-        TrainSpec(algo="ppo", policy="heuristic", sim=True).validate()
+        OfflineTrainingSpec(algo="ppo", policy="heuristic", sim=True).validate()
     with pytest.raises(TrainError, match="not both"):
-        TrainSpec(algo="ppo", sim=True, updates=1, steps=1).validate()
-    assert np.isclose(TrainSpec(algo="impala", sim=True).gamma, ImpalaConfig().gamma)
+        OfflineTrainingSpec(algo="ppo", sim=True, updates=1, steps=1).validate()
+    assert np.isclose(OfflineTrainingSpec(algo="impala", sim=True).gamma, ImpalaConfig().gamma)
+
+
+def test_the_command_line_defaults_are_the_spec_defaults() -> None:
+    """The options are generated from the spec (esperd.train.cli.OPTIONS): with nothing but the
+    required --algo, every field an option sets keeps the spec's own default, and the help shows it."""
+    import argparse
+    import dataclasses
+
+    from esperd.train.cli import OPTIONS, add_arguments, spec_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    spec = spec_from_args(parser.parse_args(["--algo", "impala"]), None)
+    default = OfflineTrainingSpec(algo="impala")
+    set_by_options = {o.field.split(".")[0] for o in OPTIONS if o.field is not None}
+    assert set_by_options >= {"envs", "holdout", "sequence_length", "imitation", "progress"}
+    for name in set_by_options:
+        assert getattr(spec, name) == getattr(default, name), name
+    unset = {f.name for f in dataclasses.fields(OfflineTrainingSpec)} - set_by_options
+    assert unset == {"policy_config", "learner", "sim_config", "eval_reward", "log_updates"}
+    text = parser.format_help()
+    assert f"({default.warm_start_steps})" in text and f"({default.imitation.steps})" in text

@@ -14,7 +14,7 @@ from esperd.cli import main as cli_main
 from esperd.learn.config import ImitationConfig, LearnerConfig, PPOConfig
 from esperd.policy import PolicyConfig, create_policy, load_policy_checkpoint
 from esperd.sim import ScriptedPolicy, SimConfig, SimEnv
-from esperd.train import TrainError, TrainSpec, train
+from esperd.train import OfflineTrainingSpec, TrainError, train
 from esperd.warmstart import (
     HOLDOUT_EVERY,
     REFERENCES,
@@ -71,7 +71,7 @@ def test_both_references_clone(reference: str) -> None:
 def test_train_clones_first_saves_the_clone_and_evaluates_it_before_rl(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = train(
-        TrainSpec(
+        OfflineTrainingSpec(
             algo="ppo",
             sim=True,
             updates=2,
@@ -121,7 +121,7 @@ def test_train_clones_first_saves_the_clone_and_evaluates_it_before_rl(tmp_path:
 )
 def test_spec_refuses_bad_warm_starts(changes: dict[str, object], message: str) -> None:
     with pytest.raises(TrainError, match=message):
-        TrainSpec(**{"algo": "ppo", "sim": True, **changes}).validate()  # type: ignore[arg-type]
+        OfflineTrainingSpec(**{"algo": "ppo", "sim": True, **changes}).validate()  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

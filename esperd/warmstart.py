@@ -18,11 +18,7 @@ This module sits beside esperd.train because it needs both the simulator and the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-import numpy as np
-
-from esperd.analyzer.observation import Observation
 from esperd.learn.config import ImitationConfig
 from esperd.learn.experience import Transition
 from esperd.learn.imitation import ImitationStats, fit_imitation
@@ -31,8 +27,8 @@ from esperd.policy.config import PolicyConfig
 from esperd.policy.registry import create_policy
 from esperd.sim.config import SimConfig
 from esperd.sim.env import SimEnv
-from esperd.sim.evaluate import Actor
 from esperd.sim.policies import ScriptedPolicy
+from esperd.sim.rollout import Actor, play, step_transitions
 
 __all__ = ["REFERENCES", "WARM_START_SEED_OFFSET", "record_demonstrations", "reference_policy", "warm_start"]
 
@@ -50,40 +46,14 @@ def reference_policy(name: str) -> Actor:
     raise ValueError(f"warm start reference must be one of {', '.join(REFERENCES)}, not {name!r}")
 
 
-def _action_rows(result: Any) -> np.ndarray:
-    """int64 [B, ACTION_WIDTH] from an ActResult (the heuristic) or action rows (esperd.sim policies)."""
-    actions = getattr(result, "actions", result)
-    return np.asarray(actions.numpy() if hasattr(actions, "numpy") else actions, dtype=np.int64)
-
-
 def record_demonstrations(reference: Actor, env: SimEnv, rounds: int) -> list[Transition]:
     """`rounds` steps of every env of `env` (freshly reset) decided by `reference`, in step order.
 
     The reference acts deterministically; log_prob and value are 0 (it has none)."""
-    observations: list[Observation] = env.reset()
+    steps = play(env, reference, env.reset(), deterministic=True, apply_rows=True)
     transitions: list[Transition] = []
-    forget = getattr(reference, "forget", None)
     for _ in range(rounds):
-        actions = _action_rows(reference.act(observations, True))
-        following, rewards, dones, infos = env.step(actions)
-        for e, obs in enumerate(observations):
-            done = bool(dones[e])
-            transitions.append(
-                Transition(
-                    obs=obs,
-                    action=actions[e].copy(),
-                    log_prob=0.0,
-                    value=0.0,
-                    policy_version=0,
-                    reward=float(rewards[e]),
-                    done=done,
-                    next_obs=None if done else following[e],
-                )
-            )
-        finished = [info.episode.run_id for info in infos if info.episode is not None]
-        if finished and forget is not None:
-            forget(finished)  # the heuristic's per-run memory
-        observations = following
+        transitions.extend(step_transitions(next(steps)))
     env.close()
     return transitions
 

@@ -364,3 +364,28 @@ def test_random_is_worse_than_the_heuristic_which_is_beatable() -> None:
     assert means["scripted"] > means["heuristic"] + 0.4, means
     paired = returns["scripted"] - returns["heuristic"]
     assert (paired > 0).mean() > 0.7
+
+
+def test_play_yields_steps_whose_transitions_end_at_episode_ends() -> None:
+    """esperd.sim.rollout: the loop training, warm start and evaluation share."""
+    from esperd.sim.rollout import play, step_transitions
+
+    class Forgetful(RandomPolicy):
+        forgotten: list[str]
+
+        def forget(self, run_ids: list[str]) -> None:
+            self.forgotten += run_ids
+
+    actor = Forgetful(seed=0)
+    actor.forgotten = []
+    env = SimEnv(2, SimConfig(epochs=3, report_budget=False), seed=0)
+    steps = play(env, actor, env.reset(), deterministic=True)
+    seen = [next(steps) for _ in range(3)]  # 3 epochs: both episodes end on the third step
+    assert [len(s.episodes) for s in seen] == [0, 0, 2]
+    assert actor.forgotten == [e.run_id for e in seen[2].episodes]
+    first, last = step_transitions(seen[0]), step_transitions(seen[2], policy_version=7)
+    assert [t.next_obs for t in first] == seen[0].following and not any(t.done for t in first)
+    assert all(t.done and t.next_obs is None and t.policy_version == 7 for t in last)
+    assert seen[1].observations == seen[0].following  # each step starts where the last one ended
+    np.testing.assert_array_equal(np.stack([t.action for t in first]), seen[0].actions)
+    env.close()

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Protocol
 
 import msgspec
 
-from esperd.analyzer import Observation
 from esperd.sim.config import SimConfig
 from esperd.sim.env import EpisodeResult, SimEnv
-
-
-class Actor(Protocol):
-    """Anything with `act(observations, deterministic)`: a PolicyBundle or an esperd.sim.policies policy."""
-
-    def act(self, observations: Sequence[Observation], deterministic: bool = ...) -> Any: ...
+from esperd.sim.rollout import Actor, play
 
 
 class Score(msgspec.Struct, kw_only=True):
@@ -50,15 +43,10 @@ def run_episodes(
 ) -> list[EpisodeResult]:
     """Play until `episodes` episodes have finished; results in finishing order (env order on ties)."""
     env = SimEnv(num_envs, config, seed)
-    observations = env.reset()
+    steps = play(env, policy, env.reset(), deterministic=deterministic)
     results: list[EpisodeResult] = []
-    forget = getattr(policy, "forget", None)
     while len(results) < episodes:
-        observations, _, _, infos = env.step(policy.act(observations, deterministic))
-        finished = [info.episode for info in infos if info.episode is not None]
-        results.extend(finished)
-        if finished and forget is not None:
-            forget([episode.run_id for episode in finished])  # new episodes run under new ids
+        results.extend(next(steps).episodes)
     env.close()
     return results[:episodes]
 

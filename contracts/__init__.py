@@ -23,6 +23,7 @@ from esperd_contracts.enums import (
 )
 from esperd_contracts.lifecycle import AUTOMATIC, LEGAL_OPS, TRANSITIONS, is_legal, next_stage
 from esperd_contracts.messages import (
+    G2_THRESHOLD,
     MESSAGE_TYPES,
     SCHEMA_VERSION,
     AdaptationCommand,
@@ -70,6 +71,7 @@ __all__ = [
     "Channel",
     "Codec",
     "CodecError",
+    "G2_THRESHOLD",
     "CommandAck",
     "HardwareContext",
     "HealthBatch",

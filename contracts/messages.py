@@ -52,6 +52,47 @@ CommandId = Annotated[str, Meta(min_length=1, max_length=64)]
 RunId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
+# Definitions of the lever telemetry (seed document 004; issue 16), shown in the JSON Schemas.
+G2_THRESHOLD = 0.10  # 004's G2 gate: DEFAULT_GRADIENT_RATIO_THRESHOLD
+G2_HEADROOM = (
+    "004's g2_gate_headroom: seed_gradient_ratio minus the G2 gate's threshold (0.10); "
+    "negative while the seed's gradient is below it."
+)
+GRADIENT_STABILITY = (
+    "004's training_gradient_stability: the variance of the seed's gradient norm (L2 over its "
+    "parameters) across its recent measurements (the reference host: its last 16 probed steps "
+    "since germination). Large: an erratic seed, which a longer dwell may settle."
+)
+HOST_GRADIENT_VIA_SEED = (
+    "004's host_gradient_norm_via_seed: the L2 norm of the loss gradient that reaches the layer's "
+    "output through the seed's path; 0 while the seed's input is detached (isolated)."
+)
+COADAPTATION_DELTA = (
+    "004's co-adaptation signal per step, to first order (its '(acc with coadapt) - (acc without)' "
+    "needs two trainings): the cosine between the gradient reaching the layer's output through the "
+    "seed's path and the one reaching it directly, in [-1, 1]. Positive: the seed pulls the host "
+    "the way the loss does; negative: it interferes; 0 when isolated."
+)
+SEED_LOSS_GRADIENT = (
+    "004's seed_loss_gradient: |d(loss)/d(seed params)|, the L2 norm over the seed's parameters."
+)
+SEED_WEIGHT_MAGNITUDE = "004's seed_weight_magnitude: the L2 norm of the seed's parameters (a gate included)."
+LR_STABILITY_RATIO = (
+    "004's lr_stability_ratio: epochs without a gradient explosion / epochs the seed trained, "
+    "an explosion being a non-finite seed gradient norm or one above 10x the median of its "
+    "earlier ones. 1: a steady seed; 0: no seed (unknown)."
+)
+ALPHA_VARIANCE = (
+    "004's alpha_variance: the variance of the effective blend weight across the batch's samples "
+    "(a GATED blend varies per sample; 0 for schedule-only blends and outside a blend)."
+)
+MILESTONE = (
+    "004's contribution at alpha milestones: the counterfactual with alpha at {}% (validation "
+    "accuracy with the seed at that alpha minus with alpha 0), measured once, when the blend first "
+    "reaches it. Absent (null): not reached yet."
+)
+
+
 class _Message(msgspec.Struct, tag_field="kind", omit_defaults=True, kw_only=True):
     """Base of every wire message. `v` is the schema version of its kind (absent means 1).
 
@@ -109,6 +150,17 @@ class HealthSignal(_Message, tag="health", kw_only=True):
     alpha: Unit = 0.0
     epochs_in_stage: Count = 0
     blending_velocity: Finite = 0.0
+    # Lever telemetry (issue 16, seed document 004), appended with defaults so older hosts still
+    # decode; each about slot `seed_id`'s seed, 0 where there is none or the host does not measure
+    # it. The definitions travel in the JSON Schema as the fields' descriptions.
+    g2_headroom: Annotated[Finite, Meta(description=G2_HEADROOM)] = 0.0
+    gradient_stability: Annotated[NonNeg, Meta(description=GRADIENT_STABILITY)] = 0.0
+    host_gradient_via_seed: Annotated[NonNeg, Meta(description=HOST_GRADIENT_VIA_SEED)] = 0.0
+    coadaptation_delta: Annotated[Correlation, Meta(description=COADAPTATION_DELTA)] = 0.0
+    seed_loss_gradient: Annotated[NonNeg, Meta(description=SEED_LOSS_GRADIENT)] = 0.0
+    seed_weight_magnitude: Annotated[NonNeg, Meta(description=SEED_WEIGHT_MAGNITUDE)] = 0.0
+    lr_stability_ratio: Annotated[Unit, Meta(description=LR_STABILITY_RATIO)] = 0.0
+    alpha_variance: Annotated[NonNeg, Meta(description=ALPHA_VARIANCE)] = 0.0
 
 
 class HealthBatch(_Message, tag="health_batch", kw_only=True):
@@ -144,6 +196,11 @@ class SeedSlotState(msgspec.Struct, omit_defaults=True, array_like=True):
     counterfactual: Finite = 0.0
     total_improvement: Finite = 0.0
     seed_id: Id = 0
+    # Appended (issue 16): 004's "contribution at alpha milestones".
+    counterfactual_alpha25: Annotated[Finite, Meta(description=MILESTONE.format(25))] | None = None
+    counterfactual_alpha50: Annotated[Finite, Meta(description=MILESTONE.format(50))] | None = None
+    counterfactual_alpha75: Annotated[Finite, Meta(description=MILESTONE.format(75))] | None = None
+    counterfactual_alpha100: Annotated[Finite, Meta(description=MILESTONE.format(100))] | None = None
 
 
 class SystemStatePacket(_Message, tag="state", kw_only=True):

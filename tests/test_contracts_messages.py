@@ -15,6 +15,7 @@ from esperd_contracts import (
     BlendAlgorithm,
     Blueprint,
     Codec,
+    CodecError,
     CommandAck,
     HardwareContext,
     HealthBatch,
@@ -60,6 +61,14 @@ FULL: dict[type[msgspec.Struct], msgspec.Struct] = {
         alpha=0.6,
         epochs_in_stage=3,
         blending_velocity=-0.05,
+        g2_headroom=0.3,
+        gradient_stability=0.02,
+        host_gradient_via_seed=0.15,
+        coadaptation_delta=-0.25,
+        seed_loss_gradient=0.6,
+        seed_weight_magnitude=3.5,
+        lr_stability_ratio=0.75,
+        alpha_variance=0.01,
         v=2,
     ),
     HealthBatch: HealthBatch(
@@ -96,6 +105,10 @@ FULL: dict[type[msgspec.Struct], msgspec.Struct] = {
                 counterfactual=0.012,
                 total_improvement=0.019,
                 seed_id=1,
+                counterfactual_alpha25=0.004,
+                counterfactual_alpha50=-0.002,
+                counterfactual_alpha75=0.011,
+                counterfactual_alpha100=0.0,
             ),
             SeedSlotState(layer_id=5, stage=SeedStage.TRAINING, blueprint=Blueprint.LORA, params=4_096),
         ],
@@ -349,3 +362,62 @@ def test_design_inline_health_example(codec: Codec) -> None:
     msg = codec.decode(DESIGN_INLINE_HEALTH.encode())
     assert isinstance(msg, HealthSignal)
     assert (msg.layer_id, msg.health_score, msg.seed_stage) == (3, 0.2, SeedStage.DORMANT)
+
+
+# --------------------------------------------------------------- older hosts (issue 16)
+
+#: Lever telemetry appended to HealthSignal in issue 16, and the milestone counterfactuals
+#: appended to SeedSlotState: a host written before them sends neither.
+LEVER_TELEMETRY = (
+    "g2_headroom",
+    "gradient_stability",
+    "host_gradient_via_seed",
+    "coadaptation_delta",
+    "seed_loss_gradient",
+    "seed_weight_magnitude",
+    "lr_stability_ratio",
+    "alpha_variance",
+)
+MILESTONES = (
+    "counterfactual_alpha25",
+    "counterfactual_alpha50",
+    "counterfactual_alpha75",
+    "counterfactual_alpha100",
+)
+
+
+def test_the_lever_telemetry_is_appended_last() -> None:
+    assert HealthSignal.__struct_fields__[-len(LEVER_TELEMETRY) :] == LEVER_TELEMETRY
+    assert SeedSlotState.__struct_fields__[-len(MILESTONES) :] == MILESTONES
+
+
+def test_an_older_hosts_positional_packets_still_decode(codec: Codec) -> None:
+    # What a host built before the lever telemetry sends: the arrays end before the new fields.
+    signal = FULL[HealthSignal]
+    old_signal = ["health", *msgspec.structs.astuple(signal)[: -len(LEVER_TELEMETRY)]]
+    decoded = codec.decode(msgspec.msgpack.encode(old_signal))
+    assert isinstance(decoded, HealthSignal) and decoded.blending_velocity == signal.blending_velocity
+    assert all(getattr(decoded, name) == 0.0 for name in LEVER_TELEMETRY)
+    slot = FULL[SystemStatePacket].seeds[0]  # type: ignore[attr-defined]
+    old_slot = list(msgspec.structs.astuple(slot)[: -len(MILESTONES)])
+    state = ["state", 1, 12, 4_680, 0.8, 0.7, 0.9, 0.6, {}, None, [old_slot]]
+    packet = codec.decode(msgspec.msgpack.encode(state))
+    assert isinstance(packet, SystemStatePacket) and packet.seeds[0].seed_id == slot.seed_id
+    assert all(getattr(packet.seeds[0], name) is None for name in MILESTONES)
+    # The keyed JSON form too, seed slots being arrays there as well.
+    as_json = msgspec.json.encode({"kind": "state", "seeds": [old_slot]})
+    assert codec.decode(as_json).seeds[0].counterfactual_alpha50 is None  # type: ignore[attr-defined]
+
+
+def test_new_hosts_lever_telemetry_is_range_checked(codec: Codec) -> None:
+    base = {"kind": "health", "layer_id": 1, "health_score": 0.5}
+    for name, bad in [
+        ("seed_weight_magnitude", -1.0),
+        ("coadaptation_delta", 1.5),
+        ("lr_stability_ratio", 2.0),
+        ("alpha_variance", 1e301),  # beyond the finite range, as inf and nan are
+        ("g2_headroom", -1e301),
+    ]:
+        with pytest.raises(CodecError):
+            codec.decode(msgspec.json.encode({**base, name: bad}))
+    assert codec.decode(msgspec.json.encode({**base, "g2_headroom": -0.1})).g2_headroom == -0.1  # type: ignore[union-attr]

@@ -232,3 +232,45 @@ def test_the_command_schema_carries_every_lever() -> None:
         ("alpha_target", 1.5),
     ]:
         assert not assert_agreement("command", {**command, **LEVERS, lever: junk}), lever
+
+
+#: The lever telemetry (issue 16 item 3) and the milestone counterfactuals: one valid value each.
+TELEMETRY = {
+    "g2_headroom": -0.05,
+    "gradient_stability": 0.01,
+    "host_gradient_via_seed": 0.2,
+    "coadaptation_delta": -0.5,
+    "seed_loss_gradient": 0.3,
+    "seed_weight_magnitude": 4.0,
+    "lr_stability_ratio": 1.0,
+    "alpha_variance": 0.02,
+}
+MILESTONES = (
+    "counterfactual_alpha25",
+    "counterfactual_alpha50",
+    "counterfactual_alpha75",
+    "counterfactual_alpha100",
+)
+
+
+def test_the_health_and_state_schemas_carry_the_lever_telemetry() -> None:
+    for kind in ("health", "health_batch"):
+        assert set(TELEMETRY) <= set(SCHEMAS[kind]["$defs"]["HealthSignal"]["properties"])
+    signal = {"kind": "health", "layer_id": 2, "health_score": 0.5}
+    assert assert_agreement("health", {**signal, **TELEMETRY})
+    assert assert_agreement("health_batch", {"kind": "health_batch", "signals": [{**signal, **TELEMETRY}]})
+    for name, junk in [
+        ("gradient_stability", -0.1),
+        ("host_gradient_via_seed", "x"),
+        ("coadaptation_delta", -1.01),
+        ("lr_stability_ratio", 1.5),
+        ("seed_weight_magnitude", None),
+        ("g2_headroom", 1e301),
+    ]:
+        assert not assert_agreement("health", {**signal, **TELEMETRY, name: junk}), name
+    # The milestones sit at the end of a seed slot's array; null is "not reached yet".
+    slot_items = SCHEMAS["state"]["$defs"]["SeedSlotState"]["prefixItems"]
+    assert len(slot_items) >= len(MILESTONES)
+    slot = [3, "blending", "conv_light", 0.5, 1, 100, 0.01, 0.02, 0, 0.001, None, -0.002, 0.0]
+    assert assert_agreement("state", {"kind": "state", "seeds": [slot]})
+    assert not assert_agreement("state", {"kind": "state", "seeds": [[*slot[:10], "x"]]})

@@ -48,9 +48,12 @@ from esperd_contracts import (
 from esperd_examples.host.blending import BlendSchedule
 from esperd_examples.host.blueprints import ALL_SEEDS, Gate, SeedFactory, build_seed
 from esperd_examples.host.lifecycle import SeedLifecycle
+from esperd_examples.host.seedstats import SeedGradientLog
 
 _SILENT = frozenset({SeedStage.DORMANT, SeedStage.GERMINATED, SeedStage.PRUNED})
 _LIVE = frozenset({SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY})
+#: Alpha milestones (percent) at which a seed's counterfactual is measured once (004).
+MILESTONES: tuple[int, ...] = (25, 50, 75, 100)
 
 
 class SeedSlot(nn.Module):
@@ -93,6 +96,14 @@ class SeedSlot(nn.Module):
         self.accuracy_at_germination = 0.0
         self.total_improvement = 0.0  # val accuracy now minus at germination
         self._forced_alpha: float | None = None
+        # Lever telemetry (004), see esperd_contracts.HealthSignal. While `probing` (a step the
+        # probe captures) the forward pass leaves the tensors below for the probe to read.
+        self.probing = False
+        self.gradients = SeedGradientLog()
+        self.milestones: dict[int, float] = {}  # alpha milestone (percent) -> its counterfactual
+        self.alpha_spread: torch.Tensor | None = None  # variance of the gated alpha over the batch
+        self.grad_via_seed: torch.Tensor | None = None  # gradient at the layer output via the seed
+        self.grad_total: torch.Tensor | None = None  # ... via both paths
 
     # ------------------------------------------------------------ state
 
@@ -141,7 +152,17 @@ class SeedSlot(nn.Module):
             params=self.seed_param_count(),
             counterfactual=self.counterfactual,
             total_improvement=self.total_improvement,
+            counterfactual_alpha25=self.milestones.get(25),
+            counterfactual_alpha50=self.milestones.get(50),
+            counterfactual_alpha75=self.milestones.get(75),
+            counterfactual_alpha100=self.milestones.get(100),
         )
+
+    def due_milestones(self) -> list[int]:
+        """Alpha milestones the blend has reached whose counterfactual is not measured yet."""
+        if self.seed is None or self.stage not in (SeedStage.BLENDING, SeedStage.PROBATIONARY):
+            return []
+        return [m for m in MILESTONES if m not in self.milestones and self.alpha >= m / 100 - 1e-6]
 
     def blending_velocity(self) -> float:
         if self.schedule is None or self.stage is not SeedStage.BLENDING:
@@ -167,8 +188,27 @@ class SeedSlot(nn.Module):
                 s.register_hook(self._decayed(s.detach()))
             return s - s.detach()  # zero in value; carries the loss gradient to the seed only
         isolated = stage is not SeedStage.FOSSILIZED and self.isolation is IsolationMode.ISOLATED
-        x = host.detach() if isolated else host
+        if isolated:
+            x = host.detach()
+        elif self.probing and host.requires_grad:
+            x = self._tapped(host)
+        else:
+            x = host
         return self._effective_alpha(x) * seed(x)
+
+    def _tapped(self, host: torch.Tensor) -> torch.Tensor:
+        """`host` for the seed's path, with hooks that keep the gradient reaching the layer's
+        output through that path alone (a view of its own) and through both (`host` itself)."""
+        x = host.view_as(host)
+        x.register_hook(self._keep("grad_via_seed"))
+        host.register_hook(self._keep("grad_total"))
+        return x
+
+    def _keep(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            setattr(self, name, grad.detach())
+
+        return hook
 
     def _decayed(self, output: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """The straight-through gradient plus `output_decay` x the seed's own output (per position).
@@ -187,7 +227,10 @@ class SeedSlot(nn.Module):
         if self._forced_alpha is not None:
             return self._forced_alpha
         if self.gate is not None:
-            return self.gate(x) * self.alpha
+            alpha = self.gate(x) * self.alpha
+            if self.probing:
+                self.alpha_spread = alpha.detach().float().var(correction=0)
+            return alpha
         return self.alpha
 
     @contextlib.contextmanager
@@ -274,6 +317,7 @@ class SeedSlot(nn.Module):
         self.schedule = None
         self.accuracy_at_germination = val_accuracy
         self.counterfactual = self.total_improvement = 0.0
+        self._forget_telemetry()
         self.train(self.training)
 
     def _start_blending(self) -> None:
@@ -288,6 +332,13 @@ class SeedSlot(nn.Module):
         self.seed = self.gate = self.schedule = None
         self.blueprint = self.dwell = None
         self.counterfactual = self.total_improvement = 0.0
+        self._forget_telemetry()
+
+    def _forget_telemetry(self) -> None:
+        """A new seed (or none): its predecessor's history says nothing about it."""
+        self.gradients = SeedGradientLog()
+        self.milestones = {}
+        self.alpha_spread = self.grad_via_seed = self.grad_total = None
 
     # ------------------------------------------------------------ time
 
@@ -300,6 +351,7 @@ class SeedSlot(nn.Module):
         """The epoch ended: update the improvement, then take automatic transitions."""
         if self.live:
             self.total_improvement = val_accuracy - self.accuracy_at_germination
+            self.gradients.end_epoch()
         complete = self.schedule is not None and self.schedule.complete
         before = self.stage
         stage = self.lifecycle.end_epoch(blend_complete=complete, dwell=self.dwell)

@@ -14,6 +14,19 @@ conv map or features of a linear/transformer layer:
     execution_latency_us  wall time of the Block's forward (CPU clock; on GPU it would
                           need a synchronise, so it is host-side dispatch time there)
 
+And of its seed, when the slot has one (004's lever telemetry; the definitions are the
+fields' descriptions in esperd_contracts.HealthSignal):
+
+    seed_loss_gradient      the seed-parameter gradient norm (read with the host's, one fused call)
+    seed_weight_magnitude   the seed-parameter norm (in the same call)
+    g2_headroom             seed_gradient_ratio - 0.10 (esperd_contracts.G2_THRESHOLD)
+    gradient_stability,     from the seed's SeedGradientLog (seedstats.py), fed each probed
+    lr_stability_ratio      step's seed gradient norm
+    host_gradient_via_seed, from gradient hooks the slot sets while probing when its seed's
+    coadaptation_delta      input is not detached: on a view of the layer output that only the
+                            seed reads (the seed path's gradient) and on the output itself (both)
+    alpha_variance          the variance over the batch of a GATED blend's per-sample alpha
+
 Health score, in [0, 1] (each factor is 1 for a healthy layer and falls towards 0 on one
 failure mode, so a layer is as healthy as its worst symptom lets it be):
 
@@ -47,7 +60,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from esperd_contracts import HealthSignal, TopologyNode, TopologyPacket
+from esperd_contracts import G2_THRESHOLD, HealthSignal, SeedStage, TopologyNode, TopologyPacket
 from esperd_examples.host.models import Block, HostModel, Layer
 
 DEAD_EPS = 1e-6
@@ -184,6 +197,22 @@ class _LayerReading:
     host_grad: float | None = None
     seed_grad: float | None = None
     started_ns: int = 0
+    seed: SeedReading | None = None  # the seed's lever telemetry, while the slot holds a seed
+
+
+@dataclass(frozen=True, slots=True)
+class SeedReading:
+    """The lever telemetry of one slot's seed at one probed step (see the module doc)."""
+
+    weight_norm: float = 0.0
+    via_seed: float = 0.0
+    coadaptation: float = 0.0
+    alpha_variance: float = 0.0
+    gradient_variance: float = 0.0
+    stability_ratio: float = 0.0
+
+
+_TRAINED = frozenset({SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY})
 
 
 @dataclass(slots=True)
@@ -208,6 +237,9 @@ class LayerProbe:
             reading = self.readings.setdefault(layer.layer_id, _LayerReading())
             handles.append(layer.block.register_forward_pre_hook(self._before(reading)))
             handles.append(layer.block.register_forward_hook(self._after(self, reading)))
+        for slot in self.model.slots:
+            slot.probing = True
+            slot.alpha_spread = slot.grad_via_seed = slot.grad_total = None  # this step's, or none
         self.cost_ns += time.thread_time_ns() - t0
         try:
             yield
@@ -215,6 +247,8 @@ class LayerProbe:
             t0 = time.thread_time_ns()
             for handle in handles:
                 handle.remove()
+            for slot in self.model.slots:
+                slot.probing = False
             self.cost_ns += time.thread_time_ns() - t0
 
     @staticmethod
@@ -243,8 +277,10 @@ class LayerProbe:
         groups: list[list[torch.Tensor]] = []
         for layer, host_params in zip(self.model.layers, self._host_params, strict=True):
             slot = layer.slot
+            seed_params = slot.seed_parameters() if slot else []
             groups.append([p.grad for p in host_params if p.grad is not None])
-            groups.append([p.grad for p in slot.seed_parameters() if p.grad is not None] if slot else [])
+            groups.append([p.grad for p in seed_params if p.grad is not None])
+            groups.append([p.detach() for p in seed_params])  # the seed's weights, in the same call
         flat = [g for group in groups for g in group]
         norms = torch.stack(torch._foreach_norm(flat)).double().cpu().tolist() if flat else []
         totals: list[float | None] = []
@@ -255,7 +291,8 @@ class LayerProbe:
             totals.append(math.sqrt(sum(n * n for n in squares)) if group else None)
         for i, layer in enumerate(self.model.layers):
             reading = self.readings.setdefault(layer.layer_id, _LayerReading())
-            reading.host_grad, reading.seed_grad = totals[2 * i], totals[2 * i + 1]
+            reading.host_grad, reading.seed_grad = totals[3 * i], totals[3 * i + 1]
+            reading.seed = _seed_reading(layer, reading.seed_grad, totals[3 * i + 2])
         self.cost_ns += time.thread_time_ns() - t0
 
     def signals(self, timestamp: float | None = None) -> list[HealthSignal]:
@@ -268,6 +305,56 @@ class LayerProbe:
         ]
         stats = finish([reading.summary for _, reading in captured])  # type: ignore[misc]
         return [_signal(layer, reading, s, now) for (layer, reading), s in zip(captured, stats, strict=True)]
+
+
+def _seed_reading(layer: Layer, seed_grad: float | None, weight_norm: float | None) -> SeedReading | None:
+    """The slot's seed telemetry after a backward pass (None without a seed); feeds its gradient log."""
+    slot = layer.slot
+    if slot is None or slot.seed is None:
+        return None
+    if seed_grad is not None and slot.stage in _TRAINED:
+        slot.gradients.record(seed_grad)
+    via_norm, coadaptation = 0.0, 0.0
+    via, total = slot.grad_via_seed, slot.grad_total
+    if via is not None and total is not None:
+        direct = total - via
+        via_norm, direct_norm = (float(v) for v in torch.stack([via.norm(), direct.norm()]).tolist())
+        if via_norm > 0.0 and direct_norm > 0.0:
+            coadaptation = float(torch.sum(via * direct)) / (via_norm * direct_norm)
+    spread = float(slot.alpha_spread) if slot.alpha_spread is not None else 0.0
+    slot.alpha_spread = slot.grad_via_seed = slot.grad_total = None  # read once
+    return SeedReading(
+        weight_norm=weight_norm or 0.0,
+        via_seed=via_norm,
+        coadaptation=coadaptation,
+        alpha_variance=spread,
+        gradient_variance=slot.gradients.variance,
+        stability_ratio=slot.gradients.stability_ratio,
+    )
+
+
+def _lever_fields(reading: _LayerReading, ratio: float, bad: int) -> tuple[dict[str, float], int]:
+    """The HealthSignal's lever telemetry fields from a seed reading (none without a seed), and
+    how many of them were not finite (they are sent as 0 and counted as errors)."""
+    seed = reading.seed
+    if seed is None:
+        return {}, 0
+    errors = 0
+    fields: dict[str, float] = {}
+    for name, value, low, high in (
+        ("seed_loss_gradient", reading.seed_grad or 0.0, 0.0, 1e300),
+        ("seed_weight_magnitude", seed.weight_norm, 0.0, 1e300),
+        ("gradient_stability", seed.gradient_variance, 0.0, 1e300),
+        ("host_gradient_via_seed", seed.via_seed, 0.0, 1e300),
+        ("coadaptation_delta", seed.coadaptation, -1.0, 1.0),
+        ("lr_stability_ratio", seed.stability_ratio, 0.0, 1.0),
+        ("alpha_variance", seed.alpha_variance, 0.0, 1e300),
+    ):
+        fields[name], wrong = _finite(value, low, high)
+        errors += wrong
+    if reading.seed_grad is not None and not bad:  # the G2 gate reads the ratio of a seed that trains
+        fields["g2_headroom"] = ratio - G2_THRESHOLD
+    return fields, errors
 
 
 def _finite(value: float, low: float = 0.0, high: float = 1e300) -> tuple[float, int]:
@@ -285,8 +372,10 @@ def _signal(layer: Layer, reading: _LayerReading, stats: ActivationStats, now: f
     grad, bad_grad = _finite(reading.host_grad) if reading.host_grad is not None else (0.0, 0)
     seed_norm = reading.seed_grad or 0.0
     ratio, bad_ratio = _finite(seed_norm / grad) if grad > 0 else (0.0, 0)
+    levers, bad_levers = _lever_fields(reading, ratio, bad_ratio)
     errors = bad_var + bad_dead + bad_corr + bad_grad + bad_ratio
     health = 0.0 if errors else health_score(dead, corr, variance, grad if has_grad else None)
+    errors += bad_levers  # a seed's broken reading is an error, not the host layer's ill health
     slot = layer.slot
     extra: dict[str, Any] = {}
     if slot is not None:
@@ -310,6 +399,7 @@ def _signal(layer: Layer, reading: _LayerReading, stats: ActivationStats, now: f
         gradient_norm=grad,
         seed_gradient_ratio=ratio,
         **extra,
+        **levers,
     )
 
 

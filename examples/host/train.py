@@ -297,7 +297,11 @@ class HostRun:
         return loss, accuracy
 
     def measure_counterfactuals(self) -> None:
-        """Each blended seed's contribution: val accuracy with it minus with its alpha forced to 0."""
+        """Each blended seed's contribution: val accuracy with it minus with its alpha forced to 0.
+
+        And, once per alpha milestone (25/50/75/100 %) the blend has newly reached, the
+        contribution with alpha forced to the milestone (004's contribution at milestones).
+        """
         for slot in self.model.slots:
             if slot.seed is None or slot.stage not in _MEASURED:
                 slot.counterfactual = 0.0 if slot.stage is not SeedStage.FOSSILIZED else slot.counterfactual
@@ -305,6 +309,10 @@ class HostRun:
             with slot.forced_alpha(0.0):
                 _, without = self.evaluate()
             slot.counterfactual = self.val_accuracy - without
+            for milestone in slot.due_milestones():
+                with slot.forced_alpha(milestone / 100):
+                    _, at_milestone = self.evaluate()
+                slot.milestones[milestone] = at_milestone - without
 
     # ------------------------------------------------------------------ commands
 

@@ -40,6 +40,7 @@ from esperd_contracts.messages import (
     kind_of,
 )
 from esperd_contracts.subjects import (
+    BLOCKED_SUBJECT,
     DEFAULT_PREFIX,
     REJECTED_SUBJECT,
     STATUS_SUBJECT,
@@ -57,6 +58,7 @@ __all__ = [
     "MESSAGE_TYPES",
     "MSGPACK",
     "REJECTED_SUBJECT",
+    "BLOCKED_SUBJECT",
     "SCHEMA_VERSION",
     "STATUS_SUBJECT",
     "TRANSITIONS",

@@ -105,9 +105,9 @@ class LearnerStatus(msgspec.Struct):
     serving_version: int = 0
     buffered: int = 0
     last: dict[str, float] = {}
-    breaker: str = "closed"  # closed | open (learning paused until recovery)
-    trips: int = 0
-    last_trip: str = ""
+    breaker: str = "closed"  # closed | open (learning paused until recovery) | half_open (one probe)
+    trips: int = 0  # times the breaker opened
+    last_trip: str = ""  # why it last opened
     swaps: int = 0
     swap_pause_us_max: float = 0.0  # the longest hand-over of a new bundle to the decision loop
     bundles_reused: int = 0  # swaps that loaded a retired serving bundle instead of building one
@@ -120,6 +120,17 @@ class LearnerStatus(msgspec.Struct):
     last_checkpoint_error: str = ""
     last_checkpoint_error_at: str = ""  # UTC, ISO 8601
     checkpoint_retry_in_s: float = 0.0  # after a failure: when the next attempt is due (0: none failing)
+    # The breaker (002): `breaker` is closed | open | half_open (one probe update allowed).
+    failures: int = 0  # failed updates (non-finite, KL, reward drop), each rolled back at once
+    failures_in_window: int = 0  # of those, within the breaker's window_s
+    last_failure: str = ""
+    breaker_transitions: dict[str, int] = {}  # "closed->open", "open->half_open", "half_open->closed", ...
+    last_transition: str = ""  # the last change of state and why
+    breaker_reopens_in_s: float = 0.0  # while open: seconds until the half-open probe
+    # 002's timing budgets (processing 20 ms, batch 50 ms, step 100 ms): times each was exceeded,
+    # and the worst timing seen over it.
+    budget_violations: dict[str, int] = {}
+    budget_worst_ms: dict[str, float] = {}
 
 
 class MemberView(msgspec.Struct):
@@ -181,6 +192,15 @@ class ReloadStatus(msgspec.Struct):
     needs_restart: list[str] = []  # keys the config file changes that only a restart applies
 
 
+class RailsStatus(msgspec.Struct, kw_only=True):
+    """The rails every policy's commands stay within (`[rails]`, esperd.rails)."""
+
+    enabled: bool = True
+    blocked_total: int = 0  # decisions not sent: a rail blocked them (each became a WAIT)
+    blocked_by_rail: dict[str, int] = {}  # confidence, urgency, command_rate, param_budget, active_seeds
+    masked_by_rail: dict[str, int] = {}  # decisions where a rail masked ops out before the policy chose
+
+
 class Status(msgspec.Struct):
     """What `esperd.status` answers."""
 
@@ -206,3 +226,4 @@ class Status(msgspec.Struct):
     tasks: dict[str, TaskStatus] = {}  # every supervised background task
     reload: ReloadStatus = msgspec.field(default_factory=ReloadStatus)  # SIGHUP reloads
     instance: str = ""  # also answers on esperd.status.<instance>
+    rails: RailsStatus | None = None  # what the rails blocked (None: no decision loop reports them)

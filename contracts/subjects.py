@@ -9,6 +9,7 @@ from esperd_contracts.enums import Channel
 DEFAULT_PREFIX = "esper"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 REJECTED_SUBJECT = "esperd.rejected"
+BLOCKED_SUBJECT = "esperd.blocked"  # a decision a rail kept from its host (esperd.rails), as JSON
 STATUS_SUBJECT = "esperd.status"
 
 

@@ -154,6 +154,35 @@ class ClusterConfig(Section, frozen=True):
             )
 
 
+class RailsConfig(Section, frozen=True):
+    """`[rails]`: bounds every policy's commands must stay within (esperd.rails applies them).
+
+    A blocked decision is never sent: it becomes the WAIT that was actually done, and is
+    recorded for learning as such. Each rail is counted in status by name.
+    """
+
+    enabled: bool = True
+    # The seed documents' decision thresholds (000, PolicyConfig): act only when the policy is
+    # at least this sure of the op it chose (p(op | layer) for learned policies) ...
+    confidence_threshold: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.7
+    # ... and the layer it chose is at least this urgent (sigmoid of its priority logit).
+    urgency_threshold: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.5
+    # At most this many commands per run within any `command_window_s`. 30 a minute is far above
+    # what a lifecycle needs (a seed takes 3 to 5 commands, each layer cools down for
+    # scheduler.cooldown_s), and far below what a runaway policy sends (one per decision).
+    max_commands_per_window: Annotated[int, Meta(ge=1, le=1_000_000)] = 30
+    command_window_s: Annotated[float, Meta(gt=0.0, le=86_400.0)] = 60.0
+    # Parameters seeds may add to a run, as a fraction of the host's own: GERMINATE is blocked
+    # once what the host reports, plus what germinations in flight will add, plus the new seed
+    # would exceed it. Half the host is a safety bound, not a tuning knob.
+    param_budget: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
+    # A new seed's size, before the host reports it, as a fraction of its layer's parameters:
+    # 0.6 is the largest blueprint of the reference catalogue (esperd.sim.catalog).
+    seed_size_estimate: Annotated[float, Meta(ge=0.0, le=10.0)] = 0.6
+    # Live seeds (germinated, training, blending, probationary) per run, in flight included.
+    max_active_seeds: Annotated[int, Meta(ge=1, le=4096)] = 4
+
+
 class Config(Section, frozen=True):
     """The whole esperd configuration."""
 
@@ -166,6 +195,7 @@ class Config(Section, frozen=True):
     learner: LearnerConfig = LearnerConfig()
     cluster: ClusterConfig = ClusterConfig()
     metrics: MetricsConfig = MetricsConfig()
+    rails: RailsConfig = RailsConfig()
 
 
 class ConfigError(ValueError):

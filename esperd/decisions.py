@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import math
 import statistics
 import time
@@ -18,22 +19,44 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import msgspec
 import structlog
 
 from esperd.analyzer.masks import mask_cooling
-from esperd.analyzer.observation import Observation
-from esperd.policy.base import ActResult, Decision, PolicyBundle
+from esperd.analyzer.observation import OP_INDEX, Observation
+from esperd.policy.base import Action, ActResult, Decision, PolicyBundle
+from esperd.rails import Block, Rails, forced_wait
 from esperd.scheduler import Scheduler
 from esperd_contracts import AdaptationCommand, Op
 from esperd_contracts.status import DecisionStats
 
 log = structlog.get_logger("esperd.decisions")
 
+WAIT_INDEX = OP_INDEX[Op.WAIT]
+#: A WAIT carries no levers.
+_NO_LEVERS: dict[str, None] = {
+    name: None
+    for name in (
+        "blueprint",
+        "blend",
+        "tempo",
+        "dwell_epochs",
+        "isolation",
+        "lr_multiplier",
+        "steepness",
+        "alpha_target",
+        "alpha_speed",
+        "alpha_curve",
+    )
+}
+
 Observe = Callable[[str], Observation | None]
 Publish = Callable[[AdaptationCommand], Awaitable[None]]
 OnDecided = Callable[[Sequence[Observation], ActResult, PolicyBundle], None]
 #: The ownership epoch under which this instance may command a run right now; None: it may not.
 EpochOf = Callable[[str], int | None]
+#: Told of every decision a rail blocked (for `esperd watch`): the blocked decision and why.
+OnBlocked = Callable[[Decision, Block], Awaitable[None]]
 
 
 def unfenced(run_id: str) -> int:
@@ -66,6 +89,8 @@ class DecisionLoop:
         observe_latency: Callable[[float], None] | None = None,
         epoch_of: EpochOf = unfenced,
         clock: Callable[[], float] = time.monotonic,
+        rails: Rails | None = None,
+        on_blocked: OnBlocked | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.policy = policy
@@ -75,6 +100,8 @@ class DecisionLoop:
         self.on_decided = on_decided
         self.observe_latency = observe_latency  # seconds from due to published, per command (metrics)
         self.epoch_of = epoch_of
+        self.rails = rails
+        self.on_blocked = on_blocked
         self._stats = DecisionStats()
         self._clock = clock
         self._wake = asyncio.Event()
@@ -138,12 +165,68 @@ class DecisionLoop:
                 log.exception("policy act failed", policy=policy.name, batch=len(observations))
                 return 0
             self._note_forward((time.perf_counter() - started) * 1e3, len(observations))
+            recorded, result, blocked = self._apply_rails(observations, result, now)
             if self.on_decided is not None:
                 try:
-                    self.on_decided(observations, result, policy)
+                    self.on_decided(recorded, result, policy)
                 except Exception:  # recording must never cost the decisions themselves
                     log.exception("decision hook failed")
-            return await self._publish_decisions(result.decisions, due_at)
+            sent = await self._publish_decisions(result.decisions, due_at, observations, now)
+            await self._report_blocked(blocked)
+            return sent
+
+    async def _report_blocked(self, blocked: list[tuple[Decision, Block]]) -> None:
+        if self.on_blocked is None:
+            return
+        for decision, block in blocked:
+            try:
+                await self.on_blocked(decision, block)
+            except Exception:  # a report must never cost the decisions themselves
+                log.exception("blocked-decision report failed")
+
+    def _apply_rails(
+        self, observations: list[Observation], result: ActResult, now: float
+    ) -> tuple[list[Observation], ActResult, list[tuple[Decision, Block]]]:
+        """Every policy's decisions through the rails, in this one place: a blocked decision becomes
+        the forced WAIT that was done (esperd.rails), in what is published and in what is recorded.
+        Returns what to record, the result to publish, and each blocked decision with its rail."""
+        rails = self.rails
+        if rails is None:
+            return observations, result, []
+        blocked: list[tuple[int, Block]] = []
+        for i, (obs, decision) in enumerate(zip(observations, result.decisions, strict=True)):
+            block = rails.check(
+                obs, decision.action.node, decision.op, decision.confidence, decision.urgency, now
+            )
+            if block is not None:
+                blocked.append((i, block))
+        if not blocked:
+            return observations, result, []
+        recorded = list(observations)
+        decisions = list(result.decisions)
+        actions = result.actions.clone()
+        log_probs = result.log_probs.clone()
+        for i, block in blocked:
+            rails.count_block(block)
+            original = decisions[i]
+            recorded[i] = forced_wait(observations[i])
+            actions[i] = 0  # node 0, WAIT: the one action a forced-WAIT observation allows
+            actions[i, 1] = WAIT_INDEX
+            log_probs[i] = 0.0  # its probability is 1, under any weights
+            decisions[i] = msgspec.structs.replace(
+                original,
+                layer_id=int(observations[i].layer_ids[0]),
+                op=Op.WAIT,
+                action=Action(0, WAIT_INDEX),
+                log_prob=0.0,
+                reason=(
+                    f"{original.op.value} layer {original.layer_id} blocked by rail {block.rail}: "
+                    f"{block.detail}"
+                ),
+                **_NO_LEVERS,
+            )
+        replaced = dataclasses.replace(result, actions=actions, log_probs=log_probs, decisions=decisions)
+        return recorded, replaced, [(result.decisions[i], block) for i, block in blocked]
 
     def _observations(self, runs: list[str], now: float) -> list[Observation]:
         observations = []
@@ -153,14 +236,21 @@ class DecisionLoop:
             obs = self.observe(run_id)
             if obs is None or obs.num_nodes == 0:
                 continue  # unknown, finished, or no layers yet: nothing to decide
-            observations.append(mask_cooling(obs, self.scheduler.cooling_layers(run_id, now)))
+            obs = mask_cooling(obs, self.scheduler.cooling_layers(run_id, now))
+            observations.append(obs if self.rails is None else self.rails.mask(obs, now))
         return observations
 
-    async def _publish_decisions(self, decisions: list[Decision], due_at: dict[str, float]) -> int:
+    async def _publish_decisions(
+        self,
+        decisions: list[Decision],
+        due_at: dict[str, float],
+        observations: Sequence[Observation] = (),
+        now: float = 0.0,
+    ) -> int:
         sent = 0
         stats = self._stats
         deadline_ms = self.scheduler.config.decision_deadline_ms
-        for decision in decisions:
+        for i, decision in enumerate(decisions):
             stats.decisions += 1
             if decision.op is Op.WAIT:
                 stats.waits += 1
@@ -179,6 +269,8 @@ class DecisionLoop:
                 command.op.value,
                 blueprint=command.blueprint.value if command.blueprint is not None else "",
             )
+            if self.rails is not None and i < len(observations):
+                self.rails.note_sent(observations[i], decision.action.node, decision.op, now)
             await self.publish(command)
             sent += 1
             by_op = stats.commands_by_op

@@ -25,6 +25,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from esperd.rails import Rail
 from esperd_contracts import MESSAGE_TYPES, AckStatus, AdaptationCommand, Op
 from esperd_contracts.status import ClusterStatus, Status
 
@@ -34,6 +35,8 @@ INSTANCE_LABEL = "esperd_instance"
 #: Label values shown from the first scrape (at 0), so that rate() has a start.
 INBOUND_KINDS = tuple(cls.__struct_config__.tag for cls in MESSAGE_TYPES if cls is not AdaptationCommand)
 COMMAND_OPS = tuple(op.value for op in Op if op is not Op.WAIT)
+RAILS = tuple(rail.value for rail in Rail)
+BREAKER_TRANSITIONS = ("closed->open", "open->half_open", "half_open->closed", "half_open->open")
 ACK_OUTCOMES = (*(status.value for status in AckStatus), "timed_out")
 #: Upper bounds (seconds) of the decision-latency buckets: run due -> command published.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -122,6 +125,21 @@ def families(snapshot: Snapshot) -> list[Any]:
         "esperd_decisions_fenced", "Commands not sent: ownership of the run lapsed while deciding", d.fenced
     )
     f.counters_by("esperd_commands", "Commands published, by op", "op", d.commands_by_op, COMMAND_OPS)
+    if s.rails is not None:
+        f.counters_by(
+            "esperd_rail_blocks",
+            "Decisions a rail kept from their host (each became a WAIT), by rail",
+            "rail",
+            s.rails.blocked_by_rail,
+            RAILS,
+        )
+        f.counters_by(
+            "esperd_rail_masks",
+            "Decisions where a rail masked ops out before the policy chose, by rail",
+            "rail",
+            s.rails.masked_by_rail,
+            RAILS,
+        )
     latency = HistogramMetricFamily(
         "esperd_decision_latency_seconds",
         "From a run becoming due to its command being published",
@@ -196,6 +214,30 @@ def families(snapshot: Snapshot) -> list[Any]:
         f.counter("esperd_learner_trips", "Circuit-breaker trips (rolled back, learning paused)", le.trips)
         f.gauge(
             "esperd_learner_breaker_open", "1 while the breaker pauses learning", float(le.breaker == "open")
+        )
+        f.gauge(
+            "esperd_learner_breaker_half_open",
+            "1 while the breaker lets one probe update through",
+            float(le.breaker == "half_open"),
+        )
+        f.counter(
+            "esperd_learner_failures",
+            "Failed learner updates (non-finite, KL, reward drop), each rolled back",
+            le.failures,
+        )
+        f.counters_by(
+            "esperd_learner_budget_violations",
+            "Learner timings over 002's budgets (processing 20 ms, batch 50 ms, step 100 ms), by budget",
+            "budget",
+            le.budget_violations,
+            ("processing", "batch", "step"),
+        )
+        f.counters_by(
+            "esperd_learner_breaker_transitions",
+            "Circuit-breaker state changes, by transition",
+            "transition",
+            le.breaker_transitions,
+            BREAKER_TRANSITIONS,
         )
         f.counter(
             "esperd_learner_worker_deaths",

@@ -17,6 +17,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
@@ -48,6 +49,7 @@ from esperd.policy.checkpoint import (
     checkpoint_digest,
     load_policy_checkpoint,
 )
+from esperd.rails import Block, Rails
 from esperd.reload import apply_live, plan_reload
 from esperd.runs import MIB, DropReason, RunTable, Verdict
 from esperd.scheduler import Scheduler
@@ -55,6 +57,7 @@ from esperd.statedir import prepare_state_dir
 from esperd.subjectmap import verify_mapping
 from esperd.supervisor import Supervisor
 from esperd_contracts import (
+    BLOCKED_SUBJECT,
     REJECTED_SUBJECT,
     STATUS_SUBJECT,
     AckStatus,
@@ -68,6 +71,9 @@ from esperd_contracts import (
     parse_subject,
 )
 from esperd_contracts.status import ClusterStatus, LearnerStatus, PolicyStatus, ReloadStatus, Status
+
+if TYPE_CHECKING:
+    from esperd.policy.base import Decision
 
 log = structlog.get_logger("esperd.service")
 
@@ -125,6 +131,8 @@ class Service:
             on_decided=self.recorder.decision_hook,
             observe_latency=self.latency.observe if self.latency is not None else None,
             epoch_of=self._epoch_of,
+            rails=Rails(config.rails),
+            on_blocked=self._report_blocked,
         )
         self.learner = self._build_learner(serving.policy, device)
         self.cluster: ClusterAgent | None = None
@@ -607,6 +615,8 @@ class Service:
         self.scheduler.forget_run(run_id)
         self.recorder.on_evicted(run_id)  # truncates an open episode; a finished one is already closed
         self.decisions.policy.forget([run_id])
+        if self.decisions.rails is not None:
+            self.decisions.rails.forget(run_id)
         self.bus.forget_run(run_id)
         log.debug("run dropped", run_id=run_id, reason=reason.value)
 
@@ -702,6 +712,22 @@ class Service:
             return None  # dropped, or finished: no more decisions
         return self.analyzer.observe(run_id)
 
+    async def _report_blocked(self, decision: Decision, block: Block) -> None:
+        """Tell `esperd watch` (on esperd.blocked) of a decision a rail kept from its host."""
+        if self.bus.connected:
+            report = {
+                "run_id": decision.run_id,
+                "layer_id": decision.layer_id,
+                "op": decision.op.value,
+                "rail": block.rail.value,
+                "detail": block.detail,
+                "policy": decision.policy,
+                "policy_version": decision.policy_version,
+                "confidence": round(decision.confidence, 4),
+                "urgency": round(decision.urgency, 4),
+            }
+            await self.bus.publish_json(BLOCKED_SUBJECT, self._json.encode(report))
+
     async def _report(self, rejection: Rejection) -> None:
         if self.intake.should_report(rejection) and self.bus.connected:
             await self.bus.publish_json(REJECTED_SUBJECT, self._json.encode(rejection))
@@ -737,6 +763,7 @@ class Service:
             tasks=self.supervisor.status(),
             reload=msgspec.structs.replace(self.reload_status),
             instance=self.instance,
+            rails=self.decisions.rails.status() if self.decisions.rails is not None else None,
         )
 
     def _learner_status(self) -> LearnerStatus | None:

@@ -1,8 +1,9 @@
 """`esperd watch`: the live lifecycle, decoded, one line per event.
 
-Subscribes to every run's commands and acks and to `esperd.rejected`, whatever their
-encoding, and prints each as a person reads it: a command as the quick-start demo
-prints it, an ack with the command it answers, a rejection with its reason.
+Subscribes to every run's commands and acks, to `esperd.rejected` and to `esperd.blocked`,
+whatever their encoding, and prints each as a person reads it: a command as the quick-start
+demo prints it, an ack with the command it answers, a rejection with its reason, a decision
+a rail kept from its host with the rail and why.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from nats.aio.msg import Msg
 
 from esperd.cliconn import connect_for_cli
 from esperd_contracts import (
+    BLOCKED_SUBJECT,
     DEFAULT_PREFIX,
     REJECTED_SUBJECT,
     AckStatus,
@@ -70,6 +72,15 @@ def rejection_line(report: dict[str, object]) -> str:
     return f"REJECTED {where}: {report.get('detail', '')}{more}"
 
 
+def blocked_line(report: dict[str, object]) -> str:
+    """One `esperd.blocked` report: a decision a rail kept from its host (it became a WAIT)."""
+    return (
+        f"{report.get('run_id', '?')}: {'BLOCKED':<16} {report.get('op', '?')} layer "
+        f"{report.get('layer_id', '?')} by rail {report.get('rail', '?')}: {report.get('detail', '')} "
+        f"[{report.get('policy', '?')} v{report.get('policy_version', '?')}]"
+    )
+
+
 class Watcher:
     """Turns raw messages into lines; remembers recent commands to describe their acks."""
 
@@ -87,6 +98,7 @@ class Watcher:
             f"{self.prefix}.{run}.{Channel.COMMAND.value}",
             f"{self.prefix}.{run}.{Channel.ACK.value}",
             REJECTED_SUBJECT,
+            BLOCKED_SUBJECT,
         ]
 
     async def on_msg(self, msg: Msg) -> None:
@@ -99,6 +111,8 @@ class Watcher:
         """The line for one message ("" for one this watcher does not show)."""
         if subject == REJECTED_SUBJECT:
             return self._rejection(data)
+        if subject == BLOCKED_SUBJECT:
+            return self._blocked(data)
         try:
             run_id, channel = parse_subject(subject, self.prefix)
         except SubjectError:
@@ -131,6 +145,17 @@ class Watcher:
         if self.run and report.get("run_id") != self.run:
             return ""
         return rejection_line(report)
+
+    def _blocked(self, data: bytes) -> str:
+        try:
+            report = json.loads(data)
+        except ValueError:
+            return f"BLOCKED (unreadable report: {data[:80]!r})"
+        if not isinstance(report, dict):
+            return f"BLOCKED (unreadable report: {data[:80]!r})"
+        if self.run and report.get("run_id") != self.run:
+            return ""
+        return blocked_line(report)
 
     def _remember(self, command: AdaptationCommand) -> None:
         self._commands[command.command_id] = command

@@ -25,7 +25,8 @@ import torch
 
 from esperd.config import SchedulerConfig
 from esperd.decisions import DecisionLoop
-from esperd.learn.config import BreakerConfig, ImpalaConfig, LearnerConfig, PPOConfig
+from esperd.learn import ppo as ppo_module
+from esperd.learn.config import BreakerConfig, BudgetConfig, ImpalaConfig, LearnerConfig, PPOConfig
 from esperd.learn.experience import Transition
 from esperd.learn.learner import Learner
 from esperd.learn.recorder import Recorder
@@ -57,7 +58,9 @@ def learner_config(algorithm: str, **overrides: object) -> LearnerConfig:
         "impala": IMPALA,
         "min_replay": 32,
         "replay_capacity": 1_000,
-        "breaker": BreakerConfig(recovery_s=60.0),
+        # One failure opens the breaker: these tests look at what a trip does (rollback, pause,
+        # recovery); 002's threshold of 5 within 300 s is tested below and in tests/test_breaker.py.
+        "breaker": BreakerConfig(failure_threshold=1, recovery_s=60.0),
         # In-process and a swap after every update: these tests look at the trainee and the
         # optimizer directly. tests/test_learner_worker.py covers the process worker.
         "worker": "thread",
@@ -238,7 +241,9 @@ async def test_hot_swap_under_concurrent_decisions(tmp_path: Path, algorithm: st
         loop.swap_policy(bundle)
 
     learner = Learner(
-        learner_config(algorithm, breaker=BreakerConfig(kl_limit_ppo=1e3, kl_limit_impala=1e3)),
+        learner_config(
+            algorithm, breaker=BreakerConfig(failure_threshold=1, kl_limit_ppo=1e3, kl_limit_impala=1e3)
+        ),
         make_policy=make_policy,
         serving=serving,
         swap=swap,
@@ -321,7 +326,7 @@ async def test_nan_reward_trips_the_breaker_and_never_serves_it(tmp_path: Path, 
 async def test_learning_pauses_after_a_trip_then_resumes_on_its_own(tmp_path: Path) -> None:
     # The real clock this time: run() sleeps through the recovery period.
     learner, swapped = build_learner(
-        tmp_path, "ppo", clock=time.monotonic, breaker=BreakerConfig(recovery_s=0.5)
+        tmp_path, "ppo", clock=time.monotonic, breaker=BreakerConfig(failure_threshold=1, recovery_s=0.5)
     )
     serving = learner.serving
     bad = sim_transitions(serving, 32, seed=5)
@@ -346,8 +351,70 @@ async def test_learning_pauses_after_a_trip_then_resumes_on_its_own(tmp_path: Pa
     assert learner.status.breaker == "closed" and not learner.paused
 
 
+async def test_the_breaker_opens_on_the_fifth_failure_in_its_window_and_closes_on_a_sound_probe(
+    tmp_path: Path,
+) -> None:
+    """002's breaker through the learner: each failure rolls back at once, the fifth within 300 s
+    opens the breaker (learning paused), after 60 s one probe update runs and, sound, closes it."""
+    clock = FakeClock()
+    learner, swapped = build_learner(tmp_path, "ppo", clock=clock, breaker=BreakerConfig())
+    serving = learner.serving
+    good = weights(serving)
+
+    async def fail_once(seed: int) -> None:
+        bad = sim_transitions(serving, 32, seed=seed)
+        bad[3] = msgspec.structs.replace(bad[3], reward=math.nan)
+        feed(learner, bad)
+        assert not await learner.update_once()
+        assert same_weights(weights(learner.trainee), good)  # rolled back at once, every time
+
+    for i in range(4):
+        await fail_once(20 + i)
+        clock.advance(30.0)
+        status = learner.status
+        assert status.breaker == "closed" and not learner.paused and status.trips == 0
+        assert status.failures == status.failures_in_window == i + 1 and "non-finite" in status.last_failure
+    await fail_once(30)
+    status = learner.status
+    assert status.breaker == "open" and learner.paused and status.trips == 1
+    assert status.breaker_transitions == {"closed->open": 1}
+    assert status.last_transition.startswith("closed->open: 5 failures within 300s")
+    assert "non-finite" in status.last_trip and status.breaker_reopens_in_s == 60.0
+    feed(learner, sim_transitions(serving, 32, seed=31))
+    assert not await learner.update_once()  # open: nothing runs
+    assert learner.status.updates == 0 and swapped == []
+
+    clock.advance(60.0)
+    assert learner.status.breaker == "half_open" and not learner.paused
+    assert await learner.update_once()  # the probe, sound
+    status = learner.status
+    assert status.breaker == "closed" and status.updates == 1 and swapped == [learner.serving]
+    assert status.failures_in_window == 0 and status.failures == 5
+    assert status.breaker_transitions == {"closed->open": 1, "open->half_open": 1, "half_open->closed": 1}
+
+
 @pytest.mark.parametrize("algorithm", ["ppo", "impala"])
-async def test_weights_turning_non_finite_roll_back(tmp_path: Path, algorithm: str) -> None:
+async def test_timing_budgets_are_watched_on_every_update(tmp_path: Path, algorithm: str) -> None:
+    """Budgets no update can meet: each of the three is counted once per update; budgets no
+    update can miss: nothing is."""
+    tight = BudgetConfig(processing_ms=1e-6, batch_ms=1e-6, step_ms=1e-6)
+    learner, _ = build_learner(tmp_path / "tight", algorithm, min_replay=16, budgets=tight)
+    loose = BudgetConfig(processing_ms=1e6, batch_ms=1e6, step_ms=1e6)
+    relaxed, _ = build_learner(tmp_path / "loose", algorithm, min_replay=16, budgets=loose)
+    for each in (learner, relaxed):
+        for seed in (40, 41):
+            feed(each, sim_transitions(each.serving, 32, seed=seed))
+            assert await each.update_once()
+    status = learner.status
+    assert status.budget_violations == {"processing": 2, "batch": 2, "step": 2}
+    assert status.budget_worst_ms["step"] >= status.budget_worst_ms["batch"] > 0.0
+    assert relaxed.status.budget_violations == {} and relaxed.status.updates == 2
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "impala"])
+async def test_weights_turning_non_finite_roll_back(
+    tmp_path: Path, algorithm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # PPO: one minibatch, one epoch, so the only optimizer step is the one that blows up.
     learner, swapped = build_learner(
         tmp_path, algorithm, ppo=PPOConfig(rollout_size=32, minibatch_size=32, epochs=1, warmup_updates=0)
@@ -355,8 +422,10 @@ async def test_weights_turning_non_finite_roll_back(tmp_path: Path, algorithm: s
     serving = learner.serving
     good = weights(serving)
     feed(learner, sim_transitions(serving, 32, seed=7))
+    # An absurd step: the weights go to inf / NaN. (PPO sets each update's LR from its schedule.)
+    monkeypatch.setattr(ppo_module, "lr_factor", lambda *_: math.inf)
     for group in learner.algo.optimizer.param_groups:
-        group["lr"] = math.inf  # an absurd step: the weights go to inf / NaN
+        group["lr"] = math.inf
 
     assert not await learner.update_once()
     assert learner.status.trips == 1 and learner.status.breaker == "open"
@@ -372,7 +441,7 @@ async def test_ppo_kl_far_above_the_limit_trips(tmp_path: Path) -> None:
         tmp_path,
         "ppo",
         ppo=PPOConfig(rollout_size=32, minibatch_size=8, epochs=4, lr=1e-3, target_kl=None, warmup_updates=0),
-        breaker=BreakerConfig(kl_limit_ppo=1e-9, recovery_s=60.0),
+        breaker=BreakerConfig(failure_threshold=1, kl_limit_ppo=1e-9, recovery_s=60.0),
     )
     serving = learner.serving
     good = weights(serving)
@@ -390,7 +459,7 @@ async def test_ppo_kl_far_above_the_limit_trips(tmp_path: Path) -> None:
 
 async def test_impala_kl_trip_after_a_swap_restores_the_good_weights_as_a_new_version(tmp_path: Path) -> None:
     learner, swapped = build_learner(
-        tmp_path, "impala", breaker=BreakerConfig(kl_limit_impala=1e-9, recovery_s=60.0)
+        tmp_path, "impala", breaker=BreakerConfig(failure_threshold=1, kl_limit_impala=1e-9, recovery_s=60.0)
     )
     v0 = weights(learner.serving)
     feed(learner, sim_transitions(learner.serving, 32, seed=9))
@@ -411,7 +480,9 @@ async def test_reward_drop_after_a_swap_trips_once_and_serves_the_previous_good_
     tmp_path: Path,
 ) -> None:
     learner, swapped = build_learner(
-        tmp_path, "ppo", breaker=BreakerConfig(reward_window=32, reward_drop=0.05, recovery_s=60.0)
+        tmp_path,
+        "ppo",
+        breaker=BreakerConfig(failure_threshold=1, reward_window=32, reward_drop=0.05, recovery_s=60.0),
     )
     v0_bundle = learner.serving
     v0 = weights(v0_bundle)
@@ -444,7 +515,9 @@ async def test_reward_drop_during_an_update_voids_that_update(tmp_path: Path) ->
         tmp_path,
         "ppo",
         ppo=PPOConfig(rollout_size=32, minibatch_size=8, epochs=8, warmup_updates=0, target_kl=None),
-        breaker=BreakerConfig(reward_window=64, reward_drop=0.05, kl_limit_ppo=1e3, recovery_s=60.0),
+        breaker=BreakerConfig(
+            failure_threshold=1, reward_window=64, reward_drop=0.05, kl_limit_ppo=1e3, recovery_s=60.0
+        ),
     )
     v0 = weights(learner.serving)
     feed(learner, with_rewards(sim_transitions(learner.serving, 64, seed=21), alternating(1.0, 0.1, 64)))
@@ -471,7 +544,9 @@ async def test_reward_drop_during_an_update_voids_that_update(tmp_path: Path) ->
 
 async def test_noisy_rewards_that_do_not_drop_do_not_trip(tmp_path: Path) -> None:
     learner, swapped = build_learner(
-        tmp_path, "ppo", breaker=BreakerConfig(reward_window=32, reward_drop=0.05, recovery_s=60.0)
+        tmp_path,
+        "ppo",
+        breaker=BreakerConfig(failure_threshold=1, reward_window=32, reward_drop=0.05, recovery_s=60.0),
     )
     v0_bundle = learner.serving
     feed(learner, with_rewards(sim_transitions(v0_bundle, 32, seed=12), alternating(0.0, 1.0, 32)))

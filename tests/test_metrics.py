@@ -13,7 +13,14 @@ from prometheus_client.registry import Collector
 from esperd.config import ConfigError, config_from_dict
 from esperd.metrics import LatencyHistogram, Snapshot, families, parse_listen
 from esperd.service import Service
-from esperd_contracts.status import ClusterStatus, ClusterView, LearnerStatus, ReloadStatus, TaskStatus
+from esperd_contracts.status import (
+    ClusterStatus,
+    ClusterView,
+    LearnerStatus,
+    RailsStatus,
+    ReloadStatus,
+    TaskStatus,
+)
 
 
 def exposed(snapshot: Snapshot) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -37,7 +44,17 @@ def exposed(snapshot: Snapshot) -> dict[tuple[str, frozenset[tuple[str, str]]], 
 def status(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a service.Status
     state = tmp_path_factory.mktemp("state")
     service = Service(config_from_dict({"service": {"state_dir": str(state), "use_uvloop": False}}), env={})
-    learner = LearnerStatus(algorithm="ppo", updates=12, trips=2, worker_deaths=1, swaps=5, breaker="open")
+    learner = LearnerStatus(
+        algorithm="ppo",
+        updates=12,
+        trips=2,
+        worker_deaths=1,
+        swaps=5,
+        breaker="open",
+        failures=9,
+        budget_violations={"step": 4},
+        breaker_transitions={"closed->open": 1, "open->half_open": 1, "half_open->open": 1},
+    )
     view = ClusterView(members=[], gone=[], left=[], unowned_partitions=[], age_s=0.0)
     cluster = ClusterStatus(
         "b",
@@ -62,6 +79,21 @@ def test_learner_and_cluster_sections_become_metrics(status) -> None:  # noqa: A
     assert samples[("esperd_learner_worker_deaths_total", frozenset({me}))] == 1
     assert samples[("esperd_learner_swaps_total", frozenset({me}))] == 5
     assert samples[("esperd_learner_breaker_open", frozenset({me}))] == 1
+    assert samples[("esperd_learner_breaker_half_open", frozenset({me}))] == 0
+    assert samples[("esperd_learner_failures_total", frozenset({me}))] == 9
+    transitions = {
+        dict(labels)["transition"]: value
+        for (name, labels), value in samples.items()
+        if name == "esperd_learner_breaker_transitions_total"
+    }
+    assert samples[("esperd_learner_budget_violations_total", frozenset({me, ("budget", "step")}))] == 4
+    assert samples[("esperd_learner_budget_violations_total", frozenset({me, ("budget", "batch")}))] == 0
+    assert transitions == {
+        "closed->open": 1,
+        "open->half_open": 1,
+        "half_open->open": 1,
+        "half_open->closed": 0,
+    }
     assert samples[("esperd_policy_version", frozenset({me}))] == 1
     assert samples[("esperd_cluster_members", frozenset({me}))] == 3
     assert samples[("esperd_cluster_foreign_messages_total", frozenset({me}))] == 40
@@ -71,6 +103,21 @@ def test_learner_and_cluster_sections_become_metrics(status) -> None:  # noqa: A
     assert samples[("esperd_cluster_errors_total", frozenset({me}))] == 1
     assert samples[("esperd_decisions_fenced_total", frozenset({me}))] == 0
     assert all(dict(labels).get("esperd_instance") == "b" for _, labels in samples)
+
+
+def test_rail_blocks_become_metrics_by_rail(status) -> None:  # noqa: ANN001
+    rails = RailsStatus(
+        blocked_total=5, blocked_by_rail={"confidence": 3, "command_rate": 2}, masked_by_rail={}
+    )
+    samples = exposed(
+        Snapshot(msgspec.structs.replace(status, rails=rails), LatencyHistogram().cumulative(), 0.0, "b")
+    )
+    blocks = {
+        dict(labels)["rail"]: value
+        for (name, labels), value in samples.items()
+        if name == "esperd_rail_blocks_total"
+    }
+    assert blocks == {"confidence": 3, "command_rate": 2, "urgency": 0, "param_budget": 0, "active_seeds": 0}
 
 
 def test_without_learner_or_cluster_those_metrics_are_absent(status) -> None:  # noqa: ANN001

@@ -148,18 +148,36 @@ def test_config_decodes_strictly() -> None:
 
 
 def test_lr_schedule_warmup_then_linear_decay() -> None:
-    assert [lr_factor(u, 4, 14, 0.1) for u in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert lr_factor(4, 4, 14, 0.1) == 1.0
+    # lr_factor(steps, warmup, total, final): environment steps trained on, this update's included.
+    assert [lr_factor(s, 4, 14, 0.1) for s in range(1, 5)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(0, 4, 14, 0.1) == 0.25  # never 0: the first update learns a little
     assert lr_factor(9, 4, 14, 0.1) == pytest.approx(0.55)
     assert lr_factor(14, 4, 14, 0.1) == pytest.approx(0.1)
     assert lr_factor(1000, 4, 14, 0.1) == pytest.approx(0.1)
     assert lr_factor(50, 0, 0, 0.1) == 1.0  # no warmup, no decay
 
+
+def test_the_lr_schedule_counts_environment_steps_not_updates() -> None:
+    """Seed document 002: warmup then linear decay to 0.1x over total_steps, counted in steps
+    trained on: an update of 32 transitions moves it twice as far as one of 16."""
     policy = small_policy()
-    learner = PPOLearner(policy, PPOConfig(lr=1e-3, warmup_updates=2, total_updates=4, epochs=1))
-    batch = synthetic_transitions(policy, runs=2, steps=8)
-    lrs = [learner.update(batch).lr for _ in range(5)]
-    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 5.5e-4, 1e-4])
+    config = PPOConfig(lr=1e-3, warmup_steps=32, total_steps=96, epochs=1)
+    assert config.schedule_steps == (32, 96)
+    learner = PPOLearner(policy, config)
+    small = synthetic_transitions(policy, runs=2, steps=8)  # 16 steps
+    large = synthetic_transitions(policy, runs=4, steps=8)  # 32 steps
+    lrs = [learner.update(batch).lr for batch in (small, small, large, large, small)]
+    # Steps after each: 16 (warmup 0.5), 32 (1.0), 64 (half the decay: 0.55), 96 (0.1), 112 (0.1).
+    assert lrs == pytest.approx([5e-4, 1e-3, 5.5e-4, 1e-4, 1e-4])
+    # The same updates per update count would have given the same LR to equal update indices;
+    # here the two large batches moved the schedule by 32 steps each.
+    assert learner.samples == 112
+
+
+def test_unset_schedule_steps_are_the_update_counts_times_the_rollout() -> None:
+    config = PPOConfig(warmup_updates=10, total_updates=1_000, rollout_size=256)
+    assert config.schedule_steps == (2_560, 256_000)
+    assert PPOConfig(rollout_size=64, warmup_steps=7).schedule_steps == (7, 640_000)
 
 
 # ---------------------------------------------------------------- sequences and bootstrap
@@ -356,7 +374,8 @@ def test_checkpoint_round_trip_resumes_identically() -> None:
     config = PPOConfig(lr=1e-3, warmup_updates=1, total_updates=5)
     policy = small_policy()
     learner = PPOLearner(policy, config)
-    learner.update(synthetic_transitions(policy, runs=4, steps=8, seed=1))
+    first = learner.update(synthetic_transitions(policy, runs=4, steps=8, seed=1))
+    assert first.lr == pytest.approx(1e-3 * 32 / 256)  # 32 of the 256 warmup steps (1 update of 256)
 
     buffer = io.BytesIO()
     torch.save({"weights": policy.state_dict(), "learner": learner.state_dict()}, buffer)
@@ -370,7 +389,7 @@ def test_checkpoint_round_trip_resumes_identically() -> None:
     resumed_policy.load_state_dict(saved["weights"])
     resumed = PPOLearner(resumed_policy, config)
     resumed.load_state_dict(saved["learner"])
-    assert resumed.updates == 1 and resumed.samples == 32 and resumed.lr == pytest.approx(1e-3)
+    assert resumed.updates == 1 and resumed.samples == 32 and resumed.lr == pytest.approx(first.lr)
     got = resumed.update(batch)
     assert got.update == expected.update == 2
     assert (got.policy_loss, got.value_loss, got.lr, got.steps) == (

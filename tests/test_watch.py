@@ -58,7 +58,26 @@ def test_undecodable_messages_and_rejections_get_a_line_too() -> None:
     )
     other = {**report, "run_id": "r2", "subject": "esper.r2.health"}
     assert watcher.describe("esperd.rejected", json.dumps(other).encode(), None) == ""  # --run r1
-    assert watcher.subjects() == ["esper.r1.command", "esper.r1.ack", "esperd.rejected"]
+    assert watcher.subjects() == ["esper.r1.command", "esper.r1.ack", "esperd.rejected", "esperd.blocked"]
+
+
+def test_a_decision_a_rail_blocked_gets_a_line() -> None:
+    watcher = Watcher(io.StringIO(), run="r1")
+    report = {
+        "run_id": "r1",
+        "layer_id": 3,
+        "op": "germinate",
+        "rail": "active_seeds",
+        "detail": "4 live seeds (cap 4)",
+        "policy": "gnn",
+        "policy_version": 2,
+    }
+    assert watcher.describe("esperd.blocked", json.dumps(report).encode(), None) == (
+        "r1: BLOCKED          germinate layer 3 by rail active_seeds: 4 live seeds (cap 4) [gnn v2]"
+    )
+    other = {**report, "run_id": "r2"}
+    assert watcher.describe("esperd.blocked", json.dumps(other).encode(), None) == ""  # --run r1
+    assert watcher.describe("esperd.blocked", b"[1]", None).startswith("BLOCKED (unreadable report")
 
 
 def test_emit_stamps_and_counts_lines() -> None:

@@ -86,15 +86,27 @@ class PPOConfig(Section, frozen=True):
     gae_lambda: Discount = 0.95
     clip_value: bool = False  # clip the value loss like the policy (off: it rarely helps)
     normalize_advantages: bool = True  # per minibatch, as CleanRL does
-    # LR schedule, per update: linear warmup to lr, then linear decay to final_lr_ratio * lr.
+    # LR schedule, counted in environment steps (transitions trained on), as seed document 002
+    # counts it: linear warmup to lr over warmup_steps, then linear decay to final_lr_ratio * lr
+    # at total_steps (0: constant after the warmup). Unset, each is its *_updates value times
+    # rollout_size (what an update trains on): 10 and 10,000 updates of 256 steps.
     warmup_updates: Annotated[int, Meta(ge=0)] = 10
-    total_updates: Annotated[int, Meta(ge=0)] = 10_000  # decay horizon; 0 = constant after warmup
+    total_updates: Annotated[int, Meta(ge=0)] = 10_000
     final_lr_ratio: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.1
     rollout_size: Annotated[int, Meta(ge=1, le=10_000_000)] = 256  # transitions per update
     seed: int | None = 0  # minibatch shuffling (None: nondeterministic)
     # Recurrent policies: minibatches are whole pieces of a run's consecutive steps, up to this
     # many, each unrolled through time from the state recorded at its first step (truncated BPTT).
     bptt_length: Annotated[int, Meta(ge=1, le=10_000)] = 16
+    warmup_steps: Annotated[int, Meta(ge=0)] | None = None  # None: warmup_updates * rollout_size
+    total_steps: Annotated[int, Meta(ge=0)] | None = None  # None: total_updates * rollout_size
+
+    @property
+    def schedule_steps(self) -> tuple[int, int]:
+        """(warmup, total) of the LR schedule, in environment steps."""
+        warmup = self.warmup_updates * self.rollout_size if self.warmup_steps is None else self.warmup_steps
+        total = self.total_updates * self.rollout_size if self.total_steps is None else self.total_steps
+        return warmup, total
 
     def __post_init__(self) -> None:
         # Meta constraints are checked when decoding; this catches direct construction too.
@@ -176,7 +188,22 @@ class BreakerConfig(Section, frozen=True):
     reward_window: Annotated[int, Meta(ge=2)] = 256  # transitions per version before comparing rewards
     # Trip when the mean reward falls by more than this and by more than 3 standard errors.
     reward_drop: Annotated[float, Meta(ge=0.0)] = 0.05
-    recovery_s: Annotated[float, Meta(ge=0.0)] = 300.0  # learning pauses this long after a trip
+    # Seed document 002's breaker (esperd.learn.breaker): every failure above rolls the weights
+    # back at once; `failure_threshold` of them within `window_s` open the breaker, which pauses
+    # learning for `recovery_s`, then lets one probe update through (half-open): a sound one
+    # closes it, a failed one opens it again.
+    failure_threshold: Annotated[int, Meta(ge=1, le=1000)] = 5
+    window_s: Annotated[float, Meta(gt=0.0)] = 300.0
+    recovery_s: Annotated[float, Meta(ge=0.0)] = 60.0
+
+
+class BudgetConfig(Section, frozen=True):
+    """Seed document 002's timing budgets, watched at run time (esperd.learn.budgets)."""
+
+    processing_ms: Annotated[float, Meta(gt=0.0)] = 20.0  # experience -> batch, on the event loop
+    batch_ms: Annotated[float, Meta(gt=0.0)] = 50.0  # one update of one batch, on the worker
+    step_ms: Annotated[float, Meta(gt=0.0)] = 100.0  # a whole learner step: batch taken -> result judged
+    log_interval_s: Annotated[float, Meta(gt=0.0)] = 60.0  # at most one log line per budget per window
 
 
 class LearnerConfig(Section, frozen=True):
@@ -198,3 +225,4 @@ class LearnerConfig(Section, frozen=True):
     # on the daemon's side); 0 swaps after every update. PPO swaps after every update.
     swap_min_interval_s: Annotated[float, Meta(ge=0.0)] = 0.25
     breaker: BreakerConfig = BreakerConfig()
+    budgets: BudgetConfig = BudgetConfig()

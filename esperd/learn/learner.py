@@ -9,10 +9,11 @@ started with and every later batch sees the new one. IMPALA, which updates many 
 second, swaps at most once per `swap_min_interval_s` (the newest sound weights; training
 goes on in between); PPO swaps after every update (its next rollout must be on-policy).
 
-Safety (the circuit breaker): a non-finite loss or gradient, a KL far above target,
-non-finite weights, or a clear reward drop after a swap roll the learner back to the
-last good weights and pause learning for `recovery_s`. A policy that produced NaN
-is never served.
+Safety: a non-finite loss or gradient, a KL far above target, non-finite weights, or a clear
+reward drop after a swap is a failure: it rolls the learner back to the last good weights at
+once (a policy that produced NaN is never served). The circuit breaker (esperd.learn.breaker,
+seed document 002) counts failures: `failure_threshold` within `window_s` open it and pause
+learning for `recovery_s`; then one probe update runs (half-open), and closes it if sound.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import numpy as np
 import structlog
 import torch
 
+from esperd.learn.breaker import BreakerPolicy, BreakerState, CircuitBreaker
+from esperd.learn.budgets import BudgetWatch
 from esperd.learn.buffers import ReplayBuffer, RolloutBuffer
 from esperd.learn.config import LearnerConfig
 from esperd.learn.experience import Transition
@@ -110,7 +113,17 @@ class Learner:
         # One thread that waits on the worker process (or, in thread mode, runs the update).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esperd-learner")
         self._wake = asyncio.Event()
-        self._paused_until = 0.0
+        self._paused_until = 0.0  # a failed worker's restart backoff
+        self.budgets = BudgetWatch(config.budgets, clock)
+        breaker = config.breaker
+        self.breaker = CircuitBreaker(
+            BreakerPolicy(
+                failure_threshold=breaker.failure_threshold,
+                window_s=breaker.window_s,
+                recovery_s=breaker.recovery_s,
+            ),
+            clock,
+        )
         self._updating = False  # an update is running on the worker
         self._inflight: asyncio.Future[tuple[UpdateStats, PolicyBundle | None]] | None = None
         self._stopping = False
@@ -136,9 +149,23 @@ class Learner:
     @property
     def status(self) -> LearnerStatus:
         """The `learner` section of `esperd.status`: counters, buffer, serving version, breaker."""
-        breaker = "open" if self._counters.breaker == "open" and self.paused else "closed"
+        breaker = self.breaker
+        state = breaker.state
+        last = breaker.last_transition
         return msgspec.structs.replace(
-            self._counters, buffered=self.buffered(), serving_version=self.serving.version, breaker=breaker
+            self._counters,
+            buffered=self.buffered(),
+            serving_version=self.serving.version,
+            breaker=state.value,
+            trips=breaker.transitions["closed->open"] + breaker.transitions["half_open->open"],
+            failures=breaker.failures_total,
+            failures_in_window=breaker.failures_in_window,
+            last_failure=breaker.last_failure,
+            breaker_transitions=dict(breaker.transitions),
+            last_transition="" if last is None else f"{last.old}->{last.new}: {last.reason}",
+            breaker_reopens_in_s=round(breaker.reopens_in_s, 3),
+            budget_violations=dict(self.budgets.violations),
+            budget_worst_ms={k: round(v, 3) for k, v in self.budgets.worst_ms.items()},
         )
 
     @property
@@ -196,7 +223,7 @@ class Learner:
             if self._held_back and self._swap_due():
                 await self._serve_latest()  # held-back weights whose turn came with no update
             if self.paused:
-                await asyncio.sleep(self._paused_until - self._clock())
+                await asyncio.sleep(self._pause_left())
                 self._wake.set()  # look again after the pause, even if no new step arrives
                 continue
             if self._has_enough():
@@ -238,16 +265,37 @@ class Learner:
 
     @property
     def paused(self) -> bool:
-        return self._clock() < self._paused_until
+        """No update now: the breaker is open, or a failed worker's restart backs off."""
+        return self._clock() < self._paused_until or self.breaker.state is BreakerState.OPEN
+
+    def _pause_left(self) -> float:
+        return max(self._paused_until - self._clock(), self.breaker.reopens_in_s, 0.0)
 
     async def update_once(self) -> bool:
         """One update off the loop, then a swap if it was sound and due. True if a new version serves."""
-        if self._stopping:
+        if self._stopping or not self.breaker.allow():  # open; or half-open with its probe out
             return False
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         batch, indices, stamps, weights = self._take_batch()
         if not batch:
+            self.breaker.release_probe()
             return False
+        self.budgets.observe("processing", (time.perf_counter() - started) * 1e3)
+        try:
+            return await self._update(loop, batch, indices, stamps, weights)
+        finally:
+            self.budgets.observe("step", (time.perf_counter() - started) * 1e3)
+
+    async def _update(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[Transition],
+        indices: object,
+        stamps: object,
+        weights: np.ndarray | None,
+    ) -> bool:
+        """update_once's update of a taken batch: train on the worker, judge, swap."""
         lineage = self._lineage
         self._updating = True
         try:
@@ -260,6 +308,7 @@ class Learner:
             return False
         except (WorkerDied, WorkerError) as exc:
             self._updating = False
+            self.breaker.release_probe()  # no verdict on the weights: a worker fault, not a failed update
             self._worker_failed(exc)
             return False
         finally:
@@ -268,8 +317,10 @@ class Learner:
             # The breaker tripped (a reward drop) or new weights were adopted while this update ran:
             # its result is void, and the trainee, which the worker was still changing, goes back
             # to the good weights now.
+            self.breaker.release_probe()
             self._reset_trainee()
             return False
+        self.budgets.observe("batch", stats.seconds * 1e3)
         if self.replay is not None and indices is not None and stats.td_errors:
             self.replay.update_priorities(indices, stats.td_errors, stamps=stamps)
         self._note_stats(stats, len(batch))
@@ -278,6 +329,7 @@ class Learner:
             self._trip(f"KL {stats.approx_kl:.4f} > {kl_limit:.4f}")
             return False
         self._failures_in_a_row = 0
+        self._breaker_success()
         if candidate is None:
             self._held_back = True  # the newest weights swap in once the interval has passed
             return False
@@ -417,17 +469,24 @@ class Learner:
 
     # -------------------------------------------------------------- breaker
 
+    def _breaker_success(self) -> None:
+        before = self.breaker.state
+        self.breaker.record_success()
+        if before is not self.breaker.state:
+            log.info("learner circuit breaker closed: the probe update was sound")
+
     def _trip(self, why: str) -> None:
-        """Roll the trainee (and, if it is bad, the serving policy) back to the last good weights.
+        """A failed update: roll the trainee (and, if it is bad, the serving policy) back to the last
+        good weights at once, and count the failure on the breaker (which may open and pause learning).
 
         Synchronous, on the loop thread: a later step judged in the same batch sees the trip done.
         While an update runs on the worker, the trainee is left to `update_once`, which voids it.
         """
-        self._counters.trips += 1
-        self._counters.last_trip = why
+        before = self.breaker.state
+        state = self.breaker.record_failure(why)
+        if state is BreakerState.OPEN and before is not BreakerState.OPEN:
+            self._counters.last_trip = why
         self._lineage += 1
-        self._counters.breaker = "open"
-        self._paused_until = self._clock() + self.config.breaker.recovery_s
         self._held_back = False  # held-back weights came from the rejected trajectory
         if not self._updating:
             self._reset_trainee()
@@ -440,11 +499,18 @@ class Learner:
         if self.rollout is not None:
             self.rollout.drain()  # on-policy data from a rejected trajectory is useless now
         log.warning(
-            "learner circuit breaker tripped; rolled back and paused",
+            "learner update failed; rolled back to the last good weights",
             reason=why,
-            recovery_s=self.config.breaker.recovery_s,
+            breaker=state.value,
+            failures_in_window=self.breaker.failures_in_window,
             serving_version=self.serving.version,
         )
+        if state is BreakerState.OPEN and before is not BreakerState.OPEN:
+            log.warning(
+                "learner circuit breaker opened; learning paused",
+                reason=self.breaker.last_transition.reason if self.breaker.last_transition else why,
+                recovery_s=self.config.breaker.recovery_s,
+            )
 
     def _reset_trainee(self) -> None:
         """Good weights and fresh optimizer moments (a process worker applies it before its next update)."""
@@ -481,8 +547,6 @@ class Learner:
         self._good_version = self.serving.version
         self._good_rewards = collections.deque(recent, maxlen=window)
         self._recent_rewards = collections.deque(maxlen=window)
-        if self._counters.breaker == "open" and not self.paused:
-            self._counters.breaker = "closed"
 
     def _kl_limit(self) -> float:
         breaker = self.config.breaker
@@ -500,8 +564,6 @@ class Learner:
             for k, v in msgspec.structs.asdict(stats).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
-        if self._counters.breaker == "open" and not self.paused:
-            self._counters.breaker = "closed"
 
     def buffered(self) -> int:
         return len(self.rollout) if self.rollout is not None else len(self.replay or ())

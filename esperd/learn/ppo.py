@@ -71,13 +71,14 @@ class UpdateStats(msgspec.Struct, kw_only=True):
     td_errors: list[float] = []  # IMPALA: |v_s - V(x_s)| per input transition (replay priorities)
 
 
-def lr_factor(update: int, warmup: int, total: int, final_ratio: float) -> float:
-    """Multiplier of the base LR for the `update`-th update (0-based): warmup, then linear decay."""
-    if update < warmup:
-        return (update + 1) / warmup
+def lr_factor(steps: int, warmup: int, total: int, final_ratio: float) -> float:
+    """Multiplier of the base LR once `steps` environment steps have been trained on (this update's
+    included): linear warmup over `warmup` steps, then linear decay to `final_ratio` at `total`."""
+    if steps < warmup:
+        return max(steps, 1) / warmup
     if total <= warmup:
         return 1.0
-    progress = min((update - warmup) / (total - warmup), 1.0)
+    progress = min((steps - warmup) / (total - warmup), 1.0)
     return 1.0 - progress * (1.0 - final_ratio)
 
 
@@ -276,10 +277,10 @@ class PPOLearner:
         self.device = torch.device(policy.device)
         self.params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, eps=config.adam_eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda u: lr_factor(u, config.warmup_updates, config.total_updates, config.final_lr_ratio),
-        )
+        # The schedule follows environment steps (002), not updates: an update's LR is set from the
+        # steps trained on once its batch is in, so a larger batch moves it further.
+        self._schedule = config.schedule_steps
+        self._set_lr(0)
         self.generator = torch.Generator()
         if config.seed is None:
             self.generator.seed()
@@ -324,17 +325,16 @@ class PPOLearner:
         hidden = stack_hidden(self.policy, transitions, device)
         # Recurrent policies learn through time over pieces of each run's steps; others step by step.
         chunks = bptt_chunks(sequences, cfg.bptt_length) if hidden is not None else [[i] for i in range(n)]
-        lr = self.optimizer.param_groups[0]["lr"]
         snapshot = _snapshot(self.policy, self.optimizer)
+        lr = self._set_lr(self.samples + n)  # this update's LR, from the steps trained on with it
         try:
             totals, approx_kl, epochs_run, steps, stopped = self._optimize(
                 observations, actions, hidden, old_log_probs, old_values, advantages, returns, chunks
             )
         except NonFiniteError:
-            _restore(self.policy, self.optimizer, snapshot)
+            _restore(self.policy, self.optimizer, snapshot)  # its LR too: the batch was not trained on
             raise
 
-        self.scheduler.step()
         self.updates += 1
         self.samples += n
         evaluated = max(totals["minibatches"], 1)
@@ -454,7 +454,7 @@ class PPOLearner:
         return {
             "algorithm": self.algorithm,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": {"steps": self.samples},  # the LR schedule follows the steps trained on
             "updates": self.updates,
             "samples": self.samples,
             "generator": self.generator.get_state(),
@@ -464,11 +464,19 @@ class PPOLearner:
         if state.get("algorithm", self.algorithm) != self.algorithm:
             raise ValueError(f"learner state is for {state['algorithm']!r}, not {self.algorithm!r}")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.updates = int(state["updates"])
         self.samples = int(state["samples"])
+        self._set_lr(self.samples)
         if "generator" in state:
             self.generator.set_state(state["generator"])
+
+    def _set_lr(self, steps: int) -> float:
+        """Set the LR the schedule gives after `steps` environment steps; returns it."""
+        warmup, total = self._schedule
+        lr = self.config.lr * lr_factor(steps, warmup, total, self.config.final_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def reset_optimizer(self) -> None:
         """Forget the optimizer's moment estimates (after a rollback they describe bad updates);
@@ -478,5 +486,6 @@ class PPOLearner:
 
     @property
     def lr(self) -> float:
-        """The LR the next update will use."""
+        """The LR of the last update (before the first: the schedule at step 0); each update sets
+        its own from the steps trained on with it."""
         return float(self.optimizer.param_groups[0]["lr"])

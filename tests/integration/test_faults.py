@@ -110,6 +110,9 @@ def config_dict(url: str, state_dir: Path, **sections: dict[str, Any]) -> dict[s
             "status_interval_s": 3600.0,
         },
         "scheduler": {"min_interval_s": 0.0, "cooldown_s": 0.1, "max_wait_ms": 1.0},
+        # The untrained GNN these tests serve must act: the confidence and urgency rails (0.7,
+        # 0.5; tests/test_rails.py) would block nearly all it proposes. The other rails stay on.
+        "rails": {"confidence_threshold": 0.0, "urgency_threshold": 0.0},
     }
     return _merge(base, sections)
 
@@ -838,7 +841,12 @@ async def test_diverging_learner_under_load_trips_breaker_and_never_serves_non_f
     versions = [v for _, _, _, v, _ in tap.seen]
     assert versions and set(versions) <= finite_versions, (sorted(set(versions)), sorted(finite_versions))
     assert all(math.isfinite(c) and 0.0 <= c <= 1.0 for *_, c in tap.seen)
-    # Every trip was logged with its reason; the learner never handed NaN to the decision loop.
-    trips = daemon.events("learner circuit breaker tripped; rolled back and paused")
+    # Every failed update was rolled back and logged with its reason, every opening of the
+    # breaker too (the fifth failure in its window, then each failed probe); the learner never
+    # handed NaN to the decision loop.
+    rollbacks = daemon.events("learner update failed; rolled back to the last good weights")
+    trips = daemon.events("learner circuit breaker opened; learning paused")
     assert len(trips) >= 2 and all(t["reason"] for t in trips)
+    assert len(rollbacks) >= 5 + 1 and all(r["reason"] for r in rollbacks)
+    assert trip["learner"]["failures"] >= 5 and after["learner"]["breaker_transitions"]["closed->open"] >= 1
     assert "policy act failed" not in {e.get("event") for e in daemon.events()}

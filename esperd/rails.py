@@ -1,0 +1,228 @@
+"""Rails: the bounds every policy's commands stay within, whatever the policy.
+
+Applied in one place, the decision loop (esperd.decisions), for every policy alike:
+
+  * before the policy acts, `mask` removes what a rail forbids in this run now (GERMINATE
+    at the seed or parameter limit, every op but WAIT at the command-rate cap) from the
+    observation's op mask, so a policy that honours masks chooses among what is allowed,
+    and its log-probability is that of the observation it saw;
+  * after it acts, `check` blocks whatever still breaks a rail (a policy that ignores masks,
+    or a decision below the confidence or urgency threshold).
+
+A blocked decision is never sent. It becomes the WAIT that was actually done, and is recorded
+for learning as a forced WAIT (`forced_wait`): WAIT on node 0 of the observation with every
+op but WAIT masked on every node. Under any weights the factored distribution then puts all
+its mass on that one action (see esperd.policy.heads: no node with a legal op means node 0,
+and WAIT is its only op), so the behaviour log-probability is exactly 0 and a learner that
+re-evaluates the step gets 0 as well: a blocked action is no off-policy surprise, and the
+step still teaches the critic its value. Hosts never see it.
+
+Per-run state (recent command times, germinations in flight) lives here; the event loop owns
+the object (not thread-safe). Torch-free.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from dataclasses import dataclass, field
+
+import msgspec
+import numpy as np
+
+from esperd.analyzer.masks import LIVE_STAGE
+from esperd.analyzer.observation import (
+    GLOBAL_FEATURE_INDEX,
+    NODE_FEATURE_INDEX,
+    OP_INDEX,
+    Observation,
+)
+from esperd.config import RailsConfig
+from esperd_contracts import Op
+from esperd_contracts.status import RailsStatus
+
+
+class Rail(enum.StrEnum):
+    """The rails, by the name status and metrics count them under."""
+
+    CONFIDENCE = "confidence"
+    URGENCY = "urgency"
+    COMMAND_RATE = "command_rate"
+    PARAM_BUDGET = "param_budget"
+    ACTIVE_SEEDS = "active_seeds"
+
+
+_WAIT = OP_INDEX[Op.WAIT]
+_GERMINATE = OP_INDEX[Op.GERMINATE]
+_GROWTH = GLOBAL_FEATURE_INDEX["param_growth"]
+_LOG_PARAMS = NODE_FEATURE_INDEX["log_params"]
+#: A germination not yet visible in the run's reports is forgotten after this many epochs (a
+#: rejected one never shows; an applied one shows in the next state packet).
+_IN_FLIGHT_EPOCHS = 2
+
+
+@dataclass(slots=True)
+class _InFlight:
+    layer_id: int
+    epoch: int  # the run's epoch when the command went out
+    fraction: float  # estimated added parameters, as a fraction of the host's
+
+
+@dataclass(slots=True)
+class _RunRails:
+    sent_at: collections.deque[float] = field(default_factory=collections.deque)
+    germinating: list[_InFlight] = field(default_factory=list)
+
+
+class Block(msgspec.Struct, frozen=True):
+    """Why a decision was not sent."""
+
+    rail: Rail
+    detail: str
+
+
+def layer_params(obs: Observation) -> np.ndarray:
+    """Each node's parameter count, from the observation's log10(params + 1) / 10 feature."""
+    return np.rint(np.power(10.0, obs.node_features[:, _LOG_PARAMS].astype(np.float64) * 10.0) - 1.0)
+
+
+def forced_wait(obs: Observation) -> Observation:
+    """`obs` with every op but WAIT masked on every node: the step as a rail left it."""
+    ops = np.zeros_like(obs.op_mask)
+    ops[:, _WAIT] = True
+    return msgspec.structs.replace(obs, op_mask=ops)
+
+
+class Rails:
+    """Per-run bounds on what any policy may send (see the module docstring)."""
+
+    def __init__(self, config: RailsConfig) -> None:
+        self.config = config
+        self._runs: dict[str, _RunRails] = {}
+        self.blocked_by_rail: collections.Counter[str] = collections.Counter()
+        self.masked_by_rail: collections.Counter[str] = collections.Counter()
+
+    # ------------------------------------------------------------ before the policy acts
+
+    def mask(self, obs: Observation, now: float) -> Observation:
+        """The observation with what a rail forbids in this run now masked out (counted by rail)."""
+        if not self.config.enabled or obs.num_nodes == 0:
+            return obs
+        run = self._run(obs, now)
+        if len(run.sent_at) >= self.config.max_commands_per_window:
+            if np.delete(obs.op_mask, _WAIT, axis=1).any():  # something besides WAIT was allowed
+                self.masked_by_rail[Rail.COMMAND_RATE] += 1
+            return forced_wait(obs)
+        germinable = obs.op_mask[:, _GERMINATE]
+        if not germinable.any():
+            return obs
+        rail = None
+        if self._active_seeds(obs, run) >= self.config.max_active_seeds:
+            rail = Rail.ACTIVE_SEEDS
+            allowed = np.zeros_like(germinable)
+        else:
+            allowed = self._within_budget(obs, run)
+            if not allowed.all():
+                rail = Rail.PARAM_BUDGET
+        if rail is None or not (germinable & ~allowed).any():
+            return obs
+        self.masked_by_rail[rail] += 1
+        ops = obs.op_mask.copy()
+        ops[:, _GERMINATE] &= allowed
+        return msgspec.structs.replace(obs, op_mask=ops)
+
+    # ------------------------------------------------------------ after it acts
+
+    def check(
+        self, obs: Observation, node: int, op: Op, confidence: float, urgency: float, now: float
+    ) -> Block | None:
+        """The rail that blocks this decision (None: it may go out). `obs` is what the policy saw."""
+        config = self.config
+        if not config.enabled or op is Op.WAIT:
+            return None
+        run = self._run(obs, now)
+        if len(run.sent_at) >= config.max_commands_per_window:
+            return Block(
+                Rail.COMMAND_RATE,
+                f"{len(run.sent_at)} commands in the last {config.command_window_s:g}s "
+                f"(cap {config.max_commands_per_window})",
+            )
+        if op is Op.GERMINATE:
+            active = self._active_seeds(obs, run)
+            if active >= config.max_active_seeds:
+                return Block(Rail.ACTIVE_SEEDS, f"{active} live seeds (cap {config.max_active_seeds})")
+            projected = self._committed(obs, run) + self._seed_fraction(obs)[node]
+            if projected > config.param_budget:
+                return Block(
+                    Rail.PARAM_BUDGET,
+                    f"added parameters would reach {projected:.1%} of the host "
+                    f"(budget {config.param_budget:.0%})",
+                )
+        if confidence < config.confidence_threshold:
+            return Block(Rail.CONFIDENCE, f"confidence {confidence:.2f} < {config.confidence_threshold:.2f}")
+        if urgency < config.urgency_threshold:
+            return Block(Rail.URGENCY, f"urgency {urgency:.2f} < {config.urgency_threshold:.2f}")
+        return None
+
+    def count_block(self, block: Block) -> None:
+        self.blocked_by_rail[block.rail] += 1
+
+    def note_sent(self, obs: Observation, node: int, op: Op, now: float) -> None:
+        """A command went out for this run (after `check` let it)."""
+        run = self._run(obs, now)
+        run.sent_at.append(now)
+        if op is Op.GERMINATE:
+            fraction = float(self._seed_fraction(obs)[node])
+            run.germinating.append(_InFlight(int(obs.layer_ids[node]), obs.epoch, fraction))
+
+    def forget(self, run_id: str) -> None:
+        self._runs.pop(run_id, None)
+
+    def status(self) -> RailsStatus:
+        return RailsStatus(
+            enabled=self.config.enabled,
+            blocked_total=sum(self.blocked_by_rail.values()),
+            blocked_by_rail=dict(self.blocked_by_rail),
+            masked_by_rail=dict(self.masked_by_rail),
+        )
+
+    # ------------------------------------------------------------ internals
+
+    def _run(self, obs: Observation, now: float) -> _RunRails:
+        """The run's state, with command times older than the window and settled germinations dropped."""
+        run = self._runs.get(obs.run_id)
+        if run is None:
+            run = self._runs[obs.run_id] = _RunRails()
+        horizon = now - self.config.command_window_s
+        while run.sent_at and run.sent_at[0] <= horizon:
+            run.sent_at.popleft()
+        if run.germinating:
+            live = {int(obs.layer_ids[i]) for i in np.flatnonzero(LIVE_STAGE[obs.stages])}
+            run.germinating = [
+                g
+                for g in run.germinating
+                if g.layer_id not in live and obs.epoch < g.epoch + _IN_FLIGHT_EPOCHS
+            ]
+        return run
+
+    def _active_seeds(self, obs: Observation, run: _RunRails) -> int:
+        return int(np.count_nonzero(LIVE_STAGE[obs.stages])) + len(run.germinating)
+
+    def _committed(self, obs: Observation, run: _RunRails) -> float:
+        """Added parameters as a fraction of the host's: reported, plus germinations in flight."""
+        reported = float(obs.global_features[_GROWTH]) if obs.global_features.size > _GROWTH else 0.0
+        return reported + sum(g.fraction for g in run.germinating)
+
+    def _seed_fraction(self, obs: Observation) -> np.ndarray:
+        """Per node: a new seed's estimated parameters as a fraction of the host's."""
+        params = layer_params(obs)
+        host = params.sum()
+        if host <= 0:
+            return np.zeros(obs.num_nodes)
+        fractions: np.ndarray = params * self.config.seed_size_estimate / host
+        return fractions
+
+    def _within_budget(self, obs: Observation, run: _RunRails) -> np.ndarray:
+        """Per node: whether a new seed there stays within the parameter budget."""
+        ok: np.ndarray = self._committed(obs, run) + self._seed_fraction(obs) <= self.config.param_budget
+        return ok

@@ -1,0 +1,242 @@
+"""Rails (esperd.rails): each rail masks and blocks as configured, and through the decision loop a
+blocked decision is never published and is recorded as a WAIT whose log-probability the policy
+itself reproduces (no off-policy surprise for a learner)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from esperd.analyzer import Analyzer, Observation
+from esperd.analyzer.observation import OP_INDEX
+from esperd.config import RailsConfig, SchedulerConfig
+from esperd.decisions import DecisionLoop
+from esperd.learn.experience import Transition
+from esperd.learn.recorder import Recorder
+from esperd.policy import PolicyConfig, create_policy
+from esperd.rails import Block, Rail, Rails, forced_wait, layer_params
+from esperd.scheduler import Scheduler
+from esperd_contracts import AdaptationCommand, HealthSignal, Op, SeedStage, SystemStatePacket
+from tests.support.badpolicy import AlwaysGerminate
+from tests.support.observations import make_observation
+from tests.support.packets import chain_topology
+from tests.support.timing import FakeClock
+
+GERMINATE = OP_INDEX[Op.GERMINATE]
+WAIT = OP_INDEX[Op.WAIT]
+
+
+def obs_with_params(
+    params: list[int], *, growth: float = 0.0, stages: list[SeedStage] | None = None, epoch: int = 5
+) -> Observation:
+    """A dormant-layer observation whose layers have these parameter counts."""
+    log_params = [float(np.log10(p + 1.0) / 10.0) for p in params]
+    return make_observation(
+        num_nodes=len(params),
+        stages=stages,
+        node={"log_params": log_params},
+        globals_={"param_growth": growth},
+        epoch=epoch,
+    )
+
+
+# ------------------------------------------------------------------ the rails alone
+
+
+def test_layer_params_inverts_the_log_feature() -> None:
+    obs = obs_with_params([0, 1_000, 123_456])
+    assert layer_params(obs).tolist() == [0, 1_000, 123_456]
+
+
+def test_confidence_and_urgency_below_threshold_are_blocked() -> None:
+    rails = Rails(RailsConfig())  # the seed documents' 0.7 and 0.5
+    obs = obs_with_params([1000] * 4)
+    assert rails.check(obs, 0, Op.GERMINATE, 0.7, 0.5, 0.0) is None
+    low_conf = rails.check(obs, 0, Op.GERMINATE, 0.69, 0.9, 0.0)
+    assert low_conf is not None and low_conf.rail is Rail.CONFIDENCE
+    low_urg = rails.check(obs, 0, Op.ADVANCE, 0.9, 0.49, 0.0)
+    assert low_urg is not None and low_urg.rail is Rail.URGENCY
+    assert rails.check(obs, 0, Op.WAIT, 0.0, 0.0, 0.0) is None  # WAIT is never blocked
+
+
+def test_the_command_rate_cap_masks_then_blocks_until_the_window_has_passed() -> None:
+    rails = Rails(RailsConfig(max_commands_per_window=2, command_window_s=10.0))
+    obs = obs_with_params([1000] * 4)
+    for t in (0.0, 1.0):
+        assert rails.check(obs, 0, Op.GERMINATE, 1.0, 1.0, t) is None
+        rails.note_sent(obs, t and 1, Op.ADVANCE, t)
+    masked = rails.mask(obs, 2.0)
+    assert not np.delete(masked.op_mask, WAIT, axis=1).any() and masked.op_mask[:, WAIT].all()
+    block = rails.check(obs, 0, Op.GERMINATE, 1.0, 1.0, 2.0)
+    assert block is not None and block.rail is Rail.COMMAND_RATE
+    assert rails.status().masked_by_rail == {"command_rate": 1}
+    # The first command leaves the window at t=10: one more may go out, not two.
+    assert rails.check(obs, 0, Op.GERMINATE, 1.0, 1.0, 10.5) is None
+    rails.note_sent(obs, 0, Op.GERMINATE, 10.5)
+    assert rails.check(obs, 1, Op.GERMINATE, 1.0, 1.0, 10.6) is not None
+    other = make_observation(run_id="run-1", num_nodes=3)
+    assert rails.check(other, 0, Op.GERMINATE, 1.0, 1.0, 10.6) is None  # the cap is per run
+
+
+def test_active_seeds_count_live_stages_and_germinations_in_flight() -> None:
+    rails = Rails(RailsConfig(max_active_seeds=2, param_budget=1.0))
+    stages = [SeedStage.TRAINING, SeedStage.DORMANT, SeedStage.DORMANT, SeedStage.DORMANT]
+    obs = obs_with_params([1000] * 4, stages=stages, epoch=5)
+    assert rails.mask(obs, 0.0) is obs  # one live seed: below the cap, nothing masked
+    assert rails.check(obs, 1, Op.GERMINATE, 1.0, 1.0, 0.0) is None
+    rails.note_sent(obs, 1, Op.GERMINATE, 0.0)  # in flight: not yet in the reported stages
+    masked = rails.mask(obs, 1.0)
+    assert not masked.op_mask[:, GERMINATE].any() and masked.op_mask[0, OP_INDEX[Op.ADVANCE]]
+    block = rails.check(obs, 2, Op.GERMINATE, 1.0, 1.0, 1.0)
+    assert block == Block(Rail.ACTIVE_SEEDS, "2 live seeds (cap 2)")
+    # The host reports the germinated seed: counted once, by its stage.
+    stages[1] = SeedStage.GERMINATED
+    reported = obs_with_params([1000] * 4, stages=stages, epoch=5)
+    assert rails.check(reported, 2, Op.GERMINATE, 1.0, 1.0, 2.0).rail is Rail.ACTIVE_SEEDS  # type: ignore[union-attr]
+    # A germination the host never took (rejected) is forgotten two epochs later.
+    rails.note_sent(obs, 2, Op.GERMINATE, 3.0)
+    later = obs_with_params([1000] * 4, stages=[SeedStage.TRAINING] + [SeedStage.DORMANT] * 3, epoch=7)
+    assert rails.check(later, 2, Op.GERMINATE, 1.0, 1.0, 4.0) is None
+
+
+def test_the_param_budget_masks_the_layers_a_seed_would_take_past_it() -> None:
+    # Host 100k params; a seed is estimated at 0.6 of its layer: 6% on the small layers, 42% on
+    # the big one. 10% already added: the big layer would reach 52% > 50%.
+    rails = Rails(RailsConfig(param_budget=0.5, max_active_seeds=10))
+    obs = obs_with_params([10_000, 10_000, 70_000, 10_000], growth=0.10)
+    masked = rails.mask(obs, 0.0)
+    assert masked.op_mask[:, GERMINATE].tolist() == [True, True, False, True]
+    assert rails.status().masked_by_rail == {"param_budget": 1}
+    block = rails.check(obs, 2, Op.GERMINATE, 1.0, 1.0, 0.0)
+    assert block is not None and block.rail is Rail.PARAM_BUDGET and "52.0%" in block.detail
+    # Germinations in flight count before the host reports them: after five small ones
+    # (10% + 5 * 6% = 40%), a sixth would reach 46% and a seventh 52%.
+    for t in range(5):
+        assert rails.check(obs, 0, Op.GERMINATE, 1.0, 1.0, float(t)) is None
+        rails.note_sent(obs, 0, Op.GERMINATE, float(t))
+    assert rails.check(obs, 1, Op.GERMINATE, 1.0, 1.0, 6.0) is None
+    rails.note_sent(obs, 1, Op.GERMINATE, 6.0)
+    assert rails.check(obs, 3, Op.GERMINATE, 1.0, 1.0, 7.0).rail is Rail.PARAM_BUDGET  # type: ignore[union-attr]
+
+
+def test_disabled_rails_let_everything_through() -> None:
+    rails = Rails(RailsConfig(enabled=False, max_commands_per_window=1, max_active_seeds=1))
+    obs = obs_with_params([1000] * 3, growth=1.0)
+    assert rails.mask(obs, 0.0) is obs
+    for t in range(3):
+        assert rails.check(obs, 0, Op.GERMINATE, 0.0, 0.0, float(t)) is None
+        rails.note_sent(obs, 0, Op.GERMINATE, float(t))
+    assert rails.status().blocked_total == 0 and not rails.status().enabled
+
+
+def test_forced_wait_leaves_only_wait_and_the_rest_untouched() -> None:
+    obs = make_observation(num_nodes=5)
+    forced = forced_wait(obs)
+    assert forced.op_mask[:, WAIT].all() and not np.delete(forced.op_mask, WAIT, axis=1).any()
+    assert forced.node_features is obs.node_features and obs.op_mask[:, GERMINATE].any()
+
+
+# ------------------------------------------------------------------ through the decision loop
+
+
+def sick_run(analyzer: Analyzer, run_id: str, epoch: int = 5) -> None:
+    analyzer.ingest(run_id, chain_topology(("conv",) * 6, name_prefix="layer"))
+    for health in (0.5, 0.4, 0.3, 0.2):
+        analyzer.ingest(run_id, HealthSignal(layer_id=1, health_score=health))
+    analyzer.ingest(run_id, SystemStatePacket(epoch=epoch, val_accuracy=0.6))
+
+
+class Loop:
+    """Analyzer + Scheduler + DecisionLoop with rails; commands and transitions collected."""
+
+    def __init__(self, policy: Any, rails: RailsConfig) -> None:
+        self.clock = FakeClock()
+        self.analyzer = Analyzer()
+        self.scheduler = Scheduler(SchedulerConfig(min_interval_s=0.0, cooldown_s=0.0), clock=self.clock)
+        self.recorder = Recorder()
+        self.transitions: list[Transition] = []
+        self.recorder.add_sink(self.transitions.append)
+        self.published: list[AdaptationCommand] = []
+        self.blocked: list[tuple[str, Rail]] = []
+        self.rails = Rails(rails)
+        self.loop = DecisionLoop(
+            self.scheduler,
+            policy,
+            observe=lambda run_id: self.analyzer.observe(run_id) if run_id in self.analyzer else None,
+            publish=self._publish,
+            on_decided=self.recorder.decision_hook,
+            clock=self.clock,
+            rails=self.rails,
+            on_blocked=self._on_blocked,
+        )
+
+    async def _publish(self, command: AdaptationCommand) -> None:
+        self.published.append(command)
+
+    async def _on_blocked(self, decision: Any, block: Block) -> None:
+        self.blocked.append((decision.run_id, block.rail))
+
+    async def decide(self, *run_ids: str) -> int:
+        for run_id in run_ids:
+            self.scheduler.mark_due(run_id)
+        self.clock.advance(0.01)
+        return await self.loop.decide_once()
+
+
+async def test_a_policy_that_always_germinates_is_held_to_the_rails() -> None:
+    loop = Loop(AlwaysGerminate(), RailsConfig(max_commands_per_window=3, command_window_s=60.0))
+    sick_run(loop.analyzer, "r1")
+    sent = [await loop.decide("r1") for _ in range(10)]
+    assert sent == [1, 1, 1] + [0] * 7
+    assert {c.op for c in loop.published} == {Op.GERMINATE}
+    status = loop.rails.status()
+    assert status.blocked_by_rail == {"command_rate": 7} and status.blocked_total == 7
+    assert loop.blocked == [("r1", Rail.COMMAND_RATE)] * 7
+    assert loop.loop.stats.waits == 7 and loop.loop.stats.commands == 3
+    # Recorded: 3 germinations, then forced WAITs (the last decision's step is still open).
+    recorded = [(OPS_NAME[int(t.action[1])], t.log_prob) for t in loop.transitions]
+    assert recorded == [("germinate", 0.0)] * 3 + [("wait", 0.0)] * 6
+    assert all(not np.delete(t.obs.op_mask, WAIT, axis=1).any() for t in loop.transitions[3:])
+
+
+OPS_NAME = {i: op.value for op, i in OP_INDEX.items()}
+
+
+@pytest.mark.parametrize("name", ["gnn", "lstm"])
+async def test_a_blocked_decision_is_recorded_as_a_wait_the_policy_itself_scores(name: str) -> None:
+    """The recorded behaviour log-prob is what the policy's own evaluate gives the recorded step:
+    exactly 0 (probability 1), under these weights or any others."""
+    torch.manual_seed(0)
+    policy = create_policy(name, PolicyConfig(name=name), "cpu")
+    loop = Loop(policy, RailsConfig(confidence_threshold=1.0, urgency_threshold=1.0))
+    for run_id in ("r1", "r2"):
+        sick_run(loop.analyzer, run_id)
+    for _ in range(3):
+        assert await loop.decide("r1", "r2") == 0
+    assert loop.published == [] and len(loop.transitions) == 4
+    status = loop.rails.status()
+    assert status.blocked_total == len(loop.blocked) > 0
+    assert set(status.blocked_by_rail) <= {"confidence", "urgency"}
+    steps = loop.transitions
+    actions = torch.tensor(np.stack([t.action for t in steps]))
+    hidden = None
+    if policy.is_recurrent:
+        hidden = torch.tensor(np.stack([t.hidden for t in steps]))
+    evaluated = policy.evaluate([t.obs for t in steps], actions, hidden=hidden)
+    recorded = torch.tensor([t.log_prob for t in steps])
+    torch.testing.assert_close(evaluated.log_probs.detach(), recorded, atol=1e-6, rtol=0)
+    # Blocked steps: forced WAITs; steps the policy chose WAIT itself keep their own log-prob.
+    blocked_rows = [i for i, t in enumerate(steps) if not np.delete(t.obs.op_mask, WAIT, axis=1).any()]
+    assert blocked_rows and all(steps[i].log_prob == 0.0 and steps[i].action[1] == WAIT for i in blocked_rows)
+    with torch.no_grad():  # new weights: still probability 1
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p))
+    again = policy.evaluate(
+        [steps[i].obs for i in blocked_rows],
+        actions[blocked_rows],
+        hidden=None if hidden is None else hidden[blocked_rows],
+    )
+    assert torch.allclose(again.log_probs.detach(), torch.zeros(len(blocked_rows)), atol=1e-6)

@@ -17,8 +17,9 @@ CNN, TF = BlueprintFamily.CNN, BlueprintFamily.TRANSFORMER
 SICK = {"health": 0.2, "health_trend": -0.05, "is_problematic": 1.0}
 
 
-def make_policy(**rules: object) -> HeuristicPolicy:
-    return create_policy("heuristic", PolicyConfig(heuristic=HeuristicConfig(**rules)))
+def make_policy(selection: str = "pareto", **rules: object) -> HeuristicPolicy:
+    config = PolicyConfig(heuristic=HeuristicConfig(**rules), selection=selection)  # type: ignore[arg-type]
+    return create_policy("heuristic", config)
 
 
 def scene(
@@ -364,8 +365,9 @@ def test_blueprint_fits_the_layer_kind_not_declaration_order() -> None:
     assert decide(policy, scene("d", sick=1, families=[TF] * 4)).blueprint is Blueprint.MLP
 
 
-def test_what_worked_across_runs_reorders_the_blueprints_for_that_kind() -> None:
-    policy = make_policy(embargo_epochs=0)
+@pytest.mark.parametrize("selection", ["argmax", "pareto"])
+def test_what_worked_across_runs_reorders_the_blueprints_for_that_kind(selection: str) -> None:
+    policy = make_policy(selection, embargo_epochs=0)
     linear = kinds("linear", "linear", "linear", "linear")
     sick = {"families": [TF] * 4, "node": linear}
 
@@ -388,11 +390,18 @@ def test_what_worked_across_runs_reorders_the_blueprints_for_that_kind() -> None
     # The next run starts from the record: MLP was pruned, so the next in line goes first ...
     assert decide(policy, scene("r1", sick=1, epoch=10, **sick)).blueprint is Blueprint.MLP_SMALL
     assert settle("r1", 0.05) is Op.FOSSILIZE
-    # ... and it worked, so it stays first; a kind with no record keeps its own order.
+    # ... and it worked, so it stays first.
     assert decide(policy, scene("r2", sick=1, **sick)).blueprint is Blueprint.MLP_SMALL
-    mlp = scene("r3", sick=1, families=[TF] * 4, node=kinds("mlp", "mlp", "mlp", "mlp"))
-    assert decide(policy, mlp).blueprint is Blueprint.MLP
     assert policy.blueprint_record()[("linear", Blueprint.MLP_SMALL)] == (1, 0)
+    mlp = scene("r3", sick=1, families=[TF] * 4, node=kinds("mlp", "mlp", "mlp", "mlp"))
+    if selection == "argmax":  # a kind with no record keeps its own order (performance alone)
+        assert decide(policy, mlp).blueprint is Blueprint.MLP
+    else:
+        # Pareto (002): on an mlp layer, with no record there, MLP's prior performance (0.6) beats
+        # MLP_SMALL's, but MLP_SMALL's adaptability (fossilized on linear layers: (1 + 1) / 3)
+        # beats MLP's (pruned there: 1 / 3), no risk on this kind for either: both are on the
+        # front, and 0.5 p + 0.2 a favours MLP_SMALL.
+        assert decide(policy, mlp).blueprint is Blueprint.MLP_SMALL
 
 
 def test_no_germination_a_run_has_no_time_left_to_finish() -> None:

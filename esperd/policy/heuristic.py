@@ -39,6 +39,7 @@ value are 0, and `evaluate` raises NotImplementedError.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from esperd import pareto
 from esperd.analyzer.observation import (
     BLEND_INDEX,
     BLUEPRINT_INDEX,
@@ -166,6 +168,29 @@ class _BlueprintRecord:
         prior = 0.6 - 0.3 * rank / max(len(preference), 1)  # 0.6 for the first choice, 0.3 for the last
         won, lost = self.outcomes.get((kind, blueprint), (0, 0))
         return (prior * self.strength + won) / (self.strength + won + lost)
+
+    def objectives(
+        self, kind: str, blueprint: Blueprint, preference: tuple[Blueprint, ...], penalty: float
+    ) -> pareto.Objectives:
+        """002's three objectives for growing `blueprint` on a layer of `kind`:
+        performance  its posterior fossilization rate on this kind (`score`);
+        risk         the chance it is pruned again: its prune rate on this kind across runs
+                     (a prior of none), combined with this run's decaying prune penalty;
+        adaptability its fossilization rate on every kind of layer (a prior of one half):
+                     how well it has done wherever it was tried."""
+        won, lost = self.outcomes.get((kind, blueprint), (0, 0))
+        kind_risk = lost / (self.strength + won + lost)
+        run_risk = 1.0 - math.exp(-penalty)
+        won_all = lost_all = 0
+        for (_, bp), (w, l_) in self.outcomes.items():
+            if bp is blueprint:
+                won_all, lost_all = won_all + w, lost_all + l_
+        adaptability = (0.5 * self.strength + won_all) / (self.strength + won_all + lost_all)
+        return pareto.Objectives(
+            performance=self.score(kind, blueprint, preference),
+            risk=1.0 - (1.0 - kind_risk) * (1.0 - run_risk),
+            adaptability=adaptability,
+        )
 
 
 @dataclass(slots=True)
@@ -535,6 +560,12 @@ class HeuristicPolicy:
         preference = BLUEPRINT_PREFERENCE.get(kind) or (_CONV_PREFERENCE if cnn else _LINEAR_PREFERENCE)
         decay = self.rules.blueprint_penalty_decay
         record = self._record
+        if self.config.selection == "pareto":
+            scored = [
+                record.objectives(kind, bp, preference, memory.penalty(bp, obs.epoch, decay))
+                for bp in fitting
+            ]
+            return fitting[pareto.select(scored)]
 
         def key(bp: Blueprint) -> tuple[float, float, int, int]:
             rank = preference.index(bp) if bp in preference else len(preference)

@@ -158,9 +158,11 @@ class Rails:
                     f"added parameters would reach {projected:.1%} of the host "
                     f"(budget {config.param_budget:.0%})",
                 )
-        if confidence < config.confidence_threshold:
+        # Compared in float32, the precision policies report them in: a policy's 0.7 arrives as
+        # 0.69999999, which must still meet a threshold of 0.7.
+        if np.float32(confidence) < np.float32(config.confidence_threshold):
             return Block(Rail.CONFIDENCE, f"confidence {confidence:.2f} < {config.confidence_threshold:.2f}")
-        if urgency < config.urgency_threshold:
+        if np.float32(urgency) < np.float32(config.urgency_threshold):
             return Block(Rail.URGENCY, f"urgency {urgency:.2f} < {config.urgency_threshold:.2f}")
         return None
 

@@ -51,6 +51,15 @@ def test_layer_params_inverts_the_log_feature() -> None:
     assert layer_params(obs).tolist() == [0, 1_000, 123_456]
 
 
+def test_a_threshold_reported_in_float32_meets_the_threshold() -> None:
+    # Policies report confidences as float32 tensors: the heuristic's 0.7 arrives as 0.69999999.
+    rails = Rails(RailsConfig())
+    obs = obs_with_params([1000] * 4)
+    confidence, urgency = torch.tensor([0.7, 0.5], dtype=torch.float32).tolist()
+    assert confidence < 0.7  # the float32 rounding this test is about
+    assert rails.check(obs, 0, Op.GERMINATE, confidence, urgency, 0.0) is None
+
+
 def test_confidence_and_urgency_below_threshold_are_blocked() -> None:
     rails = Rails(RailsConfig())  # the seed documents' 0.7 and 0.5
     obs = obs_with_params([1000] * 4)

@@ -59,7 +59,12 @@ def daemon_config(url: str, state_dir: Path, args: argparse.Namespace, learning:
     return config_from_dict(
         {
             "nats": {"servers": [url], "reconnect_wait_s": 0.2},
-            "service": {"state_dir": str(state_dir), "use_uvloop": False, "log_level": "warning"},
+            "service": {
+                "state_dir": str(state_dir),
+                "use_uvloop": False,
+                "log_level": "warning",
+                "torch_threads": 1,  # more threads than cores only spin on a shared machine
+            },
             "scheduler": {"min_interval_s": 0.02, "cooldown_s": 0.05, "max_wait_ms": 2.0},
             "policy": {
                 "name": "gnn",

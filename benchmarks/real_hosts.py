@@ -21,6 +21,10 @@ fixes the data, the host's init and its batch order, so arms are paired by seed:
   gnn-sim            esperd serving the GNN trained in the simulator (--gnn-checkpoint; by default
                      the one trained on the calibrated simulator, benchmarks/results/
                      gnn_calibrated.safetensors; trained first with the README's recipe if absent)
+  gnn-real           esperd serving the GNN fitted to the heuristic's decisions on real runs of
+                     the tuning seeds (benchmarks/real_imitation.py; --gnn-real-checkpoint,
+                     benchmarks/results/gnn_real_bc.safetensors; skipped, and said so, when absent):
+                     where online fine-tuning starts
   gnn-online         esperd serving the GNN after online fine-tuning on real runs
                      (--gnn-online-checkpoint; skipped, and said so, when absent)
 
@@ -77,6 +81,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_GNN = RESULTS / "gnn_calibrated.safetensors"
 DEFAULT_GNN_CONFIG = RESULTS / "gnn_calibrated_train.toml"
 DEFAULT_GNN_ONLINE = RESULTS / "gnn_online.safetensors"
+DEFAULT_GNN_REAL = RESULTS / "gnn_real_bc.safetensors"
 TRAINED_GNN_DIR = ROOT / "runs" / "real-hosts-gnn"
 
 CONTROLLERS: dict[str, str] = {
@@ -87,9 +92,16 @@ CONTROLLERS: dict[str, str] = {
     "random": "esperd, random legal policy",
     "heuristic": "esperd, heuristic",
     "gnn-sim": "esperd, GNN trained in the simulator",
+    "gnn-real": "esperd, GNN cloned from the heuristic on real runs (tuning seeds)",
     "gnn-online": "esperd, GNN after online fine-tuning on real runs",
 }
-ESPERD_POLICIES = {"random": "random", "heuristic": "heuristic", "gnn-sim": "gnn", "gnn-online": "gnn"}
+ESPERD_POLICIES = {
+    "random": "random",
+    "heuristic": "heuristic",
+    "gnn-sim": "gnn",
+    "gnn-real": "gnn",
+    "gnn-online": "gnn",
+}
 #: The esperd settings every controller shares. Host epochs last a fraction of a second here, so
 #: decide on every packet; a layer waits for the ack of its last command (not a wall-clock cooldown).
 SCHEDULER = {"min_interval_s": 0.02, "cooldown_s": 0.05, "max_wait_ms": 2.0}
@@ -333,17 +345,21 @@ def resolve_gnn(
                 f"gnn-sim: {args.gnn_checkpoint} was absent; trained {checkpoint} first (see --help)."
             )
         sections["gnn-sim"] = gnn_section(checkpoint, args.gnn_config, args.gnn_sampling)
-    if "gnn-online" in controllers:
-        if args.gnn_online_checkpoint is None or not args.gnn_online_checkpoint.exists():
-            controllers.remove("gnn-online")
+    optional = {
+        "gnn-real": (args.gnn_real_checkpoint, "benchmarks/real_imitation.py writes it"),
+        "gnn-online": (args.gnn_online_checkpoint, "the online-learning benchmark writes it"),
+    }
+    for controller, (checkpoint, maker) in optional.items():
+        if controller not in controllers:
+            continue
+        if checkpoint is None or not checkpoint.exists():
+            controllers.remove(controller)
             notes.append(
-                f"gnn-online: NOT RUN -- no fine-tuned checkpoint at {args.gnn_online_checkpoint} "
-                "(the online-learning benchmark writes it; pass --gnn-online-checkpoint)."
+                f"{controller}: NOT RUN -- no checkpoint at {checkpoint} "
+                f"({maker}; pass --{controller}-checkpoint)."
             )
         else:
-            sections["gnn-online"] = gnn_section(
-                args.gnn_online_checkpoint, args.gnn_config, args.gnn_sampling
-            )
+            sections[controller] = gnn_section(checkpoint, args.gnn_config, args.gnn_sampling)
     return sections, notes
 
 
@@ -636,6 +652,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=DEFAULT_GNN_CONFIG,
         help="TOML whose [policy] table serves the GNNs",
+    )
+    p.add_argument(
+        "--gnn-real-checkpoint",
+        type=Path,
+        default=DEFAULT_GNN_REAL,
+        help="the GNN cloned from the heuristic on real runs",
     )
     p.add_argument(
         "--gnn-online-checkpoint", type=Path, default=DEFAULT_GNN_ONLINE, help="the fine-tuned GNN"

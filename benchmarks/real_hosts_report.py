@@ -13,7 +13,7 @@ from benchmarks.hoststats import Interval, paired, spread
 from esperd_examples.host.tasks import benchmark_task
 
 #: The controllers that grow the host (the others are static controls).
-GROWN = ("fixed", "random", "heuristic", "gnn-sim", "gnn-online")
+GROWN = ("fixed", "random", "heuristic", "gnn-sim", "gnn-real", "gnn-online")
 LABELS = {
     "static-small": "static small",
     "static-large": "static large",
@@ -22,8 +22,15 @@ LABELS = {
     "random": "random",
     "heuristic": "heuristic",
     "gnn-sim": "GNN (sim)",
+    "gnn-real": "GNN (real BC)",
     "gnn-online": "GNN (online)",
 }
+
+
+def _shown(path: str) -> str:
+    """A path inside the repository relative to its root (the same on every clone)."""
+    root = Path(__file__).resolve().parent.parent
+    return str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else path
 
 
 def label(controller: str) -> str:
@@ -267,11 +274,11 @@ def write_results(
     ]
     for r in results:
         lines += r.table()
-    if "gnn-sim" in settings.gnn:
-        sim = settings.gnn["gnn-sim"]
-        lines.append(f"GNN (sim) checkpoint: `{sim['checkpoint']}` ({sim['sha256']}).")
-    if "gnn-online" in settings.gnn:
-        lines.append(f"GNN (online) checkpoint: `{settings.gnn['gnn-online']['checkpoint']}`.")
+    for controller in ("gnn-sim", "gnn-real", "gnn-online"):
+        if controller in settings.gnn:
+            served = settings.gnn[controller]
+            shown = _shown(served["checkpoint"])
+            lines.append(f"{label(controller)} checkpoint: `{shown}` ({served['sha256']}).")
     md = args.out / "real_hosts.md"
     md.write_text("\n".join(lines) + "\n")
     raw = args.out / "real_hosts.json"

@@ -201,6 +201,42 @@ class RailsStatus(msgspec.Struct, kw_only=True):
     masked_by_rail: dict[str, int] = {}  # decisions where a rail masked ops out before the policy chose
 
 
+#: How much of the analysis the status lists (the counts always cover everything).
+MAX_LISTED_RUNS = 32
+MAX_LISTED_LAYERS = 32
+MAX_LISTED_CLUSTERS = 8
+
+
+class RunAnalysis(msgspec.Struct, kw_only=True):
+    """One run's analysis summary (the seed documents' analysis summary; issue 16 item 5):
+    its problematic layers, those that need attention, and the problem clusters."""
+
+    run_id: str
+    layers: int
+    overall_health: float  # seed-count-weighted mean health of the layers that reported
+    problematic: int  # layers flagged problematic (health, trend or errors)
+    needs_attention: int  # layers with low and falling health
+    clusters: int  # connected groups of problematic layers
+    problematic_layers: list[int] = []  # their layer ids, the first MAX_LISTED_LAYERS
+    attention_layers: list[int] = []  # likewise
+    cluster_layers: list[list[int]] = []  # the largest MAX_LISTED_CLUSTERS clusters' layer ids
+    epoch: int = 0
+    done: bool = False
+
+
+class AnalysisStatus(msgspec.Struct, kw_only=True):
+    """The analyzer's view of every run it tracks."""
+
+    runs: int
+    runs_with_problems: int  # runs with at least one problematic layer
+    problematic_layers: int  # over every run
+    attention_layers: int
+    clusters: int
+    # The runs with the most problematic layers first (then the least healthy), at most
+    # MAX_LISTED_RUNS; runs without a problematic or attention layer are left out.
+    per_run: list[RunAnalysis] = []
+
+
 class Status(msgspec.Struct):
     """What `esperd.status` answers."""
 
@@ -227,3 +263,4 @@ class Status(msgspec.Struct):
     reload: ReloadStatus = msgspec.field(default_factory=ReloadStatus)  # SIGHUP reloads
     instance: str = ""  # also answers on esperd.status.<instance>
     rails: RailsStatus | None = None  # what the rails blocked (None: no decision loop reports them)
+    analysis: AnalysisStatus | None = None  # per-run analysis summaries (issue 16)

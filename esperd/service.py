@@ -764,6 +764,7 @@ class Service:
             reload=msgspec.structs.replace(self.reload_status),
             instance=self.instance,
             rails=self.decisions.rails.status() if self.decisions.rails is not None else None,
+            analysis=self.analyzer.analysis(),
         )
 
     def _learner_status(self) -> LearnerStatus | None:

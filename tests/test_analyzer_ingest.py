@@ -33,6 +33,8 @@ class _Layer:
     def __init__(self, cfg: AnalyzerConfig) -> None:
         self.trend = SlidingTrend(cfg.window_size, cfg.ewma_alpha)
         self.feat = [cfg.default_health, cfg.default_health] + [0.0] * (T.SIGNAL_END - 2)
+        self.levers = [0.0] * (T.LEVER_END - T.LEVER_FIRST)  # lever telemetry (issue 16)
+        self.latency = [0.0, 0.0, 0.0, 0.0]  # last, EWMA, EW variance, throughput trend (issue 16)
         self.slot_ts = 0.0
         self.stage = STAGE_INDEX[SeedStage.DORMANT]
         self.weight = 1.0
@@ -79,6 +81,17 @@ class Reference:
             new_stage = STAGE_INDEX[s.seed_stage]
             slot = [s.alpha, min(s.epochs_in_stage / _EPOCHS, 1.0), _clip(s.blending_velocity, -1.0, 1.0)]
             layer.slot_ts = max(ts, layer.slot_ts)
+            # observation.NODE_FEATURES: cosine, ratio and headroom clipped, the rest x / (1 + x).
+            layer.levers = [
+                _clip(s.g2_headroom, -1.0, 1.0),
+                s.gradient_stability / (1.0 + s.gradient_stability),
+                s.host_gradient_via_seed / (1.0 + s.host_gradient_via_seed),
+                s.coadaptation_delta,
+                s.seed_loss_gradient / (1.0 + s.seed_loss_gradient),
+                s.seed_weight_magnitude / (1.0 + s.seed_weight_magnitude),
+                s.lr_stability_ratio,
+                s.alpha_variance / (1.0 + s.alpha_variance),
+            ]
         else:
             new_stage = stage
             slot = old[T.ALPHA : T.SIGNAL_END]
@@ -100,6 +113,21 @@ class Reference:
             *slot,
         ]
         layer.stage, layer.weight, layer.last_seen = new_stage, float(max(total, 1)), now
+        if s.execution_latency_us >= 1e-3:  # a measured latency (capped at 1000 s)
+            latency = min(s.execution_latency_us, 1e9)
+            last, mean, var, trend = layer.latency
+            if last == 0.0:
+                layer.latency = [latency, latency, var, trend]
+            else:
+                a = cfg.ewma_alpha
+                d = latency - mean
+                # Throughput is 1 / latency: its relative change is last / latency - 1.
+                layer.latency = [
+                    latency,
+                    mean + a * d,
+                    (1 - a) * (var + a * (d * d)),
+                    trend + a * ((last / latency - 1.0) - trend),
+                ]
         seen_h, seen_p, seen_a = layer.seen
         return bool(
             new_stage != stage
@@ -124,7 +152,17 @@ def assert_same(analyzer: Analyzer, reference: Reference, run: str) -> None:
         np.testing.assert_allclose(
             got, np.float32(want.feat), rtol=1e-6, atol=1e-7, err_msg=f"layer {layer_id}"
         )
+        np.testing.assert_allclose(
+            table.feat[row, T.LEVER_FIRST : T.LEVER_END],
+            np.float32(want.levers),
+            rtol=1e-6,
+            atol=1e-7,
+            err_msg=f"layer {layer_id} lever telemetry",
+        )
         aux = table.aux[row]
+        np.testing.assert_allclose(
+            aux[T.LAT_LAST : T.TPUT_TREND + 1], want.latency, rtol=1e-12, err_msg=f"layer {layer_id} latency"
+        )
         assert (aux[T.LAST_SEEN], aux[T.WEIGHT], aux[T.SLOT_TS], aux[T.STAGE]) == (
             want.last_seen,
             want.weight,
@@ -154,6 +192,17 @@ def signals(draw: st.DrawFn) -> HealthSignal:
             "blending_velocity": draw(st.sampled_from([-2.0, 0.0, 0.3, 5.0])),
             "seed_id": draw(st.sampled_from([0, 0, 1])),
         }
+        if draw(st.booleans()):  # a host that measures 004's lever telemetry
+            extra |= {
+                "g2_headroom": draw(st.sampled_from([-0.1, 0.0, 0.4, 3.0])),
+                "gradient_stability": draw(st.floats(0.0, 50.0)),
+                "host_gradient_via_seed": draw(st.floats(0.0, 10.0)),
+                "coadaptation_delta": draw(st.floats(-1.0, 1.0)),
+                "seed_loss_gradient": draw(st.floats(0.0, 100.0)),
+                "seed_weight_magnitude": draw(st.floats(0.0, 1e4)),
+                "lr_stability_ratio": draw(st.floats(0.0, 1.0)),
+                "alpha_variance": draw(st.floats(0.0, 0.25)),
+            }
     return HealthSignal(
         layer_id=draw(st.integers(0, 5)),
         health_score=draw(_health),

@@ -16,6 +16,7 @@ from esperd.analyzer.observation import Observation
 from esperd.analyzer.run import RunState, RunSummary
 from esperd.analyzer.table import NodeArena
 from esperd_contracts import Blueprint, HealthBatch, HealthSignal, Op, SystemStatePacket, TopologyPacket
+from esperd_contracts.status import MAX_LISTED_RUNS, AnalysisStatus
 
 # (run, nodes, edges) -> "" to let a run's graph grow to that size, or why not.
 SizeGate = Callable[[str, int, int], str]
@@ -178,6 +179,22 @@ class Analyzer:
             runs=len(self._runs),
             max_runs=self.config.max_runs,
             per_run=[run.summary(t) for run in self._runs.values()],
+        )
+
+    def analysis(self, limit: int = MAX_LISTED_RUNS) -> AnalysisStatus:
+        """Every run's analysis summary, totalled; the `limit` runs with the most problematic
+        layers (then the least healthy) listed, those with nothing flagged left out."""
+        self._apply_queue()
+        every = [run.analysis() for run in self._runs.values()]
+        flagged = [a for a in every if a.problematic or a.needs_attention]
+        flagged.sort(key=lambda a: (-a.problematic, -a.needs_attention, a.overall_health, a.run_id))
+        return AnalysisStatus(
+            runs=len(every),
+            runs_with_problems=sum(1 for a in every if a.problematic),
+            problematic_layers=sum(a.problematic for a in every),
+            attention_layers=sum(a.needs_attention for a in every),
+            clusters=sum(a.clusters for a in every),
+            per_run=flagged[:limit],
         )
 
     def run_ids(self) -> list[str]:

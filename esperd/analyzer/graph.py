@@ -29,6 +29,7 @@ class Graph:
     """
 
     __slots__ = (
+        "_depth",
         "blueprint_mask",
         "can_germinate",
         "edge_index",
@@ -68,6 +69,15 @@ class Graph:
         kinds = {kind: LAYER_KIND_INDEX[layer_kind(kind)] for kind in set(layer_types)}
         self.kind_index = _frozen(np.fromiter((kinds[k] for k in layer_types), np.int64, len(layer_types)))
         self.can_germinate = _frozen(seed_slots > 0)
+        self._depth: np.ndarray | None = None
+
+    @property
+    def depth(self) -> np.ndarray:
+        """Each node's depth: the longest path (in edges) to it from a node without inputs.
+        Computed once per graph (it is immutable)."""
+        if self._depth is None:
+            self._depth = _frozen(longest_paths(self.edge_index, self.num_nodes))
+        return self._depth
 
     @property
     def num_nodes(self) -> int:
@@ -150,6 +160,42 @@ def _edges_to_indices(edges: Sequence[tuple[int, int]], ids: np.ndarray) -> np.n
         )
     keys = np.unique(pos[:, 0] * n + pos[:, 1])
     return np.stack([keys // n, keys % n])
+
+
+def longest_paths(edge_index: np.ndarray, n: int) -> np.ndarray:
+    """int64 [n]: the number of edges on the longest path into each node of a DAG (0 for a source)."""
+    depth = [0] * n
+    src, dst = edge_index
+    # Usually every edge goes up in layer id, which makes id order a topological order.
+    order = range(n) if np.all(src < dst) else _topological_order(edge_index, n)
+    by_src = np.argsort(src, kind="stable")
+    starts = np.searchsorted(src[by_src], np.arange(n + 1)).tolist()
+    targets = dst[by_src].tolist()
+    for node in order:
+        here = depth[node] + 1
+        for target in targets[starts[node] : starts[node + 1]]:
+            if depth[target] < here:
+                depth[target] = here
+    return np.array(depth, dtype=np.int64)
+
+
+def _topological_order(edge_index: np.ndarray, n: int) -> list[int]:
+    """Kahn's algorithm: nodes in an order where every edge goes forward (a DAG: from_topology checks)."""
+    src, dst = edge_index
+    order = np.argsort(src, kind="stable")
+    starts = np.searchsorted(src[order], np.arange(n + 1)).tolist()
+    targets = dst[order].tolist()
+    indegree = np.bincount(dst, minlength=n).tolist()
+    ready = [i for i in range(n) if indegree[i] == 0]
+    out: list[int] = []
+    while ready:
+        node = ready.pop()
+        out.append(node)
+        for target in targets[starts[node] : starts[node + 1]]:
+            indegree[target] -= 1
+            if indegree[target] == 0:
+                ready.append(target)
+    return out
 
 
 def _check_acyclic(edge_index: np.ndarray, n: int) -> None:

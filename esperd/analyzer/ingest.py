@@ -3,8 +3,9 @@
 What one signal does to its layer's row (the semantics `RunState` documented per signal, kept
 exactly): push the health into the layer's trend window (least-squares slope and EWMA, O(1));
 set the problematic / needs-attention flags from health, trend and errors; take the slot's
-stage, alpha, epochs in stage and blending velocity when the signal speaks of seed slot 0 and
-is not older than the slot information held (host timestamps); write the telemetry features;
+stage, alpha, epochs in stage, blending velocity and the lever telemetry (issue 16) when the
+signal speaks of seed slot 0 and is not older than the slot information held (host timestamps);
+write the telemetry features;
 and report a material change (stage changed, a flag differs from the run's last observation,
 or health moved more than `material_health_delta` since then).
 
@@ -28,7 +29,7 @@ import numpy as np
 from esperd.analyzer import table as T
 from esperd.analyzer.config import AnalyzerConfig
 from esperd.analyzer.masks import DORMANT
-from esperd.analyzer.observation import NODE_FEATURE_INDEX, STAGE_INDEX
+from esperd.analyzer.observation import LEVER_TELEMETRY, NODE_FEATURE_INDEX, STAGE_INDEX
 from esperd.analyzer.table import NodeArena
 from esperd_contracts import HealthSignal, SeedStage
 
@@ -51,11 +52,26 @@ _NUMERIC = (
     "alpha",
     "epochs_in_stage",
     "blending_velocity",
+    *LEVER_TELEMETRY,
 )
 _NUMERIC_COLUMNS = [_FIELD[name] for name in _NUMERIC]
 _DORMANT_STAGE = SeedStage.DORMANT
 _WIDTH = len(_FIELD)
 _STAGE_OF_ID = {id(stage): index for stage, index in STAGE_INDEX.items()}
+# How each lever telemetry field becomes its feature (see observation.NODE_FEATURES): clipped
+# into [low, high], or squashed as x / (1 + x) (norms and variances, unbounded on the wire).
+_SQUASHED = np.array(
+    [name not in ("g2_headroom", "coadaptation_delta", "lr_stability_ratio") for name in LEVER_TELEMETRY]
+)
+_LEVER_LOW = np.where(_SQUASHED, 0.0, -1.0)
+
+
+def lever_features(values: np.ndarray) -> np.ndarray:
+    """The lever telemetry features of signals' raw lever fields ([..., len(LEVER_TELEMETRY)])."""
+    clipped = np.clip(values, _LEVER_LOW, 1.0)
+    squashed = np.where(values > 0.0, values / (1.0 + np.maximum(values, 0.0)), values)
+    out: np.ndarray = np.where(_SQUASHED, squashed, clipped)
+    return out
 
 
 # Up to this many signals in a pass, they are applied one by one in Python: a vectorized pass has a
@@ -127,7 +143,8 @@ class _Signals:
             self.alpha,
             self.epochs_in_stage,
             self.velocity,
-        ) = values
+        ) = values[: -len(LEVER_TELEMETRY)]
+        self.levers = values[-len(LEVER_TELEMETRY) :].T  # [signals, lever fields]
         # By identity: the decoder hands out the enum's members, and an Enum hashes in Python.
         stages = map(id, fields[:, _FIELD["seed_stage"]])
         self.stage = np.fromiter(map(_STAGE_OF_ID.__getitem__, stages), np.int64, total)
@@ -271,6 +288,10 @@ def _apply_round(
     )
     out[:, T.ALPHA :] = np.where(takes_slot[:, None], slot, old[:, T.ALPHA - T.PROBLEMATIC :])
     feat[rows, : T.SIGNAL_END] = out
+    old_levers = feat[rows, T.LEVER_FIRST : T.LEVER_END]
+    levers = lever_features(s.levers[select])
+    feat[rows, T.LEVER_FIRST : T.LEVER_END] = np.where(takes_slot[:, None], levers, old_levers)
+    _latency(state, s.latency_us[select], cfg.ewma_alpha)
     state[:, T.LAST_SEEN] = s.now if isinstance(s.now, float) else s.now[select]
     state[:, T.WEIGHT] = np.maximum(seeds, 1.0)
     changed = new_stage != stage  # before the stage column is overwritten
@@ -284,8 +305,67 @@ def _apply_round(
     flipped[message[problematic != (old[:, 0] > 0.5)]] = True
 
 
+# Latencies (us) the statistics take: below a nanosecond is no measurement (0 is "not measured"),
+# and above 1000 s counts as 1000 s (the wire allows up to 1e300, whose square would overflow).
+MIN_LATENCY_US = 1e-3
+MAX_LATENCY_US = 1e9
+
+
+def _latency(state: np.ndarray, latency: np.ndarray, alpha: float) -> None:
+    """Fold each signal's latency into its row's latency statistics (table.LAT_LAST ...): the
+    EWMA and exponentially weighted variance, and the EWMA of the throughput's relative change.
+    A latency below MIN_LATENCY_US is not a measurement and changes nothing."""
+    last, mean, var, trend = (state[:, c] for c in (T.LAT_LAST, T.LAT_MEAN, T.LAT_VAR, T.TPUT_TREND))
+    measured = latency >= MIN_LATENCY_US
+    latency = np.minimum(latency, MAX_LATENCY_US)
+    later = measured & (last > 0.0)
+    d = latency - mean
+    change = last / np.where(measured, latency, 1.0) - 1.0  # throughput now / before - 1
+    state[:, T.LAT_MEAN] = np.where(later, mean + alpha * d, np.where(measured, latency, mean))
+    state[:, T.LAT_VAR] = np.where(later, (1.0 - alpha) * (var + alpha * (d * d)), var)
+    state[:, T.TPUT_TREND] = np.where(later, trend + alpha * (change - trend), trend)
+    state[:, T.LAT_LAST] = np.where(measured, latency, last)
+
+
+def _latency_one(
+    latency: float, last: float, mean: float, var: float, trend: float, alpha: float
+) -> tuple[float, float, float, float]:
+    """`_latency` for one signal, in Python floats (the same arithmetic)."""
+    if latency < MIN_LATENCY_US:
+        return last, mean, var, trend
+    latency = min(latency, MAX_LATENCY_US)
+    if last <= 0.0:
+        return latency, latency, var, trend
+    d = latency - mean
+    change = last / latency - 1.0
+    return (
+        latency,
+        mean + alpha * d,
+        (1.0 - alpha) * (var + alpha * (d * d)),
+        trend + alpha * (change - trend),
+    )
+
+
 def _clip(value: float, low: float, high: float) -> float:
     return low if value < low else high if value > high else value
+
+
+def _squash(value: float) -> float:
+    return value / (1.0 + value) if value > 0.0 else value  # the wire keeps these >= 0
+
+
+def _lever_features_one(s: HealthSignal) -> tuple[float, ...]:
+    """`lever_features` of one signal, in Python floats (the same arithmetic, no numpy calls)."""
+    return (
+        _clip(s.g2_headroom, -1.0, 1.0),
+        _squash(s.gradient_stability),
+        _squash(s.host_gradient_via_seed),
+        _clip(s.coadaptation_delta, -1.0, 1.0),
+        _squash(s.seed_loss_gradient),
+        _squash(s.seed_weight_magnitude),
+        _clip(s.lr_stability_ratio, -1.0, 1.0),
+        _squash(s.alpha_variance),
+    )
 
 
 def _apply_one_by_one(arena: NodeArena, cfg: AnalyzerConfig, q: QueuedHealth) -> tuple[bool, bool]:
@@ -297,9 +377,28 @@ def _apply_one_by_one(arena: NodeArena, cfg: AnalyzerConfig, q: QueuedHealth) ->
     for local, s in zip(q.rows, q.signals, strict=True):
         row = q.table.start + local
         ts = s.timestamp or q.batch_ts
-        (_, _, slot_ts, stage, seen_h, seen_p, seen_a, count_f, head_f, since, sum_y, sum_xy, ewma) = aux[
-            row
-        ].tolist()
+        (
+            _,
+            _,
+            slot_ts,
+            stage,
+            seen_h,
+            seen_p,
+            seen_a,
+            count_f,
+            head_f,
+            since,
+            sum_y,
+            sum_xy,
+            ewma,
+            lat_last,
+            lat_mean,
+            lat_var,
+            tput_trend,
+        ) = aux[row].tolist()
+        lat_last, lat_mean, lat_var, tput_trend = _latency_one(
+            s.execution_latency_us, lat_last, lat_mean, lat_var, tput_trend, alpha
+        )
         count, head, h = int(count_f), int(head_f), s.health_score
         if count < size:  # esperd.analyzer.window.SlidingTrend.push, on the row's columns
             win[row, count] = h
@@ -346,6 +445,7 @@ def _apply_one_by_one(arena: NodeArena, cfg: AnalyzerConfig, q: QueuedHealth) ->
                 _clip(s.blending_velocity, -1.0, 1.0),
             )
             slot_ts = max(ts, slot_ts)
+            feat[row, T.LEVER_FIRST : T.LEVER_END] = _lever_features_one(s)
         else:
             new_stage = stage
             slot = tuple(old[T.ALPHA - T.PROBLEMATIC :])
@@ -380,6 +480,10 @@ def _apply_one_by_one(arena: NodeArena, cfg: AnalyzerConfig, q: QueuedHealth) ->
             sum_y,
             sum_xy,
             ewma,
+            lat_last,
+            lat_mean,
+            lat_var,
+            tput_trend,
         )
         material |= bool(
             new_stage != stage
@@ -388,3 +492,16 @@ def _apply_one_by_one(arena: NodeArena, cfg: AnalyzerConfig, q: QueuedHealth) ->
             or attention != (seen_a > 0.5)
         )
     return material, flipped
+
+
+# The scalar path spells out lever_features per field: keep the two in step.
+assert LEVER_TELEMETRY == (
+    "g2_headroom",
+    "gradient_stability",
+    "host_gradient_via_seed",
+    "coadaptation_delta",
+    "seed_loss_gradient",
+    "seed_weight_magnitude",
+    "lr_stability_ratio",
+    "alpha_variance",
+)

@@ -158,6 +158,50 @@ NODE_FEATURES: tuple[str, ...] = (
     # the error from the validation size and the epoch-to-epoch spread), / 4, clipped: |z| >= 2
     # (0.5 here) is a contribution that is more than noise. 0 outside probation.
     "counterfactual_z",
+    # 004's lever telemetry (issue 16; the health signal's fields of the same names, defined in
+    # esperd_contracts.HealthSignal). Norms and variances are squashed as x / (1 + x) into [0, 1).
+    "g2_headroom",  # clipped to [-1, 1]
+    "gradient_stability",  # squashed
+    "host_gradient_via_seed",  # squashed
+    "coadaptation_delta",  # a cosine, in [-1, 1]
+    "seed_loss_gradient",  # squashed
+    "seed_weight_magnitude",  # squashed
+    "lr_stability_ratio",  # in [0, 1]; 0 without a seed
+    "alpha_variance",  # squashed
+    # The state packet's counterfactuals at alpha 25/50/75/100 % (accuracy units), clipped; 0
+    # until the blend reaches the milestone.
+    "counterfactual_alpha25",
+    "counterfactual_alpha50",
+    "counterfactual_alpha75",
+    "counterfactual_alpha100",
+    # Seed document 001's per-layer analysis (issue 16 item 5; esperd.analyzer.analysis defines
+    # each): performance trends, stability, readiness for a germination, topology context.
+    "latency_variance",  # squared coefficient of variation of the latency, clipped to [0, 1]
+    "throughput_trend",  # EWMA of the relative change in throughput per signal, clipped
+    "stability",  # in (0, 1]
+    "readiness",  # in [0, 1]; 0 where GERMINATE is not legal now
+    "depth",  # longest path from an input / 32, clipped
+    "position",  # depth / the deepest layer's depth
+    "upstream_health",  # mean health of the direct predecessors (default health without any)
+    "downstream_health",  # ... of the direct successors
+)
+#: The lever telemetry columns, in the order of NODE_FEATURES (and of HealthSignal's fields).
+LEVER_TELEMETRY: tuple[str, ...] = (
+    "g2_headroom",
+    "gradient_stability",
+    "host_gradient_via_seed",
+    "coadaptation_delta",
+    "seed_loss_gradient",
+    "seed_weight_magnitude",
+    "lr_stability_ratio",
+    "alpha_variance",
+)
+#: The milestone counterfactual columns (SeedSlotState's fields of the same names).
+MILESTONE_FEATURES: tuple[str, ...] = (
+    "counterfactual_alpha25",
+    "counterfactual_alpha50",
+    "counterfactual_alpha75",
+    "counterfactual_alpha100",
 )
 #: Scale of the `counterfactual_z` feature.
 COUNTERFACTUAL_Z_SCALE = 4.0

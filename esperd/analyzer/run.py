@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import msgspec
 import numpy as np
 
-from esperd.analyzer import table as T
+from esperd.analyzer import analysis, table as T
 from esperd.analyzer.config import AnalyzerConfig, AnalyzerError
 from esperd.analyzer.graph import Graph, components, gcn_normalize
 from esperd.analyzer.ingest import QueuedHealth
@@ -21,7 +21,9 @@ from esperd.analyzer.observation import (
     EPOCHS_REMAINING_SCALE,
     GLOBAL_FEATURES,
     LAYER_KINDS,
+    NODE_FEATURE_INDEX,
     NODE_FEATURES,
+    OP_INDEX,
     OPS,
     STAGE_INDEX,
     STAGES,
@@ -37,6 +39,7 @@ from esperd_contracts import (
     SystemStatePacket,
     next_stage,
 )
+from esperd_contracts.status import MAX_LISTED_CLUSTERS, MAX_LISTED_LAYERS, RunAnalysis
 
 _STAGE_SLICE = slice(T.STAGE_FIRST, T.STAGE_FIRST + STAGE_ONE_HOT.shape[0])
 _FLAG_COLUMNS = [T.HEALTH, T.PROBLEMATIC, T.ATTENTION]
@@ -46,6 +49,20 @@ _KIND_ONE_HOT = np.eye(len(LAYER_KINDS), dtype=np.float32)
 _ALPHA_RESET = frozenset({Op.GERMINATE, Op.PRUNE})
 _EPOCHS_IN_STAGE_SCALE = 12.0  # the longest blend tempo (glacial)
 _LAYER_ID = operator.attrgetter("layer_id")
+_GERMINATE = OP_INDEX[Op.GERMINATE]
+_ANALYSIS = [
+    NODE_FEATURE_INDEX[name]
+    for name in (
+        "latency_variance",
+        "throughput_trend",
+        "stability",
+        "readiness",
+        "depth",
+        "position",
+        "upstream_health",
+        "downstream_health",
+    )
+]
 
 
 # Called with a run's node and edge counts before its graph grows to them; raises AnalyzerError to refuse.
@@ -276,6 +293,15 @@ class RunState:
                 _clip(slot.total_improvement, -1.0, 1.0),
             )
             feat[row, T.COUNTERFACTUAL_Z] = self._counterfactual_z(slot.layer_id, slot)
+            feat[row, T.MILESTONE_FIRST : T.MILESTONE_END] = [
+                0.0 if value is None else _clip(value, -1.0, 1.0)
+                for value in (
+                    slot.counterfactual_alpha25,
+                    slot.counterfactual_alpha50,
+                    slot.counterfactual_alpha75,
+                    slot.counterfactual_alpha100,
+                )
+            ]
             aux[row, T.SLOT_TS : T.STAGE + 1] = (max(ts, aux[row, T.SLOT_TS]), stage)
         self.last_seen = now
         return material
@@ -311,9 +337,11 @@ class RunState:
             return False
         if target is not stage:
             feat[row, T.ALPHA + 1] = 0.0  # epochs in the new stage
-        if op in _ALPHA_RESET:
+        if op in _ALPHA_RESET:  # a new seed, or none: what was measured of the old one is gone
             feat[row, T.ALPHA] = 0.0
             feat[row, T.COUNTERFACTUAL : T.COUNTERFACTUAL + 2] = 0.0
+            feat[row, T.LEVER_FIRST : T.LEVER_END] = 0.0
+            feat[row, T.MILESTONE_FIRST : T.MILESTONE_END] = 0.0
         if target is not SeedStage.PROBATIONARY:
             feat[row, T.COUNTERFACTUAL_Z] = 0.0
             self._probation_cf.pop(layer_id, None)
@@ -431,6 +459,8 @@ class RunState:
         x[:, _STAGE_SLICE] = STAGE_ONE_HOT[stages]
         gcn_index, gcn_weight = self.gcn_adjacency()
         blueprint_mask, can_germinate = self._action_masks(graph)
+        ops = op_mask(stages, can_germinate)
+        x[:, _ANALYSIS] = self._analysis(graph, rows, x, aux, ops[:, _GERMINATE])
         n = table.n
         table.aux[:n, T.SEEN_HEALTH : T.SEEN_ATTENTION + 1] = table.feat[:n][:, _FLAG_COLUMNS]
         return Observation(
@@ -442,12 +472,29 @@ class RunState:
             gcn_edge_index=gcn_index,
             gcn_edge_weight=gcn_weight,
             global_features=self._global_features(x, stages, len(groups)),
-            op_mask=op_mask(stages, can_germinate),
+            op_mask=ops,
             blueprint_mask=blueprint_mask,
             stages=stages,
             epoch=self.training.epoch,
             timestamp=now,
         )
+
+    def _analysis(
+        self, graph: Graph, rows: np.ndarray, x: np.ndarray, aux: np.ndarray, germinate: np.ndarray
+    ) -> np.ndarray:
+        """001's per-layer analysis (esperd.analyzer.analysis), columns in _ANALYSIS order."""
+        table = self._table
+        window = table.arena.win[table.start + rows]
+        spread = analysis.health_spread(window, aux[:, T.W_COUNT])
+        latency = analysis.latency_variance(aux[:, T.LAT_MEAN], aux[:, T.LAT_VAR])
+        steady = analysis.stability(spread, latency)
+        ready = analysis.readiness(germinate, x[:, T.EWMA], steady, x[:, T.STALENESS])
+        depth, position = analysis.position(graph.depth)
+        upstream, downstream = analysis.neighbour_health(
+            graph.edge_index, x[:, T.HEALTH], self.config.default_health
+        )
+        trend = np.clip(aux[:, T.TPUT_TREND], -1.0, 1.0)
+        return np.stack([latency, trend, steady, ready, depth, position, upstream, downstream], axis=1)
 
     def _global_features(self, x: np.ndarray, stages: np.ndarray, n_clusters: int) -> np.ndarray:
         tr = self.training
@@ -491,6 +538,39 @@ class RunState:
             stages=no_nodes,
             epoch=self.training.epoch,
             timestamp=now,
+        )
+
+    def analysis(self) -> RunAnalysis:
+        """The run's analysis summary for the status: counts, and which layers (listing bounded)."""
+        if self.graph is None:
+            return RunAnalysis(
+                run_id=self.run_id,
+                layers=0,
+                overall_health=self.overall_health(),
+                problematic=0,
+                needs_attention=0,
+                clusters=0,
+                epoch=self.training.epoch,
+                done=self.training.done,
+            )
+        rows = self._rows()
+        feat = self._table.feat[rows]
+        ids = self.graph.layer_ids
+        problematic = ids[feat[:, T.PROBLEMATIC] > 0.5]
+        attention = ids[feat[:, T.ATTENTION] > 0.5]
+        clusters = sorted(self.clusters(), key=len, reverse=True)
+        return RunAnalysis(
+            run_id=self.run_id,
+            layers=self.graph.num_nodes,
+            overall_health=self.overall_health(),
+            problematic=int(problematic.shape[0]),
+            needs_attention=int(attention.shape[0]),
+            clusters=len(clusters),
+            problematic_layers=problematic[:MAX_LISTED_LAYERS].tolist(),
+            attention_layers=attention[:MAX_LISTED_LAYERS].tolist(),
+            cluster_layers=[group[:MAX_LISTED_LAYERS] for group in clusters[:MAX_LISTED_CLUSTERS]],
+            epoch=self.training.epoch,
+            done=self.training.done,
         )
 
     def summary(self, now: float) -> RunSummary:

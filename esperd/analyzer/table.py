@@ -13,7 +13,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from esperd.analyzer.masks import DORMANT
-from esperd.analyzer.observation import NODE_FEATURE_INDEX, NODE_FEATURES
+from esperd.analyzer.observation import (
+    LEVER_TELEMETRY,
+    MILESTONE_FEATURES,
+    NODE_FEATURE_INDEX,
+    NODE_FEATURES,
+)
 
 # Node feature columns the analyzer writes by position (NODE_FEATURES order is the contract).
 HEALTH = NODE_FEATURE_INDEX["health"]
@@ -32,6 +37,10 @@ COUNTERFACTUAL_Z = NODE_FEATURE_INDEX["counterfactual_z"]
 KIND_FIRST = NODE_FEATURE_INDEX["kind_conv"]  # first of the layer-kind one-hot columns
 
 SIGNAL_END = NODE_FEATURE_INDEX["blending_velocity"] + 1  # a health signal writes columns [0, SIGNAL_END)
+LEVER_FIRST = NODE_FEATURE_INDEX[LEVER_TELEMETRY[0]]  # ... and [LEVER_FIRST, LEVER_END): its lever telemetry
+LEVER_END = LEVER_FIRST + len(LEVER_TELEMETRY)
+MILESTONE_FIRST = NODE_FEATURE_INDEX[MILESTONE_FEATURES[0]]  # the state packet's milestone counterfactuals
+MILESTONE_END = MILESTONE_FIRST + len(MILESTONE_FEATURES)
 
 # Ingest writes contiguous column runs in one assignment each; make sure they are contiguous.
 assert NODE_FEATURES[HEALTH:SIGNAL_END] == (
@@ -55,6 +64,8 @@ assert NODE_FEATURES[HEALTH:SIGNAL_END] == (
 )
 assert HEALTH == 0
 assert NODE_FEATURES[COUNTERFACTUAL : COUNTERFACTUAL + 2] == ("counterfactual", "total_improvement")
+assert NODE_FEATURES[LEVER_FIRST:LEVER_END] == LEVER_TELEMETRY
+assert NODE_FEATURES[MILESTONE_FIRST:MILESTONE_END] == MILESTONE_FEATURES
 
 # Bookkeeping columns (float64), not seen by the policy.
 LAST_SEEN = 0  # analyzer clock of the layer's latest health signal; -inf before the first
@@ -75,7 +86,15 @@ W_SINCE_SYNC = 9
 W_SUM_Y = 10
 W_SUM_XY = 11
 W_EWMA = 12
-AUX_COLUMNS = 13
+# Latency statistics (001's performance trends; issue 16 item 5), updated by each signal that
+# measures a latency (> 0): the previous latency (us; 0 before the first), the EWMA of the
+# latency and its exponentially weighted variance, and the EWMA of the relative change in
+# throughput (forward passes per second, 1 / latency) from one signal to the next.
+LAT_LAST = 13
+LAT_MEAN = 14
+LAT_VAR = 15
+TPUT_TREND = 16
+AUX_COLUMNS = 17
 
 MIN_BLOCK = 16
 
@@ -98,7 +117,7 @@ class NodeArena:
         self.default_feat = np.zeros(len(NODE_FEATURES), dtype=np.float32)
         self.default_feat[[HEALTH, EWMA]] = default_health
         self.default_aux = np.array(
-            [-np.inf, 1.0, 0.0, DORMANT, default_health, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+            [-np.inf, 1.0, 0.0, DORMANT, default_health, *([0.0] * (AUX_COLUMNS - 5))]
         )
         self.capacity = 0
         self.top = 0  # rows below this were handed out at some point

@@ -196,3 +196,23 @@ async def test_status_round_trips_through_msgspec(
         reply = await nats_client.request("esperd.status", b"", timeout=2)
     decoded = msgspec.json.decode(reply.data, type=Status)
     assert decoded.version and decoded.stopping is False
+
+
+async def test_status_reports_each_runs_analysis(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
+    # Issue 16 item 5: the per-run analysis summary (problematic, needs attention, clusters).
+    async with running_daemon(daemon_config(nats_server.url, tmp_path)):
+        for subject, data in HAND_TYPED:
+            await nats_client.publish(subject, data)
+        sick = HealthBatch(signals=[HealthSignal(layer_id=i, health_score=0.1) for i in range(3)])
+        await nats_client.publish("esper.r9.health", Codec().encode_json(sick))
+        st = await wait_for_status(
+            nats_client, lambda s: s["accepted_total"] >= len(HAND_TYPED) + 1 and s["analysis"]["runs"] == 2
+        )
+    analysis = st["analysis"]
+    assert analysis["runs_with_problems"] == 2 and analysis["problematic_layers"] == 4
+    r9, r1 = analysis["per_run"]  # the most problematic run first
+    assert r9["run_id"] == "r9" and r9["problematic_layers"] == [0, 1, 2]
+    assert r9["cluster_layers"] == [[0, 1, 2]]  # an inferred chain: the three are one cluster
+    assert r1["run_id"] == "r1" and r1["problematic_layers"] == [1] and r1["clusters"] == 1

@@ -263,7 +263,9 @@ async def test_hot_swap_under_concurrent_decisions(tmp_path: Path, algorithm: st
             scheduler,
             run_ids,
             lambda rounds: learner.status.swaps >= 4 and rounds >= 8 and bool(swaps_mid_batch()),
-            within_s=30.0,
+            # A deadline, not an expectation: on a loaded 2-core machine PPO updates (and so swaps)
+            # come seconds apart, and one must happen to land inside a batch.
+            within_s=120.0,
         )
     finally:
         for task in tasks:

@@ -131,6 +131,7 @@ class LearnerStatus(msgspec.Struct):
     # and the worst timing seen over it.
     budget_violations: dict[str, int] = {}
     budget_worst_ms: dict[str, float] = {}
+    update_ms_p95: float = 0.0  # learner steps (batch taken -> result judged), last 1024
 
 
 class MemberView(msgspec.Struct):

@@ -268,17 +268,30 @@ def test_beta_anneals_linearly_then_holds():
     assert buf.beta == pytest.approx(1.0) and buf.stats().samples == 14
 
 
-def test_importance_weights_are_normalized_by_the_batch_max():
+def test_importance_weights_are_capped_at_max_importance_weight_not_normalized():
+    """002: weights (N * P(i))^-beta, capped at max_importance_weight (10), not divided by the
+    batch's largest."""
     buf = ReplayBuffer(capacity=8, alpha=1.0, beta_start=0.5, beta_anneal_steps=1_000_000, seed=0)
+    assert buf.max_importance_weight == 10.0
     buf.extend(episodes(1, 4))
     buf.update_priorities(np.arange(4), np.array([1.0, 2.0, 3.0, 4.0]) - buf.eps)
     batch = buf.sample(256, np.random.default_rng(0))
     probs = np.array([1.0, 2.0, 3.0, 4.0])[batch.indices] / 10.0
-    raw = (4 * probs) ** -0.5
-    assert np.allclose(batch.weights, raw / raw.max(), rtol=1e-6)
-    assert batch.weights.max() == pytest.approx(1.0)
+    raw = (4 * probs) ** -0.5  # 1.58, 1.12, 0.91, 0.79: none reaches the cap
+    assert np.allclose(batch.weights, raw, rtol=1e-6)
+    assert batch.weights.max() == pytest.approx(np.sqrt(10 / 4), rel=1e-6) and batch.weights.min() < 1.0
     # Rarely drawn (low priority) transitions weigh most.
     assert batch.weights[batch.indices == 0].min() > batch.weights[batch.indices == 3].max()
+    # A transition drawn 1,000 times less often than uniform weighs the cap, no more.
+    rare = ReplayBuffer(capacity=8, alpha=1.0, beta_start=1.0, seed=0, max_importance_weight=10.0)
+    rare.extend(episodes(1, 2))
+    rare.update_priorities(np.arange(2), np.array([1.0, 1999.0]) - rare.eps)
+    drawn = rare.sample(4000, np.random.default_rng(1))
+    assert np.any(drawn.indices == 0)
+    assert drawn.weights[drawn.indices == 0] == pytest.approx(10.0)  # (2 * 1/2000)^-1 = 1000, capped
+    assert drawn.weights[drawn.indices == 1] == pytest.approx(2000 / 1999 / 2, rel=1e-5)
+    with pytest.raises(ValueError):
+        ReplayBuffer(capacity=8, max_importance_weight=0.0)
 
 
 def test_sampling_an_empty_buffer_is_an_error():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import itertools
 import math
 import os
 import pathlib
@@ -301,9 +302,10 @@ async def test_hot_swap_under_concurrent_decisions(tmp_path: Path, algorithm: st
 @pytest.mark.parametrize("algorithm", ["ppo", "impala"])
 async def test_nan_reward_trips_the_breaker_and_never_serves_it(tmp_path: Path, algorithm: str) -> None:
     clock = FakeClock()
-    # IMPALA: 16 stored, 64 drawn stratified at equal priority: every stored step is in the batch.
+    # IMPALA: 16 stored, 64 single steps drawn stratified at equal priority: every stored step is
+    # in the batch.
     learner, swapped = build_learner(
-        tmp_path, algorithm, clock=clock, min_replay=16, impala=ImpalaConfig(batch_size=64)
+        tmp_path, algorithm, clock=clock, min_replay=16, impala=ImpalaConfig(batch_size=64, unroll_length=1)
     )
     serving = learner.serving
     good = weights(serving)
@@ -393,6 +395,36 @@ async def test_the_breaker_opens_on_the_fifth_failure_in_its_window_and_closes_o
     assert status.breaker == "closed" and status.updates == 1 and swapped == [learner.serving]
     assert status.failures_in_window == 0 and status.failures == 5
     assert status.breaker_transitions == {"closed->open": 1, "open->half_open": 1, "half_open->closed": 1}
+
+
+async def test_impala_learns_from_unrolls_with_capped_weights_and_reports_vtrace_diagnostics(
+    tmp_path: Path,
+) -> None:
+    """002: unrolls of consecutive steps (V-trace over each), importance weights capped at
+    max_importance_weight, and rho, c, weight mean, clip fractions and p95 update time in status."""
+    learner, _ = build_learner(
+        tmp_path, "impala", min_replay=16, impala=ImpalaConfig(batch_size=40, unroll_length=10)
+    )
+    assert learner.replay is not None and learner.replay.max_importance_weight == 10.0
+    # 4 runs x 12 steps, each run's steps chained (next_obs is the next step's obs).
+    feed(learner, sim_transitions(learner.serving, 48, seed=50, envs=4))
+    sample = learner._take_batch()
+    assert sample.lengths is not None and len(sample.lengths) == 4  # 40 // 10 unrolls
+    assert all(1 <= n <= 10 for n in sample.lengths) and len(sample.batch) == sample.lengths.sum()
+    for first, n in zip(np.concatenate([[0], np.cumsum(sample.lengths)[:-1]]), sample.lengths, strict=True):
+        unroll = sample.batch[first : first + n]
+        assert len({t.run_id for t in unroll}) == 1  # one run each, consecutive steps
+        assert all(a.next_obs is b.obs for a, b in itertools.pairwise(unroll))
+        assert sample.weights is not None and len(set(sample.weights[first : first + n].tolist())) == 1
+    assert sample.slots is not None and len(sample.slots[0]) == len(sample.batch)
+    assert await learner.update_once()
+    last = learner.status.last
+    assert last["unrolls"] >= 1 and last["samples"] >= 4
+    assert last["rho_mean"] > 0.0 and 0.0 < last["c_mean"] <= 1.0
+    assert 0.0 < last["importance_weight_mean"] <= 10.0
+    for key in ("clip_fraction", "c_clip_fraction", "pg_clip_fraction"):
+        assert 0.0 <= last[key] <= 1.0
+    assert learner.status.update_ms_p95 > 0.0
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "impala"])

@@ -159,7 +159,7 @@ class SampledBatch(msgspec.Struct, kw_only=True):
 
     transitions: list[Transition]
     indices: np.ndarray  # int64 [B] buffer slots, for update_priorities
-    weights: np.ndarray  # float32 [B] importance weights, max 1 (all 1 when uniform)
+    weights: np.ndarray  # float32 [B] importance weights, at most max_importance_weight (1 when uniform)
     beta: float
     stamps: (
         np.ndarray
@@ -178,6 +178,7 @@ class SampledSequences(msgspec.Struct, kw_only=True):
     weights: np.ndarray  # float32 [B], importance weights of the first steps
     beta: float
     stamps: np.ndarray  # int64 [B] fill stamps of the first steps (see SampledBatch)
+    slot_stamps: np.ndarray | None = None  # int64 [length, B] fill stamps of `slots`, -1 past an end
 
 
 class ReplayStats(msgspec.Struct, kw_only=True):
@@ -197,9 +198,12 @@ class ReplayBuffer:
 
     Prioritized replay (Schaul et al. 2016): P(i) = p_i^alpha / sum_k p_k^alpha with
     p_i = |td_i| + eps; a new transition gets the largest priority seen so far, so it is
-    sampled at least once soon. Importance weights (N * P(i))^-beta are divided by the
-    batch's largest, so they only ever scale updates down; beta anneals linearly from
-    beta_start to beta_end over beta_anneal_steps calls to `sample`.
+    sampled at least once soon. Importance weights (N * P(i))^-beta are capped at
+    `max_importance_weight` (seed document 002: 10), so a transition sampled far less often than
+    uniform counts at most that much more, while the weights keep their scale from batch to batch
+    (dividing by each batch's largest, as before, made a step's size depend on the rarest sample
+    drawn); beta anneals linearly from beta_start to beta_end over beta_anneal_steps calls to
+    `sample`.
 
     The buffer also links each stored transition to the stored transition of the same run
     whose obs is its next_obs, so `sample_sequences` can hand out [T, B] unrolls for V-trace.
@@ -216,6 +220,7 @@ class ReplayBuffer:
         beta_anneal_steps: int = 100_000,
         eps: float = 1e-6,
         seed: int | None = None,
+        max_importance_weight: float = 10.0,
     ) -> None:
         if capacity < 1:
             raise ValueError("replay capacity must be >= 1")
@@ -223,6 +228,9 @@ class ReplayBuffer:
             raise ValueError("alpha must be >= 0 and betas in [0, 1]")
         if eps <= 0:
             raise ValueError("eps must be > 0 (a zero priority is never sampled again)")
+        if not max_importance_weight > 0:
+            raise ValueError("max_importance_weight must be > 0")
+        self.max_importance_weight = float(max_importance_weight)
         self.capacity = int(capacity)
         self.prioritized = bool(prioritized)
         self.alpha = float(alpha)
@@ -355,6 +363,7 @@ class ReplayBuffer:
                     seq.append(items[cur])
                 sequences.append(seq)
             stamps = self._stamp[indices]
+            slot_stamps = np.where(slots >= 0, self._stamp[np.maximum(slots, 0)], -1)
         return SampledSequences(
             sequences=sequences,
             indices=indices,
@@ -362,6 +371,7 @@ class ReplayBuffer:
             weights=weights,  # type: ignore[arg-type]
             beta=beta,
             stamps=stamps,
+            slot_stamps=slot_stamps,
         )
 
     def _sample_indices(
@@ -384,8 +394,7 @@ class ReplayBuffer:
         # Float rounding can walk a descent into the empty leaves past the end: use the last stored one.
         np.minimum(indices, size - 1, out=indices)
         probs = self._tree.get(indices) / total
-        weights = (size * probs) ** (-beta)
-        weights /= weights.max()
+        weights = np.minimum((size * probs) ** (-beta), self.max_importance_weight)
         return indices, weights.astype(np.float32), beta
 
     def update_priorities(

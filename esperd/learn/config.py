@@ -149,6 +149,12 @@ class ImpalaConfig(Section, frozen=True):
     # Recurrent policies: a batch's consecutive steps of one run (PPO's sequences) are unrolled
     # through time in pieces of up to this many steps, each from the state recorded at its first.
     bptt_length: Annotated[int, Meta(ge=1, le=10_000)] = 16
+    # The daemon learns from unrolls: batch_size // unroll_length runs' stretches of up to this
+    # many consecutive steps each, drawn from the replay buffer, V-trace over each (002: 20).
+    # 1: single steps, as before.
+    unroll_length: Annotated[int, Meta(ge=1, le=10_000)] = 20
+    # Prioritized replay's importance weights are capped here (002), not divided by the batch's largest.
+    max_importance_weight: Annotated[float, Meta(gt=0.0)] = 10.0
 
     def __post_init__(self) -> None:
         # Meta constraints are checked when decoding; this catches direct construction too.

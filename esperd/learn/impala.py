@@ -159,6 +159,9 @@ class ImpalaLearner:
             rhos = log_rhos.exp()
             approx_kl = float(((rhos - 1) - log_rhos).mean())
             clip_fraction = 0.0 if cfg.rho_bar is None else float((rhos > cfg.rho_bar).float().mean())
+            cs = rhos if cfg.c_bar is None else rhos.clamp(max=cfg.c_bar)
+            c_clip = 0.0 if cfg.c_bar is None else float((rhos > cfg.c_bar).float().mean())
+            pg_clip = 0.0 if cfg.pg_rho_bar is None else float((rhos > cfg.pg_rho_bar).float().mean())
             td_errors = (vs - values.detach()).abs()
         return UpdateStats(
             algorithm=self.algorithm,
@@ -177,6 +180,12 @@ class ImpalaLearner:
             explained_variance=explained_variance(values.detach(), vs),
             seconds=time.perf_counter() - start,
             td_errors=td_errors.cpu().tolist(),
+            rho_mean=float(rhos.mean()),
+            c_mean=float(cs.mean()),
+            importance_weight_mean=float(w.mean()),
+            c_clip_fraction=c_clip,
+            pg_clip_fraction=pg_clip,
+            unrolls=len(sequences),
         )
 
     # ------------------------------------------------------------ checkpoints

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -62,6 +63,20 @@ from esperd_contracts.status import LearnerStatus
 log = structlog.get_logger("esperd.learn")
 
 PolicyFactory = Callable[[], PolicyBundle]
+
+
+@dataclass(slots=True)
+class _Sample:
+    """A batch to learn from and where its transitions live in the replay buffer (None: a rollout)."""
+
+    batch: list[Transition]
+    weights: np.ndarray | None = None  # importance weights, one per transition
+    slots: Slots | None = None  # (replay slot, fill stamp) of each transition, for the worker
+    priority_slots: np.ndarray | None = None  # whose priority the update's TD errors set
+    priority_stamps: np.ndarray | None = None
+    lengths: np.ndarray | None = None  # unrolls: steps in each (their TD errors are averaged)
+
+
 Swap = Callable[[PolicyBundle], None]
 
 
@@ -103,7 +118,11 @@ class Learner:
             self.replay: ReplayBuffer | None = None
         else:
             self.rollout = None
-            self.replay = ReplayBuffer(capacity=config.replay_capacity, prioritized=config.prioritized)
+            self.replay = ReplayBuffer(
+                capacity=config.replay_capacity,
+                prioritized=config.prioritized,
+                max_importance_weight=config.impala.max_importance_weight,
+            )
         self._counters = LearnerStatus(
             algorithm=config.algorithm,
             serving_version=serving.version,
@@ -115,6 +134,7 @@ class Learner:
         self._wake = asyncio.Event()
         self._paused_until = 0.0  # a failed worker's restart backoff
         self.budgets = BudgetWatch(config.budgets, clock)
+        self._update_seconds: collections.deque[float] = collections.deque(maxlen=1024)
         breaker = config.breaker
         self.breaker = CircuitBreaker(
             BreakerPolicy(
@@ -166,6 +186,7 @@ class Learner:
             breaker_reopens_in_s=round(breaker.reopens_in_s, 3),
             budget_violations=dict(self.budgets.violations),
             budget_worst_ms={k: round(v, 3) for k, v in self.budgets.worst_ms.items()},
+            update_ms_p95=round(_p95(self._update_seconds) * 1e3, 3),
         )
 
     @property
@@ -277,29 +298,24 @@ class Learner:
             return False
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        batch, indices, stamps, weights = self._take_batch()
-        if not batch:
+        sample = self._take_batch()
+        if not sample.batch:
             self.breaker.release_probe()
             return False
         self.budgets.observe("processing", (time.perf_counter() - started) * 1e3)
         try:
-            return await self._update(loop, batch, indices, stamps, weights)
+            return await self._update(loop, sample)
         finally:
-            self.budgets.observe("step", (time.perf_counter() - started) * 1e3)
+            elapsed = time.perf_counter() - started
+            self.budgets.observe("step", elapsed * 1e3)
+            self._update_seconds.append(elapsed)
 
-    async def _update(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        batch: list[Transition],
-        indices: object,
-        stamps: object,
-        weights: np.ndarray | None,
-    ) -> bool:
+    async def _update(self, loop: asyncio.AbstractEventLoop, sample: _Sample) -> bool:
         """update_once's update of a taken batch: train on the worker, judge, swap."""
+        batch, weights, slots = sample.batch, sample.weights, sample.slots
         lineage = self._lineage
         self._updating = True
         try:
-            slots = None if indices is None else (indices, stamps)
             self._inflight = loop.run_in_executor(self._executor, self._train, batch, weights, slots)
             stats, candidate = await self._inflight
         except NonFiniteError as exc:
@@ -321,8 +337,12 @@ class Learner:
             self._reset_trainee()
             return False
         self.budgets.observe("batch", stats.seconds * 1e3)
-        if self.replay is not None and indices is not None and stats.td_errors:
-            self.replay.update_priorities(indices, stats.td_errors, stamps=stamps)
+        if self.replay is not None and sample.priority_slots is not None and stats.td_errors:
+            td = np.abs(np.asarray(stats.td_errors, dtype=np.float64))
+            if sample.lengths is not None:  # an unroll's first step gets its mean |td| as its priority
+                starts = np.concatenate([[0], np.cumsum(sample.lengths)[:-1]])
+                td = np.add.reduceat(td, starts) / sample.lengths
+            self.replay.update_priorities(sample.priority_slots, td, stamps=sample.priority_stamps)
         self._note_stats(stats, len(batch))
         kl_limit = self._kl_limit()
         if not math.isfinite(stats.approx_kl) or stats.approx_kl > kl_limit:
@@ -336,14 +356,38 @@ class Learner:
         self._serve_new(candidate)
         return True
 
-    def _take_batch(self) -> tuple[list[Transition], object, object, np.ndarray | None]:
+    def _take_batch(self) -> _Sample:
         """On the loop thread: the buffers are only ever touched from here."""
         if self.rollout is not None:
-            return self.rollout.drain(), None, None, None
+            return _Sample(self.rollout.drain())
         assert self.replay is not None
-        sampled = self.replay.sample(self.config.impala.batch_size)
-        weights = np.asarray(sampled.weights, dtype=np.float32)
-        return sampled.transitions, sampled.indices, sampled.stamps, weights
+        impala = self.config.impala
+        length = impala.unroll_length
+        if length <= 1:
+            sampled = self.replay.sample(impala.batch_size)
+            return _Sample(
+                sampled.transitions,
+                weights=np.asarray(sampled.weights, dtype=np.float32),
+                slots=(sampled.indices, sampled.stamps),
+                priority_slots=sampled.indices,
+                priority_stamps=sampled.stamps,
+            )
+        # Unrolls of consecutive steps of one run (002): V-trace runs over each (the learner groups
+        # a run's contiguous steps, so two drawn unrolls that continue each other are one). Every
+        # step carries its unroll's importance weight; priorities go to the unrolls' first steps.
+        unrolls = self.replay.sample_sequences(max(1, impala.batch_size // length), length)
+        lengths = np.array([len(seq) for seq in unrolls.sequences], dtype=np.int64)
+        taken = np.arange(length)[:, None] < lengths[None, :]  # [length, B]: steps present
+        assert unrolls.slot_stamps is not None
+        return _Sample(
+            [t for seq in unrolls.sequences for t in seq],
+            weights=np.repeat(np.asarray(unrolls.weights, dtype=np.float32), lengths),
+            # Batch order is unroll by unroll: transpose the time-major grids before masking.
+            slots=(unrolls.slots.T[taken.T], unrolls.slot_stamps.T[taken.T]),
+            priority_slots=unrolls.indices,
+            priority_stamps=unrolls.stamps,
+            lengths=lengths,
+        )
 
     def _train(
         self, batch: list[Transition], weights: np.ndarray | None, slots: Slots | None
@@ -686,6 +730,14 @@ class Learner:
         self._counters.samples = samples
         log.info("learner resumed", version=restored.version, buffered=self.buffered())
         return True
+
+
+def _p95(samples: collections.deque[float]) -> float:
+    """The 95th percentile (nearest rank) of samples; 0 for none."""
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
 
 
 def _mean(values: collections.deque[float]) -> float:

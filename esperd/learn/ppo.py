@@ -69,6 +69,15 @@ class UpdateStats(msgspec.Struct, kw_only=True):
     explained_variance: float  # 1 - Var(target - V) / Var(target); 1 is perfect, <= 0 is useless
     seconds: float
     td_errors: list[float] = []  # IMPALA: |v_s - V(x_s)| per input transition (replay priorities)
+    # IMPALA's V-trace diagnostics (002), over the batch's steps: mean importance ratio rho and
+    # trace coefficient c = min(c_bar, rho), the replay importance weights' mean, and the
+    # fractions of rho clipped by c_bar and by pg_rho_bar (clip_fraction: by rho_bar).
+    rho_mean: float = 0.0
+    c_mean: float = 0.0
+    importance_weight_mean: float = 0.0
+    c_clip_fraction: float = 0.0
+    pg_clip_fraction: float = 0.0
+    unrolls: int = 0  # contiguous sequences V-trace ran over
 
 
 def lr_factor(steps: int, warmup: int, total: int, final_ratio: float) -> float:

@@ -670,7 +670,9 @@ def test_feature_values_are_finite_and_in_range():
     assert (x[:, unit] >= 0.0).all()
     assert x[0, F["counterfactual"]] == 1.0 and x[0, F["total_improvement"]] == -1.0
     assert np.allclose(x[:, F["staleness"]], 0.5)  # 30 s after the last batch, scale 60 s
-    losses = [G["train_loss"], G["val_loss"]]
+    # Losses are log1p-scaled (the best and the history too, issue 16), the rest within [-1, 1].
+    losses = [G["train_loss"], G["val_loss"], G["best_val_loss"], *(G[f"loss_history_{k}"] for k in range(5))]
+    assert (g[losses] >= 0.0).all()
     others = [i for i in range(len(GLOBAL_FEATURES)) if i not in losses]
     assert (g[others] >= -1.0).all() and (g[others] <= 1.0).all()
     assert g[G["epoch"]] == 1.0 and g[G["param_growth"]] == 1.0

@@ -152,7 +152,7 @@ class Analyzer:
         if run is None:
             return False
         if applied:
-            return run.note_applied(layer_id, op, timestamp)
+            return run.note_applied(layer_id, op, timestamp, blueprint)
         run.note_rejected(layer_id, op, blueprint)
         return True
 

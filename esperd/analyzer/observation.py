@@ -184,6 +184,9 @@ NODE_FEATURES: tuple[str, ...] = (
     "position",  # depth / the deepest layer's depth
     "upstream_health",  # mean health of the direct predecessors (default health without any)
     "downstream_health",  # ... of the direct successors
+    # Seed document 004's base features (issue 16 item 4): which blueprint occupies the slot
+    # (one-hot over BLUEPRINTS; all 0 for an empty slot), from state packets and applied GERMINATEs.
+    *(f"blueprint_{bp.value}" for bp in BLUEPRINTS),
 )
 #: The lever telemetry columns, in the order of NODE_FEATURES (and of HealthSignal's fields).
 LEVER_TELEMETRY: tuple[str, ...] = (
@@ -225,7 +228,30 @@ GLOBAL_FEATURES: tuple[str, ...] = (
     "inferred_topology",  # 1 while no TopologyPacket has arrived
     "budget_known",  # 1 when the host reports its planned total epochs
     "epochs_remaining",  # epochs still to train after this packet / 50, clipped; 1 when unknown
+    # Seed document 004's base features (issue 16 item 4), from the state packets.
+    "global_step",  # log10(global_step + 1) / 7, clipped
+    "loss_delta",  # val loss change since the previous packet, clipped to [-1, 1]
+    "best_val_accuracy",  # the best so far (0 before any packet)
+    "best_val_loss",  # log1p of the lowest so far (0 before any packet)
+    # The last HISTORY packets' val loss (log1p) and val accuracy, newest first, 0 where fewer.
+    *(f"loss_history_{k}" for k in range(5)),
+    *(f"accuracy_history_{k}" for k in range(5)),
+    # The packet's free-form `metrics` map, hashed by key (crc32 % METRIC_BUCKETS) into buckets:
+    # each the mean of its keys' sign(v) * log1p(|v|) / 10, clipped to [-1, 1] (0 when empty). A
+    # host's keys are fixed, so each lands in the same bucket every packet.
+    *(f"metric_bucket_{k}" for k in range(8)),
+    "metrics_count",  # keys in the map / 16, clipped
+    # The packet's `hardware`, where given: 1 when it is, and its utilizations and memory sizes
+    # (memory as log1p(GB) / 7, clipped).
+    "hardware_known",
+    "gpu_utilization",
+    "gpu_memory",
+    "cpu_utilization",
+    "host_memory",
 )
+#: How many past packets the loss and accuracy histories hold, and how many metric buckets.
+HISTORY = 5
+METRIC_BUCKETS = 8
 #: Scale of the `epochs_remaining` feature (a policy inverts it to whole epochs).
 EPOCHS_REMAINING_SCALE = 50.0
 GLOBAL_FEATURE_INDEX = {name: i for i, name in enumerate(GLOBAL_FEATURES)}

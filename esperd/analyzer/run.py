@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
+import zlib
 from collections.abc import Callable, Sequence
 
 import msgspec
@@ -20,7 +22,9 @@ from esperd.analyzer.observation import (
     COUNTERFACTUAL_Z_SCALE,
     EPOCHS_REMAINING_SCALE,
     GLOBAL_FEATURES,
+    HISTORY,
     LAYER_KINDS,
+    METRIC_BUCKETS,
     NODE_FEATURE_INDEX,
     NODE_FEATURES,
     OP_INDEX,
@@ -32,6 +36,7 @@ from esperd.analyzer.observation import (
 from esperd.analyzer.table import NodeArena, NodeTable
 from esperd_contracts import (
     Blueprint,
+    HardwareContext,
     HealthSignal,
     Op,
     SeedSlotState,
@@ -79,7 +84,14 @@ class TrainingState(msgspec.Struct, kw_only=True):
     train_accuracy: float = 0.0
     val_accuracy: float = 0.0
     val_accuracy_delta: float = 0.0  # change since the previous packet
+    val_loss_delta: float = 0.0  # likewise
     best_val_accuracy: float = -1.0
+    best_val_loss: float = math.inf
+    # The last HISTORY packets' val loss and accuracy, newest first.
+    loss_history: list[float] = []
+    accuracy_history: list[float] = []
+    metrics: dict[str, float] = {}  # the latest packet's metrics map
+    hardware: HardwareContext | None = None  # the latest hardware a packet gave
     best_epoch: int = 0
     plateau_epochs: int = 0  # epochs since val accuracy last improved by plateau_min_delta
     host_params: int = 0
@@ -131,6 +143,33 @@ class RunSummary(msgspec.Struct, kw_only=True):
 
 def _clip(value: float, low: float, high: float) -> float:
     return low if value < low else high if value > high else value
+
+
+@functools.lru_cache(maxsize=4096)
+def _bucket(key: str) -> str:
+    """The global feature a metric key is hashed into (crc32: the same in every process)."""
+    return f"metric_bucket_{zlib.crc32(key.encode()) % METRIC_BUCKETS}"
+
+
+def _metric_buckets(metrics: dict[str, float]) -> dict[str, float]:
+    """The metric bucket features of a metrics map (see observation.GLOBAL_FEATURES)."""
+    sums: dict[str, list[float]] = {}
+    for key, value in metrics.items():
+        squashed = math.copysign(math.log1p(abs(value)), value) / 10.0
+        sums.setdefault(_bucket(key), []).append(squashed)
+    return {name: _clip(sum(values) / len(values), -1.0, 1.0) for name, values in sums.items()}
+
+
+def _hardware(hardware: HardwareContext | None) -> dict[str, float]:
+    if hardware is None:
+        return {}
+    return {
+        "hardware_known": 1.0,
+        "gpu_utilization": hardware.gpu_utilization,
+        "gpu_memory": min(math.log1p(hardware.gpu_memory_gb) / 7.0, 1.0),
+        "cpu_utilization": hardware.cpu_utilization,
+        "host_memory": min(math.log1p(hardware.host_memory_gb) / 7.0, 1.0),
+    }
 
 
 def _match_rows(old_ids: np.ndarray, new_ids: np.ndarray) -> np.ndarray:
@@ -293,6 +332,7 @@ class RunState:
                 _clip(slot.total_improvement, -1.0, 1.0),
             )
             feat[row, T.COUNTERFACTUAL_Z] = self._counterfactual_z(slot.layer_id, slot)
+            self._set_blueprint(row, slot.blueprint)
             feat[row, T.MILESTONE_FIRST : T.MILESTONE_END] = [
                 0.0 if value is None else _clip(value, -1.0, 1.0)
                 for value in (
@@ -323,7 +363,16 @@ class RunState:
 
     # ------------------------------------------------------------------- acks
 
-    def note_applied(self, layer_id: int, op: Op, timestamp: float = 0.0) -> bool:
+    def _set_blueprint(self, row: int, blueprint: Blueprint | None) -> None:
+        """The slot's blueprint one-hot (all 0 for none)."""
+        columns = self._table.feat[row, T.BLUEPRINT_FIRST : T.BLUEPRINT_FIRST + len(BLUEPRINTS)]
+        columns[:] = 0.0
+        if blueprint is not None:
+            columns[BLUEPRINT_INDEX[blueprint]] = 1.0
+
+    def note_applied(
+        self, layer_id: int, op: Op, timestamp: float = 0.0, blueprint: Blueprint | None = None
+    ) -> bool:
         """The host applied `op` on a layer's slot: move our view of its stage now, not at the next
         packet (which reconciles it). False when our view does not allow `op` (it was stale)."""
         row = self._row_of.get(layer_id)
@@ -342,6 +391,7 @@ class RunState:
             feat[row, T.COUNTERFACTUAL : T.COUNTERFACTUAL + 2] = 0.0
             feat[row, T.LEVER_FIRST : T.LEVER_END] = 0.0
             feat[row, T.MILESTONE_FIRST : T.MILESTONE_END] = 0.0
+            self._set_blueprint(row, blueprint if op is Op.GERMINATE else None)
         if target is not SeedStage.PROBATIONARY:
             feat[row, T.COUNTERFACTUAL_Z] = 0.0
             self._probation_cf.pop(layer_id, None)
@@ -392,6 +442,12 @@ class RunState:
         tr = self.training
         finished = p.done and not tr.done
         tr.val_accuracy_delta = p.val_accuracy - tr.val_accuracy if tr.packets else 0.0
+        tr.val_loss_delta = p.val_loss - tr.val_loss if tr.packets else 0.0
+        tr.best_val_loss = min(tr.best_val_loss, p.val_loss)
+        tr.loss_history = [p.val_loss, *tr.loss_history[: HISTORY - 1]]
+        tr.accuracy_history = [p.val_accuracy, *tr.accuracy_history[: HISTORY - 1]]
+        tr.metrics = dict(p.metrics)
+        tr.hardware = p.hardware or tr.hardware
         if p.val_accuracy > tr.best_val_accuracy + self.config.plateau_min_delta or not tr.packets:
             tr.best_val_accuracy, tr.best_epoch = p.val_accuracy, p.epoch
         tr.plateau_epochs = max(p.epoch - tr.best_epoch, 0)
@@ -518,8 +574,17 @@ class RunState:
             "inferred_topology": float(self.graph is None or self.graph.inferred),
             "budget_known": float(tr.total_epochs > 0),
             "epochs_remaining": 1.0 if remaining is None else min(remaining / EPOCHS_REMAINING_SCALE, 1.0),
+            "global_step": min(math.log10(tr.global_step + 1) / 7.0, 1.0),
+            "loss_delta": _clip(tr.val_loss_delta, -1.0, 1.0),
+            "best_val_accuracy": max(tr.best_val_accuracy, 0.0),
+            "best_val_loss": math.log1p(tr.best_val_loss) if tr.packets else 0.0,
+            **{f"loss_history_{k}": math.log1p(v) for k, v in enumerate(tr.loss_history)},
+            **{f"accuracy_history_{k}": v for k, v in enumerate(tr.accuracy_history)},
+            **_metric_buckets(tr.metrics),
+            "metrics_count": min(len(tr.metrics) / 16.0, 1.0),
+            **_hardware(tr.hardware),
         }
-        return np.array([values[name] for name in GLOBAL_FEATURES], dtype=np.float32)
+        return np.array([values.get(name, 0.0) for name in GLOBAL_FEATURES], dtype=np.float32)
 
     def _empty_observation(self, now: float) -> Observation:
         """A run known only from state packets: no nodes yet, global features only."""

@@ -14,6 +14,7 @@ import numpy as np
 
 from esperd.analyzer.masks import DORMANT
 from esperd.analyzer.observation import (
+    BLUEPRINTS,
     LEVER_TELEMETRY,
     MILESTONE_FEATURES,
     NODE_FEATURE_INDEX,
@@ -41,6 +42,7 @@ LEVER_FIRST = NODE_FEATURE_INDEX[LEVER_TELEMETRY[0]]  # ... and [LEVER_FIRST, LE
 LEVER_END = LEVER_FIRST + len(LEVER_TELEMETRY)
 MILESTONE_FIRST = NODE_FEATURE_INDEX[MILESTONE_FEATURES[0]]  # the state packet's milestone counterfactuals
 MILESTONE_END = MILESTONE_FIRST + len(MILESTONE_FEATURES)
+BLUEPRINT_FIRST = NODE_FEATURE_INDEX["blueprint_" + BLUEPRINTS[0].value]  # the slot's blueprint, one-hot
 
 # Ingest writes contiguous column runs in one assignment each; make sure they are contiguous.
 assert NODE_FEATURES[HEALTH:SIGNAL_END] == (
@@ -66,6 +68,9 @@ assert HEALTH == 0
 assert NODE_FEATURES[COUNTERFACTUAL : COUNTERFACTUAL + 2] == ("counterfactual", "total_improvement")
 assert NODE_FEATURES[LEVER_FIRST:LEVER_END] == LEVER_TELEMETRY
 assert NODE_FEATURES[MILESTONE_FIRST:MILESTONE_END] == MILESTONE_FEATURES
+assert NODE_FEATURES[BLUEPRINT_FIRST : BLUEPRINT_FIRST + len(BLUEPRINTS)] == tuple(
+    f"blueprint_{bp.value}" for bp in BLUEPRINTS
+)
 
 # Bookkeeping columns (float64), not seen by the policy.
 LAST_SEEN = 0  # analyzer clock of the layer's latest health signal; -inf before the first

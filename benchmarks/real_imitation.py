@@ -158,11 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     stats = fit_imitation(policy, train, config, holdout=held)
     print(msgspec.json.encode(stats).decode(), flush=True)
     save_policy_checkpoint(args.out, policy)
-    args.out.with_suffix(".toml").write_text(
-        "# [policy] table serving this checkpoint (benchmarks/real_imitation.py)\n[policy]\n"
-        + "".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}\n" for k, v in
-                  tomllib.loads(args.config.read_text()).get("policy", {}).items())
-    )  # fmt: skip
     print(f"wrote {args.out}")
     return 0
 

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch = sub.add_parser(
         "watch",
-        help="print commands, acks and rejections live, decoded, one line each",
+        help="print commands, acks, rejections and rail blocks live, decoded, one line each",
         description="Subscribe to <prefix>.<run>.command, <prefix>.<run>.ack and esperd.rejected and "
         "print every message decoded (msgpack or JSON), one line each, until SIGINT/SIGTERM.",
     )

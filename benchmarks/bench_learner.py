@@ -381,9 +381,8 @@ async def _feed_ppo(learner: Learner, pool: list[Transition]) -> None:
     """Keep a rollout's worth of transitions, stamped with the serving version, in the buffer."""
     size = learner.config.ppo.rollout_size
     cursor = 0
-    assert learner.rollout is not None
     while True:
-        if len(learner.rollout) < size:
+        if learner.buffered() < size:
             version = learner.serving.version
             for _ in range(size):
                 t = pool[cursor % len(pool)]

@@ -27,6 +27,7 @@ import torch
 from esperd.config import SchedulerConfig
 from esperd.decisions import DecisionLoop
 from esperd.learn import ppo as ppo_module
+from esperd.learn.algorithms import ImpalaAlgorithm, PPOAlgorithm
 from esperd.learn.config import BreakerConfig, BudgetConfig, ImpalaConfig, LearnerConfig, PPOConfig
 from esperd.learn.experience import Transition
 from esperd.learn.learner import Learner
@@ -405,10 +406,13 @@ async def test_impala_learns_from_unrolls_with_capped_weights_and_reports_vtrace
     learner, _ = build_learner(
         tmp_path, "impala", min_replay=16, impala=ImpalaConfig(batch_size=40, unroll_length=10)
     )
-    assert learner.replay is not None and learner.replay.max_importance_weight == 10.0
+    assert (
+        isinstance(learner.algorithm, ImpalaAlgorithm)
+        and learner.algorithm.buffer.max_importance_weight == 10.0
+    )
     # 4 runs x 12 steps, each run's steps chained (next_obs is the next step's obs).
     feed(learner, sim_transitions(learner.serving, 48, seed=50, envs=4))
-    sample = learner._take_batch()
+    sample = learner.algorithm.take()
     assert sample.lengths is not None and len(sample.lengths) == 4  # 40 // 10 unrolls
     assert all(1 <= n <= 10 for n in sample.lengths) and len(sample.batch) == sample.lengths.sum()
     for first, n in zip(np.concatenate([[0], np.cumsum(sample.lengths)[:-1]]), sample.lengths, strict=True):
@@ -488,7 +492,7 @@ async def test_ppo_kl_far_above_the_limit_trips(tmp_path: Path) -> None:
     assert swapped == [] and learner.serving is serving and serving.version == 0
     assert same_weights(weights(learner.trainee), good)  # the over-stepped trainee was rolled back
     assert not learner.algo.optimizer.state  # and its optimizer moments forgotten
-    assert len(learner.rollout or ()) == 0
+    assert len(learner.algorithm.buffer) == 0
 
 
 async def test_impala_kl_trip_after_a_swap_restores_the_good_weights_as_a_new_version(tmp_path: Path) -> None:
@@ -629,9 +633,13 @@ async def test_checkpoint_round_trip(tmp_path: Path, algorithm: str) -> None:
     assert resumed.algo.updates == algo_state["updates"] and resumed.algo.samples == algo_state["samples"]
     if algorithm == "ppo":
         assert resumed.algo.lr == learner.algo.lr
-        assert [t.policy_version for t in resumed.rollout.peek()] == [1] * 10  # type: ignore[union-attr]
+        assert isinstance(resumed.algorithm, PPOAlgorithm)
+        assert [t.policy_version for t in resumed.algorithm.buffer.peek()] == [1] * 10
     else:
-        assert np.array_equal(resumed.replay.priorities(), learner.replay.priorities())  # type: ignore[union-attr]
+        assert isinstance(resumed.algorithm, ImpalaAlgorithm) and isinstance(
+            learner.algorithm, ImpalaAlgorithm
+        )
+        assert np.array_equal(resumed.algorithm.buffer.priorities(), learner.algorithm.buffer.priorities())
 
     # It carries on from there: the next update serves version 2.
     if algorithm == "ppo":
@@ -751,11 +759,11 @@ def test_a_recurrent_bundle_holding_run_state_is_not_reused(tmp_path: Path) -> N
     used = create_policy("lstm", config, "cpu")  # a bundle that served and remembers two runs
     used.act(SimEnv(2, SIM, seed=5).reset())
     assert used.tracked_runs == 2
-    learner._retire(used)
+    learner.bundles.retire(used)
     del used  # nothing references it any more: only its run memory stands in the way
-    assert learner._reusable() is None
+    assert learner.bundles.reusable() is None
     fresh = create_policy("lstm", config, "cpu")
-    learner._retire(fresh)
+    learner.bundles.retire(fresh)
     del fresh
-    assert learner._reusable() is not None
+    assert learner.bundles.reusable() is not None
     learner.close()

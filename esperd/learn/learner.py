@@ -23,24 +23,21 @@ import collections
 import contextlib
 import datetime
 import math
-import pickle
-import re
-import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import numpy as np
 import structlog
-import torch
 
+from esperd.learn import checkpoints
+from esperd.learn.algorithms import Algorithm, Sample, make_algorithm
 from esperd.learn.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from esperd.learn.budgets import BudgetWatch
-from esperd.learn.buffers import ReplayBuffer, RolloutBuffer
+from esperd.learn.bundles import BundlePool
 from esperd.learn.config import LearnerConfig
 from esperd.learn.experience import Transition
 from esperd.learn.impala import ImpalaLearner
@@ -57,24 +54,11 @@ from esperd.learn.worker import (
     make_worker,
 )
 from esperd.policy.base import PolicyBundle
-from esperd.policy.checkpoint import CheckpointError, load_policy_checkpoint, save_policy_checkpoint
 from esperd_contracts.status import LearnerStatus
 
 log = structlog.get_logger("esperd.learn")
 
 PolicyFactory = Callable[[], PolicyBundle]
-
-
-@dataclass(slots=True)
-class _Sample:
-    """A batch to learn from and where its transitions live in the replay buffer (None: a rollout)."""
-
-    batch: list[Transition]
-    weights: np.ndarray | None = None  # importance weights, one per transition
-    slots: Slots | None = None  # (replay slot, fill stamp) of each transition, for the worker
-    priority_slots: np.ndarray | None = None  # whose priority the update's TD errors set
-    priority_stamps: np.ndarray | None = None
-    lengths: np.ndarray | None = None  # unrolls: steps in each (their TD errors are averaged)
 
 
 Swap = Callable[[PolicyBundle], None]
@@ -99,7 +83,7 @@ class Learner:
             raise ValueError("learner algorithm is off")
         if not serving.is_learnable:
             raise ValueError(f"policy {serving.name!r} is not learnable; serve gnn or lstm to learn")
-        self.config = config
+        self._config = config
         self._make_policy = make_policy
         self._swap = swap
         self._clock = clock
@@ -111,18 +95,8 @@ class Learner:
         self.worker: Worker = make_worker(
             config.worker, spec, self._good, serving.version, nice=config.worker_nice
         )
-        if config.algorithm == "ppo":
-            self.rollout: RolloutBuffer | None = RolloutBuffer(
-                capacity=max(4 * config.ppo.rollout_size, 1024)
-            )
-            self.replay: ReplayBuffer | None = None
-        else:
-            self.rollout = None
-            self.replay = ReplayBuffer(
-                capacity=config.replay_capacity,
-                prioritized=config.prioritized,
-                max_importance_weight=config.impala.max_importance_weight,
-            )
+        # The loop side of PPO or IMPALA: its buffer, when an update is due, how a batch is drawn.
+        self.algorithm: Algorithm = make_algorithm(config)
         self._counters = LearnerStatus(
             algorithm=config.algorithm,
             serving_version=serving.version,
@@ -151,9 +125,7 @@ class Learner:
         # The worker holds sound weights newer than what serves, held back by swap coalescing
         # (fetched from it when their turn comes).
         self._held_back = False
-        # Bundles that served before, for reuse by a later swap once nothing references them.
-        self._retired: list[PolicyBundle] = []
-        self._retired_lock = threading.Lock()  # the loop retires them, the executor reuses them
+        self.bundles = BundlePool()  # bundles that served before, for reuse by a later swap
         self._last_swap = -math.inf
         self._failures_in_a_row = 0  # worker failures since the last sound update
         window = config.breaker.reward_window
@@ -165,6 +137,16 @@ class Learner:
         # breaker trip, a checkpoint adopted on reload): that update's result is void.
         self._lineage = 0
         self._started = clock()
+
+    @property
+    def config(self) -> LearnerConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: LearnerConfig) -> None:
+        """A replaced config reaches the algorithm too (it reads its knobs at each use)."""
+        self._config = config
+        self.algorithm.config = config
 
     @property
     def status(self) -> LearnerStatus:
@@ -216,18 +198,9 @@ class Learner:
     def add(self, transition: Transition) -> None:
         """A sink for the recorder (event loop thread)."""
         self._note_reward(transition)
-        if self.rollout is not None:
-            self.rollout.add(transition)
-        elif self.replay is not None:
-            self.replay.add(transition)
-        if self._has_enough():
+        self.algorithm.add(transition)
+        if self.algorithm.update_due():
             self._wake.set()
-
-    def _has_enough(self) -> bool:
-        if self.rollout is not None:
-            return self.rollout.ready(self.config.ppo.rollout_size)
-        assert self.replay is not None
-        return len(self.replay) >= self.config.min_replay
 
     # -------------------------------------------------------------- the loop
 
@@ -247,10 +220,10 @@ class Learner:
                 await asyncio.sleep(self._pause_left())
                 self._wake.set()  # look again after the pause, even if no new step arrives
                 continue
-            if self._has_enough():
+            if self.algorithm.update_due():
                 await self.update_once()
-                if self._has_enough() and self.replay is not None:
-                    self._wake.set()  # IMPALA: keep learning while data is plentiful
+                if self.algorithm.keeps_learning and self.algorithm.update_due():
+                    self._wake.set()  # off-policy: keep learning while data is plentiful
             if self._clock() >= self._next_checkpoint:
                 await self.checkpoint()
 
@@ -298,7 +271,7 @@ class Learner:
             return False
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        sample = self._take_batch()
+        sample = self.algorithm.take()  # on the loop thread: the buffers are only ever touched from here
         if not sample.batch:
             self.breaker.release_probe()
             return False
@@ -310,7 +283,7 @@ class Learner:
             self.budgets.observe("step", elapsed * 1e3)
             self._update_seconds.append(elapsed)
 
-    async def _update(self, loop: asyncio.AbstractEventLoop, sample: _Sample) -> bool:
+    async def _update(self, loop: asyncio.AbstractEventLoop, sample: Sample) -> bool:
         """update_once's update of a taken batch: train on the worker, judge, swap."""
         batch, weights, slots = sample.batch, sample.weights, sample.slots
         lineage = self._lineage
@@ -337,14 +310,9 @@ class Learner:
             self._reset_trainee()
             return False
         self.budgets.observe("batch", stats.seconds * 1e3)
-        if self.replay is not None and sample.priority_slots is not None and stats.td_errors:
-            td = np.abs(np.asarray(stats.td_errors, dtype=np.float64))
-            if sample.lengths is not None:  # an unroll's first step gets its mean |td| as its priority
-                starts = np.concatenate([[0], np.cumsum(sample.lengths)[:-1]])
-                td = np.add.reduceat(td, starts) / sample.lengths
-            self.replay.update_priorities(sample.priority_slots, td, stamps=sample.priority_stamps)
+        self.algorithm.after_update(sample, stats)
         self._note_stats(stats, len(batch))
-        kl_limit = self._kl_limit()
+        kl_limit = self.algorithm.kl_limit
         if not math.isfinite(stats.approx_kl) or stats.approx_kl > kl_limit:
             self._trip(f"KL {stats.approx_kl:.4f} > {kl_limit:.4f}")
             return False
@@ -356,39 +324,6 @@ class Learner:
         self._serve_new(candidate)
         return True
 
-    def _take_batch(self) -> _Sample:
-        """On the loop thread: the buffers are only ever touched from here."""
-        if self.rollout is not None:
-            return _Sample(self.rollout.drain())
-        assert self.replay is not None
-        impala = self.config.impala
-        length = impala.unroll_length
-        if length <= 1:
-            sampled = self.replay.sample(impala.batch_size)
-            return _Sample(
-                sampled.transitions,
-                weights=np.asarray(sampled.weights, dtype=np.float32),
-                slots=(sampled.indices, sampled.stamps),
-                priority_slots=sampled.indices,
-                priority_stamps=sampled.stamps,
-            )
-        # Unrolls of consecutive steps of one run (002): V-trace runs over each (the learner groups
-        # a run's contiguous steps, so two drawn unrolls that continue each other are one). Every
-        # step carries its unroll's importance weight; priorities go to the unrolls' first steps.
-        unrolls = self.replay.sample_sequences(max(1, impala.batch_size // length), length)
-        lengths = np.array([len(seq) for seq in unrolls.sequences], dtype=np.int64)
-        taken = np.arange(length)[:, None] < lengths[None, :]  # [length, B]: steps present
-        assert unrolls.slot_stamps is not None
-        return _Sample(
-            [t for seq in unrolls.sequences for t in seq],
-            weights=np.repeat(np.asarray(unrolls.weights, dtype=np.float32), lengths),
-            # Batch order is unroll by unroll: transpose the time-major grids before masking.
-            slots=(unrolls.slots.T[taken.T], unrolls.slot_stamps.T[taken.T]),
-            priority_slots=unrolls.indices,
-            priority_stamps=unrolls.stamps,
-            lengths=lengths,
-        )
-
     def _train(
         self, batch: list[Transition], weights: np.ndarray | None, slots: Slots | None
     ) -> tuple[UpdateStats, PolicyBundle | None]:
@@ -399,38 +334,17 @@ class Learner:
         return stats, self._build(state) if state is not None else None
 
     def _swap_due(self) -> bool:
-        # PPO is on-policy: its next rollout must come from the weights it just trained.
-        if self.rollout is not None:
-            return True
-        return self._clock() - self._last_swap >= self.config.swap_min_interval_s
+        return self.algorithm.swap_due(self._clock() - self._last_swap)
 
     def _build(self, state: State) -> PolicyBundle:
         """A serving bundle on `state`, not serving now (its version is set when it is served)."""
-        candidate = self._reusable()
+        candidate = self.bundles.reusable()
         if candidate is None:
             candidate = self._make_policy()
+        else:
+            self._counters.bundles_reused += 1
         candidate.load_state_dict(state)
         return candidate
-
-    def _reusable(self) -> PolicyBundle | None:
-        """A retired serving bundle that nothing references any more: no batch in flight on it,
-        no caller keeping it. Loading weights into it is far cheaper than building a bundle,
-        whose Python holds the GIL that the decision thread then waits for."""
-        with self._retired_lock:
-            for i in range(len(self._retired)):
-                # Three references when unused: the list's, `bundle`'s and getrefcount's argument. A recurrent
-                # bundle that still holds runs' hidden states is not reused: a fresh one starts
-                # every run from zeros, a reused one would resume states two versions old.
-                bundle = self._retired[i]
-                if sys.getrefcount(bundle) <= 3 and not _holds_run_memory(bundle):
-                    self._counters.bundles_reused += 1
-                    return self._retired.pop(i)
-        return None
-
-    def _retire(self, bundle: PolicyBundle) -> None:
-        with self._retired_lock:
-            self._retired.append(bundle)
-            del self._retired[:-2]  # the two most recent: one is usually free by the next swap
 
     async def _serve_latest(self) -> None:
         """Swap in held-back weights (their interval passed and no update brought newer ones)."""
@@ -459,14 +373,13 @@ class Learner:
         started = time.perf_counter()
         self._swap(candidate)
         pause_us = (time.perf_counter() - started) * 1e6
-        if self.rollout is not None:
-            self.rollout.set_min_version(candidate.version)  # PPO is on-policy: older steps are stale
+        self.algorithm.on_serve(candidate.version)
         self._last_swap = self._clock()
         self._counters.swaps += 1
         self._counters.swap_pause_us_max = round(max(self._counters.swap_pause_us_max, pause_us), 1)
         self._counters.serving_version = candidate.version
         log.info("policy swapped", version=candidate.version, pause_us=round(pause_us, 1))
-        self._retire(previous)
+        self.bundles.retire(previous)
 
     def adopt(self, bundle: PolicyBundle) -> None:
         """Serve weights from outside (a checkpoint reloaded on SIGHUP) as the next version.
@@ -540,8 +453,7 @@ class Learner:
             self._serve(restored)
             self._good_version = restored.version  # same good weights, served under a new number
         self._recent_rewards.clear()
-        if self.rollout is not None:
-            self.rollout.drain()  # on-policy data from a rejected trajectory is useless now
+        self.algorithm.on_trip()
         log.warning(
             "learner update failed; rolled back to the last good weights",
             reason=why,
@@ -592,10 +504,6 @@ class Learner:
         self._good_rewards = collections.deque(recent, maxlen=window)
         self._recent_rewards = collections.deque(maxlen=window)
 
-    def _kl_limit(self) -> float:
-        breaker = self.config.breaker
-        return breaker.kl_limit_ppo if self.config.algorithm == "ppo" else breaker.kl_limit_impala
-
     # -------------------------------------------------------------- stats, checkpoints
 
     def _note_stats(self, stats: UpdateStats, samples: int) -> None:
@@ -610,7 +518,7 @@ class Learner:
         }
 
     def buffered(self) -> int:
-        return len(self.rollout) if self.rollout is not None else len(self.replay or ())
+        return len(self.algorithm.buffer)
 
     async def checkpoint(self) -> bool:
         """Save policy, optimizer, counters and buffer into the state directory (off the loop).
@@ -652,17 +560,9 @@ class Learner:
             self._save_checkpoint()
 
     def _save_checkpoint(self) -> None:
-        directory = self.state_dir / "learner"
-        directory.mkdir(parents=True, exist_ok=True)
-        save_policy_checkpoint(directory / "policy.safetensors", self.serving)
-        algo = self._export_algo()
-        if algo is not None:
-            tmp = directory / "learner.pt.tmp"
-            torch.save({"algo": algo, "status": msgspec.to_builtins(self._counters)}, tmp)
-            tmp.replace(directory / "learner.pt")
-        buffer = self.rollout if self.rollout is not None else self.replay
-        if buffer is not None:
-            buffer.save(directory / "buffer.safetensors")
+        directory = checkpoints.save(
+            self.state_dir, self.serving, self._export_algo(), self._counters, self.algorithm.buffer
+        )
         log.info(
             "learner checkpoint saved",
             directory=str(directory),
@@ -681,53 +581,30 @@ class Learner:
     def restore(self) -> bool:
         """Resume from the state directory's checkpoint, if any. False when there is none or it is
         unusable; then nothing changed (every part is read and checked before any is applied)."""
-        directory = self.state_dir / "learner"
-        policy_file = directory / "policy.safetensors"
-        if not policy_file.exists():
-            return False
-        restored = self._make_policy()
         try:
-            load_policy_checkpoint(policy_file, restored)
-            # weights_only: tensors and plain containers; a pickle that would run code is refused.
-            try:
-                extra = torch.load(directory / "learner.pt", weights_only=True)
-            except pickle.UnpicklingError as exc:
-                # torch's text explains how to load the file anyway (by allowlisting what it would
-                # call) and carries terminal escapes: log only what was refused, not that advice.
-                text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-                parts = [p.strip() for p in re.split(r"\n\s*\n|WeightsUnpickler error:", text) if p.strip()]
-                parts = [p for p in parts if not p.startswith("Check the documentation")]
-                reason = parts[-1].split(" Please use")[0] if parts else "not plain tensors and containers"
-                raise CheckpointError(
-                    f"{directory / 'learner.pt'} refused by the weights-only loader "
-                    f"(nothing in it was run): {reason}"
-                ) from None
-            if not isinstance(extra, dict) or not isinstance(extra.get("algo"), dict):
-                raise CheckpointError("learner.pt holds no learner state")
-            prior = extra.get("status") or {}
-            updates, samples = int(prior.get("updates", 0)), int(prior.get("samples", 0))
-            saved_for = extra["algo"].get("algorithm", self.config.algorithm)
-            if saved_for != self.config.algorithm:
-                raise CheckpointError(f"learner state is for {saved_for!r}, not {self.config.algorithm!r}")
-            self.worker.import_algo(extra["algo"])  # the last step; a failed import changed nothing
+            saved = checkpoints.read(self.state_dir, self._make_policy, self.config.algorithm)
+            if saved is None:
+                return False
+            self.worker.import_algo(saved.algo)  # the last step; a failed import changed nothing
         except Exception as exc:  # noqa: BLE001 - torch.load and the optimizers raise many types
             log.error("learner checkpoint unusable; starting fresh", error=str(exc))
             return False
-        buffer = self.rollout if self.rollout is not None else self.replay
-        buffer_file = directory / "buffer.safetensors"
-        if buffer is not None and buffer_file.exists():
+        buffer = self.algorithm.buffer
+        buffer_file = checkpoints.buffer_file(self.state_dir)
+        if buffer_file.exists():
             try:
                 buffer.load(buffer_file)
             except Exception as exc:  # noqa: BLE001 - the policy and optimizer still resume
                 buffer.clear()
                 log.error("learner buffer unusable; starting with an empty buffer", error=str(exc))
+        restored = saved.policy
         self.worker.load_weights(restored.state_dict(), restored.version, reset_optimizer=False)
         self._good, self._good_version = clone_state(restored.state_dict()), restored.version
         self.serving = restored
         self._swap(restored)
         self._counters.serving_version = restored.version
-        self._counters.updates = updates
-        self._counters.samples = samples
+        self._counters.updates = saved.updates
+        self._counters.samples = saved.samples
         log.info("learner resumed", version=restored.version, buffered=self.buffered())
         return True
 
@@ -747,8 +624,3 @@ def _mean(values: collections.deque[float]) -> float:
 def _variance(values: collections.deque[float]) -> float:
     mean = _mean(values)
     return sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
-
-
-def _holds_run_memory(bundle: PolicyBundle) -> bool:
-    """Whether the bundle keeps per-run recurrent state (the LSTM's hidden states)."""
-    return getattr(bundle, "tracked_runs", 0) > 0

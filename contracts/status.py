@@ -29,6 +29,7 @@ class DecisionStats(msgspec.Struct):
     commands_by_op: dict[str, int] = msgspec.field(default_factory=dict)
     failures: int = 0
     fenced: int = 0  # decided, not sent: ownership of the run was lost before the command went out
+    dropped: int = 0  # decided, neither sent nor recorded: the run was dropped while its batch was decided
     late: int = 0  # published later than `decision_deadline_ms` after the run became due
     last_batch_size: int = 0
     batch_size_mean: float = 0.0

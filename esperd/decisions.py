@@ -91,6 +91,7 @@ class DecisionLoop:
         clock: Callable[[], float] = time.monotonic,
         rails: Rails | None = None,
         on_blocked: OnBlocked | None = None,
+        tracked: Callable[[str], bool] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.policy = policy
@@ -102,6 +103,9 @@ class DecisionLoop:
         self.epoch_of = epoch_of
         self.rails = rails
         self.on_blocked = on_blocked
+        # Whether a run is still tracked: one dropped while its batch was decided (evicted, done)
+        # gets neither a command nor a recorded step, which would outlive it.
+        self.tracked = tracked
         self._stats = DecisionStats()
         self._clock = clock
         self._wake = asyncio.Event()
@@ -165,6 +169,9 @@ class DecisionLoop:
                 log.exception("policy act failed", policy=policy.name, batch=len(observations))
                 return 0
             self._note_forward((time.perf_counter() - started) * 1e3, len(observations))
+            observations, result = self._still_tracked(observations, result)
+            if not observations:
+                return 0
             recorded, result, blocked = self._apply_rails(observations, result, now)
             if self.on_decided is not None:
                 try:
@@ -174,6 +181,18 @@ class DecisionLoop:
             sent = await self._publish_decisions(result.decisions, due_at, observations, now)
             await self._report_blocked(blocked)
             return sent
+
+    def _still_tracked(
+        self, observations: list[Observation], result: ActResult
+    ) -> tuple[list[Observation], ActResult]:
+        """The batch without the runs dropped while it was being decided (counted as `dropped`)."""
+        if self.tracked is None:
+            return observations, result
+        keep = [i for i, obs in enumerate(observations) if self.tracked(obs.run_id)]
+        if len(keep) == len(observations):
+            return observations, result
+        self._stats.dropped += len(observations) - len(keep)
+        return [observations[i] for i in keep], result.rows(keep)
 
     async def _report_blocked(self, blocked: list[tuple[Decision, Block]]) -> None:
         if self.on_blocked is None:

@@ -133,6 +133,7 @@ class Service:
             epoch_of=self._epoch_of,
             rails=Rails(config.rails),
             on_blocked=self._report_blocked,
+            tracked=self._decidable,
         )
         self.learner = self._build_learner(serving.policy, device)
         self.cluster: ClusterAgent | None = None
@@ -707,8 +708,12 @@ class Service:
             )
         return None
 
+    def _decidable(self, run_id: str) -> bool:
+        """Tracked and not finished: a decision for it may go out and be recorded."""
+        return self.runs.is_active(run_id) and run_id in self.analyzer
+
     def _observe(self, run_id: str) -> Observation | None:
-        if not self.runs.is_active(run_id) or run_id not in self.analyzer:
+        if not self._decidable(run_id):
             return None  # dropped, or finished: no more decisions
         return self.analyzer.observe(run_id)
 

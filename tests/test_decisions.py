@@ -176,6 +176,23 @@ async def test_a_run_whose_ownership_lapses_during_the_forward_pass_gets_no_comm
     assert {pending.run_id for pending in h.scheduler.pending.values()} == {"kept"}
 
 
+async def test_a_run_dropped_during_the_forward_pass_is_neither_sent_nor_recorded() -> None:
+    """Evicted (or finished) while its batch was decided: a recorded step would outlive the run."""
+    tracked = {"kept", "dropped"}
+    spy = Spy(heuristic(), on_act=lambda: tracked.discard("dropped"))
+    h = Harness(spy)
+    h.loop.tracked = tracked.__contains__
+    recorded: list[str] = []
+    h.loop.on_decided = lambda observations, result, policy: recorded.extend(o.run_id for o in observations)
+    for run_id in ("kept", "dropped"):
+        sick_run(h.analyzer, run_id)
+    h.due("kept", "dropped")
+    assert await h.loop.decide_once() == 1
+    assert spy.calls[0][2] == 2  # both were decided ...
+    assert [c.run_id for c in h.published] == ["kept"] and recorded == ["kept"]  # ... one went on
+    assert h.loop.stats.dropped == 1 and h.loop.stats.decisions == 1
+
+
 # ------------------------------------------------------------------ batching
 
 

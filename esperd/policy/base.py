@@ -129,6 +129,19 @@ class ActResult:
     def __len__(self) -> int:
         return len(self.decisions)
 
+    def rows(self, indices: Sequence[int]) -> ActResult:
+        """The decisions at `indices`, in that order."""
+        index = torch.as_tensor(list(indices), dtype=torch.int64)
+        return ActResult(
+            actions=self.actions[index],
+            log_probs=self.log_probs[index],
+            values=self.values[index],
+            confidences=self.confidences[index],
+            urgencies=self.urgencies[index],
+            decisions=[self.decisions[i] for i in indices],
+            hidden=None if self.hidden is None else self.hidden[index],
+        )
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class EvalResult:

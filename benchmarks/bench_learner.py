@@ -9,10 +9,10 @@
 1. Throughput, default-size GNN (`PolicyConfig(name="gnn")`: hidden 128, 3 GCN layers). Transitions
    come from the simulator (`SimEnv`, 16 envs, the policy acting), so graphs, masks and rewards are
    the real thing. Timed per update (median of --reps):
-     PPO    `PPOLearner.update` on 256 on-policy transitions (default PPOConfig: 4 epochs x
+     PPO    `PPOUpdater.update` on 256 on-policy transitions (default PPOConfig: 4 epochs x
             minibatch 32, GAE, bootstrap forward); once without the KL stop (every epoch runs: the
             worst case) and once at the default target KL 0.01 (what the daemon runs);
-     IMPALA `ReplayBuffer.sample(B)` (prioritized) + `ImpalaLearner.update` (default config) +
+     IMPALA `ReplayBuffer.sample(B)` (prioritized) + `ImpalaUpdater.update` (default config) +
             `update_priorities`, at B = 64, the default 128 and 256.
    transitions/s = transitions in the update / seconds per update; PPO also shows the
    forward+backward samples/s (transitions x epochs run). Every PPO update starts from the weights
@@ -74,9 +74,9 @@ from esperd.decisions import DecisionLoop, percentile
 from esperd.learn.buffers import ReplayBuffer
 from esperd.learn.config import BreakerConfig, ImpalaConfig, LearnerConfig, PPOConfig
 from esperd.learn.experience import Transition
-from esperd.learn.impala import ImpalaLearner
+from esperd.learn.impala import ImpalaUpdater
 from esperd.learn.learner import Learner
-from esperd.learn.ppo import PPOLearner
+from esperd.learn.ppo import PPOUpdater
 from esperd.logs import configure_logging
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy
 from esperd.scheduler import Scheduler
@@ -100,7 +100,7 @@ def time_ppo(
     device: str, transitions: list[Transition], reps: int, target_kl: float | None
 ) -> dict[str, float]:
     policy = create_policy("gnn", PolicyConfig(name="gnn"), device)
-    learner = PPOLearner(policy, PPOConfig(target_kl=target_kl, warmup_updates=0))
+    learner = PPOUpdater(policy, PPOConfig(target_kl=target_kl, warmup_updates=0))
     size = learner.config.rollout_size
     chunks = [transitions[i : i + size] for i in range(0, len(transitions) - size + 1, size)]
     initial = policy.state_dict()  # the weights that made the transitions
@@ -127,7 +127,7 @@ def time_ppo(
 
 def time_impala(device: str, transitions: list[Transition], reps: int, batch: int) -> dict[str, float]:
     policy = create_policy("gnn", PolicyConfig(name="gnn"), device)
-    learner = ImpalaLearner(policy, ImpalaConfig(batch_size=batch))
+    learner = ImpalaUpdater(policy, ImpalaConfig(batch_size=batch))
     replay = ReplayBuffer(100_000, prioritized=True, seed=0)
     replay.extend(transitions)
     rng = np.random.default_rng(0)

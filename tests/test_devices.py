@@ -18,9 +18,9 @@ import torch
 
 from esperd.analyzer.observation import Observation
 from esperd.learn.config import ImpalaConfig, PPOConfig
-from esperd.learn.impala import ImpalaLearner
+from esperd.learn.impala import ImpalaUpdater
 from esperd.learn.learner import Learner
-from esperd.learn.ppo import PPOLearner
+from esperd.learn.ppo import PPOUpdater
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy
 from esperd.policy.checkpoint import load_policy_checkpoint, save_policy_checkpoint
 from tests.support.observations import make_observation
@@ -86,7 +86,7 @@ def test_evaluate_on_the_device_matches_act_and_has_gradients(device: str, name:
 
 def test_ppo_update_on_the_device(device: str) -> None:
     policy = on(device)
-    learner = PPOLearner(policy, PPOConfig(warmup_updates=0, target_kl=None, minibatch_size=16))
+    learner = PPOUpdater(policy, PPOConfig(warmup_updates=0, target_kl=None, minibatch_size=16))
     before = weights(policy)
     stats = learner.update(synthetic_transitions(policy, runs=4, steps=16))
     assert_finite_stats(stats)
@@ -98,7 +98,7 @@ def test_ppo_update_on_the_device(device: str) -> None:
 
 def test_impala_update_on_the_device(device: str) -> None:
     policy = on(device)
-    learner = ImpalaLearner(policy, ImpalaConfig(batch_size=64))
+    learner = ImpalaUpdater(policy, ImpalaConfig(batch_size=64))
     before = weights(policy)
     stats = learner.update(synthetic_transitions(policy, runs=4, steps=16))
     assert_finite_stats(stats)

@@ -144,7 +144,7 @@ def test_anchor_decays_to_nothing_and_its_loss_has_gradients(demonstrations: lis
 
 
 def test_ppo_adds_the_anchor_while_it_lasts(demonstrations: list[Transition]) -> None:
-    from esperd.learn import PPOLearner
+    from esperd.learn import PPOUpdater
     from esperd.learn.config import PPOConfig
 
     policy = create_policy("gnn", POLICY, "cpu")
@@ -154,7 +154,7 @@ def test_ppo_adds_the_anchor_while_it_lasts(demonstrations: list[Transition]) ->
         calls.append(update)
         return None
 
-    learner = PPOLearner(
+    learner = PPOUpdater(
         policy, PPOConfig(epochs=1, minibatch_size=16, warmup_updates=0), auxiliary=auxiliary
     )
     with torch.no_grad():  # the policy's own log-probs as behaviour (copies: the fixture is shared)

@@ -22,7 +22,7 @@ from test_ppo import (
 
 from esperd.learn.config import ImpalaConfig
 from esperd.learn.experience import Transition
-from esperd.learn.impala import ImpalaLearner
+from esperd.learn.impala import ImpalaUpdater
 from esperd.learn.ppo import NonFiniteError, split_sequences
 from esperd.learn.vtrace import from_importance_weights
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy
@@ -89,7 +89,7 @@ def test_one_step_targets_on_isolated_samples() -> None:
     rhos = torch.exp(log_pi - torch.tensor([t.log_prob for t in batch]))
     expected_vs = values + rhos.clamp(max=1.0) * (rewards + 0.9 * (1 - dones) * boot - values)
 
-    learner = ImpalaLearner(policy, ImpalaConfig(gamma=0.9))
+    learner = ImpalaUpdater(policy, ImpalaConfig(gamma=0.9))
     stats = learner.update(batch)
     torch.testing.assert_close(
         torch.tensor(stats.td_errors), (expected_vs - values).abs(), rtol=1e-4, atol=1e-5
@@ -110,7 +110,7 @@ def test_contiguous_steps_form_one_vtrace_sequence() -> None:
         values=values[:, None],
         bootstrap_value=next_values(policy, batch[-1:]),
     )
-    stats = ImpalaLearner(policy, ImpalaConfig(gamma=0.95)).update(batch)
+    stats = ImpalaUpdater(policy, ImpalaConfig(gamma=0.95)).update(batch)
     torch.testing.assert_close(
         torch.tensor(stats.td_errors), (expected.vs[:, 0] - values).abs(), rtol=1e-4, atol=1e-5
     )
@@ -121,7 +121,7 @@ def test_contiguous_steps_form_one_vtrace_sequence() -> None:
 
 def test_one_update_changes_parameters_and_returns_finite_stats() -> None:
     policy = small_policy()
-    learner = ImpalaLearner(policy)
+    learner = ImpalaUpdater(policy)
     batch = synthetic_transitions(policy, runs=4, steps=16)
     before = parameters_of(policy)
     stats = learner.update(batch)
@@ -134,7 +134,7 @@ def test_one_update_changes_parameters_and_returns_finite_stats() -> None:
 
 def test_recurrent_policy_update() -> None:
     policy = small_policy("lstm")
-    learner = ImpalaLearner(policy)
+    learner = ImpalaUpdater(policy)
     batch = synthetic_transitions(policy, runs=2, steps=8)
     before = parameters_of(policy)
     stats = learner.update(batch)
@@ -147,7 +147,7 @@ def test_recurrent_policy_learns_through_time() -> None:
     after = {}
     for length in (1, 8):
         policy = small_policy("lstm")
-        stats = ImpalaLearner(policy, ImpalaConfig(bptt_length=length)).update(batch)
+        stats = ImpalaUpdater(policy, ImpalaConfig(bptt_length=length)).update(batch)
         assert stats.approx_kl == pytest.approx(0.0, abs=1e-6)  # unrolled or replayed: on-policy
         after[length] = parameters_of(policy)
     assert not same_parameters(after[1], after[8])  # BPTT: other gradients
@@ -158,7 +158,7 @@ def test_importance_weights_scale_the_loss() -> None:
     assert len(batch) == 32
 
     def stats_for(weights: torch.Tensor | None):  # type: ignore[no-untyped-def]
-        return ImpalaLearner(small_policy()).update(batch, weights=weights)
+        return ImpalaUpdater(small_policy()).update(batch, weights=weights)
 
     plain = stats_for(None)
     doubled = stats_for(torch.full((32,), 2.0))
@@ -171,7 +171,7 @@ def test_importance_weights_scale_the_loss() -> None:
     only = torch.zeros(32)
     only[5] = 1.0
     single = stats_for(only)
-    alone = ImpalaLearner(small_policy()).update([batch[5]])
+    alone = ImpalaUpdater(small_policy()).update([batch[5]])
     assert single.value_loss * 32 == pytest.approx(alone.value_loss, rel=1e-4, abs=1e-7)
     assert single.grad_norm == pytest.approx(alone.grad_norm, rel=1e-4)
 
@@ -179,12 +179,12 @@ def test_importance_weights_scale_the_loss() -> None:
 def test_weights_must_match_the_batch() -> None:
     policy = small_policy()
     with pytest.raises(ValueError, match="weights"):
-        ImpalaLearner(policy).update(synthetic_transitions(policy, runs=2, steps=2), weights=[1.0, 1.0])
+        ImpalaUpdater(policy).update(synthetic_transitions(policy, runs=2, steps=2), weights=[1.0, 1.0])
 
 
 def test_nan_reward_raises_and_leaves_parameters_unchanged() -> None:
     policy = small_policy()
-    learner = ImpalaLearner(policy)
+    learner = ImpalaUpdater(policy)
     learner.update(synthetic_transitions(policy, runs=4, steps=4, seed=1))
     batch = synthetic_transitions(policy, runs=4, steps=4, seed=2)
     batch[3] = msgspec.structs.replace(batch[3], reward=float("nan"))
@@ -199,7 +199,7 @@ def test_nan_reward_raises_and_leaves_parameters_unchanged() -> None:
 
 def test_non_finite_gradients_do_not_step() -> None:
     policy = small_policy()
-    learner = ImpalaLearner(policy)
+    learner = ImpalaUpdater(policy)
     batch = synthetic_transitions(policy, runs=2, steps=4)
     real_evaluate = policy.evaluate
 
@@ -220,7 +220,7 @@ def test_non_finite_gradients_do_not_step() -> None:
 def test_checkpoint_round_trip() -> None:
     config = ImpalaConfig(lr=1e-3)
     policy = small_policy()
-    learner = ImpalaLearner(policy, config)
+    learner = ImpalaUpdater(policy, config)
     learner.update(synthetic_transitions(policy, runs=4, steps=8, seed=1))
     buffer = io.BytesIO()
     torch.save({"weights": policy.state_dict(), "learner": learner.state_dict()}, buffer)
@@ -231,7 +231,7 @@ def test_checkpoint_round_trip() -> None:
     expected = learner.update(batch)
     resumed_policy = small_policy(init_seed=5)
     resumed_policy.load_state_dict(saved["weights"])
-    resumed = ImpalaLearner(resumed_policy, config)
+    resumed = ImpalaUpdater(resumed_policy, config)
     resumed.load_state_dict(saved["learner"])
     got = resumed.update(batch)
     assert got.update == expected.update == 2 and resumed.samples == 64
@@ -245,7 +245,7 @@ def test_checkpoint_round_trip() -> None:
 
 def test_reset_optimizer_forgets_moments() -> None:
     policy = small_policy()
-    learner = ImpalaLearner(policy)
+    learner = ImpalaUpdater(policy)
     learner.update(synthetic_transitions(policy, runs=2, steps=4))
     assert learner.optimizer.state_dict()["state"]
     learner.reset_optimizer()
@@ -255,7 +255,7 @@ def test_reset_optimizer_forgets_moments() -> None:
 
 def test_rule_based_policy_is_refused() -> None:
     with pytest.raises(ValueError):
-        ImpalaLearner(create_policy("heuristic", PolicyConfig(), "cpu"))
+        ImpalaUpdater(create_policy("heuristic", PolicyConfig(), "cpu"))
 
 
 # ---------------------------------------------------------------- learning in the simulator
@@ -274,7 +274,7 @@ def test_impala_improves_a_small_gnn_policy_on_the_simulator() -> None:
     torch.manual_seed(0)
     policy = small_policy()
     before = mean_return(policy)
-    learner = ImpalaLearner(policy, ImpalaConfig(lr=5e-4))
+    learner = ImpalaUpdater(policy, ImpalaConfig(lr=5e-4))
     env = SimEnv(8, SimConfig(), seed=0)
     observations = env.reset()
     replay: list[Transition] = []

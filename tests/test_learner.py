@@ -148,7 +148,7 @@ def feed(learner: Learner, transitions: list[Transition]) -> None:
 
 def optimizer_tensor(learner: Learner) -> torch.Tensor:
     """One moment-estimate tensor of the optimizer (Adam's exp_avg, RMSprop's square_avg)."""
-    state = learner.algo.optimizer.state_dict()["state"]
+    state = learner.updater.optimizer.state_dict()["state"]
     assert state, "the optimizer has no state yet"
     first = state[min(state)]
     key = "exp_avg" if "exp_avg" in first else "square_avg"
@@ -462,7 +462,7 @@ async def test_weights_turning_non_finite_roll_back(
     feed(learner, sim_transitions(serving, 32, seed=7))
     # An absurd step: the weights go to inf / NaN. (PPO sets each update's LR from its schedule.)
     monkeypatch.setattr(ppo_module, "lr_factor", lambda *_: math.inf)
-    for group in learner.algo.optimizer.param_groups:
+    for group in learner.updater.optimizer.param_groups:
         group["lr"] = math.inf
 
     assert not await learner.update_once()
@@ -491,7 +491,7 @@ async def test_ppo_kl_far_above_the_limit_trips(tmp_path: Path) -> None:
     assert status.trips == 1 and status.breaker == "open" and status.last_trip.startswith("KL")
     assert swapped == [] and learner.serving is serving and serving.version == 0
     assert same_weights(weights(learner.trainee), good)  # the over-stepped trainee was rolled back
-    assert not learner.algo.optimizer.state  # and its optimizer moments forgotten
+    assert not learner.updater.optimizer.state  # and its optimizer moments forgotten
     assert len(learner.algorithm.buffer) == 0
 
 
@@ -576,7 +576,7 @@ async def test_reward_drop_during_an_update_voids_that_update(tmp_path: Path) ->
     restored = learner.serving
     assert swapped == [v1, restored] and restored.version == 2
     assert same_weights(weights(restored), v0)
-    assert same_weights(weights(learner.trainee), v0) and not learner.algo.optimizer.state
+    assert same_weights(weights(learner.trainee), v0) and not learner.updater.optimizer.state
     assert learner.status.trips == 1 and learner.status.breaker == "open"
 
 
@@ -614,7 +614,7 @@ async def test_checkpoint_round_trip(tmp_path: Path, algorithm: str) -> None:
     served = weights(learner.serving)
     moments = optimizer_tensor(learner)
     status = learner.status
-    algo_state = learner.algo.state_dict()
+    algo_state = learner.updater.state_dict()
     learner.save_checkpoint()
 
     # A fresh process: different initial weights, version 0, empty buffer, no optimizer state.
@@ -630,9 +630,10 @@ async def test_checkpoint_round_trip(tmp_path: Path, algorithm: str) -> None:
     assert torch.equal(optimizer_tensor(resumed), moments)
     assert resumed.status.updates == status.updates == 1
     assert resumed.status.samples == status.samples > 0
-    assert resumed.algo.updates == algo_state["updates"] and resumed.algo.samples == algo_state["samples"]
+    assert resumed.updater.updates == algo_state["updates"]
+    assert resumed.updater.samples == algo_state["samples"]
     if algorithm == "ppo":
-        assert resumed.algo.lr == learner.algo.lr
+        assert resumed.updater.lr == learner.updater.lr
         assert isinstance(resumed.algorithm, PPOAlgorithm)
         assert [t.policy_version for t in resumed.algorithm.buffer.peek()] == [1] * 10
     else:
@@ -709,8 +710,8 @@ async def test_corrupt_checkpoint_is_refused_and_nothing_changes(tmp_path: Path,
     assert same_weights(weights(serving), before)
     # Nothing half-restored either: the trainee still starts from what serves, nothing resumed.
     assert same_weights(weights(fresh.trainee), before) and fresh.trainee.version == 0
-    assert fresh.buffered() == 0 and fresh.status.updates == 0 and fresh.algo.updates == 0
-    assert not fresh.algo.optimizer.state
+    assert fresh.buffered() == 0 and fresh.status.updates == 0 and fresh.updater.updates == 0
+    assert not fresh.updater.optimizer.state
     # And it still learns from there.
     feed(fresh, sim_transitions(serving, 32, seed=19))
     assert await fresh.update_once() and fresh.serving.version == 1

@@ -18,7 +18,7 @@ from esperd.learn.experience import Transition
 from esperd.learn.gae import compute_gae
 from esperd.learn.ppo import (
     NonFiniteError,
-    PPOLearner,
+    PPOUpdater,
     UpdateStats,
     _minibatches,
     bootstrap_values,
@@ -163,7 +163,7 @@ def test_the_lr_schedule_counts_environment_steps_not_updates() -> None:
     policy = small_policy()
     config = PPOConfig(lr=1e-3, warmup_steps=32, total_steps=96, epochs=1)
     assert config.schedule_steps == (32, 96)
-    learner = PPOLearner(policy, config)
+    learner = PPOUpdater(policy, config)
     small = synthetic_transitions(policy, runs=2, steps=8)  # 16 steps
     large = synthetic_transitions(policy, runs=4, steps=8)  # 32 steps
     lrs = [learner.update(batch).lr for batch in (small, small, large, large, small)]
@@ -230,7 +230,7 @@ def test_learner_advantages_are_gae_per_run() -> None:
     batch = synthetic_transitions(policy, runs=3, steps=5)
     batch[4] = msgspec.structs.replace(batch[4], done=True, next_obs=None)  # run-1 ends at its step 1
     captured = {}
-    learner = PPOLearner(policy, config)
+    learner = PPOUpdater(policy, config)
 
     def spy(*args: object) -> object:
         captured["advantages"], captured["returns"] = args[5], args[6]
@@ -256,7 +256,7 @@ def test_learner_advantages_are_gae_per_run() -> None:
 
 def test_one_update_changes_parameters_and_returns_finite_stats() -> None:
     policy = small_policy()
-    learner = PPOLearner(policy, PPOConfig(warmup_updates=0, target_kl=None, minibatch_size=16))
+    learner = PPOUpdater(policy, PPOConfig(warmup_updates=0, target_kl=None, minibatch_size=16))
     batch = synthetic_transitions(policy, runs=4, steps=16)
     before = parameters_of(policy)
     stats = learner.update(batch)
@@ -271,7 +271,7 @@ def test_one_update_changes_parameters_and_returns_finite_stats() -> None:
 
 def test_first_minibatch_ratio_is_one_on_policy() -> None:
     policy = small_policy()
-    learner = PPOLearner(policy, PPOConfig(epochs=1, minibatch_size=64))
+    learner = PPOUpdater(policy, PPOConfig(epochs=1, minibatch_size=64))
     stats = learner.update(synthetic_transitions(policy, runs=4, steps=16))
     assert stats.approx_kl == pytest.approx(0.0, abs=1e-6)
     assert stats.clip_fraction == 0.0
@@ -279,7 +279,7 @@ def test_first_minibatch_ratio_is_one_on_policy() -> None:
 
 def test_recurrent_policy_updates_from_recorded_states() -> None:
     policy = small_policy("lstm")
-    learner = PPOLearner(policy, PPOConfig(warmup_updates=0, epochs=1, minibatch_size=64))
+    learner = PPOUpdater(policy, PPOConfig(warmup_updates=0, epochs=1, minibatch_size=64))
     batch = synthetic_transitions(policy, runs=4, steps=16)
     assert batch[-1].hidden is not None and np.abs(batch[-1].hidden).sum() > 0
     before = parameters_of(policy)
@@ -296,7 +296,7 @@ def test_recurrent_policy_learns_through_time() -> None:
     after = {}
     for length in (1, 16):
         policy = small_policy("lstm")
-        learner = PPOLearner(
+        learner = PPOUpdater(
             policy, PPOConfig(warmup_updates=0, epochs=1, minibatch_size=64, bptt_length=length)
         )
         stats = learner.update(batch)
@@ -314,7 +314,7 @@ def test_bptt_chunks_and_minibatches_keep_whole_pieces() -> None:
 
 def test_kl_early_stop_with_a_huge_lr() -> None:
     policy = small_policy()
-    learner = PPOLearner(policy, PPOConfig(lr=1.0, warmup_updates=0, minibatch_size=16, max_grad_norm=10.0))
+    learner = PPOUpdater(policy, PPOConfig(lr=1.0, warmup_updates=0, minibatch_size=16, max_grad_norm=10.0))
     stats = learner.update(synthetic_transitions(policy, runs=4, steps=16, reward_scale=10.0))
     assert stats.early_stopped
     assert stats.approx_kl > 1.5 * 0.01
@@ -324,14 +324,14 @@ def test_kl_early_stop_with_a_huge_lr() -> None:
 
 def test_no_early_stop_without_target_kl() -> None:
     policy = small_policy()
-    learner = PPOLearner(policy, PPOConfig(lr=0.05, warmup_updates=0, minibatch_size=16, target_kl=None))
+    learner = PPOUpdater(policy, PPOConfig(lr=0.05, warmup_updates=0, minibatch_size=16, target_kl=None))
     stats = learner.update(synthetic_transitions(policy, runs=4, steps=8))
     assert not stats.early_stopped and stats.steps == 4 * 2
 
 
 def test_nan_reward_raises_and_leaves_everything_unchanged() -> None:
     policy = small_policy()
-    learner = PPOLearner(policy, PPOConfig(warmup_updates=0))
+    learner = PPOUpdater(policy, PPOConfig(warmup_updates=0))
     learner.update(synthetic_transitions(policy, runs=4, steps=8, seed=1))  # some optimizer state
     batch = synthetic_transitions(policy, runs=4, steps=8, seed=2)
     batch[5] = msgspec.structs.replace(batch[5], reward=float("nan"))
@@ -348,7 +348,7 @@ def test_nan_reward_raises_and_leaves_everything_unchanged() -> None:
 
 def test_non_finite_loss_mid_update_restores_weights_and_optimizer() -> None:
     policy = small_policy()
-    learner = PPOLearner(policy, PPOConfig(warmup_updates=0, target_kl=None, minibatch_size=8))
+    learner = PPOUpdater(policy, PPOConfig(warmup_updates=0, target_kl=None, minibatch_size=8))
     batch = synthetic_transitions(policy, runs=4, steps=8)
     before = parameters_of(policy)
     real_evaluate, calls = policy.evaluate, []
@@ -373,7 +373,7 @@ def test_checkpoint_round_trip_resumes_identically() -> None:
     """Weights + learner state saved after update 1 give the very same update 2 in a new learner."""
     config = PPOConfig(lr=1e-3, warmup_updates=1, total_updates=5)
     policy = small_policy()
-    learner = PPOLearner(policy, config)
+    learner = PPOUpdater(policy, config)
     first = learner.update(synthetic_transitions(policy, runs=4, steps=8, seed=1))
     assert first.lr == pytest.approx(1e-3 * 32 / 256)  # 32 of the 256 warmup steps (1 update of 256)
 
@@ -387,7 +387,7 @@ def test_checkpoint_round_trip_resumes_identically() -> None:
 
     resumed_policy = small_policy(init_seed=123)
     resumed_policy.load_state_dict(saved["weights"])
-    resumed = PPOLearner(resumed_policy, config)
+    resumed = PPOUpdater(resumed_policy, config)
     resumed.load_state_dict(saved["learner"])
     assert resumed.updates == 1 and resumed.samples == 32 and resumed.lr == pytest.approx(first.lr)
     got = resumed.update(batch)
@@ -402,14 +402,14 @@ def test_checkpoint_round_trip_resumes_identically() -> None:
 
 
 def test_state_of_another_algorithm_is_refused() -> None:
-    learner = PPOLearner(small_policy())
+    learner = PPOUpdater(small_policy())
     with pytest.raises(ValueError, match="impala"):
         learner.load_state_dict({**learner.state_dict(), "algorithm": "impala"})
 
 
 def test_rule_based_policy_is_refused() -> None:
     with pytest.raises(ValueError):
-        PPOLearner(create_policy("heuristic", PolicyConfig(), "cpu"))
+        PPOUpdater(create_policy("heuristic", PolicyConfig(), "cpu"))
 
 
 # ---------------------------------------------------------------- learning in the simulator
@@ -429,7 +429,7 @@ def test_ppo_improves_a_small_gnn_policy_on_the_simulator() -> None:
     policy = small_policy()
     before = mean_return(policy)
     config = PPOConfig(lr=1e-3, target_kl=0.02, warmup_updates=0, total_updates=0, rollout_size=256)
-    learner = PPOLearner(policy, config)
+    learner = PPOUpdater(policy, config)
     env = SimEnv(8, SimConfig(), seed=0)
     observations = env.reset()
     start = time.perf_counter()
@@ -444,7 +444,7 @@ def test_ppo_improves_a_small_gnn_policy_on_the_simulator() -> None:
 
 def test_reset_optimizer_forgets_moments_but_keeps_schedule() -> None:
     policy = small_policy()
-    learner = PPOLearner(policy, PPOConfig(warmup_updates=3))
+    learner = PPOUpdater(policy, PPOConfig(warmup_updates=3))
     learner.update(synthetic_transitions(policy, runs=2, steps=8))
     assert learner.optimizer.state_dict()["state"]
     lr = learner.lr

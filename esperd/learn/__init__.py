@@ -7,14 +7,15 @@ from typing import TYPE_CHECKING
 from esperd.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from esperd.learn.algorithms import ImpalaAlgorithm, PPOAlgorithm
     from esperd.learn.buffers import ReplayBuffer, RolloutBuffer, SampledBatch
     from esperd.learn.config import BreakerConfig, ImpalaConfig, LearnerConfig, PPOConfig, RewardConfig
     from esperd.learn.experience import Transition
     from esperd.learn.gae import compute_gae
-    from esperd.learn.impala import ImpalaLearner
+    from esperd.learn.impala import ImpalaUpdater
     from esperd.learn.learner import Learner, LearnerStatus
     from esperd.learn.persist import BufferFileError, load_experience, save_experience
-    from esperd.learn.ppo import NonFiniteError, PPOLearner, UpdateStats
+    from esperd.learn.ppo import NonFiniteError, PPOUpdater, UpdateStats
     from esperd.learn.recorder import Recorder, RecorderStats
     from esperd.learn.rewards import RewardStep, RewardTracker
     from esperd.learn.vtrace import VTraceReturns, from_importance_weights
@@ -22,14 +23,16 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "BreakerConfig": "config",
     "BufferFileError": "persist",
+    "ImpalaAlgorithm": "algorithms",
     "ImpalaConfig": "config",
-    "ImpalaLearner": "impala",
+    "ImpalaUpdater": "impala",
     "Learner": "learner",
     "LearnerConfig": "config",
     "LearnerStatus": "learner",
     "NonFiniteError": "ppo",
+    "PPOAlgorithm": "algorithms",
     "PPOConfig": "config",
-    "PPOLearner": "ppo",
+    "PPOUpdater": "ppo",
     "Recorder": "recorder",
     "RecorderStats": "recorder",
     "ReplayBuffer": "buffers",

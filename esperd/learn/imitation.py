@@ -279,7 +279,7 @@ class DemonstrationAnchor:
     decisions on a fresh minibatch of its demonstrations. Early RL updates, made while advantages
     are still noisy, are pulled back towards the cloned behaviour; later ones are pure RL.
 
-    Pass it as `PPOLearner(..., auxiliary=anchor)`; it returns None once its weight is 0."""
+    Pass it as `PPOUpdater(..., auxiliary=anchor)`; it returns None once its weight is 0."""
 
     def __init__(
         self,

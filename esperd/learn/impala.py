@@ -54,16 +54,17 @@ from esperd.learn.ppo import (
 from esperd.learn.vtrace import from_importance_weights
 from esperd.policy.base import PolicyBundle
 
-__all__ = ["ImpalaConfig", "ImpalaLearner", "NonFiniteError", "UpdateStats"]
+__all__ = ["ImpalaConfig", "ImpalaUpdater", "NonFiniteError", "UpdateStats"]
 
 Threshold = Annotated[float, Meta(gt=0.0)]
 Coef = Annotated[float, Meta(ge=0.0, le=1e3)]
 
 
-class ImpalaLearner:
+class ImpalaUpdater:
     """Trains a learnable PolicyBundle in place with V-trace actor-critic. One caller at a time.
 
-    The learner never touches `policy.version`; whoever publishes the new weights does.
+    It never touches `policy.version`; whoever publishes the new weights does (the Learner,
+    esperd.learn.learner, which orchestrates; esperd.learn.algorithms is its loop side).
     """
 
     algorithm = "impala"

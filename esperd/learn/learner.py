@@ -40,8 +40,8 @@ from esperd.learn.budgets import BudgetWatch
 from esperd.learn.bundles import BundlePool
 from esperd.learn.config import LearnerConfig
 from esperd.learn.experience import Transition
-from esperd.learn.impala import ImpalaLearner
-from esperd.learn.ppo import NonFiniteError, PPOLearner, UpdateStats
+from esperd.learn.impala import ImpalaUpdater
+from esperd.learn.ppo import NonFiniteError, PPOUpdater, UpdateStats
 from esperd.learn.worker import (
     Slots,
     State,
@@ -177,9 +177,9 @@ class Learner:
         return self._thread_worker().trainer.trainee
 
     @property
-    def algo(self) -> PPOLearner | ImpalaLearner:
-        """The PPO/IMPALA learner (thread worker only)."""
-        return self._thread_worker().trainer.algo
+    def updater(self) -> PPOUpdater | ImpalaUpdater:
+        """The PPO/IMPALA updater: the gradient math and the optimizer (thread worker only)."""
+        return self._thread_worker().trainer.updater
 
     def _thread_worker(self) -> ThreadWorker:
         if isinstance(self.worker, ThreadWorker):

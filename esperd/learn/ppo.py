@@ -262,10 +262,11 @@ def _minibatches(chunks: Sequence[Sequence[int]], size: int) -> list[list[Sequen
     return [g for g in groups if g]
 
 
-class PPOLearner:
+class PPOUpdater:
     """Trains a learnable PolicyBundle in place with PPO. Not thread-safe: one caller at a time.
 
-    The learner never touches `policy.version`; whoever publishes the new weights does.
+    It never touches `policy.version`; whoever publishes the new weights does (the Learner,
+    esperd.learn.learner, which orchestrates; esperd.learn.algorithms is its loop side).
     """
 
     algorithm = "ppo"

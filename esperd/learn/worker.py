@@ -49,9 +49,9 @@ import torch
 
 from esperd.learn.config import ImpalaConfig, PPOConfig
 from esperd.learn.experience import Transition
-from esperd.learn.impala import ImpalaLearner
+from esperd.learn.impala import ImpalaUpdater
 from esperd.learn.persist import decode_experience, encode_experience
-from esperd.learn.ppo import NonFiniteError, PPOLearner, UpdateStats
+from esperd.learn.ppo import NonFiniteError, PPOUpdater, UpdateStats
 from esperd.policy.base import PolicyBundle
 
 log = structlog.get_logger("esperd.learn")
@@ -88,16 +88,16 @@ class Trainer:
         self.trainee = spec.make_policy()
         self.trainee.load_state_dict(state, version=version)
         if spec.algorithm == "ppo":
-            self.algo: PPOLearner | ImpalaLearner = PPOLearner(self.trainee, spec.ppo)
+            self.updater: PPOUpdater | ImpalaUpdater = PPOUpdater(self.trainee, spec.ppo)
         else:
-            self.algo = ImpalaLearner(self.trainee, spec.impala)
+            self.updater = ImpalaUpdater(self.trainee, spec.impala)
 
     def update(
         self, batch: Sequence[Transition], weights: np.ndarray | None, with_state: bool = True
     ) -> tuple[UpdateStats, State | None]:
         """One update; with `with_state`, the new weights, copied (the trainee keeps changing
         under the next one). The weights are checked finite either way."""
-        stats = self.algo.update(batch) if weights is None else self.algo.update(batch, weights=weights)
+        stats = self.updater.update(batch) if weights is None else self.updater.update(batch, weights=weights)
         state = self.trainee.state_dict()
         if not all_finite(state):
             raise NonFiniteError("weights became non-finite")
@@ -111,18 +111,18 @@ class Trainer:
         """Back to `state`; with fresh optimizer moments after a rollback (they describe bad updates)."""
         self.trainee.load_state_dict(state, version=version)
         if reset_optimizer:
-            self.algo.reset_optimizer()
+            self.updater.reset_optimizer()
 
     def export_algo(self) -> dict[str, Any]:
-        return copy.deepcopy(self.algo.state_dict())
+        return copy.deepcopy(self.updater.state_dict())
 
     def import_algo(self, state: dict[str, Any]) -> None:
         """Load optimizer state and counters; on any error nothing changed (then it raises)."""
-        fresh = copy.deepcopy(self.algo.state_dict())
+        fresh = copy.deepcopy(self.updater.state_dict())
         try:
-            self.algo.load_state_dict(state)
+            self.updater.load_state_dict(state)
         except Exception:
-            self.algo.load_state_dict(fresh)  # undo a partial load
+            self.updater.load_state_dict(fresh)  # undo a partial load
             raise
 
 
@@ -457,7 +457,7 @@ def _handle(trainer: Trainer, held: dict[int, tuple[int, Transition]], op: str, 
         return None
     if op == "export_algo":
         buffer = io.BytesIO()
-        torch.save(trainer.algo.state_dict(), buffer)
+        torch.save(trainer.updater.state_dict(), buffer)
         return buffer.getvalue()
     if op == "import_algo":
         trainer.import_algo(torch.load(io.BytesIO(args[0]), weights_only=True))

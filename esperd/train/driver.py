@@ -23,9 +23,9 @@ from esperd.learn.buffers import ReplayBuffer
 from esperd.learn.config import LearnerConfig
 from esperd.learn.experience import Transition
 from esperd.learn.imitation import DemonstrationAnchor, ImitationStats
-from esperd.learn.impala import ImpalaLearner
+from esperd.learn.impala import ImpalaUpdater
 from esperd.learn.persist import load_experience
-from esperd.learn.ppo import NonFiniteError, PPOLearner, UpdateStats
+from esperd.learn.ppo import NonFiniteError, PPOUpdater, UpdateStats
 from esperd.policy.checkpoint import load_policy_checkpoint, save_policy_checkpoint
 from esperd.policy.registry import create_policy
 from esperd.sim.config import SimConfig
@@ -153,15 +153,15 @@ class TrainingRun:
             seed=spec.seed,
         )
 
-    def _make_algorithm(self, anchor: DemonstrationAnchor | None) -> PPOLearner | ImpalaLearner:
+    def _make_algorithm(self, anchor: DemonstrationAnchor | None) -> PPOUpdater | ImpalaUpdater:
         spec, learner_cfg = self.spec, self.spec.learner
         if spec.algo != "ppo":
-            return ImpalaLearner(self.policy, learner_cfg.impala)
+            return ImpalaUpdater(self.policy, learner_cfg.impala)
         ppo_cfg = msgspec.structs.replace(learner_cfg.ppo, seed=spec.seed)
         if learner_cfg.ppo.total_updates == LearnerConfig().ppo.total_updates:
             # Not configured: the LR decays over this run's budget.
             ppo_cfg = msgspec.structs.replace(ppo_cfg, total_updates=self.planned_updates())
-        return PPOLearner(self.policy, ppo_cfg, auxiliary=anchor)
+        return PPOUpdater(self.policy, ppo_cfg, auxiliary=anchor)
 
     def _split_experience(self) -> tuple[list[Transition], HeldOut]:
         """Experience from a file: the training part and the held-out set."""

@@ -8,6 +8,9 @@ Every task of `examples/host/tasks.py` runs every run seed under every controlle
 fixes the data, the host's init and its batch order, so arms are paired by seed:
 
   static-small       the host as it starts, no seeds (the floor)
+  static-reshuffled  static small again, same init, another batch order (seed + 1000): the A/A
+                     control. It changes nothing that matters, so how far its worst seed lands
+                     below static small is the noise floor of the safety check
   static-large       a static model with about twice the small model's parameters (the ceiling)
   matched-heuristic  "static matched": a static model whose parameter count is the one the
                      heuristic's run of the same seed ended with (matched per seed; any grown
@@ -86,6 +89,7 @@ TRAINED_GNN_DIR = ROOT / "runs" / "real-hosts-gnn"
 
 CONTROLLERS: dict[str, str] = {
     "static-small": "the host as it starts, no seeds",
+    "static-reshuffled": "static small with another batch order (A/A control)",
     "static-large": "static, about 2x the small model's parameters",
     "matched-heuristic": "static, the parameters the heuristic's run of the same seed ended with",
     "fixed": "fixed schedule: one seed per slotted layer at epoch 2, no telemetry",
@@ -106,6 +110,7 @@ ESPERD_POLICIES = {
 #: decide on every packet; a layer waits for the ack of its last command (not a wall-clock cooldown).
 SCHEDULER = {"min_interval_s": 0.02, "cooldown_s": 0.05, "max_wait_ms": 2.0}
 EPOCH_PAUSE_S = 0.1  # the host waits this long for commands after each state packet
+RESHUFFLE_OFFSET = 1000  # static-reshuffled's batch order seed: the run seed plus this
 
 
 # ------------------------------------------------------------------ one run (in a worker process)
@@ -123,6 +128,7 @@ class Job:
     url: str
     prefix: str
     schedule: tuple[Germination, ...] = ()
+    order_seed: int | None = None  # the batch order's seed when it is not the run seed
 
     @property
     def run_id(self) -> str:
@@ -144,7 +150,14 @@ async def _run_job(job: Job) -> dict[str, Any]:
     from esperd_examples.host.train import HostRun
 
     spec = benchmark_task(job.task)
-    config = spec.config(job.seed, width=job.width, epochs=job.epochs, epoch_pause_s=EPOCH_PAUSE_S, log=None)
+    config = spec.config(
+        job.seed,
+        width=job.width,
+        epochs=job.epochs,
+        epoch_pause_s=EPOCH_PAUSE_S,
+        log=None,
+        order_seed=job.order_seed,
+    )
     val_labels = int(load_task(spec.task).y_val.numel())
     started = time.perf_counter()
     client = await HostClient.connect(
@@ -454,6 +467,7 @@ class Orchestrator:
             url=self.url,
             prefix=prefix_of(controller),
             schedule=schedule,
+            order_seed=seed + RESHUFFLE_OFFSET if controller == "static-reshuffled" else None,
         )
 
     async def run_all(self, pool: ProcessPoolExecutor, plan: list[tuple[str, str, int]]) -> None:

@@ -14,8 +14,11 @@ from esperd_examples.host.tasks import benchmark_task
 
 #: The controllers that grow the host (the others are static controls).
 GROWN = ("fixed", "random", "heuristic", "gnn-sim", "gnn-real", "gnn-online")
+#: The A/A control: static small with another batch order, held to the safety check as a yardstick.
+AA = "static-reshuffled"
 LABELS = {
     "static-small": "static small",
+    AA: "static small, reshuffled (A/A)",
     "static-large": "static large",
     "matched-heuristic": "static matched (heuristic)",
     "fixed": "fixed schedule",
@@ -126,7 +129,7 @@ class TaskResults:
         ]
         for c in self.controllers:
             worst = self.worst_vs_small(c)
-            safe = "—" if c not in GROWN else ("ok" if worst >= -self.static_spread else "**below**")
+            safe = "—" if c not in (*GROWN, AA) else ("ok" if worst >= -self.static_spread else "**below**")
             lines.append(
                 f"| {label(c)} | {self.versus(c, self.small).format()} "
                 f"| {self.versus(c, self.heuristic).format()} "
@@ -201,7 +204,34 @@ def goal_lines(results: list[TaskResults]) -> list[str]:
             else "**fails** for " + "; ".join(unsafe) + "."
         )
     )
-    return lines + [""]
+    return lines + _aa_lines(results) + [""]
+
+
+def _aa_lines(results: list[TaskResults]) -> list[str]:
+    """How the safety check treats a change that cannot hurt: the A/A control against it."""
+    checked = [r for r in results if AA in r.controllers]
+    if not checked:
+        return []
+    worst = ", ".join(
+        f"{r.task} {r.worst_vs_small(AA) * 100:+.2f} (spread {r.static_spread * 100:.2f}, "
+        f"mean {r.versus(AA, r.small).format()})"
+        for r in checked
+    )
+    flagged = [r.task for r in checked if r.worst_vs_small(AA) < -r.static_spread]
+    verdict = f"the check flags it on {flagged}" if flagged else "the check passes it everywhere"
+    beyond = [
+        f"{label(c)} on {r.task} ({r.worst_vs_small(c) * 100:+.2f} vs {r.worst_vs_small(AA) * 100:+.2f})"
+        for r in checked
+        for c in r.controllers
+        if c in GROWN and r.worst_vs_small(c) < min(r.worst_vs_small(AA), -r.static_spread)
+    ]
+    return [
+        "- The A/A control (static small, same init, another batch order: it cannot hurt) against the "
+        f"safety check, worst seed vs static small: {worst}; {verdict}. A controller flagged by less "
+        "than the A/A control's margin is not distinguishable from a harmless perturbation.",
+        "- Worst seed below both the static spread and the A/A control's worst seed: "
+        + ("; ".join(beyond) + "." if beyond else "none."),
+    ]
 
 
 def _wins(interval: Interval) -> bool:

@@ -203,6 +203,18 @@ def test_instrumentation_does_not_change_the_training() -> None:
 
 
 @pytest.mark.slow
+def test_order_seed_moves_the_batch_order_alone() -> None:
+    base = HostRun(HostConfig(epochs=1, telemetry=False))
+    same = HostRun(HostConfig(epochs=1, telemetry=False, order_seed=0))
+    moved = HostRun(HostConfig(epochs=1, telemetry=False, order_seed=1000))
+    init = [p.detach().clone() for p in base.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(init, moved.model.parameters(), strict=True))  # same init
+    plain, same_order, other_order = (asyncio.run(r.run()) for r in (base, same, moved))
+    assert [e.train_loss for e in same_order.epochs] == [e.train_loss for e in plain.epochs]
+    assert [e.train_loss for e in other_order.epochs] != [e.train_loss for e in plain.epochs]
+
+
+@pytest.mark.slow
 def test_transformer_task_trains_and_takes_transformer_seeds() -> None:
     gated = command(
         Op.GERMINATE, 2, command_id="g", blueprint=Blueprint.GATED_MLP, blend=BlendAlgorithm.GATED

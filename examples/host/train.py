@@ -64,6 +64,7 @@ class HostConfig:
     depth: int | None = None  # blocks / hidden layers where the task's model has a variable depth
     epochs: int = 10
     seed: int = 0
+    order_seed: int | None = None  # the batch order's seed (None: `seed`); the A/A control moves it alone
     batch_size: int = 64
     lr: float = 0.02  # SGD with momentum 0.9, cosine-decayed to 10% over the run
     device: str = "cpu"
@@ -167,7 +168,8 @@ class HostRun:
         )
         self._seed_groups: dict[int, dict] = {}  # layer id -> its seed's optimizer param group
         self.probe = LayerProbe(self.model) if config.telemetry else None
-        self.generator = torch.Generator().manual_seed(config.seed)
+        order_seed = config.seed if config.order_seed is None else config.order_seed
+        self.generator = torch.Generator().manual_seed(order_seed)
         self.report = RunReport(self.run_id)
         self.epoch = 0
         self.global_step = 0

@@ -11,7 +11,7 @@ from benchmarks import real_hosts
 from esperd.traces import read_trace
 from esperd_examples.host.tasks import benchmark_task
 
-CONTROLLERS = "static-small,heuristic,matched-heuristic,fixed,random,gnn-sim,gnn-real,gnn-online"
+CONTROLLERS = "static-small,static-reshuffled,heuristic,matched-heuristic,fixed,random,gnn-sim,gnn-real,gnn-online"
 
 
 def _records(out: Path) -> dict[str, dict]:
@@ -35,6 +35,9 @@ def test_a_tiny_slice_runs_every_kind_of_controller_and_resumes(tmp_path: Path, 
     fixed = records["fixed"]  # one germination per slotted layer before epoch 2, all applied
     assert fixed["applied_by_op"] == {"germinate": len(spec.fixed_schedule())} and fixed["rejected"] == 0
     assert fixed["added_params"] > 0
+    reshuffled, small = records["static-reshuffled"], records["static-small"]  # A/A: another batch order only
+    assert reshuffled["total_params"] == small["total_params"] and reshuffled["commands"] == 0
+    assert reshuffled["curve"] != small["curve"]
     matched = records["matched-heuristic"]  # sized by the heuristic's run of the same seed
     assert matched["width"] == spec.width_for_params(records["heuristic"]["total_params"])
 
@@ -48,6 +51,7 @@ def test_a_tiny_slice_runs_every_kind_of_controller_and_resumes(tmp_path: Path, 
     assert sum(r.channel == "ack" for r in fixed_trace) == len(spec.fixed_schedule())
 
     report = (tmp_path / "real_hosts.md").read_text()
+    assert "The A/A control" in report and "| static small, reshuffled (A/A) |" in report
     assert "gnn-online: NOT RUN" in report and "| heuristic |" in report and "Δ vs static small" in report
     summary = json.loads((tmp_path / "real_hosts.json").read_text())["summary"]["digits"]
     assert [s["controller"] for s in summary][0] == "static-small"

@@ -169,6 +169,7 @@ def assert_same(analyzer: Analyzer, reference: Reference, run: str) -> None:
             want.slot_ts,
             want.stage,
         ), layer_id
+        assert tuple(aux[T.SEEN_HEALTH : T.SEEN_ATTENTION + 1]) == want.seen, layer_id  # exact, float64
         window = analyzer._arena.window_values(table.start + row)
         assert window == want.trend.values(), layer_id
 
@@ -278,6 +279,36 @@ def test_queued_and_immediate_ingest_match_the_per_signal_reference(pass_kind, s
     for run in ("a", "b", "c"):
         assert_same(analyzer, reference, run)
     assert analyzer.flush() == expected
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "material"),
+    [
+        # 0.1 -> 0.0 moved exactly 0.1: not material (float32(0.1) = 0.10000000149 made it so).
+        ((0.2, 0.1), 0.0, False),
+        # 0.7 -> 0.59999999 moved 0.10000001: material (float32(0.7) = 0.69999998808 hid it).
+        ((0.7,) * 5, 0.59999999, True),
+    ],
+)
+def test_a_material_health_move_is_measured_from_the_reported_health(
+    pass_kind: str, before: tuple[float, ...], after: float, material: bool
+) -> None:
+    """The baseline an observation leaves is the health as reported (float64), not the float32
+    feature: its rounding must not decide a move of about `material_health_delta` either way.
+    The flags are the same before and after, so only the health move counts."""
+    cfg = AnalyzerConfig(window_size=10 if len(before) > 2 else 2)
+    analyzer = Analyzer(cfg, clock=FakeClock())
+    reference = Reference(cfg)
+    for h in before:
+        sigs = [HealthSignal(layer_id=0, health_score=h)]
+        analyzer.ingest_health("r", HealthBatch(signals=sigs))
+        reference.ingest("r", sigs, 0.0, 0.0)
+    analyzer.observe("r")
+    reference.observed("r")
+    sigs = [HealthSignal(layer_id=0, health_score=after)]
+    assert reference.ingest("r", sigs, 0.0, 0.0) is material
+    analyzer.queue_health("r", HealthBatch(signals=sigs))
+    assert analyzer.flush() == ({"r"} if material else set())
 
 
 # ------------------------------------------------------------------ the arena

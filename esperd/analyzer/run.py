@@ -47,7 +47,7 @@ from esperd_contracts import (
 from esperd_contracts.status import MAX_LISTED_CLUSTERS, MAX_LISTED_LAYERS, RunAnalysis
 
 _STAGE_SLICE = slice(T.STAGE_FIRST, T.STAGE_FIRST + STAGE_ONE_HOT.shape[0])
-_FLAG_COLUMNS = [T.HEALTH, T.PROBLEMATIC, T.ATTENTION]
+_FLAG_COLUMNS = [T.PROBLEMATIC, T.ATTENTION]
 _STALENESS_SCALE_S = 60.0  # per the NODE_FEATURES contract
 _KIND_ONE_HOT = np.eye(len(LAYER_KINDS), dtype=np.float32)
 #: Ops after which a slot's seed has no blend weight (any other op leaves alpha as the host reported it).
@@ -518,7 +518,11 @@ class RunState:
         ops = op_mask(stages, can_germinate)
         x[:, _ANALYSIS] = self._analysis(graph, rows, x, aux, ops[:, _GERMINATE])
         n = table.n
-        table.aux[:n, T.SEEN_HEALTH : T.SEEN_ATTENTION + 1] = table.feat[:n][:, _FLAG_COLUMNS]
+        # The baseline health as reported (float64), not the float32 feature (see table.SEEN_HEALTH).
+        table.aux[:n, T.SEEN_HEALTH] = table.arena.latest(
+            table.start + np.arange(n), self.config.default_health
+        )
+        table.aux[:n, T.SEEN_PROBLEMATIC : T.SEEN_ATTENTION + 1] = table.feat[:n][:, _FLAG_COLUMNS]
         return Observation(
             run_id=self.run_id,
             topology_version=self.topology_version,

@@ -77,7 +77,11 @@ LAST_SEEN = 0  # analyzer clock of the layer's latest health signal; -inf before
 WEIGHT = 1  # max(total_seeds, 1): the layer's weight in the overall health
 SLOT_TS = 2  # host timestamp of the newest seed-slot information applied
 STAGE = 3  # index into STAGES of the slot's stage
-SEEN_HEALTH = 4  # health / flags as of the run's last observation, for "material change"
+# Health / flags as of the run's last observation, for "material change". The health is the one
+# reported (float64, the newest value of the trend window): the float32 feature column rounds it
+# either way (float32(0.1) > 0.1, float32(0.7) < 0.7), which would decide a move of about
+# `material_health_delta` (0.1 -> 0.0 is not more than 0.1; 0.7 -> 0.59999999 is).
+SEEN_HEALTH = 4
 SEEN_PROBLEMATIC = 5
 SEEN_ATTENTION = 6
 # The layer's trend window (see esperd.analyzer.window.SlidingTrend, its one-row reference; the
@@ -165,6 +169,13 @@ class NodeArena:
         for name in self._COLUMNS:
             column = getattr(self, name)
             column[target] = column[source]
+
+    def latest(self, rows: np.ndarray, default: float) -> np.ndarray:
+        """Each row's newest window value (float64, as pushed); `default` where the window is empty."""
+        count, head = self.aux[rows, W_COUNT], self.aux[rows, W_HEAD]
+        slot = (np.where(count < self.window, count, head) - 1).astype(np.int64) % self.window
+        out: np.ndarray = np.where(count > 0, self.win[rows, slot], default)
+        return out
 
     def window_values(self, row: int) -> list[float]:
         """A row's trend window, oldest first (for tests and debugging)."""

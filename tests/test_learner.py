@@ -224,6 +224,10 @@ async def test_hot_swap_under_concurrent_decisions(tmp_path: Path, algorithm: st
     async def publish(command: AdaptationCommand) -> None:
         published.append((loop.stats.batches, command.policy_version))
         await asyncio.sleep(0.001)  # a slow bus: the learner's swaps land while batches are published
+        # The host answers at once: the layer is free for the next round, so commands keep coming
+        # (unanswered, every layer would wait out ack_timeout_s after its first command, and from
+        # then on batches would be all WAITs, with no commands for a swap to land between).
+        scheduler.note_ack(command.run_id, command.command_id, applied=True)
 
     def on_decided(observations, result, policy):  # type: ignore[no-untyped-def]
         batches.append((policy, policy.version, {d.policy_version for d in result.decisions}))

@@ -266,6 +266,11 @@ class AdaptationCommand(_Message, tag="command", kw_only=True):
     # SET_ALPHA_TARGET levers, appended (see alpha_target above).
     alpha_speed: AlphaSpeed | None = None
     alpha_curve: AlphaCurve | None = None
+    # GERMINATE, appended: the most parameters the new seed may add (what is left of esperd's
+    # parameter budget for the run, `[rails] param_budget`). Only the host knows a blueprint's
+    # size on its layer, so it enforces this: a seed that would be larger is rejected, with its
+    # size in the reason. 0: no limit.
+    max_seed_params: Count = 0
 
 
 class CommandAck(_Message, tag="ack", kw_only=True):

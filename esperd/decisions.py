@@ -280,7 +280,10 @@ class DecisionLoop:
             if epoch is None:
                 stats.fenced += 1
                 continue
-            command = to_command(decision, epoch)
+            limit = 0
+            if self.rails is not None and i < len(observations):
+                limit = self.rails.note_sent(observations[i], decision.action.node, decision.op, now)
+            command = to_command(decision, epoch, max_seed_params=limit)
             self.scheduler.note_command(
                 command.command_id,
                 command.run_id,
@@ -288,8 +291,6 @@ class DecisionLoop:
                 command.op.value,
                 blueprint=command.blueprint.value if command.blueprint is not None else "",
             )
-            if self.rails is not None and i < len(observations):
-                self.rails.note_sent(observations[i], decision.action.node, decision.op, now)
             await self.publish(command)
             sent += 1
             by_op = stats.commands_by_op
@@ -337,8 +338,9 @@ class DecisionLoop:
                 await self._wake.wait()
 
 
-def to_command(decision: Decision, epoch: int = 0) -> AdaptationCommand:
-    """The wire command for a (non-WAIT) decision, under ownership `epoch`."""
+def to_command(decision: Decision, epoch: int = 0, max_seed_params: int = 0) -> AdaptationCommand:
+    """The wire command for a (non-WAIT) decision, under ownership `epoch` (a GERMINATE carries
+    `max_seed_params`, the rails' limit)."""
     germinate = decision.op is Op.GERMINATE
     alpha = decision.op is Op.SET_ALPHA_TARGET
     return AdaptationCommand(
@@ -365,6 +367,7 @@ def to_command(decision: Decision, epoch: int = 0) -> AdaptationCommand:
         alpha_curve=decision.alpha_curve if alpha else None,
         reason=decision.reason or describe(decision),
         epoch=epoch,
+        max_seed_params=max_seed_params if germinate else 0,
     )
 
 

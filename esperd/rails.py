@@ -61,6 +61,10 @@ _LOG_PARAMS = NODE_FEATURE_INDEX["log_params"]
 _IN_FLIGHT_EPOCHS = 2
 
 
+def _live_layers(obs: Observation) -> set[int]:
+    return {int(obs.layer_ids[i]) for i in np.flatnonzero(LIVE_STAGE[obs.stages])}
+
+
 @dataclass(slots=True)
 class _InFlight:
     layer_id: int
@@ -169,13 +173,31 @@ class Rails:
     def count_block(self, block: Block) -> None:
         self.blocked_by_rail[block.rail] += 1
 
-    def note_sent(self, obs: Observation, node: int, op: Op, now: float) -> None:
-        """A command went out for this run (after `check` let it)."""
+    def note_sent(self, obs: Observation, node: int, op: Op, now: float) -> int:
+        """A command goes out for this run (after `check` let it). For a GERMINATE, returns its
+        `max_seed_params`: what is left of the budget, in parameters (0: rails off, no limit).
+
+        Only the host knows how large a blueprint is on its layer (a seed can be many times its
+        layer on a narrow one), so the host enforces the limit, and until it reports the seed's
+        real size (or rejects it) the germination reserves all of it: a run under a budget
+        germinates once per report, and never past the budget.
+        """
         run = self._run(obs, now)
         run.sent_at.append(now)
-        if op is Op.GERMINATE:
-            fraction = float(self._seed_fraction(obs)[node])
-            run.germinating.append(_InFlight(int(obs.layer_ids[node]), obs.epoch, fraction))
+        if op is not Op.GERMINATE or not self.config.enabled:
+            return 0
+        host = float(layer_params(obs).sum())
+        left = self.config.param_budget - self._committed(obs, run)
+        limit = max(round(left * host), 1)  # to the nearest parameter: growth arrives in float32
+        fraction = limit / host if host > 0 else float(self._seed_fraction(obs)[node])
+        run.germinating.append(_InFlight(int(obs.layer_ids[node]), obs.epoch, fraction))
+        return limit if host > 0 else 0
+
+    def note_rejected(self, run_id: str, layer_id: int) -> None:
+        """The host refused a GERMINATE on this layer: its reservation is free again."""
+        run = self._runs.get(run_id)
+        if run is not None:
+            run.germinating = [g for g in run.germinating if g.layer_id != layer_id]
 
     def forget(self, run_id: str) -> None:
         self._runs.pop(run_id, None)
@@ -199,16 +221,20 @@ class Rails:
         while run.sent_at and run.sent_at[0] <= horizon:
             run.sent_at.popleft()
         if run.germinating:
-            live = {int(obs.layer_ids[i]) for i in np.flatnonzero(LIVE_STAGE[obs.stages])}
+            # Settled once a later epoch's report has the seed in it: esperd marks a slot live
+            # on the applied ack, but the seed's parameters show only in the next state packet.
+            live = _live_layers(obs)
             run.germinating = [
                 g
                 for g in run.germinating
-                if g.layer_id not in live and obs.epoch < g.epoch + _IN_FLIGHT_EPOCHS
+                if not (g.layer_id in live and obs.epoch > g.epoch)
+                and obs.epoch < g.epoch + _IN_FLIGHT_EPOCHS
             ]
         return run
 
     def _active_seeds(self, obs: Observation, run: _RunRails) -> int:
-        return int(np.count_nonzero(LIVE_STAGE[obs.stages])) + len(run.germinating)
+        live = _live_layers(obs)
+        return len(live) + sum(g.layer_id not in live for g in run.germinating)
 
     def _committed(self, obs: Observation, run: _RunRails) -> float:
         """Added parameters as a fraction of the host's: reported, plus germinations in flight."""

@@ -698,6 +698,8 @@ class Service:
             timestamp=ack.timestamp,
         )
         if ack.status is AckStatus.REJECTED:
+            if command.op == Op.GERMINATE.value and self.decisions.rails is not None:
+                self.decisions.rails.note_rejected(run_id, command.layer_id)
             log.info(
                 "command rejected by host",
                 run_id=run_id,

@@ -143,6 +143,7 @@ FULL: dict[type[msgspec.Struct], msgspec.Struct] = {
         epoch=41,
         alpha_speed=AlphaSpeed.SLOW,
         alpha_curve=AlphaCurve.COSINE,
+        max_seed_params=40_000,
         v=2,
     ),
     CommandAck: CommandAck(

@@ -144,6 +144,10 @@ def test_several_seeds_train_and_leave_independently() -> None:
         (command(Op.GERMINATE, 1, command_id="x", blueprint=Blueprint.MLP), "transformer-family"),
         (command(Op.GERMINATE, 5, command_id="x", blueprint=Blueprint.DEPTHWISE), "cnn-family"),
         (command(Op.GERMINATE, 1, command_id="x", blueprint=Blueprint.DILATED), "dilated is not implemented"),
+        (
+            command(Op.GERMINATE, 1, command_id="x", blueprint=Blueprint.CONV_LIGHT, max_seed_params=2303),
+            "conv_light seed here has 2304 parameters, over the command's max_seed_params 2303",
+        ),
     ],
 )
 def test_rejections_are_acked_with_a_reason(sent: AdaptationCommand, needle: str) -> None:
@@ -154,6 +158,20 @@ def test_rejections_are_acked_with_a_reason(sent: AdaptationCommand, needle: str
     assert link.acks == [("x", False, link.acks[0][2])] and needle in link.acks[0][2]
     assert run.model.total_param_count() == before
     assert run.report.rejected == 1 and run.report.applied == 0
+
+
+def test_a_seed_within_max_seed_params_is_applied_and_the_check_draws_no_random_numbers() -> None:
+    limited, free = MemoryLink(), MemoryLink()
+    runs = []
+    for link, limit in ((limited, 2304), (free, 0)):
+        run = HostRun(HostConfig(epochs=1), link=link)
+        run.handle(
+            command(Op.GERMINATE, 1, command_id="x", blueprint=Blueprint.CONV_LIGHT, max_seed_params=limit)
+        )
+        runs.append(run)
+    assert limited.acks == free.acks == [("x", True, "")]
+    a, b = (r.model.layer(1).slot.seed_parameters() for r in runs)  # the same init: no RNG drawn by the check
+    assert sum(p.numel() for p in a) == 2304 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_a_command_from_an_older_ownership_epoch_is_ignored_not_acked() -> None:

@@ -123,14 +123,24 @@ def test_the_param_budget_masks_the_layers_a_seed_would_take_past_it() -> None:
     assert rails.status().masked_by_rail == {"param_budget": 1}
     block = rails.check(obs, 2, Op.GERMINATE, 1.0, 1.0, 0.0)
     assert block is not None and block.rail is Rail.PARAM_BUDGET and "52.0%" in block.detail
-    # Germinations in flight count before the host reports them: after five small ones
-    # (10% + 5 * 6% = 40%), a sixth would reach 46% and a seventh 52%.
-    for t in range(5):
-        assert rails.check(obs, 0, Op.GERMINATE, 1.0, 1.0, float(t)) is None
-        rails.note_sent(obs, 0, Op.GERMINATE, float(t))
-    assert rails.check(obs, 1, Op.GERMINATE, 1.0, 1.0, 6.0) is None
-    rails.note_sent(obs, 1, Op.GERMINATE, 6.0)
-    assert rails.check(obs, 3, Op.GERMINATE, 1.0, 1.0, 7.0).rail is Rail.PARAM_BUDGET  # type: ignore[union-attr]
+    # A germination goes out with what is left of the budget (50% - 10% of 100k) as its
+    # max_seed_params, and reserves all of it until the host reports the seed or rejects it.
+    assert rails.check(obs, 0, Op.GERMINATE, 1.0, 1.0, 1.0) is None
+    assert rails.note_sent(obs, 0, Op.GERMINATE, 1.0) == 40_000
+    assert not rails.mask(obs, 2.0).op_mask[:, GERMINATE].any()
+    assert rails.check(obs, 1, Op.GERMINATE, 1.0, 1.0, 2.0).rail is Rail.PARAM_BUDGET  # type: ignore[union-attr]
+    # Rejected by the host (its seed was larger): the reservation is free again at once.
+    rails.note_rejected(obs.run_id, int(obs.layer_ids[0]))
+    assert rails.check(obs, 1, Op.GERMINATE, 1.0, 1.0, 3.0) is None
+    # Applied and reported (the seed is live, 30k real parameters): the report replaces the
+    # reservation, and the next seed may have what is left, 10k.
+    assert rails.note_sent(obs, 1, Op.GERMINATE, 3.0) == 40_000
+    stages = [SeedStage.DORMANT, SeedStage.TRAINING, SeedStage.DORMANT, SeedStage.DORMANT]
+    reported = obs_with_params([10_000, 10_000, 70_000, 10_000], growth=0.40, stages=stages, epoch=6)
+    assert rails.check(reported, 0, Op.GERMINATE, 1.0, 1.0, 4.0) is None
+    assert rails.note_sent(reported, 0, Op.GERMINATE, 4.0) == 10_000
+    # Non-GERMINATE commands carry no limit.
+    assert rails.note_sent(reported, 1, Op.ADVANCE, 5.0) == 0
 
 
 def test_disabled_rails_let_everything_through() -> None:
@@ -139,7 +149,7 @@ def test_disabled_rails_let_everything_through() -> None:
     assert rails.mask(obs, 0.0) is obs
     for t in range(3):
         assert rails.check(obs, 0, Op.GERMINATE, 0.0, 0.0, float(t)) is None
-        rails.note_sent(obs, 0, Op.GERMINATE, float(t))
+        assert rails.note_sent(obs, 0, Op.GERMINATE, float(t)) == 0  # no limit on the wire
     assert rails.status().blocked_total == 0 and not rails.status().enabled
 
 

@@ -258,7 +258,7 @@ class SeedSlot(nn.Module):
         if reason is not None:
             return f"{reason} (layer {self.layer_id}, {self.slot_name})"
         if command.op is Op.GERMINATE:
-            return self._check_blueprint(command.blueprint)
+            return self._check_blueprint(command.blueprint) or self._check_size(command)
         if command.op is Op.SET_ALPHA_TARGET and command.alpha_target is None:
             return "set_alpha_target needs alpha_target"
         return None
@@ -273,6 +273,24 @@ class SeedSlot(nn.Module):
             )
         if blueprint not in self.registry:
             return f"blueprint {blueprint.value} is not implemented by this host"
+        return None
+
+    def _check_size(self, command: AdaptationCommand) -> str | None:
+        """Whether the seed `command` asks for fits its max_seed_params (built on the meta device:
+        no memory, and the RNG that initialises real seeds is not touched)."""
+        limit = command.max_seed_params
+        if limit <= 0 or command.blueprint is None:
+            return None
+        with torch.device("meta"):
+            modules = [build_seed(command.blueprint, self.width, self.registry)]
+            if command.blend is BlendAlgorithm.GATED:
+                modules.append(Gate(self.width))
+        size = sum(p.numel() for m in modules for p in m.parameters())
+        if size > limit:
+            return (
+                f"a {command.blueprint.value} seed here has {size} parameters, over the command's "
+                f"max_seed_params {limit} (layer {self.layer_id}, {self.slot_name})"
+            )
         return None
 
     def apply(self, command: AdaptationCommand, val_accuracy: float = 0.0) -> str | None:

@@ -14,10 +14,13 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from esperd.client import HostClient
 from esperd.natsserver import NatsServer
 from esperd.sim import SimConfig
 from esperd.sim.host import SimHosts
-from esperd_contracts import BLOCKED_SUBJECT, Codec, SystemStatePacket
+from esperd_contracts import BLOCKED_SUBJECT, Codec, Op, SystemStatePacket
+from esperd_examples.host.tasks import benchmark_task
+from esperd_examples.host.train import HostRun
 from tests.integration.helpers import daemon_config, running_daemon, status, wait_for_status
 from tests.support import badpolicy  # registers "always_germinate"
 
@@ -107,3 +110,31 @@ async def test_a_policy_that_always_germinates_stays_on_the_rails(
             f'esperd_rail_blocks_total{{esperd_instance="{service.instance}",rail="{rail}"}} {float(count)}'
             in metrics
         )
+
+
+async def test_the_budget_holds_on_a_real_host_whose_seeds_outsize_their_layers(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
+    # The MLP student's layers are 8 wide: an `mlp` seed there has 8x its layer's parameters,
+    # far above the rails' estimate. The host enforces each GERMINATE's max_seed_params.
+    budget = 0.5
+    sections = {
+        "scheduler": {"min_interval_s": 0.0, "cooldown_s": 0.0, "max_wait_ms": 1.0},
+        "policy": {"name": "always_germinate"},
+        "learner": {"algorithm": "off"},
+        "rails": {"param_budget": budget, "max_active_seeds": 3},
+    }
+    config = benchmark_task("teacher").config(0, epochs=4, epoch_pause_s=0.3, log=None)
+    async with running_daemon(daemon_config(nats_server.url, tmp_path, **sections)):
+        client = await HostClient.connect(nats_server.url, "narrow")
+        try:
+            report = await asyncio.wait_for(HostRun(config, link=client).run(), timeout=60)
+        finally:
+            await client.close()
+    germinations = [r for r in report.commands if r.command.op is Op.GERMINATE]
+    assert germinations and all(r.command.max_seed_params > 0 for r in germinations)
+    assert any(r.applied for r in germinations), [r.reason for r in germinations]
+    oversized = [r for r in germinations if "over the command's max_seed_params" in r.reason]
+    assert oversized, [r.reason for r in germinations]  # the estimate alone would have let them in
+    final = report.final
+    assert final.total_params - final.host_params <= budget * final.host_params, final

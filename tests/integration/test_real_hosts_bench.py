@@ -11,7 +11,10 @@ from benchmarks import real_hosts
 from esperd.traces import read_trace
 from esperd_examples.host.tasks import benchmark_task
 
-CONTROLLERS = "static-small,static-reshuffled,heuristic,matched-heuristic,fixed,random,gnn-sim,gnn-real,gnn-online"
+CONTROLLERS = ",".join(
+    ["static-small", "static-reshuffled", "heuristic", "matched-heuristic", "fixed", "random"]
+    + ["gnn-sim", "gnn-real", "gnn-online"]
+)
 
 
 def _records(out: Path) -> dict[str, dict]:

@@ -181,6 +181,11 @@ class RailsConfig(Section, frozen=True):
     seed_size_estimate: Annotated[float, Meta(ge=0.0, le=10.0)] = 0.6
     # Live seeds (germinated, training, blending, probationary) per run, in flight included.
     max_active_seeds: Annotated[int, Meta(ge=1, le=4096)] = 4
+    # No GERMINATE when the host says fewer epochs remain than a seed's lifecycle needs
+    # (germination, dwell, blend, probation: 10 with the default heuristic): a seed still
+    # blending when training ends is a half-trained module at partial weight. 0: off; hosts
+    # that do not send total_epochs are never held back.
+    min_epochs_left: Annotated[int, Meta(ge=0, le=1_000_000)] = 10
 
 
 class Config(Section, frozen=True):

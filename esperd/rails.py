@@ -3,7 +3,8 @@
 Applied in one place, the decision loop (esperd.decisions), for every policy alike:
 
   * before the policy acts, `mask` removes what a rail forbids in this run now (GERMINATE
-    at the seed or parameter limit, every op but WAIT at the command-rate cap) from the
+    at the seed or parameter limit or too late in the run, every op but WAIT at the
+    command-rate cap) from the
     observation's op mask, so a policy that honours masks chooses among what is allowed,
     and its log-probability is that of the observation it saw;
   * after it acts, `check` blocks whatever still breaks a rail (a policy that ignores masks,
@@ -32,6 +33,7 @@ import numpy as np
 
 from esperd.analyzer.masks import LIVE_STAGE
 from esperd.analyzer.observation import (
+    EPOCHS_REMAINING_SCALE,
     GLOBAL_FEATURE_INDEX,
     NODE_FEATURE_INDEX,
     OP_INDEX,
@@ -50,11 +52,14 @@ class Rail(enum.StrEnum):
     COMMAND_RATE = "command_rate"
     PARAM_BUDGET = "param_budget"
     ACTIVE_SEEDS = "active_seeds"
+    LATE_GERMINATION = "late_germination"
 
 
 _WAIT = OP_INDEX[Op.WAIT]
 _GERMINATE = OP_INDEX[Op.GERMINATE]
 _GROWTH = GLOBAL_FEATURE_INDEX["param_growth"]
+_BUDGET_KNOWN = GLOBAL_FEATURE_INDEX["budget_known"]
+_EPOCHS_REMAINING = GLOBAL_FEATURE_INDEX["epochs_remaining"]
 _LOG_PARAMS = NODE_FEATURE_INDEX["log_params"]
 #: A germination not yet visible in the run's reports is forgotten after this many epochs (a
 #: rejected one never shows; an applied one shows in the next state packet).
@@ -121,7 +126,10 @@ class Rails:
         if not germinable.any():
             return obs
         rail = None
-        if self._active_seeds(obs, run) >= self.config.max_active_seeds:
+        if self._too_late(obs) is not None:
+            rail = Rail.LATE_GERMINATION
+            allowed = np.zeros_like(germinable)
+        elif self._active_seeds(obs, run) >= self.config.max_active_seeds:
             rail = Rail.ACTIVE_SEEDS
             allowed = np.zeros_like(germinable)
         else:
@@ -152,6 +160,12 @@ class Rails:
                 f"(cap {config.max_commands_per_window})",
             )
         if op is Op.GERMINATE:
+            left = self._too_late(obs)
+            if left is not None:
+                return Block(
+                    Rail.LATE_GERMINATION,
+                    f"{left} epochs left, a seed's lifecycle needs {config.min_epochs_left}",
+                )
             active = self._active_seeds(obs, run)
             if active >= config.max_active_seeds:
                 return Block(Rail.ACTIVE_SEEDS, f"{active} live seeds (cap {config.max_active_seeds})")
@@ -231,6 +245,15 @@ class Rails:
                 and obs.epoch < g.epoch + _IN_FLIGHT_EPOCHS
             ]
         return run
+
+    def _too_late(self, obs: Observation) -> int | None:
+        """The epochs left when too few remain for a new seed's lifecycle; None when there is time
+        (or the host does not say how long it trains)."""
+        g = obs.global_features
+        if not self.config.min_epochs_left or g.size <= _EPOCHS_REMAINING or g[_BUDGET_KNOWN] < 0.5:
+            return None
+        left = round(float(g[_EPOCHS_REMAINING]) * EPOCHS_REMAINING_SCALE)
+        return left if left < self.config.min_epochs_left else None
 
     def _active_seeds(self, obs: Observation, run: _RunRails) -> int:
         live = _live_layers(obs)

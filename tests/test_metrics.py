@@ -117,7 +117,14 @@ def test_rail_blocks_become_metrics_by_rail(status) -> None:  # noqa: ANN001
         for (name, labels), value in samples.items()
         if name == "esperd_rail_blocks_total"
     }
-    assert blocks == {"confidence": 3, "command_rate": 2, "urgency": 0, "param_budget": 0, "active_seeds": 0}
+    assert blocks == {
+        "confidence": 3,
+        "command_rate": 2,
+        "urgency": 0,
+        "param_budget": 0,
+        "active_seeds": 0,
+        "late_germination": 0,
+    }
 
 
 def test_without_learner_or_cluster_those_metrics_are_absent(status) -> None:  # noqa: ANN001

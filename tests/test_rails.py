@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from esperd.analyzer import Analyzer, Observation
-from esperd.analyzer.observation import OP_INDEX
+from esperd.analyzer.observation import EPOCHS_REMAINING_SCALE, GLOBAL_FEATURE_INDEX, OP_INDEX
 from esperd.config import RailsConfig, SchedulerConfig
 from esperd.decisions import DecisionLoop
 from esperd.learn.experience import Transition
@@ -141,6 +141,31 @@ def test_the_param_budget_masks_the_layers_a_seed_would_take_past_it() -> None:
     assert rails.note_sent(reported, 0, Op.GERMINATE, 4.0) == 10_000
     # Non-GERMINATE commands carry no limit.
     assert rails.note_sent(reported, 1, Op.ADVANCE, 5.0) == 0
+
+
+def test_no_germination_when_fewer_epochs_remain_than_a_lifecycle() -> None:
+    rails = Rails(RailsConfig(min_epochs_left=10))
+    params = [1000] * 3
+
+    def at(remaining: float, known: float = 1.0) -> Observation:
+        obs = obs_with_params(params)
+        g = obs.global_features.copy()
+        g[GLOBAL_FEATURE_INDEX["budget_known"]] = known
+        g[GLOBAL_FEATURE_INDEX["epochs_remaining"]] = remaining / EPOCHS_REMAINING_SCALE
+        return msgspec.structs.replace(obs, global_features=g)
+
+    assert rails.mask(at(10), 0.0).op_mask[:, GERMINATE].all()  # exactly enough time
+    assert rails.check(at(10), 0, Op.GERMINATE, 1.0, 1.0, 0.0) is None
+    late = rails.mask(at(9), 0.0)
+    assert not late.op_mask[:, GERMINATE].any() and late.op_mask[:, WAIT].all()
+    assert rails.check(at(9), 0, Op.GERMINATE, 1.0, 1.0, 0.0) == Block(
+        Rail.LATE_GERMINATION, "9 epochs left, a seed's lifecycle needs 10"
+    )
+    assert rails.check(at(9), 0, Op.ADVANCE, 1.0, 1.0, 0.0) is None  # only new seeds wait
+    assert rails.check(at(2, known=0.0), 0, Op.GERMINATE, 1.0, 1.0, 0.0) is None  # no budget sent
+    off = Rails(RailsConfig(min_epochs_left=0))
+    assert off.check(at(1), 0, Op.GERMINATE, 1.0, 1.0, 0.0) is None
+    assert rails.status().masked_by_rail == {"late_germination": 1}
 
 
 def test_disabled_rails_let_everything_through() -> None:

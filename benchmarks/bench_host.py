@@ -42,7 +42,7 @@ import nats
 import torch
 
 from esperd.client import HostClient
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd_contracts import SeedStage
 from esperd_examples.host.train import EpochReport, HostConfig, HostRun, RunReport
 

@@ -4,7 +4,7 @@
                                                 [--repeats 3] [--max-pending-mb 8] [--no-uvloop]
                                                 [--profile] [--strict]
 
-Set-up (all on this machine): a real nats-server (`esperd.natsserver.NatsServer`); a publisher in a
+Set-up (all on this machine): a real nats-server (`esperd.ops.natsserver.NatsServer`); a publisher in a
 separate process (spawned, one NATS connection) that publishes a burst of `--messages` pre-encoded
 20-signal HealthBatches for 50 runs, round robin, msgpack with a Content-Type header as `HostClient`
 sends them, as fast as nats-py publishes; and, in this process, one of two subscribers per phase:
@@ -314,7 +314,7 @@ async def esperd_phase(
 
 async def bench(args: argparse.Namespace) -> int:
     from esperd.logs import configure_logging
-    from esperd.natsserver import NatsServer
+    from esperd.ops.natsserver import NatsServer
 
     configure_logging("error", "console", stream=sys.stderr)
     setup, burst = traffic(args.runs, args.signals, args.messages)

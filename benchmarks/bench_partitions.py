@@ -4,7 +4,7 @@
                                                     [--repeats 3] [--strict]
 
 Set-up (all on this machine): one real nats-server with JetStream (the lease bucket) and the
-partition mapping of the README's "Splitting the traffic" (`esperd.subjectmap.mapping_config`), and
+partition mapping of the README's "Splitting the traffic" (`esperd.ops.subjectmap.mapping_config`), and
 two `esperd --config` processes in cluster mode (heuristic policy) on it. Per repeat, two phases:
 
   * baseline: `[cluster] mapped_prefix` unset, so each instance subscribes to `esper.*.*`, receives
@@ -49,8 +49,8 @@ if str(ROOT) not in sys.path:
 import nats  # noqa: E402 - after the path set-up, so the script runs from anywhere
 from nats.aio.client import Client  # noqa: E402
 
-from esperd.natsserver import NatsServer  # noqa: E402
-from esperd.subjectmap import mapping_config  # noqa: E402
+from esperd.ops.natsserver import NatsServer  # noqa: E402
+from esperd.ops.subjectmap import mapping_config  # noqa: E402
 
 MAPPED_PREFIX = "esperd.in"
 BUDGET_SHARE = 0.60

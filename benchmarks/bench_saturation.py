@@ -122,7 +122,7 @@ def config(url: str, state_dir: str, args: argparse.Namespace) -> Any:
 
 async def bench(args: argparse.Namespace) -> int:
     from esperd.logs import configure_logging
-    from esperd.natsserver import NatsServer
+    from esperd.ops.natsserver import NatsServer
     from esperd.service import Service
 
     configure_logging("warning", "console", stream=sys.stderr)

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from esperd.client import HostClient  # noqa: E402
 from esperd.config import config_from_dict  # noqa: E402
 from esperd.logs import configure_logging  # noqa: E402
-from esperd.natsserver import NatsServer  # noqa: E402
+from esperd.ops.natsserver import NatsServer  # noqa: E402
 from esperd.service import Service  # noqa: E402
 from esperd_examples.host.data import load_task  # noqa: E402
 from esperd_examples.host.train import HostConfig, HostRun  # noqa: E402

@@ -35,7 +35,7 @@ One nats-server (started here, on a free loopback port) carries everything; each
 controller is an esperd `Service` in this process with its own subject prefix
 (`bench.<controller>`), so all of them serve at once. Host runs go to --jobs worker
 processes of one torch thread each; every run, static ones included, speaks the wire
-contract (topology, health, state, acks), and `esperd.traces.TraceTap` writes each run's
+contract (topology, health, state, acks), and `esperd.ops.traces.TraceTap` writes each run's
 messages to <traces>/<task>/<controller>/<run>.jsonl for simulator calibration.
 
 Each finished run is appended to <out>/real_hosts.runs.jsonl; a rerun skips the runs already
@@ -540,7 +540,7 @@ def run_plan(tasks: list[str], controllers: list[str], seeds: list[int]) -> list
 async def start_taps(url: str, controllers: list[str], traces: Path) -> tuple[Any, list[Any]]:
     import nats
 
-    from esperd.traces import TraceTap
+    from esperd.ops.traces import TraceTap
 
     nc = await nats.connect(url, name="real-hosts-traces")
     taps = []
@@ -593,7 +593,7 @@ async def run_pending(
     active: list[str],
 ) -> None:
     """Start the broker, the esperd services and trace taps the pending runs need, and run them."""
-    from esperd.natsserver import NatsServer, free_port
+    from esperd.ops.natsserver import NatsServer, free_port
 
     with tempfile.TemporaryDirectory(prefix="real-hosts-") as work:
         server = NatsServer(port=free_port(), work_dir=Path(work) / "nats")

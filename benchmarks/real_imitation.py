@@ -37,13 +37,13 @@ from esperd.analyzer.observation import OP_INDEX, Observation  # noqa: E402
 from esperd.learn.config import ImitationConfig  # noqa: E402
 from esperd.learn.experience import Transition  # noqa: E402
 from esperd.learn.imitation import fit_imitation  # noqa: E402
+from esperd.ops.traces import read_trace, run_of, trace_files  # noqa: E402
 from esperd.policy.base import OP  # noqa: E402
 from esperd.policy.checkpoint import save_policy_checkpoint  # noqa: E402
 from esperd.policy.config import PolicyConfig  # noqa: E402
 from esperd.policy.heuristic import HeuristicPolicy  # noqa: E402
 from esperd.policy.registry import create_policy  # noqa: E402
-from esperd.traces import read_trace, run_of, trace_files  # noqa: E402
-from esperd.warmstart import split_runs  # noqa: E402
+from esperd.train.warmstart import split_runs  # noqa: E402
 from esperd_contracts import Codec, Op, SystemStatePacket  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

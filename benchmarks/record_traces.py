@@ -4,7 +4,7 @@
 
 For each task and controller, one esperd serves in this process (over a private nats-server)
 and the reference host (`examples/host`, real PyTorch training on CPU) runs each seed through
-it over NATS; `esperd.traces.TraceTap` writes every message of every run to
+it over NATS; `esperd.ops.traces.TraceTap` writes every message of every run to
 `<out>/<split>/<run>.jsonl`. Controllers:
 
   static     esperd connected but never acts (WAIT): the host's own learning curve;
@@ -49,11 +49,11 @@ from esperd.analyzer.observation import (
 from esperd.client import HostClient
 from esperd.config import config_from_dict
 from esperd.logs import configure_logging
-from esperd.natsserver import NatsServer, free_port
+from esperd.ops.natsserver import NatsServer, free_port
+from esperd.ops.traces import TraceTap
 from esperd.policy.base import ActResult, build_decisions
 from esperd.service import Service
 from esperd.sim.policies import FixedPlanPolicy, RandomPolicy
-from esperd.traces import TraceTap
 from esperd_contracts import Blueprint, Op
 from esperd_examples.host.data import load_task
 from esperd_examples.host.models import build_model

@@ -262,7 +262,7 @@ class Bus:
     async def subscribe_partition(
         self, partition: int, mapped_prefix: str, partitions: int, handler: RawHandler
     ) -> None:
-        """Subscribe to one partition of a broker-side partition mapping (see `esperd.subjectmap`).
+        """Subscribe to one partition of a broker-side partition mapping (see `esperd.ops.subjectmap`).
 
         The handler sees each subject as its host published it. A run's messages all land in
         one partition, so one subscription per partition keeps each run's messages in order.

@@ -31,17 +31,21 @@ from esperd.analyzer.analyzer import Analyzer
 from esperd.analyzer.config import AnalyzerError
 from esperd.analyzer.observation import Observation
 from esperd.bus import Bus
-from esperd.cluster import ClusterAgent, default_instance_id, instance_status_subject
 from esperd.config import MAX_NATS_PAYLOAD, Config, ConfigError, state_path
 from esperd.decisions import DecisionLoop
 from esperd.intake import Accepted, Intake, Rejection
 from esperd.learn.learner import Learner
 from esperd.learn.recorder import Recorder
 from esperd.logs import LogLevel
-from esperd.metrics import LatencyHistogram, MetricsServer, Snapshot, StatusCollector
-from esperd.natsserver import NatsServer, NatsServerError
-from esperd.notify import SystemdNotifier
-from esperd.ownership import LAPSED, partition_of
+from esperd.ops.cluster import ClusterAgent, default_instance_id, instance_status_subject
+from esperd.ops.metrics import LatencyHistogram, MetricsServer, Snapshot, StatusCollector
+from esperd.ops.natsserver import NatsServer, NatsServerError
+from esperd.ops.notify import SystemdNotifier
+from esperd.ops.ownership import LAPSED, partition_of
+from esperd.ops.reload import apply_live, plan_reload
+from esperd.ops.statedir import prepare_state_dir
+from esperd.ops.subjectmap import verify_mapping
+from esperd.ops.supervisor import Supervisor
 from esperd.policy import PolicyBundle, create_policy
 from esperd.policy.checkpoint import (
     CheckpointError,
@@ -50,12 +54,8 @@ from esperd.policy.checkpoint import (
     load_policy_checkpoint,
 )
 from esperd.rails import Block, Rails
-from esperd.reload import apply_live, plan_reload
 from esperd.runs import MIB, DropReason, RunTable, Verdict
 from esperd.scheduler import Scheduler
-from esperd.statedir import prepare_state_dir
-from esperd.subjectmap import verify_mapping
-from esperd.supervisor import Supervisor
 from esperd_contracts import (
     BLOCKED_SUBJECT,
     REJECTED_SUBJECT,
@@ -346,7 +346,7 @@ class Service:
 
     async def reload(self) -> bool:
         """Apply the config file as it is now: log level, `[scheduler]`, `[limits]` (see
-        esperd.reload for the exceptions), and a new
+        esperd.ops.reload for the exceptions), and a new
         `[policy] checkpoint` (a new path, or the same file with new contents), swapped in as the
         next version. Other changes are reported as needing a restart. An unreadable or invalid
         config, or an unusable checkpoint, is refused as a whole: nothing changes. True if applied."""

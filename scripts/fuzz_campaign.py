@@ -1185,7 +1185,7 @@ async def good_phase(
 
 
 async def campaign(args: argparse.Namespace) -> int:
-    from esperd.natsserver import NatsServer
+    from esperd.ops.natsserver import NatsServer
 
     work = Path(tempfile.mkdtemp(prefix="esperd-fuzz-"))
     server = NatsServer(work_dir=work / "nats")

@@ -229,7 +229,7 @@ def slope_mib_per_min(points: list[tuple[float, int]]) -> float:
 
 
 async def soak(args: argparse.Namespace) -> int:
-    from esperd.natsserver import NatsServer
+    from esperd.ops.natsserver import NatsServer
 
     work = Path(tempfile.mkdtemp(prefix="esperd-soak-"))
     server = NatsServer(work_dir=work / "nats")

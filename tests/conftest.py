@@ -15,7 +15,7 @@ import pytest
 import structlog
 from nats.aio.client import Client
 
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 
 INTEGRATION = Path(__file__).parent / "integration"
 

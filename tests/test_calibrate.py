@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from esperd.cli import build_parser, main as cli_main
+from esperd.ops.traces import TraceWriter
 from esperd.sim.calibrate import (
     curve_fit,
     discrepancy,
@@ -21,7 +22,6 @@ from esperd.sim.calibrate import (
 )
 from esperd.sim.config import SimConfig
 from esperd.sim.dynamics import HostBatch
-from esperd.traces import TraceWriter
 from esperd.train import spec_from_args
 from esperd_contracts import (
     AckStatus,

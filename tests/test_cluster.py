@@ -7,9 +7,9 @@ from collections import Counter
 import msgspec
 import pytest
 
-from esperd.cluster import default_instance_id
 from esperd.config import ClusterConfig, ConfigError, config_from_dict
-from esperd.ownership import Leases, assign, fnv1a_32, partition_of, targets
+from esperd.ops.cluster import default_instance_id
+from esperd.ops.ownership import Leases, assign, fnv1a_32, partition_of, targets
 from tests.support.timing import FakeClock
 
 RUNS = [f"run-{i}" for i in range(400)]

@@ -23,7 +23,7 @@ from esperd.learn.imitation import (
 )
 from esperd.policy import PolicyConfig, create_policy
 from esperd.sim import ScriptedPolicy, SimConfig, SimEnv
-from esperd.warmstart import record_demonstrations, split_runs
+from esperd.train.warmstart import record_demonstrations, split_runs
 from esperd_contracts import Op
 
 torch.set_num_threads(1)

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from esperd.config import ConfigError, config_from_dict
-from esperd.metrics import LatencyHistogram, Snapshot, families, parse_listen
+from esperd.ops.metrics import LatencyHistogram, Snapshot, families, parse_listen
 from esperd.service import Service
 from esperd_contracts.status import (
     ClusterStatus,

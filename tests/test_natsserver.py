@@ -14,7 +14,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from esperd.natsserver import NatsServer, NatsServerError, find_nats_server, free_port
+from esperd.ops.natsserver import NatsServer, NatsServerError, find_nats_server, free_port
 
 pytestmark = pytest.mark.integration  # every test here runs a real nats-server
 

@@ -1,4 +1,4 @@
-"""Tests for esperd.notify against real AF_UNIX datagram sockets."""
+"""Tests for esperd.ops.notify against real AF_UNIX datagram sockets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from esperd.notify import SystemdNotifier
+from esperd.ops.notify import SystemdNotifier
 
 
 @pytest.fixture

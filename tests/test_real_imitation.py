@@ -11,8 +11,8 @@ import pytest
 
 from benchmarks.real_imitation import WAIT, replay_run
 from esperd.analyzer.observation import GLOBAL_FEATURES, NODE_FEATURES
+from esperd.ops.traces import read_trace, trace_files
 from esperd.policy.base import OP
-from esperd.traces import read_trace, trace_files
 from esperd_contracts import Codec
 
 TRACES = Path(__file__).resolve().parent.parent / "benchmarks" / "traces" / "imitation"

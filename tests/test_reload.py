@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from esperd.config import config_from_dict
-from esperd.reload import apply_live, changed_keys, is_live, plan_reload
+from esperd.ops.reload import apply_live, changed_keys, is_live, plan_reload
 
 BASE = {
     "nats": {"servers": ["nats://127.0.0.1:4222"], "password": "old-secret"},

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from esperd.statedir import StateDirError, check_state_dir, prepare_state_dir
+from esperd.ops.statedir import StateDirError, check_state_dir, prepare_state_dir
 
 
 def test_a_missing_directory_is_created_and_usable(tmp_path: Path) -> None:

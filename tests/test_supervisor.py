@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from esperd.supervisor import Supervisor, SupervisorConfig
+from esperd.ops.supervisor import Supervisor, SupervisorConfig
 from tests.support.timing import until
 
 FAST = SupervisorConfig(

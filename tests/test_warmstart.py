@@ -15,7 +15,7 @@ from esperd.learn.config import ImitationConfig, LearnerConfig, PPOConfig
 from esperd.policy import PolicyConfig, create_policy, load_policy_checkpoint
 from esperd.sim import ScriptedPolicy, SimConfig, SimEnv
 from esperd.train import OfflineTrainingSpec, TrainError, train
-from esperd.warmstart import (
+from esperd.train.warmstart import (
     HOLDOUT_EVERY,
     REFERENCES,
     record_demonstrations,

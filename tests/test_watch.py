@@ -8,8 +8,8 @@ import json
 import pytest
 
 from esperd.cli import main
-from esperd.statusview import headline, render_status
-from esperd.watch import Watcher
+from esperd.cli.statusview import headline, render_status
+from esperd.cli.watch import Watcher
 from esperd_contracts import AckStatus, AdaptationCommand, Blueprint, Codec, CommandAck, Op
 
 CODEC = Codec()

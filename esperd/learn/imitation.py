@@ -3,7 +3,7 @@
 The warm start of `esperd train --warm-start`: before reinforcement learning begins, the network
 is fitted to what a reference policy (the heuristic, say) did, so RL starts from a policy no
 worse than the reference instead of from random weights. Knows nothing of the simulator: it
-learns from Transitions, whoever made them (`esperd.warmstart` records them in the simulator).
+learns from Transitions, whoever made them (`esperd.train.warmstart` records them in the simulator).
 
 Loss per step, minibatch means:
 

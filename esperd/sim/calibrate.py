@@ -52,9 +52,9 @@ import numpy as np
 
 from esperd.analyzer.observation import layer_kind
 from esperd.analyzer.run import counterfactual_se
+from esperd.ops.traces import read_trace, run_of, trace_files
 from esperd.sim import catalog as C
 from esperd.sim.config import SimConfig
-from esperd.traces import read_trace, run_of, trace_files
 from esperd_contracts import (
     AckStatus,
     AdaptationCommand,

@@ -2,7 +2,7 @@
 
 `play` steps a SimEnv with an actor's decisions, forgets the runs whose episodes ended (a
 recurrent policy's or the heuristic's per-run memory; a new episode runs under a new id) and
-yields each step. What a caller keeps differs: `esperd.train` and `esperd.warmstart` turn steps
+yields each step. What a caller keeps differs: `esperd.train` and `esperd.train.warmstart` turn steps
 into Transitions (`step_transitions`), `esperd.sim.evaluate` keeps the finished episodes.
 """
 

@@ -9,6 +9,7 @@ The manual is docs/training.md. One module per job:
     driver      `train`: TrainingRun's loop of updates and evaluations, best/last checkpoints
     policytoml  the daemon's [policy] section for the best checkpoint (<out>/policy.toml)
     cli         the `esperd train` options, generated from one table, and its entry point
+    warmstart   `--warm-start`: clone a reference policy into the training policy first
 """
 
 from __future__ import annotations

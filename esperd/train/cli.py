@@ -27,7 +27,7 @@ from esperd.train.spec import (
     OfflineTrainingSpec,
     TrainError,
 )
-from esperd.warmstart import REFERENCES
+from esperd.train.warmstart import REFERENCES
 
 
 def _argument(

@@ -42,7 +42,7 @@ from esperd.train.evaluation import (
 from esperd.train.policytoml import policy_section
 from esperd.train.rollout import collect
 from esperd.train.spec import DEFAULT_UPDATES, OfflineTrainingSpec, TrainError
-from esperd.warmstart import warm_start
+from esperd.train.warmstart import warm_start
 
 MAX_CONSECUTIVE_FAILURES = 10
 

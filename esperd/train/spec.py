@@ -9,7 +9,7 @@ from pathlib import Path
 from esperd.learn.config import ImitationConfig, LearnerConfig, RewardConfig
 from esperd.policy.config import PolicyConfig
 from esperd.sim.config import SimConfig
-from esperd.warmstart import REFERENCES
+from esperd.train.warmstart import REFERENCES
 
 ALGORITHMS = ("ppo", "impala")
 LEARNABLE_POLICIES = ("gnn", "lstm")
@@ -49,7 +49,7 @@ class OfflineTrainingSpec:
     eval_reward: RewardConfig | None = None  # None: the training reward
     progress: bool = True
     log_updates: bool = True  # one metrics.jsonl line per update besides the evaluations
-    # Behaviour-cloning warm start (esperd.warmstart): fit the policy to this reference policy's
+    # Behaviour-cloning warm start (esperd.train.warmstart): fit the policy to this reference policy's
     # decisions over `warm_start_steps` simulator steps before the first RL update.
     warm_start: str | None = None  # heuristic | scripted
     warm_start_steps: int = 8192

@@ -15,7 +15,7 @@ from pathlib import Path
 import nats
 from nats.aio.client import Client
 
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd_contracts import AckStatus, Codec, CommandAck, HealthSignal, TopologyNode, TopologyPacket
 from tests.integration.helpers import daemon_config, running_daemon, status, wait_for_status
 from tests.integration.test_run_lifecycle import (

@@ -14,7 +14,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from esperd.client import HostClient
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd.service import Service
 from esperd_contracts import (
     AckStatus,

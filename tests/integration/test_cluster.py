@@ -19,10 +19,10 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType
 
-from esperd.cluster import ClusterError, LeaseRecord, MemberRecord
 from esperd.config import Config
-from esperd.natsserver import NatsServer
-from esperd.ownership import partition_of, targets
+from esperd.ops.cluster import ClusterError, LeaseRecord, MemberRecord
+from esperd.ops.natsserver import NatsServer
+from esperd.ops.ownership import partition_of, targets
 from esperd.service import Service
 from esperd_contracts import Codec
 from tests.integration.helpers import daemon_config, running_daemon

@@ -10,7 +10,7 @@ import msgspec
 import nats
 from nats.aio.client import Client
 
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd_contracts import Codec, HealthBatch, HealthSignal, SeedSlotState, SeedStage, SystemStatePacket
 from tests.integration.helpers import daemon_config, running_daemon, status, wait_for_status
 

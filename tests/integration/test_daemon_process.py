@@ -13,7 +13,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from esperd.natsserver import NatsServer, free_port
+from esperd.ops.natsserver import NatsServer, free_port
 from tests.integration.helpers import wait_for_status
 
 ESPERD = [sys.executable, "-m", "esperd.cli"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd_contracts import Channel
 from tests.doc_examples import doc_examples, documented_rejections
 from tests.integration.helpers import daemon_config, running_daemon, status, wait_for_status

@@ -42,7 +42,7 @@ from nats.aio.msg import Msg
 
 from esperd.config import config_from_dict
 from esperd.learn.persist import load_experience
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd.policy import create_policy
 from esperd.policy.checkpoint import read_policy_checkpoint, save_policy_checkpoint
 from esperd.sim import SimConfig

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nats
 
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd_contracts import Codec, SystemStatePacket
 from scripts.fuzz_campaign import (
     ANALYZER,

@@ -12,7 +12,7 @@ from nats.aio.client import Client
 
 from esperd.analyzer.observation import STAGES
 from esperd.client import HostClient
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd_contracts import (
     HealthSignal,
     Op,

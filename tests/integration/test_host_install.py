@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd_contracts import Channel, Codec, HealthBatch, run_subject
 
 pytestmark = pytest.mark.slow  # two wheel builds, a venv and a pip install: seconds

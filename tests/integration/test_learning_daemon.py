@@ -13,7 +13,7 @@ import torch
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd.sim import SimConfig
 from esperd.sim.host import SimHosts
 from esperd_contracts import Codec

@@ -15,7 +15,7 @@ from pathlib import Path
 from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from esperd.natsserver import NatsServer, free_port
+from esperd.ops.natsserver import NatsServer, free_port
 from tests.integration.helpers import daemon_config, running_daemon, wait_for_status
 from tests.integration.test_decisions_e2e import POLICY, SCHEDULER, hosts, next_command
 from tests.integration.test_readable_output import drive_host, drive_json_run

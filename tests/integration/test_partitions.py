@@ -17,10 +17,10 @@ from nats.aio.client import Client
 
 from esperd.client import HostClient
 from esperd.config import Config
-from esperd.natsserver import NatsServer
-from esperd.ownership import partition_of
+from esperd.ops.natsserver import NatsServer
+from esperd.ops.ownership import partition_of
+from esperd.ops.subjectmap import MappingError, mapping_config
 from esperd.service import Service
-from esperd.subjectmap import MappingError, mapping_config
 from tests.integration.helpers import daemon_config, running_daemon
 from tests.support.timing import until
 

@@ -14,7 +14,7 @@ import nats
 import pytest
 from structlog.testing import capture_logs
 
-from esperd.natsserver import NatsServer, free_port
+from esperd.ops.natsserver import NatsServer, free_port
 from esperd.service import HEADER_ALLOWANCE
 from tests.integration.helpers import daemon_config, running_daemon, status, wait_for_status
 

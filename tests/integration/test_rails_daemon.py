@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from esperd.client import HostClient
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd.sim import SimConfig
 from esperd.sim.host import SimHosts
 from esperd_contracts import BLOCKED_SUBJECT, Codec, Op, SystemStatePacket

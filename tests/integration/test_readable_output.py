@@ -21,8 +21,8 @@ import jsonschema
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from esperd.natsserver import NatsServer
-from esperd.watch import watch
+from esperd.cli.watch import watch
+from esperd.ops.natsserver import NatsServer
 from esperd_contracts import Codec, HealthSignal, SystemStatePacket
 from tests.integration.helpers import daemon_config, running_daemon, wait_for_status
 from tests.integration.test_decisions_e2e import (

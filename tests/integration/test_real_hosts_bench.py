@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import real_hosts
-from esperd.traces import read_trace
+from esperd.ops.traces import read_trace
 from esperd_examples.host.tasks import benchmark_task
 
 CONTROLLERS = ",".join(

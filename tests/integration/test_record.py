@@ -12,8 +12,8 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from esperd.client import HostClient
-from esperd.natsserver import NatsServer
-from esperd.traces import TraceTap, read_trace, trace_files
+from esperd.ops.natsserver import NatsServer
+from esperd.ops.traces import TraceTap, read_trace, trace_files
 from esperd_contracts import (
     AdaptationCommand,
     Codec,
@@ -102,7 +102,7 @@ async def test_record_cli_writes_traces_and_exits_zero_on_sigterm(
 
 
 def test_writer_routes_runs_to_subdirectories_and_drops_unrouted_ones(tmp_path: Path) -> None:
-    from esperd.traces import TraceWriter
+    from esperd.ops.traces import TraceWriter
 
     writer = TraceWriter(tmp_path, route={"a": "fit", "b": "holdout"}.get)
     for run in ("a", "b", "c"):

@@ -9,7 +9,7 @@ import torch
 from nats.aio.client import Client
 
 from esperd.client import HostClient
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd_contracts import Op, SeedStage
 from esperd_examples.host.train import HostConfig, HostRun, RunReport
 from tests.integration.helpers import daemon_config, running_daemon, wait_for_status

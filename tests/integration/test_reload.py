@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd.policy import PolicyConfig, create_policy
 from esperd.policy.checkpoint import save_policy_checkpoint
 from tests.integration.test_faults import (

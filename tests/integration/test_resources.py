@@ -18,7 +18,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd.service import Service
 from esperd_contracts import (
     Codec,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from esperd.natsserver import NatsServer, free_port
+from esperd.ops.natsserver import NatsServer, free_port
 from tests.integration.test_faults import REPO, config_dict, write_config
 
 ESPERD = [sys.executable, "-m", "esperd.cli"]

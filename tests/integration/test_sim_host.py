@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
-from esperd.natsserver import NatsServer
+from esperd.ops.natsserver import NatsServer
 from esperd.sim import SimConfig
 from esperd.sim.host import SimHosts
 from tests.integration.helpers import daemon_config, running_daemon, wait_for_status

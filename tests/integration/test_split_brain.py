@@ -29,8 +29,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from esperd.client import HostClient
-from esperd.natsserver import NatsServer
-from esperd.ownership import partition_of, targets
+from esperd.ops.natsserver import NatsServer
+from esperd.ops.ownership import partition_of, targets
 from esperd_contracts import AdaptationCommand, Codec
 from esperd_examples.host.train import HostConfig, HostRun
 

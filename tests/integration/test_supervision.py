@@ -25,7 +25,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from esperd.natsserver import NatsServer, free_port
+from esperd.ops.natsserver import NatsServer, free_port
 from tests.integration.test_faults import (
     GNN,
     PPO_FAST,
@@ -111,7 +111,7 @@ async def test_unwritable_learner_dir_is_reported_retried_and_learning_goes_on(
 BUGGY_HOUSEKEEPING = """
 import sys
 import esperd.service
-from esperd.supervisor import Supervisor, SupervisorConfig
+from esperd.ops.supervisor import Supervisor, SupervisorConfig
 
 def buggy_housekeeping(self):
     raise RuntimeError("injected housekeeping bug")

@@ -18,7 +18,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 
-from esperd.statusview import headline
+from esperd.cli.statusview import headline
 from esperd_contracts import STATUS_SUBJECT
 
 PING_SUBJECT = "$SRV.PING.esperd"

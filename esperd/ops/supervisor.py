@@ -24,7 +24,7 @@ from msgspec import Meta
 from esperd.section import Section
 from esperd_contracts.status import TaskStatus
 
-log = structlog.get_logger("esperd.supervisor")
+log = structlog.get_logger("esperd.ops.supervisor")
 
 TaskFactory = Callable[[], Awaitable[None]]
 GiveUp = Callable[[str, str], None]  # (task name, its last error)

@@ -17,7 +17,7 @@ from typing import TextIO
 
 from nats.aio.msg import Msg
 
-from esperd.cliconn import connect_for_cli
+from esperd.cli.cliconn import connect_for_cli
 from esperd_contracts import (
     BLOCKED_SUBJECT,
     DEFAULT_PREFIX,

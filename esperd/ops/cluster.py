@@ -8,13 +8,13 @@ trusts another's clock or its own view of who is alive.
 - `members.<instance>`: each instance re-puts its record every `heartbeat_s`; the key expires
   `dead_after_s` after the last put, so the keys present are the live members.
 - `partitions.<p>`: the lease on partition `p` (runs hash to `partitions` partitions, see
-  `esperd.ownership`). The instance that rendezvous hashing assigns `p` to among the live members
+  `esperd.ops.ownership`). The instance that rendezvous hashing assigns `p` to among the live members
   creates the key; its revision then is the partition's *epoch*, the fencing token every command
   for a run in `p` carries. Revisions are the bucket stream's sequence numbers, so a later lease
   on the same partition always has a larger epoch. The holder renews with `update(last=…)`; if it
   stops (frozen, dead, cut off) the key expires and the new assignee creates it afresh.
 
-`esperd.ownership.Leases` keeps a local deadline per lease and gives the partition up the moment
+`esperd.ops.ownership.Leases` keeps a local deadline per lease and gives the partition up the moment
 it passes; the `ClusterAgent` here is the NATS side.
 """
 
@@ -38,10 +38,10 @@ from nats.js.kv import KeyValue
 
 from esperd.config import ClusterConfig
 from esperd.logs import RateLimiter
-from esperd.ownership import Leases, OnLost, targets
+from esperd.ops.ownership import Leases, OnLost, targets
 from esperd_contracts.status import ClusterStatus, ClusterView, MemberView
 
-log = structlog.get_logger("esperd.cluster")
+log = structlog.get_logger("esperd.ops.cluster")
 
 INSTANCE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 LEASE_MARGIN = 0.25  # of the bucket TTL: a lease is given up locally this long before it can expire

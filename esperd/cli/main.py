@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import esperd
-from esperd.signals import Signals
+from esperd.ops.signals import Signals
 from esperd_contracts import DEFAULT_PREFIX
 from esperd_contracts.subjects import RUN_ID_PATTERN
 
@@ -181,7 +181,7 @@ def check_config(path: str) -> int:
     import msgspec
 
     from esperd.config import ConfigError, load_config
-    from esperd.statedir import StateDirError, check_state_dir
+    from esperd.ops.statedir import StateDirError, check_state_dir
 
     try:
         config = load_config(path)
@@ -235,7 +235,7 @@ async def _record(args: argparse.Namespace) -> int:
     """`esperd record`: the trace tap until a signal or --duration; prints what it wrote."""
     import msgspec
 
-    from esperd.traces import record
+    from esperd.ops.traces import record
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -263,8 +263,8 @@ def _stop_on_signals(duration: float = 0.0) -> asyncio.Event:
 
 async def _watch(args: argparse.Namespace) -> int:
     """`esperd watch`: the lifecycle, one line per message, until a signal or --duration."""
-    from esperd.cliconn import UnreachableError
-    from esperd.watch import watch
+    from esperd.cli.cliconn import UnreachableError
+    from esperd.cli.watch import watch
 
     if args.run and not RUN_ID_PATTERN.fullmatch(args.run):
         print(f"esperd watch: --run {args.run!r} is not a run id ([A-Za-z0-9_-]{{1,64}})", file=sys.stderr)
@@ -292,9 +292,9 @@ async def _status(args: argparse.Namespace) -> int:
 
     import msgspec
 
-    from esperd.cliconn import UnreachableError, connect_for_cli
-    from esperd.statusquery import cluster_report, render
-    from esperd.statusview import render_status
+    from esperd.cli.cliconn import UnreachableError, connect_for_cli
+    from esperd.cli.statusquery import cluster_report, render
+    from esperd.cli.statusview import render_status
 
     try:
         nc = await connect_for_cli(args.server, "esperd status", timeout_s=args.timeout)
@@ -327,11 +327,11 @@ async def _serve(
 ) -> int:
     import structlog
 
-    from esperd.cluster import ClusterError
-    from esperd.metrics import MetricsListenError
-    from esperd.natsserver import NatsServerError
+    from esperd.ops.cluster import ClusterError
+    from esperd.ops.metrics import MetricsListenError
+    from esperd.ops.natsserver import NatsServerError
+    from esperd.ops.statedir import StateDirError
     from esperd.service import Service
-    from esperd.statedir import StateDirError
 
     log = structlog.get_logger("esperd")
     loop = asyncio.get_running_loop()

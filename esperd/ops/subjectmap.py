@@ -3,7 +3,7 @@
 With `[cluster] mapped_prefix` set, the broker carries a subject mapping (nats-server's own
 `partition()` transform) that republishes `<prefix>.<run>.<channel>` for the four inbound channels
 as `<mapped_prefix>.<partition>.<run>.<channel>`, the partition being FNV-1a of the run id modulo
-`[cluster] partitions` (`esperd.ownership.partition_of`). Each instance then subscribes only to the
+`[cluster] partitions` (`esperd.ops.ownership.partition_of`). Each instance then subscribes only to the
 partitions it holds a lease on, so it receives only its share of the traffic. Commands are not
 mapped: esperd publishes them on `<prefix>.<run>.command`, where hosts listen.
 
@@ -18,8 +18,8 @@ import uuid
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from esperd.cluster import ClusterError
-from esperd.ownership import partition_of
+from esperd.ops.cluster import ClusterError
+from esperd.ops.ownership import partition_of
 from esperd_contracts import Channel
 
 #: Inbound channels the broker maps (commands stay where hosts listen).

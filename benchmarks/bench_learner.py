@@ -314,6 +314,7 @@ class _LatencyRig:
         return (
             f"  learner {updates / elapsed:5.1f} updates/s ({rate:,.0f} transitions/s), "
             f"{swaps / elapsed:4.1f} swaps/s ({learner.status.bundles_reused} bundles reused), "
+            f"swap pause max {learner.status.swap_pause_us_max:,.0f} us, "
             f"breaker {learner.status.breaker}, worker deaths {learner.status.worker_deaths}"
         )
 

@@ -171,7 +171,7 @@ async def test_update_swaps_in_a_new_bundle_as_version_plus_one(tmp_path: Path, 
     assert first is not original and first is not learner.trainee
     assert first.version == 1 == learner.status.serving_version
     assert learner.status.updates == 1 and learner.status.swaps == 1
-    assert 0.0 < learner.status.swap_pause_us_max < 1000.0
+    assert learner.status.swap_pause_us_max > 0.0  # measured (its size: benchmarks/bench_learner.py)
     # The update changed the weights; the new bundle serves exactly the trainee's weights...
     assert not same_weights(weights(first), before)
     assert same_weights(weights(first), weights(learner.trainee))
@@ -183,7 +183,6 @@ async def test_update_swaps_in_a_new_bundle_as_version_plus_one(tmp_path: Path, 
     second = learner.serving
     assert swapped == [first, second] and second is not first
     assert second.version == 2 and first.version == 1
-    assert learner.status.swap_pause_us_max < 1000.0
 
 
 async def decide_rounds_until(
@@ -298,7 +297,6 @@ async def test_hot_swap_under_concurrent_decisions(tmp_path: Path, algorithm: st
     assert swaps_mid_batch(), (swapped_at, len(published))
     assert learner.status.trips == 0
     assert [h.version for h in handed_out] == list(range(len(handed_out)))
-    assert learner.status.swap_pause_us_max < 1000.0
 
 
 # ---------------------------------------------------------------- the circuit breaker

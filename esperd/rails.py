@@ -33,11 +33,11 @@ import numpy as np
 
 from esperd.analyzer.masks import LIVE_STAGE
 from esperd.analyzer.observation import (
-    EPOCHS_REMAINING_SCALE,
     GLOBAL_FEATURE_INDEX,
     NODE_FEATURE_INDEX,
     OP_INDEX,
     Observation,
+    epochs_left,
 )
 from esperd.config import RailsConfig
 from esperd_contracts import Op
@@ -58,8 +58,6 @@ class Rail(enum.StrEnum):
 _WAIT = OP_INDEX[Op.WAIT]
 _GERMINATE = OP_INDEX[Op.GERMINATE]
 _GROWTH = GLOBAL_FEATURE_INDEX["param_growth"]
-_BUDGET_KNOWN = GLOBAL_FEATURE_INDEX["budget_known"]
-_EPOCHS_REMAINING = GLOBAL_FEATURE_INDEX["epochs_remaining"]
 _LOG_PARAMS = NODE_FEATURE_INDEX["log_params"]
 #: A germination not yet visible in the run's reports is forgotten after this many epochs (a
 #: rejected one never shows; an applied one shows in the next state packet).
@@ -249,11 +247,8 @@ class Rails:
     def _too_late(self, obs: Observation) -> int | None:
         """The epochs left when too few remain for a new seed's lifecycle; None when there is time
         (or the host does not say how long it trains)."""
-        g = obs.global_features
-        if not self.config.min_epochs_left or g.size <= _EPOCHS_REMAINING or g[_BUDGET_KNOWN] < 0.5:
-            return None
-        left = round(float(g[_EPOCHS_REMAINING]) * EPOCHS_REMAINING_SCALE)
-        return left if left < self.config.min_epochs_left else None
+        left = epochs_left(obs) if self.config.min_epochs_left else None
+        return left if left is not None and left < self.config.min_epochs_left else None
 
     def _active_seeds(self, obs: Observation, run: _RunRails) -> int:
         live = _live_layers(obs)

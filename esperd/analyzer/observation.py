@@ -279,6 +279,15 @@ class Observation(msgspec.Struct, frozen=True):
         return int(self.layer_ids.shape[0])
 
 
+def epochs_left(obs: Observation) -> int | None:
+    """Whole epochs the run trains after this observation, read back from its features (capped at
+    EPOCHS_REMAINING_SCALE); None when the host does not say how long it trains."""
+    g = obs.global_features
+    if g.size <= GLOBAL_FEATURE_INDEX["epochs_remaining"] or g[GLOBAL_FEATURE_INDEX["budget_known"]] < 0.5:
+        return None
+    return round(float(g[GLOBAL_FEATURE_INDEX["epochs_remaining"]]) * EPOCHS_REMAINING_SCALE)
+
+
 def counted_levers(op: Op, blend: int) -> tuple[str, ...]:
     """The levers an action with `op` (and blend index `blend`) samples: the only ones whose
     choice means anything, is sent, and counts in its log-probability."""

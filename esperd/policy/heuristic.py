@@ -57,7 +57,6 @@ from esperd.analyzer.observation import (
     BLUEPRINTS,
     COUNTERFACTUAL_Z_SCALE,
     DWELLS,
-    EPOCHS_REMAINING_SCALE,
     GLOBAL_FEATURE_INDEX,
     ISOLATION_INDEX,
     LAYER_KINDS,
@@ -68,6 +67,7 @@ from esperd.analyzer.observation import (
     STEEPNESSES,
     TEMPO_INDEX,
     Observation,
+    epochs_left,
 )
 from esperd.policy.base import (
     ACTION_WIDTH,
@@ -497,11 +497,8 @@ class HeuristicPolicy:
     def _time_to_finish(self, obs: Observation) -> bool:
         """Whether a seed germinated now can finish its lifecycle before the run ends (True if the
         host does not say how long it trains)."""
-        g = obs.global_features
-        if g[_G["budget_known"]] < 0.5:
-            return True
-        remaining = round(float(g[_G["epochs_remaining"]]) * EPOCHS_REMAINING_SCALE)
-        return remaining >= self.lifecycle_epochs()
+        left = epochs_left(obs)
+        return left is None or left >= self.lifecycle_epochs()
 
     @staticmethod
     def _plateau_epochs(obs: Observation) -> int:

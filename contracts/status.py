@@ -199,8 +199,12 @@ class RailsStatus(msgspec.Struct, kw_only=True):
 
     enabled: bool = True
     blocked_total: int = 0  # decisions not sent: a rail blocked them (each became a WAIT)
-    blocked_by_rail: dict[str, int] = {}  # confidence, urgency, command_rate, param_budget, active_seeds
+    # by esperd.rails.Rail: confidence, urgency, command_rate, param_budget, active_seeds,
+    # late_germination, seed_pool
+    blocked_by_rail: dict[str, int] = {}
     masked_by_rail: dict[str, int] = {}  # decisions where a rail masked ops out before the policy chose
+    seed_pool: int = 0  # [rails] max_seeds_total: live seeds all runs may share (0: no pool)
+    seed_pool_live: int = 0  # live seeds and germinations in flight across runs, as last observed
 
 
 #: How much of the analysis the status lists (the counts always cover everything).

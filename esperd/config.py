@@ -186,6 +186,11 @@ class RailsConfig(Section, frozen=True):
     # blending when training ends is a half-trained module at partial weight. 0: off; hosts
     # that do not send total_epochs are never held back.
     min_epochs_left: Annotated[int, Meta(ge=0, le=1_000_000)] = 10
+    # Live seeds across every run this instance decides, in flight included: a pool of seed
+    # capacity the runs share (the accelerators that train seeds, say). 0: no pool. When more
+    # runs in one batch want a seed than the pool has free, `[policy] selection` decides which
+    # get one (esperd.rails.pool_objectives); the others wait.
+    max_seeds_total: Annotated[int, Meta(ge=0, le=10_000_000)] = 0
 
 
 class Config(Section, frozen=True):

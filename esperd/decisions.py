@@ -219,6 +219,7 @@ class DecisionLoop:
             )
             if block is not None:
                 blocked.append((i, block))
+        blocked += self._allot_pool(observations, result.decisions, {i for i, _ in blocked})
         if not blocked:
             return observations, result, []
         recorded = list(observations)
@@ -246,6 +247,19 @@ class DecisionLoop:
             )
         replaced = dataclasses.replace(result, actions=actions, log_probs=log_probs, decisions=decisions)
         return recorded, replaced, [(result.decisions[i], block) for i, block in blocked]
+
+    def _allot_pool(
+        self, observations: list[Observation], decisions: list[Decision], blocked: set[int]
+    ) -> list[tuple[int, Block]]:
+        """The germinations the shared seed pool has no seed left for (the rails choose which)."""
+        assert self.rails is not None
+        wanting = [i for i, d in enumerate(decisions) if d.op is Op.GERMINATE and i not in blocked]
+        if not wanting:
+            return []
+        losers = self.rails.allot_pool(
+            [(observations[i], decisions[i].confidence, decisions[i].urgency) for i in wanting]
+        )
+        return [(wanting[k], self.rails.pool_block()) for k in losers]
 
     def _observations(self, runs: list[str], now: float) -> list[Observation]:
         observations = []

@@ -8,7 +8,11 @@ Applied in one place, the decision loop (esperd.decisions), for every policy ali
     observation's op mask, so a policy that honours masks chooses among what is allowed,
     and its log-probability is that of the observation it saw;
   * after it acts, `check` blocks whatever still breaks a rail (a policy that ignores masks,
-    or a decision below the confidence or urgency threshold).
+    or a decision below the confidence or urgency threshold);
+  * with a seed pool shared by every run (`max_seeds_total`), `allot_pool` decides which of
+    a batch's germinations get its last free seeds when there are fewer than they want: seed
+    document 002's multi-objective choice over the runs (`pool_objectives`), or the most
+    confident and urgent with `[policy] selection = "argmax"`.
 
 A blocked decision is never sent. It becomes the WAIT that was actually done, and is recorded
 for learning as a forced WAIT (`forced_wait`): WAIT on node 0 of the observation with every
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 import msgspec
 import numpy as np
 
+from esperd import pareto
 from esperd.analyzer.masks import LIVE_STAGE
 from esperd.analyzer.observation import (
     GLOBAL_FEATURE_INDEX,
@@ -53,12 +58,17 @@ class Rail(enum.StrEnum):
     PARAM_BUDGET = "param_budget"
     ACTIVE_SEEDS = "active_seeds"
     LATE_GERMINATION = "late_germination"
+    SEED_POOL = "seed_pool"
 
 
 _WAIT = OP_INDEX[Op.WAIT]
 _GERMINATE = OP_INDEX[Op.GERMINATE]
 _GROWTH = GLOBAL_FEATURE_INDEX["param_growth"]
 _LOG_PARAMS = NODE_FEATURE_INDEX["log_params"]
+_LOSS_HISTORY = [GLOBAL_FEATURE_INDEX[f"loss_history_{k}"] for k in range(5)]
+_EPOCHS_REMAINING = GLOBAL_FEATURE_INDEX["epochs_remaining"]
+#: The relative spread of a run's recent validation losses at which its risk is one half.
+_SWING_SCALE = 0.05
 #: A germination not yet visible in the run's reports is forgotten after this many epochs (a
 #: rejected one never shows; an applied one shows in the next state packet).
 _IN_FLIGHT_EPOCHS = 2
@@ -79,6 +89,7 @@ class _InFlight:
 class _RunRails:
     sent_at: collections.deque[float] = field(default_factory=collections.deque)
     germinating: list[_InFlight] = field(default_factory=list)
+    live_seeds: int = 0  # live seeds and germinations in flight, as of the run's latest observation
 
 
 class Block(msgspec.Struct, frozen=True):
@@ -93,6 +104,24 @@ def layer_params(obs: Observation) -> np.ndarray:
     return np.rint(np.power(10.0, obs.node_features[:, _LOG_PARAMS].astype(np.float64) * 10.0) - 1.0)
 
 
+def pool_objectives(obs: Observation, confidence: float, urgency: float) -> pareto.Objectives:
+    """002's objectives for giving this run a seed from the shared pool:
+    performance  what the policy claims for its germination: confidence x urgency;
+    risk         how much the run's validation loss swings (the relative spread of its last
+                 five packets' losses, squashed to [0, 1)): there a blend shock is hardest to
+                 tell from noise, and a seed the likeliest to be pruned unproven;
+    adaptability the share of its training still ahead (1 when the host does not say): the
+                 epochs a seed has to pay back."""
+    g = obs.global_features
+    losses = g[_LOSS_HISTORY][g[_LOSS_HISTORY] > 0].astype(np.float64)
+    swing = float(losses.std() / losses.mean()) if losses.size >= 2 else 0.0
+    return pareto.Objectives(
+        performance=float(confidence) * float(urgency),
+        risk=swing / (swing + _SWING_SCALE),
+        adaptability=float(g[_EPOCHS_REMAINING]),
+    )
+
+
 def forced_wait(obs: Observation) -> Observation:
     """`obs` with every op but WAIT masked on every node: the step as a rail left it."""
     ops = np.zeros_like(obs.op_mask)
@@ -103,8 +132,9 @@ def forced_wait(obs: Observation) -> Observation:
 class Rails:
     """Per-run bounds on what any policy may send (see the module docstring)."""
 
-    def __init__(self, config: RailsConfig) -> None:
+    def __init__(self, config: RailsConfig, selection: str = "pareto") -> None:
         self.config = config
+        self.selection = selection  # how the seed pool's last free seeds are shared out
         self._runs: dict[str, _RunRails] = {}
         self.blocked_by_rail: collections.Counter[str] = collections.Counter()
         self.masked_by_rail: collections.Counter[str] = collections.Counter()
@@ -129,6 +159,9 @@ class Rails:
             allowed = np.zeros_like(germinable)
         elif self._active_seeds(obs, run) >= self.config.max_active_seeds:
             rail = Rail.ACTIVE_SEEDS
+            allowed = np.zeros_like(germinable)
+        elif self.pool_free() == 0:
+            rail = Rail.SEED_POOL
             allowed = np.zeros_like(germinable)
         else:
             allowed = self._within_budget(obs, run)
@@ -167,6 +200,8 @@ class Rails:
             active = self._active_seeds(obs, run)
             if active >= config.max_active_seeds:
                 return Block(Rail.ACTIVE_SEEDS, f"{active} live seeds (cap {config.max_active_seeds})")
+            if self.pool_free() == 0:
+                return Block(Rail.SEED_POOL, self._pool_detail())
             projected = self._committed(obs, run) + self._seed_fraction(obs)[node]
             if projected > config.param_budget:
                 return Block(
@@ -181,6 +216,39 @@ class Rails:
         if np.float32(urgency) < np.float32(config.urgency_threshold):
             return Block(Rail.URGENCY, f"urgency {urgency:.2f} < {config.urgency_threshold:.2f}")
         return None
+
+    def pool_free(self) -> int | None:
+        """Seeds left in the shared pool (None: no pool, or rails off)."""
+        cap = self.config.max_seeds_total
+        if not cap or not self.config.enabled:
+            return None
+        return max(cap - self.pool_live(), 0)
+
+    def pool_live(self) -> int:
+        """Live seeds and germinations in flight across every run, as last observed."""
+        return sum(run.live_seeds for run in self._runs.values())
+
+    def allot_pool(self, candidates: list[tuple[Observation, float, float]]) -> list[int]:
+        """Which of a batch's germinations (observation, confidence, urgency), each already let
+        through by `check`, the pool cannot serve: the indices to block, none while it has room
+        for all. The free seeds go one at a time to the best of those left (`pareto.select`
+        over `pool_objectives`, or performance alone with selection "argmax")."""
+        free = self.pool_free()
+        if free is None or free >= len(candidates):
+            return []
+        scored = [pool_objectives(obs, c, u) for obs, c, u in candidates]
+        choose = pareto.select if self.selection == "pareto" else pareto.argmax
+        left = list(range(len(candidates)))
+        for _ in range(free):
+            left.pop(choose([scored[i] for i in left]))
+        return left
+
+    def pool_block(self) -> Block:
+        """The block for a germination the pool had no seed left for."""
+        return Block(Rail.SEED_POOL, self._pool_detail())
+
+    def _pool_detail(self) -> str:
+        return f"{self.pool_live()} live seeds across runs (pool of {self.config.max_seeds_total})"
 
     def count_block(self, block: Block) -> None:
         self.blocked_by_rail[block.rail] += 1
@@ -203,13 +271,16 @@ class Rails:
         limit = max(round(left * host), 1)  # to the nearest parameter: growth arrives in float32
         fraction = limit / host if host > 0 else float(self._seed_fraction(obs)[node])
         run.germinating.append(_InFlight(int(obs.layer_ids[node]), obs.epoch, fraction))
+        run.live_seeds += 1
         return limit if host > 0 else 0
 
     def note_rejected(self, run_id: str, layer_id: int) -> None:
         """The host refused a GERMINATE on this layer: its reservation is free again."""
         run = self._runs.get(run_id)
         if run is not None:
-            run.germinating = [g for g in run.germinating if g.layer_id != layer_id]
+            kept = [g for g in run.germinating if g.layer_id != layer_id]
+            run.live_seeds -= len(run.germinating) - len(kept)
+            run.germinating = kept
 
     def forget(self, run_id: str) -> None:
         self._runs.pop(run_id, None)
@@ -220,6 +291,8 @@ class Rails:
             blocked_total=sum(self.blocked_by_rail.values()),
             blocked_by_rail=dict(self.blocked_by_rail),
             masked_by_rail=dict(self.masked_by_rail),
+            seed_pool=self.config.max_seeds_total,
+            seed_pool_live=self.pool_live(),
         )
 
     # ------------------------------------------------------------ internals
@@ -242,6 +315,7 @@ class Rails:
                 if not (g.layer_id in live and obs.epoch > g.epoch)
                 and obs.epoch < g.epoch + _IN_FLIGHT_EPOCHS
             ]
+        self._active_seeds(obs, run)
         return run
 
     def _too_late(self, obs: Observation) -> int | None:
@@ -251,8 +325,10 @@ class Rails:
         return left if left is not None and left < self.config.min_epochs_left else None
 
     def _active_seeds(self, obs: Observation, run: _RunRails) -> int:
+        """The run's live seeds, germinations in flight included (kept for the pool's count)."""
         live = _live_layers(obs)
-        return len(live) + sum(g.layer_id not in live for g in run.germinating)
+        run.live_seeds = len(live) + sum(g.layer_id not in live for g in run.germinating)
+        return run.live_seeds
 
     def _committed(self, obs: Observation, run: _RunRails) -> float:
         """Added parameters as a fraction of the host's: reported, plus germinations in flight."""

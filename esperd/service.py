@@ -131,7 +131,7 @@ class Service:
             on_decided=self.recorder.decision_hook,
             observe_latency=self.latency.observe if self.latency is not None else None,
             epoch_of=self._epoch_of,
-            rails=Rails(config.rails),
+            rails=Rails(config.rails, selection=config.policy.selection),
             on_blocked=self._report_blocked,
             tracked=self._decidable,
         )

@@ -124,7 +124,18 @@ def test_rail_blocks_become_metrics_by_rail(status) -> None:  # noqa: ANN001
         "param_budget": 0,
         "active_seeds": 0,
         "late_germination": 0,
+        "seed_pool": 0,
     }
+    assert not [name for name, _ in samples if name.startswith("esperd_seed_pool")]  # no pool configured
+
+
+def test_the_seed_pool_is_exposed_when_configured(status) -> None:  # noqa: ANN001
+    rails = RailsStatus(seed_pool=8, seed_pool_live=3)
+    samples = exposed(
+        Snapshot(msgspec.structs.replace(status, rails=rails), LatencyHistogram().cumulative(), 0.0, "b")
+    )
+    pool = {name: value for (name, _), value in samples.items() if name.startswith("esperd_seed_pool")}
+    assert pool == {"esperd_seed_pool_size": 8, "esperd_seed_pool_live": 3}
 
 
 def test_without_learner_or_cluster_those_metrics_are_absent(status) -> None:  # noqa: ANN001

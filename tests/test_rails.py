@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from esperd import pareto
 from esperd.analyzer import Analyzer, Observation
 from esperd.analyzer.observation import EPOCHS_REMAINING_SCALE, GLOBAL_FEATURE_INDEX, OP_INDEX
 from esperd.config import RailsConfig, SchedulerConfig
@@ -18,7 +19,7 @@ from esperd.decisions import DecisionLoop
 from esperd.learn.experience import Transition
 from esperd.learn.recorder import Recorder
 from esperd.policy import PolicyConfig, create_policy
-from esperd.rails import Block, Rail, Rails, forced_wait, layer_params
+from esperd.rails import Block, Rail, Rails, forced_wait, layer_params, pool_objectives
 from esperd.scheduler import Scheduler
 from esperd_contracts import AdaptationCommand, HealthSignal, Op, SeedStage, SystemStatePacket
 from tests.support.badpolicy import AlwaysGerminate
@@ -168,6 +169,78 @@ def test_no_germination_when_fewer_epochs_remain_than_a_lifecycle() -> None:
     assert rails.status().masked_by_rail == {"late_germination": 1}
 
 
+def run_obs(run_id: str, *, losses: list[float], remaining: float, live: int = 0) -> Observation:
+    """A four-layer run with `live` live seeds, these recent val losses (newest first) and this
+    share of its training left."""
+    stages = [SeedStage.TRAINING] * live + [SeedStage.DORMANT] * (4 - live)
+    history = {f"loss_history_{k}": v for k, v in enumerate(losses)}
+    obs = make_observation(
+        run_id,
+        num_nodes=4,
+        stages=stages,
+        node={"log_params": float(np.log10(1001) / 10)},
+        globals_={"param_growth": 0.0, "epochs_remaining": remaining, **history},
+        random_features=False,
+    )
+    return obs
+
+
+def test_pool_objectives_by_hand() -> None:
+    steady = run_obs("a", losses=[1.0] * 5, remaining=0.8)
+    assert pool_objectives(steady, 0.9, 0.5) == pareto.Objectives(0.45, 0.0, pytest.approx(0.8))
+    # Losses 0.9 and 1.1 (two packets so far): relative spread 0.1, twice the scale -> risk 2/3.
+    swinging = run_obs("b", losses=[0.9, 1.1], remaining=1.0)
+    objectives = pool_objectives(swinging, 1.0, 1.0)
+    assert objectives.risk == pytest.approx(0.1 / (0.1 + 0.05), rel=1e-5)
+    assert objectives.performance == 1.0 and objectives.adaptability == 1.0
+    assert pool_objectives(run_obs("c", losses=[1.0], remaining=0.5), 1.0, 1.0).risk == 0.0
+
+
+@pytest.mark.parametrize(("selection", "winner"), [("pareto", 1), ("argmax", 0)])
+def test_the_seed_pool_gives_its_last_seed_by_the_configured_selection(selection: str, winner: int) -> None:
+    rails = Rails(RailsConfig(max_seeds_total=2), selection=selection)
+    # Run "old" holds one of the two seeds.
+    holder = run_obs("old", losses=[1.0] * 5, remaining=0.5, live=1)
+    assert rails.mask(holder, 0.0).op_mask[:, GERMINATE].any()  # one seed free: nothing masked
+    assert rails.pool_live() == 1 and rails.pool_free() == 1
+    # Two runs want the last one. "eager" claims more (0.9 x 1.0) but its loss swings and it is
+    # nearly done; "steady" claims 0.8 and has most of its training ahead. Weighted 0.5 / 0.3 /
+    # 0.2: eager 0.45 - 0.3 x 2/3 + 0.2 x 0.2 = 0.29, steady 0.40 + 0.2 x 0.9 = 0.58.
+    eager = run_obs("eager", losses=[0.9, 1.1], remaining=0.2)
+    steady = run_obs("steady", losses=[1.0] * 5, remaining=0.9)
+    candidates = [(eager, 0.9, 1.0), (steady, 0.8, 1.0)]
+    for obs, c, u in candidates:
+        assert rails.check(obs, 1, Op.GERMINATE, c, u, 0.0) is None  # each alone would fit
+    blocked = rails.allot_pool(candidates)
+    assert blocked == [1 - winner]  # the other one waits
+    # The winner's germination fills the pool: every run is masked and blocked now.
+    rails.note_sent(candidates[winner][0], 1, Op.GERMINATE, 0.0)
+    assert rails.pool_live() == 2 and rails.pool_free() == 0
+    loser = candidates[1 - winner][0]
+    masked = rails.mask(loser, 1.0)
+    assert not masked.op_mask[:, GERMINATE].any() and masked.op_mask[:, WAIT].all()
+    assert rails.check(loser, 1, Op.GERMINATE, 1.0, 1.0, 1.0) == Block(
+        Rail.SEED_POOL, "2 live seeds across runs (pool of 2)"
+    )
+    assert rails.check(loser, 1, Op.ADVANCE, 1.0, 1.0, 1.0) is None  # only new seeds wait
+    status = rails.status()
+    assert (status.seed_pool, status.seed_pool_live) == (2, 2)
+    assert status.masked_by_rail == {"seed_pool": 1}
+    # The holder's seed ends (its next report shows none live): a seed is free again.
+    rails.mask(run_obs("old", losses=[1.0] * 5, remaining=0.4), 2.0)
+    assert rails.pool_free() == 1
+    rails.forget(candidates[winner][0].run_id)  # a dropped run gives its seeds back
+    assert rails.pool_live() == 0
+
+
+def test_a_pool_with_room_for_every_germination_blocks_none() -> None:
+    rails = Rails(RailsConfig(max_seeds_total=3))
+    runs = [(run_obs(f"r{i}", losses=[1.0], remaining=0.5), 0.9, 0.9) for i in range(3)]
+    assert rails.allot_pool(runs) == []
+    assert Rails(RailsConfig()).allot_pool(runs) == []  # no pool at all (the default)
+    assert Rails(RailsConfig()).pool_free() is None
+
+
 def test_disabled_rails_let_everything_through() -> None:
     rails = Rails(RailsConfig(enabled=False, max_commands_per_window=1, max_active_seeds=1))
     obs = obs_with_params([1000] * 3, growth=1.0)
@@ -249,6 +322,22 @@ async def test_a_policy_that_always_germinates_is_held_to_the_rails() -> None:
 
 
 OPS_NAME = {i: op.value for op, i in OP_INDEX.items()}
+
+
+async def test_runs_share_the_seed_pool_through_the_decision_loop() -> None:
+    loop = Loop(AlwaysGerminate(), RailsConfig(max_seeds_total=1))
+    for run_id in ("r1", "r2", "r3"):
+        sick_run(loop.analyzer, run_id)
+    assert await loop.decide("r1", "r2", "r3") == 1  # one seed in the pool: one germination
+    assert [c.op for c in loop.published] == [Op.GERMINATE]
+    assert sorted(r for r, _ in loop.blocked) == sorted({"r1", "r2", "r3"} - {loop.published[0].run_id})
+    assert {rail for _, rail in loop.blocked} == {Rail.SEED_POOL}
+    # The pool is full: the next batch is masked before the policy acts, and this policy, which
+    # ignores masks, is blocked on every run.
+    assert await loop.decide("r1", "r2", "r3") == 0
+    status = loop.rails.status()
+    assert status.blocked_by_rail == {"seed_pool": 2 + 3} and status.seed_pool_live == 1
+    assert status.masked_by_rail == {"seed_pool": 3}
 
 
 @pytest.mark.parametrize("name", ["gnn", "lstm"])

@@ -140,6 +140,18 @@ def families(snapshot: Snapshot) -> list[Any]:
             s.rails.masked_by_rail,
             RAILS,
         )
+        if s.rails.seed_pool:
+            pool = s.rails
+            f.gauge(
+                "esperd_seed_pool_size",
+                "Live seeds all runs may share ([rails] max_seeds_total)",
+                pool.seed_pool,
+            )
+            f.gauge(
+                "esperd_seed_pool_live",
+                "Live seeds and germinations in flight across runs",
+                pool.seed_pool_live,
+            )
     latency = HistogramMetricFamily(
         "esperd_decision_latency_seconds",
         "From a run becoming due to its command being published",

@@ -416,3 +416,53 @@ def test_no_germination_a_run_has_no_time_left_to_finish() -> None:
     # Seeds already in flight are still taken through their lifecycle.
     busy = scene("d", epoch=46, budget_known=1.0, epochs_remaining=1 / 50, **stage_node(S.TRAINING, eis=3))
     assert decide(policy, busy).op is Op.ADVANCE
+
+
+def blend_through(policy: HeuristicPolicy, run: str, *, before: float, low: float) -> None:
+    """Take the seed germinated at node 2 of `run` through training, its blend and into probation,
+    with the run's validation accuracy at `before`, then `low` while blending."""
+    decide(policy, scene(run, val_accuracy=before, **stage_node(S.TRAINING, eis=1)))
+    decide(policy, scene(run, val_accuracy=low, **stage_node(S.BLENDING, eis=1)))
+    decide(policy, scene(run, val_accuracy=before, **stage_node(S.PROBATIONARY, eis=0)))
+
+
+@pytest.mark.parametrize("selection", ["argmax", "pareto"])
+def test_blend_shocks_slow_the_next_blend_down(selection: str) -> None:
+    policy = make_policy(selection, tempo=Tempo.STANDARD)
+    first = decide(policy, scene("r0", sick=2))
+    assert (first.op, first.tempo) == (Op.GERMINATE, Tempo.STANDARD)  # no shocks on record
+    blend_through(policy, "r0", before=0.80, low=0.76)  # a 4-point drop while blending
+    second = decide(policy, scene("r1", sick=2))
+    if selection == "argmax":
+        assert second.tempo is Tempo.STANDARD  # the configured tempo, whatever happened
+        return
+    # Pareto (002), by hand, 50 epochs of horizon (the host does not say), lifecycle 1 + 3 + blend
+    # + 1. The shock per alpha step, 0.04 x 5 = 0.2, is the kind's only record, so every tempo's
+    # estimate is 0.2 / its epochs; risk = that / 0.05, at most 1. Weighted 0.5 / 0.3 / 0.2:
+    #   standard 0.5 x 0.60 - 0.3 x 0.80 + 0.2 x 40/50 = 0.220
+    #   slow     0.5 x 0.45 - 0.3 x 0.50 + 0.2 x 37/50 = 0.223
+    #   glacial  0.5 x 0.45 - 0.3 x 0.33 + 0.2 x 33/50 = 0.257
+    #   fast     0.5 x 0.45 - 0.3 x 1.00 + 0.2 x 42/50 = 0.093
+    assert (second.op, second.tempo) == (Op.GERMINATE, Tempo.GLACIAL)
+    # The seed is held to its own tempo: 12 epochs of blending before ADVANCE.
+    assert decide(policy, scene("r1", **stage_node(S.BLENDING, eis=8))).op is Op.WAIT
+    assert decide(policy, scene("r1", **stage_node(S.BLENDING, eis=12))).op is Op.ADVANCE
+
+
+def test_a_blend_without_a_drop_keeps_the_configured_tempo() -> None:
+    policy = make_policy(tempo=Tempo.STANDARD)
+    assert decide(policy, scene("r0", sick=2)).tempo is Tempo.STANDARD
+    blend_through(policy, "r0", before=0.80, low=0.82)  # accuracy rose while blending: no shock
+    assert decide(policy, scene("r1", sick=2)).tempo is Tempo.STANDARD
+
+
+def test_a_tempo_that_cannot_finish_in_time_is_not_chosen() -> None:
+    policy = make_policy(tempo=Tempo.STANDARD)
+    decide(policy, scene("r0", sick=2))
+    blend_through(policy, "r0", before=0.80, low=0.76)
+    # 12 epochs left: standard (lifecycle 10) and fast (8) fit, slow (13) and glacial (17) do not,
+    # though glacial would win with time to spare (above). Of the two:
+    #   standard 0.5 x 0.60 - 0.3 x 0.8 + 0.2 x 2/12 = 0.093
+    #   fast     0.5 x 0.45 - 0.3 x 1.0 + 0.2 x 4/12 = -0.008
+    late = scene("r1", sick=2, budget_known=1.0, epochs_remaining=12 / 50)
+    assert decide(policy, late).tempo is Tempo.STANDARD

@@ -121,7 +121,8 @@ class PolicyConfig(Section, frozen=True):
     levers: tuple[Lever, ...] = ALL_OPTIONAL_LEVERS
     checkpoint: str | None = None  # safetensors file to load at start
     fallback: str = "heuristic"  # served when the checkpoint cannot be loaded
-    # How a policy picks among candidates it scores (the heuristic's blueprint for a GERMINATE):
+    # How a policy picks among candidates it scores (the heuristic's blueprint and tempo for a
+    # GERMINATE; the rails' choice of which runs get a scarce seed pool's last seeds):
     # "pareto", seed document 002's multi-objective choice (esperd.pareto: performance, risk,
     # adaptability, weighted 0.5 / 0.3 / 0.2 on the non-dominated front), or "argmax", the best
     # performance alone (then the least risk).

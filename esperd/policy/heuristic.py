@@ -25,7 +25,9 @@ both the confidence and the urgency threshold (else WAIT):
     the best fossilization record on this kind of layer across runs, then the kind's prior
     order (BLUEPRINT_PREFERENCE: an MLP seed for a dense layer, a light conv for a conv, more
     heads for an attention layer).
-  levers, by rule: the configured blend and tempo; dwell = `train_dwell_epochs` (a host that
+  levers, by rule: the configured blend; the configured tempo, or with selection "pareto" the
+    tempo 002's multi-objective choice prefers once blend shocks are on record (a seed's shock:
+    how far the run's validation accuracy fell while it blended in); dwell = `train_dwell_epochs` (a host that
     honours it starts blending by itself then, one that does not gets the ADVANCE above);
     isolation by the layer's family (isolated for CNN layers, co-adapting for transformer
     ones) unless configured; the configured LR multiplier and, with a sigmoid blend, steepness.
@@ -57,6 +59,7 @@ from esperd.analyzer.observation import (
     BLUEPRINTS,
     COUNTERFACTUAL_Z_SCALE,
     DWELLS,
+    EPOCHS_REMAINING_SCALE,
     GLOBAL_FEATURE_INDEX,
     ISOLATION_INDEX,
     LAYER_KINDS,
@@ -66,6 +69,7 @@ from esperd.analyzer.observation import (
     STAGE_INDEX,
     STEEPNESSES,
     TEMPO_INDEX,
+    TEMPOS,
     Observation,
     epochs_left,
 )
@@ -148,6 +152,74 @@ class _Seed:
     tempo: Tempo
     germinated_epoch: int
     kind: str = "other"  # the layer's kind, for the outcome record
+    # The blend shock: the run's validation accuracy before the blend, and the lowest during it.
+    before_blend: float | None = None
+    lowest_in_blend: float = math.inf
+    shock_recorded: bool = False
+
+    def watch_blend(self, stage: int, val_accuracy: float) -> float | None:
+        """Follow the run's accuracy through this seed's blend. Returns the blend shock once, when
+        the seed reaches probation: how far the accuracy fell during the blend below where it
+        stood before (>= 0). None otherwise."""
+        if stage == _TRAINING:
+            self.before_blend = val_accuracy  # the latest before the blend starts
+        elif stage == _BLENDING:
+            self.lowest_in_blend = min(self.lowest_in_blend, val_accuracy)
+        elif stage == _PROBATIONARY and not self.shock_recorded:
+            self.shock_recorded = True  # seen through its blend, or not at all: once either way
+            if self.before_blend is not None and math.isfinite(self.lowest_in_blend):
+                return max(self.before_blend - self.lowest_in_blend, 0.0)
+        return None
+
+
+#: A blend shock this large (5 accuracy points) is as risky as it gets.
+_SHOCK_SCALE = 0.05
+
+
+class _ShockRecord:
+    """Blend shocks across runs, seed document 002's risk: how much validation accuracy runs lost
+    while one of our seeds blended in, per (layer kind, blueprint) and per (layer kind, tempo).
+    An estimate shrinks towards the kind's mean over `strength` pseudo-seeds, so a blueprint or
+    tempo never tried there is neither safer nor riskier than the rest; a tempo's shock is
+    recorded per unit of its per-epoch alpha step (shock x epochs), so an untried tempo's prior
+    scales with how fast it blends."""
+
+    def __init__(self, strength: float) -> None:
+        self.strength = strength
+        self.by_blueprint: dict[tuple[str, _Option], list[float]] = {}  # -> [seeds, total shock]
+        self.by_tempo: dict[tuple[str, _Option], list[float]] = {}  # -> [seeds, total shock x epochs]
+
+    def record(self, kind: str, blueprint: Blueprint, tempo: Tempo, shock: float) -> None:
+        _add(self.by_blueprint, (kind, blueprint), shock)
+        _add(self.by_tempo, (kind, tempo), shock * tempo.epochs)
+
+    def blueprint_risk(self, kind: str, blueprint: Blueprint) -> float:
+        return _shock_risk(self._estimate(self.by_blueprint, kind, blueprint))
+
+    def tempo_risk(self, kind: str, tempo: Tempo) -> float:
+        return _shock_risk(self._estimate(self.by_tempo, kind, tempo) / tempo.epochs)
+
+    def _estimate(self, table: dict[tuple[str, _Option], list[float]], kind: str, option: _Option) -> float:
+        seeds = total = 0.0
+        for (k, _), (n, value) in table.items():
+            if k == kind:
+                seeds, total = seeds + n, total + value
+        prior = total / seeds if seeds else 0.0
+        n, value = table.get((kind, option), (0.0, 0.0))
+        return (self.strength * prior + value) / (self.strength + n)
+
+
+_Option = Blueprint | Tempo
+
+
+def _add(table: dict[tuple[str, _Option], list[float]], key: tuple[str, _Option], value: float) -> None:
+    entry = table.setdefault(key, [0.0, 0.0])
+    entry[0] += 1.0
+    entry[1] += value
+
+
+def _shock_risk(shock: float) -> float:
+    return min(1.0, shock / _SHOCK_SCALE)
 
 
 class _BlueprintRecord:
@@ -170,12 +242,18 @@ class _BlueprintRecord:
         return (prior * self.strength + won) / (self.strength + won + lost)
 
     def objectives(
-        self, kind: str, blueprint: Blueprint, preference: tuple[Blueprint, ...], penalty: float
+        self,
+        kind: str,
+        blueprint: Blueprint,
+        preference: tuple[Blueprint, ...],
+        penalty: float,
+        shock_risk: float = 0.0,
     ) -> pareto.Objectives:
         """002's three objectives for growing `blueprint` on a layer of `kind`:
         performance  its posterior fossilization rate on this kind (`score`);
-        risk         the chance it is pruned again: its prune rate on this kind across runs
-                     (a prior of none), combined with this run's decaying prune penalty;
+        risk         the chance it is pruned again or hurts the run: its prune rate on this kind
+                     across runs (a prior of none), combined with this run's decaying prune
+                     penalty and its blend shocks on this kind (`_ShockRecord`);
         adaptability its fossilization rate on every kind of layer (a prior of one half):
                      how well it has done wherever it was tried."""
         won, lost = self.outcomes.get((kind, blueprint), (0, 0))
@@ -188,7 +266,7 @@ class _BlueprintRecord:
         adaptability = (0.5 * self.strength + won_all) / (self.strength + won_all + lost_all)
         return pareto.Objectives(
             performance=self.score(kind, blueprint, preference),
-            risk=1.0 - (1.0 - kind_risk) * (1.0 - run_risk),
+            risk=1.0 - (1.0 - kind_risk) * (1.0 - run_risk) * (1.0 - shock_risk),
             adaptability=adaptability,
         )
 
@@ -229,6 +307,7 @@ class _Candidate:
     confidence: float
     urgency: float
     blueprint: Blueprint | None = None
+    tempo: Tempo | None = None  # with blueprint, for a GERMINATE
 
     def key(self) -> tuple[int, float, int]:
         return (_OP_RANK[self.op], self.confidence * self.urgency, -self.node)
@@ -265,6 +344,7 @@ class HeuristicPolicy:
         self._version = 1  # the rule set's version; bump when the rules change meaning
         self._memory: OrderedDict[str, _RunMemory] = OrderedDict()
         self._record = _BlueprintRecord(self.rules.blueprint_prior_strength)
+        self._shocks = _ShockRecord(self.rules.blueprint_prior_strength)
         self._lock = threading.Lock()
 
     @property
@@ -322,7 +402,7 @@ class HeuristicPolicy:
         rules = self.rules
         row[BLUEPRINT] = BLUEPRINT_INDEX[choice.blueprint]
         row[BLEND] = BLEND_INDEX[rules.blend]
-        row[TEMPO] = TEMPO_INDEX[rules.tempo]
+        row[TEMPO] = TEMPO_INDEX[choice.tempo or rules.tempo]
         row[DWELL] = _nearest(DWELLS, rules.train_dwell_epochs)
         row[ISOLATION] = ISOLATION_INDEX[self._isolation(obs, choice.node)]
         row[LR_MULTIPLIER] = _nearest(LR_MULTIPLIERS, rules.lr_multiplier)
@@ -380,12 +460,19 @@ class HeuristicPolicy:
     # ------------------------------------------------------------ memory
 
     def _observe_outcomes(self, obs: Observation, memory: _RunMemory) -> None:
-        """Learn from stages: PRUNED slots get an embargo, finished seeds are forgotten."""
+        """Learn from stages: PRUNED slots get an embargo, finished seeds are forgotten, and a
+        blend's shock is recorded once its seed reaches probation."""
         # One pass over plain lists: cheaper than a numpy mask per stage at these sizes.
         for node, (layer_id, stage) in enumerate(
             zip(obs.layer_ids.tolist(), obs.stages.tolist(), strict=True)
         ):
-            if stage == _PRUNED:
+            if stage in _SEED_IN_FLIGHT:
+                ours = memory.seeds.get(layer_id)
+                if ours is not None:
+                    shock = ours.watch_blend(stage, float(obs.global_features[_G["val_accuracy"]]))
+                    if shock is not None:
+                        self._shocks.record(ours.kind, ours.blueprint, ours.tempo, shock)
+            elif stage == _PRUNED:
                 self._settle(memory.pruned(layer_id, obs.epoch, self.rules), fossilized=False)
             elif stage == _FOSSILIZED:
                 self._settle(memory.seeds.pop(layer_id, None), fossilized=True)
@@ -404,7 +491,8 @@ class HeuristicPolicy:
         if choice.op is Op.GERMINATE:
             assert choice.blueprint is not None
             kind = _layer_kind(obs, choice.node)
-            memory.seeds[layer_id] = _Seed(choice.blueprint, self.rules.tempo, obs.epoch, kind)
+            tempo = choice.tempo or self.rules.tempo
+            memory.seeds[layer_id] = _Seed(choice.blueprint, tempo, obs.epoch, kind)
         elif choice.op is Op.PRUNE:
             self._settle(memory.pruned(layer_id, obs.epoch, self.rules), fossilized=False)
         elif choice.op is Op.FOSSILIZE:
@@ -489,10 +577,12 @@ class HeuristicPolicy:
         train, val = float(g[_G["train_accuracy"]]), float(g[_G["val_accuracy"]])
         return 0.0 < train < rules.underfit_max_train_accuracy and train - val <= rules.underfit_gap
 
-    def lifecycle_epochs(self) -> int:
-        """Epochs a seed germinated now needs to be judged: germination, dwell, blend, probation."""
+    def lifecycle_epochs(self, tempo: Tempo | None = None) -> int:
+        """Epochs a seed germinated now needs to be judged: germination, dwell, blend (at `tempo`,
+        the configured one by default), probation."""
         rules = self.rules
-        return 1 + rules.train_dwell_epochs + rules.tempo.epochs + rules.probation_epochs
+        blend = (tempo or rules.tempo).epochs
+        return 1 + rules.train_dwell_epochs + blend + rules.probation_epochs
 
     def _time_to_finish(self, obs: Observation) -> bool:
         """Whether a seed germinated now can finish its lifecycle before the run ends (True if the
@@ -541,7 +631,8 @@ class HeuristicPolicy:
                 stuck = max(plateau - rules.plateau_patience, 0) / rules.plateau_patience
                 confidence = 0.7 + 0.3 * min(1.0, stuck)
                 urgency = 0.5 + 0.45 * float(sensitivity[node]) + 0.05 * min(1.0, max(0.0, 1.0 - h))
-            yield _Candidate(int(node), Op.GERMINATE, confidence, urgency, blueprint)
+            tempo = self._choose_tempo(obs, int(node))
+            yield _Candidate(int(node), Op.GERMINATE, confidence, urgency, blueprint, tempo)
 
     def _choose_blueprint(self, obs: Observation, node: int, memory: _RunMemory) -> Blueprint | None:
         """The legal blueprint of the layer's family that fits its kind best: least penalised in this
@@ -559,7 +650,13 @@ class HeuristicPolicy:
         record = self._record
         if self.config.selection == "pareto":
             scored = [
-                record.objectives(kind, bp, preference, memory.penalty(bp, obs.epoch, decay))
+                record.objectives(
+                    kind,
+                    bp,
+                    preference,
+                    memory.penalty(bp, obs.epoch, decay),
+                    self._shocks.blueprint_risk(kind, bp),
+                )
                 for bp in fitting
             ]
             return fitting[pareto.select(scored)]
@@ -570,6 +667,31 @@ class HeuristicPolicy:
             return (memory.penalty(bp, obs.epoch, decay), -score, rank, BLUEPRINT_INDEX[bp])
 
         return min(fitting, key=key)
+
+    def _choose_tempo(self, obs: Observation, node: int) -> Tempo:
+        """The blend's tempo. With selection "argmax", the configured one. With "pareto", 002's
+        choice among the tempos whose lifecycle fits the epochs left:
+        performance  the configured tempo is the operator's pick (0.6; the others 0.45);
+        risk         the blend shocks seen on this kind of layer at that tempo (`_ShockRecord`);
+        adaptability the share of the run left once the seed is judged (of 50 epochs when the
+                     host does not say how long it trains).
+        Without shocks on record the configured tempo wins; large shocks slow the blend down."""
+        configured = self.rules.tempo
+        if self.config.selection != "pareto":
+            return configured
+        left = epochs_left(obs)
+        horizon = float(left) if left is not None else EPOCHS_REMAINING_SCALE
+        kind = _layer_kind(obs, node)
+        fitting = [t for t in TEMPOS if t is configured or self.lifecycle_epochs(t) <= horizon]
+        scored = [
+            pareto.Objectives(
+                performance=0.6 if tempo is configured else 0.45,
+                risk=self._shocks.tempo_risk(kind, tempo),
+                adaptability=max(horizon - self.lifecycle_epochs(tempo), 0.0) / max(horizon, 1.0),
+            )
+            for tempo in fitting
+        ]
+        return fitting[pareto.select(scored)]
 
     # ------------------------------------------------------------ learning (none)
 

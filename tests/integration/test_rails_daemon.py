@@ -112,6 +112,48 @@ async def test_a_policy_that_always_germinates_stays_on_the_rails(
         )
 
 
+LIVE = {"germinated", "training", "blending", "probationary"}
+
+
+async def test_runs_share_a_seed_pool_through_a_real_daemon(
+    nats_server: NatsServer, nats_client: Client, tmp_path: Path
+) -> None:
+    """Four runs, a policy that always germinates, a pool of two seeds across them: at no report
+    do the runs hold more than two live seeds between them (without the pool: 16), and the pool
+    is what blocks."""
+    pool = 2
+    sections = {
+        "scheduler": {"min_interval_s": 0.0, "cooldown_s": 0.0, "max_wait_ms": 1.0},
+        "policy": {"name": "always_germinate"},
+        "learner": {"algorithm": "off"},
+        "rails": {"max_seeds_total": pool, "param_budget": 1.0, "max_active_seeds": 4},
+    }
+    live: dict[str, int] = {}
+    most_live = 0
+    codec = Codec()
+
+    async def on_state(msg: Msg) -> None:
+        nonlocal most_live
+        packet = codec.decode(msg.data, msg.headers.get("Content-Type") if msg.headers else None)
+        if isinstance(packet, SystemStatePacket):
+            live[msg.subject.split(".")[1]] = sum(s.stage.value in LIVE for s in packet.seeds)
+            most_live = max(most_live, sum(live.values()))
+
+    await nats_client.subscribe("esper.*.state", cb=on_state)
+    await nats_client.flush()
+    async with running_daemon(daemon_config(nats_server.url, tmp_path, **sections)):
+        hosts = SimHosts(nats_server.url, 4, config=SIM, seed=5, epoch_s=0.05, episodes=1, session="")
+        stats = await asyncio.wait_for(hosts.run(), timeout=60)
+        st = await wait_for_status(
+            nats_client, lambda s: sum(s["acks_by_status"].values()) >= stats.commands, timeout=10
+        )
+    rails = st["rails"]
+    assert stats.by_op.get("germinate", 0) == stats.commands > 0
+    assert 0 < most_live <= pool, (most_live, live)
+    assert rails["seed_pool"] == pool and rails["seed_pool_live"] <= pool
+    assert rails["blocked_by_rail"].get("seed_pool", 0) + rails["masked_by_rail"].get("seed_pool", 0) > 0
+
+
 async def test_the_budget_holds_on_a_real_host_whose_seeds_outsize_their_layers(
     nats_server: NatsServer, nats_client: Client, tmp_path: Path
 ) -> None:

@@ -40,7 +40,10 @@ messages to <traces>/<task>/<controller>/<run>.jsonl for simulator calibration.
 
 Each finished run is appended to <out>/real_hosts.runs.jsonl; a rerun skips the runs already
 there with the same settings (so an interrupted benchmark resumes and one can add tasks,
-controllers or seeds), unless --fresh. Then <out>/real_hosts.md and .json (per task: final
+controllers or seeds), unless --fresh. Each run records the version of the code it ran (a hash
+of examples/host, and of esperd/ and contracts/ for esperd's controllers); a stored run from
+other code is kept unless --rerun-stale-code, and the report lists such runs by controller.
+Then <out>/real_hosts.md and .json (per task: final
 validation accuracy and loss, total and added parameters, wall time, commands sent and
 rejected; paired differences against the heuristic and against static small with bootstrap
 95% intervals; the safety check and the issue's goals) and real_hosts.png (accuracy against
@@ -251,6 +254,27 @@ def _reason_kind(reason: str) -> str:
 # ------------------------------------------------------------------ esperd controllers
 
 
+def source_hash(*directories: Path) -> str:
+    """A hash of every .py file under these directories (paths and contents)."""
+    digest = hashlib.sha256()
+    for directory in directories:
+        for path in sorted(directory.rglob("*.py")):
+            digest.update(str(path.relative_to(ROOT)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def code_versions() -> dict[str, str]:
+    """The code a run depends on: the reference host's for every run; esperd's and the contract's
+    too for the runs esperd controls."""
+    host = source_hash(ROOT / "examples" / "host")
+    return {"host": host, "esperd": host + "+" + source_hash(ROOT / "esperd", ROOT / "contracts")}
+
+
+def code_kind(controller: str) -> str:
+    return "esperd" if controller in ESPERD_POLICIES else "host"
+
+
 @dataclass(slots=True)
 class Settings:
     """Everything that decides what a run does; a stored run with other settings is rerun."""
@@ -259,6 +283,14 @@ class Settings:
     gnn: dict[str, Any] = field(default_factory=dict)  # controller -> policy section (checkpoint hash)
     scheduler: dict[str, float] = field(default_factory=lambda: dict(SCHEDULER))
     epoch_pause_s: float = EPOCH_PAUSE_S
+    # The checkout's code (`code_versions`); with rerun_stale_code, a stored run recorded with
+    # other code is rerun. Without it, it is kept and the report says so.
+    code: dict[str, str] = field(default_factory=dict)
+    rerun_stale_code: bool = False
+
+    def code_of(self, controller: str) -> str | None:
+        """The code version a stored run must have been recorded with (None: any)."""
+        return self.code.get(code_kind(controller)) if self.rerun_stale_code else None
 
     def fingerprint(self, task: str, controller: str) -> str:
         spec = benchmark_task(task)
@@ -430,9 +462,14 @@ class Store:
                     record = json.loads(line)
                     self.records[(record["task"], record["controller"], record["seed"])] = record
 
-    def get(self, task: str, controller: str, seed: int, fingerprint: str) -> dict[str, Any] | None:
+    def get(
+        self, task: str, controller: str, seed: int, fingerprint: str, code: str | None = None
+    ) -> dict[str, Any] | None:
+        """The stored run with these settings (and this code version, when given), or None."""
         record = self.records.get((task, controller, seed))
-        return record if record is not None and record.get("fingerprint") == fingerprint else None
+        if record is None or record.get("fingerprint") != fingerprint:
+            return None
+        return record if code is None or record.get("code") == code else None
 
     def add(self, record: dict[str, Any]) -> None:
         self.records[(record["task"], record["controller"], record["seed"])] = record
@@ -478,7 +515,10 @@ class Orchestrator:
         await asyncio.gather(*(self._one(pool, *key) for key in plan))
 
     def _stored(self, task: str, controller: str, seed: int) -> dict[str, Any] | None:
-        return self.store.get(task, controller, seed, self.settings.fingerprint(task, controller))
+        settings = self.settings
+        return self.store.get(
+            task, controller, seed, settings.fingerprint(task, controller), settings.code_of(controller)
+        )
 
     async def _one(self, pool: ProcessPoolExecutor, task: str, controller: str, seed: int) -> None:
         key = (task, controller, seed)
@@ -495,6 +535,7 @@ class Orchestrator:
                 self._forget_trace(job)
                 record = await asyncio.get_running_loop().run_in_executor(pool, run_job, job)
                 record["fingerprint"] = self.settings.fingerprint(task, controller)
+                record["code"] = self.settings.code.get(code_kind(controller), "")
                 self.store.add(record)
                 self._progress(record)
             self.done[key].set_result(record)
@@ -529,6 +570,27 @@ class Orchestrator:
             f"{record['wall_s']:.1f}s",
             flush=True,
         )
+
+
+def code_note(records: list[dict[str, Any]], code: dict[str, str]) -> str:
+    """Which runs were recorded with other code than this checkout's, by controller."""
+    stale: dict[str, list[int]] = {}
+    for record in records:
+        controller = record["controller"]
+        counts = stale.setdefault(controller, [0, 0])
+        counts[1] += 1
+        counts[0] += record.get("code") != code[code_kind(controller)]
+    old = {c: n for c, n in stale.items() if n[0]}
+    if not old:
+        return (
+            "Every run was recorded with this checkout's code (examples/host, and esperd/ and "
+            "contracts/ for esperd's controllers)."
+        )
+    listed = ", ".join(f"{c} {n[0]} of {n[1]}" for c, n in sorted(old.items()))
+    return (
+        "Runs recorded with other code than this checkout's, or before code versions were recorded "
+        f"(`--rerun-stale-code` reruns them): {listed}."
+    )
 
 
 def run_plan(tasks: list[str], controllers: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
@@ -572,10 +634,12 @@ def pending(plan: list[tuple[str, str, int]], store: Store, settings: Settings) 
     """The runs of `plan` that must run: not stored with these settings, or matched to a run that must."""
     todo: list[tuple[str, str, int]] = []
     for task, controller, seed in plan:
-        record = store.get(task, controller, seed, settings.fingerprint(task, controller))
+        record = store.get(
+            task, controller, seed, settings.fingerprint(task, controller), settings.code_of(controller)
+        )
         if record is not None and controller.startswith("matched-"):
             key = (task, controller.removeprefix("matched-"), seed)
-            grown = store.get(*key, settings.fingerprint(task, key[1]))
+            grown = store.get(*key, settings.fingerprint(task, key[1]), settings.code_of(key[1]))
             stale = grown is None or record["width"] != benchmark_task(task).width_for_params(
                 grown["total_params"]
             )
@@ -625,7 +689,7 @@ async def main_async(args: argparse.Namespace) -> int:
     tasks, controllers, seeds = args.tasks, list(args.controllers), args.seeds
     gnn, notes = resolve_gnn(args, controllers)
     epochs = {task: args.epochs or benchmark_task(task).epochs for task in tasks}
-    settings = Settings(epochs=epochs, gnn=gnn)
+    settings = Settings(epochs=epochs, gnn=gnn, code=code_versions(), rerun_stale_code=args.rerun_stale_code)
     for note in notes:
         print(note, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -638,6 +702,8 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.traces is not None:
         print(f"traces: {gzip_traces(args.traces)} files gzipped under {args.traces}", flush=True)
     records = [store.records[key] for key in plan if key in store.records]
+    notes.append(code_note(records, settings.code))
+    print(notes[-1], flush=True)
     paths = write_results(records, tasks, controllers, seeds, settings, notes, args)
     for path in paths:
         print(f"wrote {path}", flush=True)
@@ -688,6 +754,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-traces", action="store_true", help="record no traces")
     p.add_argument("--no-plot", action="store_true", help="write the tables only (no matplotlib needed)")
     p.add_argument("--fresh", action="store_true", help="discard stored runs and run everything")
+    p.add_argument(
+        "--rerun-stale-code",
+        action="store_true",
+        help="rerun stored runs recorded with other code than this checkout's (default: keep them, "
+        "and the report says which)",
+    )
     p.add_argument("--quick", action="store_true", help="every controller, digits, seeds 0-1, 12 epochs")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -66,3 +66,25 @@ def test_a_tiny_slice_runs_every_kind_of_controller_and_resumes(tmp_path: Path, 
     assert "0 to run" in capsys.readouterr().out
     assert (tmp_path / "real_hosts.runs.jsonl").read_bytes() == before
     assert not list((tmp_path / "traces").rglob("*.jsonl"))  # every trace was compressed
+
+    # Runs remember the code they ran. One recorded with other code is kept and reported by
+    # default, and rerun (with the run matched to it) under --rerun-stale-code.
+    assert "Every run was recorded with this checkout's code" in report
+    code = real_hosts.code_versions()
+    assert {r["code"] for r in records.values()} == {code["host"], code["esperd"]}
+    lines = [json.loads(line) for line in before.decode().splitlines()]
+    for record in lines:
+        if record["controller"] == "heuristic":
+            record["code"] = "older"
+    (tmp_path / "real_hosts.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert real_hosts.main(argv) == 0
+    assert "0 to run" in capsys.readouterr().out
+    assert "(`--rerun-stale-code` reruns them): heuristic 1 of 1." in (tmp_path / "real_hosts.md").read_text()
+    args = real_hosts.parse_args([*argv, "--rerun-stale-code"])
+    controllers = list(args.controllers)
+    gnn = real_hosts.resolve_gnn(args, controllers)[0]  # drops the absent gnn-online
+    settings = real_hosts.Settings(epochs={"digits": 3}, gnn=gnn, code=code, rerun_stale_code=True)
+    store = real_hosts.Store(tmp_path / "real_hosts.runs.jsonl", fresh=False)
+    plan = real_hosts.run_plan(args.tasks, controllers, args.seeds)
+    todo = {c for _, c, _ in real_hosts.pending(plan, store, settings)}
+    assert todo == {"heuristic", "matched-heuristic"}

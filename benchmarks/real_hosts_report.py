@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 from collections.abc import Sequence
@@ -156,6 +157,63 @@ class TaskResults:
         return lines
 
 
+#: The levers a GERMINATE carries (issue 16), as the command's fields; absent = the host's default.
+GERMINATE_LEVERS = ("blend", "tempo", "dwell_epochs", "isolation", "lr_multiplier", "steepness")
+
+
+def lever_counts(traces: Path, task: str, controller: str) -> dict[str, collections.Counter[str]]:
+    """Per lever, how often each value went out in the GERMINATE commands of the controller's
+    traced runs of the task ("default" where the command left it to the host), plus the counts
+    of GERMINATE and SET_ALPHA_TARGET commands under "op"."""
+    from esperd.ops.traces import read_trace
+
+    counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for path in sorted((traces / task / controller).glob("*.jsonl*")):
+        for record in read_trace(path):
+            command = record.msg if record.channel == "command" else None
+            if not command or command.get("op") not in ("germinate", "set_alpha_target"):
+                continue
+            counts["op"][command["op"]] += 1
+            if command["op"] == "germinate":
+                for lever in GERMINATE_LEVERS:
+                    value = command.get(lever)
+                    counts[lever]["default" if value is None else str(value)] += 1
+    return counts
+
+
+def lever_lines(traces: Path | None, tasks: Sequence[str], controllers: Sequence[str]) -> list[str]:
+    """A table of the lever values each growing controller sent, over every task (from the traces)."""
+    if traces is None or not traces.exists():
+        return []
+    rows = []
+    for controller in (c for c in controllers if c in GROWN):
+        total: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        for task in tasks:
+            for lever, counter in lever_counts(traces, task, controller).items():
+                total[lever].update(counter)
+        if not total["op"]:
+            continue
+        cells = [", ".join(f"{v} ({n})" for v, n in total[lever].most_common()) for lever in GERMINATE_LEVERS]
+        ops = total["op"]
+        rows.append(
+            f"| {label(controller)} | {ops['germinate']} | {' | '.join(cells)} | {ops['set_alpha_target']} |"
+        )
+    if not rows:
+        return []
+    return [
+        "### Levers sent (from the traces, every task)",
+        "",
+        "The optional levers of each GERMINATE (issue 16; `default`: left to the host), and how many "
+        "SET_ALPHA_TARGET commands went out.",
+        "",
+        "| controller | GERMINATEs | blend | tempo | dwell | isolation | LR multiplier | steepness "
+        "| SET_ALPHA_TARGETs |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def _interval(interval: Interval) -> dict[str, float]:
     return {"mean": interval.mean, "low": interval.low, "high": interval.high, "n": interval.n}
 
@@ -304,6 +362,7 @@ def write_results(
     ]
     for r in results:
         lines += r.table()
+    lines += lever_lines(getattr(args, "traces", None), tasks, controllers)
     for controller in ("gnn-sim", "gnn-real", "gnn-online"):
         if controller in settings.gnn:
             served = settings.gnn[controller]

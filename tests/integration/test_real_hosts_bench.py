@@ -55,6 +55,9 @@ def test_a_tiny_slice_runs_every_kind_of_controller_and_resumes(tmp_path: Path, 
 
     report = (tmp_path / "real_hosts.md").read_text()
     assert "The A/A control" in report and "| static small, reshuffled (A/A) |" in report
+    levers = report.split("### Levers sent")[1]  # the levers each GERMINATE carried, from the traces
+    n = len(spec.fixed_schedule())
+    assert f"| fixed schedule | {n} | sigmoid ({n}) | standard ({n}) | default ({n}) |" in levers
     assert "gnn-online: NOT RUN" in report and "| heuristic |" in report and "Δ vs static small" in report
     summary = json.loads((tmp_path / "real_hosts.json").read_text())["summary"]["digits"]
     assert [s["controller"] for s in summary][0] == "static-small"

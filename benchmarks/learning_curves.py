@@ -2,9 +2,10 @@
 and warm-started by behaviour cloning of a reference policy (`esperd train --warm-start`).
 
     .venv/bin/python benchmarks/learning_curves.py [--seeds 5] [--ppo-steps N] [--impala-steps N]
-        [--variants ppo,impala,ppo-heuristic,impala-heuristic,ppo-scripted] [--warm-steps 8192]
-        [--imitation-steps 1500] [--workers 2] [--eval-every-steps 4096] [--eval-episodes 32]
-        [--test-episodes 64] [--out benchmarks/results] [--quick]
+        [--variants ppo,impala,ppo-heuristic,impala-heuristic,ppo-scripted,ppo-heuristic-default-levers]
+        [--warm-steps 8192] [--imitation-steps 1500] [--workers 2] [--eval-every-steps 4096]
+        [--eval-episodes 32] [--test-episodes 64] [--out benchmarks/results] [--name learning_curves]
+        [--quick]
 
 For each variant (VARIANTS) and seed 0..S-1, `esperd.train.train` trains a GNN policy (hidden 64,
 3 GCN layers, weights seeded by the seed) on `SimEnv` (8 envs, default `SimConfig`: 40-epoch
@@ -18,18 +19,29 @@ the `basic` reward, the one the baselines' figures in benchmarks/RESULTS.md use.
 Curve: every ~--eval-every-steps env steps (and before training: the fresh or the cloned policy)
 the sampling policy plays --eval-episodes episodes on the seed's validation hosts (sim seed 10,000
 + seed; the same hosts at every evaluation); mean +- sd over the seeds of those means vs RL
-environment steps. Horizontal lines: random, wait, heuristic and scripted on the same validation
-hosts, averaged over the seeds.
+environment steps. Horizontal lines: random, wait, heuristic (with its lever rules and with the
+default levers) and scripted on the same validation hosts, averaged over the seeds.
 
 Table: per seed, --test-episodes episodes on test hosts no training run, clone or checkpoint
 choice saw (sim seed 40,000 + seed), every policy on the same hosts: random, wait, heuristic,
+the heuristic with the default levers (`[policy] levers = []`: none of its lever rules sent),
 scripted, the behaviour-cloned policies before RL, and for each variant its best checkpoint
 (chosen by validation return; for a warm start the clone itself is a candidate) and its last
 weights, acting greedily (`[policy] deterministic = true`) and by sampling (the daemon's default).
 mean +- sd over seeds of the per-seed means, the paired difference to the heuristic, and on how
 many seeds the policy beat it.
 
-Writes <out>/learning_curves.png, <out>/learning_curves.md and <out>/learning_curves.json (raw).
+Lever ablation (issue 16): `ppo-heuristic-default-levers` is `ppo-heuristic` with
+`[policy] levers = []`: the GNN's optional lever heads (dwell, isolation, LR multiplier,
+steepness, alpha target / speed / curve) are each held at one choice, so every command carries the
+contract's defaults (those fields absent, a SET_ALPHA_TARGET's target 1.0) and no log-probability
+counts them; it clones the heuristic with the default levers (the warm start's heuristic leaves to
+the host what the trainee does). The report then adds paired differences (95% bootstrap intervals)
+of the heuristic minus the heuristic with default levers, and of each variant minus its
+default-levers twin.
+
+Writes <out>/<name>.png, <out>/<name>.md and <out>/<name>.json (raw); --name defaults to
+learning_curves.
 """
 
 from __future__ import annotations
@@ -88,19 +100,25 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ppo-heuristic": {"algo": "ppo", "warm_start": "heuristic", "ppo": PPO_WARM},
     "impala-heuristic": {"algo": "impala", "warm_start": "heuristic", "impala": IMPALA_WARM},
     "ppo-scripted": {"algo": "ppo", "warm_start": "scripted", "ppo": PPO_WARM},
-    # The action space before issue 16: blueprint, blend and tempo only; every other lever left to
-    # the host (its head held at one choice, nothing sent). Against ppo-heuristic: what the
-    # levers add or cost.
-    "ppo-heuristic-no-levers": {"algo": "ppo", "warm_start": "heuristic", "ppo": PPO_WARM, "levers": ()},
+    # The lever ablation: blueprint, blend and tempo only (the action space before issue 16);
+    # every optional lever at the contract's default (its head held at one choice, nothing sent),
+    # cloned from the heuristic with the default levers. Against ppo-heuristic: what the levers
+    # add or cost.
+    "ppo-heuristic-default-levers": {"algo": "ppo", "warm_start": "heuristic", "ppo": PPO_WARM, "levers": ()},
 }
+#: Each variant's twin with every optional lever at its default (lever_comparison pairs them).
+DEFAULT_LEVERS_TWIN = {"ppo-heuristic": "ppo-heuristic-default-levers"}
 LABELS = {
     "ppo": "PPO from scratch",
     "impala": "IMPALA from scratch",
     "ppo-heuristic": "PPO warm-started (heuristic)",
     "impala-heuristic": "IMPALA warm-started (heuristic)",
     "ppo-scripted": "PPO warm-started (scripted)",
-    "ppo-heuristic-no-levers": "PPO warm-started (heuristic), without the optional levers",
+    "ppo-heuristic-default-levers": "PPO warm-started (heuristic, default levers), levers fixed",
 }
+#: The reference policies of the table (and the plot's horizontal lines), by key.
+BASELINES = ("random", "wait", "heuristic", "heuristic-default-levers", "scripted")
+BASELINE_LABELS = {"heuristic-default-levers": "heuristic, default levers"}
 
 VALIDATION_SEED = 10_000  # + seed (what esperd.train evaluates on)
 # + seed. 40,000 rather than the 20,000 of earlier runs: the warm-start settings were searched
@@ -232,14 +250,14 @@ def _warm_start_record(out: Path) -> dict[str, Any] | None:
 
 
 def baselines_one(job: dict[str, Any]) -> dict[str, Any]:
-    """random / wait / heuristic / scripted on one seed's validation and test hosts."""
+    """The BASELINES on one seed's validation and test hosts."""
     _setup_worker()
     from esperd.policy import PolicyConfig, create_policy
     from esperd.sim import RandomPolicy, ScriptedPolicy, WaitPolicy
 
     seed = job["seed"]
     out: dict[str, Any] = {"seed": seed, "validation": {}, "test": {}}
-    for name in ("random", "wait", "heuristic", "scripted"):
+    for name in BASELINES:
         for split, host_seed, episodes in (
             ("validation", VALIDATION_SEED + seed, job["eval_episodes"]),
             ("test", TEST_SEED + seed, job["test_episodes"]),
@@ -248,6 +266,9 @@ def baselines_one(job: dict[str, Any]) -> dict[str, Any]:
                 "random": lambda: RandomPolicy(seed),
                 "wait": WaitPolicy,
                 "heuristic": lambda: create_policy("heuristic", PolicyConfig(), "cpu"),
+                "heuristic-default-levers": lambda: create_policy(
+                    "heuristic", PolicyConfig(levers=()), "cpu"
+                ),
                 "scripted": ScriptedPolicy,
             }[name]()
             out[split][name] = play(policy, episodes, host_seed, True, seed)
@@ -264,13 +285,15 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 def table_rows(runs: list[dict[str, Any]], bases: list[dict[str, Any]]) -> list[tuple[str, list[float]]]:
     """(label, per-seed test returns in seed order) for every policy of the table."""
     bases = sorted(bases, key=lambda b: b["seed"])
-    rows = [(name, [b["test"][name] for b in bases]) for name in ("random", "wait", "heuristic", "scripted")]
+    rows = [(BASELINE_LABELS.get(name, name), [b["test"][name] for b in bases]) for name in BASELINES]
     by_variant = {
         v: sorted((r for r in runs if r["variant"] == v), key=lambda r: r["seed"]) for v in VARIANTS
     }
     cloned: set[str] = set()
     for variant, mine in by_variant.items():
         reference = VARIANTS[variant]["warm_start"]
+        if reference is not None and VARIANTS[variant].get("levers") == ():
+            reference += ", default levers"  # a different clone: of the heuristic without its lever rules
         if mine and reference is not None and reference not in cloned:  # one clone per reference and seed
             cloned.add(reference)
             for key, label in (("cloned_greedy", "greedy"), ("cloned_sample", "sampling")):
@@ -288,36 +311,55 @@ def table_rows(runs: list[dict[str, Any]], bases: list[dict[str, Any]]) -> list[
     return rows
 
 
+CHECKPOINTS = (
+    "best checkpoint, greedy",
+    "best checkpoint, sampling",
+    "last weights, greedy",
+    "last weights, sampling",
+)
+
+
+def _paired_line(label: str, a: list[float], b: list[float]) -> str:
+    """A table row: mean of a - b, its 95% bootstrap interval, seeds with a > b."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    interval = bootstrap_mean(diffs)
+    wins = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+    return f"| {label} | {interval.mean:+.3f} | {interval.format(scale=1.0, digits=3)} | {wins} |"
+
+
 def lever_comparison(rows: dict[str, list[float]]) -> list[str]:
-    """What the optional levers add or cost: the warm-started PPO GNN with every lever minus the
-    same without them, paired by seed, per checkpoint and mode (when both ran)."""
-    with_levers, without = LABELS["ppo-heuristic"], LABELS["ppo-heuristic-no-levers"]
-    pairs = [
-        (label, rows[f"{with_levers}, {label}"], rows[f"{without}, {label}"])
-        for label in (
-            "best checkpoint, greedy",
-            "best checkpoint, sampling",
-            "last weights, greedy",
-            "last weights, sampling",
+    """What the optional levers add or cost, paired by seed on the same test hosts: the heuristic's
+    lever rules against the default levers, the cloned GNN and each RL variant against its
+    default-levers twin (DEFAULT_LEVERS_TWIN), per checkpoint and mode (where both ran)."""
+    pairs: list[tuple[str, str, str]] = []
+    if "heuristic" in rows and BASELINE_LABELS["heuristic-default-levers"] in rows:
+        pairs.append(("heuristic: its lever rules", "heuristic", BASELINE_LABELS["heuristic-default-levers"]))
+    for mode in ("greedy", "sampling"):
+        learned, fixed = (
+            f"BC clone of heuristic (no RL), {mode}",
+            f"BC clone of heuristic, default levers (no RL), {mode}",
         )
-        if f"{with_levers}, {label}" in rows and f"{without}, {label}" in rows
-    ]
-    if not pairs:
+        pairs.append((f"BC clone of heuristic (no RL), {mode}", learned, fixed))
+    for variant, twin in DEFAULT_LEVERS_TWIN.items():
+        for label in CHECKPOINTS:
+            pairs.append(
+                (f"{LABELS[variant]}, {label}", f"{LABELS[variant]}, {label}", f"{LABELS[twin]}, {label}")
+            )
+    present = [(label, rows[a], rows[b]) for label, a, b in pairs if a in rows and b in rows]
+    if not present:
         return []
     lines = [
         "",
         "What the optional levers (dwell, isolation, LR multiplier, steepness, alpha target / speed / "
-        "curve) add or cost: PPO warm-started (heuristic) with every lever minus the same without them "
-        "(the action space before issue 16), paired by seed.",
+        "curve) add or cost: each policy with its levers minus the same policy with every optional "
+        "lever at the contract's default (`[policy] levers = []`: those fields absent, a "
+        "SET_ALPHA_TARGET's target 1.0), paired by seed on the same test hosts.",
         "",
-        "| checkpoint | with minus without (mean) | 95% bootstrap interval | seeds with > without |",
+        "| policy | with levers minus default levers (mean) | 95% bootstrap interval "
+        "| seeds with > without |",
         "|---|---|---|---|",
     ]
-    for label, a, b in pairs:
-        diffs = [x - y for x, y in zip(a, b, strict=True)]
-        interval = bootstrap_mean(diffs)
-        wins = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
-        lines.append(f"| {label} | {interval.mean:+.3f} | {interval.format(scale=1.0, digits=3)} | {wins} |")
+    lines += [_paired_line(label, a, b) for label, a, b in present]
     return lines
 
 
@@ -413,6 +455,7 @@ def plot(runs: list[dict[str, Any]], bases: list[dict[str, Any]], path: Path) ->
         "ppo-heuristic": "tab:purple",
         "impala-heuristic": "tab:olive",
         "ppo-scripted": "tab:cyan",
+        "ppo-heuristic-default-levers": "tab:gray",
     }
     for variant in VARIANTS:
         mine = [r for r in runs if r["variant"] == variant]
@@ -430,11 +473,13 @@ def plot(runs: list[dict[str, Any]], bases: list[dict[str, Any]], path: Path) ->
         "random": ("tab:gray", ":"),
         "wait": ("tab:brown", (0, (1, 3))),
         "heuristic": ("tab:red", "--"),
+        "heuristic-default-levers": ("tab:pink", "--"),
         "scripted": ("tab:green", "-."),
     }
     for name, (color, style) in styles.items():
         level = statistics.fmean(b["validation"][name] for b in bases)
-        ax.axhline(level, color=color, ls=style, lw=1.5, label=f"{name} {level:+.2f}")
+        label = BASELINE_LABELS.get(name, name)
+        ax.axhline(level, color=color, ls=style, lw=1.5, label=f"{label} {level:+.2f}")
     ax.set_xlabel("environment steps (run-epochs) of RL per training run (warm starts: after cloning)")
     ax.set_ylabel("episode return, basic reward (validation hosts, sampling)")
     ax.set_title("GNN policy (hidden 64) trained in the simulator")
@@ -465,6 +510,7 @@ def main() -> int:
     parser.add_argument("--eval-episodes", type=int, default=32)
     parser.add_argument("--test-episodes", type=int, default=64)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--name", default="learning_curves", help="file name stem of the outputs in --out")
     parser.add_argument(
         "--variants",
         default=",".join(VARIANTS),
@@ -519,14 +565,14 @@ def main() -> int:
             )
         bases = pending.get()
     wall = time.perf_counter() - started
-    (out / "learning_curves.json").write_text(json.dumps({"runs": runs, "baselines": bases}, indent=1))
+    (out / f"{args.name}.json").write_text(json.dumps({"runs": runs, "baselines": bases}, indent=1))
     if not bases:  # --no-baselines: nothing to compare with, the raw results only
         return 0
     # The tables first: a plotting failure must not cost minutes of training results.
     text = report(runs, bases, args, wall)
-    (out / "learning_curves.md").write_text(text)
+    (out / f"{args.name}.md").write_text(text)
     print(text)
-    plot(runs, bases, out / "learning_curves.png")
+    plot(runs, bases, out / f"{args.name}.png")
     return 0
 
 

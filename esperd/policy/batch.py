@@ -27,10 +27,12 @@ from esperd.analyzer.observation import (
     GLOBAL_FEATURES,
     LEVER_COLUMN,
     LEVERS,
+    LR_INDEX,
     NODE_FEATURES,
     OP_INDEX,
     OPS,
     OPTIONAL_LEVERS,
+    STEEPNESS_INDEX,
     Observation,
 )
 from esperd_contracts import Op
@@ -50,8 +52,15 @@ LEVER_COLUMNS: dict[str, slice] = {
     name: slice(sum(HEAD_SIZES[: 2 + i]), sum(HEAD_SIZES[: 3 + i])) for i, (name, _) in enumerate(LEVERS)
 }
 #: The one choice a lever the policy leaves to the host is held at (its log-probability is then 0):
-#: alpha target 1.0, what a SET_ALPHA_TARGET without the lever sends; else the first.
-_HELD_CHOICE = {"alpha_target": ALPHA_TARGET_INDEX[1.0]}
+#: the choice that means what the absent field means where the action space has one (alpha
+#: target 1.0, what a SET_ALPHA_TARGET without the lever sends; LR multiplier 1 and steepness 1,
+#: the host's; isolation's first choice is already "absent"), else the first (dwell, alpha speed
+#: and curve: "absent" is no choice of theirs). The command leaves the lever out either way.
+_HELD_CHOICE = {
+    "alpha_target": ALPHA_TARGET_INDEX[1.0],
+    "lr_multiplier": LR_INDEX[1.0],
+    "steepness": STEEPNESS_INDEX[1.0],
+}
 
 
 def lever_held_choices(levers: frozenset[str]) -> dict[int, int]:

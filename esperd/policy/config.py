@@ -115,9 +115,10 @@ class PolicyConfig(Section, frozen=True):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     init_seed: int | None = 0  # seeds weight init (None: torch's global RNG)
     deterministic: bool = False  # serve argmax actions instead of samples
-    # The optional levers a learned policy sets (the random policy draws them); the others it leaves
-    # to the host (not sent), with their heads held at one choice. Blueprint, blend and tempo are
-    # always set.
+    # The optional levers a policy sets (a learned one by its heads, the heuristic by its rules, the
+    # random policy draws them); the others it leaves to the host (not sent: the contract's
+    # default), a learned policy's heads of those held at one choice (no log-probability term).
+    # Blueprint, blend and tempo are always set. () : every optional lever at its default.
     levers: tuple[Lever, ...] = ALL_OPTIONAL_LEVERS
     checkpoint: str | None = None  # safetensors file to load at start
     fallback: str = "heuristic"  # served when the checkpoint cannot be loaded

@@ -31,7 +31,9 @@ both the confidence and the urgency threshold (else WAIT):
     honours it starts blending by itself then, one that does not gets the ADVANCE above);
     isolation by the layer's family (isolated for CNN layers, co-adapting for transformer
     ones) unless configured; the configured LR multiplier and, with a sigmoid blend, steepness.
-    It never issues SET_ALPHA_TARGET (a blend runs its tempo, then ADVANCE).
+    It never issues SET_ALPHA_TARGET (a blend runs its tempo, then ADVANCE). An optional lever
+    not in `[policy] levers` is left to the host: not sent, its action-row column at the choice a
+    learned policy's head is held at (`levers = []`: the heuristic with the default levers).
 
 Small per-run memory (what it germinated where, embargoes, penalties) is kept keyed
 by run id in a bounded LRU; `forget(run_ids)` drops it. The blueprint record spans runs
@@ -89,6 +91,7 @@ from esperd.policy.base import (
     legal_action_row,
     pad_action,
 )
+from esperd.policy.batch import lever_held_choices
 from esperd.policy.config import HeuristicConfig, PolicyConfig
 from esperd.policy.registry import register_policy
 from esperd_contracts import BlendAlgorithm, Blueprint, BlueprintFamily, IsolationMode, Op, SeedStage, Tempo
@@ -340,6 +343,8 @@ class HeuristicPolicy:
     def __init__(self, config: PolicyConfig | None = None, device: torch.device | str = "cpu") -> None:
         self.config = config if config is not None else PolicyConfig()
         self.rules: HeuristicConfig = self.config.heuristic
+        self.levers = frozenset(self.config.levers)
+        self._held = lever_held_choices(self.levers)  # action-row column -> choice, levers left out
         self.device = torch.device(device)
         self._version = 1  # the rule set's version; bump when the rules change meaning
         self._memory: OrderedDict[str, _RunMemory] = OrderedDict()
@@ -388,6 +393,7 @@ class HeuristicPolicy:
                     values=zeros,
                     policy=self.name,
                     version=self._version,
+                    levers=self.levers,
                 )
             ],
         )
@@ -407,6 +413,8 @@ class HeuristicPolicy:
         row[ISOLATION] = ISOLATION_INDEX[self._isolation(obs, choice.node)]
         row[LR_MULTIPLIER] = _nearest(LR_MULTIPLIERS, rules.lr_multiplier)
         row[STEEPNESS] = _nearest(STEEPNESSES, rules.steepness)
+        for column, held in self._held.items():
+            row[column] = held
         return legal_action_row(row)
 
     def _isolation(self, obs: Observation, node: int) -> IsolationMode:
@@ -417,17 +425,17 @@ class HeuristicPolicy:
         return IsolationMode.ISOLATED if cnn else IsolationMode.SHARED
 
     def _exact_levers(self, decision: Decision) -> Decision:
-        """A GERMINATE with the rules' own dwell, LR multiplier and steepness (the action row holds
-        the nearest choices)."""
+        """A GERMINATE with the rules' own dwell, LR multiplier and steepness where it sets them (the
+        action row holds the nearest choices)."""
         if decision.op is not Op.GERMINATE:
             return decision
-        rules = self.rules
-        steepness = rules.steepness if decision.blend is BlendAlgorithm.SIGMOID else None
+        rules, levers = self.rules, self.levers
+        sigmoid = decision.blend is BlendAlgorithm.SIGMOID
         return msgspec.structs.replace(
             decision,
-            dwell_epochs=rules.train_dwell_epochs,
-            lr_multiplier=rules.lr_multiplier,
-            steepness=steepness,
+            dwell_epochs=rules.train_dwell_epochs if "dwell" in levers else None,
+            lr_multiplier=rules.lr_multiplier if "lr_multiplier" in levers else None,
+            steepness=rules.steepness if sigmoid and "steepness" in levers else None,
         )
 
     def _run_memory(self, run_id: str) -> _RunMemory:

@@ -125,18 +125,21 @@ class SimEnv:
         self.observations = [self.analyzer.observe(run_id) for run_id in self.run_ids]
         return self.observations
 
-    def step(self, actions: Any) -> tuple[list[Observation], np.ndarray, np.ndarray, list[StepInfo]]:
+    def step(
+        self, actions: Any, *, levers: frozenset[str] | None = None
+    ) -> tuple[list[Observation], np.ndarray, np.ndarray, list[StepInfo]]:
         """Apply one decision per env, run one epoch; (observations, rewards, dones, infos).
 
         `actions`: an ActResult, a list of Decisions (run ids must match), or [num_envs, W]
         action rows (observation.ACTION_FIELDS indices; a tensor, array or list; a row shorter
         than ACTION_WIDTH leaves the optional levers it lacks to the host, as a wire command
-        without them would).
+        without them would, and so do rows of a policy that sets only `levers`: the policy's
+        own Decisions would not carry the others).
         Finished envs are reset at once; see StepInfo for what they report.
         """
         if not self.observations:
             raise RuntimeError("call reset() before step()")
-        commands = self._commands(actions)
+        commands = self._commands(actions, levers)
         outcomes = [self._apply(e, command) for e, command in enumerate(commands)]
         hosts = self.hosts
         hosts.advance()
@@ -235,14 +238,14 @@ class SimEnv:
         )
         self.observer(run_id, "ack", ack)
 
-    def _commands(self, actions: Any) -> list[Command | None]:
+    def _commands(self, actions: Any, levers: frozenset[str] | None = None) -> list[Command | None]:
         decisions = getattr(actions, "decisions", actions)
         if isinstance(decisions, Sequence) and decisions and _is_decision(decisions[0]):
             return self._from_decisions(decisions)
         rows = actions.tolist() if hasattr(actions, "tolist") else [_row(a) for a in actions]
         if len(rows) != self.num_envs:
             raise ValueError(f"expected {self.num_envs} actions, got {len(rows)}")
-        return [self._from_row(obs, row) for obs, row in zip(self.observations, rows, strict=True)]
+        return [self._from_row(obs, row, levers) for obs, row in zip(self.observations, rows, strict=True)]
 
     def _from_decisions(self, decisions: Sequence[Any]) -> list[Command | None]:
         if len(decisions) != self.num_envs:
@@ -255,11 +258,17 @@ class SimEnv:
         return commands
 
     @staticmethod
-    def _from_row(obs: Observation, row: Sequence[int]) -> Command | None:
+    def _from_row(
+        obs: Observation, row: Sequence[int], levers: frozenset[str] | None = None
+    ) -> Command | None:
         if len(row) > ACTION_WIDTH:
             raise ValueError(f"an action row has at most {ACTION_WIDTH} columns, got {len(row)}")
         values = [int(x) for x in row] + [0] * (ACTION_WIDTH - len(row))
-        given = frozenset(name for name in OPTIONAL_LEVERS if LEVER_COLUMN[name] < len(row))
+        given = frozenset(
+            name
+            for name in OPTIONAL_LEVERS
+            if LEVER_COLUMN[name] < len(row) and (levers is None or name in levers)
+        )
         node, op = values[0], values[1]
         if not 0 <= op < len(OPS):
             raise ValueError(f"op index {op} is outside [0, {len(OPS)})")

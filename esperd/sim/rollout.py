@@ -51,17 +51,20 @@ def play(
     *,
     deterministic: bool,
     apply_rows: bool = False,
+    levers: frozenset[str] | None = None,
 ) -> Iterator[SimStep]:
     """Step `env` from `observations` with `actor`'s decisions, one SimStep per step, for as long
     as the caller takes them (the actor is asked only when the next step is taken).
 
     `apply_rows`: step the env with the action rows (what a Transition records) rather than with
-    what `act` returned (a PolicyBundle's decisions)."""
+    what `act` returned (a PolicyBundle's decisions), `levers` being the optional levers the
+    actor sets (PolicyConfig.levers; None: all): the others its rows leave to the host."""
     forget = getattr(actor, "forget", None)
     while True:
         result = actor.act(observations, deterministic)
         actions = action_rows(result)
-        following, rewards, dones, infos = env.step(actions if apply_rows else result)
+        stepped = env.step(actions, levers=levers) if apply_rows else env.step(result)
+        following, rewards, dones, infos = stepped
         episodes = [info.episode for info in infos if info.episode is not None]
         if episodes and forget is not None:
             forget([episode.run_id for episode in episodes])

@@ -310,6 +310,29 @@ def test_topology_cache_collates_like_collate(num_nodes: int) -> None:
     assert len(cache) == 1  # writable topology arrays may change under us: never cached
 
 
+@pytest.mark.parametrize("sizes", [[5, 12, 2, 9], [60, 3, 7], [1, 4]])  # dense and CSR selections
+def test_packed_selections_collate_like_collate(sizes: list[int]) -> None:
+    """A learner's minibatch taken from the rollout collated once is the batch collate makes of
+    the same observations: every tensor, the adjacency and its transpose."""
+    from esperd.policy.batch import PackedGraphs, lever_logits_mask
+
+    device = torch.device("cpu")
+    lever_mask = lever_logits_mask(frozenset({"dwell", "steepness"}))  # the others held
+    observations = mixed_batch(sizes, seed=21)
+    packed = PackedGraphs(observations, device, adjacency=True, lever_mask=lever_mask)
+    n = len(observations)
+    for graphs in ([0], list(range(n)), list(reversed(range(n))), [n - 1, 0], [1, 1, 0]):
+        ours = packed.select(np.array(graphs), transpose=True)
+        expected = collate([observations[g] for g in graphs], device, lever_mask=lever_mask, transpose=True)
+        _assert_same_batch(ours, expected)
+        if expected.adjacency_t is None:  # dense: autograd transposes it as a view
+            assert ours.adjacency_t is None and expected.adjacency.layout == torch.strided
+        else:
+            assert torch.equal(ours.adjacency_t.to_dense(), expected.adjacency.to_dense().t())
+            assert torch.equal(expected.adjacency_t.to_dense(), expected.adjacency.to_dense().t())
+    assert packed.select([0]).adjacency_t is None  # only asked for
+
+
 def test_inference_weights_follow_the_parameters(policy: GNNPolicy) -> None:
     """The forward without autograd uses prebuilt views of the parameters: an in-place update,
     a state-dict load and a copy of the network must all be seen by it."""

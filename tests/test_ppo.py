@@ -25,8 +25,10 @@ from esperd.learn.ppo import (
     bptt_chunks,
     lr_factor,
     split_sequences,
+    stack_actions,
 )
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy
+from esperd.policy.batch import collate, lever_logits_mask
 from tests.support.observations import make_observation
 
 torch.set_num_threads(1)
@@ -267,6 +269,72 @@ def test_one_update_changes_parameters_and_returns_finite_stats() -> None:
     assert stats.entropy > 0 and stats.grad_norm > 0 and stats.td_errors == []
     assert learner.updates == 1 and learner.samples == 64
     assert policy.version == 0  # publishing (and the version bump) is the caller's job
+
+
+class _CollatingEachMinibatch:
+    """A policy as PPOUpdater sees any PolicyBundle that cannot pack a rollout: it hands each
+    minibatch's observations to `evaluate`, which collates them (the path before rollouts were
+    collated once per update)."""
+
+    def __init__(self, policy: PolicyBundle) -> None:
+        self._policy = policy
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._policy, name)
+
+
+@pytest.mark.parametrize("size", [3, 32])  # a dense adjacency, a CSR one (with its transpose)
+def test_packed_minibatch_evaluates_like_per_sample_collation(size: int) -> None:
+    policy = small_policy()
+    transitions = synthetic_transitions(policy, runs=8, steps=8)
+    observations = [t.obs for t in transitions]
+    actions = stack_actions(transitions, torch.device("cpu"))
+    idx = torch.randperm(len(transitions), generator=torch.Generator().manual_seed(size))[:size]
+    packed = policy.pack(observations).select(idx.numpy(), transpose=True)
+    assert (packed.adjacency_t is None) == (size == 3)
+
+    def evaluated(inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:  # type: ignore[no-untyped-def]
+        result = policy.evaluate(inputs, actions[idx])
+        outputs = torch.stack([result.log_probs, result.values, result.entropy])
+        grads = torch.autograd.grad(outputs.sum(), list(policy.parameters()))
+        return outputs.detach(), list(grads)
+
+    ours, our_grads = evaluated(packed)
+    collated, collated_grads = evaluated([observations[i] for i in idx.tolist()])  # what PPO did
+    torch.testing.assert_close(ours, collated, rtol=0, atol=0)
+    assert same_parameters(our_grads, collated_grads)
+    # Autograd's own backward through the CSR product (collated without the transpose).
+    plain = collate(
+        [observations[i] for i in idx.tolist()], policy.device, lever_mask=lever_logits_mask(policy.levers)
+    )
+    _, plain_grads = evaluated(plain)
+    for a, b in zip(our_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Each transition on its own: a batch of one graph, as the recorder's act saw it.
+    singles = [policy.evaluate([observations[i]], actions[i : i + 1]) for i in idx.tolist()]
+    for row, name in enumerate(("log_probs", "values", "entropy")):
+        expected = torch.cat([getattr(r, name) for r in singles]).detach()
+        torch.testing.assert_close(ours[row], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[0], torch.tensor([transitions[i].log_prob for i in idx.tolist()]))
+
+
+@pytest.mark.parametrize("name", ["gnn", "lstm"])
+def test_update_on_the_packed_rollout_matches_collating_each_minibatch(name: str) -> None:
+    transitions = synthetic_transitions(small_policy(name), runs=4, steps=16)
+    config = PPOConfig(warmup_updates=0, target_kl=None, minibatch_size=16, seed=3)
+    results = []
+    for wrap in (False, True):
+        policy = small_policy(name)
+        learner = PPOUpdater(_CollatingEachMinibatch(policy) if wrap else policy, config)  # type: ignore[arg-type]
+        stats = [learner.update(transitions) for _ in range(2)]
+        results.append((stats, parameters_of(policy)))
+    (packed_stats, packed_params), (plain_stats, plain_params) = results
+    for ours, theirs in zip(packed_stats, plain_stats, strict=True):
+        assert ours.steps == theirs.steps == 16
+        for field in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "grad_norm"):
+            assert getattr(ours, field) == pytest.approx(getattr(theirs, field), rel=1e-5, abs=1e-7), field
+    for a, b in zip(packed_params, plain_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_first_minibatch_ratio_is_one_on_policy() -> None:

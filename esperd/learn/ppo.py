@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -38,6 +38,8 @@ from esperd.learn.config import PPOConfig
 from esperd.learn.experience import Transition
 from esperd.learn.gae import compute_gae
 from esperd.policy.base import PolicyBundle
+from esperd.policy.batch import PackedGraphs
+from esperd.policy.neural import NeuralPolicyBundle
 from esperd_contracts import Op
 
 PositiveFloat = Annotated[float, Meta(gt=0.0)]
@@ -262,6 +264,26 @@ def _minibatches(chunks: Sequence[Sequence[int]], size: int) -> list[list[Sequen
     return [g for g in groups if g]
 
 
+def _epoch_minibatches(
+    chunks: Sequence[Sequence[int]], perm: torch.Tensor, size: int
+) -> Iterator[tuple[np.ndarray, list[list[int]] | None]]:
+    """One epoch's minibatches, the chunks taken in `perm` order: (the steps, as indices into the
+    update's transitions; each chunk's positions within the minibatch, or None where every
+    chunk is a single step). Single steps are plain slices of the permutation."""
+    if all(len(chunk) == 1 for chunk in chunks):
+        order = np.asarray([chunk[0] for chunk in chunks], dtype=np.int64)[perm.numpy()]
+        for start in range(0, len(order), size):
+            yield order[start : start + size], None
+        return
+    for group in _minibatches([chunks[j] for j in perm.tolist()], size):
+        flat = np.asarray([i for chunk in group for i in chunk], dtype=np.int64)
+        local, offset = [], 0
+        for chunk in group:  # positions of each chunk's steps within the minibatch
+            local.append(list(range(offset, offset + len(chunk))))
+            offset += len(chunk)
+        yield flat, local
+
+
 class PPOUpdater:
     """Trains a learnable PolicyBundle in place with PPO. Not thread-safe: one caller at a time.
 
@@ -330,7 +352,10 @@ class PPOUpdater:
         advantages = layout.flat(adv_grid)
         returns = advantages + old_values
 
-        observations = [t.obs for t in transitions]
+        # Collated once for the whole update; a minibatch is then an index selection of it.
+        observations: list[Observation] | PackedGraphs = [t.obs for t in transitions]
+        if isinstance(self.policy, NeuralPolicyBundle):
+            observations = self.policy.pack(observations)
         actions = stack_actions(transitions, device)
         hidden = stack_hidden(self.policy, transitions, device)
         # Recurrent policies learn through time over pieces of each run's steps; others step by step.
@@ -368,7 +393,7 @@ class PPOUpdater:
 
     def _optimize(
         self,
-        observations: list[Observation],
+        observations: list[Observation] | PackedGraphs,
         actions: torch.Tensor,
         hidden: torch.Tensor | None,
         old_log_probs: torch.Tensor,
@@ -386,23 +411,25 @@ class PPOUpdater:
         totals = dict.fromkeys(("policy_loss", "value_loss", "entropy", "clip_fraction", "grad_norm"), 0.0)
         totals["minibatches"] = 0
         approx_kl, steps, epochs_run = 0.0, 0, 0
-        recurrent = any(len(chunk) > 1 for chunk in chunks)
         for _epoch in range(cfg.epochs):
             epochs_run += 1
-            perm = torch.randperm(len(chunks), generator=self.generator).tolist()
-            for group in _minibatches([chunks[j] for j in perm], size):
-                flat = [i for chunk in group for i in chunk]
-                idx = torch.tensor(flat, dtype=torch.int64, device=self.device)
-                local, offset = [], 0
-                for chunk in group:  # positions of each chunk's steps within the minibatch
-                    local.append(list(range(offset, offset + len(chunk))))
-                    offset += len(chunk)
-                result = self.policy.evaluate(
-                    [observations[i] for i in flat],
-                    actions[idx],
-                    None if hidden is None else hidden[idx],
-                    sequences=local if recurrent else None,
-                )
+            perm = torch.randperm(len(chunks), generator=self.generator)
+            for flat, local in _epoch_minibatches(chunks, perm, size):
+                idx = torch.from_numpy(flat).to(self.device)
+                if isinstance(observations, PackedGraphs) and isinstance(self.policy, NeuralPolicyBundle):
+                    result = self.policy.evaluate(
+                        observations.select(flat, transpose=True),
+                        actions[idx],
+                        None if hidden is None else hidden[idx],
+                        sequences=local,
+                    )
+                else:
+                    result = self.policy.evaluate(
+                        [observations[i] for i in flat],  # type: ignore[index]
+                        actions[idx],
+                        None if hidden is None else hidden[idx],
+                        sequences=local,
+                    )
                 logratio = result.log_probs - old_log_probs[idx]
                 ratio = logratio.exp()
                 with torch.no_grad():

@@ -88,6 +88,68 @@ _BLEND_HEAD = _LEVER_NAMES.index("blend")
 _SMALL_BATCH = 32
 
 
+class _Segments(NamedTuple):
+    """The table's head layout as index and 0/1 matrices, so that per-head reductions over all
+    heads at once are one op each (a matrix product sums each head's columns), on one device."""
+
+    head_of_column: torch.Tensor  # int64 [53]: the head of each table column
+    padded: torch.Tensor  # int64 [heads * widest]: each head's columns, padded with column 53
+    widest: int
+    sums: torch.Tensor  # float32 [53, heads]: 1 where the column belongs to the head
+    lever_groups: torch.Tensor  # float32 [levers, 3]: GERMINATE's, a sigmoid blend's, SET_ALPHA's
+
+
+def _build_segments(device: torch.device) -> _Segments:
+    heads, width, widest = len(_TABLE_SIZES), sum(_TABLE_SIZES), max(_TABLE_SIZES)
+    head_of_column = torch.repeat_interleave(torch.arange(heads), torch.tensor(_TABLE_SIZES))
+    padded = torch.full((heads, widest), width, dtype=torch.int64)
+    for head, columns in enumerate(_TABLE_SLICES):
+        padded[head, : columns.stop - columns.start] = torch.arange(columns.start, columns.stop)
+    groups = torch.stack([_GERMINATE_COUNTS, _SIGMOID_COUNTS, _ALPHA_COUNTS], dim=1)
+    return _Segments(
+        head_of_column.to(device),
+        padded.view(-1).to(device),
+        widest,
+        F.one_hot(head_of_column, heads).float().to(device),
+        groups.float().to(device),
+    )
+
+
+_SEGMENTS: dict[torch.device, _Segments] = {}
+
+
+def _segments(device: torch.device) -> _Segments:
+    segments = _SEGMENTS.get(device)
+    if segments is None:
+        segments = _SEGMENTS[device] = _build_segments(device)
+    return segments
+
+
+def _log_softmax_heads(
+    logits: torch.Tensor, illegal: torch.Tensor, segments: _Segments
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, p) over each head's columns of `logits` [N, 53], `illegal` logits masked out:
+    log_softmax per head, as a few ops over all heads (eleven log_softmax calls and their
+    backward cost several times as much on a minibatch). log p = logits - max - log(sum(exp(
+    logits - max))) per head, the max over its legal logits taken without gradient (the
+    result does not depend on it); masked entries are excluded after the exp (set to exactly 0)
+    rather than at the float32 minimum before it, because exp of values that underflow takes a
+    slow path in torch's CPU kernel; their log p is the float32 minimum, as log_softmax of a
+    masked logit gives."""
+    spread = segments.sums.t()  # [heads, 53]: a per-head value to its columns, one product
+    with torch.no_grad():
+        masked = logits.masked_fill(illegal, _MIN)
+        padded = F.pad(masked, (0, 1), value=_MIN).index_select(1, segments.padded)
+        shift = torch.mm(padded.view(logits.shape[0], -1, segments.widest).amax(-1), spread)
+    # Masked logits are left out before the exp too: they may exceed the legal maximum by enough
+    # to overflow it, and inf * 0 in its backward would be NaN.
+    shifted = (logits - shift).masked_fill(illegal, 0.0)
+    exps = shifted.exp().masked_fill(illegal, 0.0)
+    sums = torch.mm(exps, segments.sums)  # [N, heads]
+    log_p = (shifted - torch.mm(sums.log(), spread)).masked_fill(illegal, _MIN)
+    return log_p, exps / torch.mm(sums, spread)
+
+
 def counted_lever_mask(actions: torch.Tensor) -> torch.Tensor:
     """bool [B, levers]: which of each action row's levers its op samples (base.counted_levers)."""
     device = actions.device
@@ -130,11 +192,13 @@ class FactoredDistribution:
     def __init__(self, batch: GraphBatch, node_out: torch.Tensor) -> None:
         self.batch = batch
         self.priority = node_out[:, 0]  # raw logits [N_total], for urgency
-        priority, *heads = node_out.masked_fill(batch.illegal_logits, _MIN).split(HEAD_SIZES, dim=-1)
+        self._segments = _segments(node_out.device)
         # log p(op | node) and log p(lever | node) for every lever side by side, [N_total, 53]:
-        # a chosen node's conditionals are then one row.
-        self.table = torch.cat([F.log_softmax(head, dim=-1) for head in heads], dim=-1)
-        self.node_logp = F.log_softmax(self._dense(priority.view(-1)), dim=-1)  # [B, max_nodes]
+        # a chosen node's conditionals are then one row. `_probs` is its exp (for the entropy).
+        illegal = batch.illegal_logits
+        self.table, self._probs = _log_softmax_heads(node_out[:, 1:], illegal[:, 1:], self._segments)
+        priority = node_out[:, 0].masked_fill(illegal[:, 0], _MIN)
+        self.node_logp = F.log_softmax(self._dense(priority), dim=-1)  # [B, max_nodes]
 
     @property
     def op_logp(self) -> torch.Tensor:  # [N_total, OPS]
@@ -212,16 +276,17 @@ class FactoredDistribution:
 
     def entropy(self) -> torch.Tensor:
         """Exact entropy of the joint factored distribution, [B]."""
-        b = self.batch
-        lever_h = torch.stack([_entropy(self.table[:, head]) for head in _TABLE_SLICES[1:]])
-        germinate_h = lever_h[_GERMINATE_HEADS].sum(0) + self.blend_logp[:, _SIGMOID].exp() * lever_h[
-            _SIGMOID_HEADS
-        ].sum(0)
-        op_p = self.op_logp.exp()
+        b, segments = self.batch, self._segments
+        probs = self._probs
+        # Each head's entropy -sum p log p, all heads in one product: [N_total, heads].
+        head_h = torch.mm(probs * self.table, segments.sums).neg_()
+        # Per node: the entropies GERMINATE's levers always add, a sigmoid blend's, SET_ALPHA's.
+        germinate_h, sigmoid_h, alpha_h = torch.mm(head_h[:, 1:], segments.lever_groups).unbind(1)
+        blend_sigmoid = probs[:, _LEVER_SLICE["blend"].start + _SIGMOID]
         per_node = (
-            _entropy(self.op_logp)
-            + op_p[:, _GERMINATE] * germinate_h
-            + op_p[:, _SET_ALPHA] * lever_h[_ALPHA_HEADS].sum(0)
+            head_h[:, 0]
+            + probs[:, _GERMINATE] * (germinate_h + blend_sigmoid * sigmoid_h)
+            + probs[:, _SET_ALPHA] * alpha_h
         )  # [N_total]
         node_p = self.node_logp.exp().view(-1)
         if b.is_padded:

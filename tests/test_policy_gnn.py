@@ -370,6 +370,7 @@ def test_packed_selections_collate_like_collate(sizes: list[int]) -> None:
     """A learner's minibatch taken from the rollout collated once is the batch collate makes of
     the same observations: every tensor, the adjacency and its transpose."""
     from esperd.policy.batch import PackedGraphs, lever_logits_mask
+    from esperd.policy.heads import logit_masks
 
     device = torch.device("cpu")
     lever_mask = lever_logits_mask(frozenset({"dwell", "steepness"}))  # the others held
@@ -377,15 +378,19 @@ def test_packed_selections_collate_like_collate(sizes: list[int]) -> None:
     packed = PackedGraphs(observations, device, adjacency=True, lever_mask=lever_mask)
     n = len(observations)
     for graphs in ([0], list(range(n)), list(reversed(range(n))), [n - 1, 0], [1, 1, 0]):
-        ours = packed.select(np.array(graphs), transpose=True)
-        expected = collate([observations[g] for g in graphs], device, lever_mask=lever_mask, transpose=True)
+        ours = packed.select(np.array(graphs), training=True)
+        expected = collate([observations[g] for g in graphs], device, lever_mask=lever_mask, training=True)
         _assert_same_batch(ours, expected)
         if expected.adjacency_t is None:  # dense: autograd transposes it as a view
             assert ours.adjacency_t is None and expected.adjacency.layout == torch.strided
         else:
             assert torch.equal(ours.adjacency_t.to_dense(), expected.adjacency.to_dense().t())
             assert torch.equal(expected.adjacency_t.to_dense(), expected.adjacency.to_dense().t())
-    assert packed.select([0]).adjacency_t is None  # only asked for
+        for ours_mask, expected_mask, reference in zip(
+            ours.logit_masks, expected.logit_masks, logit_masks(expected.illegal_logits), strict=True
+        ):
+            assert torch.equal(ours_mask, expected_mask) and torch.equal(expected_mask, reference)
+    assert packed.select([0]).adjacency_t is None and packed.select([0]).logit_masks is None  # training only
 
 
 def test_inference_weights_follow_the_parameters(policy: GNNPolicy) -> None:

@@ -290,7 +290,7 @@ def test_packed_minibatch_evaluates_like_per_sample_collation(size: int) -> None
     observations = [t.obs for t in transitions]
     actions = stack_actions(transitions, torch.device("cpu"))
     idx = torch.randperm(len(transitions), generator=torch.Generator().manual_seed(size))[:size]
-    packed = policy.pack(observations).select(idx.numpy(), transpose=True)
+    packed = policy.pack(observations).select(idx.numpy(), training=True)
     assert (packed.adjacency_t is None) == (size == 3)
 
     def evaluated(inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:  # type: ignore[no-untyped-def]

@@ -440,7 +440,7 @@ class PPOUpdater:
                 idx = torch.from_numpy(flat).to(self.device)
                 if isinstance(observations, PackedGraphs) and isinstance(self.policy, NeuralPolicyBundle):
                     result = self.policy.evaluate(
-                        observations.select(flat, transpose=True),
+                        observations.select(flat, training=True),
                         actions[idx],
                         None if hidden is None else hidden[idx],
                         sequences=local,

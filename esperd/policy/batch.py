@@ -112,9 +112,11 @@ class GraphBatch:
     adjacency: torch.Tensor | None
     num_graphs: int
     max_nodes: int
-    # The CSR adjacency's transpose, for the backward pass of training (collate's `transpose`):
-    # autograd would otherwise transpose and convert the CSR matrix at every backward.
+    # Built for training only (collate's `training`): the CSR adjacency's transpose, for the
+    # backward pass (autograd would otherwise transpose and convert it at every backward), and
+    # illegal_logits as float masks (legal 1 / 0, floor 0 / float32 minimum: heads.logit_masks).
     adjacency_t: torch.Tensor | None = None
+    logit_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def is_padded(self) -> bool:
@@ -129,12 +131,13 @@ def collate(
     adjacency: bool = True,
     cache: TopologyCache | None = None,
     lever_mask: np.ndarray | None = None,
-    transpose: bool = False,
+    training: bool = False,
 ) -> GraphBatch:
     """One GraphBatch for `observations` (in order), on `device`.
 
     `adjacency=False` skips the adjacency matrix (for policies that do not pass messages);
-    `transpose` also builds its transpose where it is CSR (`adjacency_t`, for training).
+    `training` also builds what only the backward pass and the learner's distribution use
+    (`adjacency_t` where the adjacency is CSR, `logit_masks`).
     With a `cache`, a single observation of an already seen topology is collated from
     its features and op mask alone (see TopologyCache), with the cache's lever mask.
     `lever_mask` (lever_logits_mask) masks the levers a policy leaves to the host.
@@ -174,7 +177,8 @@ def collate(
         illegal_logits=_tensor(illegal_logits, device),
         node_slot=_tensor(graph_of_node * max_nodes + position, device),
         adjacency=_adjacency(edge_index, edge_weight, n, device) if adjacency else None,
-        adjacency_t=_adjacency_t(edge_index, edge_weight, n, device) if adjacency and transpose else None,
+        adjacency_t=_adjacency_t(edge_index, edge_weight, n, device) if adjacency and training else None,
+        logit_masks=_logit_masks(illegal_logits, device) if training else None,
         num_graphs=num_graphs,
         max_nodes=max_nodes,
     )
@@ -212,13 +216,14 @@ class PackedGraphs:
         # Each graph's edges in its own node numbering, as the observations hold them.
         self._edges = np.concatenate([o.gcn_edge_index for o in observations], axis=1).astype(np.int64)
         self._edge_weight = self.full.edge_weight.cpu().numpy()
+        self._legal, self._floor = _logit_masks(self.full.illegal_logits.cpu().numpy(), device)
 
     def __len__(self) -> int:
         return self.num_graphs
 
-    def select(self, graphs: np.ndarray | Sequence[int], *, transpose: bool = False) -> GraphBatch:
-        """collate([observations[g] for g in graphs]), from the packed tensors. `transpose` also
-        builds the adjacency's transpose where it is CSR (for the backward pass, see collate)."""
+    def select(self, graphs: np.ndarray | Sequence[int], *, training: bool = False) -> GraphBatch:
+        """collate([observations[g] for g in graphs], training=training), from the packed
+        tensors."""
         graphs = np.asarray(graphs, dtype=np.int64)
         counts = self._counts[graphs]
         ptr = np.zeros(len(graphs) + 1, dtype=np.int64)
@@ -254,7 +259,12 @@ class PackedGraphs:
             node_slot=_tensor(graph_of_node * max_nodes + position, device),
             adjacency=_adjacency(edge_index, edge_weight, n, device) if self.adjacency else None,
             adjacency_t=(
-                _adjacency_t(edge_index, edge_weight, n, device) if self.adjacency and transpose else None
+                _adjacency_t(edge_index, edge_weight, n, device) if self.adjacency and training else None
+            ),
+            logit_masks=(
+                (self._legal.index_select(0, node_rows), self._floor.index_select(0, node_rows))
+                if training
+                else None
             ),
             num_graphs=len(graphs),
             max_nodes=max_nodes,
@@ -494,6 +504,13 @@ def _adjacency(edge_index: np.ndarray, edge_weight: np.ndarray, n: int, device: 
     parts = (crow, src[order], edge_weight[order])
     crow_t, col_t, val_t = (_tensor(p, device) for p in parts)
     return torch.sparse_csr_tensor(crow_t, col_t, val_t, (n, n), check_invariants=False)
+
+
+def _logit_masks(illegal_logits: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """illegal_logits as float32 (legal, floor): 1 / 0 where legal, 0 / the float32 minimum where
+    not (heads.logit_masks, which builds the same from a tensor)."""
+    illegal = illegal_logits.astype(np.float32)
+    return _tensor(1.0 - illegal, device), _tensor(illegal * np.finfo(np.float32).min, device)
 
 
 def _adjacency_t(

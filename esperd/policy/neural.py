@@ -254,7 +254,7 @@ class NeuralPolicyBundle:
                 self.device,
                 adjacency=self.uses_adjacency,
                 lever_mask=self._lever_mask,
-                transpose=torch.is_grad_enabled(),
+                training=torch.is_grad_enabled(),
             )
         size = batch.num_graphs
         actions = actions.to(self.device, torch.int64)

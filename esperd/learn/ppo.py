@@ -31,7 +31,6 @@ import msgspec
 import numpy as np
 import torch
 from msgspec import Meta
-from torch import nn
 
 from esperd.analyzer.observation import ACTION_WIDTH, OP_INDEX, Observation
 from esperd.learn.config import PPOConfig
@@ -235,7 +234,31 @@ def check_finite(what: str, *tensors: torch.Tensor) -> None:
 def _snapshot(
     policy: PolicyBundle, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    return policy.state_dict(), copy.deepcopy(optimizer.state_dict())
+    return policy.state_dict(), _cloned(optimizer.state_dict())
+
+
+def _cloned(value: Any) -> Any:
+    """A deep copy of a state dict's nesting of dicts, lists and tensors (copy.deepcopy's
+    generic walk costs several times as much, once per update)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cloned(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """nn.utils.clip_grad_norm_(params, max_norm) for parameters on one device, the same ops
+    (foreach norms, their norm, foreach scaling by min(1, max_norm / (norm + 1e-6))) without its
+    per-call grouping and checks, which cost as much as the ops at a minibatch's size."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
 
 
 def _restore(
@@ -301,7 +324,8 @@ def _fuse(optimizer: torch.optim.Optimizer) -> None:
         for param in group["params"]:
             state = optimizer.state.get(param, {})
             if "step" in state:
-                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device)
+                step = torch.as_tensor(state["step"], dtype=torch.float32)
+                state["step"] = step.to(param.device, copy=True)  # its own: the kernel counts in place
 
 
 class PPOUpdater:
@@ -498,7 +522,7 @@ class PPOUpdater:
 
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                grad_norm = clip_grad_norm(self.params, cfg.max_grad_norm)
                 check_finite("ppo gradients", grad_norm)
                 self.optimizer.step()
                 totals["grad_norm"] += float(grad_norm)

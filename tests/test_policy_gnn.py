@@ -7,11 +7,20 @@ import pytest
 import torch
 from torch_geometric.data import Batch, Data
 
-from esperd.analyzer.observation import ACTION_WIDTH, OP_INDEX, OPS
+from esperd.analyzer.observation import (
+    ACTION_WIDTH,
+    ALPHA_LEVERS,
+    BLEND_INDEX,
+    GERMINATE_LEVERS,
+    LEVERS,
+    OP_INDEX,
+    OPS,
+    SIGMOID_LEVERS,
+)
 from esperd.policy import GNNPolicy, PolicyBundle, PolicyConfig, create_policy
 from esperd.policy.batch import collate
 from esperd.policy.heads import FactoredDistribution, sample_actions
-from esperd_contracts import BlueprintFamily, Op, SeedStage
+from esperd_contracts import BlendAlgorithm, BlueprintFamily, Op, SeedStage
 from tests.support.actions import every_action, legality_problem, row
 from tests.support.observations import chain_edges, make_observation, mixed_batch, random_stages
 
@@ -158,6 +167,52 @@ def test_entropy_equals_brute_force_enumeration(policy: GNNPolicy) -> None:
     assert p.sum().item() == pytest.approx(1.0, abs=1e-5)
     brute = -(p * torch.where(p > 0, log_p, 0.0)).sum().item()
     assert result.entropy[0].item() == pytest.approx(brute, abs=1e-4)
+
+
+@pytest.mark.parametrize("scale", [1.0, 60.0])  # 60: heads far apart (a shared shift would underflow)
+def test_distribution_matches_a_log_softmax_per_head(scale: float) -> None:
+    """The table and entropy, computed for all heads at once, against the per-head computation
+    (one log_softmax per head, each head's entropy on its own) they replace."""
+    import torch.nn.functional as F
+
+    from esperd.policy.heads import HEAD_SIZES, NODE_HEAD_DIM
+
+    batch = collate(mixed_batch([5, 12, 2, 30], seed=4), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(int(scale))
+    node_out = (torch.randn(batch.x.shape[0], NODE_HEAD_DIM, generator=generator) * scale).requires_grad_()
+    dist = FactoredDistribution(batch, node_out)
+    minimum = torch.finfo(torch.float32).min
+    _, *heads = node_out.masked_fill(batch.illegal_logits, minimum).split(HEAD_SIZES, dim=-1)
+    per_head = [F.log_softmax(head, dim=-1) for head in heads]
+    table = torch.cat(per_head, dim=-1)
+    assert torch.equal(dist.table == minimum, batch.illegal_logits[:, 1:])  # masked: log p exactly the min
+    torch.testing.assert_close(dist.table, table, rtol=1e-6, atol=1e-5)
+
+    def entropy(lp: torch.Tensor) -> torch.Tensor:
+        return -(lp.exp() * lp).sum(-1)
+
+    lever_h = torch.stack([entropy(lp) for lp in per_head[1:]])
+    names = [name for name, _ in LEVERS]
+    sums = {
+        group: lever_h[[names.index(n) for n in group]].sum(0)
+        for group in (GERMINATE_LEVERS, SIGMOID_LEVERS, ALPHA_LEVERS)
+    }
+    op_p, blend_p = per_head[0].exp(), per_head[1 + names.index("blend")].exp()
+    per_node = (
+        entropy(per_head[0])
+        + op_p[:, GERMINATE]
+        * (sums[GERMINATE_LEVERS] + blend_p[:, BLEND_INDEX[BlendAlgorithm.SIGMOID]] * sums[SIGMOID_LEVERS])
+        + op_p[:, OP_INDEX[Op.SET_ALPHA_TARGET]] * sums[ALPHA_LEVERS]
+    )
+    node_p = dist.node_logp.exp().view(-1)[batch.node_slot]
+    expected = entropy(dist.node_logp) + torch.zeros(batch.num_graphs).index_add(
+        0, batch.batch, node_p * per_node
+    )
+    ours = dist.entropy()
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    (ours_grad,) = torch.autograd.grad(ours.sum(), node_out, retain_graph=True)  # node_logp is shared
+    (expected_grad,) = torch.autograd.grad(expected.sum(), node_out)
+    torch.testing.assert_close(ours_grad, expected_grad, rtol=1e-4, atol=1e-5)
 
 
 def test_decisions_carry_levers_only_for_germinate(policy: GNNPolicy) -> None:
@@ -308,6 +363,34 @@ def test_topology_cache_collates_like_collate(num_nodes: int) -> None:
     writable = make_observation("w", num_nodes)
     _assert_same_batch(cache.collate(writable), collate([writable], device))
     assert len(cache) == 1  # writable topology arrays may change under us: never cached
+
+
+@pytest.mark.parametrize("sizes", [[5, 12, 2, 9], [60, 3, 7], [1, 4]])  # dense and CSR selections
+def test_packed_selections_collate_like_collate(sizes: list[int]) -> None:
+    """A learner's minibatch taken from the rollout collated once is the batch collate makes of
+    the same observations: every tensor, the adjacency and its transpose."""
+    from esperd.policy.batch import PackedGraphs, lever_logits_mask
+    from esperd.policy.heads import logit_masks
+
+    device = torch.device("cpu")
+    lever_mask = lever_logits_mask(frozenset({"dwell", "steepness"}))  # the others held
+    observations = mixed_batch(sizes, seed=21)
+    packed = PackedGraphs(observations, device, adjacency=True, lever_mask=lever_mask)
+    n = len(observations)
+    for graphs in ([0], list(range(n)), list(reversed(range(n))), [n - 1, 0], [1, 1, 0]):
+        ours = packed.select(np.array(graphs), training=True)
+        expected = collate([observations[g] for g in graphs], device, lever_mask=lever_mask, training=True)
+        _assert_same_batch(ours, expected)
+        if expected.adjacency_t is None:  # dense: autograd transposes it as a view
+            assert ours.adjacency_t is None and expected.adjacency.layout == torch.strided
+        else:
+            assert torch.equal(ours.adjacency_t.to_dense(), expected.adjacency.to_dense().t())
+            assert torch.equal(expected.adjacency_t.to_dense(), expected.adjacency.to_dense().t())
+        for ours_mask, expected_mask, reference in zip(
+            ours.logit_masks, expected.logit_masks, logit_masks(expected.illegal_logits), strict=True
+        ):
+            assert torch.equal(ours_mask, expected_mask) and torch.equal(expected_mask, reference)
+    assert packed.select([0]).adjacency_t is None and packed.select([0]).logit_masks is None  # training only
 
 
 def test_inference_weights_follow_the_parameters(policy: GNNPolicy) -> None:

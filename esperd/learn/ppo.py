@@ -24,20 +24,21 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any
 
 import msgspec
 import numpy as np
 import torch
 from msgspec import Meta
-from torch import nn
 
 from esperd.analyzer.observation import ACTION_WIDTH, OP_INDEX, Observation
 from esperd.learn.config import PPOConfig
 from esperd.learn.experience import Transition
 from esperd.learn.gae import compute_gae
 from esperd.policy.base import PolicyBundle
+from esperd.policy.batch import PackedGraphs
+from esperd.policy.neural import NeuralPolicyBundle
 from esperd_contracts import Op
 
 PositiveFloat = Annotated[float, Meta(gt=0.0)]
@@ -233,7 +234,31 @@ def check_finite(what: str, *tensors: torch.Tensor) -> None:
 def _snapshot(
     policy: PolicyBundle, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    return policy.state_dict(), copy.deepcopy(optimizer.state_dict())
+    return policy.state_dict(), _cloned(optimizer.state_dict())
+
+
+def _cloned(value: Any) -> Any:
+    """A deep copy of a state dict's nesting of dicts, lists and tensors (copy.deepcopy's
+    generic walk costs several times as much, once per update)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cloned(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """nn.utils.clip_grad_norm_(params, max_norm) for parameters on one device, the same ops
+    (foreach norms, their norm, foreach scaling by min(1, max_norm / (norm + 1e-6))) without its
+    per-call grouping and checks, which cost as much as the ops at a minibatch's size."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
 
 
 def _restore(
@@ -262,6 +287,47 @@ def _minibatches(chunks: Sequence[Sequence[int]], size: int) -> list[list[Sequen
     return [g for g in groups if g]
 
 
+def _epoch_minibatches(
+    chunks: Sequence[Sequence[int]], perm: torch.Tensor, size: int
+) -> Iterator[tuple[np.ndarray, list[list[int]] | None]]:
+    """One epoch's minibatches, the chunks taken in `perm` order: (the steps, as indices into the
+    update's transitions; each chunk's positions within the minibatch, or None where every
+    chunk is a single step). Single steps are plain slices of the permutation."""
+    if all(len(chunk) == 1 for chunk in chunks):
+        order = np.asarray([chunk[0] for chunk in chunks], dtype=np.int64)[perm.numpy()]
+        for start in range(0, len(order), size):
+            yield order[start : start + size], None
+        return
+    for group in _minibatches([chunks[j] for j in perm.tolist()], size):
+        flat = np.asarray([i for chunk in group for i in chunk], dtype=np.int64)
+        local, offset = [], 0
+        for chunk in group:  # positions of each chunk's steps within the minibatch
+            local.append(list(range(offset, offset + len(chunk))))
+            offset += len(chunk)
+        yield flat, local
+
+
+def _fused(device: torch.device) -> bool:
+    """Whether Adam runs its fused kernel on `device`: one op per step for all parameters, where
+    torch's default on CPU loops over them with about ten ops each (most of an optimizer step
+    at a minibatch's size). Same update up to float rounding."""
+    return device.type in ("cpu", "cuda")
+
+
+def _fuse(optimizer: torch.optim.Optimizer) -> None:
+    """Switch a loaded Adam to the fused kernel (a loaded state brings its own flags), its step
+    counts on the parameters' device as the kernel wants them."""
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            continue
+        group["fused"], group["foreach"] = True, None
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state:
+                step = torch.as_tensor(state["step"], dtype=torch.float32)
+                state["step"] = step.to(param.device, copy=True)  # its own: the kernel counts in place
+
+
 class PPOUpdater:
     """Trains a learnable PolicyBundle in place with PPO. Not thread-safe: one caller at a time.
 
@@ -286,7 +352,9 @@ class PPOUpdater:
         self.config = config = config or PPOConfig()
         self.device = torch.device(policy.device)
         self.params = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, eps=config.adam_eps)
+        self.optimizer = torch.optim.Adam(
+            self.params, lr=config.lr, eps=config.adam_eps, fused=_fused(self.device)
+        )
         # The schedule follows environment steps (002), not updates: an update's LR is set from the
         # steps trained on once its batch is in, so a larger batch moves it further.
         self._schedule = config.schedule_steps
@@ -330,7 +398,10 @@ class PPOUpdater:
         advantages = layout.flat(adv_grid)
         returns = advantages + old_values
 
-        observations = [t.obs for t in transitions]
+        # Collated once for the whole update; a minibatch is then an index selection of it.
+        observations: list[Observation] | PackedGraphs = [t.obs for t in transitions]
+        if isinstance(self.policy, NeuralPolicyBundle):
+            observations = self.policy.pack(observations)
         actions = stack_actions(transitions, device)
         hidden = stack_hidden(self.policy, transitions, device)
         # Recurrent policies learn through time over pieces of each run's steps; others step by step.
@@ -368,7 +439,7 @@ class PPOUpdater:
 
     def _optimize(
         self,
-        observations: list[Observation],
+        observations: list[Observation] | PackedGraphs,
         actions: torch.Tensor,
         hidden: torch.Tensor | None,
         old_log_probs: torch.Tensor,
@@ -386,23 +457,25 @@ class PPOUpdater:
         totals = dict.fromkeys(("policy_loss", "value_loss", "entropy", "clip_fraction", "grad_norm"), 0.0)
         totals["minibatches"] = 0
         approx_kl, steps, epochs_run = 0.0, 0, 0
-        recurrent = any(len(chunk) > 1 for chunk in chunks)
         for _epoch in range(cfg.epochs):
             epochs_run += 1
-            perm = torch.randperm(len(chunks), generator=self.generator).tolist()
-            for group in _minibatches([chunks[j] for j in perm], size):
-                flat = [i for chunk in group for i in chunk]
-                idx = torch.tensor(flat, dtype=torch.int64, device=self.device)
-                local, offset = [], 0
-                for chunk in group:  # positions of each chunk's steps within the minibatch
-                    local.append(list(range(offset, offset + len(chunk))))
-                    offset += len(chunk)
-                result = self.policy.evaluate(
-                    [observations[i] for i in flat],
-                    actions[idx],
-                    None if hidden is None else hidden[idx],
-                    sequences=local if recurrent else None,
-                )
+            perm = torch.randperm(len(chunks), generator=self.generator)
+            for flat, local in _epoch_minibatches(chunks, perm, size):
+                idx = torch.from_numpy(flat).to(self.device)
+                if isinstance(observations, PackedGraphs) and isinstance(self.policy, NeuralPolicyBundle):
+                    result = self.policy.evaluate(
+                        observations.select(flat, training=True),
+                        actions[idx],
+                        None if hidden is None else hidden[idx],
+                        sequences=local,
+                    )
+                else:
+                    result = self.policy.evaluate(
+                        [observations[i] for i in flat],  # type: ignore[index]
+                        actions[idx],
+                        None if hidden is None else hidden[idx],
+                        sequences=local,
+                    )
                 logratio = result.log_probs - old_log_probs[idx]
                 ratio = logratio.exp()
                 with torch.no_grad():
@@ -449,7 +522,7 @@ class PPOUpdater:
 
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                grad_norm = clip_grad_norm(self.params, cfg.max_grad_norm)
                 check_finite("ppo gradients", grad_norm)
                 self.optimizer.step()
                 totals["grad_norm"] += float(grad_norm)
@@ -474,6 +547,8 @@ class PPOUpdater:
         if state.get("algorithm", self.algorithm) != self.algorithm:
             raise ValueError(f"learner state is for {state['algorithm']!r}, not {self.algorithm!r}")
         self.optimizer.load_state_dict(state["optimizer"])
+        if _fused(self.device):  # a state saved before the fused kernel would turn it off again
+            _fuse(self.optimizer)
         self.updates = int(state["updates"])
         self.samples = int(state["samples"])
         self._set_lr(self.samples)

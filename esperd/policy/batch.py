@@ -121,6 +121,11 @@ class GraphBatch:
     adjacency: torch.Tensor | None
     num_graphs: int
     max_nodes: int
+    # Built for training only (collate's `training`): the CSR adjacency's transpose, for the
+    # backward pass (autograd would otherwise transpose and convert it at every backward), and
+    # illegal_logits as float masks (legal 1 / 0, floor 0 / float32 minimum: heads.logit_masks).
+    adjacency_t: torch.Tensor | None = None
+    logit_masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def is_padded(self) -> bool:
@@ -135,10 +140,13 @@ def collate(
     adjacency: bool = True,
     cache: TopologyCache | None = None,
     lever_mask: np.ndarray | None = None,
+    training: bool = False,
 ) -> GraphBatch:
     """One GraphBatch for `observations` (in order), on `device`.
 
-    `adjacency=False` skips the adjacency matrix (for policies that do not pass messages).
+    `adjacency=False` skips the adjacency matrix (for policies that do not pass messages);
+    `training` also builds what only the backward pass and the learner's distribution use
+    (`adjacency_t` where the adjacency is CSR, `logit_masks`).
     With a `cache`, a single observation of an already seen topology is collated from
     its features and op mask alone (see TopologyCache), with the cache's lever mask.
     `lever_mask` (lever_logits_mask) masks the levers a policy leaves to the host.
@@ -178,9 +186,98 @@ def collate(
         illegal_logits=_tensor(illegal_logits, device),
         node_slot=_tensor(graph_of_node * max_nodes + position, device),
         adjacency=_adjacency(edge_index, edge_weight, n, device) if adjacency else None,
+        adjacency_t=_adjacency_t(edge_index, edge_weight, n, device) if adjacency and training else None,
+        logit_masks=_logit_masks(illegal_logits, device) if training else None,
         num_graphs=num_graphs,
         max_nodes=max_nodes,
     )
+
+
+class PackedGraphs:
+    """Observations collated once (a learner's rollout); `select(graphs)` is the GraphBatch of
+    some of them, in the given order, equal tensor for tensor to `collate` of those observations,
+    made by index selections of the packed tensors (no per-observation Python work).
+
+    Everything collate derives per node or per graph (effective masks, illegal logits) does not
+    depend on the other graphs of the batch, so it is derived once here; the edges are kept in
+    each graph's own numbering and shifted by the selection's node offsets, and the adjacency
+    is built for the selection as collate builds it.
+    """
+
+    def __init__(
+        self,
+        observations: Sequence[Observation],
+        device: torch.device,
+        *,
+        adjacency: bool = True,
+        lever_mask: np.ndarray | None = None,
+    ) -> None:
+        self.full = collate(observations, device, adjacency=False, lever_mask=lever_mask)
+        self.device = device
+        self.adjacency = adjacency
+        self.num_graphs = len(observations)
+        self._counts = np.fromiter((o.num_nodes for o in observations), dtype=np.int64)
+        self._ptr = np.zeros(self.num_graphs + 1, dtype=np.int64)
+        np.cumsum(self._counts, out=self._ptr[1:])
+        self._edge_counts = np.fromiter((o.gcn_edge_index.shape[1] for o in observations), dtype=np.int64)
+        self._edge_ptr = np.zeros(self.num_graphs + 1, dtype=np.int64)
+        np.cumsum(self._edge_counts, out=self._edge_ptr[1:])
+        # Each graph's edges in its own node numbering, as the observations hold them.
+        self._edges = np.concatenate([o.gcn_edge_index for o in observations], axis=1).astype(np.int64)
+        self._edge_weight = self.full.edge_weight.cpu().numpy()
+        self._legal, self._floor = _logit_masks(self.full.illegal_logits.cpu().numpy(), device)
+
+    def __len__(self) -> int:
+        return self.num_graphs
+
+    def select(self, graphs: np.ndarray | Sequence[int], *, training: bool = False) -> GraphBatch:
+        """collate([observations[g] for g in graphs], training=training), from the packed
+        tensors."""
+        graphs = np.asarray(graphs, dtype=np.int64)
+        counts = self._counts[graphs]
+        ptr = np.zeros(len(graphs) + 1, dtype=np.int64)
+        np.cumsum(counts, out=ptr[1:])
+        n = int(ptr[-1])
+        graph_of_node = np.repeat(np.arange(len(graphs), dtype=np.int64), counts)
+        position = np.arange(n, dtype=np.int64) - ptr[:-1][graph_of_node]
+        nodes = self._ptr[graphs][graph_of_node] + position  # packed row of each selected node
+        edge_counts = self._edge_counts[graphs]
+        edge_ptr = np.zeros(len(graphs) + 1, dtype=np.int64)
+        np.cumsum(edge_counts, out=edge_ptr[1:])
+        edge_graph = np.repeat(np.arange(len(graphs), dtype=np.int64), edge_counts)
+        edge_rank = (
+            np.arange(int(edge_ptr[-1]), dtype=np.int64) - edge_ptr[:-1][edge_graph]
+        )  # within its graph
+        edges = self._edge_ptr[graphs][edge_graph] + edge_rank  # packed column of each selected edge
+        edge_index = self._edges[:, edges] + ptr[:-1][edge_graph]
+        edge_weight = self._edge_weight[edges]
+        max_nodes = int(counts.max())
+        device, full = self.device, self.full
+        node_rows, graph_rows = _tensor(nodes, device), _tensor(graphs, device)
+        return GraphBatch(
+            x=full.x.index_select(0, node_rows),
+            global_x=full.global_x.index_select(0, graph_rows),
+            edge_index=_tensor(edge_index, device),
+            edge_weight=_tensor(edge_weight, device),
+            batch=_tensor(graph_of_node, device),
+            position=_tensor(position, device),
+            ptr=_tensor(ptr, device),
+            op_mask=full.op_mask.index_select(0, node_rows),
+            blueprint_mask=full.blueprint_mask.index_select(0, node_rows),
+            illegal_logits=full.illegal_logits.index_select(0, node_rows),
+            node_slot=_tensor(graph_of_node * max_nodes + position, device),
+            adjacency=_adjacency(edge_index, edge_weight, n, device) if self.adjacency else None,
+            adjacency_t=(
+                _adjacency_t(edge_index, edge_weight, n, device) if self.adjacency and training else None
+            ),
+            logit_masks=(
+                (self._legal.index_select(0, node_rows), self._floor.index_select(0, node_rows))
+                if training
+                else None
+            ),
+            num_graphs=len(graphs),
+            max_nodes=max_nodes,
+        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -416,6 +513,23 @@ def _adjacency(edge_index: np.ndarray, edge_weight: np.ndarray, n: int, device: 
     parts = (crow, src[order], edge_weight[order])
     crow_t, col_t, val_t = (_tensor(p, device) for p in parts)
     return torch.sparse_csr_tensor(crow_t, col_t, val_t, (n, n), check_invariants=False)
+
+
+def _logit_masks(illegal_logits: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """illegal_logits as float32 (legal, floor): 1 / 0 where legal, 0 / the float32 minimum where
+    not (heads.logit_masks, which builds the same from a tensor)."""
+    illegal = illegal_logits.astype(np.float32)
+    return _tensor(1.0 - illegal, device), _tensor(illegal * np.finfo(np.float32).min, device)
+
+
+def _adjacency_t(
+    edge_index: np.ndarray, edge_weight: np.ndarray, n: int, device: torch.device
+) -> torch.Tensor | None:
+    """The transpose of `_adjacency`'s CSR matrix as CSR (None where that is dense)."""
+    if n <= DENSE_ADJACENCY_MAX_NODES:
+        return None
+    src, dst = edge_index
+    return _adjacency(np.stack([dst, src]), edge_weight, n, device)
 
 
 def _consume_csr_beta_warning() -> None:

@@ -50,6 +50,25 @@ class _Weights(NamedTuple):
     value_head: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+class _Propagate(torch.autograd.Function):
+    """addmm(bias, A, hw) for a CSR adjacency A, differentiable in bias and hw, with A's transpose
+    given (collate's `adjacency_t`): autograd's own backward transposes A and converts it to CSR
+    again at every call, which cost more than the layer's matrix products on a minibatch."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, bias: torch.Tensor, adjacency: torch.Tensor, adjacency_t: torch.Tensor, hw: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.adjacency_t = adjacency_t
+        return torch.addmm(bias, adjacency, hw)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:  # type: ignore[override]
+        bias_grad = grad.sum(0) if ctx.needs_input_grad[0] else None
+        hw_grad = torch.mm(ctx.adjacency_t, grad) if ctx.needs_input_grad[3] else None
+        return bias_grad, None, None, hw_grad
+
+
 def _mlp(weights: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
     """A (Linear, ReLU, Linear) head from its (W0^T, b0, W2^T, b2)."""
     w0, b0, w2, b2 = weights
@@ -145,11 +164,13 @@ class GNNNetwork(nn.Module):
         adjacency: torch.Tensor,
         edge_weight: torch.Tensor | None,
         batch: torch.Tensor,
+        adjacency_t: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-node head logits [N, NODE_HEAD_DIM], value [B]).
 
         `adjacency` is the normalized adjacency with rows = targets, dense [N, N] or sparse
         CSR, with `edge_weight` None; or an edge_index [2, E] with its `edge_weight` [E].
+        `adjacency_t`: a CSR adjacency's transpose, for a cheaper backward (optional).
         """
         num_graphs = global_x.shape[0]
         # Without autograd: the prebuilt weight views; activations are fresh tensors, so ReLU
@@ -165,7 +186,11 @@ class GNNNetwork(nn.Module):
         h = h.relu_()
         for layer, (weight, bias) in enumerate(w.convs):
             if edge_weight is None:  # GCNConv's own computation on an adjacency matrix
-                out = torch.addmm(bias, adjacency, torch.mm(h, weight))
+                hw = torch.mm(h, weight)
+                if adjacency_t is None or in_place:
+                    out = torch.addmm(bias, adjacency, hw)
+                else:
+                    out = _Propagate.apply(bias, adjacency, adjacency_t, hw)
             else:
                 out = self.convs[layer](h, adjacency, edge_weight)
             out = out.relu_()
@@ -203,9 +228,12 @@ class GNNPolicy(NeuralPolicyBundle):
         if self._network is self.base_network:  # eager: the adjacency matrix from collate
             adjacency = batch.adjacency if batch.adjacency is not None else sparse_adjacency(batch)
             weight = None
+            node_out, values = self._network(
+                batch.x, batch.global_x, adjacency, weight, batch.batch, batch.adjacency_t
+            )
         else:  # compiled: edge_index message passing that dynamo can trace
             adjacency, weight = batch.edge_index, batch.edge_weight
-        node_out, values = self._network(batch.x, batch.global_x, adjacency, weight, batch.batch)
+            node_out, values = self._network(batch.x, batch.global_x, adjacency, weight, batch.batch)
         return node_out, values, None
 
 

@@ -88,6 +88,103 @@ _BLEND_HEAD = _LEVER_NAMES.index("blend")
 _SMALL_BATCH = 32
 
 
+class _Segments(NamedTuple):
+    """The table's head layout as 0/1 matrices, on one device, so that what is done per head is
+    done for all heads at once: a matrix product with a 0/1 matrix sums each head's columns,
+    spreads a per-head value to its columns or picks columns, exactly (each output is one
+    product by 1 plus zeros). Bool-mask ops (masked_fill, where) and column gathers cost
+    several times as much as arithmetic on CPU at these sizes."""
+
+    sums: torch.Tensor  # float32 [53, heads]: 1 where the column belongs to the head
+    spread: torch.Tensor  # float32 [heads, 53]: its transpose
+    # [53, slots * heads], slot-major: head h's k-th column goes to k * heads + h; `slot_floor`
+    # puts the float32 minimum where a head has fewer columns than `slots` (a power of two)
+    gather: torch.Tensor
+    slot_floor: torch.Tensor  # float32 [slots * heads]
+    slots: int
+    # [heads, 4]: the op head's entropy; the sums over GERMINATE's levers, a sigmoid blend's
+    # and SET_ALPHA_TARGET's
+    head_groups: torch.Tensor
+    picks: torch.Tensor  # float32 [53, 3]: p(GERMINATE), p(SET_ALPHA_TARGET), p(sigmoid blend)
+
+
+def _build_segments(device: torch.device) -> _Segments:
+    heads, width = len(_TABLE_SIZES), sum(_TABLE_SIZES)
+    slots = 1 << (max(_TABLE_SIZES) - 1).bit_length()
+    head_of_column = torch.repeat_interleave(torch.arange(heads), torch.tensor(_TABLE_SIZES))
+    sums = F.one_hot(head_of_column, heads).float()
+    gather = torch.zeros(width, slots * heads)
+    slot_floor = torch.full((slots, heads), _MIN)
+    for head, columns in enumerate(_TABLE_SLICES):
+        for k, column in enumerate(range(columns.start, columns.stop)):
+            gather[column, k * heads + head] = 1.0
+            slot_floor[k, head] = 0.0
+    head_groups = torch.zeros(heads, 4)
+    head_groups[0, 0] = 1.0
+    for group, counts in enumerate((_GERMINATE_COUNTS, _SIGMOID_COUNTS, _ALPHA_COUNTS), start=1):
+        head_groups[1:, group] = counts.float()
+    picks = torch.zeros(width, 3)
+    blend_sigmoid = _LEVER_SLICE["blend"].start + _SIGMOID
+    for i, column in enumerate((_GERMINATE, _SET_ALPHA, blend_sigmoid)):
+        picks[column, i] = 1.0
+    return _Segments(
+        sums.to(device),
+        sums.t().contiguous().to(device),
+        gather.to(device),
+        slot_floor.view(-1).to(device),
+        slots,
+        head_groups.to(device),
+        picks.to(device),
+    )
+
+
+_SEGMENTS: dict[torch.device, _Segments] = {}
+
+
+def _segments(device: torch.device) -> _Segments:
+    segments = _SEGMENTS.get(device)
+    if segments is None:
+        segments = _SEGMENTS[device] = _build_segments(device)
+    return segments
+
+
+def logit_masks(illegal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(legal, floor) of a bool mask of illegal logits, as float32: 1 / 0 where legal, 0 / the
+    float32 minimum where illegal; x * legal + floor is x with the illegal entries at the
+    minimum (what FactoredDistribution masks with; collate builds them for training)."""
+    illegal_f = illegal.float()
+    return 1.0 - illegal_f, illegal_f * _MIN
+
+
+def _log_softmax_heads(
+    logits: torch.Tensor, legal: torch.Tensor, floor: torch.Tensor, segments: _Segments
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, p) over each head's columns of `logits` [N, 53], the illegal ones (`legal` 0,
+    see logit_masks) masked out: log_softmax per head, as a few ops over all heads (eleven
+    log_softmax calls and their backward cost several times as much on a minibatch).
+    log p = logits - max - log(sum(exp(logits - max))) per head, the max over its legal logits
+    taken without gradient (the result does not depend on it). Masked entries are excluded
+    after the exp (set to exactly 0) rather than at the float32 minimum before it, because exp
+    of values that underflow takes a slow path in torch's CPU kernel; their log p is the
+    float32 minimum, as log_softmax of a masked logit gives."""
+    with torch.no_grad():
+        # Each head's legal logits in its own slots, the rest at the minimum; a halving tree of
+        # elementwise maxima over the slots (amax over short rows is slow on CPU).
+        slots = torch.addmm(segments.slot_floor, torch.addcmul(floor, logits, legal), segments.gather)
+        slots = slots.view(logits.shape[0], segments.slots, -1)
+        while slots.shape[1] > 1:
+            half = slots.shape[1] // 2
+            slots = torch.maximum(slots[:, :half], slots[:, half:])
+        shift = torch.mm(slots[:, 0], segments.spread)
+    # Masked logits are left out before the exp too: they may exceed the legal maximum by enough
+    # to overflow it, and inf * 0 in its backward would be NaN.
+    shifted = (logits - shift) * legal
+    exps = shifted.exp() * legal
+    sums = torch.mm(exps, segments.sums)  # [N, heads]
+    log_p = torch.addcmul(floor, shifted - torch.mm(sums.log(), segments.spread), legal)
+    return log_p, exps / torch.mm(sums, segments.spread)
+
+
 def counted_lever_mask(actions: torch.Tensor) -> torch.Tensor:
     """bool [B, levers]: which of each action row's levers its op samples (base.counted_levers)."""
     device = actions.device
@@ -130,11 +227,15 @@ class FactoredDistribution:
     def __init__(self, batch: GraphBatch, node_out: torch.Tensor) -> None:
         self.batch = batch
         self.priority = node_out[:, 0]  # raw logits [N_total], for urgency
-        priority, *heads = node_out.masked_fill(batch.illegal_logits, _MIN).split(HEAD_SIZES, dim=-1)
+        self._segments = _segments(node_out.device)
         # log p(op | node) and log p(lever | node) for every lever side by side, [N_total, 53]:
-        # a chosen node's conditionals are then one row.
-        self.table = torch.cat([F.log_softmax(head, dim=-1) for head in heads], dim=-1)
-        self.node_logp = F.log_softmax(self._dense(priority.view(-1)), dim=-1)  # [B, max_nodes]
+        # a chosen node's conditionals are then one row. `_probs` is its exp (for the entropy).
+        legal, floor = batch.logit_masks or logit_masks(batch.illegal_logits)
+        self.table, self._probs = _log_softmax_heads(
+            node_out[:, 1:], legal[:, 1:], floor[:, 1:], self._segments
+        )
+        priority = torch.addcmul(floor[:, 0], node_out[:, 0], legal[:, 0])
+        self.node_logp = F.log_softmax(self._dense(priority), dim=-1)  # [B, max_nodes]
 
     @property
     def op_logp(self) -> torch.Tensor:  # [N_total, OPS]
@@ -212,17 +313,15 @@ class FactoredDistribution:
 
     def entropy(self) -> torch.Tensor:
         """Exact entropy of the joint factored distribution, [B]."""
-        b = self.batch
-        lever_h = torch.stack([_entropy(self.table[:, head]) for head in _TABLE_SLICES[1:]])
-        germinate_h = lever_h[_GERMINATE_HEADS].sum(0) + self.blend_logp[:, _SIGMOID].exp() * lever_h[
-            _SIGMOID_HEADS
-        ].sum(0)
-        op_p = self.op_logp.exp()
-        per_node = (
-            _entropy(self.op_logp)
-            + op_p[:, _GERMINATE] * germinate_h
-            + op_p[:, _SET_ALPHA] * lever_h[_ALPHA_HEADS].sum(0)
-        )  # [N_total]
+        b, segments = self.batch, self._segments
+        probs = self._probs
+        # Each head's entropy -sum p log p, all heads in one product: [N_total, heads].
+        head_h = torch.mm(probs * self.table, segments.sums).neg_()
+        # Per node: the op head's entropy, and those GERMINATE's levers always add, a sigmoid
+        # blend's, SET_ALPHA_TARGET's; p(GERMINATE), p(SET_ALPHA_TARGET), p(sigmoid blend).
+        op_h, germinate_h, sigmoid_h, alpha_h = torch.mm(head_h, segments.head_groups).unbind(1)
+        germinate_p, alpha_p, sigmoid_p = torch.mm(probs, segments.picks).unbind(1)
+        per_node = op_h + germinate_p * (germinate_h + sigmoid_p * sigmoid_h) + alpha_p * alpha_h
         node_p = self.node_logp.exp().view(-1)
         if b.is_padded:
             node_p = node_p[b.node_slot]

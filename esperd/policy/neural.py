@@ -15,7 +15,14 @@ from torch import nn
 
 from esperd.analyzer.observation import Observation
 from esperd.policy.base import ACTION_WIDTH, ActResult, EvalResult, decisions_from_lists
-from esperd.policy.batch import GraphBatch, TopologyCache, collate, lever_held_choices, lever_logits_mask
+from esperd.policy.batch import (
+    GraphBatch,
+    PackedGraphs,
+    TopologyCache,
+    collate,
+    lever_held_choices,
+    lever_logits_mask,
+)
 from esperd.policy.config import PolicyConfig
 from esperd.policy.heads import FactoredDistribution, SampledActions, counted_lever_mask, sample_actions
 
@@ -218,31 +225,48 @@ class NeuralPolicyBundle:
 
     # ------------------------------------------------------------ learning
 
+    def pack(self, observations: Sequence[Observation]) -> PackedGraphs:
+        """The observations collated once, for `evaluate` on `select`ions of them (a learner's
+        minibatches, each then a few index operations instead of a collate)."""
+        return PackedGraphs(
+            observations, self.device, adjacency=self.uses_adjacency, lever_mask=self._lever_mask
+        )
+
     def evaluate(
         self,
-        observations: Sequence[Observation],
+        observations: Sequence[Observation] | GraphBatch,
         actions: torch.Tensor,
         hidden: torch.Tensor | None = None,
         sequences: Sequence[Sequence[int]] | None = None,
     ) -> EvalResult:
         """log p(actions), values and entropy, with gradients, in the network's current mode.
 
-        `sequences` (recurrent policies): lists of indices into `observations` that are
-        consecutive steps of one run, in order; each is unrolled from the `hidden` of its first
-        step (backpropagation through time), and a step in none of them replays on its own."""
-        batch = self._collate(observations)
-        actions = actions.to(self.device, torch.int64)
-        if actions.shape != (len(observations), ACTION_WIDTH):
-            raise ValueError(
-                f"actions must be [B, {ACTION_WIDTH}] for B={len(observations)}, got {tuple(actions.shape)}"
+        `observations` may come collated already (a `pack(...).select(...)`, or `collate` with
+        this policy's lever mask). `sequences` (recurrent policies): lists of indices into
+        `observations` that are consecutive steps of one run, in order; each is unrolled from
+        the `hidden` of its first step (backpropagation through time), and a step in none of
+        them replays on its own."""
+        if isinstance(observations, GraphBatch):
+            batch = observations
+        else:
+            batch = collate(
+                observations,
+                self.device,
+                adjacency=self.uses_adjacency,
+                lever_mask=self._lever_mask,
+                training=torch.is_grad_enabled(),
             )
+        size = batch.num_graphs
+        actions = actions.to(self.device, torch.int64)
+        if actions.shape != (size, ACTION_WIDTH):
+            raise ValueError(f"actions must be [B, {ACTION_WIDTH}] for B={size}, got {tuple(actions.shape)}")
         with self._lock:
-            hidden_in = self._hidden_for_evaluate(len(observations), hidden)
+            hidden_in = self._hidden_for_evaluate(size, hidden)
             if sequences is None or not self.is_recurrent:
                 node_out, values, _ = self._forward(batch, hidden_in)
             else:
                 node_out, values = self._forward_sequences(
-                    batch, hidden_in, covering_sequences(sequences, len(observations))
+                    batch, hidden_in, covering_sequences(sequences, size)
                 )
         dist = FactoredDistribution(batch, node_out)
         return EvalResult(log_probs=dist.log_prob(actions), values=values, entropy=dist.entropy())

@@ -181,7 +181,7 @@ def ingest_states(runs: Sequence[RunState], packets: Sequence[SystemStatePacket]
         map(_BLUEPRINT_OF_ID.__getitem__, map(id, fields[:, _SLOT_FIELD["blueprint"]])), np.int64, total
     )
     milestones = fields[:, _SLOT_MILESTONES]
-    unset = np.equal(milestones, None)
+    unset = np.frompyfunc(lambda value: value is None, 1, 1)(milestones).astype(bool)
     milestones = np.clip(np.where(unset, 0.0, milestones).astype(np.float64), -1.0, 1.0)
     message = np.repeat(np.arange(len(batch)), counts)
     start = np.fromiter((runs[i]._table.start for i in batch), np.int64, len(batch))

@@ -259,7 +259,7 @@ class HostBatch:
         for counter in self.counts.values():
             counter[e] = 0
 
-    def _clear_seeds(self, e: int | np.ndarray, layers: slice | np.ndarray) -> None:
+    def _clear_seeds(self, e: int | np.ndarray, layers: int | slice | np.ndarray) -> None:
         """Remove the seeds at (e, layers): no params, no contribution, no blueprint."""
         self.blueprint[e, layers] = NO_SEED
         self.blend[e, layers] = self.tempo[e, layers] = 0
@@ -338,7 +338,7 @@ class HostBatch:
         assert command.blueprint is not None
         bp = BLUEPRINT_INDEX[command.blueprint]
         blend = BLEND_INDEX[command.blend or BlendAlgorithm.SIGMOID]
-        self._clear_seeds(e, np.array([layer]))
+        self._clear_seeds(e, layer)
         self.blueprint[e, layer] = bp
         self.blend[e, layer] = blend
         self.tempo[e, layer] = TEMPO_INDEX[command.tempo or Tempo.STANDARD]

@@ -208,11 +208,14 @@ def ingest_states(runs: Sequence[RunState], packets: Sequence[SystemStatePacket]
     aux[r, T.SLOT_TS] = np.maximum(ts[sel], slot_ts[sel])
     aux[r, T.STAGE] = stage[sel]
     # The probation counterfactuals are running statistics per layer: folded in per slot, in order.
-    for k in sel.tolist():
+    # Only slots on probation, and slots of runs with statistics to drop, need a look.
+    holding = np.fromiter((bool(runs[i]._probation_cf) for i in batch), bool, len(batch))
+    probation = stage == _PROBATIONARY
+    for k in sel[probation[sel] | holding[message[sel]]].tolist():
         run = runs[batch[int(message[k])]]
-        if stage[k] == _PROBATIONARY:
+        if probation[k]:
             feat[row[k], T.COUNTERFACTUAL_Z] = run._counterfactual_z(int(layer[k]), slots[k])
-        elif run._probation_cf:
+        else:
             run._probation_cf.pop(int(layer[k]), None)
     for k in np.unique(message[changed]).tolist():
         material[batch[k]] = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -32,7 +33,7 @@ from esperd.sim import (
     run_episodes,
 )
 from esperd.sim.packets import health_batch, state_packet, telemetry, topology_packet
-from esperd_contracts import BlendAlgorithm, Blueprint, Codec, Op, SeedStage, Tempo
+from esperd_contracts import AdaptationCommand, BlendAlgorithm, Blueprint, Codec, Op, SeedStage, Tempo
 
 SHORT = SimConfig(epochs=12, report_budget=False)
 WAIT_ROW = [0, OP_INDEX[Op.WAIT], 0, 0, 0]
@@ -179,6 +180,34 @@ def test_illegal_actions_are_rejected_with_a_penalty() -> None:
         assert acted[0] == pytest.approx(waited[0] - penalty)  # everything else identical
     assert acting.hosts.counts["rejected"][0] == len(bad)
     assert (acting.hosts.stage[0] == STAGE_INDEX[SeedStage.DORMANT]).all()  # nothing changed
+
+
+def test_a_seed_over_max_seed_params_is_rejected_with_its_size() -> None:
+    hosts = HostBatch(1, SHORT, np.random.default_rng(5))
+    hosts.reset([0])
+    layer = 0
+    blueprint = fitting_blueprint_of(hosts, layer)
+    wire = AdaptationCommand(
+        command_id="c", run_id="r", layer_id=layer, op=Op.GERMINATE, blueprint=blueprint, max_seed_params=1
+    )
+    command = Command.of(wire)  # the simulated NATS host reads the wire's field
+    assert command.max_seed_params == 1
+    size = hosts._seed_size(0, layer, command)
+    assert size > 1
+    for limit in (1, size - 1):
+        applied, reason = hosts.apply(0, msgspec.structs.replace(command, max_seed_params=limit))
+        assert not applied
+        assert f"{blueprint.value} seed here has {size} parameters" in reason
+        assert f"max_seed_params {limit}" in reason
+    assert hosts.counts["rejected"][0] == 2 and hosts.stage[0, layer] == STAGE_INDEX[SeedStage.DORMANT]
+    applied, _ = hosts.apply(0, msgspec.structs.replace(command, max_seed_params=size))  # at the limit: fits
+    assert applied and hosts.seed_params[0, layer] == size
+    hosts.reset([0])
+    assert hosts.apply(0, msgspec.structs.replace(command, max_seed_params=0))[0]  # 0: no limit
+
+
+def fitting_blueprint_of(hosts: HostBatch, layer: int) -> Blueprint:
+    return Blueprint.DEPTHWISE if C.KIND_FAMILY_CNN[hosts.kind[0, layer]] else Blueprint.LORA
 
 
 def test_lifecycle_through_the_sim() -> None:

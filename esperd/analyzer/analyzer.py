@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 
 from esperd.analyzer.config import AnalyzerConfig, AnalyzerError
 from esperd.analyzer.graph import Graph
 from esperd.analyzer.ingest import QueuedHealth, apply_health
+from esperd.analyzer.many import ingest_states, observe_runs
 from esperd.analyzer.observation import Observation
 from esperd.analyzer.run import RunState, RunSummary
 from esperd.analyzer.table import NodeArena
@@ -119,6 +120,15 @@ class Analyzer:
         run = self._touch(run_id, now)
         return run.ingest_state(packet, run.last_seen)
 
+    def ingest_states(
+        self, run_ids: Sequence[str], packets: Sequence[SystemStatePacket], now: float | None = None
+    ) -> list[bool]:
+        """`[ingest_state(run_id, packet) ...]` for many runs (one packet each), their seed slots
+        applied in one vectorized pass (esperd.analyzer.many)."""
+        self._apply_queue()
+        runs = [self._touch(run_id, now) for run_id in run_ids]
+        return ingest_states(runs, packets, runs[0].last_seen) if runs else []
+
     def ingest(
         self,
         run_id: str,
@@ -162,6 +172,12 @@ class Analyzer:
         """The run's current Observation for the policy."""
         self._apply_queue()
         return self._run(run_id).observe(self._now(now))
+
+    def observe_many(self, run_ids: Sequence[str], now: float | None = None) -> list[Observation]:
+        """`[observe(run_id) for run_id in run_ids]` in one vectorized pass over their nodes
+        (esperd.analyzer.many): the same observations, for a fraction of the cost with many runs."""
+        self._apply_queue()
+        return observe_runs([self._run(run_id) for run_id in run_ids], self._now(now))
 
     def clusters(self, run_id: str) -> list[list[int]]:
         """The run's problem clusters as lists of layer ids."""

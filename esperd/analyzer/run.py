@@ -21,6 +21,7 @@ from esperd.analyzer.observation import (
     BLUEPRINTS,
     COUNTERFACTUAL_Z_SCALE,
     EPOCHS_REMAINING_SCALE,
+    GLOBAL_FEATURE_INDEX,
     GLOBAL_FEATURES,
     HISTORY,
     LAYER_KINDS,
@@ -68,6 +69,61 @@ _ANALYSIS = [
         "downstream_health",
     )
 ]
+
+
+_G = GLOBAL_FEATURE_INDEX
+(
+    _G_EPOCH,
+    _G_TRAIN_LOSS,
+    _G_VAL_LOSS,
+    _G_TRAIN_ACCURACY,
+    _G_VAL_ACCURACY,
+    _G_VAL_ACCURACY_DELTA,
+    _G_PLATEAU,
+    _G_OVERALL_HEALTH,
+    _G_PROBLEMATIC,
+    _G_CLUSTERS,
+    _G_PARAM_GROWTH,
+    _G_ACTIVE,
+    _G_LOG_NODES,
+    _G_INFERRED,
+    _G_BUDGET_KNOWN,
+    _G_REMAINING,
+    _G_GLOBAL_STEP,
+    _G_LOSS_DELTA,
+    _G_BEST_ACCURACY,
+    _G_BEST_LOSS,
+    _G_LOSS_HISTORY,
+    _G_ACCURACY_HISTORY,
+    _G_METRICS_COUNT,
+) = (
+    _G[name]
+    for name in (
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "train_accuracy",
+        "val_accuracy",
+        "val_accuracy_delta",
+        "plateau_epochs",
+        "overall_health",
+        "problematic_fraction",
+        "cluster_count",
+        "param_growth",
+        "active_seed_fraction",
+        "log_nodes",
+        "inferred_topology",
+        "budget_known",
+        "epochs_remaining",
+        "global_step",
+        "loss_delta",
+        "best_val_accuracy",
+        "best_val_loss",
+        "loss_history_0",
+        "accuracy_history_0",
+        "metrics_count",
+    )
+)
 
 
 # Called with a run's node and edge counts before its graph grows to them; raises AnalyzerError to refuse.
@@ -151,13 +207,18 @@ def _bucket(key: str) -> str:
     return f"metric_bucket_{zlib.crc32(key.encode()) % METRIC_BUCKETS}"
 
 
-def _metric_buckets(metrics: dict[str, float]) -> dict[str, float]:
-    """The metric bucket features of a metrics map (see observation.GLOBAL_FEATURES)."""
+@functools.lru_cache(maxsize=1024)
+def _metric_buckets(items: tuple[tuple[str, float], ...]) -> tuple[tuple[int, float], ...]:
+    """The metric bucket features of a metrics map's items, as (global column, value) pairs (see
+    observation.GLOBAL_FEATURES); cached, as a host sends the same map packet after packet."""
     sums: dict[str, list[float]] = {}
-    for key, value in metrics.items():
+    for key, value in items:
         squashed = math.copysign(math.log1p(abs(value)), value) / 10.0
         sums.setdefault(_bucket(key), []).append(squashed)
-    return {name: _clip(sum(values) / len(values), -1.0, 1.0) for name, values in sums.items()}
+    return tuple(
+        (GLOBAL_FEATURE_INDEX[name], _clip(sum(values) / len(values), -1.0, 1.0))
+        for name, values in sums.items()
+    )
 
 
 def _hardware(hardware: HardwareContext | None) -> dict[str, float]:
@@ -557,38 +618,56 @@ class RunState:
         return np.stack([latency, trend, steady, ready, depth, position, upstream, downstream], axis=1)
 
     def _global_features(self, x: np.ndarray, stages: np.ndarray, n_clusters: int) -> np.ndarray:
-        tr = self.training
         n = x.shape[0]
+        row = self.global_row(
+            n,
+            int(np.count_nonzero(x[:, T.PROBLEMATIC])),
+            int(np.count_nonzero(LIVE_STAGE[stages])),
+            n_clusters,
+            self.overall_health(),
+        )
+        return np.array(row, dtype=np.float32)
+
+    def global_row(
+        self, n: int, problematic: int, active: int, n_clusters: int, overall_health: float
+    ) -> list[float]:
+        """The global features (GLOBAL_FEATURES order, float64) from the run's training state and
+        the node counts an observation found (`n` nodes, `problematic` flagged, `active` live seeds)."""
+        tr = self.training
         growth = tr.total_params / tr.host_params - 1.0 if tr.host_params else 0.0
         remaining = tr.epochs_remaining
-        values = {
-            "epoch": min(tr.epoch / 100.0, 1.0),
-            "train_loss": math.log1p(tr.train_loss),
-            "val_loss": math.log1p(tr.val_loss),
-            "train_accuracy": tr.train_accuracy,
-            "val_accuracy": tr.val_accuracy,
-            "val_accuracy_delta": _clip(tr.val_accuracy_delta, -1.0, 1.0),
-            "plateau_epochs": min(tr.plateau_epochs / 10.0, 1.0),
-            "overall_health": self.overall_health(),
-            "problematic_fraction": np.count_nonzero(x[:, T.PROBLEMATIC]) / n if n else 0.0,
-            "cluster_count": min(n_clusters / 10.0, 1.0),
-            "param_growth": _clip(growth, 0.0, 1.0),
-            "active_seed_fraction": np.count_nonzero(LIVE_STAGE[stages]) / n if n else 0.0,
-            "log_nodes": math.log10(n + 1) / 4.0,
-            "inferred_topology": float(self.graph is None or self.graph.inferred),
-            "budget_known": float(tr.total_epochs > 0),
-            "epochs_remaining": 1.0 if remaining is None else min(remaining / EPOCHS_REMAINING_SCALE, 1.0),
-            "global_step": min(math.log10(tr.global_step + 1) / 7.0, 1.0),
-            "loss_delta": _clip(tr.val_loss_delta, -1.0, 1.0),
-            "best_val_accuracy": max(tr.best_val_accuracy, 0.0),
-            "best_val_loss": math.log1p(tr.best_val_loss) if tr.packets else 0.0,
-            **{f"loss_history_{k}": math.log1p(v) for k, v in enumerate(tr.loss_history)},
-            **{f"accuracy_history_{k}": v for k, v in enumerate(tr.accuracy_history)},
-            **_metric_buckets(tr.metrics),
-            "metrics_count": min(len(tr.metrics) / 16.0, 1.0),
-            **_hardware(tr.hardware),
-        }
-        return np.array([values.get(name, 0.0) for name in GLOBAL_FEATURES], dtype=np.float32)
+        row = [0.0] * len(GLOBAL_FEATURES)
+        row[_G_EPOCH] = min(tr.epoch / 100.0, 1.0)
+        row[_G_TRAIN_LOSS] = math.log1p(tr.train_loss)
+        row[_G_VAL_LOSS] = math.log1p(tr.val_loss)
+        row[_G_TRAIN_ACCURACY] = tr.train_accuracy
+        row[_G_VAL_ACCURACY] = tr.val_accuracy
+        row[_G_VAL_ACCURACY_DELTA] = _clip(tr.val_accuracy_delta, -1.0, 1.0)
+        row[_G_PLATEAU] = min(tr.plateau_epochs / 10.0, 1.0)
+        row[_G_OVERALL_HEALTH] = overall_health
+        row[_G_PROBLEMATIC] = problematic / n if n else 0.0
+        row[_G_CLUSTERS] = min(n_clusters / 10.0, 1.0)
+        row[_G_PARAM_GROWTH] = _clip(growth, 0.0, 1.0)
+        row[_G_ACTIVE] = active / n if n else 0.0
+        row[_G_LOG_NODES] = math.log10(n + 1) / 4.0
+        row[_G_INFERRED] = float(self.graph is None or self.graph.inferred)
+        row[_G_BUDGET_KNOWN] = float(tr.total_epochs > 0)
+        row[_G_REMAINING] = 1.0 if remaining is None else min(remaining / EPOCHS_REMAINING_SCALE, 1.0)
+        row[_G_GLOBAL_STEP] = min(math.log10(tr.global_step + 1) / 7.0, 1.0)
+        row[_G_LOSS_DELTA] = _clip(tr.val_loss_delta, -1.0, 1.0)
+        row[_G_BEST_ACCURACY] = max(tr.best_val_accuracy, 0.0)
+        row[_G_BEST_LOSS] = math.log1p(tr.best_val_loss) if tr.packets else 0.0
+        for k, v in enumerate(tr.loss_history):
+            row[_G_LOSS_HISTORY + k] = math.log1p(v)
+        for k, v in enumerate(tr.accuracy_history):
+            row[_G_ACCURACY_HISTORY + k] = v
+        if tr.metrics:
+            for column, value in _metric_buckets(tuple(tr.metrics.items())):
+                row[column] = value
+        row[_G_METRICS_COUNT] = min(len(tr.metrics) / 16.0, 1.0)
+        for name, value in _hardware(tr.hardware).items():
+            row[GLOBAL_FEATURE_INDEX[name]] = value
+        return row
 
     def _empty_observation(self, now: float) -> Observation:
         """A run known only from state packets: no nodes yet, global features only."""

@@ -112,11 +112,12 @@ class Command(msgspec.Struct, frozen=True):
     steepness: float | None = None
     alpha_speed: AlphaSpeed | None = None
     alpha_curve: AlphaCurve | None = None
+    max_seed_params: int = 0  # the most parameters a GERMINATE's seed may add; 0 = no limit
 
     @classmethod
     def of(cls, wire: object) -> Command:
         """The command an AdaptationCommand (or a policy Decision) stands for."""
-        return cls(**{name: getattr(wire, name, None) for name in cls.__struct_fields__})
+        return cls(**{name: getattr(wire, name) for name in cls.__struct_fields__ if hasattr(wire, name)})
 
 
 def _lever_reject_reason(command: Command) -> str:
@@ -259,7 +260,7 @@ class HostBatch:
         for counter in self.counts.values():
             counter[e] = 0
 
-    def _clear_seeds(self, e: int | np.ndarray, layers: slice | np.ndarray) -> None:
+    def _clear_seeds(self, e: int | np.ndarray, layers: int | slice | np.ndarray) -> None:
         """Remove the seeds at (e, layers): no params, no contribution, no blueprint."""
         self.blueprint[e, layers] = NO_SEED
         self.blend[e, layers] = self.tempo[e, layers] = 0
@@ -332,13 +333,37 @@ class HostBatch:
             and not 0 <= command.alpha_target <= 1
         ):
             return "alpha_target must be in [0, 1]"
-        return _lever_reject_reason(command) if op is Op.GERMINATE else ""
+        if op is not Op.GERMINATE:
+            return ""
+        return _lever_reject_reason(command) or self._size_reject_reason(e, layer, command)
+
+    def _size_reject_reason(self, e: int, layer: int, command: Command) -> str:
+        """Why the seed is over the command's max_seed_params ("" when it fits or there is no limit),
+        as the reference host words it (examples/host/slot.py, SeedSlot._check_size)."""
+        limit = command.max_seed_params
+        if limit <= 0 or command.blueprint is None:
+            return ""
+        size = self._seed_size(e, layer, command)
+        if size <= limit:
+            return ""
+        return (
+            f"a {command.blueprint.value} seed here has {size} parameters, over the command's "
+            f"max_seed_params {limit} (layer {layer})"
+        )
+
+    def _seed_size(self, e: int, layer: int, command: Command) -> int:
+        """Parameters the GERMINATE's seed adds on the layer (a gated blend's gate included)."""
+        assert command.blueprint is not None
+        ratio = self.param_ratio[BLUEPRINT_INDEX[command.blueprint]]
+        reference = max(int(self.layer_params[e, layer]), self.config.min_seed_reference)
+        gate = C.GATE_PARAM_RATIO if command.blend is BlendAlgorithm.GATED else 0.0
+        return int(round((ratio + gate) * reference))
 
     def _germinate(self, e: int, layer: int, command: Command) -> None:
         assert command.blueprint is not None
         bp = BLUEPRINT_INDEX[command.blueprint]
         blend = BLEND_INDEX[command.blend or BlendAlgorithm.SIGMOID]
-        self._clear_seeds(e, np.array([layer]))
+        self._clear_seeds(e, layer)
         self.blueprint[e, layer] = bp
         self.blend[e, layer] = blend
         self.tempo[e, layer] = TEMPO_INDEX[command.tempo or Tempo.STANDARD]
@@ -349,9 +374,7 @@ class HostBatch:
         ratio = self.param_ratio[bp]
         cfg = self.config
         self.interference[e, layer] = cfg.interference + cfg.interference_per_ratio * ratio
-        reference = max(int(self.layer_params[e, layer]), cfg.min_seed_reference)
-        gate = C.GATE_PARAM_RATIO if blend == C.GATED_BLEND else 0.0
-        self.seed_params[e, layer] = int(round((ratio + gate) * reference))
+        self.seed_params[e, layer] = self._seed_size(e, layer, command)
         self.counts["germinated"][e] += 1
         self._germinate_levers(e, layer, command)
 

@@ -122,7 +122,7 @@ class SimEnv:
         self.hosts.reset(envs)
         self._time += self.config.epoch_seconds
         self._begin(envs)
-        self.observations = [self.analyzer.observe(run_id) for run_id in self.run_ids]
+        self.observations = self.analyzer.observe_many(self.run_ids)
         return self.observations
 
     def step(
@@ -150,10 +150,10 @@ class SimEnv:
         infos: list[StepInfo] = []
         for e, run_id in enumerate(self.run_ids):  # every run's health in one pass (at the first state)
             self.analyzer.queue_health(run_id, health_batch(hosts, tel, e, self._time))
-        for e, run_id in enumerate(self.run_ids):
-            done = bool(dones[e])
-            state = state_packet(hosts, tel, e, self._time, done)
-            self.analyzer.ingest_state(run_id, state)
+        done_list = dones.tolist()
+        states = [state_packet(hosts, tel, e, self._time, done) for e, done in enumerate(done_list)]
+        self.analyzer.ingest_states(self.run_ids, states)
+        for e, (run_id, state, done) in enumerate(zip(self.run_ids, states, done_list, strict=True)):
             if self.observer is not None:
                 self.observer(run_id, "state", state)
             outcome = self.trackers[e].on_state(state)
@@ -172,14 +172,17 @@ class SimEnv:
             )
             if done:
                 info.episode = self._episode_result(e, state.val_accuracy)
-                info.final_observation = self.analyzer.observe(run_id)
-                self.analyzer.remove_run(run_id)
             infos.append(info)
         finished = np.flatnonzero(dones)
         if finished.size:
+            ended = [self.run_ids[e] for e in finished.tolist()]
+            for e, final in zip(finished.tolist(), self.analyzer.observe_many(ended), strict=True):
+                infos[e].final_observation = final
+            for run_id in ended:
+                self.analyzer.remove_run(run_id)
             hosts.reset(finished)
             self._begin(finished)
-        self.observations = [self.analyzer.observe(run_id) for run_id in self.run_ids]
+        self.observations = self.analyzer.observe_many(self.run_ids)
         return self.observations, rewards, dones.copy(), infos
 
     def close(self) -> None:

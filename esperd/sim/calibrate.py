@@ -31,7 +31,13 @@ drop* (the largest one-epoch fall of validation accuracy while it blended).
   sizes          seed / layer parameter ratios per blueprint, layer sizes per kind, run length,
                  layer counts and architecture families, validation size;
   blends         instability rate and drop size by a small grid search that matches the
-                 simulated blend drops to the real ones.
+                 simulated blend drops to the real ones;
+  levers         from paired lever runs (`record_traces.py --controllers lever-sweep`: the
+                 manual plan with one optional lever changed, against its default-lever twin),
+                 the simulator's lever parameters (coadapt_*, lr_risk_exponent, steepness_shock)
+                 by a grid search per parameter matching the simulated paired effects on blend
+                 drop, counterfactual and final accuracy to the real ones (`fit_levers`); a
+                 parameter moves only where the data rule its prior out.
 
 `discrepancy` compares two sets of summaries (e.g. held-out real runs and simulated runs with
 the same controllers): Wasserstein-1 distances of the gain and blend-drop distributions,

@@ -13,12 +13,22 @@ it over NATS; `esperd.ops.traces.TraceTap` writes every message of every run to
   manual     a fixed plan per seed: two seeds germinated at epoch 3 on two layers, blueprints
              cycling through the ones that fit each layer, advanced after 2 epochs of training,
              fossilized after one epoch of probation -- whatever they did (a sweep of where and
-             what, so that every layer kind and blueprint gets measured).
+             what, so that every layer kind and blueprint gets measured);
+  lever-sweep  the manual plan (the default-lever twin, named manual) and, for each variant of
+             --lever-variants (esperd.sim.policies.LEVER_VARIANTS), the same plan with ONE
+             optional lever of every GERMINATE at a non-default value (runs named
+             lever-<variant>): paired by seed, they show what each lever does on a real host
+             (what `esperd sim calibrate` fits the simulator's lever parameters from).
 
 Seeds listed in --holdout-seeds go to `<out>/holdout/` (never used to fit), the rest to
-`<out>/fit/`. Each run is recorded once; an existing trace file (`.jsonl`, or `.jsonl.gz` as
-committed: `gzip -9 <out>/*/*.jsonl`) is skipped, so an interrupted recording resumes. The
-default recording (96 runs) took about 75 minutes on this 2-core VM, shared.
+`<out>/fit/`. A seed's manual plan depends only on --seeds, so a resumed recording keeps the
+plans (and the lever variants their twins'). Each run is recorded once; an existing trace file
+(`.jsonl`, or `.jsonl.gz` as committed: `gzip -9 <out>/*/*.jsonl`) is skipped, so an
+interrupted recording resumes. The
+default recording (96 runs) took about 75 minutes on this 2-core VM, shared. The lever traces:
+
+    python benchmarks/record_traces.py --out benchmarks/traces/levers --controllers lever-sweep \
+        --tasks digits:2:16 --seeds 0-19 --holdout-seeds 12-19 --concurrency 1
 """
 
 from __future__ import annotations
@@ -53,13 +63,14 @@ from esperd.ops.natsserver import NatsServer, free_port
 from esperd.ops.traces import TraceTap
 from esperd.policy.base import ActResult, build_decisions
 from esperd.service import Service
-from esperd.sim.policies import FixedPlanPolicy, RandomPolicy
+from esperd.sim.policies import LEVER_PREFIX, LEVER_VARIANTS, RandomPolicy, lever_plan_policy
 from esperd_contracts import Blueprint, Op
 from esperd_examples.host.data import load_task
 from esperd_examples.host.models import build_model
 from esperd_examples.host.train import HostConfig, HostRun
 
 CONTROLLERS = ("static", "heuristic", "random", "manual")
+LEVER_SWEEP = "lever-sweep"  # manual + one lever-<variant> controller per variant
 _EIS = NODE_FEATURE_INDEX["epochs_in_stage"]
 
 
@@ -134,11 +145,12 @@ class RandomBundle(_RowsBundle):
 
 
 class PlanBundle(_RowsBundle):
-    """esperd serving the simulator's FixedPlanPolicy: the manual germinations."""
+    """esperd serving the simulator's FixedPlanPolicy: the manual germinations (`variant`: with
+    one lever varied, esperd.sim.policies.LEVER_VARIANTS)."""
 
-    def __init__(self, plans: Mapping[str, Sequence[tuple[int, Blueprint]]]) -> None:
-        super().__init__("manual")
-        self.policy = FixedPlanPolicy(plans, epoch=3, train_epochs=2)
+    def __init__(self, plans: Mapping[str, Sequence[tuple[int, Blueprint]]], variant: str = "manual") -> None:
+        super().__init__("manual")  # the commands' policy; the run id names the variant
+        self.policy = lever_plan_policy(variant, plans, epoch=3, train_epochs=2)
 
     def rows(self, observations: Sequence[Observation]) -> np.ndarray:
         return self.policy.act(observations)
@@ -176,6 +188,8 @@ def controller_bundle(  # type: ignore[no-untyped-def]
         return RandomBundle(seed, random_levers)
     if name == "manual":
         return PlanBundle(plans)
+    if name.startswith(LEVER_PREFIX):
+        return PlanBundle(plans, name.removeprefix(LEVER_PREFIX))
     return None  # heuristic: what esperd serves
 
 
@@ -228,7 +242,10 @@ async def record_controller(
     todo = [s for s in seeds if not recorded(s)]
     if not todo:
         return
-    plans = manual_plans(task, width, todo, run_id) if controller == "manual" else {}
+    # Planned over every seed, not only those left to record: a seed's plan (and its lever
+    # variants') stays the same when a recording resumes.
+    planned = controller == "manual" or controller.startswith(LEVER_PREFIX)
+    plans = manual_plans(task, width, seeds, run_id) if planned else {}
     with tempfile.TemporaryDirectory() as state:
         service = Service(daemon_config(url, Path(state)), env={})
         served = asyncio.create_task(service.run())
@@ -268,6 +285,23 @@ def _split(seed: int, holdout: set[int]) -> str:
     return "holdout" if seed in holdout else "fit"
 
 
+def controllers(names: str, variants: str) -> list[str]:
+    """The controllers to record, lever-sweep expanded into manual + lever-<variant> each."""
+    out: list[str] = []
+    for name in names.split(","):
+        if name == LEVER_SWEEP:
+            unknown = set(variants.split(",")) - set(LEVER_VARIANTS)
+            if unknown:
+                known = ", ".join(LEVER_VARIANTS)
+                raise SystemExit(f"unknown lever variants {sorted(unknown)}; known: {known}")
+            out += ["manual"] + [LEVER_PREFIX + v for v in variants.split(",")]
+        elif name in CONTROLLERS:
+            out.append(name)
+        else:
+            raise SystemExit(f"unknown controller {name!r}: {', '.join(CONTROLLERS)}, {LEVER_SWEEP}")
+    return list(dict.fromkeys(out))
+
+
 def parse_seeds(text: str) -> list[int]:
     seeds: list[int] = []
     for part in text.split(","):
@@ -284,7 +318,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="digits:2:20,sequence:0:12",
         help="task:width:epochs,... (width 0: the task's default)",
     )
-    p.add_argument("--controllers", default=",".join(CONTROLLERS))
+    p.add_argument(
+        "--controllers", default=",".join(CONTROLLERS), help=f"of {', '.join(CONTROLLERS)}, {LEVER_SWEEP}"
+    )
+    p.add_argument(
+        "--lever-variants",
+        default="shared,lr0p5,lr2,steep0p5,steep2,dwell1,dwell5",
+        help=f"the variants {LEVER_SWEEP} records, of {', '.join(LEVER_VARIANTS)}",
+    )
     p.add_argument("--seeds", default="0-11")
     p.add_argument("--holdout-seeds", default="8-11", help="recorded under <out>/holdout/, never fitted")
     p.add_argument("--concurrency", type=int, default=2, help="host runs at once")
@@ -311,7 +352,7 @@ async def main_async(args: argparse.Namespace) -> int:
         try:
             for task, width, epochs in tasks:
                 width_value = int(width) or HostConfig().width
-                for controller in args.controllers.split(","):
+                for controller in controllers(args.controllers, args.lever_variants):
                     print(f"{task} width {width_value}, {epochs} epochs, {controller}", flush=True)
                     await record_controller(
                         server.url,

@@ -78,9 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--traces", required=True, metavar="DIR", help="trace files to fit")
     calibrate.add_argument("--out", required=True, metavar="FILE", help="TOML file to write")
     calibrate.add_argument("--holdout", metavar="DIR", help="held-out traces to measure the fit on")
+    calibrate.add_argument(
+        "--lever-traces",
+        metavar="DIR",
+        help="paired lever runs (record_traces.py --controllers lever-sweep) to fit the lever "
+        "parameters on (default: those in --traces)",
+    )
+    calibrate.add_argument(
+        "--lever-holdout", metavar="DIR", help="held-out paired lever runs to measure the lever fit on"
+    )
     calibrate.add_argument("--seed", type=int, default=0, help="simulator seed for the search (0)")
     calibrate.add_argument(
-        "--no-search", action="store_true", help="skip the blend-instability grid search (faster)"
+        "--no-search",
+        action="store_true",
+        help="skip the grid searches: blend instability, lever parameters (faster)",
     )
     record = sub.add_parser(
         "record",
@@ -224,7 +235,13 @@ def _sim_calibrate(args: argparse.Namespace) -> int:
 
     try:
         return calibrate_main(
-            args.traces, args.out, holdout=args.holdout, seed=args.seed, search=not args.no_search
+            args.traces,
+            args.out,
+            holdout=args.holdout,
+            seed=args.seed,
+            search=not args.no_search,
+            lever_traces=args.lever_traces,
+            lever_holdout=args.lever_holdout,
         )
     except CalibrationError as exc:
         print(f"esperd sim calibrate: {exc}", file=sys.stderr)

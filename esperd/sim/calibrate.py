@@ -31,7 +31,13 @@ drop* (the largest one-epoch fall of validation accuracy while it blended).
   sizes          seed / layer parameter ratios per blueprint, layer sizes per kind, run length,
                  layer counts and architecture families, validation size;
   blends         instability rate and drop size by a small grid search that matches the
-                 simulated blend drops to the real ones.
+                 simulated blend drops to the real ones;
+  levers         from paired lever runs (`record_traces.py --controllers lever-sweep`: the
+                 manual plan with one optional lever changed, against its default-lever twin),
+                 the simulator's lever parameters (coadapt_*, lr_risk_exponent, steepness_shock)
+                 by a grid search per parameter matching the simulated paired effects on blend
+                 drop, counterfactual and final accuracy to the real ones (`fit_levers`); a
+                 parameter moves only where the data rule its prior out.
 
 `discrepancy` compares two sets of summaries (e.g. held-out real runs and simulated runs with
 the same controllers): Wasserstein-1 distances of the gain and blend-drop distributions,
@@ -220,7 +226,7 @@ def _seed_episode(
 
 
 #: `benchmarks/record_traces.py` names runs <task>-w<width>-<controller>-s<seed>.
-_RECORDED_RUN = re.compile(r"-(static|heuristic|random|manual)-s\d+$")
+_RECORDED_RUN = re.compile(r"-(static|heuristic|random|manual|lever-[A-Za-z0-9_]+)-s\d+$")
 
 
 def read_summaries(directory: str | Path) -> list[RunSummary]:
@@ -485,16 +491,29 @@ class FitReport(msgspec.Struct, kw_only=True):
     seeds: int
     seeds_with_gain: int
     notes: list[str] = []
+    levers: list[LeverFit] = []  # the lever parameters' fits (none without paired lever runs)
 
 
 def fit(
-    real: Sequence[RunSummary], base: SimConfig | None = None, *, seed: int = 0, search: bool = True
+    real: Sequence[RunSummary],
+    base: SimConfig | None = None,
+    *,
+    seed: int = 0,
+    search: bool = True,
+    levers: Sequence[RunSummary] | None = None,
 ) -> tuple[SimConfig, FitReport]:
-    """A SimConfig whose dynamics match `real` (see the module docstring). Raises CalibrationError."""
+    """A SimConfig whose dynamics match `real` (see the module docstring). The lever parameters
+    come from the paired lever runs in `levers` (default: those in `real`; `fit_levers`), which
+    the rest of the fit leaves out. Raises CalibrationError."""
+    from esperd.sim.policies import LEVER_PREFIX
+
+    lever_runs = list(real if levers is None else levers)
+    real = [r for r in real if not r.controller.startswith(LEVER_PREFIX)]
     if not real:
         raise CalibrationError("no runs with a state packet in the traces")
     base = base or SimConfig()
-    notes: list[str] = [_lever_note(real)]
+    paired = lever_effects(lever_runs)
+    notes: list[str] = [] if paired else [_lever_note(real)]
     values: dict[str, Any] = _fit_shape(real, base)
     plateau = _fit_curve(real, values, notes)
     gains = _gains(real)
@@ -513,12 +532,19 @@ def fit(
     config = msgspec.structs.replace(base, **values)
     if search:
         config = _fit_blends(config, real, seed)
+    lever_fits: list[LeverFit] = []
+    if paired and search:
+        config, lever_fits, lever_notes = fit_levers(config, lever_runs, seed=seed)
+        notes += lever_notes
+    elif paired:
+        notes.append(f"Levers not fitted (no search): {_LEVER_PARAMETERS} keep their priors")
     report = FitReport(
         runs=len(real),
         static_runs=sum(r.controller == "static" for r in real),
         seeds=sum(len(r.seeds) for r in real),
         seeds_with_gain=len(gains),
         notes=notes,
+        levers=lever_fits,
     )
     return config, report
 
@@ -750,20 +776,246 @@ def _fit_blends(config: SimConfig, real: Sequence[RunSummary], seed: int) -> Sim
     return best
 
 
+# ---------------------------------------------------------------- lever parameters
+
+
+class Effect(msgspec.Struct, frozen=True):
+    """A paired difference's mean, its standard error and how many pairs it rests on."""
+
+    mean: float
+    se: float
+    n: int
+
+
+class LeverEffect(msgspec.Struct, frozen=True, kw_only=True):
+    """What one lever variant did against its default-lever twins (same host and seed, same plan):
+    the variant's runs minus their twins'."""
+
+    variant: str
+    lever: str  # observation.LEVERS name: isolation | lr_multiplier | steepness | dwell
+    drop: Effect  # blend drop per run (the mean over its blended seeds)
+    gain: Effect  # counterfactual on probation per seed judged in both twins (same layer)
+    final: Effect  # final validation accuracy per run
+
+
+#: The statistics a lever's effect is measured by (LeverEffect fields).
+LEVER_STATS: tuple[str, ...] = ("drop", "gain", "final")
+#: The simulator's lever parameters, each with the lever whose variants inform it and its grid
+#: (SimConfig's prior is in every grid). Dwell, alpha speed and alpha curve have none: their
+#: effects follow from constants (maturing rate, jump instability) and the blend parameters.
+LEVER_PARAMETERS: tuple[tuple[str, str, tuple[float, ...]], ...] = (
+    ("coadapt_repair", "isolation", (-0.75, -0.5, 0.0, 0.15, 0.5, 1.0, 2.0, 4.0, 9.0)),
+    ("coadapt_interference", "isolation", (-0.75, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0, 9.0)),
+    ("coadapt_risk", "isolation", (-0.75, -0.5, 0.0, 0.3, 1.0, 2.0, 4.0, 9.0)),
+    ("lr_risk_exponent", "lr_multiplier", (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)),
+    ("steepness_shock", "steepness", (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)),
+)
+_CHI2_95 = 3.84  # one parameter's 95 % bound on the objective (a sum of squared z-scores)
+
+
+class LeverFit(msgspec.Struct, frozen=True, kw_only=True):
+    """One lever parameter: what the paired runs said about it."""
+
+    name: str
+    prior: float
+    value: float  # the best grid value where the data rule the prior out, else the prior
+    # identified: both ends of the grid ruled out; bounded: one end; not identified: neither.
+    verdict: str
+    prior_ruled_out: bool  # the prior lies outside the accepted range
+    accepted: tuple[float, float]  # the range of grid values within the 95 % bound of the best
+    best: float  # the grid value nearest the real effects
+    variants: tuple[str, ...]  # the lever variants (real) it was fitted to
+    objective: dict[float, float] = {}  # grid value -> sum of squared z (sim vs real, every stat)
+
+
+def _effect(diffs: Sequence[float]) -> Effect:
+    if not diffs:
+        return Effect(float("nan"), float("nan"), 0)
+    arr = np.asarray(diffs, dtype=np.float64)
+    se = float(arr.std(ddof=1) / math.sqrt(arr.size)) if arr.size > 1 else float("nan")
+    return Effect(float(arr.mean()), se, int(arr.size))
+
+
+def _set_levers(seed: SeedEpisode) -> dict[str, Any]:
+    """The seed's levers as the host applied them: isolation filled in with its family's default."""
+    family = Blueprint(seed.blueprint).family.value
+    default = "isolated" if family == "cnn" else "shared"
+    return {**seed.levers, "isolation": seed.levers.get("isolation", default)}
+
+
+def _run_drop(run: RunSummary) -> float | None:
+    drops = [s.blend_drop for s in run.seeds if s.blend_drop is not None]
+    return float(np.mean(drops)) if drops else None
+
+
+def lever_effects(runs: Sequence[RunSummary]) -> dict[str, LeverEffect]:
+    """Per lever variant (controller lever-<variant>), its paired effects against the default-lever
+    twins (controller manual, the same `pair`). A pair counts only where the lever changed what the
+    host did for at least one seed (e.g. isolation "shared" on a layer whose family shares anyway
+    does not)."""
+    from esperd.sim.policies import LEVER_PREFIX, LEVER_VARIANTS
+
+    twins = {r.pair: r for r in runs if r.controller == "manual"}
+    diffs: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        variant = run.controller.removeprefix(LEVER_PREFIX)
+        twin = twins.get(run.pair)
+        if not run.controller.startswith(LEVER_PREFIX) or variant not in LEVER_VARIANTS or twin is None:
+            continue
+        twin_seeds = {s.layer_id: s for s in twin.seeds}
+        pairs = [(s, twin_seeds[s.layer_id]) for s in run.seeds if s.layer_id in twin_seeds]
+        changed = [(s, t) for s, t in pairs if _set_levers(s) != _set_levers(t)]
+        if not changed:
+            continue
+        out = diffs.setdefault(variant, {k: [] for k in LEVER_STATS})
+        out["final"].append(run.accuracy[-1] - twin.accuracy[-1])
+        drop, twin_drop = _run_drop(run), _run_drop(twin)
+        if drop is not None and twin_drop is not None:
+            out["drop"].append(drop - twin_drop)
+        out["gain"] += [s.gain - t.gain for s, t in changed if s.gain is not None and t.gain is not None]
+    return {
+        v: LeverEffect(variant=v, lever=LEVER_VARIANTS[v][0], **{k: _effect(d[k]) for k in LEVER_STATS})
+        for v, d in sorted(diffs.items())
+    }
+
+
+def lever_sim_config(config: SimConfig, lever_runs: Sequence[RunSummary]) -> SimConfig:
+    """`config` with the shape of the lever runs' hosts (run length, layers, architecture, sizes), so
+    simulated lever runs play hosts like the real ones."""
+    twins = [r for r in lever_runs if r.controller == "manual"]
+    return msgspec.structs.replace(config, **_fit_shape(twins, config)) if twins else config
+
+
+def simulate_lever_runs(
+    config: SimConfig, variants: Iterable[str], episodes: int = 64, seed: int = 0
+) -> list[RunSummary]:
+    """Simulated lever runs: each variant ("manual": the default-lever twin) of the manual plan on
+    the same simulated hosts and plans, so they pair up by run as real ones do."""
+    from esperd.sim.policies import lever_plan_policy
+
+    runs: list[RunSummary] = []
+    for variant in variants:
+        runs += simulate(config, lever_plan_policy(variant, seed=seed), episodes, seed=seed, envs=32)
+    return runs
+
+
+def lever_objective(real: Mapping[str, LeverEffect], sim: Mapping[str, LeverEffect]) -> tuple[float, int]:
+    """Sum of squared z-scores of sim minus real over every variant and statistic both measured
+    (each z over both standard errors), and how many terms it has."""
+    total, terms = 0.0, 0
+    for variant, effect in real.items():
+        other = sim.get(variant)
+        if other is None:
+            continue
+        for stat in LEVER_STATS:
+            a, b = getattr(effect, stat), getattr(other, stat)
+            if a.n < 2 or b.n < 2:
+                continue
+            var = a.se**2 + b.se**2
+            if var > 0:
+                total += (b.mean - a.mean) ** 2 / var
+                terms += 1
+    return total, terms
+
+
+def fit_levers(
+    config: SimConfig,
+    lever_runs: Sequence[RunSummary],
+    *,
+    seed: int = 0,
+    episodes: int = 64,
+    parameters: Sequence[tuple[str, str, tuple[float, ...]]] = LEVER_PARAMETERS,
+) -> tuple[SimConfig, list[LeverFit], list[str]]:
+    """Fit the lever parameters to paired lever runs (`lever_effects`): for each parameter in turn,
+    a grid search over its values (the others held at their current ones) for the simulated paired
+    effects nearest the real ones (`lever_objective`). The grid values within the 95 % bound of the
+    best are what the data allow: identified when that excludes both ends of the grid, bounded when
+    one, not identified when neither. A parameter takes the best value only where the data rule its
+    prior out, else it keeps the prior. Returns the config (the lever parameters changed only), the
+    fits and notes."""
+    real = lever_effects(lever_runs)
+    notes: list[str] = []
+    fits: list[LeverFit] = []
+    sim_config = lever_sim_config(config, lever_runs)
+    # The default-lever twins do not depend on the lever parameters (neutral at the defaults).
+    twins = simulate_lever_runs(sim_config, ["manual"], episodes=episodes, seed=seed)
+    values = {name: float(getattr(config, name)) for name, _, _ in parameters}
+    for name, lever, grid in parameters:
+        variants = tuple(v for v, e in real.items() if e.lever == lever)
+        prior = values[name]
+        if not variants:
+            notes.append(f"{name}: no paired runs vary {lever}; kept its prior {prior:g}")
+            continue
+        scores: dict[float, float] = {}
+        terms = 0
+        for value in grid:
+            candidate = msgspec.structs.replace(sim_config, **{**values, name: value})
+            runs = simulate_lever_runs(candidate, variants, episodes=episodes, seed=seed)
+            score, count = lever_objective({v: real[v] for v in variants}, lever_effects(twins + runs))
+            if count:
+                scores[value], terms = score, max(terms, count)
+        if not scores:
+            notes.append(f"{name}: {lever} runs measured nothing twice; kept its prior {prior:g}")
+            continue
+        best = min(scores, key=lambda v: scores[v])
+        # The bound widens by the best fit's excess over its terms (Birge ratio): where even the
+        # best value misses the real effects by more than their noise, the model, not the data,
+        # limits what can be told apart.
+        bound = _CHI2_95 * max(1.0, scores[best] / terms)
+        accepted = [v for v in scores if scores[v] <= scores[best] + bound]
+        lo, hi = min(accepted), max(accepted)
+        ends = (min(scores) in accepted) + (max(scores) in accepted)
+        verdict = ("identified", "bounded", "not identified")[ends]
+        ruled_out = not lo <= prior <= hi
+        # A prior the data do not contradict stays: a best grid value inside the noise is no finding.
+        values[name] = best if ruled_out else prior
+        fits.append(
+            LeverFit(
+                name=name,
+                prior=prior,
+                value=values[name],
+                verdict=verdict,
+                prior_ruled_out=ruled_out,
+                accepted=(lo, hi),
+                best=best,
+                variants=variants,
+                objective=scores,
+            )
+        )
+        outcome = (
+            f"prior {prior:g} ruled out, fitted {best:g}"
+            if ruled_out
+            else f"prior {prior:g} kept (within the range; best grid value {best:g})"
+        )
+        notes.append(
+            f"{name} from {', '.join(variants)}: {verdict}, 95 % range {lo:g} to {hi:g} of the grid "
+            f"{min(scores):g}-{max(scores):g}; {outcome}"
+        )
+    return msgspec.structs.replace(config, **values), fits, notes
+
+
+def lever_discrepancy(
+    config: SimConfig, lever_runs: Sequence[RunSummary], *, seed: int = 0, episodes: int = 64
+) -> tuple[dict[str, LeverEffect], dict[str, LeverEffect], float, int]:
+    """(real effects, simulated effects, sum of squared z, terms) of the lever runs' variants."""
+    real = lever_effects(lever_runs)
+    sim_config = lever_sim_config(config, lever_runs)
+    sim = lever_effects(simulate_lever_runs(sim_config, ["manual", *real], episodes=episodes, seed=seed))
+    return (real, sim, *lever_objective(real, sim))
+
+
 def _lever_note(real: Sequence[RunSummary]) -> str:
-    """What the traces say about the optional levers' parameters: nothing yet. They stay at their
-    priors (SimConfig), neutral at the default levers, so the fit above holds for runs that used
-    the defaults. Fitting them needs runs where one lever varies with the rest fixed: blend drops
-    and gains by isolation mode and LR multiplier, by steepness, by dwell (how gains and drops
-    change with the seed's time in TRAINING)."""
+    """Without paired lever runs, the lever parameters stay at their priors (SimConfig), neutral at
+    the default levers, so the fit above holds for runs that used the defaults."""
     seeds = [s for r in real for s in r.seeds]
     varied = {
         name: sorted({str(s.levers[name]) for s in seeds if name in s.levers}) for name in _LEVER_FIELDS
     }
     seen = ", ".join(f"{name} {'/'.join(v)}" for name, v in varied.items() if v) or "none"
     return (
-        f"Levers not fitted ({_LEVER_PARAMETERS} keep their priors): of {len(seeds)} seeds, "
-        f"the optional levers set were: {seen}; fitting needs runs that vary one lever at a time."
+        f"Levers not fitted ({_LEVER_PARAMETERS} keep their priors): no paired lever runs (lever-<variant> "
+        f"with a manual twin, benchmarks/record_traces.py --controllers lever-sweep); of {len(seeds)} seeds, "
+        f"the optional levers set were: {seen}."
     )
 
 
@@ -821,12 +1073,17 @@ def calibrate_main(
     holdout: str | Path | None = None,
     seed: int = 0,
     search: bool = True,
+    lever_traces: str | Path | None = None,
+    lever_holdout: str | Path | None = None,
 ) -> int:
-    """Fit `traces`, write `out`; with `holdout`, print the discrepancy before and after."""
-    if not Path(traces).is_dir():
-        raise CalibrationError(f"{traces} is not a directory")
+    """Fit `traces` (the lever parameters on `lever_traces`' paired lever runs, when given), write
+    `out`; with `holdout` / `lever_holdout`, print the discrepancy before and after."""
+    for directory in (traces, lever_traces):
+        if directory is not None and not Path(directory).is_dir():
+            raise CalibrationError(f"{directory} is not a directory")
     real = read_summaries(traces)
-    config, report = fit(real, seed=seed, search=search)
+    levers = read_summaries(lever_traces) if lever_traces is not None else None
+    config, report = fit(real, seed=seed, search=search, levers=levers)
     header = [
         "Simulator parameters fitted by `esperd sim calibrate` (esperd.sim.calibrate).",
         f"From {report.runs} runs in {traces} ({report.static_runs} without seeds, {report.seeds} seeds, "
@@ -843,7 +1100,30 @@ def calibrate_main(
         for label, candidate in (("default", SimConfig()), ("calibrated", config)):
             d = discrepancy(held, simulate_like(candidate, held, seed=seed + 7))
             print(f"  {label:>10}: {format_discrepancy(d)}")
+    if lever_holdout is not None:
+        held = read_summaries(lever_holdout)
+        priors = {name: getattr(SimConfig(), name) for name, _, _ in LEVER_PARAMETERS}
+        for label, candidate in (
+            ("priors", msgspec.structs.replace(config, **priors)),
+            ("fitted", config),
+        ):
+            real_effects, sim, score, terms = lever_discrepancy(candidate, held, seed=seed + 7)
+            if not real_effects:
+                raise CalibrationError(f"no paired lever runs in {lever_holdout}")
+            print(f"  levers {label:>6}: {format_lever_discrepancy(real_effects, sim, score, terms)}")
     return 0
+
+
+def format_lever_discrepancy(
+    real: Mapping[str, LeverEffect], sim: Mapping[str, LeverEffect], score: float, terms: int
+) -> str:
+    """One line: the lever effects' summed squared z (sim vs real) and each variant's drop effect."""
+    parts = []
+    for variant, effect in real.items():
+        other = sim.get(variant)
+        mean = "-" if other is None else f"{other.drop.mean:+.3f}"
+        parts.append(f"{variant} drop {effect.drop.mean:+.3f} real vs {mean}")
+    return f"sum z^2 {score:.1f} over {terms} effects; " + ", ".join(parts)
 
 
 def format_discrepancy(d: Discrepancy) -> str:

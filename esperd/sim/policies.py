@@ -8,6 +8,8 @@
   FixedPlanPolicy a fixed plan per run (given, or drawn when the run is first seen): germinate
                   planned (layer, blueprint) pairs at one epoch, advance on a timetable,
                   fossilize whatever they did -- manual germinations, no telemetry consulted.
+                  `lever_plan_policy` makes its one-lever variants (LEVER_VARIANTS), the runs
+                  that fit the simulator's lever parameters (esperd.sim.calibrate).
 
 Each has `act(observations) -> int64 [B, ACTION_WIDTH]` action rows, which `SimEnv.step` accepts.
 The rule-based ones germinate with the neutral optional levers (the host's default isolation,
@@ -27,6 +29,7 @@ from esperd.analyzer.observation import (
     BLENDS,
     BLUEPRINT_INDEX,
     BLUEPRINTS,
+    DWELL_INDEX,
     DWELLS,
     ISOLATION_INDEX,
     LEVER_COLUMN,
@@ -41,7 +44,7 @@ from esperd.analyzer.observation import (
     Observation,
     counted_levers,
 )
-from esperd_contracts import BlendAlgorithm, Blueprint, Op, SeedStage, Tempo
+from esperd_contracts import BlendAlgorithm, Blueprint, IsolationMode, Op, SeedStage, Tempo
 
 _WAIT = OP_INDEX[Op.WAIT]
 _GERMINATE = OP_INDEX[Op.GERMINATE]
@@ -223,6 +226,48 @@ class ScriptedPolicy:
         return germinate_row(node, blueprint, sigmoid, standard, max(DWELLS))
 
 
+#: One-lever variants of the manual plan (issue 16's lever sweep): name -> (observation.LEVERS
+#: name, choice index); every other lever at its default. A dwell variant also moves the plan's
+#: ADVANCE to the dwell (else the ADVANCE after 2 epochs would cut a longer dwell short).
+LEVER_VARIANTS: dict[str, tuple[str, int]] = {
+    "shared": ("isolation", ISOLATION_INDEX[IsolationMode.SHARED]),
+    "isolated": ("isolation", ISOLATION_INDEX[IsolationMode.ISOLATED]),
+    "lr0p5": ("lr_multiplier", LR_INDEX[0.5]),
+    "lr2": ("lr_multiplier", LR_INDEX[2.0]),
+    "steep0p5": ("steepness", STEEPNESS_INDEX[0.5]),
+    "steep2": ("steepness", STEEPNESS_INDEX[2.0]),
+    "dwell1": ("dwell", DWELL_INDEX[1]),
+    "dwell5": ("dwell", DWELL_INDEX[5]),
+}
+LEVER_PREFIX = "lever-"  # the controller name of a variant: lever-<variant>
+
+
+def lever_plan_policy(
+    variant: str,
+    plans: Mapping[str, Sequence[tuple[int, Blueprint]]] | None = None,
+    *,
+    epoch: int = 3,
+    train_epochs: int = 2,
+    seed: int | None = None,
+) -> FixedPlanPolicy:
+    """The manual plan with one lever set to `variant`'s value ("manual" or "default": none)."""
+    if variant in ("manual", "default"):
+        return FixedPlanPolicy(plans, epoch=epoch, train_epochs=train_epochs, seed=seed)
+    if variant not in LEVER_VARIANTS:
+        raise ValueError(f"unknown lever variant {variant!r}; known: {sorted(LEVER_VARIANTS)}")
+    name, index = LEVER_VARIANTS[variant]
+    if name == "dwell":
+        train_epochs = DWELLS[index]
+    return FixedPlanPolicy(
+        plans,
+        epoch=epoch,
+        train_epochs=train_epochs,
+        seed=seed,
+        lever=(name, index),
+        name=LEVER_PREFIX + variant,
+    )
+
+
 class FixedPlanPolicy:
     """Germinate each run's planned (layer id, blueprint) pairs at `epoch`, ADVANCE a seed after
     `train_epochs` in TRAINING, FOSSILIZE it after one epoch on probation: no telemetry is read.
@@ -243,8 +288,14 @@ class FixedPlanPolicy:
         seed: int | None = None,
         blend: BlendAlgorithm = BlendAlgorithm.SIGMOID,
         tempo: Tempo = Tempo.STANDARD,
+        lever: tuple[str, int] | None = None,
+        name: str = "manual",
     ) -> None:
+        """`lever`: (observation.LEVERS name, choice index) every GERMINATE sets instead of the
+        neutral choice (one lever varied, the rest at their defaults); `name` names the policy."""
         self.plans: dict[str, list[tuple[int, Blueprint]]] = {k: list(v) for k, v in (plans or {}).items()}
+        self.lever = lever
+        self.name = name
         self.epoch = epoch
         self.train_epochs = train_epochs
         self.seeds_per_run = seeds_per_run
@@ -285,7 +336,10 @@ class FixedPlanPolicy:
                 if legal[_GERMINATE] and obs.blueprint_mask[node, BLUEPRINT_INDEX[blueprint]]:
                     self._germinated.add(key)
                     bp = BLUEPRINT_INDEX[blueprint]
-                    return germinate_row(node, bp, *self.levers, dwell_at_least=self.train_epochs)
+                    out = germinate_row(node, bp, *self.levers, dwell_at_least=self.train_epochs)
+                    if self.lever is not None:
+                        out[LEVER_COLUMN[self.lever[0]]] = self.lever[1]
+                    return out
             elif (
                 stage == _S[SeedStage.TRAINING]
                 and eis[node] >= self.train_epochs

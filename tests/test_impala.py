@@ -3,7 +3,6 @@ and improvement of a small GNN policy on the simulator from replayed (off-policy
 
 from __future__ import annotations
 
-import io
 import random
 import time
 
@@ -26,6 +25,7 @@ from esperd.learn.impala import ImpalaUpdater
 from esperd.learn.ppo import NonFiniteError, split_sequences
 from esperd.learn.vtrace import from_importance_weights
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy
+from tests.support.checkpoints import saved_and_loaded
 
 torch.set_num_threads(1)
 
@@ -222,10 +222,7 @@ def test_checkpoint_round_trip() -> None:
     policy = small_policy()
     learner = ImpalaUpdater(policy, config)
     learner.update(synthetic_transitions(policy, runs=4, steps=8, seed=1))
-    buffer = io.BytesIO()
-    torch.save({"weights": policy.state_dict(), "learner": learner.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = saved_and_loaded(policy, learner)
 
     batch = synthetic_transitions(policy, runs=4, steps=8, seed=2)
     expected = learner.update(batch)

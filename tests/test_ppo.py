@@ -3,7 +3,6 @@ and improvement of a small GNN policy on the simulator within a fixed budget."""
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from esperd.learn.ppo import (
 )
 from esperd.policy import PolicyBundle, PolicyConfig, create_policy
 from esperd.policy.batch import collate, lever_logits_mask
+from tests.support.checkpoints import saved_and_loaded
 from tests.support.observations import make_observation
 
 torch.set_num_threads(1)
@@ -446,10 +446,7 @@ def test_checkpoint_round_trip_resumes_identically() -> None:
     first = learner.update(synthetic_transitions(policy, runs=4, steps=8, seed=1))
     assert first.lr == pytest.approx(1e-3 * 32 / 256)  # 32 of the 256 warmup steps (1 update of 256)
 
-    buffer = io.BytesIO()
-    torch.save({"weights": policy.state_dict(), "learner": learner.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)  # safe format: no pickle of arbitrary objects
+    saved = saved_and_loaded(policy, learner)
 
     batch = synthetic_transitions(policy, runs=4, steps=8, seed=2)
     expected = learner.update(batch)
@@ -478,10 +475,7 @@ def test_a_state_saved_by_the_unfused_adam_resumes_on_the_fused_kernel() -> None
     unfused = PPOUpdater(policy, config)
     unfused.optimizer = torch.optim.Adam(unfused.params, lr=config.lr, eps=config.adam_eps, foreach=False)
     unfused.update(synthetic_transitions(policy, runs=4, steps=8, seed=1))
-    buffer = io.BytesIO()
-    torch.save({"weights": policy.state_dict(), "learner": unfused.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = saved_and_loaded(policy, unfused)
     assert not saved["learner"]["optimizer"]["param_groups"][0]["fused"]
 
     batch = synthetic_transitions(policy, runs=4, steps=8, seed=2)

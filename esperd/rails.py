@@ -247,8 +247,12 @@ class Rails:
         return left
 
     def pool_block(self) -> Block:
-        """The block for a germination the pool had no seed left for."""
-        return Block(Rail.SEED_POOL, self._pool_detail())
+        """The block for a germination `allot_pool` gave no seed (called before the batch's winners
+        are sent: the pool still has the seeds they take, which the detail says went elsewhere)."""
+        free = self.pool_free() or 0
+        return Block(
+            Rail.SEED_POOL, f"{self._pool_detail()}: its {free} free went to other runs ({self.selection})"
+        )
 
     def _pool_detail(self) -> str:
         return f"{self.pool_live()} live seeds across runs (pool of {self.config.max_seeds_total})"

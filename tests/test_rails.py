@@ -225,6 +225,10 @@ def test_the_seed_pool_gives_its_last_seed_by_the_configured_selection(selection
         assert rails.check(obs, 1, Op.GERMINATE, c, u, 0.0) is None  # each alone would fit
     blocked = rails.allot_pool(candidates)
     assert blocked == [1 - winner]  # the other one waits
+    # What `esperd watch` shows for it: the pool is not full yet, its last seed went elsewhere.
+    assert rails.pool_block() == Block(
+        Rail.SEED_POOL, f"1 live seeds across runs (pool of 2): its 1 free went to other runs ({selection})"
+    )
     # The winner's germination fills the pool: every run is masked and blocked now.
     rails.note_sent(candidates[winner][0], 1, Op.GERMINATE, 0.0)
     assert rails.pool_live() == 2 and rails.pool_free() == 0

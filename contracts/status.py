@@ -29,7 +29,7 @@ class DecisionStats(msgspec.Struct):
     commands_by_op: dict[str, int] = msgspec.field(default_factory=dict)
     failures: int = 0
     fenced: int = 0  # decided, not sent: ownership of the run was lost before the command went out
-    dropped: int = 0  # decided, neither sent nor recorded: the run was dropped while its batch was decided
+    dropped: int = 0  # decided, not sent: the run was dropped while its batch was decided (or published)
     late: int = 0  # published later than `decision_deadline_ms` after the run became due
     last_batch_size: int = 0
     batch_size_mean: float = 0.0
@@ -203,7 +203,7 @@ class RailsStatus(msgspec.Struct, kw_only=True):
     # late_germination, seed_pool
     blocked_by_rail: dict[str, int] = {}
     masked_by_rail: dict[str, int] = {}  # decisions where a rail masked ops out before the policy chose
-    seed_pool: int = 0  # [rails] max_seeds_total: live seeds all runs may share (0: no pool)
+    seed_pool: int = 0  # [rails] max_seeds_total: live seeds all runs may share (0: no pool, or rails off)
     seed_pool_live: int = 0  # live seeds and germinations in flight across runs, as last observed
 
 

@@ -288,6 +288,12 @@ class DecisionLoop:
             if decision.op is Op.WAIT:
                 stats.waits += 1
                 continue
+            # Checked again per command: a run can be dropped while an earlier command of this batch
+            # is published, and a command noted for it now would outlive it (in the rails, a seed
+            # pool slot held forever; in the scheduler, a pending command).
+            if self.tracked is not None and not self.tracked(decision.run_id):
+                stats.dropped += 1
+                continue
             # Checked again now, after the forward pass: a freeze (or a lost lease) during it must
             # not let a command out under an ownership this instance no longer has.
             epoch = self.epoch_of(decision.run_id)

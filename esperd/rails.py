@@ -83,6 +83,7 @@ class _InFlight:
     layer_id: int
     epoch: int  # the run's epoch when the command went out
     fraction: float  # estimated added parameters, as a fraction of the host's
+    seen_live: bool = False  # its seed has shown in the run's stages, which count it from then on
 
 
 @dataclass(slots=True)
@@ -110,10 +111,12 @@ def pool_objectives(obs: Observation, confidence: float, urgency: float) -> pare
     risk         how much the run's validation loss swings (the relative spread of its last
                  five packets' losses, squashed to [0, 1)): there a blend shock is hardest to
                  tell from noise, and a seed the likeliest to be pruned unproven;
-    adaptability the share of its training still ahead (1 when the host does not say): the
-                 epochs a seed has to pay back."""
+    adaptability its epochs still ahead, over 50 and at most 1 (the observation's
+                 epochs_remaining; 1 when the host does not say): the epochs a seed has to pay
+                 back."""
     g = obs.global_features
-    losses = g[_LOSS_HISTORY][g[_LOSS_HISTORY] > 0].astype(np.float64)
+    history = g[_LOSS_HISTORY].astype(np.float64)
+    losses = np.expm1(history[history > 0])  # the features are log1p(val loss), 0 before a packet
     swing = float(losses.std() / losses.mean()) if losses.size >= 2 else 0.0
     return pareto.Objectives(
         performance=float(confidence) * float(urgency),
@@ -244,8 +247,12 @@ class Rails:
         return left
 
     def pool_block(self) -> Block:
-        """The block for a germination the pool had no seed left for."""
-        return Block(Rail.SEED_POOL, self._pool_detail())
+        """The block for a germination `allot_pool` gave no seed (called before the batch's winners
+        are sent: the pool still has the seeds they take, which the detail says went elsewhere)."""
+        free = self.pool_free() or 0
+        return Block(
+            Rail.SEED_POOL, f"{self._pool_detail()}: its {free} free went to other runs ({self.selection})"
+        )
 
     def _pool_detail(self) -> str:
         return f"{self.pool_live()} live seeds across runs (pool of {self.config.max_seeds_total})"
@@ -285,13 +292,18 @@ class Rails:
     def forget(self, run_id: str) -> None:
         self._runs.pop(run_id, None)
 
+    @property
+    def tracked_runs(self) -> int:
+        """Runs with per-run state here (every one is forgotten when esperd drops its run)."""
+        return len(self._runs)
+
     def status(self) -> RailsStatus:
         return RailsStatus(
             enabled=self.config.enabled,
             blocked_total=sum(self.blocked_by_rail.values()),
             blocked_by_rail=dict(self.blocked_by_rail),
             masked_by_rail=dict(self.masked_by_rail),
-            seed_pool=self.config.max_seeds_total,
+            seed_pool=self.config.max_seeds_total if self.config.enabled else 0,  # no rails, no pool
             seed_pool_live=self.pool_live(),
         )
 
@@ -327,7 +339,11 @@ class Rails:
     def _active_seeds(self, obs: Observation, run: _RunRails) -> int:
         """The run's live seeds, germinations in flight included (kept for the pool's count)."""
         live = _live_layers(obs)
-        run.live_seeds = len(live) + sum(g.layer_id not in live for g in run.germinating)
+        for g in run.germinating:
+            # A seed pruned before the report that settles its germination is no longer live: the
+            # germination keeps its parameter reservation until then, not a seed.
+            g.seen_live = g.seen_live or g.layer_id in live
+        run.live_seeds = len(live) + sum(not g.seen_live for g in run.germinating)
         return run.live_seeds
 
     def _committed(self, obs: Observation, run: _RunRails) -> float:

@@ -456,6 +456,18 @@ def test_a_blend_without_a_drop_keeps_the_configured_tempo() -> None:
     assert decide(policy, scene("r1", sick=2)).tempo is Tempo.STANDARD
 
 
+def test_blends_on_a_host_that_reports_no_accuracy_are_no_evidence_of_safe_blends() -> None:
+    """val_accuracy is optional (0 when a host leaves it out): such a host's blends cannot show a
+    shock, so they are not recorded, and one real shock still slows the next blend down."""
+    policy = make_policy(tempo=Tempo.STANDARD)
+    for run in ("lm0", "lm1", "lm2"):
+        assert decide(policy, scene(run, sick=2)).op is Op.GERMINATE
+        blend_through(policy, run, before=0.0, low=0.0)
+    decide(policy, scene("r0", sick=2))
+    blend_through(policy, "r0", before=0.80, low=0.76)
+    assert decide(policy, scene("r1", sick=2)).tempo is Tempo.GLACIAL  # as with the shock alone
+
+
 def test_a_tempo_that_cannot_finish_in_time_is_not_chosen() -> None:
     policy = make_policy(tempo=Tempo.STANDARD)
     decide(policy, scene("r0", sick=2))

@@ -173,7 +173,7 @@ def run_obs(run_id: str, *, losses: list[float], remaining: float, live: int = 0
     """A four-layer run with `live` live seeds, these recent val losses (newest first) and this
     share of its training left."""
     stages = [SeedStage.TRAINING] * live + [SeedStage.DORMANT] * (4 - live)
-    history = {f"loss_history_{k}": v for k, v in enumerate(losses)}
+    history = {f"loss_history_{k}": float(np.log1p(v)) for k, v in enumerate(losses)}  # as the analyzer
     obs = make_observation(
         run_id,
         num_nodes=4,
@@ -196,6 +196,18 @@ def test_pool_objectives_by_hand() -> None:
     assert pool_objectives(run_obs("c", losses=[1.0], remaining=0.5), 1.0, 1.0).risk == 0.0
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_the_pool_s_risk_is_the_spread_of_the_losses_the_host_reported(scale: float) -> None:
+    """The analyzer keeps log1p(val loss): the risk is of the losses themselves, whatever their
+    level (on the log1p values, losses 1.8 and 2.2 would seem to swing 40% less than 0.9 and 1.1)."""
+    analyzer = Analyzer()
+    analyzer.ingest("run", chain_topology(("conv",) * 4, name_prefix="layer"))
+    for epoch, loss in enumerate((0.9 * scale, 1.1 * scale)):
+        analyzer.ingest("run", SystemStatePacket(epoch=epoch, val_loss=loss))
+    risk = pool_objectives(analyzer.observe("run"), 1.0, 1.0).risk
+    assert risk == pytest.approx(0.1 / (0.1 + 0.05), rel=1e-5)  # relative spread 0.1, scale 0.05
+
+
 @pytest.mark.parametrize(("selection", "winner"), [("pareto", 1), ("argmax", 0)])
 def test_the_seed_pool_gives_its_last_seed_by_the_configured_selection(selection: str, winner: int) -> None:
     rails = Rails(RailsConfig(max_seeds_total=2), selection=selection)
@@ -213,6 +225,10 @@ def test_the_seed_pool_gives_its_last_seed_by_the_configured_selection(selection
         assert rails.check(obs, 1, Op.GERMINATE, c, u, 0.0) is None  # each alone would fit
     blocked = rails.allot_pool(candidates)
     assert blocked == [1 - winner]  # the other one waits
+    # What `esperd watch` shows for it: the pool is not full yet, its last seed went elsewhere.
+    assert rails.pool_block() == Block(
+        Rail.SEED_POOL, f"1 live seeds across runs (pool of 2): its 1 free went to other runs ({selection})"
+    )
     # The winner's germination fills the pool: every run is masked and blocked now.
     rails.note_sent(candidates[winner][0], 1, Op.GERMINATE, 0.0)
     assert rails.pool_live() == 2 and rails.pool_free() == 0
@@ -242,13 +258,16 @@ def test_a_pool_with_room_for_every_germination_blocks_none() -> None:
 
 
 def test_disabled_rails_let_everything_through() -> None:
-    rails = Rails(RailsConfig(enabled=False, max_commands_per_window=1, max_active_seeds=1))
+    config = RailsConfig(enabled=False, max_commands_per_window=1, max_active_seeds=1, max_seeds_total=1)
+    rails = Rails(config)
     obs = obs_with_params([1000] * 3, growth=1.0)
     assert rails.mask(obs, 0.0) is obs
     for t in range(3):
         assert rails.check(obs, 0, Op.GERMINATE, 0.0, 0.0, float(t)) is None
         assert rails.note_sent(obs, 0, Op.GERMINATE, float(t)) == 0  # no limit on the wire
     assert rails.status().blocked_total == 0 and not rails.status().enabled
+    # Nor is there a pool: status (and so the metrics) must not show one the rails do not keep.
+    assert rails.pool_free() is None and rails.status().seed_pool == 0
 
 
 def test_forced_wait_leaves_only_wait_and_the_rest_untouched() -> None:
@@ -375,3 +394,46 @@ async def test_a_blocked_decision_is_recorded_as_a_wait_the_policy_itself_scores
         hidden=None if hidden is None else hidden[blocked_rows],
     )
     assert torch.allclose(again.log_probs.detach(), torch.zeros(len(blocked_rows)), atol=1e-6)
+
+
+async def test_a_run_dropped_while_its_batch_is_published_gets_no_command_and_holds_no_seed() -> None:
+    """Publishing awaits the bus, so a run can be dropped (evicted, its partition lost) between
+    two commands of one batch. Its command must not go out, nor be noted: the rails would hold
+    its seed in the pool after `forget`, for good (no later drop forgets it again)."""
+    loop = Loop(AlwaysGerminate(), RailsConfig(max_seeds_total=4))
+    dropped: set[str] = set()
+    loop.loop.tracked = lambda run_id: run_id not in dropped
+    for run_id in ("r1", "r2"):
+        sick_run(loop.analyzer, run_id)
+
+    async def publish_then_drop_r2(command: AdaptationCommand) -> None:
+        loop.published.append(command)
+        if "r2" not in dropped:  # what RunTable.drop does, while r1's command goes out
+            dropped.add("r2")
+            loop.rails.forget("r2")
+            loop.scheduler.forget_run("r2")
+            loop.analyzer.remove_run("r2")
+
+    loop.loop.publish = publish_then_drop_r2
+    assert await loop.decide("r1", "r2") == 1
+    assert [c.run_id for c in loop.published] == ["r1"]
+    assert loop.loop.stats.dropped == 1
+    assert loop.rails.pool_live() == 1 and loop.rails.tracked_runs == 1  # r1's seed alone
+    assert {p.run_id for p in loop.scheduler.pending.values()} == {"r1"}  # nothing awaits r2's ack
+
+
+async def test_a_seed_pruned_before_its_germination_settles_gives_its_pool_slot_back() -> None:
+    """A germination counts as a live seed until the run's stages show the seed; from then on the
+    stages alone count it. A seed pruned at once (GERMINATED -> PRUNED, legal) is not counted
+    again by its germination, which still waits for a later epoch's report to settle."""
+    loop = Loop(AlwaysGerminate(), RailsConfig(max_seeds_total=1, param_budget=5.0))
+    for run_id in ("r1", "r2"):
+        sick_run(loop.analyzer, run_id)
+    assert await loop.decide("r1") == 1
+    command = loop.published[0]
+    loop.analyzer.note_ack("r1", command.layer_id, Op.GERMINATE, True, blueprint=command.blueprint)
+    assert await loop.decide("r1", "r2") == 0  # the seed is live: the pool is full
+    loop.analyzer.note_ack("r1", command.layer_id, Op.PRUNE, True)
+    loop.analyzer.ingest("r1", SystemStatePacket(epoch=6, val_accuracy=0.6))  # 1 epoch on: unsettled
+    assert await loop.decide("r1", "r2") == 1  # the slot is free: one of them gets it
+    assert loop.rails.pool_live() == 1

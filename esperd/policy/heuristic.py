@@ -163,14 +163,16 @@ class _Seed:
     def watch_blend(self, stage: int, val_accuracy: float) -> float | None:
         """Follow the run's accuracy through this seed's blend. Returns the blend shock once, when
         the seed reaches probation: how far the accuracy fell during the blend below where it
-        stood before (>= 0). None otherwise."""
+        stood before (>= 0). None otherwise, and for a run at accuracy 0 before the blend (a host
+        that reports none, val_accuracy being optional): no fall is possible there, and a 0 on
+        record would count as evidence that blends are safe."""
         if stage == _TRAINING:
             self.before_blend = val_accuracy  # the latest before the blend starts
         elif stage == _BLENDING:
             self.lowest_in_blend = min(self.lowest_in_blend, val_accuracy)
         elif stage == _PROBATIONARY and not self.shock_recorded:
             self.shock_recorded = True  # seen through its blend, or not at all: once either way
-            if self.before_blend is not None and math.isfinite(self.lowest_in_blend):
+            if self.before_blend and math.isfinite(self.lowest_in_blend):
                 return max(self.before_blend - self.lowest_in_blend, 0.0)
         return None
 

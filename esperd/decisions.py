@@ -50,7 +50,9 @@ _NO_LEVERS: dict[str, None] = {
     )
 }
 
-Observe = Callable[[str], Observation | None]
+#: Observations of the given runs, in order; None for a run that is unknown or finished. One call
+#: per batch, so the analyzer can build them in one vectorized pass.
+Observe = Callable[[Sequence[str]], Sequence[Observation | None]]
 Publish = Callable[[AdaptationCommand], Awaitable[None]]
 OnDecided = Callable[[Sequence[Observation], ActResult, PolicyBundle], None]
 #: The ownership epoch under which this instance may command a run right now; None: it may not.
@@ -161,9 +163,12 @@ class DecisionLoop:
             policy = self.policy  # one version decides the whole batch, even if a swap lands now
             started = time.perf_counter()
             try:
-                result = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, policy.act, observations, self.deterministic
-                )
+                if getattr(policy, "runs_inline", False):
+                    result = policy.act(observations, self.deterministic)
+                else:
+                    result = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, policy.act, observations, self.deterministic
+                    )
             except Exception:
                 self._stats.failures += 1
                 log.exception("policy act failed", policy=policy.name, batch=len(observations))
@@ -224,15 +229,16 @@ class DecisionLoop:
             return observations, result, []
         recorded = list(observations)
         decisions = list(result.decisions)
+        rows = [i for i, _ in blocked]  # one indexed write per tensor: torch's per-item writes are slow
         actions = result.actions.clone()
+        actions[rows] = 0  # node 0, WAIT: the one action a forced-WAIT observation allows
+        actions[rows, 1] = WAIT_INDEX
         log_probs = result.log_probs.clone()
+        log_probs[rows] = 0.0  # its probability is 1, under any weights
         for i, block in blocked:
             rails.count_block(block)
             original = decisions[i]
             recorded[i] = forced_wait(observations[i])
-            actions[i] = 0  # node 0, WAIT: the one action a forced-WAIT observation allows
-            actions[i, 1] = WAIT_INDEX
-            log_probs[i] = 0.0  # its probability is 1, under any weights
             decisions[i] = msgspec.structs.replace(
                 original,
                 layer_id=int(observations[i].layer_ids[0]),
@@ -262,11 +268,10 @@ class DecisionLoop:
         return [(wanting[k], self.rails.pool_block()) for k in losers]
 
     def _observations(self, runs: list[str], now: float) -> list[Observation]:
+        # A run no longer ours is another instance's to decide, whatever it was due for.
+        ours = [run_id for run_id in runs if self.epoch_of(run_id) is not None]
         observations = []
-        for run_id in runs:
-            if self.epoch_of(run_id) is None:
-                continue  # no longer ours: whatever it was due for is another instance's to decide
-            obs = self.observe(run_id)
+        for run_id, obs in zip(ours, self.observe(ours) if ours else [], strict=True):
             if obs is None or obs.num_nodes == 0:
                 continue  # unknown, finished, or no layers yet: nothing to decide
             obs = mask_cooling(obs, self.scheduler.cooling_layers(run_id, now))

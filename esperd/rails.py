@@ -160,7 +160,7 @@ class Rails:
         if self._too_late(obs) is not None:
             rail = Rail.LATE_GERMINATION
             allowed = np.zeros_like(germinable)
-        elif self._active_seeds(obs, run) >= self.config.max_active_seeds:
+        elif run.live_seeds >= self.config.max_active_seeds:  # counted by _run for this obs
             rail = Rail.ACTIVE_SEEDS
             allowed = np.zeros_like(germinable)
         elif self.pool_free() == 0:
@@ -200,7 +200,7 @@ class Rails:
                     Rail.LATE_GERMINATION,
                     f"{left} epochs left, a seed's lifecycle needs {config.min_epochs_left}",
                 )
-            active = self._active_seeds(obs, run)
+            active = run.live_seeds  # counted by _run for this obs
             if active >= config.max_active_seeds:
                 return Block(Rail.ACTIVE_SEEDS, f"{active} live seeds (cap {config.max_active_seeds})")
             if self.pool_free() == 0:
@@ -338,6 +338,9 @@ class Rails:
 
     def _active_seeds(self, obs: Observation, run: _RunRails) -> int:
         """The run's live seeds, germinations in flight included (kept for the pool's count)."""
+        if not run.germinating:  # the common case: a count, no set of layer ids
+            run.live_seeds = int(np.count_nonzero(LIVE_STAGE[obs.stages]))
+            return run.live_seeds
         live = _live_layers(obs)
         for g in run.germinating:
             # A seed pruned before the report that settles its germination is no longer live: the

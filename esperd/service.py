@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -714,10 +714,11 @@ class Service:
         """Tracked and not finished: a decision for it may go out and be recorded."""
         return self.runs.is_active(run_id) and run_id in self.analyzer
 
-    def _observe(self, run_id: str) -> Observation | None:
-        if not self._decidable(run_id):
-            return None  # dropped, or finished: no more decisions
-        return self.analyzer.observe(run_id)
+    def _observe(self, run_ids: Sequence[str]) -> list[Observation | None]:
+        """The decidable runs' observations, built together; None for a dropped or finished run."""
+        decidable = [run_id for run_id in run_ids if self._decidable(run_id)]
+        built = dict(zip(decidable, self.analyzer.observe_many(decidable), strict=True))
+        return [built.get(run_id) for run_id in run_ids]
 
     async def _report_blocked(self, decision: Decision, block: Block) -> None:
         """Tell `esperd watch` (on esperd.blocked) of a decision a rail kept from its host."""

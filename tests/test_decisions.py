@@ -86,9 +86,17 @@ class Spy:
     """Wraps a PolicyBundle: records each act call (thread, batch size), optionally slow or failing."""
 
     def __init__(
-        self, inner: PolicyBundle, *, delay: float = 0.0, fail_times: int = 0, on_act: Any = None
+        self,
+        inner: PolicyBundle,
+        *,
+        delay: float = 0.0,
+        fail_times: int = 0,
+        on_act: Any = None,
+        inline: bool = False,
     ) -> None:
         self.inner = inner
+        # Off the loop by default, whatever `inner` says: a Spy may be made slow or blocking.
+        self.runs_inline = inline
         self.delay = delay
         self.fail_times = fail_times
         self.on_act = on_act
@@ -137,8 +145,10 @@ class Harness:
             self.scheduler, policy, observe=self.observe, publish=self.publish, clock=clock
         )
 
-    def observe(self, run_id: str) -> Observation | None:
-        return self.analyzer.observe(run_id) if run_id in self.analyzer else None
+    def observe(self, run_ids: Sequence[str]) -> list[Observation | None]:
+        known = [run_id for run_id in run_ids if run_id in self.analyzer]
+        built = dict(zip(known, self.analyzer.observe_many(known), strict=True))
+        return [built.get(run_id) for run_id in run_ids]
 
     async def publish(self, command: AdaptationCommand) -> None:
         self.published.append(command)
@@ -211,6 +221,21 @@ async def test_many_due_runs_are_decided_in_one_act_call_off_the_loop_thread() -
     assert size == 12
     assert ident != threading.get_ident()  # never the event loop's thread
     assert name.startswith("esperd-policy")
+    assert {c.run_id for c in h.published} == set(runs)
+
+
+async def test_a_policy_that_runs_inline_is_called_on_the_loop_thread_in_one_batch() -> None:
+    """Rule-based policies (`runs_inline`) skip the hop to the policy thread, which costs more
+    than their whole batch; the batch and its commands are the same."""
+    assert heuristic().runs_inline and create_policy("random").runs_inline  # type: ignore[attr-defined]
+    spy = Spy(heuristic(), inline=True)
+    h = Harness(spy)
+    runs = [f"run-{i}" for i in range(12)]
+    for i, run_id in enumerate(runs):
+        sick_run(h.analyzer, run_id, sick=i % 4)
+    h.due(*runs)
+    assert await h.loop.decide_once() == 12
+    assert [(ident, size) for _, ident, size in spy.calls] == [(threading.get_ident(), 12)]
     assert {c.run_id for c in h.published} == set(runs)
     for i, run_id in enumerate(runs):
         command = h.by_run()[run_id]

@@ -234,7 +234,7 @@ async def test_hot_swap_under_concurrent_decisions(tmp_path: Path, algorithm: st
         recorder.decision_hook(observations, result, policy)
 
     loop = DecisionLoop(
-        scheduler, serving, observe=env.analyzer.observe, publish=publish, on_decided=on_decided
+        scheduler, serving, observe=env.analyzer.observe_many, publish=publish, on_decided=on_decided
     )
     handed_out: list[PolicyBundle] = [serving]
 

@@ -303,7 +303,7 @@ class Loop:
         self.loop = DecisionLoop(
             self.scheduler,
             policy,
-            observe=lambda run_id: self.analyzer.observe(run_id) if run_id in self.analyzer else None,
+            observe=lambda ids: [self.analyzer.observe(i) if i in self.analyzer else None for i in ids],
             publish=self._publish,
             on_decided=self.recorder.decision_hook,
             clock=self.clock,

@@ -159,6 +159,10 @@ class PolicyBundle(Protocol):
     Thread-safety: `act`, `evaluate` and `load_state_dict` may be called from
     different threads; each bundle serialises them, so a decision is made wholly
     by one weight version.
+
+    A bundle may set `runs_inline = True` (optional, default False) when `act` is cheap
+    enough to run on the event loop: the decision loop then skips the hop to its policy
+    thread, which costs more than a rule-based policy's whole batch.
     """
 
     name: str

@@ -209,7 +209,11 @@ class _LatencyRig:
         self.published: list[object] = []
         self.latencies: list[float] = []
         self.loop = DecisionLoop(
-            self.scheduler, self.policy, self.env.analyzer.observe_many, self.publish, on_decided=self.on_decided
+            self.scheduler,
+            self.policy,
+            self.env.analyzer.observe_many,
+            self.publish,
+            on_decided=self.on_decided,
         )
         self.tasks: list[asyncio.Task[None]] = []
         self.results: dict[str, list[float]] = {"idle": [], "impala": [], "ppo": []}

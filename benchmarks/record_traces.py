@@ -82,6 +82,7 @@ class _RowsBundle:
 
     is_learnable = False
     is_recurrent = False
+    runs_inline = False
     network = None
     version = 1
 

@@ -163,7 +163,7 @@ class DecisionLoop:
             policy = self.policy  # one version decides the whole batch, even if a swap lands now
             started = time.perf_counter()
             try:
-                if getattr(policy, "runs_inline", False):
+                if policy.runs_inline:
                     result = policy.act(observations, self.deterministic)
                 else:
                     result = await asyncio.get_running_loop().run_in_executor(
@@ -271,7 +271,7 @@ class DecisionLoop:
         # A run no longer ours is another instance's to decide, whatever it was due for.
         ours = [run_id for run_id in runs if self.epoch_of(run_id) is not None]
         observations = []
-        for run_id, obs in zip(ours, self.observe(ours) if ours else [], strict=True):
+        for run_id, obs in zip(ours, self.observe(ours), strict=True):
             if obs is None or obs.num_nodes == 0:
                 continue  # unknown, finished, or no layers yet: nothing to decide
             obs = mask_cooling(obs, self.scheduler.cooling_layers(run_id, now))

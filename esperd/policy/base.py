@@ -160,15 +160,15 @@ class PolicyBundle(Protocol):
     different threads; each bundle serialises them, so a decision is made wholly
     by one weight version.
 
-    A bundle may set `runs_inline = True` (optional, default False) when `act` is cheap
-    enough to run on the event loop: the decision loop then skips the hop to its policy
-    thread, which costs more than a rule-based policy's whole batch.
+    `runs_inline`: `act` is cheap enough to run on the event loop (rule-based policies), so the
+    decision loop skips the hop to its policy thread, which costs more than their whole batch.
     """
 
     name: str
     device: torch.device
     is_learnable: bool
     is_recurrent: bool
+    runs_inline: bool
 
     @property
     def version(self) -> int: ...

@@ -81,6 +81,7 @@ class NeuralPolicyBundle:
     name: str = ""
     is_learnable = True
     is_recurrent = False
+    runs_inline = False  # a forward pass must not stall ingest: it runs on the policy thread
     #: PolicyConfig fields that decide weight shapes / forward semantics (checked on checkpoint load).
     architecture_fields: tuple[str, ...] = ()
     #: Whether `_forward` reads `batch.adjacency` (collate skips building it otherwise).

@@ -42,6 +42,7 @@ class AlwaysGerminate:
     name = "always_germinate"
     is_learnable = False
     is_recurrent = False
+    runs_inline = False
     network = None
 
     def __init__(self, config: PolicyConfig | None = None, device: torch.device | str = "cpu") -> None:

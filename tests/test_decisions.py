@@ -417,8 +417,9 @@ async def test_slow_policy_does_not_block_the_event_loop() -> None:
     assert h.published[0].run_id == "slow"
 
 
-async def test_failing_policy_counts_a_failure_and_the_loop_goes_on() -> None:
-    spy = Spy(heuristic(), fail_times=1)
+@pytest.mark.parametrize("inline", [False, True], ids=["policy-thread", "inline"])
+async def test_failing_policy_counts_a_failure_and_the_loop_goes_on(inline: bool) -> None:
+    spy = Spy(heuristic(), fail_times=1, inline=inline)
     h = Harness(spy, max_wait_ms=1.0)
     sick_run(h.analyzer, "a")
     sick_run(h.analyzer, "b")
